@@ -1,0 +1,2 @@
+//! crew-cli
+fn main(){}

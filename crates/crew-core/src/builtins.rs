@@ -1,0 +1,1 @@
+//! builtins: functions compiled into the agent

@@ -1,0 +1,201 @@
+//! The output record: what crew hands back for every finished job.
+//!
+//! **API boundary:** the JSON form of [`Output`] is a public, versioned format
+//! (`crew run --json`, and later the daemon's HTTP API). Fields may be added
+//! in a minor version; removing or changing the meaning of one bumps
+//! [`OUTPUT_FORMAT`]. README.md documents every field.
+
+use std::fmt;
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use crate::job::JobId;
+use crate::tags::Tags;
+
+/// The version of the output record format, written in every record as `"v"`.
+pub const OUTPUT_FORMAT: u32 = 1;
+
+/// How a job ended. Every accepted job ends in exactly one of these.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Exit status 0 (or the builtin returned Ok).
+    Succeeded,
+    /// Non-zero exit, killed by a signal, or could not be started (bad
+    /// program, bad cwd), after its retries.
+    Failed,
+    /// Ran past its timeout and was killed.
+    TimedOut,
+    /// Its worker died under it `crashes_max` times.
+    Crashed,
+    /// Cancelled by the user (or because the run was stopped).
+    Cancelled,
+    /// No worker that could run it could be launched within the relaunch
+    /// budget.
+    LaunchFailed,
+}
+
+impl Status {
+    /// The lowercase name used in tables and JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Succeeded => "succeeded",
+            Status::Failed => "failed",
+            Status::TimedOut => "timed_out",
+            Status::Crashed => "crashed",
+            Status::Cancelled => "cancelled",
+            Status::LaunchFailed => "launch_failed",
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Captured stdout or stderr of a job.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Captured {
+    /// The first bytes, up to the inline cap, as UTF-8 (invalid sequences
+    /// replaced by U+FFFD).
+    pub text: String,
+    /// Total bytes written by the job.
+    pub bytes: u64,
+    /// True when `text` holds only the beginning; the whole stream is then in
+    /// the store under `key`.
+    pub truncated: bool,
+    /// Store key of the whole stream, when it was too large to inline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+/// A point in time, serialized as an RFC 3339 UTC string with microseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Timestamp(pub SystemTime);
+
+impl Timestamp {
+    /// The current time.
+    pub fn now() -> Self {
+        Self(SystemTime::now())
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_rfc3339_micros(self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_rfc3339(&s)
+            .map(Timestamp)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_rfc3339_millis(self.0))
+    }
+}
+
+/// The record of one finished job (see README, "Output records").
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Output {
+    /// Format version, [`OUTPUT_FORMAT`].
+    pub v: u32,
+    /// The job's id.
+    pub id: JobId,
+    /// The job's name, if it had one.
+    pub name: Option<String>,
+    /// How it ended.
+    pub status: Status,
+    /// Exit code of the job's main process, when it exited.
+    pub exit_code: Option<i32>,
+    /// Signal that killed the main process, when it was killed.
+    pub signal: Option<i32>,
+    /// Why it did not succeed, in words (absent when it succeeded).
+    pub error: Option<String>,
+    /// Captured standard output.
+    pub stdout: Captured,
+    /// Captured standard error.
+    pub stderr: Captured,
+    /// When the last attempt started running on its worker.
+    pub started: Option<Timestamp>,
+    /// When the job ended.
+    pub finished: Timestamp,
+    /// Wall-clock seconds of the last attempt.
+    pub wall_seconds: f64,
+    /// CPU seconds (user + system) of the job's processes in the last attempt.
+    pub cpu_seconds: f64,
+    /// Peak resident set size of the job's largest process, in bytes.
+    pub peak_rss_bytes: u64,
+    /// The slot the last attempt ran on.
+    pub slot: Option<String>,
+    /// The class of that slot.
+    pub class: Option<String>,
+    /// The attempt number of the last attempt (1 for the first run; 0 when it
+    /// never started).
+    pub attempt: u32,
+    /// The job's seed, also exported to it as `CREW_SEED`.
+    pub seed: u64,
+    /// The job's tags.
+    pub tags: Tags,
+}
+
+impl Output {
+    /// A record for a job that ended without (successfully) running on a
+    /// worker: cancelled, crashed, launch_failed.
+    pub fn without_run(id: JobId, name: Option<String>, tags: Tags, seed: u64, status: Status, error: String) -> Self {
+        Self {
+            v: OUTPUT_FORMAT,
+            id,
+            name,
+            status,
+            exit_code: None,
+            signal: None,
+            error: Some(error),
+            stdout: Captured::default(),
+            stderr: Captured::default(),
+            started: None,
+            finished: Timestamp::now(),
+            wall_seconds: 0.0,
+            cpu_seconds: 0.0,
+            peak_rss_bytes: 0,
+            slot: None,
+            class: None,
+            attempt: 0,
+            seed,
+            tags,
+        }
+    }
+
+    /// True when the job succeeded.
+    pub fn succeeded(&self) -> bool {
+        self.status == Status::Succeeded
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_shape_is_stable() {
+        let mut o = Output::without_run(JobId(7), Some("a".into()), Tags::new(), 1, Status::Cancelled, "x".into());
+        o.finished = Timestamp(SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(1_500_000));
+        let v = serde_json::to_value(&o).unwrap();
+        assert_eq!(v["v"], 1);
+        assert_eq!(v["id"], 7);
+        assert_eq!(v["status"], "cancelled");
+        assert_eq!(v["finished"], "1970-01-01T00:00:01.500000Z");
+        assert_eq!(v["stdout"]["truncated"], false);
+        let back: Output = serde_json::from_value(v).unwrap();
+        assert_eq!(back, o);
+    }
+}

@@ -1,0 +1,270 @@
+//! The `Worker` trait: one backend class (local processes, AWS Batch, ...).
+//!
+//! A class only knows how to start the agent somewhere, tell whether that
+//! thing is still alive, and stop it (DESIGN.md, principle 2). Everything
+//! else — dispatch, results, heartbeats, retries, crash detection — is shared
+//! code in the controller, over one wire protocol.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+/// Environment variable carrying the controller address to the agent.
+pub const ENV_CONNECT: &str = "CREW_CONNECT";
+/// Environment variable carrying the launch id to the agent.
+pub const ENV_LAUNCH: &str = "CREW_LAUNCH";
+/// Environment variable carrying the launch secret to the agent.
+pub const ENV_TOKEN: &str = "CREW_TOKEN";
+/// Environment variable carrying the agent's index within its launch.
+pub const ENV_INDEX: &str = "CREW_INDEX";
+
+/// A secret, redacted in `Debug` and `Display` so that it never reaches a log.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// A fresh random secret: 32 bytes from the OS, hex encoded.
+    pub fn random() -> Self {
+        let mut bytes = [0u8; 32];
+        // getrandom only fails when the OS has no entropy source at all; a
+        // controller cannot run safely then, so this is a fatal condition.
+        #[allow(clippy::expect_used)]
+        getrandom::fill(&mut bytes).expect("the operating system refused to provide random bytes");
+        let mut s = String::with_capacity(64);
+        for b in bytes {
+            s.push_str(&format!("{b:02x}"));
+        }
+        Self(s)
+    }
+
+    /// The secret itself. Call only to hand it to the process that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Constant-time comparison (no early exit on the first difference).
+    pub fn matches(&self, other: &str) -> bool {
+        let a = self.0.as_bytes();
+        let b = other.as_bytes();
+        if a.len() != b.len() {
+            return false;
+        }
+        a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// One agent to start in a launch.
+#[derive(Clone, Debug)]
+pub struct LaunchMember {
+    /// The slot's name, unique within the controller (`local-3`).
+    pub slot: String,
+    /// The member's index within the launch (0-based); the agent reports it
+    /// back with the launch secret. Classes pass it as `CREW_INDEX` (local)
+    /// or map it from the platform's array index (AWS Batch).
+    pub index: u32,
+}
+
+/// Everything a class needs to start agents: one launch is one call to
+/// [`Worker::launch`] and may start many agents at once (an array).
+#[derive(Clone, Debug)]
+pub struct LaunchSpec {
+    /// The agent program to run (the `crew` binary, or an embedder's own).
+    pub program: String,
+    /// Its arguments (e.g. `["worker"]`). Never contains a secret.
+    pub args: Vec<String>,
+    /// Environment common to every member: the controller address
+    /// ([`ENV_CONNECT`]), the launch id ([`ENV_LAUNCH`]) and the secret
+    /// ([`ENV_TOKEN`]). The secret must reach the agent only through its
+    /// environment (or stdin), never its command line.
+    pub env: BTreeMap<String, String>,
+    /// The agents to start.
+    pub members: Vec<LaunchMember>,
+    /// The class options of these slots (`--opt key=value`), already
+    /// validated by the class.
+    pub options: BTreeMap<String, String>,
+    /// How long the agent may run in all (its slot's soft wall time), if set;
+    /// platforms with a hard limit use it plus a grace period.
+    pub wall_time: Option<Duration>,
+}
+
+/// A class's reference to one started agent (a pid, a Batch job id, ...).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Handle {
+    /// Class-specific identifier, shown to users as the slot's platform
+    /// handle.
+    pub id: String,
+}
+
+/// What a probe found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Liveness {
+    /// Submitted or starting; not running the agent yet.
+    Starting,
+    /// The agent process is running.
+    Running,
+    /// It has ended; the reason in the platform's words (exit status, a
+    /// signal, `CannotPullContainerError`, a spot reclaim, ...).
+    Exited {
+        /// Why it ended.
+        reason: String,
+    },
+    /// The platform does not know this handle (any more).
+    Unknown,
+}
+
+/// What a class can do; the controller adapts to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Capabilities {
+    /// Most agents one `launch` call may start (1 when the platform has no
+    /// arrays).
+    pub launch_batch_max: usize,
+    /// Most handles one `probe` call may take.
+    pub probe_batch_max: usize,
+    /// How often the controller should probe (platform calls may be slow or
+    /// rate-limited).
+    pub probe_interval: Duration,
+    /// True when the agents share the controller's file system (a local
+    /// store path works for them).
+    pub shares_filesystem: bool,
+    /// True when the agents can reach the controller on loopback.
+    pub reaches_loopback: bool,
+}
+
+impl Capabilities {
+    /// Capabilities of a class that starts processes on this machine.
+    pub fn local() -> Self {
+        Self {
+            launch_batch_max: usize::MAX,
+            probe_batch_max: usize::MAX,
+            probe_interval: Duration::from_millis(500),
+            shares_filesystem: true,
+            reaches_loopback: true,
+        }
+    }
+
+    /// Capabilities of a remote class: explicit batch sizes and interval.
+    pub fn remote(launch_batch_max: usize, probe_batch_max: usize, probe_interval: Duration) -> Self {
+        Self {
+            launch_batch_max,
+            probe_batch_max,
+            probe_interval,
+            shares_filesystem: false,
+            reaches_loopback: false,
+        }
+    }
+}
+
+/// Errors of a class.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkerError {
+    /// The class options are wrong (unknown key, missing value, bad format).
+    #[error("invalid option for class {class}: {message}")]
+    Options {
+        /// The class.
+        class: String,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+    /// The platform refused or failed a request.
+    #[error("{class}: {message}")]
+    Platform {
+        /// The class.
+        class: String,
+        /// What happened, in the platform's words.
+        message: String,
+        /// True when the same call may succeed later (throttling, network).
+        retryable: bool,
+    },
+}
+
+impl WorkerError {
+    /// True when the same call may succeed if tried again later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, WorkerError::Platform { retryable: true, .. })
+    }
+}
+
+/// A backend class: starts agents somewhere, probes them, stops them.
+///
+/// # Contract
+/// - `launch` starts every member of the spec, or fails as a whole; on
+///   success it returns one [`Handle`] per member, in the order of
+///   `spec.members`. It returns once the platform accepted the request; the
+///   agents connect to the controller on their own, later. The controller
+///   enforces the launch timeout, not the class.
+/// - The agent's command line is `spec.program` + `spec.args`; its
+///   environment includes `spec.env` and [`ENV_INDEX`] set to the member's
+///   index (or the class maps the platform's array index to it). The secret
+///   in `spec.env` must not appear on any command line or in any log.
+/// - `probe` takes handles of this class only and returns one [`Liveness`]
+///   per handle, in order. It must not change anything. It is called every
+///   [`Capabilities::probe_interval`] with at most
+///   [`Capabilities::probe_batch_max`] handles.
+/// - `terminate` stops the agents (and everything they started) and is
+///   idempotent: terminating an exited or unknown handle succeeds. It may
+///   return before the processes are gone; a later probe tells.
+/// - Dropping a class value or a handle never kills a running agent; only
+///   `terminate` does (agents also exit on their own when the controller
+///   connection drops).
+///
+/// # Cancellation
+/// Any future may be dropped at an await point; a dropped `launch` may have
+/// started agents, which then connect with a launch id the controller no
+/// longer honours and are stopped by their own connect timeout.
+///
+/// # Errors
+/// [`WorkerError::is_retryable`] tells the controller whether to try again
+/// (it does, with backoff, within the slot's relaunch budget).
+///
+/// # Implementing
+/// `crew-worker-local` is the reference implementation; run
+/// `crew_core::conformance::worker` (feature `conformance`) in your tests.
+#[async_trait]
+pub trait Worker: Send + Sync + fmt::Debug + 'static {
+    /// The class name users select it by (`local`, `aws-batch`).
+    fn class(&self) -> &str;
+
+    /// What the class can do.
+    fn capabilities(&self) -> Capabilities;
+
+    /// Starts the agents of one launch.
+    async fn launch(&self, spec: &LaunchSpec) -> Result<Vec<Handle>, WorkerError>;
+
+    /// Reports on each handle, in order.
+    async fn probe(&self, handles: &[Handle]) -> Result<Vec<Liveness>, WorkerError>;
+
+    /// Stops the agents behind the handles (idempotent).
+    async fn terminate(&self, handles: &[Handle]) -> Result<(), WorkerError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Secret;
+
+    #[test]
+    fn secret_is_redacted_and_compares() {
+        let s = Secret::random();
+        assert_eq!(s.expose().len(), 64);
+        assert_eq!(format!("{s:?}"), "Secret(<redacted>)");
+        assert!(s.matches(s.expose()));
+        assert!(!s.matches("nope"));
+        assert_ne!(Secret::random(), s);
+    }
+}

@@ -1,0 +1,1 @@
+//! crew-worker-local
