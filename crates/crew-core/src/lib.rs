@@ -23,6 +23,7 @@ pub mod builtins;
 pub mod exec;
 pub mod job;
 pub mod output;
+pub mod scheduler;
 pub mod seed;
 pub mod store;
 pub mod tags;

@@ -1,0 +1,1199 @@
+//! The scheduler: a pure state machine that decides where jobs run.
+//!
+//! Events go in as method calls (a job submitted, a worker connected, a job
+//! finished, a worker lost, a tick with the current time), and actions come
+//! out ([`Action`]: launch slots, assign a job to a worker, terminate a
+//! worker, deliver an output). There are no sockets, clocks or tasks in here:
+//! `now` is always a parameter. That keeps the rules in one place, makes them
+//! deterministic to test with thousands of simulated workers and a fake
+//! clock, and keeps the async controller loop around it small.
+//!
+//! # The rules
+//! - A queued job goes to the ready worker (connected, below its capacity)
+//!   whose tags include the job's tags, preferring the least loaded and then
+//!   the one with the fewest tags (keep specialised workers free for the jobs
+//!   that need them).
+//! - Failing that, a down slot whose tags match is launched: queued jobs are
+//!   matched against slots already launching first, so one job never launches
+//!   two workers.
+//! - Otherwise the job waits, ordered by priority (higher first) then by
+//!   arrival.
+//! - A worker holds at most `1 + prefetch` jobs; the agent runs them in order.
+//!   A worker that falls idle while no queued job fits it takes back a
+//!   prefetched job that has not started from a busy worker (revocation), so
+//!   prefetching never leaves a worker idle behind a long job.
+//! - A job whose worker is lost goes back to the front of the queue, unless
+//!   it has crashed `crashes_max` times: then it ends `crashed`.
+//! - A launch that fails or does not connect within the launch timeout is
+//!   retried until the slot's launch budget is spent; the slot is then broken,
+//!   and queued jobs that no usable slot can run end `launch_failed`.
+//!
+//! **Invariant:** every accepted job is in exactly one place — the queue, or
+//! the assigned list of exactly one slot — until exactly one `Deliver` action
+//! carries its output, after which the scheduler forgets it.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::job::{JobId, JobSpec};
+use crate::output::{Output, Status};
+use crate::tags::Tags;
+
+#[cfg(test)]
+mod tests;
+
+/// Index of a slot in the scheduler (stable for the scheduler's life).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotId(pub u32);
+
+/// Limits of one slot.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SlotLimits {
+    /// Stop the worker after it has been idle this long (it is relaunched
+    /// when jobs need it again). `None`: never.
+    pub idle_timeout: Option<Duration>,
+    /// Stop the worker after this many jobs (then relaunch when needed).
+    pub tasks_max: Option<u32>,
+    /// Soft wall time: after this long up, the worker takes no new jobs and
+    /// stops once idle.
+    pub wall_time: Option<Duration>,
+    /// A launched worker that has not connected after this long is
+    /// terminated and the launch counts as failed.
+    pub launch_timeout: Duration,
+    /// Consecutive failed launches after which the slot is broken.
+    pub launch_max: u32,
+    /// Jobs sent ahead to a busy worker (0: one job at a time).
+    pub prefetch: u32,
+}
+
+impl Default for SlotLimits {
+    fn default() -> Self {
+        Self {
+            idle_timeout: None,
+            tasks_max: None,
+            wall_time: None,
+            launch_timeout: Duration::from_secs(60),
+            launch_max: 3,
+            prefetch: 1,
+        }
+    }
+}
+
+/// A slot as recruited: name, class, tags and limits.
+#[derive(Clone, Debug)]
+pub struct SlotConfig {
+    /// Unique name (`local-1`).
+    pub name: String,
+    /// Class name (`local`).
+    pub class: String,
+    /// Its tags.
+    pub tags: Tags,
+    /// Its limits.
+    pub limits: SlotLimits,
+}
+
+/// The state of a slot, as shown by `status`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SlotState {
+    /// Not running; launched when a job needs it.
+    Down,
+    /// Launched, waiting for the agent to connect.
+    Launching,
+    /// Connected; `jobs` assigned (0 = idle).
+    Up,
+    /// Asked to stop; waiting for it to go.
+    Stopping,
+    /// Its launch budget is spent; `restart` makes it usable again.
+    Broken,
+}
+
+/// What the controller must do.
+#[derive(Debug)]
+pub enum Action {
+    /// Start these slots (one launch per class; the controller may split
+    /// them into arrays).
+    Launch(Vec<SlotId>),
+    /// Send the job to the slot's worker.
+    Assign {
+        /// The worker.
+        slot: SlotId,
+        /// The job.
+        job: JobId,
+        /// The attempt number (1-based).
+        attempt: u32,
+    },
+    /// Ask the worker to give back a job it has not started.
+    Revoke {
+        /// The worker holding it.
+        slot: SlotId,
+        /// The job.
+        job: JobId,
+    },
+    /// Ask the worker to cancel the job (kill it if running).
+    Cancel {
+        /// The worker.
+        slot: SlotId,
+        /// The job.
+        job: JobId,
+    },
+    /// Stop the slot's worker (politely, then by the class's terminate).
+    Terminate {
+        /// The slot.
+        slot: SlotId,
+        /// Why, for logs and status.
+        reason: String,
+    },
+    /// The job is over: hand its output to the user.
+    Deliver(Box<Output>),
+}
+
+/// Why a job was refused at submit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    /// No recruited slot has all of the job's tags.
+    #[error("no recruited worker has tags [{wanted}]; the recruited tag sets are: {known}")]
+    NoMatchingSlot {
+        /// The job's tags.
+        wanted: Tags,
+        /// The tag sets of the recruited slots, for the message.
+        known: String,
+    },
+    /// Slots match, but each of them is broken.
+    #[error("every worker that could run a job with tags [{wanted}] failed to launch: {reason}")]
+    AllBroken {
+        /// The job's tags.
+        wanted: Tags,
+        /// The last launch failure.
+        reason: String,
+    },
+    /// The id is already known.
+    #[error("job {0} was already submitted")]
+    Duplicate(JobId),
+}
+
+/// Which slots a command applies to.
+#[derive(Clone, Debug, Default)]
+pub struct SlotFilter {
+    /// Slots whose tags include these (all slots when `None`).
+    pub tags: Option<Tags>,
+    /// Only the slot with this name.
+    pub slot: Option<String>,
+}
+
+impl SlotFilter {
+    fn matches(&self, cfg: &SlotConfig) -> bool {
+        self.tags.as_ref().is_none_or(|t| cfg.tags.satisfies(t))
+            && self.slot.as_ref().is_none_or(|s| *s == cfg.name)
+    }
+}
+
+/// A view of one slot for `status`.
+#[derive(Clone, Debug)]
+pub struct SlotView<'a> {
+    /// Its index.
+    pub id: SlotId,
+    /// Its configuration.
+    pub config: &'a SlotConfig,
+    /// Its state.
+    pub state: SlotState,
+    /// Jobs assigned to it now.
+    pub assigned: usize,
+    /// Jobs it finished, over all its launches.
+    pub jobs_done: u64,
+    /// Since when it is idle (Up with nothing assigned).
+    pub idle_since: Option<Instant>,
+    /// Why its last worker stopped or failed to start.
+    pub last_reason: Option<&'a str>,
+    /// Consecutive failed launches.
+    pub launch_failures: u32,
+}
+
+/// Job counts, for `status`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Waiting for a worker.
+    pub queued: usize,
+    /// Assigned to a worker (running or prefetched).
+    pub assigned: usize,
+}
+
+#[derive(Debug)]
+struct Slot {
+    cfg: SlotConfig,
+    state: SlotState,
+    /// Jobs assigned, in the order the agent runs them; the front one is
+    /// running (or about to).
+    jobs: VecDeque<JobId>,
+    /// When the current launch started, or the worker connected.
+    since: Instant,
+    idle_since: Option<Instant>,
+    tasks_done: u32,
+    jobs_done: u64,
+    launch_failures: u32,
+    last_reason: Option<String>,
+    /// No new jobs: tasks_max reached or wall time passed; stops when idle.
+    retiring: bool,
+    dismissed: bool,
+    /// A job being revoked from this slot (at most one at a time).
+    revoking: Option<JobId>,
+}
+
+impl Slot {
+    fn capacity(&self) -> usize {
+        let mut cap = 1 + self.cfg.limits.prefetch as usize;
+        if let Some(max) = self.cfg.limits.tasks_max {
+            cap = cap.min(max.saturating_sub(self.tasks_done) as usize);
+        }
+        cap
+    }
+
+    fn is_ready(&self) -> bool {
+        self.state == SlotState::Up && !self.retiring && !self.dismissed && self.jobs.len() < self.capacity()
+    }
+
+    /// Could run jobs now or after a launch (for submit-time refusal).
+    fn usable(&self) -> bool {
+        !self.dismissed && self.state != SlotState::Broken
+    }
+}
+
+#[derive(Debug)]
+enum JobState {
+    Queued(QueueKey),
+    Assigned(SlotId),
+}
+
+type QueueKey = (Reverse<i32>, i64);
+
+#[derive(Debug)]
+struct JobEntry {
+    spec: Arc<JobSpec>,
+    seed: u64,
+    state: JobState,
+    /// Attempts started so far.
+    attempt: u32,
+    crashes: u32,
+    failures: u32,
+    cancel_requested: bool,
+    last_slot: Option<SlotId>,
+}
+
+/// The scheduler. See the module documentation for the rules.
+#[derive(Debug, Default)]
+pub struct Scheduler {
+    slots: Vec<Slot>,
+    jobs: HashMap<JobId, JobEntry>,
+    /// Queued jobs grouped by their tag set; within a group, by (priority
+    /// desc, arrival).
+    queue: BTreeMap<Tags, BTreeMap<QueueKey, JobId>>,
+    /// Ready slots grouped by tag set, ordered by (assigned, id).
+    ready: BTreeMap<Tags, BTreeSet<(usize, SlotId)>>,
+    /// Arrival counter: back of the queue counts up, front counts down.
+    seq_back: i64,
+    seq_front: i64,
+    actions: Vec<Action>,
+    /// Down, usable slots (launch balancing is skipped when zero).
+    down: usize,
+    /// Jobs assigned beyond the first on some slot (revocation is skipped
+    /// when zero).
+    prefetched: usize,
+}
+
+impl Scheduler {
+    /// An empty scheduler.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    // ----- queries -------------------------------------------------------
+
+    /// The actions produced since the last call, in order.
+    pub fn take_actions(&mut self) -> Vec<Action> {
+        std::mem::take(&mut self.actions)
+    }
+
+    /// Moves the pending actions into `out` (keeps allocations warm).
+    pub fn drain_actions_into(&mut self, out: &mut Vec<Action>) {
+        out.append(&mut self.actions);
+    }
+
+    /// The slot's configuration.
+    pub fn slot_config(&self, slot: SlotId) -> &SlotConfig {
+        &self.slots[slot.0 as usize].cfg
+    }
+
+    /// The slot's state.
+    pub fn slot_state(&self, slot: SlotId) -> SlotState {
+        self.slots[slot.0 as usize].state.clone()
+    }
+
+    /// The slot with this name.
+    pub fn slot_by_name(&self, name: &str) -> Option<SlotId> {
+        self.slots
+            .iter()
+            .position(|s| s.cfg.name == name && !s.dismissed)
+            .map(|i| SlotId(i as u32))
+    }
+
+    /// Every slot not dismissed.
+    pub fn slots(&self) -> impl Iterator<Item = SlotView<'_>> {
+        self.slots.iter().enumerate().filter(|(_, s)| !s.dismissed).map(|(i, s)| SlotView {
+            id: SlotId(i as u32),
+            config: &s.cfg,
+            state: s.state.clone(),
+            assigned: s.jobs.len(),
+            jobs_done: s.jobs_done,
+            idle_since: if s.state == SlotState::Up && s.jobs.is_empty() {
+                s.idle_since
+            } else {
+                None
+            },
+            last_reason: s.last_reason.as_deref(),
+            launch_failures: s.launch_failures,
+        })
+    }
+
+    /// The job's spec, while the scheduler knows it.
+    pub fn job(&self, id: JobId) -> Option<&Arc<JobSpec>> {
+        self.jobs.get(&id).map(|j| &j.spec)
+    }
+
+    /// The job's seed, while the scheduler knows it.
+    pub fn job_seed(&self, id: JobId) -> Option<u64> {
+        self.jobs.get(&id).map(|j| j.seed)
+    }
+
+    /// Jobs not yet delivered.
+    pub fn pending(&self) -> usize {
+        self.jobs.len()
+    }
+
+    /// Queued and assigned counts.
+    pub fn counts(&self) -> Counts {
+        let queued = self.queue.values().map(BTreeMap::len).sum();
+        Counts {
+            queued,
+            assigned: self.jobs.len() - queued,
+        }
+    }
+
+    /// The earliest time at which [`Scheduler::tick`] has something to do.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let mut next: Option<Instant> = None;
+        let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
+        for s in &self.slots {
+            match s.state {
+                SlotState::Launching => consider(s.since + s.cfg.limits.launch_timeout),
+                SlotState::Up => {
+                    if let (Some(idle), Some(since)) = (s.cfg.limits.idle_timeout, s.idle_since) {
+                        if s.jobs.is_empty() {
+                            consider(since + idle);
+                        }
+                    }
+                    if let Some(wall) = s.cfg.limits.wall_time {
+                        if !s.retiring {
+                            consider(s.since + wall);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        next
+    }
+
+    // ----- events --------------------------------------------------------
+
+    /// Adds `count` down slots; returns their ids.
+    pub fn recruit(&mut self, configs: Vec<SlotConfig>, now: Instant) -> Vec<SlotId> {
+        let mut ids = Vec::with_capacity(configs.len());
+        for cfg in configs {
+            let id = SlotId(self.slots.len() as u32);
+            self.slots.push(Slot {
+                cfg,
+                state: SlotState::Down,
+                jobs: VecDeque::new(),
+                since: now,
+                idle_since: None,
+                tasks_done: 0,
+                jobs_done: 0,
+                launch_failures: 0,
+                last_reason: None,
+                retiring: false,
+                dismissed: false,
+                revoking: None,
+            });
+            self.down += 1;
+            ids.push(id);
+        }
+        self.balance_launches(now);
+        ids
+    }
+
+    /// Accepts a job (validated by the caller) or refuses it when no usable
+    /// slot could ever run it.
+    pub fn submit(&mut self, id: JobId, spec: Arc<JobSpec>, seed: u64, now: Instant) -> Result<(), SubmitError> {
+        if self.jobs.contains_key(&id) {
+            return Err(SubmitError::Duplicate(id));
+        }
+        self.check_satisfiable(&spec.tags)?;
+        let key = self.back_key(spec.priority);
+        self.queue.entry(spec.tags.clone()).or_default().insert(key, id);
+        self.jobs.insert(
+            id,
+            JobEntry {
+                spec,
+                seed,
+                state: JobState::Queued(key),
+                attempt: 0,
+                crashes: 0,
+                failures: 0,
+                cancel_requested: false,
+                last_slot: None,
+            },
+        );
+        self.settle(now);
+        Ok(())
+    }
+
+    /// The class could not start these slots (the launch call failed).
+    pub fn launch_failed(&mut self, slot: SlotId, reason: &str, now: Instant) {
+        if self.slots[slot.0 as usize].state == SlotState::Launching {
+            self.record_launch_failure(slot, reason.to_owned(), now);
+            self.settle(now);
+        }
+    }
+
+    /// The slot's agent connected and authenticated. Returns false when the
+    /// slot was not waiting for a worker (the controller then rejects the
+    /// connection).
+    pub fn connected(&mut self, slot: SlotId, now: Instant) -> bool {
+        let s = &mut self.slots[slot.0 as usize];
+        if s.state != SlotState::Launching || s.dismissed {
+            return false;
+        }
+        s.state = SlotState::Up;
+        s.since = now;
+        s.idle_since = Some(now);
+        s.tasks_done = 0;
+        s.launch_failures = 0;
+        s.retiring = false;
+        self.index_ready(slot);
+        self.settle(now);
+        true
+    }
+
+    /// The worker finished a job and reported its output. Stale reports (a
+    /// job no longer assigned to that slot) are ignored.
+    pub fn finished(&mut self, slot: SlotId, job: JobId, output: Output, now: Instant) {
+        let Some(pos) = self.slots[slot.0 as usize].jobs.iter().position(|j| *j == job) else {
+            return;
+        };
+        self.unindex_ready(slot);
+        let s = &mut self.slots[slot.0 as usize];
+        if s.jobs.len() >= 2 {
+            self.prefetched -= 1;
+        }
+        s.jobs.remove(pos);
+        if s.revoking == Some(job) {
+            s.revoking = None;
+        }
+        s.tasks_done += 1;
+        s.jobs_done += 1;
+        if s.jobs.is_empty() {
+            s.idle_since = Some(now);
+        }
+        if let Some(max) = s.cfg.limits.tasks_max {
+            if s.tasks_done >= max {
+                s.retiring = true;
+            }
+        }
+        let entry = self.jobs.get_mut(&job);
+        let retry = match entry {
+            Some(e) => !e.cancel_requested && output.status == Status::Failed && e.failures < e.spec.retries,
+            None => false,
+        };
+        if retry {
+            if let Some(e) = self.jobs.get_mut(&job) {
+                e.failures += 1;
+            }
+            self.requeue_front(job);
+        } else if self.jobs.remove(&job).is_some() {
+            self.actions.push(Action::Deliver(Box::new(output)));
+        }
+        self.after_slot_change(slot, now);
+        self.settle(now);
+    }
+
+    /// The worker gave back (`ok`) or could not give back (it had started
+    /// it) a job the scheduler revoked.
+    pub fn revoked(&mut self, slot: SlotId, job: JobId, ok: bool, now: Instant) {
+        let s = &mut self.slots[slot.0 as usize];
+        if s.revoking == Some(job) {
+            s.revoking = None;
+        }
+        if !ok {
+            return;
+        }
+        let Some(pos) = s.jobs.iter().position(|j| *j == job) else {
+            return;
+        };
+        if s.jobs.len() >= 2 {
+            self.prefetched -= 1;
+        }
+        self.unindex_ready(slot);
+        self.slots[slot.0 as usize].jobs.remove(pos);
+        if self.slots[slot.0 as usize].jobs.is_empty() {
+            self.slots[slot.0 as usize].idle_since = Some(now);
+        }
+        self.requeue_front(job);
+        self.after_slot_change(slot, now);
+        self.settle(now);
+    }
+
+    /// The slot's worker is gone: its connection dropped, it stopped
+    /// answering, or its process exited. While launching, this is a failed
+    /// launch; while up, the running job crashed.
+    pub fn lost(&mut self, slot: SlotId, reason: &str, now: Instant) {
+        let idx = slot.0 as usize;
+        match self.slots[idx].state {
+            SlotState::Launching => {
+                self.record_launch_failure(slot, format!("the worker exited before connecting: {reason}"), now);
+            }
+            SlotState::Up => {
+                self.unindex_ready(slot);
+                let jobs: Vec<JobId> = self.slots[idx].jobs.drain(..).collect();
+                self.prefetched -= jobs.len().saturating_sub(1);
+                self.slots[idx].revoking = None;
+                self.slots[idx].last_reason = Some(reason.to_owned());
+                self.set_down(slot);
+                // Requeue in reverse so that the original order is kept at
+                // the front of the queue.
+                for (i, job) in jobs.into_iter().enumerate().rev() {
+                    if i == 0 {
+                        self.crash(job, slot, reason);
+                    } else {
+                        self.requeue_front(job);
+                    }
+                }
+            }
+            SlotState::Stopping => {
+                if self.slots[idx].last_reason.is_none() {
+                    self.slots[idx].last_reason = Some(reason.to_owned());
+                }
+                self.set_down(slot);
+            }
+            SlotState::Down | SlotState::Broken => {}
+        }
+        self.settle(now);
+    }
+
+    /// Time passed: launch timeouts, idle timeouts, wall times.
+    pub fn tick(&mut self, now: Instant) {
+        for i in 0..self.slots.len() {
+            let slot = SlotId(i as u32);
+            let s = &self.slots[i];
+            match s.state {
+                SlotState::Launching if now >= s.since + s.cfg.limits.launch_timeout => {
+                    let reason = format!(
+                        "the worker did not connect within {}",
+                        humantime::format_duration(s.cfg.limits.launch_timeout)
+                    );
+                    self.actions.push(Action::Terminate {
+                        slot,
+                        reason: reason.clone(),
+                    });
+                    self.record_launch_failure(slot, reason, now);
+                }
+                SlotState::Up => {
+                    if let Some(wall) = s.cfg.limits.wall_time {
+                        if !s.retiring && now >= s.since + wall {
+                            self.unindex_ready(slot);
+                            self.slots[i].retiring = true;
+                            self.after_slot_change(slot, now);
+                        }
+                    }
+                    let s = &self.slots[i];
+                    if let (Some(idle), Some(since)) = (s.cfg.limits.idle_timeout, s.idle_since) {
+                        if s.state == SlotState::Up && s.jobs.is_empty() && now >= since + idle {
+                            let reason = format!("idle for {}", humantime::format_duration(idle));
+                            self.stop(slot, reason);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        self.settle(now);
+    }
+
+    /// Cancels a job: a queued one ends at once, a running one is killed by
+    /// its worker (which then reports it `cancelled`). Returns false when the
+    /// job is unknown (never sent, or already delivered).
+    pub fn cancel(&mut self, job: JobId, now: Instant) -> bool {
+        let Some(e) = self.jobs.get_mut(&job) else {
+            return false;
+        };
+        match e.state {
+            JobState::Queued(key) => {
+                self.remove_from_queue(job, key);
+                self.deliver_without_run(job, Status::Cancelled, "cancelled by the user".to_owned());
+            }
+            JobState::Assigned(slot) => {
+                if !e.cancel_requested {
+                    e.cancel_requested = true;
+                    self.actions.push(Action::Cancel { slot, job });
+                }
+            }
+        }
+        self.settle(now);
+        true
+    }
+
+    /// Starts down slots ahead of need (pre-warm): at most `count` of those
+    /// matching `filter`. Returns how many were launched.
+    pub fn launch(&mut self, filter: &SlotFilter, count: usize, now: Instant) -> usize {
+        let picked: Vec<SlotId> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.state == SlotState::Down && !s.dismissed && filter.matches(&s.cfg))
+            .take(count)
+            .map(|(i, _)| SlotId(i as u32))
+            .collect();
+        for &slot in &picked {
+            self.set_launching(slot, now);
+        }
+        if !picked.is_empty() {
+            self.actions.push(Action::Launch(picked.clone()));
+        }
+        picked.len()
+    }
+
+    /// Stops workers: idle ones, or with `all` also busy ones (whose jobs go
+    /// back to the queue without counting a crash) and launching ones.
+    /// Returns how many were asked to stop.
+    pub fn shutdown(&mut self, filter: &SlotFilter, all: bool, now: Instant) -> usize {
+        let mut n = 0;
+        for i in 0..self.slots.len() {
+            let slot = SlotId(i as u32);
+            let s = &self.slots[i];
+            if s.dismissed || !filter.matches(&s.cfg) {
+                continue;
+            }
+            let take = match s.state {
+                SlotState::Up => all || s.jobs.is_empty(),
+                SlotState::Launching => all,
+                _ => false,
+            };
+            if take {
+                self.stop(slot, "shut down by the user".to_owned());
+                n += 1;
+            }
+        }
+        self.settle(now);
+        n
+    }
+
+    /// Removes slots for good (stopping their workers). Queued jobs that no
+    /// remaining slot can run end `cancelled`. Returns how many slots.
+    pub fn dismiss(&mut self, filter: &SlotFilter, now: Instant) -> usize {
+        let mut n = 0;
+        for i in 0..self.slots.len() {
+            let slot = SlotId(i as u32);
+            if self.slots[i].dismissed || !filter.matches(&self.slots[i].cfg) {
+                continue;
+            }
+            if matches!(self.slots[i].state, SlotState::Up | SlotState::Launching) {
+                self.stop(slot, "dismissed by the user".to_owned());
+            }
+            if self.slots[i].state == SlotState::Down {
+                self.down -= 1;
+            }
+            self.slots[i].dismissed = true;
+            n += 1;
+        }
+        self.fail_unsatisfiable(Status::Cancelled, |tags| {
+            format!("every recruited worker with tags [{tags}] was dismissed")
+        });
+        self.settle(now);
+        n
+    }
+
+    /// Makes broken slots usable again and relaunches slots stuck launching.
+    /// Returns how many slots were reset.
+    pub fn restart(&mut self, now: Instant) -> usize {
+        let mut n = 0;
+        for i in 0..self.slots.len() {
+            let slot = SlotId(i as u32);
+            match self.slots[i].state {
+                SlotState::Broken if !self.slots[i].dismissed => {
+                    self.slots[i].launch_failures = 0;
+                    self.set_down(slot);
+                    n += 1;
+                }
+                SlotState::Launching => {
+                    self.actions.push(Action::Terminate {
+                        slot,
+                        reason: "restarted by the user".to_owned(),
+                    });
+                    self.set_down(slot);
+                    n += 1;
+                }
+                _ => {}
+            }
+        }
+        self.settle(now);
+        n
+    }
+
+    // ----- internals -----------------------------------------------------
+
+    fn back_key(&mut self, priority: i32) -> QueueKey {
+        self.seq_back += 1;
+        (Reverse(priority), self.seq_back)
+    }
+
+    fn front_key(&mut self, priority: i32) -> QueueKey {
+        self.seq_front -= 1;
+        (Reverse(priority), self.seq_front)
+    }
+
+    fn check_satisfiable(&self, tags: &Tags) -> Result<(), SubmitError> {
+        let mut broken_reason = None;
+        for s in &self.slots {
+            if s.dismissed || !s.cfg.tags.satisfies(tags) {
+                continue;
+            }
+            if s.state != SlotState::Broken {
+                return Ok(());
+            }
+            broken_reason = s.last_reason.clone();
+        }
+        if let Some(reason) = broken_reason {
+            return Err(SubmitError::AllBroken {
+                wanted: tags.clone(),
+                reason,
+            });
+        }
+        let known: BTreeSet<String> = self
+            .slots
+            .iter()
+            .filter(|s| !s.dismissed)
+            .map(|s| format!("[{}]", s.cfg.tags))
+            .collect();
+        let known = if known.is_empty() {
+            "none (no worker is recruited)".to_owned()
+        } else {
+            known.into_iter().collect::<Vec<_>>().join(", ")
+        };
+        Err(SubmitError::NoMatchingSlot {
+            wanted: tags.clone(),
+            known,
+        })
+    }
+
+    fn remove_from_queue(&mut self, job: JobId, key: QueueKey) {
+        let Some(e) = self.jobs.get(&job) else { return };
+        let tags = &e.spec.tags;
+        if let Some(group) = self.queue.get_mut(tags) {
+            group.remove(&key);
+            if group.is_empty() {
+                self.queue.remove(tags);
+            }
+        }
+    }
+
+    fn requeue_front(&mut self, job: JobId) {
+        let Some(priority) = self.jobs.get(&job).map(|e| e.spec.priority) else {
+            return;
+        };
+        let key = self.front_key(priority);
+        if let Some(e) = self.jobs.get_mut(&job) {
+            e.state = JobState::Queued(key);
+            self.queue.entry(e.spec.tags.clone()).or_default().insert(key, job);
+        }
+    }
+
+    fn crash(&mut self, job: JobId, slot: SlotId, reason: &str) {
+        let Some(e) = self.jobs.get_mut(&job) else { return };
+        if e.cancel_requested {
+            self.deliver_without_run(job, Status::Cancelled, format!("cancelled; its worker was lost: {reason}"));
+            return;
+        }
+        e.crashes += 1;
+        if e.crashes >= e.spec.crashes_max {
+            let msg = format!(
+                "the worker died under the job {} time{} (last: {} on slot {}: {reason})",
+                e.crashes,
+                if e.crashes == 1 { "" } else { "s" },
+                "lost",
+                self.slots[slot.0 as usize].cfg.name
+            );
+            self.deliver_without_run(job, Status::Crashed, msg);
+        } else {
+            self.requeue_front(job);
+        }
+    }
+
+    /// Builds and delivers an output for a job that ends without a result
+    /// from a worker. The job must not be in the queue or on a slot.
+    fn deliver_without_run(&mut self, job: JobId, status: Status, error: String) {
+        let Some(e) = self.jobs.remove(&job) else { return };
+        let mut out = Output::without_run(job, e.spec.name.clone(), e.spec.tags.clone(), e.seed, status, error);
+        out.attempt = e.attempt;
+        if let Some(slot) = e.last_slot {
+            let cfg = &self.slots[slot.0 as usize].cfg;
+            out.slot = Some(cfg.name.clone());
+            out.class = Some(cfg.class.clone());
+        }
+        self.actions.push(Action::Deliver(Box::new(out)));
+    }
+
+    fn record_launch_failure(&mut self, slot: SlotId, reason: String, _now: Instant) {
+        let s = &mut self.slots[slot.0 as usize];
+        s.launch_failures += 1;
+        s.last_reason = Some(reason.clone());
+        if s.launch_failures >= s.cfg.limits.launch_max {
+            s.state = SlotState::Broken;
+            s.last_reason = Some(format!(
+                "{reason} (slot {} failed {} launch{} in a row)",
+                s.cfg.name,
+                s.launch_failures,
+                if s.launch_failures == 1 { "" } else { "es" }
+            ));
+            self.fail_unsatisfiable(Status::LaunchFailed, |_| String::new());
+        } else {
+            self.set_down(slot);
+        }
+    }
+
+    /// Ends every queued job that no usable slot can run.
+    fn fail_unsatisfiable(&mut self, status: Status, message: impl Fn(&Tags) -> String) {
+        let dead: Vec<Tags> = self
+            .queue
+            .keys()
+            .filter(|tags| !self.slots.iter().any(|s| s.usable() && s.cfg.tags.satisfies(tags)))
+            .cloned()
+            .collect();
+        for tags in dead {
+            let reason = if status == Status::LaunchFailed {
+                let last = self
+                    .slots
+                    .iter()
+                    .filter(|s| !s.dismissed && s.state == SlotState::Broken && s.cfg.tags.satisfies(&tags))
+                    .filter_map(|s| s.last_reason.clone())
+                    .next_back()
+                    .unwrap_or_else(|| "no worker could be launched".to_owned());
+                format!("no worker with tags [{tags}] could be launched: {last}")
+            } else {
+                message(&tags)
+            };
+            if let Some(group) = self.queue.remove(&tags) {
+                for (_, job) in group {
+                    self.deliver_without_run(job, status, reason.clone());
+                }
+            }
+        }
+    }
+
+    fn set_down(&mut self, slot: SlotId) {
+        let s = &mut self.slots[slot.0 as usize];
+        if s.state != SlotState::Down && !s.dismissed {
+            self.down += 1;
+        }
+        s.state = SlotState::Down;
+        s.idle_since = None;
+        s.retiring = false;
+    }
+
+    fn set_launching(&mut self, slot: SlotId, now: Instant) {
+        let s = &mut self.slots[slot.0 as usize];
+        if s.state == SlotState::Down && !s.dismissed {
+            self.down -= 1;
+        }
+        s.state = SlotState::Launching;
+        s.since = now;
+    }
+
+    /// Asks a slot's worker to stop; its jobs go back to the queue.
+    fn stop(&mut self, slot: SlotId, reason: String) {
+        let idx = slot.0 as usize;
+        match self.slots[idx].state {
+            SlotState::Up => {
+                self.unindex_ready(slot);
+                let jobs: Vec<JobId> = self.slots[idx].jobs.drain(..).collect();
+                self.prefetched -= jobs.len().saturating_sub(1);
+                self.slots[idx].revoking = None;
+                for job in jobs.into_iter().rev() {
+                    let cancelled = self.jobs.get(&job).is_some_and(|e| e.cancel_requested);
+                    if cancelled {
+                        self.deliver_without_run(job, Status::Cancelled, "cancelled by the user".to_owned());
+                    } else {
+                        self.requeue_front(job);
+                    }
+                }
+                self.slots[idx].state = SlotState::Stopping;
+                self.slots[idx].last_reason = Some(reason.clone());
+                self.actions.push(Action::Terminate { slot, reason });
+            }
+            SlotState::Launching => {
+                self.slots[idx].last_reason = Some(reason.clone());
+                self.actions.push(Action::Terminate { slot, reason });
+                self.set_down(slot);
+            }
+            _ => {}
+        }
+    }
+
+    /// After a slot's jobs changed: stop it if it is retiring and idle,
+    /// else re-index it if ready.
+    fn after_slot_change(&mut self, slot: SlotId, _now: Instant) {
+        let s = &self.slots[slot.0 as usize];
+        if s.state != SlotState::Up {
+            return;
+        }
+        if s.retiring && s.jobs.is_empty() {
+            let reason = if s.cfg.limits.tasks_max.is_some_and(|m| s.tasks_done >= m) {
+                format!("reached its task limit ({})", s.tasks_done)
+            } else {
+                "reached its wall time".to_owned()
+            };
+            self.stop(slot, reason);
+        } else {
+            self.index_ready(slot);
+        }
+    }
+
+    fn index_ready(&mut self, slot: SlotId) {
+        let s = &self.slots[slot.0 as usize];
+        if s.is_ready() {
+            self.ready.entry(s.cfg.tags.clone()).or_default().insert((s.jobs.len(), slot));
+        }
+    }
+
+    fn unindex_ready(&mut self, slot: SlotId) {
+        let s = &self.slots[slot.0 as usize];
+        if let Some(set) = self.ready.get_mut(&s.cfg.tags) {
+            set.remove(&(s.jobs.len(), slot));
+            if set.is_empty() {
+                self.ready.remove(&s.cfg.tags);
+            }
+        }
+    }
+
+    /// Dispatch, then launch what is still needed, then revoke for idle
+    /// workers.
+    fn settle(&mut self, now: Instant) {
+        self.dispatch(now);
+        if self.down > 0 && !self.queue.is_empty() {
+            self.balance_launches(now);
+        }
+        if self.prefetched > 0 && !self.ready.is_empty() {
+            self.steal();
+        }
+    }
+
+    /// Assigns queued jobs to ready workers, highest priority first.
+    fn dispatch(&mut self, _now: Instant) {
+        if self.queue.is_empty() || self.ready.is_empty() {
+            return;
+        }
+        let mut blocked: BTreeSet<Tags> = BTreeSet::new();
+        loop {
+            // The best queued job among groups not known to be blocked.
+            let mut best: Option<(QueueKey, &Tags)> = None;
+            for (tags, group) in &self.queue {
+                if blocked.contains(tags) {
+                    continue;
+                }
+                if let Some((key, _)) = group.first_key_value() {
+                    if best.is_none_or(|(k, _)| key < &k) {
+                        best = Some((*key, tags));
+                    }
+                }
+            }
+            let Some((_, tags)) = best else { break };
+            let tags = tags.clone();
+            // The best ready worker for it: least loaded, then fewest tags.
+            let mut pick: Option<(usize, usize, SlotId)> = None;
+            for (rtags, set) in &self.ready {
+                if !rtags.satisfies(&tags) {
+                    continue;
+                }
+                if let Some(&(load, slot)) = set.first() {
+                    let cand = (load, rtags.len(), slot);
+                    if pick.is_none_or(|p| cand < p) {
+                        pick = Some(cand);
+                    }
+                }
+            }
+            let Some((_, _, slot)) = pick else {
+                blocked.insert(tags);
+                continue;
+            };
+            let Some(group) = self.queue.get_mut(&tags) else { break };
+            let Some((_, job)) = group.pop_first() else { break };
+            if group.is_empty() {
+                self.queue.remove(&tags);
+            }
+            self.assign(slot, job);
+            if self.ready.is_empty() {
+                break;
+            }
+        }
+    }
+
+    fn assign(&mut self, slot: SlotId, job: JobId) {
+        self.unindex_ready(slot);
+        let s = &mut self.slots[slot.0 as usize];
+        if !s.jobs.is_empty() {
+            self.prefetched += 1;
+        }
+        s.jobs.push_back(job);
+        s.idle_since = None;
+        let attempt = match self.jobs.get_mut(&job) {
+            Some(e) => {
+                e.attempt += 1;
+                e.state = JobState::Assigned(slot);
+                e.last_slot = Some(slot);
+                e.attempt
+            }
+            None => 0,
+        };
+        self.actions.push(Action::Assign { slot, job, attempt });
+        self.index_ready(slot);
+    }
+
+    /// Launches down slots for queued jobs that launching slots will not
+    /// absorb.
+    fn balance_launches(&mut self, now: Instant) {
+        if self.down == 0 || self.queue.is_empty() {
+            return;
+        }
+        let mut launching: Vec<SlotId> = Vec::new();
+        let mut down: Vec<SlotId> = Vec::new();
+        for (i, s) in self.slots.iter().enumerate() {
+            if s.dismissed {
+                continue;
+            }
+            match s.state {
+                SlotState::Launching => launching.push(SlotId(i as u32)),
+                SlotState::Down => down.push(SlotId(i as u32)),
+                _ => {}
+            }
+        }
+        // Best fit: slots with fewer tags are used first.
+        down.sort_by_key(|s| (self.slots[s.0 as usize].cfg.tags.len(), *s));
+        launching.sort_by_key(|s| (self.slots[s.0 as usize].cfg.tags.len(), *s));
+        let mut groups: Vec<(QueueKey, &Tags, usize)> = self
+            .queue
+            .iter()
+            .filter_map(|(t, g)| g.first_key_value().map(|(k, _)| (*k, t, g.len())))
+            .collect();
+        groups.sort_by_key(|g| g.0);
+        let mut to_launch = Vec::new();
+        for (_, tags, mut need) in groups {
+            launching.retain(|s| {
+                if need > 0 && self.slots[s.0 as usize].cfg.tags.satisfies(tags) {
+                    need -= 1;
+                    false
+                } else {
+                    true
+                }
+            });
+            down.retain(|s| {
+                if need > 0 && self.slots[s.0 as usize].cfg.tags.satisfies(tags) {
+                    need -= 1;
+                    to_launch.push(*s);
+                    false
+                } else {
+                    true
+                }
+            });
+            if down.is_empty() {
+                break;
+            }
+        }
+        if to_launch.is_empty() {
+            return;
+        }
+        for &slot in &to_launch {
+            self.set_launching(slot, now);
+        }
+        self.actions.push(Action::Launch(to_launch));
+    }
+
+    /// For each idle ready worker with nothing queued for it, takes back a
+    /// prefetched job that has not started from a busy worker.
+    fn steal(&mut self) {
+        let idle: Vec<(Tags, SlotId)> = self
+            .ready
+            .iter()
+            .flat_map(|(t, set)| set.iter().take_while(|(load, _)| *load == 0).map(move |(_, s)| (t.clone(), *s)))
+            .collect();
+        for (tags, _) in idle {
+            // Revoke the last prefetched job of the most loaded busy worker
+            // whose job fits.
+            let mut pick: Option<(usize, SlotId, JobId)> = None;
+            for (i, s) in self.slots.iter().enumerate() {
+                if s.state != SlotState::Up || s.jobs.len() < 2 || s.revoking.is_some() {
+                    continue;
+                }
+                let Some(&job) = s.jobs.back() else { continue };
+                let fits = self.jobs.get(&job).is_some_and(|e| tags.satisfies(&e.spec.tags) && !e.cancel_requested);
+                if fits && pick.is_none_or(|(n, _, _)| s.jobs.len() > n) {
+                    pick = Some((s.jobs.len(), SlotId(i as u32), job));
+                }
+            }
+            if let Some((_, slot, job)) = pick {
+                self.slots[slot.0 as usize].revoking = Some(job);
+                self.actions.push(Action::Revoke { slot, job });
+            }
+        }
+    }
+
+    /// Checks every internal invariant; panics with a description when one
+    /// does not hold. For tests (the simulation calls it after every step).
+    #[cfg(any(test, feature = "conformance"))]
+    pub fn sanity_check(&self) {
+        let mut seen: HashMap<JobId, &str> = HashMap::new();
+        for (tags, group) in &self.queue {
+            assert!(!group.is_empty(), "empty queue group {tags}");
+            for (key, job) in group {
+                let e = self.jobs.get(job).unwrap_or_else(|| panic!("queued job {job} unknown"));
+                assert_eq!(&e.spec.tags, tags, "job {job} queued under the wrong tags");
+                assert!(matches!(e.state, JobState::Queued(k) if k == *key), "job {job} queue key mismatch");
+                assert!(seen.insert(*job, "queue").is_none(), "job {job} twice");
+            }
+        }
+        let mut prefetched = 0;
+        let mut down = 0;
+        for (i, s) in self.slots.iter().enumerate() {
+            let slot = SlotId(i as u32);
+            if s.state != SlotState::Up {
+                assert!(s.jobs.is_empty(), "slot {} is {:?} with jobs", s.cfg.name, s.state);
+            }
+            if s.state == SlotState::Down && !s.dismissed {
+                down += 1;
+            }
+            prefetched += s.jobs.len().saturating_sub(1);
+            assert!(s.jobs.len() <= 1 + s.cfg.limits.prefetch as usize, "slot {} over capacity", s.cfg.name);
+            for job in &s.jobs {
+                let e = self.jobs.get(job).unwrap_or_else(|| panic!("assigned job {job} unknown"));
+                assert!(matches!(e.state, JobState::Assigned(x) if x == slot), "job {job} slot mismatch");
+                assert!(s.cfg.tags.satisfies(&e.spec.tags), "job {job} on a slot without its tags");
+                assert!(seen.insert(*job, "slot").is_none(), "job {job} twice");
+            }
+            let indexed = self.ready.get(&s.cfg.tags).is_some_and(|set| set.contains(&(s.jobs.len(), slot)));
+            assert_eq!(indexed, s.is_ready(), "ready index wrong for slot {}", s.cfg.name);
+        }
+        let indexed: usize = self.ready.values().map(BTreeSet::len).sum();
+        assert_eq!(indexed, self.slots.iter().filter(|s| s.is_ready()).count(), "stale ready entries");
+        assert_eq!(seen.len(), self.jobs.len(), "a job is neither queued nor assigned");
+        assert_eq!(prefetched, self.prefetched, "prefetched count");
+        assert_eq!(down, self.down, "down count");
+    }
+}
