@@ -23,6 +23,7 @@ pub mod builtins;
 pub mod exec;
 pub mod job;
 pub mod output;
+pub mod protocol;
 pub mod scheduler;
 pub mod seed;
 pub mod store;

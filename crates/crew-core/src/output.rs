@@ -83,18 +83,41 @@ impl Timestamp {
     }
 }
 
+// Human-readable formats (JSON) get RFC 3339; binary ones (the MessagePack
+// wire) get microseconds since the epoch, which is cheaper to write per job.
 impl Serialize for Timestamp {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_str(&humantime::format_rfc3339_micros(self.0))
+        if s.is_human_readable() {
+            s.collect_str(&humantime::format_rfc3339_micros(self.0))
+        } else {
+            let micros = self
+                .0
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros() as u64);
+            s.serialize_u64(micros)
+        }
     }
 }
 
 impl<'de> Deserialize<'de> for Timestamp {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_rfc3339(&s)
-            .map(Timestamp)
-            .map_err(serde::de::Error::custom)
+        // Accept both forms whatever the format claims: rmp-serde's
+        // deserializer calls itself human-readable while its serializer
+        // does not.
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Timestamp;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an RFC 3339 timestamp or microseconds since the epoch")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Timestamp, E> {
+                Ok(Timestamp(SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(v)))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Timestamp, E> {
+                humantime::parse_rfc3339(v).map(Timestamp).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
