@@ -20,6 +20,7 @@
 //! invariants.
 
 pub mod builtins;
+pub mod controller;
 pub mod exec;
 pub mod job;
 pub mod output;

@@ -365,6 +365,22 @@ impl Scheduler {
         self.jobs.get(&id).map(|j| j.seed)
     }
 
+    /// True when actions wait to be taken.
+    pub fn has_actions(&self) -> bool {
+        !self.actions.is_empty()
+    }
+
+    /// Ids of every job not yet delivered, in no particular order.
+    pub fn pending_ids(&self) -> Vec<JobId> {
+        self.jobs.keys().copied().collect()
+    }
+
+    /// Checks that some usable slot could run a job with these tags (what
+    /// `submit` checks first), without submitting anything.
+    pub fn check_tags(&self, tags: &Tags) -> Result<(), SubmitError> {
+        self.check_satisfiable(tags)
+    }
+
     /// Jobs not yet delivered.
     pub fn pending(&self) -> usize {
         self.jobs.len()

@@ -1,0 +1,1274 @@
+//! The controller: the async loop around the scheduler, and the library API.
+//!
+//! [`Controller`] is what an embedding program (or `crew run`, or the daemon)
+//! holds: `recruit` slots of a class, `send` jobs, `receive` outputs, and
+//! `status`, `launch`, `shutdown`, `dismiss`, `cancel`, `restart`, `close`.
+//!
+//! Inside, one mutex guards the [`Scheduler`] and the runtime tables (slots,
+//! launches, connections, outputs). Every event — an API call, a frame from
+//! an agent, a timer tick, a probe result — takes the lock, feeds the
+//! scheduler, and carries out the actions it returns before letting go.
+//! Frames to agents are written with non-blocking writes straight from that
+//! point, falling back to a per-connection writer task only when the socket
+//! is full. There is no central task to hop through: a job result read from
+//! one agent becomes the next job written to it within the same wake-up,
+//! which is what keeps the round trip in tens of microseconds.
+//! Class calls (`launch`, `probe`, `terminate`) are slow and async, so they
+//! run in tasks of their own and report back as events.
+//!
+//! **Security:** the listener binds to loopback unless told otherwise; each
+//! launch has a fresh secret, each member may use it once (with its index),
+//! and only while its slot waits for exactly that launch. Secrets never
+//! appear in logs (`Secret` redacts itself) or on command lines.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::job::{JobId, JobSpec};
+use crate::output::{OUTPUT_FORMAT, Output};
+use crate::protocol::{self, AgentMsg, ControllerMsg, PROTOCOL_VERSION, RunJob};
+use crate::scheduler::{Action, Counts, Scheduler, SlotConfig, SlotFilter, SlotId, SlotLimits, SlotState, SubmitError};
+use crate::seed::job_seed;
+use crate::store::Store;
+use crate::tags::Tags;
+use crate::worker::{ENV_CONNECT, ENV_LAUNCH, ENV_TOKEN, Handle, LaunchMember, LaunchSpec, Liveness, Secret, Worker};
+
+/// How the controller starts an agent: a program and its arguments. The
+/// connection details and the secret are added to its environment.
+#[derive(Clone, Debug)]
+pub struct AgentCommand {
+    /// The program.
+    pub program: String,
+    /// Its arguments.
+    pub args: Vec<String>,
+}
+
+impl AgentCommand {
+    /// `crew worker` from a given `crew` binary.
+    pub fn crew(program: impl Into<String>) -> Self {
+        Self {
+            program: program.into(),
+            args: vec!["worker".to_owned()],
+        }
+    }
+
+    /// The running executable itself, which must call
+    /// [`crate::agent::run_if_agent`] first thing in `main` (embedders).
+    pub fn current_exe() -> std::io::Result<Self> {
+        Ok(Self {
+            program: std::env::current_exe()?.to_string_lossy().into_owned(),
+            args: Vec::new(),
+        })
+    }
+}
+
+/// Settings of a controller.
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    /// Where to listen for agents (loopback and a free port by default).
+    pub listen: SocketAddr,
+    /// The address agents dial, when it differs from the listening one (a
+    /// NAT, a wildcard bind). Defaults to the bound address.
+    pub advertise: Option<String>,
+    /// How agents are started.
+    pub agent: AgentCommand,
+    /// The crew seed; per-job seeds derive from it and the job names.
+    pub seed: u64,
+    /// The store for large stdout/stderr and job data.
+    pub store: Option<Arc<dyn Store>>,
+    /// Heartbeat interval, both ways.
+    pub heartbeat: Duration,
+    /// A worker silent for this many heartbeat intervals is lost.
+    pub heartbeat_misses: u32,
+    /// Time a stopping worker gets before its class terminates it.
+    pub stop_grace: Duration,
+    /// Time an agent has to send its hello after connecting.
+    pub hello_timeout: Duration,
+}
+
+impl ControllerConfig {
+    /// Defaults, with the given agent command.
+    pub fn new(agent: AgentCommand) -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            advertise: None,
+            agent,
+            seed: 0,
+            store: None,
+            heartbeat: Duration::from_secs(2),
+            heartbeat_misses: 5,
+            stop_grace: Duration::from_secs(3),
+            hello_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Errors of the controller API.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ControllerError {
+    /// The job is not acceptable.
+    #[error("invalid job: {0}")]
+    InvalidJob(#[from] crate::job::JobError),
+    /// No slot can run the job.
+    #[error(transparent)]
+    Refused(#[from] SubmitError),
+    /// The name is used by a job not yet received.
+    #[error("a job named {0:?} is already pending; names must be unique")]
+    DuplicateName(String),
+    /// The listener could not be set up.
+    #[error("could not listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The controller was closed.
+    #[error("the controller is closed")]
+    Closed,
+    /// Invalid recruit request.
+    #[error("invalid recruit request: {0}")]
+    Recruit(String),
+}
+
+/// A recruit request: `count` slots of one class.
+#[derive(Clone)]
+pub struct Recruit {
+    /// The class that starts their agents.
+    pub class: Arc<dyn Worker>,
+    /// How many slots.
+    pub count: u32,
+    /// Their tags.
+    pub tags: Tags,
+    /// Their limits.
+    pub limits: SlotLimits,
+    /// Class options (`--opt key=value`).
+    pub options: BTreeMap<String, String>,
+}
+
+impl fmt::Debug for Recruit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Recruit")
+            .field("class", &self.class.class())
+            .field("count", &self.count)
+            .field("tags", &self.tags)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Recruit {
+    /// `count` slots of `class` with default limits and no tags.
+    pub fn new(class: Arc<dyn Worker>, count: u32) -> Self {
+        Self {
+            class,
+            count,
+            tags: Tags::new(),
+            limits: SlotLimits::default(),
+            options: BTreeMap::new(),
+        }
+    }
+}
+
+/// One slot in a status report.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SlotStatus {
+    /// Name.
+    pub name: String,
+    /// Class.
+    pub class: String,
+    /// Tags.
+    pub tags: Tags,
+    /// `down`, `launching`, `idle`, `busy`, `stopping`, `broken`.
+    pub state: &'static str,
+    /// The platform handle (pid for local workers), when launched.
+    pub handle: Option<String>,
+    /// Jobs assigned now.
+    pub assigned: usize,
+    /// Jobs finished in all.
+    pub jobs_done: u64,
+    /// Seconds idle, when idle.
+    pub idle_seconds: Option<f64>,
+    /// Why its last worker stopped or failed.
+    pub last_reason: Option<String>,
+}
+
+/// A status report.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct StatusReport {
+    /// Every slot.
+    pub slots: Vec<SlotStatus>,
+    /// Jobs waiting for a worker.
+    pub queued: usize,
+    /// Jobs assigned to workers.
+    pub running: usize,
+    /// Outputs ready to be received.
+    pub ready: usize,
+}
+
+/// The controller: holds the scheduler, listens for agents, runs the loop.
+/// Cheap to clone; every clone is the same controller.
+#[derive(Clone)]
+pub struct Controller {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for Controller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Controller").field("addr", &self.shared.addr).finish_non_exhaustive()
+    }
+}
+
+struct Shared {
+    core: Mutex<Core>,
+    outputs_ready: Notify,
+    /// Wakes the timer task when deadlines may have moved earlier.
+    timer_wake: Notify,
+    addr: SocketAddr,
+    advertise: String,
+    config: ControllerConfig,
+    epoch: Instant,
+    stop: CancellationToken,
+}
+
+struct SlotRt {
+    class: Arc<dyn Worker>,
+    options: BTreeMap<String, String>,
+    handle: Option<Handle>,
+    launch: Option<u64>,
+    conn: Option<Arc<Conn>>,
+}
+
+struct LaunchRt {
+    secret: Secret,
+    /// Slot of each index, and whether the index was used.
+    members: Vec<(SlotId, bool)>,
+}
+
+struct Core {
+    sched: Scheduler,
+    slots: Vec<SlotRt>,
+    launches: HashMap<u64, LaunchRt>,
+    names: HashMap<String, JobId>,
+    outputs: VecDeque<Output>,
+    next_job: u64,
+    next_launch: u64,
+    next_conn: u64,
+    class_counters: HashMap<String, u32>,
+    closing: bool,
+    actions: Vec<Action>,
+}
+
+/// One agent connection.
+struct Conn {
+    id: u64,
+    slot: SlotId,
+    stream: Arc<TcpStream>,
+    out: Mutex<BytesMut>,
+    writer_wake: Notify,
+    closed: CancellationToken,
+    last_recv_ms: AtomicU64,
+    last_sent_ms: AtomicU64,
+    broken: AtomicBool,
+}
+
+impl Conn {
+    /// Queues a frame and writes as much as the socket takes now.
+    fn send(&self, msg: &ControllerMsg, now_ms: u64) {
+        let mut out = lock(&self.out);
+        let was_empty = out.is_empty();
+        if let Err(e) = protocol::encode(msg, &mut out) {
+            warn!(slot = ?self.slot, "dropping a frame that cannot be encoded: {e}");
+            return;
+        }
+        self.last_sent_ms.store(now_ms, Ordering::Relaxed);
+        if was_empty {
+            match self.stream.try_write(&out) {
+                Ok(n) => out.advance(n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    debug!(slot = ?self.slot, "write failed: {e}");
+                    self.broken.store(true, Ordering::Relaxed);
+                    self.closed.cancel();
+                    return;
+                }
+            }
+        }
+        if !out.is_empty() {
+            self.writer_wake.notify_one();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock is a bug; keep serving rather than
+    // cascading panics into every caller.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Controller {
+    /// Binds the listener and starts the background tasks. Must be called
+    /// within a Tokio runtime.
+    pub async fn start(config: ControllerConfig) -> Result<Self, ControllerError> {
+        let listener = TcpListener::bind(config.listen).await.map_err(|source| ControllerError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+        let addr = listener.local_addr().map_err(|source| ControllerError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+        let advertise = config.advertise.clone().unwrap_or_else(|| addr.to_string());
+        if !addr.ip().is_loopback() {
+            warn!(%addr, "listening beyond loopback: agent connections are authenticated but not encrypted");
+        }
+        let shared = Arc::new(Shared {
+            core: Mutex::new(Core {
+                sched: Scheduler::new(),
+                slots: Vec::new(),
+                launches: HashMap::new(),
+                names: HashMap::new(),
+                outputs: VecDeque::new(),
+                next_job: 1,
+                next_launch: 1,
+                next_conn: 1,
+                class_counters: HashMap::new(),
+                closing: false,
+                actions: Vec::new(),
+            }),
+            outputs_ready: Notify::new(),
+            timer_wake: Notify::new(),
+            addr,
+            advertise,
+            config,
+            epoch: Instant::now(),
+            stop: CancellationToken::new(),
+        });
+        tokio::spawn(accept_loop(shared.clone(), listener));
+        tokio::spawn(timer_loop(shared.clone()));
+        tokio::spawn(probe_loop(shared.clone()));
+        info!(%addr, "controller listening");
+        Ok(Self { shared })
+    }
+
+    /// The address agents connect to.
+    pub fn addr(&self) -> SocketAddr {
+        self.shared.addr
+    }
+
+    /// Adds slots (down until needed); returns their names.
+    pub fn recruit(&self, req: Recruit) -> Result<Vec<String>, ControllerError> {
+        if req.count == 0 {
+            return Err(ControllerError::Recruit("the number of workers must be at least 1".into()));
+        }
+        if req.limits.launch_max == 0 {
+            return Err(ControllerError::Recruit("the launch budget must be at least 1".into()));
+        }
+        let shared = &self.shared;
+        let mut core = lock(&shared.core);
+        if core.closing {
+            return Err(ControllerError::Closed);
+        }
+        let class = req.class.class().to_owned();
+        let mut configs = Vec::with_capacity(req.count as usize);
+        for _ in 0..req.count {
+            let n = core.class_counters.entry(class.clone()).or_insert(0);
+            *n += 1;
+            let name = format!("{class}-{n}");
+            configs.push(SlotConfig {
+                name,
+                class: class.clone(),
+                tags: req.tags.clone(),
+                limits: req.limits.clone(),
+            });
+            core.slots.push(SlotRt {
+                class: req.class.clone(),
+                options: req.options.clone(),
+                handle: None,
+                launch: None,
+                conn: None,
+            });
+        }
+        let names = configs.iter().map(|c| c.name.clone()).collect();
+        let now = Instant::now();
+        core.sched.recruit(configs, now);
+        shared.apply(&mut core);
+        Ok(names)
+    }
+
+    /// Sends one job; returns its id.
+    pub fn send(&self, spec: JobSpec) -> Result<JobId, ControllerError> {
+        let mut ids = self.send_many(vec![spec])?;
+        ids.pop().ok_or(ControllerError::Closed)
+    }
+
+    /// Sends many jobs at once, all or nothing: if one is refused, none is
+    /// accepted.
+    pub fn send_many(&self, specs: Vec<JobSpec>) -> Result<Vec<JobId>, ControllerError> {
+        let mut seen = HashSet::new();
+        for spec in &specs {
+            spec.validate()?;
+            if let Some(name) = &spec.name {
+                if !seen.insert(name.as_str()) {
+                    return Err(ControllerError::DuplicateName(name.clone()));
+                }
+            }
+        }
+        let shared = &self.shared;
+        let mut core = lock(&shared.core);
+        if core.closing {
+            return Err(ControllerError::Closed);
+        }
+        for spec in &specs {
+            if let Some(name) = &spec.name {
+                if core.names.contains_key(name) {
+                    return Err(ControllerError::DuplicateName(name.clone()));
+                }
+            }
+            core.sched.check_tags(&spec.tags)?;
+        }
+        let now = Instant::now();
+        let mut ids = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let id = JobId(core.next_job);
+            core.next_job += 1;
+            let seed = job_seed(shared.config.seed, &spec.seed_key(id));
+            if let Some(name) = &spec.name {
+                core.names.insert(name.clone(), id);
+            }
+            core.sched.submit(id, Arc::new(spec), seed, now)?;
+            ids.push(id);
+            if core.sched.has_actions() {
+                shared.apply(&mut core);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Takes one finished output, if any (non-blocking). Each output is
+    /// delivered once.
+    pub fn receive(&self) -> Option<Output> {
+        lock(&self.shared.core).outputs.pop_front()
+    }
+
+    /// Takes every finished output available now.
+    pub fn receive_all(&self) -> Vec<Output> {
+        lock(&self.shared.core).outputs.drain(..).collect()
+    }
+
+    /// Waits for the next output. Returns `None` when no job is pending (so
+    /// none will come), or when `timeout` passes first.
+    pub async fn receive_wait(&self, timeout: Option<Duration>) -> Option<Output> {
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        loop {
+            let notified = self.shared.outputs_ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut core = lock(&self.shared.core);
+                if let Some(o) = core.outputs.pop_front() {
+                    return Some(o);
+                }
+                if core.sched.pending() == 0 {
+                    return None;
+                }
+            }
+            match deadline {
+                Some(d) => {
+                    if tokio::time::timeout_at(d, notified).await.is_err() {
+                        return None;
+                    }
+                }
+                None => notified.await,
+            }
+        }
+    }
+
+    /// Jobs sent but not yet finished.
+    pub fn pending(&self) -> usize {
+        lock(&self.shared.core).sched.pending()
+    }
+
+    /// Job counts.
+    pub fn counts(&self) -> Counts {
+        lock(&self.shared.core).sched.counts()
+    }
+
+    /// The slots and job counts.
+    pub fn status(&self) -> StatusReport {
+        let core = lock(&self.shared.core);
+        let now = Instant::now();
+        let slots = core
+            .sched
+            .slots()
+            .map(|v| {
+                let rt = &core.slots[v.id.0 as usize];
+                let state = match v.state {
+                    SlotState::Down => "down",
+                    SlotState::Launching => "launching",
+                    SlotState::Up if v.assigned == 0 => "idle",
+                    SlotState::Up => "busy",
+                    SlotState::Stopping => "stopping",
+                    SlotState::Broken => "broken",
+                };
+                SlotStatus {
+                    name: v.config.name.clone(),
+                    class: v.config.class.clone(),
+                    tags: v.config.tags.clone(),
+                    state,
+                    handle: rt.handle.as_ref().map(|h| h.id.clone()),
+                    assigned: v.assigned,
+                    jobs_done: v.jobs_done,
+                    idle_seconds: v.idle_since.map(|t| now.saturating_duration_since(t).as_secs_f64()),
+                    last_reason: v.last_reason.map(str::to_owned),
+                }
+            })
+            .collect();
+        let counts = core.sched.counts();
+        StatusReport {
+            slots,
+            queued: counts.queued,
+            running: counts.assigned,
+            ready: core.outputs.len(),
+        }
+    }
+
+    /// Starts down slots ahead of need; returns how many.
+    pub fn launch(&self, filter: &SlotFilter, count: usize) -> usize {
+        self.with_sched(|s, now| s.launch(filter, count, now))
+    }
+
+    /// Stops idle workers (or all with `all`); returns how many.
+    pub fn shutdown(&self, filter: &SlotFilter, all: bool) -> usize {
+        self.with_sched(|s, now| s.shutdown(filter, all, now))
+    }
+
+    /// Removes slots; returns how many.
+    pub fn dismiss(&self, filter: &SlotFilter) -> usize {
+        self.with_sched(|s, now| s.dismiss(filter, now))
+    }
+
+    /// Makes broken slots usable and relaunches stuck ones.
+    pub fn restart(&self) -> usize {
+        self.with_sched(|s, now| s.restart(now))
+    }
+
+    /// Cancels a job; false when it is unknown or already finished.
+    pub fn cancel(&self, job: JobId) -> bool {
+        self.with_sched(|s, now| s.cancel(job, now))
+    }
+
+    /// Cancels every pending job; returns how many were pending.
+    pub fn cancel_all(&self) -> usize {
+        let mut core = lock(&self.shared.core);
+        let ids = core.sched.pending_ids();
+        let now = Instant::now();
+        for id in &ids {
+            core.sched.cancel(*id, now);
+        }
+        self.shared.apply(&mut core);
+        ids.len()
+    }
+
+    fn with_sched<R>(&self, f: impl FnOnce(&mut Scheduler, Instant) -> R) -> R {
+        let mut core = lock(&self.shared.core);
+        let r = f(&mut core.sched, Instant::now());
+        self.shared.apply(&mut core);
+        self.shared.timer_wake.notify_one();
+        r
+    }
+
+    /// Stops every worker and the controller's tasks, and waits (up to the
+    /// stop grace plus a few seconds) until the classes report every agent
+    /// gone. Outputs not yet received stay receivable.
+    pub async fn close(&self) {
+        let shared = &self.shared;
+        let mut handles: Vec<(Arc<dyn Worker>, Handle)> = Vec::new();
+        let conns: Vec<Arc<Conn>>;
+        {
+            let mut core = lock(&shared.core);
+            core.closing = true;
+            let now_ms = shared.now_ms();
+            conns = core.slots.iter().filter_map(|s| s.conn.clone()).collect();
+            for c in &conns {
+                c.send(&ControllerMsg::Stop, now_ms);
+            }
+            for s in &mut core.slots {
+                if let Some(h) = s.handle.clone() {
+                    handles.push((s.class.clone(), h));
+                }
+                s.launch = None;
+            }
+            core.launches.clear();
+        }
+        // Give agents the grace to leave by themselves.
+        let deadline = tokio::time::Instant::now() + shared.config.stop_grace;
+        for c in &conns {
+            let _ = tokio::time::timeout_at(deadline, c.closed.cancelled()).await;
+        }
+        shared.stop.cancel();
+        terminate_all(&handles).await;
+        // Wait until the classes say the agents are gone.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while tokio::time::Instant::now() < deadline {
+            if all_gone(&handles).await {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for c in &conns {
+            c.closed.cancel();
+        }
+    }
+}
+
+async fn terminate_all(handles: &[(Arc<dyn Worker>, Handle)]) {
+    let mut by_class: HashMap<String, (Arc<dyn Worker>, Vec<Handle>)> = HashMap::new();
+    for (class, h) in handles {
+        by_class
+            .entry(class.class().to_owned())
+            .or_insert_with(|| (class.clone(), Vec::new()))
+            .1
+            .push(h.clone());
+    }
+    for (name, (class, hs)) in by_class {
+        if let Err(e) = class.terminate(&hs).await {
+            warn!(class = %name, "terminating workers failed: {e}");
+        }
+    }
+}
+
+async fn all_gone(handles: &[(Arc<dyn Worker>, Handle)]) -> bool {
+    for (class, h) in handles {
+        match class.probe(std::slice::from_ref(h)).await {
+            Ok(l) if matches!(l.first(), Some(Liveness::Exited { .. } | Liveness::Unknown)) => {}
+            _ => return false,
+        }
+    }
+    true
+}
+
+impl Shared {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Carries out the scheduler's pending actions. Called with the lock
+    /// held, after every event.
+    fn apply(self: &Arc<Self>, core: &mut Core) {
+        let mut actions = std::mem::take(&mut core.actions);
+        core.sched.drain_actions_into(&mut actions);
+        let now_ms = self.now_ms();
+        let mut delivered = false;
+        for action in actions.drain(..) {
+            match action {
+                Action::Assign { slot, job, attempt } => {
+                    let (Some(spec), Some(seed)) = (core.sched.job(job).cloned(), core.sched.job_seed(job)) else {
+                        continue;
+                    };
+                    if let Some(conn) = &core.slots[slot.0 as usize].conn {
+                        conn.send(
+                            &ControllerMsg::Run(Box::new(RunJob { job, attempt, seed, spec })),
+                            now_ms,
+                        );
+                    }
+                }
+                Action::Deliver(output) => {
+                    if let Some(name) = &output.name {
+                        if core.names.get(name) == Some(&output.id) {
+                            core.names.remove(name);
+                        }
+                    }
+                    core.outputs.push_back(*output);
+                    delivered = true;
+                }
+                Action::Revoke { slot, job } => {
+                    if let Some(conn) = &core.slots[slot.0 as usize].conn {
+                        conn.send(&ControllerMsg::Revoke { job }, now_ms);
+                    }
+                }
+                Action::Cancel { slot, job } => {
+                    if let Some(conn) = &core.slots[slot.0 as usize].conn {
+                        conn.send(&ControllerMsg::Cancel { job }, now_ms);
+                    }
+                }
+                Action::Launch(slots) => self.start_launches(core, slots),
+                Action::Terminate { slot, reason } => self.terminate_slot(core, slot, &reason),
+            }
+        }
+        core.actions = actions;
+        if delivered {
+            self.outputs_ready.notify_waiters();
+        }
+    }
+
+    fn start_launches(self: &Arc<Self>, core: &mut Core, slots: Vec<SlotId>) {
+        if core.closing {
+            return;
+        }
+        // One launch per class and option set, split by the class's batch
+        // limit.
+        let mut groups: Vec<(Arc<dyn Worker>, BTreeMap<String, String>, Vec<SlotId>)> = Vec::new();
+        for slot in slots {
+            let rt = &core.slots[slot.0 as usize];
+            match groups
+                .iter_mut()
+                .find(|(c, o, _)| Arc::ptr_eq(c, &rt.class) && *o == rt.options)
+            {
+                Some(g) => g.2.push(slot),
+                None => groups.push((rt.class.clone(), rt.options.clone(), vec![slot])),
+            }
+        }
+        for (class, options, slots) in groups {
+            let max = class.capabilities().launch_batch_max.max(1);
+            for chunk in slots.chunks(max) {
+                let id = core.next_launch;
+                core.next_launch += 1;
+                let secret = Secret::random();
+                let mut env = BTreeMap::new();
+                env.insert(ENV_CONNECT.to_owned(), self.advertise.clone());
+                env.insert(ENV_LAUNCH.to_owned(), id.to_string());
+                env.insert(ENV_TOKEN.to_owned(), secret.expose().to_owned());
+                let members = chunk
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| LaunchMember {
+                        slot: core.sched.slot_config(*s).name.clone(),
+                        index: i as u32,
+                    })
+                    .collect();
+                let wall_time = core.sched.slot_config(chunk[0]).limits.wall_time;
+                let spec = LaunchSpec {
+                    program: self.config.agent.program.clone(),
+                    args: self.config.agent.args.clone(),
+                    env,
+                    members,
+                    options: options.clone(),
+                    wall_time,
+                };
+                core.launches.insert(
+                    id,
+                    LaunchRt {
+                        secret,
+                        members: chunk.iter().map(|s| (*s, false)).collect(),
+                    },
+                );
+                for s in chunk {
+                    core.slots[s.0 as usize].launch = Some(id);
+                    core.slots[s.0 as usize].handle = None;
+                }
+                let shared = self.clone();
+                let class = class.clone();
+                let chunk = chunk.to_vec();
+                tokio::spawn(async move {
+                    let result = class.launch(&spec).await;
+                    shared.launch_done(id, &chunk, result);
+                });
+            }
+        }
+        self.timer_wake.notify_one();
+    }
+
+    fn launch_done(self: &Arc<Self>, launch: u64, slots: &[SlotId], result: Result<Vec<Handle>, crate::worker::WorkerError>) {
+        let mut guard = lock(&self.core);
+        let core = &mut *guard;
+        let now = Instant::now();
+        match result {
+            Ok(handles) => {
+                let mut stale = Vec::new();
+                for (slot, handle) in slots.iter().zip(handles) {
+                    let rt = &mut core.slots[slot.0 as usize];
+                    if rt.launch == Some(launch) && !core.closing {
+                        rt.handle = Some(handle);
+                    } else {
+                        stale.push((rt.class.clone(), handle));
+                    }
+                }
+                if !stale.is_empty() {
+                    tokio::spawn(async move { terminate_all(&stale).await });
+                }
+            }
+            Err(e) => {
+                warn!(launch, "launch failed: {e}");
+                let reason = e.to_string();
+                for slot in slots {
+                    if core.slots[slot.0 as usize].launch == Some(launch) {
+                        core.slots[slot.0 as usize].launch = None;
+                        core.sched.launch_failed(*slot, &reason, now);
+                    }
+                }
+                core.launches.remove(&launch);
+            }
+        }
+        self.apply(core);
+    }
+
+    fn terminate_slot(self: &Arc<Self>, core: &mut Core, slot: SlotId, reason: &str) {
+        let now_ms = self.now_ms();
+        let rt = &mut core.slots[slot.0 as usize];
+        debug!(slot = %core.sched.slot_config(slot).name, reason, "stopping worker");
+        if let Some(launch) = rt.launch.take() {
+            if let Some(l) = core.launches.get_mut(&launch) {
+                // This member may no longer connect.
+                for m in &mut l.members {
+                    if m.0 == slot {
+                        m.1 = true;
+                    }
+                }
+            }
+        }
+        let handle = rt.handle.clone();
+        let class = rt.class.clone();
+        let conn = rt.conn.clone();
+        if let Some(conn) = &conn {
+            conn.send(&ControllerMsg::Stop, now_ms);
+        }
+        if let Some(handle) = handle {
+            let grace = if conn.is_some() { self.config.stop_grace } else { Duration::ZERO };
+            tokio::spawn(async move {
+                if let Some(conn) = conn {
+                    let _ = tokio::time::timeout(grace, conn.closed.cancelled()).await;
+                }
+                if let Err(e) = class.terminate(&[handle]).await {
+                    warn!("terminating a worker failed: {e}");
+                }
+            });
+        }
+    }
+
+    /// Validates a hello; returns the slot and its welcome.
+    fn admit(
+        self: &Arc<Self>,
+        core: &mut Core,
+        launch: &str,
+        index: u32,
+        token: &Secret,
+        version: u32,
+    ) -> Result<(SlotId, ControllerMsg), String> {
+        if version != PROTOCOL_VERSION {
+            return Err(format!(
+                "protocol version mismatch: the agent speaks {version}, the controller {PROTOCOL_VERSION}; use the same crew version on both sides"
+            ));
+        }
+        let id: u64 = launch.parse().map_err(|_| "unknown launch".to_owned())?;
+        let l = core.launches.get_mut(&id).ok_or("unknown or expired launch")?;
+        if !l.secret.matches(token.expose()) {
+            return Err("invalid token".into());
+        }
+        let member = l.members.get_mut(index as usize).ok_or("invalid member index")?;
+        if member.1 {
+            return Err("this launch member already connected (tokens are single-use)".into());
+        }
+        member.1 = true;
+        let slot = member.0;
+        if l.members.iter().all(|m| m.1) {
+            core.launches.remove(&id);
+        }
+        if core.slots[slot.0 as usize].launch != Some(id) {
+            return Err("the slot no longer waits for this launch".into());
+        }
+        let cfg = core.sched.slot_config(slot);
+        let welcome = ControllerMsg::Welcome {
+            version: PROTOCOL_VERSION,
+            slot: cfg.name.clone(),
+            // The controller stops idle workers itself; the agent's own
+            // limit only guards against a controller that vanished without
+            // closing the connection.
+            idle_timeout: cfg.limits.idle_timeout.map(|d| d + self.config.heartbeat * self.config.heartbeat_misses),
+            tasks_max: cfg.limits.tasks_max,
+            heartbeat: self.config.heartbeat,
+            store: self.config.store.as_ref().map(|s| s.url()),
+        };
+        Ok((slot, welcome))
+    }
+
+    /// Handles frames from a connected agent.
+    fn on_messages(self: &Arc<Self>, conn: &Arc<Conn>, msgs: Vec<AgentMsg>) {
+        let mut core = lock(&self.core);
+        let slot = conn.slot;
+        if !core.slots[slot.0 as usize].conn.as_ref().is_some_and(|c| c.id == conn.id) {
+            return;
+        }
+        let now = Instant::now();
+        for msg in msgs {
+            match msg {
+                AgentMsg::Done { job, attempt, result } => {
+                    let Some(spec) = core.sched.job(job).cloned() else { continue };
+                    let cfg = core.sched.slot_config(slot);
+                    let r = *result;
+                    let output = Output {
+                        v: OUTPUT_FORMAT,
+                        id: job,
+                        name: spec.name.clone(),
+                        status: r.status,
+                        exit_code: r.exit_code,
+                        signal: r.signal,
+                        error: r.error,
+                        stdout: r.stdout,
+                        stderr: r.stderr,
+                        started: Some(r.started),
+                        finished: r.finished,
+                        wall_seconds: r.wall_seconds,
+                        cpu_seconds: r.cpu_seconds,
+                        peak_rss_bytes: r.peak_rss_bytes,
+                        slot: Some(cfg.name.clone()),
+                        class: Some(cfg.class.clone()),
+                        attempt,
+                        seed: core.sched.job_seed(job).unwrap_or(0),
+                        tags: spec.tags.clone(),
+                    };
+                    core.sched.finished(slot, job, output, now);
+                }
+                AgentMsg::Revoked { job, ok } => core.sched.revoked(slot, job, ok, now),
+                AgentMsg::Heartbeat => {}
+                AgentMsg::Bye { reason } => {
+                    debug!(slot = %core.sched.slot_config(slot).name, reason, "agent leaving");
+                }
+                AgentMsg::Hello { .. } => {
+                    warn!(slot = %core.sched.slot_config(slot).name, "second hello on a connection; closing it");
+                    conn.closed.cancel();
+                }
+            }
+        }
+        self.apply(&mut core);
+    }
+
+    /// A connection ended.
+    fn on_closed(self: &Arc<Self>, conn: &Arc<Conn>, reason: &str) {
+        conn.closed.cancel();
+        let mut core = lock(&self.core);
+        let slot = conn.slot;
+        let rt = &mut core.slots[slot.0 as usize];
+        if !rt.conn.as_ref().is_some_and(|c| c.id == conn.id) {
+            return;
+        }
+        // The handle stays until the slot launches again, so that `close`
+        // can still terminate a process on its way out.
+        rt.conn = None;
+        let now = Instant::now();
+        core.sched.lost(slot, reason, now);
+        self.apply(&mut core);
+        self.timer_wake.notify_one();
+    }
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.stop.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let shared = shared.clone();
+                tokio::spawn(async move { serve_connection(shared, stream, peer).await });
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off, keep going.
+                warn!("accepting a worker connection failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let stream = Arc::new(stream);
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    // The handshake: one hello within the timeout.
+    let hello = tokio::time::timeout(shared.config.hello_timeout, async {
+        loop {
+            match protocol::decode::<AgentMsg>(&mut buf) {
+                Ok(Some(msg)) => return Ok(msg),
+                Ok(None) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+            stream.readable().await.map_err(|e| e.to_string())?;
+            match stream.try_read_buf(&mut buf) {
+                Ok(0) => return Err("connection closed before the hello".to_owned()),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    })
+    .await;
+    let hello = match hello {
+        Ok(Ok(m)) => m,
+        Ok(Err(reason)) => {
+            warn!(%peer, "rejected a worker connection: {reason}");
+            return;
+        }
+        Err(_) => {
+            warn!(%peer, "rejected a worker connection: no hello within {:?}", shared.config.hello_timeout);
+            return;
+        }
+    };
+    let AgentMsg::Hello {
+        version,
+        launch,
+        index,
+        token,
+        pid,
+        host,
+    } = hello
+    else {
+        warn!(%peer, "rejected a worker connection: the first frame was not a hello");
+        return;
+    };
+    let conn;
+    {
+        let mut core = lock(&shared.core);
+        let admitted = if core.closing {
+            Err("the controller is closing".to_owned())
+        } else {
+            shared.admit(&mut core, &launch, index, &token, version)
+        };
+        let (slot, welcome) = match admitted {
+            Ok(x) => x,
+            Err(reason) => {
+                drop(core);
+                warn!(%peer, launch, index, "rejected a worker connection: {reason}");
+                let mut out = BytesMut::new();
+                if protocol::encode(&ControllerMsg::Reject { reason }, &mut out).is_ok() {
+                    let _ = stream.try_write(&out);
+                }
+                return;
+            }
+        };
+        let id = core.next_conn;
+        core.next_conn += 1;
+        let now_ms = shared.now_ms();
+        conn = Arc::new(Conn {
+            id,
+            slot,
+            stream: stream.clone(),
+            out: Mutex::new(BytesMut::with_capacity(16 * 1024)),
+            writer_wake: Notify::new(),
+            closed: CancellationToken::new(),
+            last_recv_ms: AtomicU64::new(now_ms),
+            last_sent_ms: AtomicU64::new(now_ms),
+            broken: AtomicBool::new(false),
+        });
+        let now = Instant::now();
+        if !core.sched.connected(slot, now) {
+            drop(core);
+            warn!(%peer, "rejected a worker connection: its slot is not waiting for a worker");
+            return;
+        }
+        info!(slot = %core.sched.slot_config(slot).name, pid, host, "worker connected");
+        let rt = &mut core.slots[slot.0 as usize];
+        rt.conn = Some(conn.clone());
+        rt.launch = None;
+        // Welcome first, then whatever the scheduler assigned on connect.
+        conn.send(&welcome, now_ms);
+        shared.apply(&mut core);
+    }
+    tokio::spawn(writer_loop(conn.clone()));
+    // Frames that came with the hello.
+    let reason = read_loop(&shared, &conn, buf).await;
+    if !shared.stop.is_cancelled() {
+        debug!(slot = ?conn.slot, "connection closed: {reason}");
+    }
+    shared.on_closed(&conn, &reason);
+}
+
+async fn read_loop(shared: &Arc<Shared>, conn: &Arc<Conn>, mut buf: BytesMut) -> String {
+    loop {
+        let mut msgs = Vec::new();
+        loop {
+            match protocol::decode::<AgentMsg>(&mut buf) {
+                Ok(Some(m)) => msgs.push(m),
+                Ok(None) => break,
+                Err(e) => {
+                    warn!(slot = ?conn.slot, "closing a worker connection: {e}");
+                    return format!("protocol error: {e}");
+                }
+            }
+        }
+        if !msgs.is_empty() {
+            shared.on_messages(conn, msgs);
+        }
+        tokio::select! {
+            r = conn.stream.readable() => {
+                if let Err(e) = r {
+                    return format!("connection error: {e}");
+                }
+            }
+            _ = conn.closed.cancelled() => {
+                return if conn.broken.load(Ordering::Relaxed) { "connection broken".into() } else { "connection closed".into() };
+            }
+        }
+        match conn.stream.try_read_buf(&mut buf) {
+            Ok(0) => return "the worker closed the connection".into(),
+            Ok(_) => conn.last_recv_ms.store(shared.now_ms(), Ordering::Relaxed),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return format!("connection error: {e}"),
+        }
+    }
+}
+
+async fn writer_loop(conn: Arc<Conn>) {
+    loop {
+        tokio::select! {
+            _ = conn.writer_wake.notified() => {}
+            _ = conn.closed.cancelled() => return,
+        }
+        loop {
+            {
+                let mut out = lock(&conn.out);
+                if out.is_empty() {
+                    break;
+                }
+                match conn.stream.try_write(&out) {
+                    Ok(n) => out.advance(n),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => {
+                        conn.broken.store(true, Ordering::Relaxed);
+                        conn.closed.cancel();
+                        return;
+                    }
+                }
+                if out.is_empty() {
+                    break;
+                }
+            }
+            tokio::select! {
+                r = conn.stream.writable() => if r.is_err() { conn.closed.cancel(); return; },
+                _ = conn.closed.cancelled() => return,
+            }
+        }
+    }
+}
+
+/// Scheduler deadlines, heartbeats and silent workers.
+async fn timer_loop(shared: Arc<Shared>) {
+    let hb = shared.config.heartbeat;
+    let hb_ms = hb.as_millis() as u64;
+    let lost_ms = hb_ms * u64::from(shared.config.heartbeat_misses.max(1));
+    loop {
+        let deadline = {
+            let core = lock(&shared.core);
+            core.sched.next_deadline()
+        };
+        let now = Instant::now();
+        let mut wait = hb / 2;
+        if let Some(d) = deadline {
+            wait = wait.min(d.saturating_duration_since(now));
+        }
+        tokio::select! {
+            _ = shared.stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+            _ = shared.timer_wake.notified() => {}
+        }
+        let mut silent = Vec::new();
+        {
+            let mut core = lock(&shared.core);
+            let now_ms = shared.now_ms();
+            for rt in &core.slots {
+                if let Some(conn) = &rt.conn {
+                    if now_ms.saturating_sub(conn.last_recv_ms.load(Ordering::Relaxed)) > lost_ms {
+                        silent.push(conn.clone());
+                    } else if now_ms.saturating_sub(conn.last_sent_ms.load(Ordering::Relaxed)) >= hb_ms {
+                        conn.send(&ControllerMsg::Heartbeat, now_ms);
+                    }
+                }
+            }
+            core.sched.tick(Instant::now());
+            shared.apply(&mut core);
+        }
+        for conn in silent {
+            warn!(slot = ?conn.slot, "worker stopped answering; treating it as lost");
+            shared.on_closed(&conn, &format!("no heartbeat for {}", humantime::format_duration(Duration::from_millis(lost_ms))));
+        }
+    }
+}
+
+/// Asks each class about its launched agents.
+async fn probe_loop(shared: Arc<Shared>) {
+    let mut last: HashMap<String, Instant> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = shared.stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+        // Handles per class, for slots that are launching, up or stopping.
+        let mut work: HashMap<String, (Arc<dyn Worker>, Vec<(SlotId, Handle)>)> = HashMap::new();
+        {
+            let core = lock(&shared.core);
+            for (i, rt) in core.slots.iter().enumerate() {
+                let slot = SlotId(i as u32);
+                let Some(h) = &rt.handle else { continue };
+                if !matches!(core.sched.slot_state(slot), SlotState::Launching | SlotState::Up | SlotState::Stopping) {
+                    continue;
+                }
+                let class = rt.class.class().to_owned();
+                let due = last
+                    .get(&class)
+                    .is_none_or(|t| t.elapsed() >= rt.class.capabilities().probe_interval);
+                if due {
+                    work.entry(class)
+                        .or_insert_with(|| (rt.class.clone(), Vec::new()))
+                        .1
+                        .push((slot, h.clone()));
+                }
+            }
+        }
+        for (name, (class, items)) in work {
+            last.insert(name.clone(), Instant::now());
+            let max = class.capabilities().probe_batch_max.max(1);
+            for chunk in items.chunks(max) {
+                let handles: Vec<Handle> = chunk.iter().map(|(_, h)| h.clone()).collect();
+                match class.probe(&handles).await {
+                    Ok(lives) => shared.probed(chunk, lives),
+                    Err(e) => warn!(class = %name, "probing workers failed: {e}"),
+                }
+            }
+        }
+    }
+}
+
+impl Shared {
+    fn probed(self: &Arc<Self>, items: &[(SlotId, Handle)], lives: Vec<Liveness>) {
+        let mut closing = Vec::new();
+        {
+            let mut core = lock(&self.core);
+            let now = Instant::now();
+            for ((slot, handle), life) in items.iter().zip(lives) {
+                let reason = match life {
+                    Liveness::Exited { reason } => reason,
+                    Liveness::Unknown => "the platform no longer knows this worker".to_owned(),
+                    Liveness::Starting | Liveness::Running => continue,
+                };
+                let rt = &mut core.slots[slot.0 as usize];
+                if rt.handle.as_ref() != Some(handle) {
+                    continue;
+                }
+                match &rt.conn {
+                    // The process reason is better than the connection's.
+                    Some(conn) => closing.push((conn.clone(), reason)),
+                    None => {
+                        rt.launch = None;
+                        core.sched.lost(*slot, &reason, now);
+                    }
+                }
+            }
+            self.apply(&mut core);
+        }
+        for (conn, reason) in closing {
+            self.on_closed(&conn, &reason);
+        }
+    }
+}
