@@ -1,2 +1,101 @@
-//! crew-cli
-fn main(){}
+//! `crew`: run jobs on heterogeneous, semi-persistent workers.
+//!
+//! This binary is thin: flags are parsed and validated here, then handed to
+//! crew-core (the controller, the agent) and to the classes registered in
+//! [`registry`]. Exit codes are documented in README.md and mapped in one
+//! place, `main`.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod registry;
+mod run;
+mod table;
+mod worker;
+
+/// Exit status: every job succeeded / the command did what was asked.
+pub(crate) const EXIT_OK: u8 = 0;
+/// Exit status: some job did not succeed.
+pub(crate) const EXIT_JOB_FAILED: u8 = 1;
+/// Exit status: bad input (flags, job file, unknown class).
+pub(crate) const EXIT_USAGE: u8 = 2;
+/// Exit status: crew itself failed (could not listen, spawn, ...).
+pub(crate) const EXIT_INTERNAL: u8 = 3;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "crew",
+    version,
+    about = "Run jobs on heterogeneous, semi-persistent workers",
+    long_about = "crew runs jobs on worker processes that stay up between jobs (local \
+processes today; cloud and cluster classes later), routing each job to a worker \
+whose tags match, and returns one output record per job."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run every job of a file on fresh workers, print one output record per
+    /// job, and exit (like GNU parallel).
+    Run(run::RunArgs),
+    /// Run the worker agent (started by a controller; not usually by hand).
+    Worker(worker::WorkerArgs),
+}
+
+/// An error with the exit status it maps to.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    pub(crate) code: u8,
+    pub(crate) error: anyhow::Error,
+}
+
+impl Failure {
+    pub(crate) fn usage(error: impl Into<anyhow::Error>) -> Self {
+        Self {
+            code: EXIT_USAGE,
+            error: error.into(),
+        }
+    }
+
+    pub(crate) fn internal(error: impl Into<anyhow::Error>) -> Self {
+        Self {
+            code: EXIT_INTERNAL,
+            error: error.into(),
+        }
+    }
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CREW_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => {
+            init_logging("warn");
+            run::main(args)
+        }
+        Command::Worker(args) => {
+            init_logging("warn");
+            worker::main(args)
+        }
+    };
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(f) => {
+            eprintln!("crew: {:#}", f.error);
+            ExitCode::from(f.code)
+        }
+    }
+}

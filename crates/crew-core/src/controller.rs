@@ -375,6 +375,9 @@ impl Controller {
         if req.limits.launch_max == 0 {
             return Err(ControllerError::Recruit("the launch budget must be at least 1".into()));
         }
+        req.class
+            .check_options(&req.options)
+            .map_err(|e| ControllerError::Recruit(e.to_string()))?;
         let shared = &self.shared;
         let mut core = lock(&shared.core);
         if core.closing {

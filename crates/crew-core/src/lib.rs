@@ -19,6 +19,7 @@
 //! See ARCHITECTURE.md at the repository root for the code map and the
 //! invariants.
 
+pub mod agent;
 pub mod builtins;
 pub mod controller;
 pub mod exec;

@@ -169,8 +169,12 @@ pub fn encode<T: Serialize>(msg: &T, buf: &mut BytesMut) -> Result<(), ProtocolE
     let start = buf.len();
     buf.put_u32(0);
     let mut w = buf.writer();
-    rmp_serde::encode::write_named(&mut w, msg).map_err(|e| ProtocolError::Encode(e.to_string()))?;
+    let written = rmp_serde::encode::write_named(&mut w, msg);
     let buf = w.into_inner();
+    if let Err(e) = written {
+        buf.truncate(start);
+        return Err(ProtocolError::Encode(e.to_string()));
+    }
     let len = buf.len() - start - 4;
     if len > MAX_FRAME {
         buf.truncate(start);

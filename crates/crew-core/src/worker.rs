@@ -244,6 +244,19 @@ pub trait Worker: Send + Sync + fmt::Debug + 'static {
     /// What the class can do.
     fn capabilities(&self) -> Capabilities;
 
+    /// Checks the class options given at recruit time (`--opt key=value`),
+    /// so that mistakes are reported before anything is launched. The
+    /// default accepts no options.
+    fn check_options(&self, options: &BTreeMap<String, String>) -> Result<(), WorkerError> {
+        match options.keys().next() {
+            None => Ok(()),
+            Some(k) => Err(WorkerError::Options {
+                class: self.class().to_owned(),
+                message: format!("unknown option {k:?}: this class takes no options"),
+            }),
+        }
+    }
+
     /// Starts the agents of one launch.
     async fn launch(&self, spec: &LaunchSpec) -> Result<Vec<Handle>, WorkerError>;
 

@@ -1,0 +1,200 @@
+//! `crew run`: a one-shot controller that runs a file of jobs and exits.
+
+use std::io::Read;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use crew_core::controller::{AgentCommand, Controller, ControllerConfig, Recruit};
+use crew_core::job::{LineDefaults, parse_duration, parse_job_file};
+use crew_core::scheduler::SlotLimits;
+use crew_core::{Output, Tags};
+
+use crate::registry::Registry;
+use crate::table::Printer;
+use crate::{EXIT_JOB_FAILED, EXIT_OK, EXIT_USAGE, Failure};
+
+#[derive(Args, Debug)]
+pub(crate) struct RunArgs {
+    /// Job file: one job per line, a JSON object or a shell command line
+    /// (`-` reads stdin). Blank lines and lines starting with # are skipped.
+    #[arg(value_name = "FILE")]
+    file: String,
+    /// Number of workers (default: the number of CPUs).
+    #[arg(long, short = 'w', value_name = "N")]
+    workers: Option<u32>,
+    /// Worker class.
+    #[arg(long, default_value = "local", value_name = "CLASS")]
+    class: String,
+    /// Tags of the workers, comma separated; jobs may ask for any subset.
+    #[arg(long, value_name = "T,..", default_value = "")]
+    tags: String,
+    /// Default timeout of a job (e.g. 30s, 5m); a job's own `timeout` wins.
+    #[arg(long, value_name = "D")]
+    timeout: Option<String>,
+    /// Default re-runs after a failure exit; a job's own `retries` wins.
+    #[arg(long, value_name = "N")]
+    retries: Option<u32>,
+    /// Print JSON Lines (one output record per line) instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Store folder for stdout/stderr larger than the inline cap.
+    #[arg(long, value_name = "DIR", default_value = ".crew/store")]
+    store: String,
+    /// Crew seed; per-job seeds (CREW_SEED) derive from it and job names.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    seed: u64,
+    /// Jobs sent ahead to a busy worker (0: one at a time).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    prefetch: u32,
+}
+
+pub(crate) fn main(args: RunArgs) -> Result<u8, Failure> {
+    // Validate everything before anything runs.
+    let tags: Tags = args.tags.parse().map_err(Failure::usage)?;
+    let timeout = args
+        .timeout
+        .as_deref()
+        .map(parse_duration)
+        .transpose()
+        .map_err(|e| Failure::usage(anyhow::anyhow!("--timeout: {e}")))?;
+    let workers = match args.workers {
+        Some(0) => return Err(Failure::usage(anyhow::anyhow!("--workers must be at least 1"))),
+        Some(n) => n,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
+    };
+    let class = Registry::stock().get(&args.class).map_err(Failure::usage)?;
+    let (label, text) = read_jobs(&args.file).map_err(Failure::usage)?;
+    let defaults = LineDefaults {
+        tags: Tags::new(),
+        timeout,
+        retries: args.retries,
+    };
+    let jobs = match parse_job_file(&text, &defaults) {
+        Ok(jobs) => jobs,
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("{label}:{e}");
+            }
+            return Ok(EXIT_USAGE);
+        }
+    };
+    let mut bad = false;
+    for (i, job) in jobs.iter().enumerate() {
+        if !tags.satisfies(&job.tags) {
+            // Report with the line number of the job.
+            let line = nth_job_line(&text, i);
+            eprintln!(
+                "{label}:{line}: no worker would have tags [{}]; the workers have [{tags}] (set them with --tags)",
+                job.tags
+            );
+            bad = true;
+        }
+    }
+    if bad {
+        return Ok(EXIT_USAGE);
+    }
+    let store = crew_core::store::open_store(&args.store)
+        .with_context(|| format!("cannot open the store {:?}", args.store))
+        .map_err(Failure::usage)?;
+
+    let _ = crew_worker_local::become_subreaper();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(Failure::internal)?;
+    let code = rt.block_on(async move {
+        let exe = std::env::current_exe().context("cannot find the crew executable")?;
+        let mut config = ControllerConfig::new(AgentCommand::crew(exe.to_string_lossy()));
+        config.seed = args.seed;
+        config.store = Some(store);
+        let controller = Controller::start(config).await?;
+        let limits = SlotLimits {
+            prefetch: args.prefetch,
+            ..SlotLimits::default()
+        };
+        let mut recruit = Recruit::new(class, workers);
+        recruit.tags = tags;
+        recruit.limits = limits;
+        controller.recruit(recruit)?;
+        let total = jobs.len();
+        controller.send_many(jobs)?;
+        let code = collect(&controller, total, args.json).await;
+        controller.close().await;
+        code
+    });
+    drop(rt);
+    crew_worker_local::kill_orphans();
+    code.map_err(Failure::internal)
+}
+
+/// Receives and prints every output; on SIGINT/SIGTERM cancels what is left
+/// and still prints one record per job.
+async fn collect(controller: &Controller, total: usize, json: bool) -> anyhow::Result<u8> {
+    let mut printer = Printer::new(json, std::io::stdout().lock());
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut failed = 0usize;
+    let mut received = 0usize;
+    let mut stopping = false;
+    let mut print = |o: Output, printer: &mut Printer<_>| -> anyhow::Result<()> {
+        if !o.succeeded() {
+            failed += 1;
+        }
+        received += 1;
+        printer.print(&o)
+    };
+    loop {
+        tokio::select! {
+            o = controller.receive_wait(None) => match o {
+                Some(o) => {
+                    print(o, &mut printer)?;
+                    for o in controller.receive_all() {
+                        print(o, &mut printer)?;
+                    }
+                }
+                None => break,
+            },
+            _ = sigint.recv() => { if stopping { break } stopping = true; stop(controller); }
+            _ = sigterm.recv() => { if stopping { break } stopping = true; stop(controller); }
+        }
+    }
+    for o in controller.receive_all() {
+        print(o, &mut printer)?;
+    }
+    printer.summary(total, received, failed)?;
+    Ok(if failed == 0 && received == total { EXIT_OK } else { EXIT_JOB_FAILED })
+}
+
+fn stop(controller: &Controller) {
+    let n = controller.cancel_all();
+    eprintln!("crew: stopping; cancelling {n} unfinished job(s)");
+}
+
+fn read_jobs(file: &str) -> anyhow::Result<(String, String)> {
+    let mut text = String::new();
+    if file == "-" {
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("cannot read the jobs from stdin")?;
+        Ok(("<stdin>".to_owned(), text))
+    } else {
+        let path = PathBuf::from(file);
+        text = std::fs::read_to_string(&path).with_context(|| format!("cannot read the job file {file}"))?;
+        Ok((file.to_owned(), text))
+    }
+}
+
+/// The 1-based line number of the `n`-th job (skipping blanks and comments).
+fn nth_job_line(text: &str, n: usize) -> usize {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| {
+            let t = l.trim();
+            !t.is_empty() && !t.starts_with('#')
+        })
+        .nth(n)
+        .map_or(0, |(i, _)| i + 1)
+}
+

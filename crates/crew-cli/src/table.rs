@@ -1,0 +1,93 @@
+//! Printing output records: a human table, or JSON Lines (`--json`).
+//!
+//! **API boundary:** the JSON Lines form is the serialized
+//! `crew_core::Output` (format version in its `v` field), one per line,
+//! in the order jobs finish. The table is for people and may change.
+
+use std::io::Write;
+
+use crew_core::Output;
+
+pub(crate) struct Printer<W: Write> {
+    json: bool,
+    out: W,
+    header: bool,
+}
+
+impl<W: Write> Printer<W> {
+    pub(crate) fn new(json: bool, out: W) -> Self {
+        Self {
+            json,
+            out,
+            header: false,
+        }
+    }
+
+    pub(crate) fn print(&mut self, o: &Output) -> anyhow::Result<()> {
+        if self.json {
+            serde_json::to_writer(&mut self.out, o)?;
+            self.out.write_all(b"\n")?;
+            return Ok(());
+        }
+        if !self.header {
+            writeln!(
+                self.out,
+                "{:>6}  {:<16}  {:<13}  {:>4}  {:>8}  {:<10}  {:>3}  OUTPUT",
+                "ID", "NAME", "STATUS", "EXIT", "SECONDS", "SLOT", "TRY"
+            )?;
+            self.header = true;
+        }
+        let exit = match (o.exit_code, o.signal) {
+            (Some(c), _) => c.to_string(),
+            (None, Some(s)) => format!("s{s}"),
+            _ => "-".to_owned(),
+        };
+        let detail = match &o.error {
+            Some(e) if !o.succeeded() => e.clone(),
+            _ => first_line(&o.stdout.text),
+        };
+        writeln!(
+            self.out,
+            "{:>6}  {:<16}  {:<13}  {:>4}  {:>8.3}  {:<10}  {:>3}  {}",
+            o.id,
+            clip(o.name.as_deref().unwrap_or("-"), 16),
+            o.status.as_str(),
+            exit,
+            o.wall_seconds,
+            clip(o.slot.as_deref().unwrap_or("-"), 10),
+            o.attempt,
+            clip(&detail, 60),
+        )?;
+        Ok(())
+    }
+
+    pub(crate) fn summary(&mut self, total: usize, received: usize, failed: usize) -> anyhow::Result<()> {
+        self.out.flush()?;
+        if !self.json {
+            eprintln!(
+                "crew: {total} job(s): {} succeeded, {failed} did not{}",
+                received - failed,
+                if received < total {
+                    format!(", {} without a record", total - received)
+                } else {
+                    String::new()
+                }
+            );
+        }
+        Ok(())
+    }
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or("").to_owned()
+}
+
+fn clip(s: &str, width: usize) -> String {
+    if s.chars().count() <= width {
+        s.to_owned()
+    } else {
+        let mut t: String = s.chars().take(width.saturating_sub(1)).collect();
+        t.push('…');
+        t
+    }
+}

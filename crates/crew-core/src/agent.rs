@@ -1,0 +1,528 @@
+//! The agent: the worker-side loop (`crew worker`).
+//!
+//! It connects to the controller, authenticates with its launch id, index
+//! and one-time secret, then runs the jobs it is sent one at a time, in
+//! order, reporting each result. It exits when told to stop, when its idle
+//! timeout or task limit is reached, on SIGTERM/SIGINT, or when the
+//! controller goes away (the connection drops or falls silent) — killing
+//! whatever job it runs first, so that no worker or job outlives its
+//! controller.
+//!
+//! The loop runs jobs inline (no task per job): a builtin such as `noop`
+//! completes on its first poll, and results are written in batches, one
+//! write for every result ready at that moment.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use futures::FutureExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::builtins::Builtins;
+use crate::exec::{self, ExecContext, JobResult};
+use crate::job::JobId;
+use crate::output::{Captured, Status, Timestamp};
+use crate::protocol::{self, AgentMsg, ControllerMsg, PROTOCOL_VERSION, RunJob};
+use crate::worker::{ENV_CONNECT, ENV_INDEX, ENV_LAUNCH, ENV_TOKEN, Secret};
+
+/// Exit code of an agent that stopped normally.
+pub const EXIT_OK: i32 = 0;
+/// Exit code of an agent whose controller went away.
+pub const EXIT_CONTROLLER_LOST: i32 = 3;
+/// Exit code of an agent that could not start (bad configuration,
+/// connection refused, rejected).
+pub const EXIT_START_FAILED: i32 = 2;
+
+/// How an agent is set up.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    /// The controller's address (`host:port`).
+    pub connect: String,
+    /// The launch id.
+    pub launch: String,
+    /// The member index within the launch.
+    pub index: u32,
+    /// The launch secret.
+    pub token: Secret,
+    /// Builtin functions this agent offers.
+    pub builtins: Builtins,
+}
+
+/// Why an agent could not run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// A required setting is missing or malformed.
+    #[error("{0}")]
+    Config(String),
+    /// The controller could not be reached.
+    #[error("could not connect to the controller at {addr}: {source}")]
+    Connect {
+        /// The address.
+        addr: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The controller refused this agent.
+    #[error("the controller rejected this worker: {0}")]
+    Rejected(String),
+    /// The connection failed during the handshake.
+    #[error("handshake failed: {0}")]
+    Handshake(String),
+}
+
+/// How an agent ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AgentExit {
+    /// The controller said stop, or a signal asked us to.
+    Stopped,
+    /// Idle timeout reached.
+    Idle,
+    /// Task limit reached.
+    TasksDone,
+    /// The controller went away.
+    ControllerLost(String),
+}
+
+impl AgentExit {
+    /// The process exit code for this ending.
+    pub fn code(&self) -> i32 {
+        match self {
+            AgentExit::ControllerLost(_) => EXIT_CONTROLLER_LOST,
+            _ => EXIT_OK,
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Reads the connection settings from the environment:
+    /// `CREW_CONNECT`, `CREW_LAUNCH`, `CREW_TOKEN`, and the index from
+    /// `CREW_INDEX`, else `AWS_BATCH_JOB_ARRAY_INDEX`, else 0.
+    /// `connect` and `token`, when given, take precedence (command-line
+    /// flag, stdin).
+    pub fn from_env(connect: Option<String>, token: Option<Secret>, builtins: Builtins) -> Result<Self, AgentError> {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let connect = connect
+            .or_else(|| var(ENV_CONNECT))
+            .ok_or_else(|| AgentError::Config(format!("no controller address: pass --connect ADDR or set {ENV_CONNECT}")))?;
+        let launch = var(ENV_LAUNCH)
+            .ok_or_else(|| AgentError::Config(format!("no launch id: {ENV_LAUNCH} is not set (agents are started by a controller)")))?;
+        let token = token
+            .or_else(|| var(ENV_TOKEN).map(Secret::new))
+            .ok_or_else(|| AgentError::Config(format!("no token: set {ENV_TOKEN} or pass --token-stdin")))?;
+        let index = match var(ENV_INDEX).or_else(|| var("AWS_BATCH_JOB_ARRAY_INDEX")) {
+            Some(v) => v
+                .parse()
+                .map_err(|_| AgentError::Config(format!("{ENV_INDEX} is not a number: {v:?}")))?,
+            None => 0,
+        };
+        Ok(Self {
+            connect,
+            launch,
+            index,
+            token,
+            builtins,
+        })
+    }
+}
+
+/// For programs that embed crew and use themselves as the agent
+/// ([`crate::controller::AgentCommand::current_exe`]): call this first thing
+/// in `main`. When the process was started as an agent (`CREW_CONNECT` and
+/// `CREW_LAUNCH` are set), it runs the agent with `builtins` and exits the
+/// process; otherwise it returns at once.
+pub fn run_if_agent(builtins: Builtins) {
+    if std::env::var_os(ENV_CONNECT).is_none() || std::env::var_os(ENV_LAUNCH).is_none() {
+        return;
+    }
+    let code = match AgentConfig::from_env(None, None, builtins) {
+        Ok(cfg) => match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => match rt.block_on(run(cfg)) {
+                Ok(exit) => exit.code(),
+                Err(e) => {
+                    eprintln!("crew agent: {e}");
+                    EXIT_START_FAILED
+                }
+            },
+            Err(e) => {
+                eprintln!("crew agent: could not start a runtime: {e}");
+                EXIT_START_FAILED
+            }
+        },
+        Err(e) => {
+            eprintln!("crew agent: {e}");
+            EXIT_START_FAILED
+        }
+    };
+    std::process::exit(code);
+}
+
+type JobFuture<'a> = Pin<Box<dyn Future<Output = JobResult> + Send + 'a>>;
+
+struct Running {
+    job: JobId,
+    attempt: u32,
+    cancel: CancellationToken,
+}
+
+/// A private scratch folder, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn create() -> std::io::Result<Self> {
+        use std::os::unix::fs::DirBuilderExt;
+        let mut bytes = [0u8; 8];
+        let _ = getrandom::fill(&mut bytes);
+        let tag: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let dir = std::env::temp_dir().join(format!("crew-agent-{}-{tag}", std::process::id()));
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+async fn connect(addr: &str) -> Result<TcpStream, AgentError> {
+    // The controller is up before it launches us, but a busy machine may
+    // delay the accept queue; retry briefly on refusal.
+    let mut delay = Duration::from_millis(20);
+    let started = Instant::now();
+    loop {
+        match TcpStream::connect(addr).await {
+            Ok(s) => return Ok(s),
+            Err(e) if started.elapsed() < Duration::from_secs(10) => {
+                debug!("connect to {addr} failed ({e}); retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+            Err(source) => {
+                return Err(AgentError::Connect {
+                    addr: addr.to_owned(),
+                    source,
+                });
+            }
+        }
+    }
+}
+
+fn cancelled_result(why: &str) -> JobResult {
+    let now = Timestamp::now();
+    JobResult {
+        status: Status::Cancelled,
+        exit_code: None,
+        signal: None,
+        error: Some(why.to_owned()),
+        stdout: Captured::default(),
+        stderr: Captured::default(),
+        started: now,
+        finished: now,
+        wall_seconds: 0.0,
+        cpu_seconds: 0.0,
+        peak_rss_bytes: 0,
+    }
+}
+
+/// Runs the agent until it is told to stop, runs out of work limits, or
+/// loses its controller.
+pub async fn run(cfg: AgentConfig) -> Result<AgentExit, AgentError> {
+    let mut stream = connect(&cfg.connect).await?;
+    let _ = stream.set_nodelay(true);
+    let mut out = BytesMut::with_capacity(16 * 1024);
+    let hello = AgentMsg::Hello {
+        version: PROTOCOL_VERSION,
+        launch: cfg.launch.clone(),
+        index: cfg.index,
+        token: cfg.token.clone(),
+        pid: std::process::id(),
+        host: hostname(),
+    };
+    protocol::encode(&hello, &mut out).map_err(|e| AgentError::Handshake(e.to_string()))?;
+    stream
+        .write_all(&out)
+        .await
+        .map_err(|e| AgentError::Handshake(e.to_string()))?;
+    out.clear();
+    let mut inbuf = BytesMut::with_capacity(64 * 1024);
+    let welcome = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Some(m) = protocol::decode::<ControllerMsg>(&mut inbuf).map_err(|e| AgentError::Handshake(e.to_string()))? {
+                return Ok::<_, AgentError>(m);
+            }
+            let n = stream
+                .read_buf(&mut inbuf)
+                .await
+                .map_err(|e| AgentError::Handshake(e.to_string()))?;
+            if n == 0 {
+                return Err(AgentError::Handshake("the controller closed the connection".into()));
+            }
+        }
+    })
+    .await
+    .map_err(|_| AgentError::Handshake("no answer from the controller within 30s".into()))??;
+    let (slot, idle_timeout, tasks_max, heartbeat, store_url) = match welcome {
+        ControllerMsg::Welcome {
+            version,
+            slot,
+            idle_timeout,
+            tasks_max,
+            heartbeat,
+            store,
+        } => {
+            if version != PROTOCOL_VERSION {
+                return Err(AgentError::Handshake(format!(
+                    "protocol version mismatch: the controller speaks {version}, this agent {PROTOCOL_VERSION}"
+                )));
+            }
+            (slot, idle_timeout, tasks_max, heartbeat, store)
+        }
+        ControllerMsg::Reject { reason } => return Err(AgentError::Rejected(reason)),
+        other => return Err(AgentError::Handshake(format!("unexpected first message {other:?}"))),
+    };
+    info!(%slot, "agent connected");
+    let scratch = Scratch::create().map_err(|e| AgentError::Config(format!("could not create a scratch folder: {e}")))?;
+    let mut ctx = ExecContext::new(slot.clone(), scratch.0.clone(), cfg.builtins.clone());
+    if let Some(url) = store_url {
+        match crate::store::open_store(&url) {
+            Ok(store) => ctx.store = Some(store),
+            Err(e) => warn!("cannot open the store {url}: {e}; large outputs will be truncated"),
+        }
+    }
+    let ctx = Arc::new(ctx);
+    let exit = serve(&mut stream, inbuf, &ctx, idle_timeout, tasks_max, heartbeat).await;
+    info!(%slot, ?exit, "agent exiting");
+    Ok(exit)
+}
+
+async fn serve(
+    stream: &mut TcpStream,
+    mut inbuf: BytesMut,
+    ctx: &Arc<ExecContext>,
+    idle_timeout: Option<Duration>,
+    tasks_max: Option<u32>,
+    heartbeat: Duration,
+) -> AgentExit {
+    let (mut rd, mut wr) = stream.split();
+    let mut out = BytesMut::with_capacity(16 * 1024);
+    let mut queue: VecDeque<Box<RunJob>> = VecDeque::new();
+    let mut running: Option<Running> = None;
+    let mut fut: Option<JobFuture<'static>> = None;
+    let mut tasks_done: u32 = 0;
+    let mut last_recv = Instant::now();
+    let mut last_sent = Instant::now();
+    let mut idle_since = Some(Instant::now());
+    let silent_limit = heartbeat * 5;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
+    // Set when the agent must leave: the job in hand is cancelled first.
+    let mut leaving: Option<AgentExit> = None;
+
+    loop {
+        // Frames already received.
+        loop {
+            match protocol::decode::<ControllerMsg>(&mut inbuf) {
+                Ok(Some(msg)) => match msg {
+                    ControllerMsg::Run(run) => queue.push_back(run),
+                    ControllerMsg::Revoke { job } => {
+                        let ok = match queue.iter().position(|r| r.job == job) {
+                            Some(pos) => {
+                                queue.remove(pos);
+                                true
+                            }
+                            None => false,
+                        };
+                        push(&mut out, &AgentMsg::Revoked { job, ok });
+                    }
+                    ControllerMsg::Cancel { job } => {
+                        if let Some(pos) = queue.iter().position(|r| r.job == job) {
+                            if let Some(run) = queue.remove(pos) {
+                                push_done(&mut out, run.job, run.attempt, cancelled_result("cancelled before it started"));
+                            }
+                        } else if let Some(r) = &running {
+                            if r.job == job {
+                                r.cancel.cancel();
+                            }
+                        }
+                    }
+                    ControllerMsg::Heartbeat => {}
+                    ControllerMsg::Stop => {
+                        leaving.get_or_insert(AgentExit::Stopped);
+                    }
+                    ControllerMsg::Welcome { .. } | ControllerMsg::Reject { .. } => {
+                        warn!("ignoring an unexpected handshake message");
+                    }
+                },
+                Ok(None) => break,
+                Err(e) => {
+                    leaving.get_or_insert(AgentExit::ControllerLost(format!("bad frame from the controller: {e}")));
+                    break;
+                }
+            }
+        }
+        if leaving.is_some() {
+            if let Some(r) = &running {
+                r.cancel.cancel();
+            }
+            queue.clear();
+        }
+        // Start queued jobs; those that complete on their first poll
+        // (builtins such as noop) are reported at once.
+        while fut.is_none() && leaving.is_none() {
+            let Some(run) = queue.pop_front() else { break };
+            let (job, attempt) = (run.job, run.attempt);
+            let cancel = CancellationToken::new();
+            let token = cancel.clone();
+            let ctx = ctx.clone();
+            let mut f: JobFuture<'static> =
+                Box::pin(async move { exec::run_job(&ctx, run.job, run.attempt, run.seed, &run.spec, token).await });
+            idle_since = None;
+            match (&mut f).now_or_never() {
+                Some(result) => {
+                    push_done(&mut out, job, attempt, result);
+                    tasks_done += 1;
+                }
+                None => {
+                    fut = Some(f);
+                    running = Some(Running { job, attempt, cancel });
+                }
+            }
+        }
+        if fut.is_none() && queue.is_empty() && leaving.is_none() {
+            if idle_since.is_none() {
+                idle_since = Some(Instant::now());
+            }
+            if tasks_max.is_some_and(|m| tasks_done >= m) {
+                push(&mut out, &AgentMsg::Bye { reason: format!("task limit {tasks_done} reached") });
+                leaving = Some(AgentExit::TasksDone);
+            }
+        }
+        if fut.is_none() {
+            if let Some(exit) = leaving.take() {
+                let _ = wr.write_all(&out).await;
+                let _ = wr.flush().await;
+                return exit;
+            }
+        }
+        if !out.is_empty() {
+            if let Err(e) = wr.write_all(&out).await {
+                leaving = Some(AgentExit::ControllerLost(format!("write failed: {e}")));
+                out.clear();
+                continue;
+            }
+            out.clear();
+            last_sent = Instant::now();
+        }
+        // Wait for the next thing to happen.
+        let now = Instant::now();
+        let mut wake = (last_sent + heartbeat).min(last_recv + silent_limit);
+        if let (Some(idle), Some(since)) = (idle_timeout, idle_since) {
+            wake = wake.min(since + idle);
+        }
+        let wake = tokio::time::Instant::from_std(wake.max(now));
+        tokio::select! {
+            r = rd.read_buf(&mut inbuf) => match r {
+                Ok(0) => leaving = Some(AgentExit::ControllerLost("the controller closed the connection".into())),
+                Ok(_) => last_recv = Instant::now(),
+                Err(e) => leaving = Some(AgentExit::ControllerLost(format!("read failed: {e}"))),
+            },
+            result = async { match fut.as_mut() { Some(f) => f.await, None => std::future::pending().await } } => {
+                fut = None;
+                if let Some(r) = running.take() {
+                    push_done(&mut out, r.job, r.attempt, result);
+                    tasks_done += 1;
+                }
+            }
+            _ = tokio::time::sleep_until(wake) => {
+                let now = Instant::now();
+                if now >= last_recv + silent_limit {
+                    leaving.get_or_insert(AgentExit::ControllerLost(format!(
+                        "no word from the controller for {}", humantime::format_duration(silent_limit)
+                    )));
+                } else if let (Some(idle), Some(since)) = (idle_timeout, idle_since) {
+                    if fut.is_none() && queue.is_empty() && now >= since + idle {
+                        push(&mut out, &AgentMsg::Bye { reason: "idle timeout".into() });
+                        leaving.get_or_insert(AgentExit::Idle);
+                    }
+                }
+                if now >= last_sent + heartbeat && out.is_empty() {
+                    push(&mut out, &AgentMsg::Heartbeat);
+                }
+            }
+            _ = recv_signal(&mut sigterm) => { leaving.get_or_insert(AgentExit::Stopped); }
+            _ = recv_signal(&mut sigint) => { leaving.get_or_insert(AgentExit::Stopped); }
+        }
+        if let (Some(exit), Some(r)) = (&leaving, &running) {
+            debug!(?exit, job = %r.job, "cancelling the running job before leaving");
+            r.cancel.cancel();
+        }
+    }
+}
+
+async fn recv_signal(sig: &mut Option<tokio::signal::unix::Signal>) {
+    match sig {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+fn push(out: &mut BytesMut, msg: &AgentMsg) {
+    if let Err(e) = protocol::encode(msg, out) {
+        warn!("could not encode a message for the controller: {e}");
+    }
+}
+
+fn push_done(out: &mut BytesMut, job: JobId, attempt: u32, result: JobResult) {
+    let msg = AgentMsg::Done {
+        job,
+        attempt,
+        result: Box::new(result),
+    };
+    if let Err(e) = protocol::encode(&msg, out) {
+        // The only way a result does not encode is that it is too large;
+        // send a smaller one that says so rather than losing the job.
+        warn!(%job, "result too large for a frame: {e}");
+        if let AgentMsg::Done { result, .. } = msg {
+            let mut r = *result;
+            truncate_utf8(&mut r.stdout.text, 1024);
+            truncate_utf8(&mut r.stderr.text, 1024);
+            r.error = Some(format!("the job's result did not fit in a frame: {e}"));
+            let _ = protocol::encode(&AgentMsg::Done { job, attempt, result: Box::new(r) }, out);
+        }
+    }
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "unknown".to_owned();
+    }
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+/// Cuts `s` to at most `max` bytes on a character boundary.
+fn truncate_utf8(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+}
