@@ -20,6 +20,8 @@
 //! invariants.
 
 pub mod builtins;
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
 pub mod exec;
 pub mod job;
 pub mod output;

@@ -588,7 +588,21 @@ impl Store for LocalStore {
         let location = self.location(key, false).await?;
         match self.inner.delete(&location).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(backend_error("delete", key, e)),
+            Err(e) => {
+                // A folder (a prefix of other keys) is no object: deleting
+                // it deletes nothing, as on an object store.
+                let is_folder = match self.inner.path_to_filesystem(&location) {
+                    Ok(path) => tokio::fs::symlink_metadata(path)
+                        .await
+                        .is_ok_and(|m| m.is_dir()),
+                    Err(_) => false,
+                };
+                if is_folder {
+                    Ok(())
+                } else {
+                    Err(backend_error("delete", key, e))
+                }
+            }
         }
     }
 }
@@ -868,4 +882,302 @@ fn url_scheme(url: &str) -> Option<&str> {
 /// See [`StoreRegistry::open`].
 pub fn open_store(url: &str) -> Result<Arc<dyn Store>, StoreError> {
     StoreRegistry::default().open(url)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap
+mod tests {
+    use super::*;
+
+    fn tempdir() -> tempfile::TempDir {
+        tempfile::tempdir().unwrap()
+    }
+
+    /// Every regular file and symbolic link under `dir`, recursively, not
+    /// following links.
+    fn walk(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            if meta.is_dir() {
+                out.extend(walk(&path));
+            } else {
+                out.push(path);
+            }
+        }
+        out
+    }
+
+    fn key(s: &str) -> StoreKey {
+        StoreKey::new(s).unwrap()
+    }
+
+    async fn read(store: &dyn Store, key: &StoreKey) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut stream = store.get(key).await.unwrap();
+        while let Some(chunk) = stream.next().await {
+            out.extend_from_slice(&chunk.unwrap());
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn local_store_passes_the_conformance_kit() {
+        let dir = tempdir();
+        let store = LocalStore::new(dir.path().join("store")).unwrap();
+        crate::conformance::store(&store).await;
+        // The kit removed everything, folders included.
+        assert!(walk(store.root()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn new_creates_the_folder_and_url_names_it() {
+        let dir = tempdir();
+        let root = dir.path().join("a").join("b c");
+        let store = LocalStore::new(&root).unwrap();
+        assert!(root.is_dir());
+        let canonical = std::fs::canonicalize(&root).unwrap();
+        assert_eq!(store.root(), canonical);
+        let url = store.url();
+        assert!(url.starts_with("file:///"), "{url}");
+        assert!(url.ends_with("/a/b%20c"), "{url}");
+        assert_eq!(
+            format!("{store:?}"),
+            format!("LocalStore {{ url: {url:?} }}")
+        );
+    }
+
+    #[tokio::test]
+    async fn url_round_trips_through_open_store() {
+        let dir = tempdir();
+        let root = dir.path().join("odd name 100% #1 ?ü");
+        let first = LocalStore::new(&root).unwrap();
+        let url = first.url();
+        let second = open_store(&url).unwrap();
+        assert_eq!(second.url(), url);
+        let k = key("jobs/1/stdout");
+        first
+            .put_bytes(&k, Bytes::from_static(b"shared"))
+            .await
+            .unwrap();
+        assert_eq!(read(second.as_ref(), &k).await, b"shared");
+        // A plain absolute path opens the same store.
+        let third = open_store(root.to_str().unwrap()).unwrap();
+        assert_eq!(third.url(), url);
+        // So does file://localhost/...
+        let localhost = url.replacen("file://", "file://localhost", 1);
+        assert_eq!(open_store(&localhost).unwrap().url(), url);
+    }
+
+    #[tokio::test]
+    async fn relative_paths_resolve_against_the_current_dir() {
+        let here = std::env::current_dir().unwrap();
+        let dir = tempfile::tempdir_in(&here).unwrap();
+        let name = dir.path().file_name().unwrap().to_str().unwrap();
+        let relative = format!("{name}/store");
+        let store = open_store(&relative).unwrap();
+        let expected = std::fs::canonicalize(here.join(&relative)).unwrap();
+        assert_eq!(store.url(), path_to_file_url(&expected));
+        let direct = LocalStore::new(&relative).unwrap();
+        assert_eq!(direct.root(), expected);
+    }
+
+    #[test]
+    fn unsupported_schemes_say_what_is_supported() {
+        for url in [
+            "s3://bucket/prefix",
+            "gs://bucket",
+            "S3://x",
+            "foo+bar.baz-1://x",
+        ] {
+            let err = open_store(url).unwrap_err();
+            let StoreError::Config(message) = &err else {
+                panic!("{url}: expected a Config error, got {err:?}");
+            };
+            let scheme = url.split("://").next().unwrap().to_ascii_lowercase();
+            assert!(message.contains(&format!("{scheme}://")), "{message}");
+            assert!(message.contains("supports file://"), "{message}");
+        }
+        assert!(matches!(open_store(""), Err(StoreError::Config(_))));
+    }
+
+    #[test]
+    fn bad_file_urls_are_config_errors() {
+        for url in [
+            "file://otherhost/x",
+            "file://",
+            "file:///a%zz",
+            "file:///a%",
+            "file:///a?b",
+            "file:///a#b",
+            "file:///a%00b",
+            "file:///%FF",
+        ] {
+            assert!(
+                matches!(LocalStore::from_url(url), Err(StoreError::Config(_))),
+                "{url}"
+            );
+        }
+    }
+
+    #[test]
+    fn plain_paths_and_urls_are_told_apart() {
+        assert_eq!(url_scheme("s3://b"), Some("s3"));
+        assert_eq!(url_scheme("File:///x"), Some("File"));
+        assert_eq!(url_scheme("a:b/c"), None);
+        assert_eq!(url_scheme("dir/x://y"), None);
+        assert_eq!(url_scheme("1a://x"), None);
+        assert_eq!(url_scheme("://x"), None);
+        assert_eq!(url_scheme("/abs/path"), None);
+    }
+
+    #[tokio::test]
+    async fn registry_takes_more_schemes() {
+        let dir = tempdir();
+        let root = dir.path().join("mem");
+        let mut registry = StoreRegistry::default();
+        let for_closure = root.clone();
+        registry.register("MEM", move |url: &str| {
+            assert_eq!(url, "mem://anything");
+            Ok(Arc::new(LocalStore::new(&for_closure)?) as Arc<dyn Store>)
+        });
+        assert_eq!(registry.schemes().collect::<Vec<_>>(), ["file", "mem"]);
+        let store = registry.open("mem://anything").unwrap();
+        assert!(store.url().ends_with("/mem"));
+        let err = StoreRegistry::empty().open("file:///tmp").unwrap_err();
+        assert!(err.to_string().contains("supports no URL scheme"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn keys_are_encoded_on_disk() {
+        let dir = tempdir();
+        let store = LocalStore::new(dir.path()).unwrap();
+        store
+            .put_bytes(&key("a b/100%/ü/x#1"), Bytes::from_static(b"1"))
+            .await
+            .unwrap();
+        let file = store
+            .root()
+            .join("a b")
+            .join("100%25")
+            .join("%C3%BC")
+            .join("x%231");
+        assert_eq!(std::fs::read(file).unwrap(), b"1");
+    }
+
+    #[tokio::test]
+    async fn files_no_key_names_are_skipped_by_list() {
+        let dir = tempdir();
+        let store = LocalStore::new(dir.path()).unwrap();
+        store
+            .put_bytes(&key("l/ok"), Bytes::from_static(b"1"))
+            .await
+            .unwrap();
+        for foreign in ["%zz", "%61", "half%4", "staging#3"] {
+            std::fs::write(store.root().join("l").join(foreign), b"x").unwrap();
+        }
+        let listed = store.list(&key("l")).await.unwrap();
+        let keys: Vec<_> = listed.iter().map(|m| m.key.as_str()).collect();
+        assert_eq!(keys, ["l/ok"]);
+    }
+
+    #[tokio::test]
+    async fn no_key_reaches_outside_the_root() {
+        let dir = tempdir();
+        let outside = dir.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("secret"), b"secret").unwrap();
+        let root = dir.path().join("root");
+        let store = LocalStore::new(&root).unwrap();
+
+        // Keys that a naive join or a decoding layer could turn into escapes.
+        let tricky = [
+            "%2e%2e/escaped",
+            "%2E%2E/%2E%2E/escaped",
+            "..%2f..%2fescaped",
+            "..%5c..%5cescaped",
+            "...",
+            "..../escaped",
+            "\u{2025}/escaped",
+            "\u{ff0e}\u{ff0e}\u{ff0f}escaped",
+            "a\u{2215}..\u{2215}escaped",
+            "~/escaped",
+            "$HOME/escaped",
+            " ../escaped",
+            ".. /escaped",
+        ];
+        for k in tricky {
+            let k = key(k);
+            store.put_bytes(&k, Bytes::from_static(b"x")).await.unwrap();
+            store
+                .put_stream(
+                    &k,
+                    futures::stream::iter([Ok(Bytes::from_static(b"y"))]).boxed(),
+                )
+                .await
+                .unwrap();
+            assert_eq!(read(&store, &k).await, b"y");
+            store.delete(&k).await.unwrap();
+        }
+        assert_eq!(walk(&outside), [outside.join("secret")]);
+        for path in walk(dir.path()) {
+            assert!(
+                path.starts_with(&root) || path.starts_with(&outside),
+                "{}",
+                path.display()
+            );
+        }
+
+        // Symbolic links inside the root that lead out of it.
+        let canonical_root = store.root().to_path_buf();
+        std::os::unix::fs::symlink(&outside, canonical_root.join("evil")).unwrap();
+        std::fs::create_dir(canonical_root.join("jobs")).unwrap();
+        std::os::unix::fs::symlink(&outside, canonical_root.join("jobs").join("evil")).unwrap();
+        std::os::unix::fs::symlink(outside.join("secret"), canonical_root.join("link")).unwrap();
+        let escape = |r: Result<(), StoreError>, what: &str| {
+            assert!(
+                matches!(r, Err(StoreError::InvalidKey { .. })),
+                "{what}: {r:?}"
+            );
+        };
+        let source = dir.path().join("source");
+        std::fs::write(&source, b"payload").unwrap();
+        for k in ["evil/new", "evil/secret", "link", "jobs/evil/new"] {
+            let k = key(k);
+            escape(
+                store
+                    .put_bytes(&k, Bytes::from_static(b"x"))
+                    .await
+                    .map(drop),
+                "put_bytes",
+            );
+            escape(store.put_file(&k, &source).await.map(drop), "put_file");
+            escape(
+                store
+                    .put_stream(
+                        &k,
+                        futures::stream::iter([Ok(Bytes::from_static(b"y"))]).boxed(),
+                    )
+                    .await
+                    .map(drop),
+                "put_stream",
+            );
+            escape(store.get(&k).await.map(drop), "get");
+            escape(store.head(&k).await.map(drop), "head");
+            escape(
+                store.get_file(&k, &dir.path().join("dest")).await.map(drop),
+                "get_file",
+            );
+        }
+        escape(store.delete(&key("evil/secret")).await, "delete");
+        escape(store.list(&key("evil")).await.map(drop), "list");
+        // A listing above a link does not follow it out.
+        let listed = store.list(&key("jobs")).await.unwrap();
+        assert!(listed.is_empty(), "{listed:?}");
+        // Deleting the link itself removes the link, not its target.
+        store.delete(&key("link")).await.unwrap();
+        assert_eq!(walk(&outside), [outside.join("secret")]);
+        assert_eq!(std::fs::read(outside.join("secret")).unwrap(), b"secret");
+    }
 }
