@@ -1,10 +1,64 @@
-//! Running one job on a worker: processes, builtins, capture, limits.
+//! Running one attempt of one job on a worker: processes, builtins, capture,
+//! limits.
 //!
-//! (Being written: see the public items below for the interface.)
+//! The agent calls [`run_job`] for every job it is given, one at a time, and
+//! sends the [`JobResult`] back to the controller. Everything that touches the
+//! operating system for a job is here, so that the rest of the agent is plain
+//! async plumbing.
+//!
+//! # How a process job runs, and why
+//!
+//! - **Its own process group** (`setpgid(0, 0)` in the child), so that a
+//!   timeout, a cancellation, or the end of the main process can signal the
+//!   whole tree the job started (`kill(-pgid, ...)`), grandchildren included.
+//!   A job never outlives its record: when the main process exits, whatever
+//!   is left in its group is killed. (A process that moves itself to another
+//!   group or session escapes this; only cgroups could follow it.)
+//! - **`PR_SET_PDEATHSIG(SIGKILL)`** on Linux, so that the job's main process
+//!   dies with the agent even when the agent is SIGKILLed. The kernel sends
+//!   it when the *thread* that forked the child exits; jobs are spawned from
+//!   the async task that runs [`run_job`], i.e. on a runtime thread, which
+//!   lives as long as the runtime.
+//! - **stdout and stderr go to files** in the agent's scratch folder, not to
+//!   pipes: a job that writes gigabytes neither blocks on a full pipe nor
+//!   grows the agent's memory. The same two files are reused by every job
+//!   (opened with `O_TRUNC` each time), since an agent runs one job at a
+//!   time: no folder is created per job. After the job, the first
+//!   [`ExecContext::inline_cap`] bytes are sent inline and, when there is
+//!   more, the whole file goes to the store.
+//! - **The agent reaps the child itself** with `waitid(WNOWAIT)` and then
+//!   `wait4` on a blocking thread: `wait4` returns the CPU time and peak
+//!   memory (`rusage`) that `tokio::process::Child::wait` throws away, and
+//!   waiting without reaping first keeps the group's id reserved while the
+//!   leftovers are killed, so a signal can never reach an unrelated process
+//!   that reused the id. Nothing else in the agent may reap children (no
+//!   `SIGCHLD` set to `SIG_IGN`, no `waitpid(-1)`).
+//!
+//! Builtins ([`crate::builtins`]) run in the agent itself; timeouts and
+//! cancellation drop their future.
+//!
+//! **Invariant:** [`run_job`] never panics on anything a job does, and always
+//! returns a result: a job that cannot start is a `failed` job, not an agent
+//! error.
 
+use std::ffi::OsStr;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
+use crate::builtins::{Builtin, BuiltinContext, BuiltinOutput, Builtins, call_catching};
+use crate::job::{Command, JobId, JobSpec};
 use crate::output::{Captured, Status, Timestamp};
+use crate::store::{Store, StoreKey};
+use crate::worker::{ENV_CONNECT, ENV_INDEX, ENV_LAUNCH, ENV_TOKEN};
 
 /// What the agent reports for one attempt of a job. The controller adds the
 /// job's identity, slot, class, attempt and seed to make an
@@ -34,4 +88,1509 @@ pub struct JobResult {
     pub cpu_seconds: f64,
     /// Peak resident set size of the largest process, in bytes.
     pub peak_rss_bytes: u64,
+}
+
+/// Default number of bytes of stdout (and of stderr) sent inline in a
+/// [`JobResult`]: 64 KiB.
+pub const INLINE_CAP: usize = 64 * 1024;
+
+/// Default time between SIGTERM and SIGKILL when a job is stopped.
+pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(2);
+
+/// The shell that runs [`Command::Shell`] lines. An absolute path, so that
+/// starting a shell job costs one `execve` rather than a `PATH` search.
+pub const SHELL: &str = "/bin/sh";
+
+/// Variables the agent itself receives to connect to its controller. They are
+/// removed from every job's environment: the launch secret must never reach
+/// a job.
+pub const AGENT_ONLY_ENV: [&str; 4] = [ENV_TOKEN, ENV_LAUNCH, ENV_CONNECT, ENV_INDEX];
+
+/// Names of the capture files in the scratch folder.
+const STDOUT_FILE: &str = "stdout";
+const STDERR_FILE: &str = "stderr";
+const STDIN_FILE: &str = "stdin";
+
+/// What [`run_job`] needs from the agent: the slot's name, a private folder,
+/// limits, the store and the builtins.
+#[derive(Clone, Debug)]
+pub struct ExecContext {
+    /// The slot's name, exported to jobs as `CREW_WORKER`.
+    pub worker: String,
+    /// A folder private to this agent, where the capture files live. It must
+    /// exist; one job at a time may run with a given folder.
+    pub scratch: PathBuf,
+    /// Bytes of stdout (and of stderr) kept inline in the result; default
+    /// [`INLINE_CAP`].
+    pub inline_cap: usize,
+    /// Where streams longer than `inline_cap` are uploaded whole; when
+    /// `None`, they are only truncated.
+    pub store: Option<Arc<dyn Store>>,
+    /// The functions `Command::Builtin` jobs can call.
+    pub builtins: Builtins,
+    /// Time between SIGTERM and SIGKILL when a job times out or is cancelled;
+    /// default [`DEFAULT_KILL_GRACE`].
+    pub kill_grace: Duration,
+}
+
+impl ExecContext {
+    /// A context for slot `worker` with capture files in `scratch` (which
+    /// must exist), the standard builtins, no store and default limits.
+    pub fn new(worker: impl Into<String>, scratch: impl Into<PathBuf>) -> Self {
+        Self {
+            worker: worker.into(),
+            scratch: scratch.into(),
+            inline_cap: INLINE_CAP,
+            store: None,
+            builtins: Builtins::standard(),
+            kill_grace: DEFAULT_KILL_GRACE,
+        }
+    }
+
+    /// Sets the store large streams are uploaded to.
+    pub fn with_store(mut self, store: Arc<dyn Store>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Sets the builtins.
+    pub fn with_builtins(mut self, builtins: Builtins) -> Self {
+        self.builtins = builtins;
+        self
+    }
+
+    /// Sets the inline cap.
+    pub fn with_inline_cap(mut self, bytes: usize) -> Self {
+        self.inline_cap = bytes;
+        self
+    }
+
+    /// Sets the grace time between SIGTERM and SIGKILL.
+    pub fn with_kill_grace(mut self, grace: Duration) -> Self {
+        self.kill_grace = grace;
+        self
+    }
+}
+
+/// Runs attempt `attempt` of job `id` and reports how it ended.
+///
+/// - `Command::Argv` executes the program directly, `Command::Shell` runs
+///   [`SHELL`]` -c line`, `Command::Builtin` calls `ctx.builtins`.
+/// - The job's environment is the agent's, minus [`AGENT_ONLY_ENV`], plus
+///   `spec.env`, plus `CREW_JOB_ID`, `CREW_JOB_NAME` (empty when unnamed),
+///   `CREW_SEED`, `CREW_WORKER` and `CREW_ATTEMPT`.
+/// - `spec.timeout` and `cancel` stop the job: SIGTERM to its process group,
+///   SIGKILL after `ctx.kill_grace`; it ends `timed_out` or `cancelled`.
+///
+/// # Cancellation
+/// Prefer `cancel` to dropping the returned future: dropping it SIGKILLs the
+/// job's process group at once, and no result is produced.
+pub async fn run_job(
+    ctx: &ExecContext,
+    id: JobId,
+    attempt: u32,
+    seed: u64,
+    spec: &JobSpec,
+    cancel: CancellationToken,
+) -> JobResult {
+    let job = Job {
+        ctx,
+        id,
+        attempt,
+        seed,
+        spec,
+        started: Timestamp::now(),
+        clock: Instant::now(),
+    };
+    match &spec.command {
+        Command::Builtin { name, args } => run_builtin(&job, name, args, cancel).await,
+        Command::Shell(line) => {
+            let mut cmd = std::process::Command::new(SHELL);
+            cmd.arg("-c").arg(line);
+            run_process(&job, SHELL, cmd, cancel).await
+        }
+        Command::Argv(argv) => match argv.split_first() {
+            Some((program, args)) => {
+                let mut cmd = std::process::Command::new(program);
+                cmd.args(args);
+                run_process(&job, program, cmd, cancel).await
+            }
+            None => job.ended(Outcome::failed(
+                "the command is empty: give at least a program",
+            )),
+        },
+    }
+}
+
+/// One attempt being run: its identity and when it started.
+struct Job<'a> {
+    ctx: &'a ExecContext,
+    id: JobId,
+    attempt: u32,
+    seed: u64,
+    spec: &'a JobSpec,
+    started: Timestamp,
+    clock: Instant,
+}
+
+/// How an attempt ended, before the capture is attached.
+struct Outcome {
+    status: Status,
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+    error: Option<String>,
+    stdout: Captured,
+    stderr: Captured,
+    cpu_seconds: f64,
+    peak_rss_bytes: u64,
+}
+
+impl Outcome {
+    fn new(status: Status, error: Option<String>) -> Self {
+        Self {
+            status,
+            exit_code: None,
+            signal: None,
+            error,
+            stdout: Captured::default(),
+            stderr: Captured::default(),
+            cpu_seconds: 0.0,
+            peak_rss_bytes: 0,
+        }
+    }
+
+    fn failed(error: impl Into<String>) -> Self {
+        Self::new(Status::Failed, Some(error.into()))
+    }
+
+    /// Adds a problem to the error without changing the status.
+    fn note(&mut self, problem: String) {
+        match &mut self.error {
+            Some(error) => {
+                error.push_str("; ");
+                error.push_str(&problem);
+            }
+            None => self.error = Some(problem),
+        }
+    }
+}
+
+impl Job<'_> {
+    /// The result of an attempt that ended now.
+    fn ended(&self, outcome: Outcome) -> JobResult {
+        self.ended_at(outcome, Timestamp::now(), self.clock.elapsed())
+    }
+
+    fn ended_at(&self, o: Outcome, finished: Timestamp, wall: Duration) -> JobResult {
+        JobResult {
+            status: o.status,
+            exit_code: o.exit_code,
+            signal: o.signal,
+            error: o.error,
+            stdout: o.stdout,
+            stderr: o.stderr,
+            started: self.started,
+            finished,
+            wall_seconds: wall.as_secs_f64(),
+            cpu_seconds: o.cpu_seconds,
+            peak_rss_bytes: o.peak_rss_bytes,
+        }
+    }
+
+    /// The store key of a whole stream: `jobs/<id>/<attempt>/<stream>`.
+    fn stream_key(&self, stream: &str) -> Result<StoreKey, crate::store::StoreError> {
+        StoreKey::new(format!("jobs/{}/{}/{stream}", self.id, self.attempt))
+    }
+
+    /// The store and key for a stream that is too long to inline, or `None`
+    /// without a store.
+    fn spill_target(
+        &self,
+        stream: &str,
+        outcome: &mut Outcome,
+    ) -> Option<(&Arc<dyn Store>, StoreKey)> {
+        let store = self.ctx.store.as_ref()?;
+        match self.stream_key(stream) {
+            Ok(key) => Some((store, key)),
+            Err(e) => {
+                outcome.note(format!("could not upload {stream} to the store: {e}"));
+                None
+            }
+        }
+    }
+}
+
+/// Why the wait for a job stopped before it ended by itself.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    TimedOut,
+    Cancelled,
+}
+
+impl Stop {
+    fn outcome(self, spec: &JobSpec) -> Outcome {
+        match self {
+            Stop::TimedOut => Outcome::new(Status::TimedOut, Some(timed_out_message(spec))),
+            Stop::Cancelled => Outcome::new(Status::Cancelled, Some("cancelled".to_owned())),
+        }
+    }
+}
+
+fn timed_out_message(spec: &JobSpec) -> String {
+    match spec.timeout {
+        Some(t) => format!("timed out after {}", humantime::format_duration(t)),
+        None => "timed out".to_owned(),
+    }
+}
+
+/// Completes after `timeout`, or never.
+async fn deadline(timeout: Option<Duration>) {
+    match timeout {
+        Some(t) => tokio::time::sleep(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Builtins
+
+async fn run_builtin(
+    job: &Job<'_>,
+    name: &str,
+    args: &serde_json::Value,
+    cancel: CancellationToken,
+) -> JobResult {
+    let f = match job.ctx.builtins.lookup(name) {
+        Ok(Builtin::Noop) if !cancel.is_cancelled() => {
+            // The benchmarked path: nothing to allocate, nothing to wait for.
+            return job.ended(Outcome::new(Status::Succeeded, None));
+        }
+        Ok(Builtin::Noop) => return job.ended(Stop::Cancelled.outcome(job.spec)),
+        Ok(Builtin::Func(f)) => f,
+        Err(e) => return job.ended(Outcome::failed(e.to_string())),
+    };
+    if cancel.is_cancelled() {
+        return job.ended(Stop::Cancelled.outcome(job.spec));
+    }
+    // A child token, so that a timeout can tell the builtin's helpers to stop
+    // without cancelling the caller's token.
+    let token = cancel.child_token();
+    let bctx = BuiltinContext {
+        id: job.id,
+        attempt: job.attempt,
+        seed: job.seed,
+        env: job.spec.env.clone(),
+        cancel: token.clone(),
+    };
+    let ended = tokio::select! {
+        // Cancellation first: the builtin sees it through its child token in
+        // the same poll, and its own "cancelled" error must not win.
+        biased;
+        () = cancel.cancelled() => Err(Stop::Cancelled),
+        r = call_catching(f, args.clone(), bctx) => Ok(r),
+        () = deadline(job.spec.timeout) => Err(Stop::TimedOut),
+    };
+    // The builtin's future is dropped by now; stop whatever it left behind.
+    token.cancel();
+    let finished = Timestamp::now();
+    let wall = job.clock.elapsed();
+    let outcome = match ended {
+        Ok(Ok(BuiltinOutput { stdout, stderr })) => {
+            let mut o = Outcome::new(Status::Succeeded, None);
+            o.stdout = capture_text(job, STDOUT_FILE, stdout, &mut o).await;
+            o.stderr = capture_text(job, STDERR_FILE, stderr, &mut o).await;
+            o
+        }
+        Ok(Err(e)) => Outcome::failed(e.message()),
+        Err(stop) => stop.outcome(job.spec),
+    };
+    if outcome.status != Status::Succeeded {
+        tracing::debug!(job = %job.id, builtin = name, status = %outcome.status, "builtin ended");
+    }
+    job.ended_at(outcome, finished, wall)
+}
+
+/// Captures a builtin's output: inline up to the cap, whole in the store when
+/// longer.
+async fn capture_text(
+    job: &Job<'_>,
+    stream: &str,
+    text: String,
+    outcome: &mut Outcome,
+) -> Captured {
+    let cap = job.ctx.inline_cap;
+    if text.len() <= cap {
+        return Captured {
+            bytes: text.len() as u64,
+            text,
+            truncated: false,
+            key: None,
+        };
+    }
+    let mut end = cap;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut captured = Captured {
+        text: text[..end].to_owned(),
+        bytes: text.len() as u64,
+        truncated: true,
+        key: None,
+    };
+    if let Some((store, key)) = job.spill_target(stream, outcome) {
+        match store.put_bytes(&key, Bytes::from(text)).await {
+            Ok(_) => captured.key = Some(key.as_str().to_owned()),
+            Err(e) => upload_failed(job, stream, &e, outcome),
+        }
+    }
+    captured
+}
+
+fn upload_failed(job: &Job<'_>, stream: &str, e: &crate::store::StoreError, outcome: &mut Outcome) {
+    tracing::warn!(job = %job.id, attempt = job.attempt, stream, error = %e, "could not upload a job stream");
+    outcome.note(format!("could not upload {stream} to the store: {e}"));
+}
+
+// ---------------------------------------------------------------------------
+// Processes
+
+async fn run_process(
+    job: &Job<'_>,
+    program: &str,
+    mut cmd: std::process::Command,
+    cancel: CancellationToken,
+) -> JobResult {
+    if cancel.is_cancelled() {
+        return job.ended(Stop::Cancelled.outcome(job.spec));
+    }
+    let scratch = &job.ctx.scratch;
+    let files = match CaptureFiles::open(scratch) {
+        Ok(f) => f,
+        Err(e) => {
+            return job.ended(Outcome::failed(format!(
+                "could not create the capture files in {}: {e}",
+                scratch.display()
+            )));
+        }
+    };
+    if let Err(e) = configure(job, &mut cmd, &files) {
+        return job.ended(Outcome::failed(format!("could not prepare the job: {e}")));
+    }
+
+    let child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            return job.ended(Outcome::failed(start_error(
+                program,
+                job.spec.cwd.as_deref(),
+                &e,
+            )));
+        }
+    };
+    // Close the parent's copies of the child's stdio now.
+    drop(cmd);
+    // `std::process::Child` neither waits nor kills on drop; we reap by pid.
+    let Ok(pid) = libc::pid_t::try_from(child.id()) else {
+        return job.ended(Outcome::failed("the job's process id does not fit a pid_t"));
+    };
+    drop(child);
+    tracing::debug!(job = %job.id, attempt = job.attempt, pid, "job started");
+
+    let group = Arc::new(Group::new(pid));
+    // Kills the group if this future is dropped before the job is reaped.
+    let guard = GroupGuard(Arc::clone(&group));
+    let reaper = Arc::clone(&group);
+    let mut waiter = tokio::task::spawn_blocking(move || reaper.wait_and_reap());
+
+    let stop = tokio::select! {
+        biased;
+        r = &mut waiter => Ok(r),
+        () = cancel.cancelled() => Err(Stop::Cancelled),
+        () = deadline(job.spec.timeout) => Err(Stop::TimedOut),
+    };
+    let (stop, waited) = match stop {
+        Ok(r) => (None, r),
+        Err(stop) => {
+            tracing::debug!(job = %job.id, pid, "stopping the job: SIGTERM to its process group");
+            group.signal(libc::SIGTERM);
+            let r = match tokio::time::timeout(job.ctx.kill_grace, &mut waiter).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::debug!(job = %job.id, pid, "grace time over: SIGKILL to its process group");
+                    group.signal(libc::SIGKILL);
+                    waiter.await
+                }
+            };
+            (Some(stop), r)
+        }
+    };
+    drop(guard);
+    let finished = Timestamp::now();
+    let wall = job.clock.elapsed();
+
+    // When the wait itself failed, the job's status is unknown: it failed,
+    // unless it was being stopped anyway.
+    let lost = |problem: String| {
+        let mut o = stop.map_or_else(
+            || Outcome::new(Status::Failed, None),
+            |s| s.outcome(job.spec),
+        );
+        o.note(problem);
+        o
+    };
+    let mut outcome = match waited {
+        Ok(Ok(exit)) => exit_outcome(stop, &exit, job.spec),
+        Ok(Err(e)) => lost(format!(
+            "could not wait for the job's process {pid}: {e} (is something else in the agent reaping children?)"
+        )),
+        Err(e) => lost(format!("lost track of the job's process {pid}: {e}")),
+    };
+    tracing::debug!(job = %job.id, pid, status = %outcome.status, "job ended");
+
+    outcome.stdout = collect(job, STDOUT_FILE, &files.stdout, &mut outcome).await;
+    outcome.stderr = collect(job, STDERR_FILE, &files.stderr, &mut outcome).await;
+    job.ended_at(outcome, finished, wall)
+}
+
+/// Sets the job's stdio, environment, folder, process group and parent-death
+/// signal on `cmd`.
+fn configure(
+    job: &Job<'_>,
+    cmd: &mut std::process::Command,
+    files: &CaptureFiles,
+) -> io::Result<()> {
+    cmd.stdout(files.stdout.try_clone()?);
+    cmd.stderr(files.stderr.try_clone()?);
+    match &job.spec.stdin {
+        Some(data) => cmd.stdin(stdin_file(&job.ctx.scratch, data.as_bytes())?),
+        None => cmd.stdin(std::process::Stdio::null()),
+    };
+
+    for name in AGENT_ONLY_ENV {
+        cmd.env_remove(name);
+    }
+    cmd.envs(&job.spec.env);
+    cmd.env("CREW_JOB_ID", job.id.to_string());
+    cmd.env("CREW_JOB_NAME", job.spec.name.as_deref().unwrap_or(""));
+    cmd.env("CREW_SEED", job.seed.to_string());
+    cmd.env("CREW_WORKER", OsStr::new(&job.ctx.worker));
+    cmd.env("CREW_ATTEMPT", job.attempt.to_string());
+
+    if let Some(cwd) = &job.spec.cwd {
+        cmd.current_dir(cwd);
+    }
+    cmd.process_group(0);
+
+    #[cfg(target_os = "linux")]
+    {
+        let agent = agent_pid();
+        let pre_exec = move || {
+            // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number and
+            // touches no memory; it is async-signal-safe.
+            if unsafe {
+                libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                )
+            } == -1
+            {
+                return Err(io::Error::last_os_error());
+            }
+            // The agent may have died between fork and prctl, before the
+            // death signal was armed: then we have a new parent.
+            // SAFETY: getppid has no preconditions and cannot fail.
+            if unsafe { libc::getppid() } != agent {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        };
+        // SAFETY: the closure runs in the child between fork and exec, where
+        // only async-signal-safe work is allowed: it calls prctl and getppid
+        // and builds errors without allocating.
+        unsafe {
+            cmd.pre_exec(pre_exec);
+        }
+    }
+    Ok(())
+}
+
+/// The agent's pid, read once: every job's `pre_exec` compares its parent
+/// with it.
+#[cfg(target_os = "linux")]
+fn agent_pid() -> libc::pid_t {
+    static PID: std::sync::OnceLock<libc::pid_t> = std::sync::OnceLock::new();
+    // SAFETY: getpid has no preconditions and cannot fail.
+    *PID.get_or_init(|| unsafe { libc::getpid() })
+}
+
+/// Writes the job's stdin to a scratch file and opens it for the job: a file
+/// rather than a pipe, so that no task has to feed it and a job that never
+/// reads its stdin cannot block anything.
+fn stdin_file(scratch: &Path, data: &[u8]) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(scratch.join(STDIN_FILE))?;
+    // Positional write: the offset the job reads from stays at 0.
+    file.write_all_at(data, 0)?;
+    Ok(file)
+}
+
+/// The error of a job that could not be started, naming the working folder
+/// when that is what is wrong.
+fn start_error(program: &str, cwd: Option<&Path>, e: &io::Error) -> String {
+    if let Some(cwd) = cwd {
+        // Checked only after a failure, so that starting a job costs no
+        // extra system call.
+        if !cwd.is_dir() {
+            return format!(
+                "could not start {program:?}: the working folder {:?} does not exist or is not a folder ({e})",
+                cwd.display().to_string()
+            );
+        }
+    }
+    format!("could not start {program:?}: {e}")
+}
+
+/// The two capture files, truncated, shared with the job.
+struct CaptureFiles {
+    stdout: File,
+    stderr: File,
+}
+
+impl CaptureFiles {
+    fn open(scratch: &Path) -> io::Result<Self> {
+        let open = |name: &str| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(scratch.join(name))
+        };
+        Ok(Self {
+            stdout: open(STDOUT_FILE)?,
+            stderr: open(STDERR_FILE)?,
+        })
+    }
+}
+
+/// Reads a capture file after the job: inline up to the cap, and the whole
+/// file to the store when longer.
+async fn collect(job: &Job<'_>, stream: &str, file: &File, outcome: &mut Outcome) -> Captured {
+    let (text, bytes) = match read_head(file, job.ctx.inline_cap) {
+        Ok(read) => read,
+        Err(e) => {
+            outcome.note(format!("could not read the job's {stream}: {e}"));
+            return Captured::default();
+        }
+    };
+    let mut captured = Captured {
+        text,
+        bytes,
+        truncated: bytes > job.ctx.inline_cap as u64,
+        key: None,
+    };
+    if captured.truncated {
+        if let Some((store, key)) = job.spill_target(stream, outcome) {
+            match store.put_file(&key, &job.ctx.scratch.join(stream)).await {
+                Ok(_) => captured.key = Some(key.as_str().to_owned()),
+                Err(e) => upload_failed(job, stream, &e, outcome),
+            }
+        }
+    }
+    captured
+}
+
+/// The first `cap` bytes of `file` as text, and its total size.
+fn read_head(file: &File, cap: usize) -> io::Result<(String, u64)> {
+    let len = file.metadata()?.len();
+    if len == 0 || cap == 0 {
+        return Ok((String::new(), len));
+    }
+    let want = usize::try_from(len).map_or(cap, |len| len.min(cap));
+    let mut buf = vec![0; want];
+    let mut filled = 0;
+    while filled < want {
+        match file.read_at(&mut buf[filled..], filled as u64) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(filled);
+    if (filled as u64) < len {
+        // Cut where the stream was cut, not inside a character.
+        let keep = filled - incomplete_tail(&buf);
+        buf.truncate(keep);
+    }
+    let text = match String::from_utf8(buf) {
+        Ok(text) => text,
+        Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+    };
+    Ok((text, len))
+}
+
+/// The length of a UTF-8 sequence begun but not finished at the end of `buf`
+/// (0 when the end is complete, or not UTF-8 anyway).
+fn incomplete_tail(buf: &[u8]) -> usize {
+    for back in 1..=buf.len().min(3) {
+        let b = buf[buf.len() - back];
+        if b & 0xC0 == 0x80 {
+            continue; // a continuation byte: keep looking for the start
+        }
+        let needed = match b {
+            0xC0..=0xDF => 2,
+            0xE0..=0xEF => 3,
+            0xF0..=0xF7 => 4,
+            _ => return 0,
+        };
+        return if needed > back { back } else { 0 };
+    }
+    0
+}
+
+/// The job's process group, and whether its leader has been reaped. Once it
+/// has, the group id may be reused by the system and must not be signalled.
+struct Group {
+    pgid: libc::pid_t,
+    reaped: Mutex<bool>,
+}
+
+/// How the main process ended, and what it used.
+struct Exit {
+    status: libc::c_int,
+    usage: libc::rusage,
+}
+
+impl Group {
+    fn new(pgid: libc::pid_t) -> Self {
+        Self {
+            pgid,
+            reaped: Mutex::new(false),
+        }
+    }
+
+    /// Sends `signal` to the whole group, unless it is already reaped.
+    fn signal(&self, signal: libc::c_int) {
+        let reaped = self.reaped.lock().unwrap_or_else(PoisonError::into_inner);
+        if !*reaped {
+            kill_group(self.pgid, signal);
+        }
+    }
+
+    /// Blocks until the main process exits, kills what is left in its group,
+    /// and reaps it. Runs on a blocking thread.
+    fn wait_and_reap(&self) -> io::Result<Exit> {
+        // Wait without reaping: the zombie leader keeps the group id
+        // reserved while the leftovers are killed below.
+        loop {
+            // SAFETY: siginfo_t is plain data, valid when zeroed.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: waitid writes only to `info`, which lives across the call.
+            let r = unsafe {
+                libc::waitid(
+                    libc::P_PID,
+                    self.pgid as libc::id_t,
+                    &mut info,
+                    libc::WEXITED | libc::WNOWAIT,
+                )
+            };
+            if r == 0 {
+                break;
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+        let mut reaped = self.reaped.lock().unwrap_or_else(PoisonError::into_inner);
+        // Background children must not outlive the job.
+        kill_group(self.pgid, libc::SIGKILL);
+        let mut status: libc::c_int = 0;
+        // SAFETY: rusage is plain data, valid when zeroed.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        loop {
+            // SAFETY: wait4 writes only to `status` and `usage`, which live
+            // across the call. The child is a zombie, so it returns at once.
+            let r = unsafe { libc::wait4(self.pgid, &mut status, 0, &mut usage) };
+            if r == self.pgid {
+                break;
+            }
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+        *reaped = true;
+        Ok(Exit { status, usage })
+    }
+}
+
+/// Kills the group if the job's future is dropped before its leader is
+/// reaped; the blocking waiter then reaps it.
+struct GroupGuard(Arc<Group>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        self.0.signal(libc::SIGKILL);
+    }
+}
+
+/// `kill(-pgid, signal)`; a group already gone is not an error.
+fn kill_group(pgid: libc::pid_t, signal: libc::c_int) {
+    // pgid is always a spawned child's pid (> 1), so -pgid names exactly its
+    // group, never "every process" (-1).
+    if pgid <= 1 {
+        return;
+    }
+    // SAFETY: kill has no memory effects.
+    let r = unsafe { libc::kill(-pgid, signal) };
+    if r == -1 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ESRCH) {
+            tracing::warn!(pgid, signal, error = %e, "could not signal a job's process group");
+        }
+    }
+}
+
+/// Turns the main process's wait status into an outcome.
+fn exit_outcome(stop: Option<Stop>, exit: &Exit, spec: &JobSpec) -> Outcome {
+    let mut o = match stop {
+        Some(stop) => stop.outcome(spec),
+        None => Outcome::new(Status::Succeeded, None),
+    };
+    if libc::WIFEXITED(exit.status) {
+        let code = libc::WEXITSTATUS(exit.status);
+        o.exit_code = Some(code);
+        if stop.is_none() && code != 0 {
+            o.status = Status::Failed;
+            o.error = Some(format!("exited with status {code}"));
+        }
+    } else if libc::WIFSIGNALED(exit.status) {
+        let signal = libc::WTERMSIG(exit.status);
+        o.signal = Some(signal);
+        if stop.is_none() {
+            o.status = Status::Failed;
+            o.error = Some(match signal_name(signal) {
+                Some(name) => format!("killed by signal {signal} ({name})"),
+                None => format!("killed by signal {signal}"),
+            });
+        }
+    }
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    o.cpu_seconds = seconds(exit.usage.ru_utime) + seconds(exit.usage.ru_stime);
+    let maxrss = u64::try_from(exit.usage.ru_maxrss).unwrap_or(0);
+    // Linux reports KiB; macOS and the BSDs differ (bytes on macOS).
+    o.peak_rss_bytes = if cfg!(target_os = "macos") {
+        maxrss
+    } else {
+        maxrss.saturating_mul(1024)
+    };
+    o
+}
+
+/// The name of a signal, for error messages.
+fn signal_name(signal: libc::c_int) -> Option<&'static str> {
+    Some(match signal {
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGINT => "SIGINT",
+        libc::SIGQUIT => "SIGQUIT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGTRAP => "SIGTRAP",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGUSR1 => "SIGUSR1",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGUSR2 => "SIGUSR2",
+        libc::SIGPIPE => "SIGPIPE",
+        libc::SIGALRM => "SIGALRM",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGCHLD => "SIGCHLD",
+        libc::SIGCONT => "SIGCONT",
+        libc::SIGSTOP => "SIGSTOP",
+        libc::SIGTSTP => "SIGTSTP",
+        libc::SIGTTIN => "SIGTTIN",
+        libc::SIGTTOU => "SIGTTOU",
+        libc::SIGURG => "SIGURG",
+        libc::SIGXCPU => "SIGXCPU",
+        libc::SIGXFSZ => "SIGXFSZ",
+        libc::SIGVTALRM => "SIGVTALRM",
+        libc::SIGPROF => "SIGPROF",
+        libc::SIGWINCH => "SIGWINCH",
+        libc::SIGIO => "SIGIO",
+        libc::SIGSYS => "SIGSYS",
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::builtins::BuiltinOutput;
+    use crate::store::{ByteStream, ObjectMeta, StoreError};
+    use async_trait::async_trait;
+    use serde_json::json;
+    use std::collections::HashMap;
+
+    fn context() -> (tempfile::TempDir, ExecContext) {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = ExecContext::new("local-1", dir.path());
+        (dir, ctx)
+    }
+
+    async fn run(ctx: &ExecContext, spec: &JobSpec) -> JobResult {
+        run_job(ctx, JobId(17), 1, 42, spec, CancellationToken::new()).await
+    }
+
+    fn argv(args: &[&str]) -> JobSpec {
+        JobSpec::new(Command::Argv(
+            args.iter().map(|s| (*s).to_owned()).collect(),
+        ))
+    }
+
+    /// Processes of group `pgid` that are not zombies (the init of some
+    /// containers never reaps orphans, so zombies may linger).
+    fn live_members(pgid: i32) -> Vec<i32> {
+        let mut live = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            // Fields after the command name (which may contain spaces).
+            let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+                continue;
+            };
+            let fields: Vec<&str> = rest.split(' ').collect();
+            // state, ppid, pgrp
+            if fields[2].parse::<i32>() == Ok(pgid) && fields[0] != "Z" {
+                live.push(pid);
+            }
+        }
+        live
+    }
+
+    /// Waits (generously) for the group to be empty of live processes.
+    async fn assert_group_gone(pgid: i32) {
+        let t = Instant::now();
+        while !live_members(pgid).is_empty() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "group {pgid} still has {:?}",
+                live_members(pgid)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn first_line_pid(r: &JobResult) -> i32 {
+        r.stdout
+            .text
+            .lines()
+            .next()
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn exit_codes() {
+        let (_d, ctx) = context();
+        let r = run(&ctx, &JobSpec::shell("exit 0")).await;
+        assert_eq!(r.status, Status::Succeeded);
+        assert_eq!((r.exit_code, r.signal, r.error), (Some(0), None, None));
+
+        let r = run(&ctx, &JobSpec::shell("exit 3")).await;
+        assert_eq!(r.status, Status::Failed);
+        assert_eq!(r.exit_code, Some(3));
+        assert_eq!(r.error.as_deref(), Some("exited with status 3"));
+        assert!(r.wall_seconds >= 0.0 && r.finished >= r.started);
+
+        let r = run(&ctx, &argv(&["false"])).await;
+        assert_eq!((r.status, r.exit_code), (Status::Failed, Some(1)));
+    }
+
+    #[tokio::test]
+    async fn killed_by_a_signal() {
+        let (_d, ctx) = context();
+        let r = run(&ctx, &JobSpec::shell("kill -9 $$")).await;
+        assert_eq!(r.status, Status::Failed);
+        assert_eq!((r.exit_code, r.signal), (None, Some(9)));
+        assert_eq!(r.error.as_deref(), Some("killed by signal 9 (SIGKILL)"));
+        let r = run(&ctx, &JobSpec::shell("kill -USR1 $$")).await;
+        assert_eq!(r.signal, Some(libc::SIGUSR1));
+        assert!(r.error.unwrap().contains("(SIGUSR1)"));
+    }
+
+    #[tokio::test]
+    async fn argv_runs_without_a_shell() {
+        let (_d, ctx) = context();
+        let r = run(&ctx, &argv(&["printf", "%s|%s", "a b", "$HOME"])).await;
+        assert_eq!(r.status, Status::Succeeded);
+        assert_eq!(r.stdout.text, "a b|$HOME");
+        assert_eq!(r.stdout.bytes, 9);
+    }
+
+    #[tokio::test]
+    async fn environment() {
+        let (_d, ctx) = context();
+        let mut spec = JobSpec::shell(
+            "echo \"$CREW_JOB_ID|$CREW_JOB_NAME|$CREW_SEED|$CREW_WORKER|$CREW_ATTEMPT|$FOO|${PATH:+path}\"",
+        )
+        .with_name("nm");
+        spec.env.insert("FOO".into(), "bar baz".into());
+        let r = run_job(&ctx, JobId(17), 2, 42, &spec, CancellationToken::new()).await;
+        assert_eq!(r.stdout.text, "17|nm|42|local-1|2|bar baz|path\n");
+
+        let r = run(&ctx, &JobSpec::shell("echo \"[${CREW_JOB_NAME-unset}]\"")).await;
+        assert_eq!(r.stdout.text, "[]\n");
+    }
+
+    /// Runs `token_child` in a fresh copy of this test binary whose own
+    /// environment has the agent's secrets: the test process's environment
+    /// cannot be changed safely while other tests run.
+    #[test]
+    fn agent_secrets_do_not_reach_jobs() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "exec::tests::token_child",
+                "--exact",
+                "--ignored",
+                "--test-threads=1",
+            ])
+            .env("CREW_EXEC_TEST_CHILD", "1")
+            .env("CREW_TOKEN", "s3cret")
+            .env("CREW_LAUNCH", "l")
+            .env("CREW_CONNECT", "127.0.0.1:1")
+            .env("CREW_INDEX", "0")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("1 passed"), "{stdout}");
+    }
+
+    #[tokio::test]
+    #[ignore = "run by agent_secrets_do_not_reach_jobs in a child process"]
+    async fn token_child() {
+        if std::env::var_os("CREW_EXEC_TEST_CHILD").is_none() {
+            return;
+        }
+        assert_eq!(std::env::var("CREW_TOKEN").unwrap(), "s3cret");
+        let (_d, ctx) = context();
+        let line = "echo \"${CREW_TOKEN-none}|${CREW_LAUNCH-none}|${CREW_CONNECT-none}|${CREW_INDEX-none}|$CREW_EXEC_TEST_CHILD\"";
+        let r = run(&ctx, &JobSpec::shell(line)).await;
+        assert_eq!(r.stdout.text, "none|none|none|none|1\n");
+    }
+
+    #[tokio::test]
+    async fn working_folder() {
+        let (_d, ctx) = context();
+        let dir = tempfile::tempdir().unwrap();
+        let mut spec = argv(&["pwd", "-P"]);
+        spec.cwd = Some(dir.path().to_owned());
+        let r = run(&ctx, &spec).await;
+        assert_eq!(r.status, Status::Succeeded);
+        assert_eq!(
+            r.stdout.text.trim_end(),
+            dir.path().canonicalize().unwrap().to_str().unwrap()
+        );
+
+        let missing = dir.path().join("missing");
+        spec.cwd = Some(missing.clone());
+        let r = run(&ctx, &spec).await;
+        assert_eq!(
+            (r.status, r.exit_code, r.signal),
+            (Status::Failed, None, None)
+        );
+        let error = r.error.unwrap();
+        assert!(error.starts_with("could not start \"pwd\": "), "{error}");
+        assert!(error.contains(missing.to_str().unwrap()), "{error}");
+    }
+
+    #[tokio::test]
+    async fn program_that_cannot_start() {
+        let (_d, ctx) = context();
+        let r = run(&ctx, &argv(&["crew-no-such-program-xyz", "a"])).await;
+        assert_eq!(
+            (r.status, r.exit_code, r.signal),
+            (Status::Failed, None, None)
+        );
+        let error = r.error.unwrap();
+        assert!(
+            error.starts_with("could not start \"crew-no-such-program-xyz\": "),
+            "{error}"
+        );
+        assert!(error.contains("No such file"), "{error}");
+
+        // Not executable.
+        let r = run(&ctx, &argv(&["/etc/passwd"])).await;
+        assert_eq!((r.status, r.exit_code), (Status::Failed, None));
+        assert!(
+            r.error
+                .unwrap()
+                .starts_with("could not start \"/etc/passwd\": ")
+        );
+
+        let r = run(&ctx, &JobSpec::new(Command::Argv(vec![]))).await;
+        assert_eq!(r.status, Status::Failed);
+    }
+
+    #[tokio::test]
+    async fn stdin_bytes_or_dev_null() {
+        let (_d, ctx) = context();
+        let mut spec = argv(&["cat"]).with_timeout(Duration::from_secs(20));
+        spec.stdin = Some("hello\nworld\n".into());
+        let r = run(&ctx, &spec).await;
+        assert_eq!(r.stdout.text, "hello\nworld\n");
+        spec.stdin = Some("x".into());
+        assert_eq!(run(&ctx, &spec).await.stdout.text, "x");
+        spec.stdin = None;
+        let r = run(&ctx, &spec).await;
+        assert_eq!((r.status, r.stdout.text.as_str()), (Status::Succeeded, ""));
+    }
+
+    #[tokio::test]
+    async fn capture_and_truncation() {
+        let (_d, ctx) = context();
+        let ctx = ctx.with_inline_cap(10);
+        let r = run(
+            &ctx,
+            &JobSpec::shell("printf 0123456789abcdef; printf err >&2"),
+        )
+        .await;
+        assert_eq!(r.stdout.text, "0123456789");
+        assert_eq!(
+            (r.stdout.bytes, r.stdout.truncated, r.stdout.key.as_deref()),
+            (16, true, None)
+        );
+        assert_eq!(r.stderr.text, "err");
+        assert_eq!((r.stderr.bytes, r.stderr.truncated), (3, false));
+        assert_eq!(r.status, Status::Succeeded);
+
+        // The files are reused: nothing of the previous job shows.
+        let r = run(&ctx, &JobSpec::shell("printf ab")).await;
+        assert_eq!(
+            (r.stdout.text.as_str(), r.stdout.bytes, r.stdout.truncated),
+            ("ab", 2, false)
+        );
+        assert_eq!((r.stderr.text.as_str(), r.stderr.bytes), ("", 0));
+
+        // A cut never splits a character: "é" is two bytes.
+        let r = run(&ctx, &JobSpec::shell("printf 012345678é")).await;
+        assert_eq!((r.stdout.text.as_str(), r.stdout.bytes), ("012345678", 11));
+        // Invalid UTF-8 is replaced.
+        let r = run(&ctx, &JobSpec::shell("printf 'a\\377b'")).await;
+        assert_eq!(r.stdout.text, "a\u{fffd}b");
+
+        let (_d, ctx) = context();
+        let r = run(&ctx, &JobSpec::shell("head -c 1000000 /dev/zero")).await;
+        assert_eq!(
+            (r.stdout.bytes, r.stdout.truncated, r.stdout.text.len()),
+            (1_000_000, true, INLINE_CAP)
+        );
+    }
+
+    #[test]
+    fn incomplete_tails() {
+        assert_eq!(incomplete_tail(b""), 0);
+        assert_eq!(incomplete_tail(b"abc"), 0);
+        assert_eq!(incomplete_tail("aé".as_bytes()), 0);
+        assert_eq!(incomplete_tail(&"aé".as_bytes()[..2]), 1);
+        assert_eq!(incomplete_tail(&"a€".as_bytes()[..3]), 2);
+        assert_eq!(incomplete_tail(&"a😀".as_bytes()[..4]), 3);
+        assert_eq!(incomplete_tail("a😀".as_bytes()), 0);
+        assert_eq!(incomplete_tail(b"a\xff"), 0);
+    }
+
+    /// A store in memory; `fail` makes every upload fail.
+    #[derive(Debug, Default)]
+    struct MemStore {
+        objects: Mutex<HashMap<String, Vec<u8>>>,
+        fail: bool,
+    }
+
+    impl MemStore {
+        fn put(&self, key: &StoreKey, data: Vec<u8>) -> Result<ObjectMeta, StoreError> {
+            if self.fail {
+                return Err(StoreError::Backend {
+                    backend: "mem",
+                    message: "disk on fire".into(),
+                    retryable: false,
+                });
+            }
+            let size = data.len() as u64;
+            self.objects
+                .lock()
+                .unwrap()
+                .insert(key.as_str().to_owned(), data);
+            Ok(ObjectMeta {
+                key: key.clone(),
+                size,
+                e_tag: None,
+            })
+        }
+        fn object(&self, key: &str) -> Option<Vec<u8>> {
+            self.objects.lock().unwrap().get(key).cloned()
+        }
+    }
+
+    #[async_trait]
+    impl Store for MemStore {
+        fn url(&self) -> String {
+            "mem://".into()
+        }
+        async fn put_file(&self, key: &StoreKey, path: &Path) -> Result<ObjectMeta, StoreError> {
+            self.put(key, std::fs::read(path).unwrap())
+        }
+        async fn put_stream(
+            &self,
+            _key: &StoreKey,
+            _data: ByteStream,
+        ) -> Result<ObjectMeta, StoreError> {
+            unimplemented!()
+        }
+        async fn put_bytes(&self, key: &StoreKey, data: Bytes) -> Result<ObjectMeta, StoreError> {
+            self.put(key, data.to_vec())
+        }
+        async fn get(&self, _key: &StoreKey) -> Result<ByteStream, StoreError> {
+            unimplemented!()
+        }
+        async fn get_file(&self, _key: &StoreKey, _path: &Path) -> Result<ObjectMeta, StoreError> {
+            unimplemented!()
+        }
+        async fn head(&self, _key: &StoreKey) -> Result<ObjectMeta, StoreError> {
+            unimplemented!()
+        }
+        async fn list(&self, _prefix: &StoreKey) -> Result<Vec<ObjectMeta>, StoreError> {
+            unimplemented!()
+        }
+        async fn delete(&self, _key: &StoreKey) -> Result<(), StoreError> {
+            unimplemented!()
+        }
+    }
+
+    #[tokio::test]
+    async fn long_streams_go_to_the_store() {
+        let (_d, ctx) = context();
+        let store = Arc::new(MemStore::default());
+        let ctx = ctx.with_inline_cap(4).with_store(store.clone());
+        let r = run_job(
+            &ctx,
+            JobId(9),
+            3,
+            1,
+            &JobSpec::shell("printf 0123456789; printf e >&2"),
+            CancellationToken::new(),
+        )
+        .await;
+        assert_eq!(r.status, Status::Succeeded);
+        assert_eq!(r.error, None);
+        assert_eq!(r.stdout.text, "0123");
+        assert_eq!(r.stdout.key.as_deref(), Some("jobs/9/3/stdout"));
+        assert_eq!(store.object("jobs/9/3/stdout").unwrap(), b"0123456789");
+        assert_eq!(
+            (r.stderr.key, store.object("jobs/9/3/stderr")),
+            (None, None)
+        );
+
+        // Builtin output is capped and uploaded the same way.
+        let r = run_job(
+            &ctx,
+            JobId(10),
+            1,
+            1,
+            &JobSpec::builtin("echo", json!("abcdefgh")),
+            CancellationToken::new(),
+        )
+        .await;
+        assert_eq!(
+            (r.stdout.text.as_str(), r.stdout.bytes, r.stdout.truncated),
+            ("abcd", 9, true)
+        );
+        assert_eq!(store.object("jobs/10/1/stdout").unwrap(), b"abcdefgh\n");
+
+        // A failed upload is noted; the status stays what the job said.
+        let (_d, ctx) = context();
+        let ctx = ctx.with_inline_cap(4).with_store(Arc::new(MemStore {
+            fail: true,
+            ..MemStore::default()
+        }));
+        let r = run(&ctx, &JobSpec::shell("printf 0123456789; exit 2")).await;
+        assert_eq!(r.status, Status::Failed);
+        assert_eq!(r.stdout.key, None);
+        assert!(r.stdout.truncated);
+        let error = r.error.unwrap();
+        assert!(
+            error.starts_with("exited with status 2; could not upload stdout"),
+            "{error}"
+        );
+        assert!(error.contains("disk on fire"), "{error}");
+        let r = run(&ctx, &JobSpec::shell("printf 0123456789")).await;
+        assert_eq!(r.status, Status::Succeeded);
+        assert!(r.error.unwrap().starts_with("could not upload stdout"));
+    }
+
+    #[tokio::test]
+    async fn timeout_kills_the_whole_group() {
+        let (_d, ctx) = context();
+        let spec =
+            JobSpec::shell("echo $$; sleep 30 & sleep 30").with_timeout(Duration::from_secs(1));
+        let t = Instant::now();
+        let r = run(&ctx, &spec).await;
+        let elapsed = t.elapsed();
+        assert_eq!(r.status, Status::TimedOut);
+        assert_eq!(r.error.as_deref(), Some("timed out after 1s"));
+        assert_eq!(r.signal, Some(libc::SIGTERM));
+        assert!(elapsed >= Duration::from_secs(1), "{elapsed:?}");
+        assert!(
+            elapsed < Duration::from_secs(1) + DEFAULT_KILL_GRACE + Duration::from_secs(5),
+            "{elapsed:?}"
+        );
+        assert_group_gone(first_line_pid(&r)).await;
+    }
+
+    #[tokio::test]
+    async fn sigterm_ignored_means_sigkill_after_the_grace() {
+        let (_d, ctx) = context();
+        let ctx = ctx.with_kill_grace(Duration::from_millis(300));
+        let spec = JobSpec::shell("trap '' TERM; echo $$; sleep 30 & sleep 30")
+            .with_timeout(Duration::from_millis(300));
+        let t = Instant::now();
+        let r = run(&ctx, &spec).await;
+        assert_eq!(r.status, Status::TimedOut);
+        assert_eq!(r.signal, Some(libc::SIGKILL));
+        assert_eq!(r.error.as_deref(), Some("timed out after 300ms"));
+        assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
+        assert_group_gone(first_line_pid(&r)).await;
+    }
+
+    #[tokio::test]
+    async fn leftover_background_processes_are_killed() {
+        let (_d, ctx) = context();
+        let t = Instant::now();
+        let r = run(&ctx, &JobSpec::shell("echo $$; sleep 30 & exit 0")).await;
+        assert_eq!(r.status, Status::Succeeded);
+        assert!(t.elapsed() < Duration::from_secs(10));
+        assert_group_gone(first_line_pid(&r)).await;
+    }
+
+    #[tokio::test]
+    async fn cancellation() {
+        let (_d, ctx) = context();
+        let cancel = CancellationToken::new();
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            c.cancel();
+        });
+        let t = Instant::now();
+        let r = run_job(
+            &ctx,
+            JobId(1),
+            1,
+            1,
+            &JobSpec::shell("echo $$; sleep 30 & sleep 30"),
+            cancel.clone(),
+        )
+        .await;
+        assert_eq!(r.status, Status::Cancelled);
+        assert_eq!(r.error.as_deref(), Some("cancelled"));
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+        assert_group_gone(first_line_pid(&r)).await;
+
+        // Already cancelled: nothing starts.
+        let r = run_job(&ctx, JobId(2), 1, 1, &JobSpec::shell("exit 0"), cancel).await;
+        assert_eq!(r.status, Status::Cancelled);
+    }
+
+    #[tokio::test]
+    async fn dropping_the_future_kills_the_group() {
+        let (_d, ctx) = context();
+        let spec = JobSpec::shell("echo $$; sleep 30 & sleep 30");
+        let fut = run(&ctx, &spec);
+        // Long enough for the job to start and print its pid.
+        let _ = tokio::time::timeout(Duration::from_millis(500), fut).await;
+        let text = std::fs::read_to_string(ctx.scratch.join(STDOUT_FILE)).unwrap();
+        let pgid: i32 = text.trim().parse().unwrap();
+        assert_group_gone(pgid).await;
+    }
+
+    #[tokio::test]
+    async fn cpu_time_and_memory() {
+        let (_d, ctx) = context();
+        let r = run(
+            &ctx,
+            &JobSpec::shell("i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done"),
+        )
+        .await;
+        assert_eq!(r.status, Status::Succeeded);
+        assert!(r.cpu_seconds > 0.0, "{}", r.cpu_seconds);
+        assert!(r.peak_rss_bytes > 100 * 1024, "{}", r.peak_rss_bytes);
+        assert!(r.wall_seconds > 0.0);
+    }
+
+    #[tokio::test]
+    async fn builtins_as_jobs() {
+        let (_d, ctx) = context();
+        let r = run(&ctx, &JobSpec::builtin("noop", serde_json::Value::Null)).await;
+        assert_eq!(
+            (r.status, r.error, r.exit_code),
+            (Status::Succeeded, None, None)
+        );
+
+        let r = run(&ctx, &JobSpec::builtin("echo", json!({"a": 1}))).await;
+        assert_eq!(
+            (r.status, r.stdout.text.as_str(), r.stdout.bytes),
+            (Status::Succeeded, "{\"a\":1}\n", 8)
+        );
+
+        let r = run(&ctx, &JobSpec::builtin("sleep", json!(0.05))).await;
+        assert_eq!(r.status, Status::Succeeded);
+        assert!(r.wall_seconds >= 0.05);
+
+        let r = run(&ctx, &JobSpec::builtin("sleep", json!("x"))).await;
+        assert_eq!(r.status, Status::Failed);
+        assert!(r.error.unwrap().starts_with("sleep takes"));
+
+        let t = Instant::now();
+        let r = run(
+            &ctx,
+            &JobSpec::builtin("sleep", json!(60)).with_timeout(Duration::from_millis(200)),
+        )
+        .await;
+        assert_eq!(
+            (r.status, r.error.as_deref()),
+            (Status::TimedOut, Some("timed out after 200ms"))
+        );
+        assert!(t.elapsed() < Duration::from_secs(10));
+
+        let cancel = CancellationToken::new();
+        let c = cancel.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            c.cancel();
+        });
+        let r = run_job(
+            &ctx,
+            JobId(1),
+            1,
+            1,
+            &JobSpec::builtin("sleep", json!({"seconds": 60})),
+            cancel.clone(),
+        )
+        .await;
+        assert_eq!(r.status, Status::Cancelled);
+        let r = run_job(
+            &ctx,
+            JobId(1),
+            1,
+            1,
+            &JobSpec::builtin("noop", serde_json::Value::Null),
+            cancel,
+        )
+        .await;
+        assert_eq!(r.status, Status::Cancelled);
+
+        let r = run(&ctx, &JobSpec::builtin("nope", serde_json::Value::Null)).await;
+        assert_eq!(r.status, Status::Failed);
+        assert_eq!(
+            r.error.as_deref(),
+            Some("unknown builtin \"nope\"; this agent knows: echo, noop, sleep")
+        );
+    }
+
+    #[tokio::test]
+    async fn custom_builtins() {
+        let (_d, ctx) = context();
+        let seen = Arc::new(Mutex::new(None::<bool>));
+        let seen2 = seen.clone();
+        let builtins = Builtins::standard()
+            .with("ctx", |args, ctx| async move {
+                Ok(BuiltinOutput::stdout(format!(
+                    "{args} {} {} {} {:?}",
+                    ctx.id,
+                    ctx.attempt,
+                    ctx.seed,
+                    ctx.env.get("K")
+                ))
+                .with_stderr("warn"))
+            })
+            .with("fail", |_args, _ctx| async move { Err("no luck".into()) })
+            .with("boom", |_args, _ctx| async move {
+                if true {
+                    panic!("kaboom");
+                }
+                Ok(BuiltinOutput::empty())
+            })
+            .with("watch", move |_args, ctx| {
+                let seen = seen2.clone();
+                async move {
+                    // Hands the token to a task that outlives the future.
+                    tokio::spawn(async move {
+                        ctx.cancel.cancelled().await;
+                        *seen.lock().unwrap() = Some(true);
+                    });
+                    std::future::pending::<()>().await;
+                    Ok(BuiltinOutput::empty())
+                }
+            });
+        let ctx = ctx.with_builtins(builtins);
+        let mut spec = JobSpec::builtin("ctx", json!([1]));
+        spec.env.insert("K".into(), "V".into());
+        let r = run_job(&ctx, JobId(3), 2, 7, &spec, CancellationToken::new()).await;
+        assert_eq!(r.status, Status::Succeeded);
+        assert_eq!(r.stdout.text, "[1] 3 2 7 Some(\"V\")");
+        assert_eq!(r.stderr.text, "warn");
+
+        let r = run(&ctx, &JobSpec::builtin("fail", json!(null))).await;
+        assert_eq!(
+            (r.status, r.error.as_deref()),
+            (Status::Failed, Some("no luck"))
+        );
+
+        let r = run(&ctx, &JobSpec::builtin("boom", json!(null))).await;
+        assert_eq!(
+            (r.status, r.error.as_deref()),
+            (Status::Failed, Some("the builtin panicked: kaboom"))
+        );
+
+        let r = run(
+            &ctx,
+            &JobSpec::builtin("watch", json!(null)).with_timeout(Duration::from_millis(100)),
+        )
+        .await;
+        assert_eq!(r.status, Status::TimedOut);
+        let t = Instant::now();
+        while seen.lock().unwrap().is_none() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "the builtin's token was not cancelled"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[test]
+    fn signal_names() {
+        assert_eq!(signal_name(libc::SIGKILL), Some("SIGKILL"));
+        assert_eq!(signal_name(libc::SIGTERM), Some("SIGTERM"));
+        assert_eq!(signal_name(1000), None);
+    }
 }

@@ -178,7 +178,9 @@ impl JobSpec {
         match &self.command {
             Command::Argv(argv) => {
                 if argv.is_empty() || argv[0].is_empty() {
-                    return Err(JobError::new("the command is empty: give at least a program"));
+                    return Err(JobError::new(
+                        "the command is empty: give at least a program",
+                    ));
                 }
                 if argv.iter().any(|a| a.contains('\0')) {
                     return Err(JobError::new("a command argument contains a NUL byte"));
@@ -249,7 +251,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, JobError> {
         if secs.is_finite() && secs >= 0.0 && secs < 1e12 {
             return Ok(Duration::from_secs_f64(secs));
         }
-        return Err(JobError::new(format!("invalid duration {s:?}: out of range")));
+        return Err(JobError::new(format!(
+            "invalid duration {s:?}: out of range"
+        )));
     }
     humantime::parse_duration(s).map_err(|e| {
         JobError::new(format!(
@@ -352,7 +356,11 @@ pub fn parse_job_line(line: &str, defaults: &LineDefaults) -> Result<JobSpec, Jo
         spec.timeout = defaults.timeout;
     }
     if !defaults.tags.is_empty() {
-        let merged = spec.tags.iter().chain(defaults.tags.iter()).map(str::to_owned);
+        let merged = spec
+            .tags
+            .iter()
+            .chain(defaults.tags.iter())
+            .map(str::to_owned);
         spec.tags = Tags::try_from_iter(merged).map_err(|e| JobError::new(e.to_string()))?;
     }
     spec.validate()?;
@@ -397,10 +405,17 @@ pub fn parse_job_file(text: &str, defaults: &LineDefaults) -> Result<Vec<JobSpec
                 }
                 jobs.push(spec);
             }
-            Err(reason) => errors.push(LineError { line: i + 1, reason }),
+            Err(reason) => errors.push(LineError {
+                line: i + 1,
+                reason,
+            }),
         }
     }
-    if errors.is_empty() { Ok(jobs) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok(jobs)
+    } else {
+        Err(errors)
+    }
 }
 
 #[cfg(test)]
@@ -421,11 +436,18 @@ mod tests {
             &d,
         )
         .unwrap();
-        assert_eq!(j.command, Command::Argv(vec!["python".into(), "x.py".into()]));
+        assert_eq!(
+            j.command,
+            Command::Argv(vec!["python".into(), "x.py".into()])
+        );
         assert_eq!(j.timeout, Some(Duration::from_secs(30)));
         assert_eq!(j.retries, 2);
         assert_eq!(j.crashes_max, DEFAULT_CRASHES_MAX);
-        let b = parse_job_line(r#"{"builtin":"sleep","args":{"seconds":1},"timeout":1.5}"#, &d).unwrap();
+        let b = parse_job_line(
+            r#"{"builtin":"sleep","args":{"seconds":1},"timeout":1.5}"#,
+            &d,
+        )
+        .unwrap();
         assert!(matches!(b.command, Command::Builtin { .. }));
         assert_eq!(b.timeout, Some(Duration::from_millis(1500)));
     }

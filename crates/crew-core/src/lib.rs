@@ -21,6 +21,8 @@
 
 pub mod agent;
 pub mod builtins;
+#[cfg(any(test, feature = \"conformance\"))]
+pub mod conformance;
 pub mod controller;
 pub mod exec;
 pub mod job;

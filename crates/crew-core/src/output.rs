@@ -174,7 +174,14 @@ pub struct Output {
 impl Output {
     /// A record for a job that ended without (successfully) running on a
     /// worker: cancelled, crashed, launch_failed.
-    pub fn without_run(id: JobId, name: Option<String>, tags: Tags, seed: u64, status: Status, error: String) -> Self {
+    pub fn without_run(
+        id: JobId,
+        name: Option<String>,
+        tags: Tags,
+        seed: u64,
+        status: Status,
+        error: String,
+    ) -> Self {
         Self {
             v: OUTPUT_FORMAT,
             id,
@@ -210,8 +217,16 @@ mod tests {
 
     #[test]
     fn json_shape_is_stable() {
-        let mut o = Output::without_run(JobId(7), Some("a".into()), Tags::new(), 1, Status::Cancelled, "x".into());
-        o.finished = Timestamp(SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(1_500_000));
+        let mut o = Output::without_run(
+            JobId(7),
+            Some("a".into()),
+            Tags::new(),
+            1,
+            Status::Cancelled,
+            "x".into(),
+        );
+        o.finished =
+            Timestamp(SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(1_500_000));
         let v = serde_json::to_value(&o).unwrap();
         assert_eq!(v["v"], 1);
         assert_eq!(v["id"], 7);

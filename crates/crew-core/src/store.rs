@@ -9,12 +9,19 @@
 //! local file system, so that it behaves like the S3 store that arrives with
 //! its own crate.
 
+use std::collections::BTreeMap;
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use async_trait::async_trait;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as ObjPath;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A validated, crew-relative object key: `/`-separated segments, each
 /// non-empty, not `.` or `..`, without control characters or backslashes, and
@@ -149,7 +156,13 @@ pub enum StoreError {
 impl StoreError {
     /// True when the same request may succeed if tried again later.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, StoreError::Backend { retryable: true, .. })
+        matches!(
+            self,
+            StoreError::Backend {
+                retryable: true,
+                ..
+            }
+        )
     }
 }
 
@@ -206,4 +219,965 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// Deletes the object at `key`; succeeds when it is already absent.
     async fn delete(&self, key: &StoreKey) -> Result<(), StoreError>;
+}
+
+// ---------------------------------------------------------------------------
+// The local store
+// ---------------------------------------------------------------------------
+
+/// Name of the local backend in [`StoreError`]s.
+const LOCAL: &str = "local";
+
+/// Size of the parts [`LocalStore`] hands to `object_store`'s multipart
+/// upload: the most one upload holds in memory per part in flight.
+const UPLOAD_PART_SIZE: usize = 5 * 1024 * 1024;
+
+/// Parts of one upload in flight at once; with [`UPLOAD_PART_SIZE`] this
+/// bounds the memory of an upload whatever the object's size.
+const UPLOAD_CONCURRENCY: usize = 2;
+
+/// How much `put_file` reads from the source file at a time.
+const FILE_READ_CHUNK: usize = 1024 * 1024;
+
+/// Buffer of `get_file` between the object stream and the file.
+const FILE_WRITE_BUFFER: usize = 1024 * 1024;
+
+/// A store in a folder of the local file system, over `object_store`'s
+/// `LocalFileSystem` so that it behaves like the object-store backends:
+/// uploads are staged and renamed into place (atomic for readers), listing
+/// hides unfinished uploads, and empty folders disappear with their last
+/// object.
+///
+/// # Layout on disk
+/// Each key segment is one path component, percent-encoded the way
+/// `object_store::path::Path` encodes a segment (`%`, `#`, `?`, non-ASCII
+/// characters and a few others become `%XX`), so that no odd byte of a key
+/// ever reaches the file system and a key can never be mistaken for one of
+/// `object_store`'s staging files (`name#1`). Listing decodes the names again;
+/// files that no key encodes to (put there by hand) are skipped.
+///
+/// Because a folder cannot also be a file, the store cannot hold both `a` and
+/// `a/b` at once (an object store can); crew's key layout never needs that.
+///
+/// # Security
+/// Besides [`StoreKey`]'s checks, every operation first resolves the deepest
+/// existing ancestor of its target and refuses it if it lies outside the root
+/// (a symbolic link in the store folder pointing elsewhere), since
+/// `LocalFileSystem` follows symbolic links. This check and the operation are
+/// not one atomic step: whoever can write symbolic links into the store folder
+/// while crew runs is trusted.
+#[derive(Clone)]
+pub struct LocalStore {
+    /// The canonical, absolute root folder.
+    root: PathBuf,
+    inner: Arc<LocalFileSystem>,
+}
+
+impl fmt::Debug for LocalStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LocalStore")
+            .field("url", &self.url())
+            .finish()
+    }
+}
+
+impl LocalStore {
+    /// Opens the store in the folder `root`, creating the folder (and its
+    /// parents) if needed. A relative `root` is resolved against the current
+    /// directory.
+    ///
+    /// # Errors
+    /// [`StoreError::Io`] when the folder cannot be created or resolved,
+    /// [`StoreError::Config`] when its absolute path is not valid UTF-8 (it
+    /// could not be written as a URL for agents) or `object_store` refuses it.
+    pub fn new(root: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let root = root.as_ref();
+        std::fs::create_dir_all(root).map_err(|source| StoreError::Io {
+            context: format!("cannot create the store folder {}", root.display()),
+            source,
+        })?;
+        let root = std::fs::canonicalize(root).map_err(|source| StoreError::Io {
+            context: format!("cannot resolve the store folder {}", root.display()),
+            source,
+        })?;
+        if root.to_str().is_none() {
+            return Err(StoreError::Config(format!(
+                "the store folder {} is not valid UTF-8",
+                root.display()
+            )));
+        }
+        let inner = LocalFileSystem::new_with_prefix(&root)
+            .map_err(|e| {
+                StoreError::Config(format!(
+                    "cannot open the store folder {}: {e}",
+                    root.display()
+                ))
+            })?
+            .with_automatic_cleanup(true);
+        Ok(Self {
+            root,
+            inner: Arc::new(inner),
+        })
+    }
+
+    /// Opens the store named by a `file://` URL, as returned by
+    /// [`Store::url`]: `file:///abs/path` or `file://localhost/abs/path`,
+    /// percent-encoded.
+    ///
+    /// # Errors
+    /// [`StoreError::Config`] when `url` is not such a URL, else as
+    /// [`LocalStore::new`].
+    pub fn from_url(url: &str) -> Result<Self, StoreError> {
+        Self::new(file_url_to_path(url)?)
+    }
+
+    /// The canonical, absolute root folder.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Refuses `target` (an absolute path under the root) when its deepest
+    /// existing ancestor, `target` itself included, resolves outside the root.
+    async fn check_inside_root(&self, target: PathBuf) -> Result<(), StoreError> {
+        let root = self.root.clone();
+        tokio::task::spawn_blocking(move || resolves_inside(&root, &target))
+            .await
+            .map_err(|e| StoreError::Backend {
+                backend: LOCAL,
+                message: format!("the symbolic link check did not finish: {e}"),
+                retryable: false,
+            })?
+    }
+
+    /// The object_store location of `key`, checked against symbolic links
+    /// leading out of the root. `whole` checks the target itself too (reads,
+    /// writes), otherwise only its folder (delete, which removes a link
+    /// without following it).
+    async fn location(&self, key: &StoreKey, whole: bool) -> Result<ObjPath, StoreError> {
+        let location = key_to_location(key);
+        let fs_path = self
+            .inner
+            .path_to_filesystem(&location)
+            .map_err(|e| backend_error("resolve", key, e))?;
+        let target = if whole {
+            fs_path
+        } else {
+            match fs_path.parent() {
+                Some(parent) => parent.to_path_buf(),
+                None => fs_path,
+            }
+        };
+        self.check_inside_root(target).await?;
+        Ok(location)
+    }
+
+    /// Streams `data` into a multipart upload to `key`; aborts the upload
+    /// (leaving no object) when `data` fails.
+    async fn upload<S>(&self, key: &StoreKey, data: S) -> Result<ObjectMeta, StoreError>
+    where
+        S: futures::Stream<Item = Result<Bytes, StoreError>> + Send,
+    {
+        let location = self.location(key, true).await?;
+        let upload = self
+            .inner
+            .put_multipart(&location)
+            .await
+            .map_err(|e| backend_error("put", key, e))?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, UPLOAD_PART_SIZE);
+        let mut size: u64 = 0;
+        let mut data = std::pin::pin!(data);
+        while let Some(chunk) = data.next().await {
+            let chunk = match chunk {
+                Ok(chunk) => chunk,
+                Err(e) => {
+                    abort_upload(writer, key).await;
+                    return Err(e);
+                }
+            };
+            if let Err(e) = writer.wait_for_capacity(UPLOAD_CONCURRENCY).await {
+                abort_upload(writer, key).await;
+                return Err(backend_error("put", key, e));
+            }
+            size += chunk.len() as u64;
+            writer.put(chunk);
+        }
+        let done = writer
+            .finish()
+            .await
+            .map_err(|e| backend_error("put", key, e))?;
+        Ok(ObjectMeta {
+            key: key.clone(),
+            size,
+            e_tag: done.e_tag,
+        })
+    }
+}
+
+/// Aborts a failed upload; its own failure is only logged, the caller reports
+/// the error that caused the abort.
+async fn abort_upload(writer: WriteMultipart, key: &StoreKey) {
+    if let Err(e) = writer.abort().await {
+        tracing::warn!(%key, error = %e, "could not clean up an aborted upload");
+    }
+}
+
+#[async_trait]
+impl Store for LocalStore {
+    fn url(&self) -> String {
+        path_to_file_url(&self.root)
+    }
+
+    async fn put_file(&self, key: &StoreKey, path: &Path) -> Result<ObjectMeta, StoreError> {
+        let file = tokio::fs::File::open(path)
+            .await
+            .map_err(|source| StoreError::Io {
+                context: format!("cannot open {} to upload it to {key}", path.display()),
+                source,
+            })?;
+        let context = format!("cannot read {} to upload it to {key}", path.display());
+        let chunks = futures::stream::try_unfold(file, move |mut file| {
+            let context = context.clone();
+            async move {
+                let mut buf = BytesMut::with_capacity(FILE_READ_CHUNK);
+                while buf.len() < FILE_READ_CHUNK {
+                    let n = file
+                        .read_buf(&mut buf)
+                        .await
+                        .map_err(|source| StoreError::Io {
+                            context: context.clone(),
+                            source,
+                        })?;
+                    if n == 0 {
+                        break;
+                    }
+                }
+                if buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Ok(Some((buf.freeze(), file)))
+                }
+            }
+        });
+        self.upload(key, chunks).await
+    }
+
+    async fn put_stream(&self, key: &StoreKey, data: ByteStream) -> Result<ObjectMeta, StoreError> {
+        self.upload(key, data).await
+    }
+
+    async fn put_bytes(&self, key: &StoreKey, data: Bytes) -> Result<ObjectMeta, StoreError> {
+        let location = self.location(key, true).await?;
+        let size = data.len() as u64;
+        let done = self
+            .inner
+            .put(&location, PutPayload::from(data))
+            .await
+            .map_err(|e| backend_error("put", key, e))?;
+        Ok(ObjectMeta {
+            key: key.clone(),
+            size,
+            e_tag: done.e_tag,
+        })
+    }
+
+    async fn get(&self, key: &StoreKey) -> Result<ByteStream, StoreError> {
+        let location = self.location(key, true).await?;
+        let found = self
+            .inner
+            .get(&location)
+            .await
+            .map_err(|e| backend_error("get", key, e))?;
+        let key = key.clone();
+        Ok(found
+            .into_stream()
+            .map_err(move |e| backend_error("read", &key, e))
+            .boxed())
+    }
+
+    async fn get_file(&self, key: &StoreKey, path: &Path) -> Result<ObjectMeta, StoreError> {
+        let location = self.location(key, true).await?;
+        // Open the object before touching the destination, so that a missing
+        // object leaves an existing file alone.
+        let found = self
+            .inner
+            .get(&location)
+            .await
+            .map_err(|e| backend_error("get", key, e))?;
+        let meta = ObjectMeta {
+            key: key.clone(),
+            size: found.meta.size,
+            e_tag: found.meta.e_tag.clone(),
+        };
+        let write_error = |source| StoreError::Io {
+            context: format!("cannot write {} (downloading {key})", path.display()),
+            source,
+        };
+        let file = tokio::fs::File::create(path).await.map_err(write_error)?;
+        let mut out = tokio::io::BufWriter::with_capacity(FILE_WRITE_BUFFER, file);
+        let mut stream = found.into_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| backend_error("read", key, e))?;
+            out.write_all(&chunk).await.map_err(write_error)?;
+        }
+        out.flush().await.map_err(write_error)?;
+        Ok(meta)
+    }
+
+    async fn head(&self, key: &StoreKey) -> Result<ObjectMeta, StoreError> {
+        let location = self.location(key, true).await?;
+        let meta = self
+            .inner
+            .head(&location)
+            .await
+            .map_err(|e| backend_error("head", key, e))?;
+        Ok(ObjectMeta {
+            key: key.clone(),
+            size: meta.size,
+            e_tag: meta.e_tag,
+        })
+    }
+
+    async fn list(&self, prefix: &StoreKey) -> Result<Vec<ObjectMeta>, StoreError> {
+        // The folder of the prefix is walked, so `jobs/1` never sees
+        // `jobs/10/x`: segment-prefix semantics come with the layout.
+        let location = self.location(prefix, true).await?;
+        let listed: Vec<object_store::ObjectMeta> = self
+            .inner
+            .list(Some(&location))
+            .try_collect()
+            .await
+            .map_err(|e| backend_error("list", prefix, e))?;
+        let root = self.root.clone();
+        let inner = Arc::clone(&self.inner);
+        let prefix_for_task = prefix.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut found = Vec::with_capacity(listed.len());
+            for meta in listed {
+                let Some(key) = location_to_key(&meta.location) else {
+                    tracing::debug!(
+                        location = %meta.location,
+                        "skipping a file in the store folder that no key names"
+                    );
+                    continue;
+                };
+                let inside = inner
+                    .path_to_filesystem(&meta.location)
+                    .map_err(|e| backend_error("list", &prefix_for_task, e))
+                    .and_then(|path| resolves_inside(&root, &path));
+                if let Err(e) = inside {
+                    tracing::warn!(%key, error = %e, "skipping a listed object");
+                    continue;
+                }
+                found.push(ObjectMeta {
+                    key,
+                    size: meta.size,
+                    e_tag: meta.e_tag,
+                });
+            }
+            found
+        })
+        .await
+        .map_err(|e| StoreError::Backend {
+            backend: LOCAL,
+            message: format!("list {prefix}: the listing task did not finish: {e}"),
+            retryable: false,
+        })
+    }
+
+    async fn delete(&self, key: &StoreKey) -> Result<(), StoreError> {
+        let location = self.location(key, false).await?;
+        match self.inner.delete(&location).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => {
+                // A folder (a prefix of other keys) is no object: deleting
+                // it deletes nothing, as on an object store.
+                let is_folder = match self.inner.path_to_filesystem(&location) {
+                    Ok(path) => tokio::fs::symlink_metadata(path)
+                        .await
+                        .is_ok_and(|m| m.is_dir()),
+                    Err(_) => false,
+                };
+                if is_folder {
+                    Ok(())
+                } else {
+                    Err(backend_error("delete", key, e))
+                }
+            }
+        }
+    }
+}
+
+/// Maps an `object_store` error of operation `op` on `key`: `NotFound` keeps
+/// its meaning, everything else becomes a permanent backend error (the local
+/// file system has no transient failures worth retrying blindly).
+fn backend_error(op: &str, key: &StoreKey, error: object_store::Error) -> StoreError {
+    match error {
+        object_store::Error::NotFound { .. } => StoreError::NotFound {
+            key: key.as_str().to_owned(),
+        },
+        other => StoreError::Backend {
+            backend: LOCAL,
+            message: format!("{op} {key}: {other}"),
+            retryable: false,
+        },
+    }
+}
+
+/// Resolves the deepest existing ancestor of `target` (itself included) and
+/// fails when it lies outside `root`. Blocking.
+fn resolves_inside(root: &Path, target: &Path) -> Result<(), StoreError> {
+    let mut probe = target;
+    loop {
+        match std::fs::canonicalize(probe) {
+            Ok(resolved) if resolved.starts_with(root) => return Ok(()),
+            Ok(resolved) => {
+                return Err(StoreError::InvalidKey {
+                    key: target.display().to_string(),
+                    reason: format!(
+                        "{} leads outside the store folder (to {}) through a symbolic link",
+                        probe.display(),
+                        resolved.display()
+                    ),
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match probe.parent() {
+                Some(parent) if parent.starts_with(root) => probe = parent,
+                // Past the root: nothing under it exists yet, and the root
+                // itself was resolved when the store was opened.
+                _ => return Ok(()),
+            },
+            Err(source) => {
+                return Err(StoreError::Io {
+                    context: format!("cannot resolve {}", probe.display()),
+                    source,
+                });
+            }
+        }
+    }
+}
+
+/// The `object_store` location of a key: one percent-encoded path part per
+/// segment (see [`LocalStore`], "Layout on disk").
+fn key_to_location(key: &StoreKey) -> ObjPath {
+    ObjPath::from(key.as_str())
+}
+
+/// The key a location encodes, or `None` when none does: a part that does not
+/// decode, a decoded name [`StoreKey`] refuses, or a non-canonical encoding
+/// (`%61` for `a`) that would alias another key.
+fn location_to_key(location: &ObjPath) -> Option<StoreKey> {
+    let mut segments = Vec::new();
+    for part in location.parts() {
+        let bytes = percent_decode_strict(part.as_ref())?;
+        segments.push(String::from_utf8(bytes).ok()?);
+    }
+    let key = StoreKey::new(segments.join("/")).ok()?;
+    (key_to_location(&key) == *location).then_some(key)
+}
+
+/// Decodes `%XX` escapes; `None` on a malformed escape.
+fn percent_decode_strict(s: &str) -> Option<Vec<u8>> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3)?;
+            let hex = std::str::from_utf8(hex).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    Some(out)
+}
+
+/// Whether `b` may appear unescaped in the path of a `file://` URL (RFC 3986
+/// `pchar` and `/`, minus nothing that needs care).
+fn is_url_path_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/".contains(&b)
+}
+
+/// `file://` followed by the absolute path `path`, percent-encoded.
+fn path_to_file_url(path: &Path) -> String {
+    let text = path.to_string_lossy();
+    let mut url = String::with_capacity(text.len() + 7);
+    url.push_str("file://");
+    for &b in text.as_bytes() {
+        if is_url_path_byte(b) {
+            url.push(char::from(b));
+        } else {
+            url.push_str(&format!("%{b:02X}"));
+        }
+    }
+    url
+}
+
+/// The absolute path a `file://` URL names.
+fn file_url_to_path(url: &str) -> Result<PathBuf, StoreError> {
+    let bad = |why: &str| StoreError::Config(format!("invalid file URL {url:?}: {why}"));
+    let rest = match url.split_once("://") {
+        Some((scheme, rest)) if scheme.eq_ignore_ascii_case("file") => rest,
+        _ => return Err(bad("it does not start with file://")),
+    };
+    let path = match rest.find('/') {
+        Some(0) => rest,
+        Some(at) if rest[..at].eq_ignore_ascii_case("localhost") => &rest[at..],
+        Some(_) => {
+            return Err(bad(
+                "a file URL names a folder on this machine: file:///abs/path",
+            ));
+        }
+        None => return Err(bad("it has no absolute path: file:///abs/path")),
+    };
+    if path.contains(['?', '#']) {
+        return Err(bad("it has a query or fragment (write ? as %3F, # as %23)"));
+    }
+    let bytes = percent_decode_strict(path).ok_or_else(|| bad("malformed %-escape"))?;
+    let path = String::from_utf8(bytes).map_err(|_| bad("the path is not valid UTF-8"))?;
+    if path.contains('\0') {
+        return Err(bad("the path contains a NUL byte"));
+    }
+    Ok(PathBuf::from(path))
+}
+
+// ---------------------------------------------------------------------------
+// Opening a store by URL
+// ---------------------------------------------------------------------------
+
+/// Builds a store from its URL (the whole URL, scheme included).
+pub type StoreConstructor = Arc<dyn Fn(&str) -> Result<Arc<dyn Store>, StoreError> + Send + Sync>;
+
+/// The store backends a build of crew knows, by URL scheme.
+///
+/// `crew-core` registers only `file` ([`LocalStore`]); a binary that links a
+/// backend crate (S3, ...) registers its scheme at start-up, so `crew-core`
+/// never depends on a cloud SDK:
+///
+/// ```
+/// # use std::sync::Arc;
+/// # use crew_core::store::{LocalStore, Store, StoreRegistry};
+/// let mut stores = StoreRegistry::default();
+/// stores.register("mem", |url: &str| {
+///     // A real backend parses `url` here.
+///     let _ = url;
+///     Ok(Arc::new(LocalStore::new(std::env::temp_dir().join("crew-doc-mem"))?) as Arc<dyn Store>)
+/// });
+/// assert!(stores.schemes().any(|s| s == "mem"));
+/// ```
+#[derive(Clone)]
+pub struct StoreRegistry {
+    constructors: BTreeMap<String, StoreConstructor>,
+}
+
+impl fmt::Debug for StoreRegistry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreRegistry")
+            .field("schemes", &self.constructors.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Default for StoreRegistry {
+    /// A registry with the backends of `crew-core`: `file`.
+    fn default() -> Self {
+        let mut registry = Self::empty();
+        registry.register("file", |url: &str| {
+            Ok(Arc::new(LocalStore::from_url(url)?) as Arc<dyn Store>)
+        });
+        registry
+    }
+}
+
+impl StoreRegistry {
+    /// A registry that knows no scheme.
+    pub fn empty() -> Self {
+        Self {
+            constructors: BTreeMap::new(),
+        }
+    }
+
+    /// Registers (or replaces) the constructor of the URL scheme `scheme`
+    /// (matched case-insensitively, given without `://`).
+    pub fn register<F>(&mut self, scheme: &str, constructor: F) -> &mut Self
+    where
+        F: Fn(&str) -> Result<Arc<dyn Store>, StoreError> + Send + Sync + 'static,
+    {
+        self.constructors
+            .insert(scheme.to_ascii_lowercase(), Arc::new(constructor));
+        self
+    }
+
+    /// The registered schemes, in order.
+    pub fn schemes(&self) -> impl Iterator<Item = &str> {
+        self.constructors.keys().map(String::as_str)
+    }
+
+    /// Opens the store `url` names: `scheme://...` goes to the scheme's
+    /// constructor; anything without a scheme is a local folder (relative
+    /// paths are resolved against the current directory) and goes to the
+    /// `file` constructor as a `file://` URL.
+    ///
+    /// # Errors
+    /// [`StoreError::Config`] for an empty URL or a scheme this registry does
+    /// not know (the message lists the ones it does), else whatever the
+    /// constructor returns.
+    pub fn open(&self, url: &str) -> Result<Arc<dyn Store>, StoreError> {
+        if url.is_empty() {
+            return Err(StoreError::Config(
+                "the store URL is empty: give a folder or a URL such as file:///abs/path".into(),
+            ));
+        }
+        let (scheme, url) = match url_scheme(url) {
+            Some(scheme) => (scheme.to_ascii_lowercase(), url.to_owned()),
+            None => {
+                let path = std::path::absolute(url).map_err(|source| StoreError::Io {
+                    context: format!("cannot resolve the store folder {url}"),
+                    source,
+                })?;
+                ("file".to_owned(), path_to_file_url(&path))
+            }
+        };
+        match self.constructors.get(&scheme) {
+            Some(constructor) => constructor(&url),
+            None => Err(StoreError::Config(format!(
+                "unsupported store URL scheme {scheme}:// in {url:?}; this build of crew \
+                 supports {} (a plain path is a local folder)",
+                self.supported()
+            ))),
+        }
+    }
+
+    /// The registered schemes as text for error messages.
+    fn supported(&self) -> String {
+        if self.constructors.is_empty() {
+            return "no URL scheme".to_owned();
+        }
+        self.schemes()
+            .map(|s| format!("{s}://"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// The scheme of `url` when it starts with `scheme://` (RFC 3986 scheme
+/// characters); `None` for a plain path.
+fn url_scheme(url: &str) -> Option<&str> {
+    let (scheme, _) = url.split_once("://")?;
+    let mut chars = scheme.chars();
+    let first = chars.next()?;
+    (first.is_ascii_alphabetic()
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
+    .then_some(scheme)
+}
+
+/// Opens the store `url` names with the backends of `crew-core`
+/// ([`StoreRegistry::default`]): `file:///abs/path` or a plain path (a
+/// relative one is resolved against the current directory). Binaries that
+/// link more backends use their own [`StoreRegistry`].
+///
+/// # Errors
+/// See [`StoreRegistry::open`].
+pub fn open_store(url: &str) -> Result<Arc<dyn Store>, StoreError> {
+    StoreRegistry::default().open(url)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap
+mod tests {
+    use super::*;
+
+    fn tempdir() -> tempfile::TempDir {
+        tempfile::tempdir().unwrap()
+    }
+
+    /// Every regular file and symbolic link under `dir`, recursively, not
+    /// following links.
+    fn walk(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            if meta.is_dir() {
+                out.extend(walk(&path));
+            } else {
+                out.push(path);
+            }
+        }
+        out
+    }
+
+    fn key(s: &str) -> StoreKey {
+        StoreKey::new(s).unwrap()
+    }
+
+    async fn read(store: &dyn Store, key: &StoreKey) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut stream = store.get(key).await.unwrap();
+        while let Some(chunk) = stream.next().await {
+            out.extend_from_slice(&chunk.unwrap());
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn local_store_passes_the_conformance_kit() {
+        let dir = tempdir();
+        let store = LocalStore::new(dir.path().join("store")).unwrap();
+        crate::conformance::store(&store).await;
+        // The kit removed everything, folders included.
+        assert!(walk(store.root()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn new_creates_the_folder_and_url_names_it() {
+        let dir = tempdir();
+        let root = dir.path().join("a").join("b c");
+        let store = LocalStore::new(&root).unwrap();
+        assert!(root.is_dir());
+        let canonical = std::fs::canonicalize(&root).unwrap();
+        assert_eq!(store.root(), canonical);
+        let url = store.url();
+        assert!(url.starts_with("file:///"), "{url}");
+        assert!(url.ends_with("/a/b%20c"), "{url}");
+        assert_eq!(
+            format!("{store:?}"),
+            format!("LocalStore {{ url: {url:?} }}")
+        );
+    }
+
+    #[tokio::test]
+    async fn url_round_trips_through_open_store() {
+        let dir = tempdir();
+        let root = dir.path().join("odd name 100% #1 ?ü");
+        let first = LocalStore::new(&root).unwrap();
+        let url = first.url();
+        let second = open_store(&url).unwrap();
+        assert_eq!(second.url(), url);
+        let k = key("jobs/1/stdout");
+        first
+            .put_bytes(&k, Bytes::from_static(b"shared"))
+            .await
+            .unwrap();
+        assert_eq!(read(second.as_ref(), &k).await, b"shared");
+        // A plain absolute path opens the same store.
+        let third = open_store(root.to_str().unwrap()).unwrap();
+        assert_eq!(third.url(), url);
+        // So does file://localhost/...
+        let localhost = url.replacen("file://", "file://localhost", 1);
+        assert_eq!(open_store(&localhost).unwrap().url(), url);
+    }
+
+    #[tokio::test]
+    async fn relative_paths_resolve_against_the_current_dir() {
+        let here = std::env::current_dir().unwrap();
+        let dir = tempfile::tempdir_in(&here).unwrap();
+        let name = dir.path().file_name().unwrap().to_str().unwrap();
+        let relative = format!("{name}/store");
+        let store = open_store(&relative).unwrap();
+        let expected = std::fs::canonicalize(here.join(&relative)).unwrap();
+        assert_eq!(store.url(), path_to_file_url(&expected));
+        let direct = LocalStore::new(&relative).unwrap();
+        assert_eq!(direct.root(), expected);
+    }
+
+    #[test]
+    fn unsupported_schemes_say_what_is_supported() {
+        for url in [
+            "s3://bucket/prefix",
+            "gs://bucket",
+            "S3://x",
+            "foo+bar.baz-1://x",
+        ] {
+            let err = open_store(url).unwrap_err();
+            let StoreError::Config(message) = &err else {
+                panic!("{url}: expected a Config error, got {err:?}");
+            };
+            let scheme = url.split("://").next().unwrap().to_ascii_lowercase();
+            assert!(message.contains(&format!("{scheme}://")), "{message}");
+            assert!(message.contains("supports file://"), "{message}");
+        }
+        assert!(matches!(open_store(""), Err(StoreError::Config(_))));
+    }
+
+    #[test]
+    fn bad_file_urls_are_config_errors() {
+        for url in [
+            "file://otherhost/x",
+            "file://",
+            "file:///a%zz",
+            "file:///a%",
+            "file:///a?b",
+            "file:///a#b",
+            "file:///a%00b",
+            "file:///%FF",
+        ] {
+            assert!(
+                matches!(LocalStore::from_url(url), Err(StoreError::Config(_))),
+                "{url}"
+            );
+        }
+    }
+
+    #[test]
+    fn plain_paths_and_urls_are_told_apart() {
+        assert_eq!(url_scheme("s3://b"), Some("s3"));
+        assert_eq!(url_scheme("File:///x"), Some("File"));
+        assert_eq!(url_scheme("a:b/c"), None);
+        assert_eq!(url_scheme("dir/x://y"), None);
+        assert_eq!(url_scheme("1a://x"), None);
+        assert_eq!(url_scheme("://x"), None);
+        assert_eq!(url_scheme("/abs/path"), None);
+    }
+
+    #[tokio::test]
+    async fn registry_takes_more_schemes() {
+        let dir = tempdir();
+        let root = dir.path().join("mem");
+        let mut registry = StoreRegistry::default();
+        let for_closure = root.clone();
+        registry.register("MEM", move |url: &str| {
+            assert_eq!(url, "mem://anything");
+            Ok(Arc::new(LocalStore::new(&for_closure)?) as Arc<dyn Store>)
+        });
+        assert_eq!(registry.schemes().collect::<Vec<_>>(), ["file", "mem"]);
+        let store = registry.open("mem://anything").unwrap();
+        assert!(store.url().ends_with("/mem"));
+        let err = StoreRegistry::empty().open("file:///tmp").unwrap_err();
+        assert!(err.to_string().contains("supports no URL scheme"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn keys_are_encoded_on_disk() {
+        let dir = tempdir();
+        let store = LocalStore::new(dir.path()).unwrap();
+        store
+            .put_bytes(&key("a b/100%/ü/x#1"), Bytes::from_static(b"1"))
+            .await
+            .unwrap();
+        let file = store
+            .root()
+            .join("a b")
+            .join("100%25")
+            .join("%C3%BC")
+            .join("x%231");
+        assert_eq!(std::fs::read(file).unwrap(), b"1");
+    }
+
+    #[tokio::test]
+    async fn files_no_key_names_are_skipped_by_list() {
+        let dir = tempdir();
+        let store = LocalStore::new(dir.path()).unwrap();
+        store
+            .put_bytes(&key("l/ok"), Bytes::from_static(b"1"))
+            .await
+            .unwrap();
+        for foreign in ["%zz", "%61", "half%4", "staging#3"] {
+            std::fs::write(store.root().join("l").join(foreign), b"x").unwrap();
+        }
+        let listed = store.list(&key("l")).await.unwrap();
+        let keys: Vec<_> = listed.iter().map(|m| m.key.as_str()).collect();
+        assert_eq!(keys, ["l/ok"]);
+    }
+
+    #[tokio::test]
+    async fn no_key_reaches_outside_the_root() {
+        let dir = tempdir();
+        let outside = dir.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("secret"), b"secret").unwrap();
+        let root = dir.path().join("root");
+        let store = LocalStore::new(&root).unwrap();
+
+        // Keys that a naive join or a decoding layer could turn into escapes.
+        let tricky = [
+            "%2e%2e/escaped",
+            "%2E%2E/%2E%2E/escaped",
+            "..%2f..%2fescaped",
+            "..%5c..%5cescaped",
+            "...",
+            "..../escaped",
+            "\u{2025}/escaped",
+            "\u{ff0e}\u{ff0e}\u{ff0f}escaped",
+            "a\u{2215}..\u{2215}escaped",
+            "~/escaped",
+            "$HOME/escaped",
+            " ../escaped",
+            ".. /escaped",
+        ];
+        for k in tricky {
+            let k = key(k);
+            store.put_bytes(&k, Bytes::from_static(b"x")).await.unwrap();
+            store
+                .put_stream(
+                    &k,
+                    futures::stream::iter([Ok(Bytes::from_static(b"y"))]).boxed(),
+                )
+                .await
+                .unwrap();
+            assert_eq!(read(&store, &k).await, b"y");
+            store.delete(&k).await.unwrap();
+        }
+        assert_eq!(walk(&outside), [outside.join("secret")]);
+        for path in walk(dir.path()) {
+            assert!(
+                path.starts_with(&root) || path.starts_with(&outside),
+                "{}",
+                path.display()
+            );
+        }
+
+        // Symbolic links inside the root that lead out of it.
+        let canonical_root = store.root().to_path_buf();
+        std::os::unix::fs::symlink(&outside, canonical_root.join("evil")).unwrap();
+        std::fs::create_dir(canonical_root.join("jobs")).unwrap();
+        std::os::unix::fs::symlink(&outside, canonical_root.join("jobs").join("evil")).unwrap();
+        std::os::unix::fs::symlink(outside.join("secret"), canonical_root.join("link")).unwrap();
+        let escape = |r: Result<(), StoreError>, what: &str| {
+            assert!(
+                matches!(r, Err(StoreError::InvalidKey { .. })),
+                "{what}: {r:?}"
+            );
+        };
+        let source = dir.path().join("source");
+        std::fs::write(&source, b"payload").unwrap();
+        for k in ["evil/new", "evil/secret", "link", "jobs/evil/new"] {
+            let k = key(k);
+            escape(
+                store
+                    .put_bytes(&k, Bytes::from_static(b"x"))
+                    .await
+                    .map(drop),
+                "put_bytes",
+            );
+            escape(store.put_file(&k, &source).await.map(drop), "put_file");
+            escape(
+                store
+                    .put_stream(
+                        &k,
+                        futures::stream::iter([Ok(Bytes::from_static(b"y"))]).boxed(),
+                    )
+                    .await
+                    .map(drop),
+                "put_stream",
+            );
+            escape(store.get(&k).await.map(drop), "get");
+            escape(store.head(&k).await.map(drop), "head");
+            escape(
+                store.get_file(&k, &dir.path().join("dest")).await.map(drop),
+                "get_file",
+            );
+        }
+        escape(store.delete(&key("evil/secret")).await, "delete");
+        escape(store.list(&key("evil")).await.map(drop), "list");
+        // A listing above a link does not follow it out.
+        let listed = store.list(&key("jobs")).await.unwrap();
+        assert!(listed.is_empty(), "{listed:?}");
+        // Deleting the link itself removes the link, not its target.
+        store.delete(&key("link")).await.unwrap();
+        assert_eq!(walk(&outside), [outside.join("secret")]);
+        assert_eq!(std::fs::read(outside.join("secret")).unwrap(), b"secret");
+    }
 }

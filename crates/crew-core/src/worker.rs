@@ -159,7 +159,11 @@ impl Capabilities {
     }
 
     /// Capabilities of a remote class: explicit batch sizes and interval.
-    pub fn remote(launch_batch_max: usize, probe_batch_max: usize, probe_interval: Duration) -> Self {
+    pub fn remote(
+        launch_batch_max: usize,
+        probe_batch_max: usize,
+        probe_interval: Duration,
+    ) -> Self {
         Self {
             launch_batch_max,
             probe_batch_max,
@@ -197,7 +201,13 @@ pub enum WorkerError {
 impl WorkerError {
     /// True when the same call may succeed if tried again later.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, WorkerError::Platform { retryable: true, .. })
+        matches!(
+            self,
+            WorkerError::Platform {
+                retryable: true,
+                ..
+            }
+        )
     }
 }
 
