@@ -49,7 +49,7 @@ impl<W: Write> Printer<W> {
         writeln!(
             self.out,
             "{:>6}  {:<16}  {:<13}  {:>4}  {:>8.3}  {:<10}  {:>3}  {}",
-            o.id,
+            o.id.0,
             clip(o.name.as_deref().unwrap_or("-"), 16),
             o.status.as_str(),
             exit,

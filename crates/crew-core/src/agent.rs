@@ -293,7 +293,7 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentExit, AgentError> {
     };
     info!(%slot, "agent connected");
     let scratch = Scratch::create().map_err(|e| AgentError::Config(format!("could not create a scratch folder: {e}")))?;
-    let mut ctx = ExecContext::new(slot.clone(), scratch.0.clone(), cfg.builtins.clone());
+    let mut ctx = ExecContext::new(slot.clone(), scratch.0.clone()).with_builtins(cfg.builtins.clone());
     if let Some(url) = store_url {
         match crate::store::open_store(&url) {
             Ok(store) => ctx.store = Some(store),

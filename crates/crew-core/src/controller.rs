@@ -246,6 +246,9 @@ struct SlotRt {
     class: Arc<dyn Worker>,
     options: BTreeMap<String, String>,
     handle: Option<Handle>,
+    /// The launch that started (or is starting) the slot's current worker;
+    /// cleared when the slot is told to stop, so that a late launch result
+    /// terminates what it started.
     launch: Option<u64>,
     conn: Option<Arc<Conn>>,
 }
@@ -677,6 +680,7 @@ impl Shared {
         for action in actions.drain(..) {
             match action {
                 Action::Assign { slot, job, attempt } => {
+                    tracing::trace!(%job, attempt, slot = slot.0, "assign");
                     let (Some(spec), Some(seed)) = (core.sched.job(job).cloned(), core.sched.job_seed(job)) else {
                         continue;
                     };
@@ -697,6 +701,7 @@ impl Shared {
                     delivered = true;
                 }
                 Action::Revoke { slot, job } => {
+                    tracing::trace!(%job, slot = slot.0, "revoke");
                     if let Some(conn) = &core.slots[slot.0 as usize].conn {
                         conn.send(&ControllerMsg::Revoke { job }, now_ms);
                     }
@@ -933,7 +938,10 @@ impl Shared {
                     };
                     core.sched.finished(slot, job, output, now);
                 }
-                AgentMsg::Revoked { job, ok } => core.sched.revoked(slot, job, ok, now),
+                AgentMsg::Revoked { job, ok } => {
+                    tracing::trace!(%job, ok, slot = slot.0, "revoked");
+                    core.sched.revoked(slot, job, ok, now);
+                }
                 AgentMsg::Heartbeat => {}
                 AgentMsg::Bye { reason } => {
                     debug!(slot = %core.sched.slot_config(slot).name, reason, "agent leaving");
@@ -1073,8 +1081,9 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
         }
         info!(slot = %core.sched.slot_config(slot).name, pid, host, "worker connected");
         let rt = &mut core.slots[slot.0 as usize];
+        // `launch` stays set: the launch call may not have returned its
+        // handles yet, and must still recognise this slot as its own.
         rt.conn = Some(conn.clone());
-        rt.launch = None;
         // Welcome first, then whatever the scheduler assigned on connect.
         conn.send(&welcome, now_ms);
         shared.apply(&mut core);

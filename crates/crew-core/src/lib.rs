@@ -21,7 +21,7 @@
 
 pub mod agent;
 pub mod builtins;
-#[cfg(any(test, feature = \"conformance\"))]
+#[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 pub mod controller;
 pub mod exec;

@@ -185,7 +185,10 @@ impl Worker for LocalWorker {
                 if let Proc::Running(child) = p {
                     match child.try_wait() {
                         Ok(None) => return Liveness::Running,
-                        Ok(Some(status)) => *p = Proc::Exited(describe(status)),
+                        Ok(Some(status)) => {
+                            debug!(pid, "{}", describe(status));
+                            *p = Proc::Exited(describe(status));
+                        }
                         Err(e) => *p = Proc::Exited(format!("the agent's status is unknown: {e}")),
                     }
                 }

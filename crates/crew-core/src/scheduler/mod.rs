@@ -535,7 +535,7 @@ impl Scheduler {
             if let Some(e) = self.jobs.get_mut(&job) {
                 e.failures += 1;
             }
-            self.requeue_front(job);
+            self.requeue_front(job, true);
         } else if self.jobs.remove(&job).is_some() {
             self.actions.push(Action::Deliver(Box::new(output)));
         }
@@ -564,7 +564,7 @@ impl Scheduler {
         if self.slots[slot.0 as usize].jobs.is_empty() {
             self.slots[slot.0 as usize].idle_since = Some(now);
         }
-        self.requeue_front(job);
+        self.requeue_front(job, false);
         self.after_slot_change(slot, now);
         self.settle(now);
     }
@@ -591,7 +591,7 @@ impl Scheduler {
                     if i == 0 {
                         self.crash(job, slot, reason);
                     } else {
-                        self.requeue_front(job);
+                        self.requeue_front(job, false);
                     }
                 }
             }
@@ -822,10 +822,18 @@ impl Scheduler {
         }
     }
 
-    fn requeue_front(&mut self, job: JobId) {
+    /// Puts a job back at the front of the queue. `started` tells whether
+    /// the attempt it was assigned for began; an attempt that never began
+    /// (a prefetched job taken back) does not count.
+    fn requeue_front(&mut self, job: JobId, started: bool) {
         let Some(priority) = self.jobs.get(&job).map(|e| e.spec.priority) else {
             return;
         };
+        if !started {
+            if let Some(e) = self.jobs.get_mut(&job) {
+                e.attempt = e.attempt.saturating_sub(1);
+            }
+        }
         let key = self.front_key(priority);
         if let Some(e) = self.jobs.get_mut(&job) {
             e.state = JobState::Queued(key);
@@ -850,7 +858,7 @@ impl Scheduler {
             );
             self.deliver_without_run(job, Status::Crashed, msg);
         } else {
-            self.requeue_front(job);
+            self.requeue_front(job, true);
         }
     }
 
@@ -943,12 +951,12 @@ impl Scheduler {
                 let jobs: Vec<JobId> = self.slots[idx].jobs.drain(..).collect();
                 self.prefetched -= jobs.len().saturating_sub(1);
                 self.slots[idx].revoking = None;
-                for job in jobs.into_iter().rev() {
+                for (i, job) in jobs.into_iter().enumerate().rev() {
                     let cancelled = self.jobs.get(&job).is_some_and(|e| e.cancel_requested);
                     if cancelled {
                         self.deliver_without_run(job, Status::Cancelled, "cancelled by the user".to_owned());
                     } else {
-                        self.requeue_front(job);
+                        self.requeue_front(job, i == 0);
                     }
                 }
                 self.slots[idx].state = SlotState::Stopping;
