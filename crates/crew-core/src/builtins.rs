@@ -346,6 +346,7 @@ fn echo(args: Value) -> BuiltinOutput {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap (a workspace clippy.toml could say `allow-unwrap-in-tests`)
 mod tests {
     use super::*;
     use serde_json::json;

@@ -5,9 +5,14 @@
 //! outside it. Data is streamed both ways so that neither the controller nor
 //! an agent holds a whole object in memory (DESIGN.md, principle 3).
 //!
-//! The local store (`LocalStore`) is a thin layer over `object_store`'s
+//! The local store ([`LocalStore`]) is a thin layer over `object_store`'s
 //! local file system, so that it behaves like the S3 store that arrives with
 //! its own crate.
+//!
+//! Stores are opened by URL at run time ([`open_store`]): a
+//! [`StoreRegistry`] maps URL schemes to constructors. `crew-core` registers
+//! only `file`; a binary linking a backend crate registers that backend's
+//! scheme, so `crew-core` never depends on a cloud SDK.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -338,9 +343,10 @@ impl LocalStore {
 
     /// Refuses `target` (an absolute path under the root) when its deepest
     /// existing ancestor, `target` itself included, resolves outside the root.
-    async fn check_inside_root(&self, target: PathBuf) -> Result<(), StoreError> {
+    async fn check_inside_root(&self, key: &StoreKey, target: PathBuf) -> Result<(), StoreError> {
         let root = self.root.clone();
-        tokio::task::spawn_blocking(move || resolves_inside(&root, &target))
+        let key = key.as_str().to_owned();
+        tokio::task::spawn_blocking(move || resolves_inside(&root, &target, &key))
             .await
             .map_err(|e| StoreError::Backend {
                 backend: LOCAL,
@@ -367,7 +373,7 @@ impl LocalStore {
                 None => fs_path,
             }
         };
-        self.check_inside_root(target).await?;
+        self.check_inside_root(key, target).await?;
         Ok(location)
     }
 
@@ -563,7 +569,7 @@ impl Store for LocalStore {
                 let inside = inner
                     .path_to_filesystem(&meta.location)
                     .map_err(|e| backend_error("list", &prefix_for_task, e))
-                    .and_then(|path| resolves_inside(&root, &path));
+                    .and_then(|path| resolves_inside(&root, &path, key.as_str()));
                 if let Err(e) = inside {
                     tracing::warn!(%key, error = %e, "skipping a listed object");
                     continue;
@@ -623,16 +629,16 @@ fn backend_error(op: &str, key: &StoreKey, error: object_store::Error) -> StoreE
     }
 }
 
-/// Resolves the deepest existing ancestor of `target` (itself included) and
-/// fails when it lies outside `root`. Blocking.
-fn resolves_inside(root: &Path, target: &Path) -> Result<(), StoreError> {
+/// Resolves the deepest existing ancestor of `target` (itself included), the
+/// file of `key`, and fails when it lies outside `root`. Blocking.
+fn resolves_inside(root: &Path, target: &Path, key: &str) -> Result<(), StoreError> {
     let mut probe = target;
     loop {
         match std::fs::canonicalize(probe) {
             Ok(resolved) if resolved.starts_with(root) => return Ok(()),
             Ok(resolved) => {
                 return Err(StoreError::InvalidKey {
-                    key: target.display().to_string(),
+                    key: key.to_owned(),
                     reason: format!(
                         "{} leads outside the store folder (to {}) through a symbolic link",
                         probe.display(),
@@ -1082,6 +1088,7 @@ mod tests {
         assert_eq!(keys, ["l/ok"]);
     }
 
+    #[cfg(unix)]
     #[tokio::test]
     async fn no_key_reaches_outside_the_root() {
         let dir = tempdir();

@@ -934,3 +934,126 @@ async fn clean_up(cx: &Cx<'_>) {
         "store conformance: objects remain under the run prefix after deleting them all"
     );
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests may unwrap
+mod tests {
+    //! The kit must catch broken stores, not only pass good ones: each test
+    //! wraps `LocalStore` with one contract violation.
+
+    use std::path::Path;
+
+    use async_trait::async_trait;
+    use bytes::Bytes;
+
+    use crate::store::{ByteStream, LocalStore, ObjectMeta, Store, StoreError, StoreKey};
+
+    /// Which rule the wrapper breaks.
+    #[derive(Debug, Clone, Copy)]
+    enum Flaw {
+        /// `delete` of a missing key fails.
+        DeleteNotIdempotent,
+        /// `list` matches a string prefix, not whole segments.
+        StringPrefixList,
+        /// `head` of a missing key is a backend error, not `NotFound`.
+        HeadMissingIsBackendError,
+    }
+
+    #[derive(Debug)]
+    struct Flawed {
+        inner: LocalStore,
+        flaw: Flaw,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Flawed {
+        fn new(flaw: Flaw) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let inner = LocalStore::new(dir.path()).unwrap();
+            Self {
+                inner,
+                flaw,
+                _dir: dir,
+            }
+        }
+    }
+
+    #[async_trait]
+    impl Store for Flawed {
+        fn url(&self) -> String {
+            self.inner.url()
+        }
+        async fn put_file(&self, key: &StoreKey, path: &Path) -> Result<ObjectMeta, StoreError> {
+            self.inner.put_file(key, path).await
+        }
+        async fn put_stream(
+            &self,
+            key: &StoreKey,
+            data: ByteStream,
+        ) -> Result<ObjectMeta, StoreError> {
+            self.inner.put_stream(key, data).await
+        }
+        async fn put_bytes(&self, key: &StoreKey, data: Bytes) -> Result<ObjectMeta, StoreError> {
+            self.inner.put_bytes(key, data).await
+        }
+        async fn get(&self, key: &StoreKey) -> Result<ByteStream, StoreError> {
+            self.inner.get(key).await
+        }
+        async fn get_file(&self, key: &StoreKey, path: &Path) -> Result<ObjectMeta, StoreError> {
+            self.inner.get_file(key, path).await
+        }
+        async fn head(&self, key: &StoreKey) -> Result<ObjectMeta, StoreError> {
+            match (self.flaw, self.inner.head(key).await) {
+                (Flaw::HeadMissingIsBackendError, Err(StoreError::NotFound { .. })) => {
+                    Err(StoreError::Backend {
+                        backend: "flawed",
+                        message: "404".into(),
+                        retryable: false,
+                    })
+                }
+                (_, result) => result,
+            }
+        }
+        async fn list(&self, prefix: &StoreKey) -> Result<Vec<ObjectMeta>, StoreError> {
+            match self.flaw {
+                Flaw::StringPrefixList => {
+                    // Lists the parent and filters by string prefix.
+                    let Some((parent, _)) = prefix.as_str().rsplit_once('/') else {
+                        return self.inner.list(prefix).await;
+                    };
+                    let all = self.inner.list(&StoreKey::new(parent)?).await?;
+                    Ok(all
+                        .into_iter()
+                        .filter(|m| m.key.as_str().starts_with(prefix.as_str()))
+                        .filter(|m| m.key != *prefix)
+                        .collect())
+                }
+                _ => self.inner.list(prefix).await,
+            }
+        }
+        async fn delete(&self, key: &StoreKey) -> Result<(), StoreError> {
+            if matches!(self.flaw, Flaw::DeleteNotIdempotent) {
+                self.inner.head(key).await?;
+            }
+            self.inner.delete(key).await
+        }
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "delete again (must be idempotent)")]
+    async fn catches_a_delete_that_is_not_idempotent() {
+        super::store(&Flawed::new(Flaw::DeleteNotIdempotent)).await;
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "whole segments")]
+    async fn catches_a_string_prefix_list() {
+        super::store(&Flawed::new(Flaw::StringPrefixList)).await;
+    }
+
+    #[tokio::test]
+    #[should_panic(expected = "expected StoreError::NotFound")]
+    async fn catches_a_head_that_hides_not_found() {
+        super::store(&Flawed::new(Flaw::HeadMissingIsBackendError)).await;
+    }
+}

@@ -1,0 +1,89 @@
+//! `cargo xtask ci`: the checks CI runs, in order, stopping at the first
+//! failure with what to do about it.
+//!
+//! One command for CI and for people, so that "green locally" means "green in
+//! CI": formatting first (cheapest), then clippy with warnings as errors,
+//! then the tests of the whole workspace with every feature (the conformance
+//! kit included). Tests run under `cargo nextest` when it is installed
+//! (faster, one process per test) and under `cargo test` otherwise.
+
+use std::process::Stdio;
+
+use anyhow::{Context, bail};
+
+/// One step: the cargo arguments and what to tell the user when it fails.
+struct Step {
+    args: &'static [&'static str],
+    on_failure: &'static str,
+}
+
+const FMT: Step = Step {
+    args: &["fmt", "--all", "--", "--check"],
+    on_failure: "the code is not formatted: run `cargo fmt --all`",
+};
+
+const CLIPPY: Step = Step {
+    args: &[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--all-features",
+        "--",
+        "-D",
+        "warnings",
+    ],
+    on_failure: "clippy found problems (warnings count as errors): see its output above",
+};
+
+const NEXTEST: Step = Step {
+    args: &["nextest", "run", "--workspace", "--all-features"],
+    on_failure: "tests failed: see nextest's summary above",
+};
+
+const TEST: Step = Step {
+    args: &["test", "--workspace", "--all-features"],
+    on_failure: "tests failed: see the failures above",
+};
+
+/// Runs every step in order; fails at the first that fails.
+pub(crate) fn run() -> anyhow::Result<()> {
+    run_step(&FMT)?;
+    run_step(&CLIPPY)?;
+    if nextest_available() {
+        run_step(&NEXTEST)?;
+    } else {
+        eprintln!("xtask: cargo-nextest is not installed; running the tests with cargo test");
+        run_step(&TEST)?;
+    }
+    eprintln!("xtask: ci passed");
+    Ok(())
+}
+
+/// Runs one step, its output going straight to the terminal.
+fn run_step(step: &Step) -> anyhow::Result<()> {
+    let shown = format!("cargo {}", step.args.join(" "));
+    eprintln!("xtask: running `{shown}`");
+    let status = crate::cargo()
+        .args(step.args)
+        .status()
+        .with_context(|| format!("cannot start `{shown}`"))?;
+    if !status.success() {
+        let code = status.code().map_or_else(
+            || "killed by a signal".to_owned(),
+            |c| format!("exit code {c}"),
+        );
+        bail!("`{shown}` failed ({code}): {}", step.on_failure);
+    }
+    Ok(())
+}
+
+/// Whether `cargo nextest --version` works.
+fn nextest_available() -> bool {
+    crate::cargo()
+        .args(["nextest", "--version"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
