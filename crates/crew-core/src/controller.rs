@@ -273,6 +273,12 @@ struct Core {
     actions: Vec<Action>,
 }
 
+/// Slots launched together: same class, same options.
+type LaunchGroup = (Arc<dyn Worker>, BTreeMap<String, String>, Vec<SlotId>);
+
+/// Handles of one class to probe, with their slots.
+type ProbeBatch = (Arc<dyn Worker>, Vec<(SlotId, Handle)>);
+
 /// One agent connection.
 struct Conn {
     id: u64,
@@ -727,7 +733,7 @@ impl Shared {
         }
         // One launch per class and option set, split by the class's batch
         // limit.
-        let mut groups: Vec<(Arc<dyn Worker>, BTreeMap<String, String>, Vec<SlotId>)> = Vec::new();
+        let mut groups: Vec<LaunchGroup> = Vec::new();
         for slot in slots {
             let rt = &core.slots[slot.0 as usize];
             match groups
@@ -905,7 +911,7 @@ impl Shared {
     fn on_messages(self: &Arc<Self>, conn: &Arc<Conn>, msgs: Vec<AgentMsg>) {
         let mut core = lock(&self.core);
         let slot = conn.slot;
-        if !core.slots[slot.0 as usize].conn.as_ref().is_some_and(|c| c.id == conn.id) {
+        if core.slots[slot.0 as usize].conn.as_ref().is_none_or(|c| c.id != conn.id) {
             return;
         }
         let now = Instant::now();
@@ -961,7 +967,7 @@ impl Shared {
         let mut core = lock(&self.core);
         let slot = conn.slot;
         let rt = &mut core.slots[slot.0 as usize];
-        if !rt.conn.as_ref().is_some_and(|c| c.id == conn.id) {
+        if rt.conn.as_ref().is_none_or(|c| c.id != conn.id) {
             return;
         }
         // The handle stays until the slot launches again, so that `close`
@@ -1217,7 +1223,7 @@ async fn probe_loop(shared: Arc<Shared>) {
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
         }
         // Handles per class, for slots that are launching, up or stopping.
-        let mut work: HashMap<String, (Arc<dyn Worker>, Vec<(SlotId, Handle)>)> = HashMap::new();
+        let mut work: HashMap<String, ProbeBatch> = HashMap::new();
         {
             let core = lock(&shared.core);
             for (i, rt) in core.slots.iter().enumerate() {

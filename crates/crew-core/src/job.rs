@@ -248,7 +248,7 @@ impl JobError {
 pub fn parse_duration(s: &str) -> Result<Duration, JobError> {
     let s = s.trim();
     if let Ok(secs) = s.parse::<f64>() {
-        if secs.is_finite() && secs >= 0.0 && secs < 1e12 {
+        if (0.0..1e12).contains(&secs) {
             return Ok(Duration::from_secs_f64(secs));
         }
         return Err(JobError::new(format!(
