@@ -4,7 +4,7 @@
 //! One command for CI and for people, so that "green locally" means "green in
 //! CI": formatting first (cheapest), then clippy with warnings as errors,
 //! then the tests of the whole workspace with every feature (the conformance
-//! kit included). Tests run under `cargo nextest` when it is installed
+//! kit included), then the embedding example. Tests run under `cargo nextest` when it is installed
 //! (faster, one process per test) and under `cargo test` otherwise.
 
 use std::process::Stdio;
@@ -40,6 +40,11 @@ const NEXTEST: Step = Step {
     on_failure: "tests failed: see nextest's summary above",
 };
 
+const EXAMPLE: Step = Step {
+    args: &["run", "--quiet", "-p", "crew-worker-local", "--example", "embed"],
+    on_failure: "the embedding example failed: see its output above",
+};
+
 const TEST: Step = Step {
     args: &["test", "--workspace", "--all-features"],
     on_failure: "tests failed: see the failures above",
@@ -55,6 +60,7 @@ pub(crate) fn run() -> anyhow::Result<()> {
         eprintln!("xtask: cargo-nextest is not installed; running the tests with cargo test");
         run_step(&TEST)?;
     }
+    run_step(&EXAMPLE)?;
     eprintln!("xtask: ci passed");
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! The conformance kit: the public test suite every backend runs against
 //! itself.
 //!
-//! crew's plugin traits ([`Store`](crate::store::Store), and later
+//! crew's plugin traits ([`Store`](crate::store::Store) and
 //! [`Worker`](crate::worker::Worker)) carry contracts that types cannot
 //! express: atomic uploads, `NotFound` for a missing key, segment-prefix
 //! listing, idempotent deletes. Each contract is written once, here, as
@@ -35,5 +35,7 @@
 //! `conformance` feature, so production builds do not carry it.
 
 pub mod store;
+pub mod worker;
 
 pub use self::store::store;
+pub use self::worker::{WorkerKit, worker};
