@@ -283,6 +283,8 @@ type ProbeBatch = (Arc<dyn Worker>, Vec<(SlotId, Handle)>);
 struct Conn {
     id: u64,
     slot: SlotId,
+    /// The slot's name, for logs.
+    name: String,
     stream: Arc<TcpStream>,
     out: Mutex<BytesMut>,
     writer_wake: Notify,
@@ -298,7 +300,7 @@ impl Conn {
         let mut out = lock(&self.out);
         let was_empty = out.is_empty();
         if let Err(e) = protocol::encode(msg, &mut out) {
-            warn!(slot = ?self.slot, "dropping a frame that cannot be encoded: {e}");
+            warn!(slot = %self.name, "dropping a frame that cannot be encoded: {e}");
             return;
         }
         self.last_sent_ms.store(now_ms, Ordering::Relaxed);
@@ -307,7 +309,7 @@ impl Conn {
                 Ok(n) => out.advance(n),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => {
-                    debug!(slot = ?self.slot, "write failed: {e}");
+                    debug!(slot = %self.name, "write failed: {e}");
                     self.broken.store(true, Ordering::Relaxed);
                     self.closed.cancel();
                     return;
@@ -973,6 +975,17 @@ impl Shared {
         // The handle stays until the slot launches again, so that `close`
         // can still terminate a process on its way out.
         rt.conn = None;
+        // A worker that stopped answering may still be running its job (a
+        // stopped or partitioned agent): make sure it is gone before the
+        // job runs elsewhere. Terminating an exited worker is a no-op.
+        if let Some(handle) = rt.handle.clone() {
+            let class = rt.class.clone();
+            tokio::spawn(async move {
+                if let Err(e) = class.terminate(&[handle]).await {
+                    warn!("terminating a lost worker failed: {e}");
+                }
+            });
+        }
         let now = Instant::now();
         core.sched.lost(slot, reason, now);
         self.apply(&mut core);
@@ -1071,6 +1084,7 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
         conn = Arc::new(Conn {
             id,
             slot,
+            name: core.sched.slot_config(slot).name.clone(),
             stream: stream.clone(),
             out: Mutex::new(BytesMut::with_capacity(16 * 1024)),
             writer_wake: Notify::new(),
@@ -1098,7 +1112,7 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
     // Frames that came with the hello.
     let reason = read_loop(&shared, &conn, buf).await;
     if !shared.stop.is_cancelled() {
-        debug!(slot = ?conn.slot, "connection closed: {reason}");
+        debug!(slot = %conn.name, "connection closed: {reason}");
     }
     shared.on_closed(&conn, &reason);
 }
@@ -1111,7 +1125,7 @@ async fn read_loop(shared: &Arc<Shared>, conn: &Arc<Conn>, mut buf: BytesMut) ->
                 Ok(Some(m)) => msgs.push(m),
                 Ok(None) => break,
                 Err(e) => {
-                    warn!(slot = ?conn.slot, "closing a worker connection: {e}");
+                    warn!(slot = %conn.name, "closing a worker connection: {e}");
                     return format!("protocol error: {e}");
                 }
             }
@@ -1208,7 +1222,7 @@ async fn timer_loop(shared: Arc<Shared>) {
             shared.apply(&mut core);
         }
         for conn in silent {
-            warn!(slot = ?conn.slot, "worker stopped answering; treating it as lost");
+            warn!(slot = %conn.name, "worker stopped answering; treating it as lost");
             shared.on_closed(&conn, &format!("no heartbeat for {}", humantime::format_duration(Duration::from_millis(lost_ms))));
         }
     }
