@@ -292,31 +292,50 @@ struct Conn {
     last_recv_ms: AtomicU64,
     last_sent_ms: AtomicU64,
     broken: AtomicBool,
+    /// The writer task owns the buffer's head until it drained it (the
+    /// socket was full); direct writes wait meanwhile, to keep frame order.
+    pending_write: AtomicBool,
 }
 
 impl Conn {
     /// Queues a frame and writes as much as the socket takes now.
     fn send(&self, msg: &ControllerMsg, now_ms: u64) {
+        if self.queue(msg, now_ms) {
+            self.flush();
+        }
+    }
+
+    /// Appends a frame to the outgoing buffer without writing; returns
+    /// false when it could not be encoded (logged). Callers batch several
+    /// frames and [`Conn::flush`] once.
+    fn queue(&self, msg: &ControllerMsg, now_ms: u64) -> bool {
         let mut out = lock(&self.out);
-        let was_empty = out.is_empty();
         if let Err(e) = protocol::encode(msg, &mut out) {
             warn!(slot = %self.name, "dropping a frame that cannot be encoded: {e}");
-            return;
+            return false;
         }
         self.last_sent_ms.store(now_ms, Ordering::Relaxed);
-        if was_empty {
-            match self.stream.try_write(&out) {
-                Ok(n) => out.advance(n),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => {
-                    debug!(slot = %self.name, "write failed: {e}");
-                    self.broken.store(true, Ordering::Relaxed);
-                    self.closed.cancel();
-                    return;
-                }
+        true
+    }
+
+    /// Writes what the socket takes now; the writer task gets the rest.
+    fn flush(&self) {
+        let mut out = lock(&self.out);
+        if out.is_empty() || self.pending_write.load(Ordering::Relaxed) {
+            return;
+        }
+        match self.stream.try_write(&out) {
+            Ok(n) => out.advance(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => {
+                debug!(slot = %self.name, "write failed: {e}");
+                self.broken.store(true, Ordering::Relaxed);
+                self.closed.cancel();
+                return;
             }
         }
         if !out.is_empty() {
+            self.pending_write.store(true, Ordering::Relaxed);
             self.writer_wake.notify_one();
         }
     }
@@ -685,6 +704,14 @@ impl Shared {
         core.sched.drain_actions_into(&mut actions);
         let now_ms = self.now_ms();
         let mut delivered = false;
+        // Connections written to, flushed once at the end (one write
+        // system call per worker per event, however many frames).
+        let mut dirty: Vec<Arc<Conn>> = Vec::new();
+        let mut queue = |conn: &Arc<Conn>, msg: &ControllerMsg| {
+            if conn.queue(msg, now_ms) && !dirty.iter().any(|c| Arc::ptr_eq(c, conn)) {
+                dirty.push(conn.clone());
+            }
+        };
         for action in actions.drain(..) {
             match action {
                 Action::Assign { slot, job, attempt } => {
@@ -693,10 +720,7 @@ impl Shared {
                         continue;
                     };
                     if let Some(conn) = &core.slots[slot.0 as usize].conn {
-                        conn.send(
-                            &ControllerMsg::Run(Box::new(RunJob { job, attempt, seed, spec })),
-                            now_ms,
-                        );
+                        queue(conn, &ControllerMsg::Run(Box::new(RunJob { job, attempt, seed, spec })));
                     }
                 }
                 Action::Deliver(output) => {
@@ -711,17 +735,20 @@ impl Shared {
                 Action::Revoke { slot, job } => {
                     tracing::trace!(%job, slot = slot.0, "revoke");
                     if let Some(conn) = &core.slots[slot.0 as usize].conn {
-                        conn.send(&ControllerMsg::Revoke { job }, now_ms);
+                        queue(conn, &ControllerMsg::Revoke { job });
                     }
                 }
                 Action::Cancel { slot, job } => {
                     if let Some(conn) = &core.slots[slot.0 as usize].conn {
-                        conn.send(&ControllerMsg::Cancel { job }, now_ms);
+                        queue(conn, &ControllerMsg::Cancel { job });
                     }
                 }
                 Action::Launch(slots) => self.start_launches(core, slots),
                 Action::Terminate { slot, reason } => self.terminate_slot(core, slot, &reason),
             }
+        }
+        for conn in dirty {
+            conn.flush();
         }
         core.actions = actions;
         if delivered {
@@ -1092,6 +1119,7 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
             last_recv_ms: AtomicU64::new(now_ms),
             last_sent_ms: AtomicU64::new(now_ms),
             broken: AtomicBool::new(false),
+            pending_write: AtomicBool::new(false),
         });
         let now = Instant::now();
         if !core.sched.connected(slot, now) {
@@ -1161,19 +1189,19 @@ async fn writer_loop(conn: Arc<Conn>) {
         loop {
             {
                 let mut out = lock(&conn.out);
-                if out.is_empty() {
-                    break;
-                }
-                match conn.stream.try_write(&out) {
-                    Ok(n) => out.advance(n),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(_) => {
-                        conn.broken.store(true, Ordering::Relaxed);
-                        conn.closed.cancel();
-                        return;
+                if !out.is_empty() {
+                    match conn.stream.try_write(&out) {
+                        Ok(n) => out.advance(n),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(_) => {
+                            conn.broken.store(true, Ordering::Relaxed);
+                            conn.closed.cancel();
+                            return;
+                        }
                     }
                 }
                 if out.is_empty() {
+                    conn.pending_write.store(false, Ordering::Relaxed);
                     break;
                 }
             }
