@@ -548,6 +548,7 @@ impl Scheduler {
         if self.slots[slot.0 as usize].jobs.is_empty() {
             self.slots[slot.0 as usize].idle_since = Some(now);
         }
+        self.unstart(job);
         self.requeue_front(job);
         self.after_slot_change(slot, now);
         self.settle(now);
@@ -575,6 +576,7 @@ impl Scheduler {
                     if i == 0 {
                         self.crash(job, slot, reason);
                     } else {
+                        self.unstart(job);
                         self.requeue_front(job);
                     }
                 }
@@ -806,14 +808,29 @@ impl Scheduler {
         }
     }
 
+    /// Puts a job taken back from a worker at the front of the queue; a job
+    /// the user asked to cancel is not run again: it ends `cancelled`.
     fn requeue_front(&mut self, job: JobId) {
-        let Some(priority) = self.jobs.get(&job).map(|e| e.spec.priority) else {
+        let Some(e) = self.jobs.get(&job) else {
             return;
         };
+        if e.cancel_requested {
+            self.deliver_without_run(job, Status::Cancelled, "cancelled by the user".to_owned());
+            return;
+        }
+        let priority = e.spec.priority;
         let key = self.front_key(priority);
         if let Some(e) = self.jobs.get_mut(&job) {
             e.state = JobState::Queued(key);
             self.queue.entry(e.spec.tags.clone()).or_default().insert(key, job);
+        }
+    }
+
+    /// A job taken back from a worker that had not started it: that
+    /// assignment does not count as an attempt.
+    fn unstart(&mut self, job: JobId) {
+        if let Some(e) = self.jobs.get_mut(&job) {
+            e.attempt = e.attempt.saturating_sub(1);
         }
     }
 
@@ -927,7 +944,10 @@ impl Scheduler {
                 let jobs: Vec<JobId> = self.slots[idx].jobs.drain(..).collect();
                 self.prefetched -= jobs.len().saturating_sub(1);
                 self.slots[idx].revoking = None;
-                for job in jobs.into_iter().rev() {
+                for (i, job) in jobs.into_iter().enumerate().rev() {
+                    if i > 0 {
+                        self.unstart(job);
+                    }
                     let cancelled = self.jobs.get(&job).is_some_and(|e| e.cancel_requested);
                     if cancelled {
                         self.deliver_without_run(job, Status::Cancelled, "cancelled by the user".to_owned());
