@@ -1154,24 +1154,42 @@ impl Scheduler {
             .iter()
             .flat_map(|(t, set)| set.iter().take_while(|(load, _)| *load == 0).map(move |(_, s)| (t.clone(), *s)))
             .collect();
+        if idle.is_empty() {
+            return;
+        }
+        // What busy workers could give back: their last (prefetched) job,
+        // grouped by its tags, the most loaded worker first. Built once, so
+        // that many idle workers do not each scan every slot.
+        type Offer = (Reverse<usize>, SlotId, JobId);
+        let mut offers: BTreeMap<&Tags, BTreeSet<Offer>> = BTreeMap::new();
+        for (i, s) in self.slots.iter().enumerate() {
+            if s.state != SlotState::Up || s.jobs.len() < 2 || s.revoking.is_some() {
+                continue;
+            }
+            let Some(&job) = s.jobs.back() else { continue };
+            if let Some(e) = self.jobs.get(&job).filter(|e| !e.cancel_requested) {
+                offers.entry(&e.spec.tags).or_default().insert((Reverse(s.jobs.len()), SlotId(i as u32), job));
+            }
+        }
+        let mut revokes = Vec::new();
         for (tags, _) in idle {
             // Revoke the last prefetched job of the most loaded busy worker
             // whose job fits.
-            let mut pick: Option<(usize, SlotId, JobId)> = None;
-            for (i, s) in self.slots.iter().enumerate() {
-                if s.state != SlotState::Up || s.jobs.len() < 2 || s.revoking.is_some() {
-                    continue;
+            let best = offers
+                .iter()
+                .filter(|(t, _)| tags.satisfies(t))
+                .filter_map(|(t, set)| set.first().map(|o| (*o, *t)))
+                .min_by_key(|(o, _)| *o);
+            if let Some((offer, t)) = best {
+                if let Some(set) = offers.get_mut(t) {
+                    set.remove(&offer);
                 }
-                let Some(&job) = s.jobs.back() else { continue };
-                let fits = self.jobs.get(&job).is_some_and(|e| tags.satisfies(&e.spec.tags) && !e.cancel_requested);
-                if fits && pick.is_none_or(|(n, _, _)| s.jobs.len() > n) {
-                    pick = Some((s.jobs.len(), SlotId(i as u32), job));
-                }
+                revokes.push((offer.1, offer.2));
             }
-            if let Some((_, slot, job)) = pick {
-                self.slots[slot.0 as usize].revoking = Some(job);
-                self.actions.push(Action::Revoke { slot, job });
-            }
+        }
+        for (slot, job) in revokes {
+            self.slots[slot.0 as usize].revoking = Some(job);
+            self.actions.push(Action::Revoke { slot, job });
         }
     }
 
