@@ -535,7 +535,7 @@ impl Scheduler {
             if let Some(e) = self.jobs.get_mut(&job) {
                 e.failures += 1;
             }
-            self.requeue_front(job, true);
+            self.requeue_front(job);
         } else if self.jobs.remove(&job).is_some() {
             self.actions.push(Action::Deliver(Box::new(output)));
         }
@@ -564,7 +564,8 @@ impl Scheduler {
         if self.slots[slot.0 as usize].jobs.is_empty() {
             self.slots[slot.0 as usize].idle_since = Some(now);
         }
-        self.requeue_front(job, false);
+        self.unstart(job);
+        self.requeue_front(job);
         self.after_slot_change(slot, now);
         self.settle(now);
     }
@@ -591,7 +592,8 @@ impl Scheduler {
                     if i == 0 {
                         self.crash(job, slot, reason);
                     } else {
-                        self.requeue_front(job, false);
+                        self.unstart(job);
+                        self.requeue_front(job);
                     }
                 }
             }
@@ -822,22 +824,29 @@ impl Scheduler {
         }
     }
 
-    /// Puts a job back at the front of the queue. `started` tells whether
-    /// the attempt it was assigned for began; an attempt that never began
-    /// (a prefetched job taken back) does not count.
-    fn requeue_front(&mut self, job: JobId, started: bool) {
-        let Some(priority) = self.jobs.get(&job).map(|e| e.spec.priority) else {
+    /// Puts a job taken back from a worker at the front of the queue; a job
+    /// the user asked to cancel is not run again: it ends `cancelled`.
+    fn requeue_front(&mut self, job: JobId) {
+        let Some(e) = self.jobs.get(&job) else {
             return;
         };
-        if !started {
-            if let Some(e) = self.jobs.get_mut(&job) {
-                e.attempt = e.attempt.saturating_sub(1);
-            }
+        if e.cancel_requested {
+            self.deliver_without_run(job, Status::Cancelled, "cancelled by the user".to_owned());
+            return;
         }
+        let priority = e.spec.priority;
         let key = self.front_key(priority);
         if let Some(e) = self.jobs.get_mut(&job) {
             e.state = JobState::Queued(key);
             self.queue.entry(e.spec.tags.clone()).or_default().insert(key, job);
+        }
+    }
+
+    /// A job taken back from a worker that had not started it: that
+    /// assignment does not count as an attempt.
+    fn unstart(&mut self, job: JobId) {
+        if let Some(e) = self.jobs.get_mut(&job) {
+            e.attempt = e.attempt.saturating_sub(1);
         }
     }
 
@@ -858,7 +867,7 @@ impl Scheduler {
             );
             self.deliver_without_run(job, Status::Crashed, msg);
         } else {
-            self.requeue_front(job, true);
+            self.requeue_front(job);
         }
     }
 
@@ -952,11 +961,14 @@ impl Scheduler {
                 self.prefetched -= jobs.len().saturating_sub(1);
                 self.slots[idx].revoking = None;
                 for (i, job) in jobs.into_iter().enumerate().rev() {
+                    if i > 0 {
+                        self.unstart(job);
+                    }
                     let cancelled = self.jobs.get(&job).is_some_and(|e| e.cancel_requested);
                     if cancelled {
                         self.deliver_without_run(job, Status::Cancelled, "cancelled by the user".to_owned());
                     } else {
-                        self.requeue_front(job, i == 0);
+                        self.requeue_front(job);
                     }
                 }
                 self.slots[idx].state = SlotState::Stopping;
@@ -1158,24 +1170,42 @@ impl Scheduler {
             .iter()
             .flat_map(|(t, set)| set.iter().take_while(|(load, _)| *load == 0).map(move |(_, s)| (t.clone(), *s)))
             .collect();
+        if idle.is_empty() {
+            return;
+        }
+        // What busy workers could give back: their last (prefetched) job,
+        // grouped by its tags, the most loaded worker first. Built once, so
+        // that many idle workers do not each scan every slot.
+        type Offer = (Reverse<usize>, SlotId, JobId);
+        let mut offers: BTreeMap<&Tags, BTreeSet<Offer>> = BTreeMap::new();
+        for (i, s) in self.slots.iter().enumerate() {
+            if s.state != SlotState::Up || s.jobs.len() < 2 || s.revoking.is_some() {
+                continue;
+            }
+            let Some(&job) = s.jobs.back() else { continue };
+            if let Some(e) = self.jobs.get(&job).filter(|e| !e.cancel_requested) {
+                offers.entry(&e.spec.tags).or_default().insert((Reverse(s.jobs.len()), SlotId(i as u32), job));
+            }
+        }
+        let mut revokes = Vec::new();
         for (tags, _) in idle {
             // Revoke the last prefetched job of the most loaded busy worker
             // whose job fits.
-            let mut pick: Option<(usize, SlotId, JobId)> = None;
-            for (i, s) in self.slots.iter().enumerate() {
-                if s.state != SlotState::Up || s.jobs.len() < 2 || s.revoking.is_some() {
-                    continue;
+            let best = offers
+                .iter()
+                .filter(|(t, _)| tags.satisfies(t))
+                .filter_map(|(t, set)| set.first().map(|o| (*o, *t)))
+                .min_by_key(|(o, _)| *o);
+            if let Some((offer, t)) = best {
+                if let Some(set) = offers.get_mut(t) {
+                    set.remove(&offer);
                 }
-                let Some(&job) = s.jobs.back() else { continue };
-                let fits = self.jobs.get(&job).is_some_and(|e| tags.satisfies(&e.spec.tags) && !e.cancel_requested);
-                if fits && pick.is_none_or(|(n, _, _)| s.jobs.len() > n) {
-                    pick = Some((s.jobs.len(), SlotId(i as u32), job));
-                }
+                revokes.push((offer.1, offer.2));
             }
-            if let Some((_, slot, job)) = pick {
-                self.slots[slot.0 as usize].revoking = Some(job);
-                self.actions.push(Action::Revoke { slot, job });
-            }
+        }
+        for (slot, job) in revokes {
+            self.slots[slot.0 as usize].revoking = Some(job);
+            self.actions.push(Action::Revoke { slot, job });
         }
     }
 
