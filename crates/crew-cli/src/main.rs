@@ -55,28 +55,19 @@ pub(crate) struct Failure {
 
 impl Failure {
     pub(crate) fn usage(error: impl Into<anyhow::Error>) -> Self {
-        Self {
-            code: EXIT_USAGE,
-            error: error.into(),
-        }
+        Self { code: EXIT_USAGE, error: error.into() }
     }
 
     pub(crate) fn internal(error: impl Into<anyhow::Error>) -> Self {
-        Self {
-            code: EXIT_INTERNAL,
-            error: error.into(),
-        }
+        Self { code: EXIT_INTERNAL, error: error.into() }
     }
 }
 
 fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CREW_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
 }
 
 fn main() -> ExitCode {

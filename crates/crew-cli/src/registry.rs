@@ -15,11 +15,7 @@ pub(crate) struct Registry {
 impl Registry {
     /// The classes of the stock `crew` binary.
     pub(crate) fn stock() -> Self {
-        Self {
-            classes: vec![(crew_worker_local::CLASS, || {
-                Arc::new(crew_worker_local::LocalWorker::new())
-            })],
-        }
+        Self { classes: vec![(crew_worker_local::CLASS, || Arc::new(crew_worker_local::LocalWorker::new()))] }
     }
 
     /// The class called `name`, or an error that lists the known ones.

@@ -65,11 +65,7 @@ pub(crate) fn main(args: RunArgs) -> Result<u8, Failure> {
     };
     let class = Registry::stock().get(&args.class).map_err(Failure::usage)?;
     let (label, text) = read_jobs(&args.file).map_err(Failure::usage)?;
-    let defaults = LineDefaults {
-        tags: Tags::new(),
-        timeout,
-        retries: args.retries,
-    };
+    let defaults = LineDefaults { tags: Tags::new(), timeout, retries: args.retries };
     let jobs = match parse_job_file(&text, &defaults) {
         Ok(jobs) => jobs,
         Err(errors) => {
@@ -110,10 +106,7 @@ pub(crate) fn main(args: RunArgs) -> Result<u8, Failure> {
         config.seed = args.seed;
         config.store = Some(store);
         let controller = Controller::start(config).await?;
-        let limits = SlotLimits {
-            prefetch: args.prefetch,
-            ..SlotLimits::default()
-        };
+        let limits = SlotLimits { prefetch: args.prefetch, ..SlotLimits::default() };
         let mut recruit = Recruit::new(class, workers);
         recruit.tags = tags;
         recruit.limits = limits;
@@ -175,9 +168,7 @@ fn stop(controller: &Controller) {
 fn read_jobs(file: &str) -> anyhow::Result<(String, String)> {
     let mut text = String::new();
     if file == "-" {
-        std::io::stdin()
-            .read_to_string(&mut text)
-            .context("cannot read the jobs from stdin")?;
+        std::io::stdin().read_to_string(&mut text).context("cannot read the jobs from stdin")?;
         Ok(("<stdin>".to_owned(), text))
     } else {
         let path = PathBuf::from(file);
@@ -197,4 +188,3 @@ fn nth_job_line(text: &str, n: usize) -> usize {
         .nth(n)
         .map_or(0, |(i, _)| i + 1)
 }
-

@@ -16,11 +16,7 @@ pub(crate) struct Printer<W: Write> {
 
 impl<W: Write> Printer<W> {
     pub(crate) fn new(json: bool, out: W) -> Self {
-        Self {
-            json,
-            out,
-            header: false,
-        }
+        Self { json, out, header: false }
     }
 
     pub(crate) fn print(&mut self, o: &Output) -> anyhow::Result<()> {
@@ -67,11 +63,7 @@ impl<W: Write> Printer<W> {
             eprintln!(
                 "crew: {total} job(s): {} succeeded, {failed} did not{}",
                 received - failed,
-                if received < total {
-                    format!(", {} without a record", total - received)
-                } else {
-                    String::new()
-                }
+                if received < total { format!(", {} without a record", total - received) } else { String::new() }
             );
         }
         Ok(())

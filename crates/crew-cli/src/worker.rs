@@ -31,15 +31,9 @@ pub(crate) fn main(args: WorkerArgs) -> Result<u8, Failure> {
         None
     };
     let cfg = AgentConfig::from_env(args.connect, token, Builtins::standard()).map_err(Failure::usage)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(Failure::internal)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(Failure::internal)?;
     match rt.block_on(agent::run(cfg)) {
         Ok(exit) => Ok(u8::try_from(exit.code()).unwrap_or(EXIT_USAGE)),
-        Err(e) => Err(Failure {
-            code: u8::try_from(agent::EXIT_START_FAILED).unwrap_or(EXIT_USAGE),
-            error: e.into(),
-        }),
+        Err(e) => Err(Failure { code: u8::try_from(agent::EXIT_START_FAILED).unwrap_or(EXIT_USAGE), error: e.into() }),
     }
 }

@@ -111,27 +111,20 @@ impl AgentConfig {
     /// flag, stdin).
     pub fn from_env(connect: Option<String>, token: Option<Secret>, builtins: Builtins) -> Result<Self, AgentError> {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        let connect = connect
-            .or_else(|| var(ENV_CONNECT))
-            .ok_or_else(|| AgentError::Config(format!("no controller address: pass --connect ADDR or set {ENV_CONNECT}")))?;
-        let launch = var(ENV_LAUNCH)
-            .ok_or_else(|| AgentError::Config(format!("no launch id: {ENV_LAUNCH} is not set (agents are started by a controller)")))?;
+        let connect = connect.or_else(|| var(ENV_CONNECT)).ok_or_else(|| {
+            AgentError::Config(format!("no controller address: pass --connect ADDR or set {ENV_CONNECT}"))
+        })?;
+        let launch = var(ENV_LAUNCH).ok_or_else(|| {
+            AgentError::Config(format!("no launch id: {ENV_LAUNCH} is not set (agents are started by a controller)"))
+        })?;
         let token = token
             .or_else(|| var(ENV_TOKEN).map(Secret::new))
             .ok_or_else(|| AgentError::Config(format!("no token: set {ENV_TOKEN} or pass --token-stdin")))?;
         let index = match var(ENV_INDEX).or_else(|| var("AWS_BATCH_JOB_ARRAY_INDEX")) {
-            Some(v) => v
-                .parse()
-                .map_err(|_| AgentError::Config(format!("{ENV_INDEX} is not a number: {v:?}")))?,
+            Some(v) => v.parse().map_err(|_| AgentError::Config(format!("{ENV_INDEX} is not a number: {v:?}")))?,
             None => 0,
         };
-        Ok(Self {
-            connect,
-            launch,
-            index,
-            token,
-            builtins,
-        })
+        Ok(Self { connect, launch, index, token, builtins })
     }
 }
 
@@ -209,10 +202,7 @@ async fn connect(addr: &str) -> Result<TcpStream, AgentError> {
                 delay = (delay * 2).min(Duration::from_secs(1));
             }
             Err(source) => {
-                return Err(AgentError::Connect {
-                    addr: addr.to_owned(),
-                    source,
-                });
+                return Err(AgentError::Connect { addr: addr.to_owned(), source });
             }
         }
     }
@@ -250,21 +240,17 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentExit, AgentError> {
         host: hostname(),
     };
     protocol::encode(&hello, &mut out).map_err(|e| AgentError::Handshake(e.to_string()))?;
-    stream
-        .write_all(&out)
-        .await
-        .map_err(|e| AgentError::Handshake(e.to_string()))?;
+    stream.write_all(&out).await.map_err(|e| AgentError::Handshake(e.to_string()))?;
     out.clear();
     let mut inbuf = BytesMut::with_capacity(64 * 1024);
     let welcome = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
-            if let Some(m) = protocol::decode::<ControllerMsg>(&mut inbuf).map_err(|e| AgentError::Handshake(e.to_string()))? {
+            if let Some(m) =
+                protocol::decode::<ControllerMsg>(&mut inbuf).map_err(|e| AgentError::Handshake(e.to_string()))?
+            {
                 return Ok::<_, AgentError>(m);
             }
-            let n = stream
-                .read_buf(&mut inbuf)
-                .await
-                .map_err(|e| AgentError::Handshake(e.to_string()))?;
+            let n = stream.read_buf(&mut inbuf).await.map_err(|e| AgentError::Handshake(e.to_string()))?;
             if n == 0 {
                 return Err(AgentError::Handshake("the controller closed the connection".into()));
             }
@@ -273,14 +259,7 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentExit, AgentError> {
     .await
     .map_err(|_| AgentError::Handshake("no answer from the controller within 30s".into()))??;
     let (slot, idle_timeout, tasks_max, heartbeat, store_url) = match welcome {
-        ControllerMsg::Welcome {
-            version,
-            slot,
-            idle_timeout,
-            tasks_max,
-            heartbeat,
-            store,
-        } => {
+        ControllerMsg::Welcome { version, slot, idle_timeout, tasks_max, heartbeat, store } => {
             if version != PROTOCOL_VERSION {
                 return Err(AgentError::Handshake(format!(
                     "protocol version mismatch: the controller speaks {version}, this agent {PROTOCOL_VERSION}"
@@ -292,7 +271,8 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentExit, AgentError> {
         other => return Err(AgentError::Handshake(format!("unexpected first message {other:?}"))),
     };
     info!(%slot, "agent connected");
-    let scratch = Scratch::create().map_err(|e| AgentError::Config(format!("could not create a scratch folder: {e}")))?;
+    let scratch =
+        Scratch::create().map_err(|e| AgentError::Config(format!("could not create a scratch folder: {e}")))?;
     let mut ctx = ExecContext::new(slot.clone(), scratch.0.clone()).with_builtins(cfg.builtins.clone());
     if let Some(url) = store_url {
         match crate::store::open_store(&url) {
@@ -348,7 +328,12 @@ async fn serve(
                     ControllerMsg::Cancel { job } => {
                         if let Some(pos) = queue.iter().position(|r| r.job == job) {
                             if let Some(run) = queue.remove(pos) {
-                                push_done(&mut out, run.job, run.attempt, cancelled_result("cancelled before it started"));
+                                push_done(
+                                    &mut out,
+                                    run.job,
+                                    run.attempt,
+                                    cancelled_result("cancelled before it started"),
+                                );
                             }
                         } else if let Some(r) = &running {
                             if r.job == job {
@@ -486,11 +471,7 @@ fn push(out: &mut BytesMut, msg: &AgentMsg) {
 }
 
 fn push_done(out: &mut BytesMut, job: JobId, attempt: u32, result: JobResult) {
-    let msg = AgentMsg::Done {
-        job,
-        attempt,
-        result: Box::new(result),
-    };
+    let msg = AgentMsg::Done { job, attempt, result: Box::new(result) };
     if let Err(e) = protocol::encode(&msg, out) {
         // The only way a result does not encode is that it is too large;
         // send a smaller one that says so rather than losing the job.

@@ -70,10 +70,7 @@ impl BuiltinOutput {
 
     /// Output with `text` on stdout and nothing on stderr.
     pub fn stdout(text: impl Into<String>) -> Self {
-        Self {
-            stdout: text.into(),
-            stderr: String::new(),
-        }
+        Self { stdout: text.into(), stderr: String::new() }
     }
 
     /// Sets stderr.
@@ -97,9 +94,7 @@ pub struct BuiltinError {
 impl BuiltinError {
     /// An error with this message.
     pub fn msg(message: impl fmt::Display) -> Self {
-        Self {
-            message: message.to_string(),
-        }
+        Self { message: message.to_string() }
     }
 
     /// The message, as the job's `error` will show it.
@@ -149,9 +144,7 @@ pub struct UnknownBuiltin {
 }
 
 /// The boxed form of a registered function.
-type BuiltinFn = dyn Fn(Value, BuiltinContext) -> BoxFuture<'static, Result<BuiltinOutput, BuiltinError>>
-    + Send
-    + Sync;
+type BuiltinFn = dyn Fn(Value, BuiltinContext) -> BoxFuture<'static, Result<BuiltinOutput, BuiltinError>> + Send + Sync;
 
 /// One registry entry. `noop` is a variant of its own rather than a boxed
 /// function so that running it allocates nothing (no boxed future, no
@@ -187,9 +180,7 @@ pub struct Builtins {
 impl Builtins {
     /// A registry with no builtins at all.
     pub fn empty() -> Self {
-        Self {
-            table: Arc::new(BTreeMap::new()),
-        }
+        Self { table: Arc::new(BTreeMap::new()) }
     }
 
     /// The standard builtins every crew agent has:
@@ -247,21 +238,15 @@ impl Builtins {
 
     /// Finds a builtin by name.
     pub(crate) fn lookup(&self, name: &str) -> Result<&Builtin, UnknownBuiltin> {
-        self.table.get(name).ok_or_else(|| UnknownBuiltin {
-            name: name.to_owned(),
-            known: self.table.keys().cloned().collect(),
-        })
+        self.table
+            .get(name)
+            .ok_or_else(|| UnknownBuiltin { name: name.to_owned(), known: self.table.keys().cloned().collect() })
     }
 
     /// Runs builtin `name` to completion, without the timeout and capture
     /// handling of [`crate::exec::run_job`] (which is what the agent uses).
     /// A panic in the builtin is returned as an error.
-    pub async fn call(
-        &self,
-        name: &str,
-        args: Value,
-        ctx: BuiltinContext,
-    ) -> Result<BuiltinOutput, BuiltinError> {
+    pub async fn call(&self, name: &str, args: Value, ctx: BuiltinContext) -> Result<BuiltinOutput, BuiltinError> {
         match self.lookup(name).map_err(BuiltinError::from)? {
             Builtin::Noop => Ok(BuiltinOutput::empty()),
             Builtin::Func(f) => call_catching(f, args, ctx).await,
@@ -323,9 +308,7 @@ fn sleep_duration(args: &Value) -> Result<Duration, BuiltinError> {
         _ => None,
     };
     let seconds = seconds.ok_or_else(|| {
-        BuiltinError::msg(format!(
-            "sleep takes a number of seconds, as 1.5 or {{\"seconds\": 1.5}}; got {args}"
-        ))
+        BuiltinError::msg(format!("sleep takes a number of seconds, as 1.5 or {{\"seconds\": 1.5}}; got {args}"))
     })?;
     Duration::try_from_secs_f64(seconds).map_err(|_| {
         BuiltinError::msg(format!(
@@ -365,10 +348,7 @@ mod tests {
     async fn standard_names_and_noop() {
         let b = Builtins::standard();
         assert_eq!(b.names(), vec!["echo", "noop", "sleep"]);
-        assert_eq!(
-            b.call("noop", Value::Null, context()).await.unwrap(),
-            BuiltinOutput::empty()
-        );
+        assert_eq!(b.call("noop", Value::Null, context()).await.unwrap(), BuiltinOutput::empty());
         assert!(matches!(b.lookup("noop"), Ok(Builtin::Noop)));
     }
 
@@ -378,10 +358,7 @@ mod tests {
         let out = b.call("echo", json!("hi there"), context()).await.unwrap();
         assert_eq!(out.stdout, "hi there\n");
         assert_eq!(out.stderr, "");
-        let out = b
-            .call("echo", json!({"a": [1, 2], "b": "x"}), context())
-            .await
-            .unwrap();
+        let out = b.call("echo", json!({"a": [1, 2], "b": "x"}), context()).await.unwrap();
         assert_eq!(out.stdout, "{\"a\":[1,2],\"b\":\"x\"}\n");
         let out = b.call("echo", Value::Null, context()).await.unwrap();
         assert_eq!(out.stdout, "null\n");
@@ -389,23 +366,11 @@ mod tests {
 
     #[test]
     fn sleep_arguments() {
-        assert_eq!(
-            sleep_duration(&json!(1.5)).unwrap(),
-            Duration::from_millis(1500)
-        );
+        assert_eq!(sleep_duration(&json!(1.5)).unwrap(), Duration::from_millis(1500));
         assert_eq!(sleep_duration(&json!(2)).unwrap(), Duration::from_secs(2));
-        assert_eq!(
-            sleep_duration(&json!({"seconds": 0.25})).unwrap(),
-            Duration::from_millis(250)
-        );
-        for bad in [
-            json!(null),
-            json!("1"),
-            json!(-1),
-            json!({"secs": 1}),
-            json!({"seconds": 1, "x": 2}),
-            json!(1e300),
-        ] {
+        assert_eq!(sleep_duration(&json!({"seconds": 0.25})).unwrap(), Duration::from_millis(250));
+        for bad in [json!(null), json!("1"), json!(-1), json!({"secs": 1}), json!({"seconds": 1, "x": 2}), json!(1e300)]
+        {
             let err = sleep_duration(&bad).unwrap_err();
             assert!(err.message().starts_with("sleep"), "{bad}: {err}");
         }
@@ -425,10 +390,7 @@ mod tests {
             token.cancel();
         });
         let t = std::time::Instant::now();
-        let err = b
-            .call("sleep", json!({"seconds": 60}), ctx)
-            .await
-            .unwrap_err();
+        let err = b.call("sleep", json!({"seconds": 60}), ctx).await.unwrap_err();
         assert_eq!(err.message(), "cancelled");
         assert!(t.elapsed() < Duration::from_secs(30));
     }
@@ -437,13 +399,8 @@ mod tests {
     async fn unknown_builtin_lists_known_ones() {
         let b = Builtins::standard();
         let err = b.call("nope", Value::Null, context()).await.unwrap_err();
-        assert_eq!(
-            err.message(),
-            "unknown builtin \"nope\"; this agent knows: echo, noop, sleep"
-        );
-        let Err(e) = b.lookup("nope") else {
-            panic!("found nope")
-        };
+        assert_eq!(err.message(), "unknown builtin \"nope\"; this agent knows: echo, noop, sleep");
+        let Err(e) = b.lookup("nope") else { panic!("found nope") };
         assert_eq!(e.known, vec!["echo", "noop", "sleep"]);
     }
 
@@ -453,11 +410,7 @@ mod tests {
         b.register("who", |args, ctx| async move {
             let name = args.as_str().ok_or("who takes a string")?;
             let k = ctx.env.get("K").cloned().unwrap_or_default();
-            Ok(BuiltinOutput::stdout(format!(
-                "{name} {} {} {} {k}",
-                ctx.id, ctx.attempt, ctx.seed
-            ))
-            .with_stderr("e"))
+            Ok(BuiltinOutput::stdout(format!("{name} {} {} {} {k}", ctx.id, ctx.attempt, ctx.seed)).with_stderr("e"))
         });
         let out = b.call("who", json!("x"), context()).await.unwrap();
         assert_eq!(out.stdout, "x 5 2 99 V");
@@ -480,20 +433,8 @@ mod tests {
                 }
                 Ok(BuiltinOutput::empty())
             });
-        assert_eq!(
-            b.call("io", Value::Null, context())
-                .await
-                .unwrap_err()
-                .message(),
-            "gone"
-        );
-        assert_eq!(
-            b.call("boom", Value::Null, context())
-                .await
-                .unwrap_err()
-                .message(),
-            "the builtin panicked: kaboom"
-        );
+        assert_eq!(b.call("io", Value::Null, context()).await.unwrap_err().message(), "gone");
+        assert_eq!(b.call("boom", Value::Null, context()).await.unwrap_err().message(), "the builtin panicked: kaboom");
     }
 
     #[test]
@@ -502,15 +443,9 @@ mod tests {
         assert_send_sync::<Builtins>();
         let a = Builtins::standard();
         let mut b = a.clone();
-        b.register(
-            "extra",
-            |_args, _ctx| async move { Ok(BuiltinOutput::empty()) },
-        );
+        b.register("extra", |_args, _ctx| async move { Ok(BuiltinOutput::empty()) });
         assert!(b.contains("extra"));
         assert!(!a.contains("extra"));
-        assert_eq!(
-            format!("{a:?}"),
-            "Builtins([\"echo\", \"noop\", \"sleep\"])"
-        );
+        assert_eq!(format!("{a:?}"), "Builtins([\"echo\", \"noop\", \"sleep\"])");
     }
 }

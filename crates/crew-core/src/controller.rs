@@ -56,19 +56,13 @@ pub struct AgentCommand {
 impl AgentCommand {
     /// `crew worker` from a given `crew` binary.
     pub fn crew(program: impl Into<String>) -> Self {
-        Self {
-            program: program.into(),
-            args: vec!["worker".to_owned()],
-        }
+        Self { program: program.into(), args: vec!["worker".to_owned()] }
     }
 
     /// The running executable itself, which must call
     /// [`crate::agent::run_if_agent`] first thing in `main` (embedders).
     pub fn current_exe() -> std::io::Result<Self> {
-        Ok(Self {
-            program: std::env::current_exe()?.to_string_lossy().into_owned(),
-            args: Vec::new(),
-        })
+        Ok(Self { program: std::env::current_exe()?.to_string_lossy().into_owned(), args: Vec::new() })
     }
 }
 
@@ -171,13 +165,7 @@ impl fmt::Debug for Recruit {
 impl Recruit {
     /// `count` slots of `class` with default limits and no tags.
     pub fn new(class: Arc<dyn Worker>, count: u32) -> Self {
-        Self {
-            class,
-            count,
-            tags: Tags::new(),
-            limits: SlotLimits::default(),
-            options: BTreeMap::new(),
-        }
+        Self { class, count, tags: Tags::new(), limits: SlotLimits::default(), options: BTreeMap::new() }
     }
 }
 
@@ -351,14 +339,10 @@ impl Controller {
     /// Binds the listener and starts the background tasks. Must be called
     /// within a Tokio runtime.
     pub async fn start(config: ControllerConfig) -> Result<Self, ControllerError> {
-        let listener = TcpListener::bind(config.listen).await.map_err(|source| ControllerError::Listen {
-            addr: config.listen,
-            source,
-        })?;
-        let addr = listener.local_addr().map_err(|source| ControllerError::Listen {
-            addr: config.listen,
-            source,
-        })?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| ControllerError::Listen { addr: config.listen, source })?;
+        let addr = listener.local_addr().map_err(|source| ControllerError::Listen { addr: config.listen, source })?;
         let advertise = config.advertise.clone().unwrap_or_else(|| addr.to_string());
         if !addr.ip().is_loopback() {
             warn!(%addr, "listening beyond loopback: agent connections are authenticated but not encrypted");
@@ -405,9 +389,7 @@ impl Controller {
         if req.limits.launch_max == 0 {
             return Err(ControllerError::Recruit("the launch budget must be at least 1".into()));
         }
-        req.class
-            .check_options(&req.options)
-            .map_err(|e| ControllerError::Recruit(e.to_string()))?;
+        req.class.check_options(&req.options).map_err(|e| ControllerError::Recruit(e.to_string()))?;
         let shared = &self.shared;
         let mut core = lock(&shared.core);
         if core.closing {
@@ -419,12 +401,7 @@ impl Controller {
             let n = core.class_counters.entry(class.clone()).or_insert(0);
             *n += 1;
             let name = format!("{class}-{n}");
-            configs.push(SlotConfig {
-                name,
-                class: class.clone(),
-                tags: req.tags.clone(),
-                limits: req.limits.clone(),
-            });
+            configs.push(SlotConfig { name, class: class.clone(), tags: req.tags.clone(), limits: req.limits.clone() });
             core.slots.push(SlotRt {
                 class: req.class.clone(),
                 options: req.options.clone(),
@@ -569,12 +546,7 @@ impl Controller {
             })
             .collect();
         let counts = core.sched.counts();
-        StatusReport {
-            slots,
-            queued: counts.queued,
-            running: counts.assigned,
-            ready: core.outputs.len(),
-        }
+        StatusReport { slots, queued: counts.queued, running: counts.assigned, ready: core.outputs.len() }
     }
 
     /// Starts down slots ahead of need; returns how many.
@@ -669,11 +641,7 @@ impl Controller {
 async fn terminate_all(handles: &[(Arc<dyn Worker>, Handle)]) {
     let mut by_class: HashMap<String, (Arc<dyn Worker>, Vec<Handle>)> = HashMap::new();
     for (class, h) in handles {
-        by_class
-            .entry(class.class().to_owned())
-            .or_insert_with(|| (class.clone(), Vec::new()))
-            .1
-            .push(h.clone());
+        by_class.entry(class.class().to_owned()).or_insert_with(|| (class.clone(), Vec::new())).1.push(h.clone());
     }
     for (name, (class, hs)) in by_class {
         if let Err(e) = class.terminate(&hs).await {
@@ -765,10 +733,7 @@ impl Shared {
         let mut groups: Vec<LaunchGroup> = Vec::new();
         for slot in slots {
             let rt = &core.slots[slot.0 as usize];
-            match groups
-                .iter_mut()
-                .find(|(c, o, _)| Arc::ptr_eq(c, &rt.class) && *o == rt.options)
-            {
+            match groups.iter_mut().find(|(c, o, _)| Arc::ptr_eq(c, &rt.class) && *o == rt.options) {
                 Some(g) => g.2.push(slot),
                 None => groups.push((rt.class.clone(), rt.options.clone(), vec![slot])),
             }
@@ -786,10 +751,7 @@ impl Shared {
                 let members = chunk
                     .iter()
                     .enumerate()
-                    .map(|(i, s)| LaunchMember {
-                        slot: core.sched.slot_config(*s).name.clone(),
-                        index: i as u32,
-                    })
+                    .map(|(i, s)| LaunchMember { slot: core.sched.slot_config(*s).name.clone(), index: i as u32 })
                     .collect();
                 let wall_time = core.sched.slot_config(chunk[0]).limits.wall_time;
                 let spec = LaunchSpec {
@@ -800,13 +762,7 @@ impl Shared {
                     options: options.clone(),
                     wall_time,
                 };
-                core.launches.insert(
-                    id,
-                    LaunchRt {
-                        secret,
-                        members: chunk.iter().map(|s| (*s, false)).collect(),
-                    },
-                );
+                core.launches.insert(id, LaunchRt { secret, members: chunk.iter().map(|s| (*s, false)).collect() });
                 for s in chunk {
                     core.slots[s.0 as usize].launch = Some(id);
                     core.slots[s.0 as usize].handle = None;
@@ -823,7 +779,12 @@ impl Shared {
         self.timer_wake.notify_one();
     }
 
-    fn launch_done(self: &Arc<Self>, launch: u64, slots: &[SlotId], result: Result<Vec<Handle>, crate::worker::WorkerError>) {
+    fn launch_done(
+        self: &Arc<Self>,
+        launch: u64,
+        slots: &[SlotId],
+        result: Result<Vec<Handle>, crate::worker::WorkerError>,
+    ) {
         let mut guard = lock(&self.core);
         let core = &mut *guard;
         let now = Instant::now();
@@ -1073,15 +1034,7 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
             return;
         }
     };
-    let AgentMsg::Hello {
-        version,
-        launch,
-        index,
-        token,
-        pid,
-        host,
-    } = hello
-    else {
+    let AgentMsg::Hello { version, launch, index, token, pid, host } = hello else {
         warn!(%peer, "rejected a worker connection: the first frame was not a hello");
         return;
     };
@@ -1251,7 +1204,10 @@ async fn timer_loop(shared: Arc<Shared>) {
         }
         for conn in silent {
             warn!(slot = %conn.name, "worker stopped answering; treating it as lost");
-            shared.on_closed(&conn, &format!("no heartbeat for {}", humantime::format_duration(Duration::from_millis(lost_ms))));
+            shared.on_closed(
+                &conn,
+                &format!("no heartbeat for {}", humantime::format_duration(Duration::from_millis(lost_ms))),
+            );
         }
     }
 }
@@ -1275,14 +1231,9 @@ async fn probe_loop(shared: Arc<Shared>) {
                     continue;
                 }
                 let class = rt.class.class().to_owned();
-                let due = last
-                    .get(&class)
-                    .is_none_or(|t| t.elapsed() >= rt.class.capabilities().probe_interval);
+                let due = last.get(&class).is_none_or(|t| t.elapsed() >= rt.class.capabilities().probe_interval);
                 if due {
-                    work.entry(class)
-                        .or_insert_with(|| (rt.class.clone(), Vec::new()))
-                        .1
-                        .push((slot, h.clone()));
+                    work.entry(class).or_insert_with(|| (rt.class.clone(), Vec::new())).1.push((slot, h.clone()));
                 }
             }
         }

@@ -198,15 +198,7 @@ pub async fn run_job(
     spec: &JobSpec,
     cancel: CancellationToken,
 ) -> JobResult {
-    let job = Job {
-        ctx,
-        id,
-        attempt,
-        seed,
-        spec,
-        started: Timestamp::now(),
-        clock: Instant::now(),
-    };
+    let job = Job { ctx, id, attempt, seed, spec, started: Timestamp::now(), clock: Instant::now() };
     match &spec.command {
         Command::Builtin { name, args } => run_builtin(&job, name, args, cancel).await,
         Command::Shell(line) => {
@@ -220,9 +212,7 @@ pub async fn run_job(
                 cmd.args(args);
                 run_process(&job, program, cmd, cancel).await
             }
-            None => job.ended(Outcome::failed(
-                "the command is empty: give at least a program",
-            )),
+            None => job.ended(Outcome::failed("the command is empty: give at least a program")),
         },
     }
 }
@@ -309,11 +299,7 @@ impl Job<'_> {
 
     /// The store and key for a stream that is too long to inline, or `None`
     /// without a store.
-    fn spill_target(
-        &self,
-        stream: &str,
-        outcome: &mut Outcome,
-    ) -> Option<(&Arc<dyn Store>, StoreKey)> {
+    fn spill_target(&self, stream: &str, outcome: &mut Outcome) -> Option<(&Arc<dyn Store>, StoreKey)> {
         let store = self.ctx.store.as_ref()?;
         match self.stream_key(stream) {
             Ok(key) => Some((store, key)),
@@ -359,12 +345,7 @@ async fn deadline(timeout: Option<Duration>) {
 // ---------------------------------------------------------------------------
 // Builtins
 
-async fn run_builtin(
-    job: &Job<'_>,
-    name: &str,
-    args: &serde_json::Value,
-    cancel: CancellationToken,
-) -> JobResult {
+async fn run_builtin(job: &Job<'_>, name: &str, args: &serde_json::Value, cancel: CancellationToken) -> JobResult {
     let f = match job.ctx.builtins.lookup(name) {
         Ok(Builtin::Noop) if !cancel.is_cancelled() => {
             // The benchmarked path: nothing to allocate, nothing to wait for.
@@ -417,31 +398,16 @@ async fn run_builtin(
 
 /// Captures a builtin's output: inline up to the cap, whole in the store when
 /// longer.
-async fn capture_text(
-    job: &Job<'_>,
-    stream: &str,
-    text: String,
-    outcome: &mut Outcome,
-) -> Captured {
+async fn capture_text(job: &Job<'_>, stream: &str, text: String, outcome: &mut Outcome) -> Captured {
     let cap = job.ctx.inline_cap;
     if text.len() <= cap {
-        return Captured {
-            bytes: text.len() as u64,
-            text,
-            truncated: false,
-            key: None,
-        };
+        return Captured { bytes: text.len() as u64, text, truncated: false, key: None };
     }
     let mut end = cap;
     while !text.is_char_boundary(end) {
         end -= 1;
     }
-    let mut captured = Captured {
-        text: text[..end].to_owned(),
-        bytes: text.len() as u64,
-        truncated: true,
-        key: None,
-    };
+    let mut captured = Captured { text: text[..end].to_owned(), bytes: text.len() as u64, truncated: true, key: None };
     if let Some((store, key)) = job.spill_target(stream, outcome) {
         match store.put_bytes(&key, Bytes::from(text)).await {
             Ok(_) => captured.key = Some(key.as_str().to_owned()),
@@ -472,10 +438,8 @@ async fn run_process(
     let files = match CaptureFiles::open(scratch) {
         Ok(f) => f,
         Err(e) => {
-            return job.ended(Outcome::failed(format!(
-                "could not create the capture files in {}: {e}",
-                scratch.display()
-            )));
+            return job
+                .ended(Outcome::failed(format!("could not create the capture files in {}: {e}", scratch.display())));
         }
     };
     if let Err(e) = configure(job, &mut cmd, &files) {
@@ -485,11 +449,7 @@ async fn run_process(
     let child = match cmd.spawn() {
         Ok(child) => child,
         Err(e) => {
-            return job.ended(Outcome::failed(start_error(
-                program,
-                job.spec.cwd.as_deref(),
-                &e,
-            )));
+            return job.ended(Outcome::failed(start_error(program, job.spec.cwd.as_deref(), &e)));
         }
     };
     // Close the parent's copies of the child's stdio now.
@@ -538,10 +498,7 @@ async fn run_process(
     // When the wait itself failed, the job's status is unknown: it failed,
     // unless it was being stopped anyway.
     let lost = |problem: String| {
-        let mut o = stop.map_or_else(
-            || Outcome::new(Status::Failed, None),
-            |s| s.outcome(job.spec),
-        );
+        let mut o = stop.map_or_else(|| Outcome::new(Status::Failed, None), |s| s.outcome(job.spec));
         o.note(problem);
         o
     };
@@ -561,11 +518,7 @@ async fn run_process(
 
 /// Sets the job's stdio, environment, folder, process group and parent-death
 /// signal on `cmd`.
-fn configure(
-    job: &Job<'_>,
-    cmd: &mut std::process::Command,
-    files: &CaptureFiles,
-) -> io::Result<()> {
+fn configure(job: &Job<'_>, cmd: &mut std::process::Command, files: &CaptureFiles) -> io::Result<()> {
     cmd.stdout(files.stdout.try_clone()?);
     cmd.stderr(files.stderr.try_clone()?);
     match &job.spec.stdin {
@@ -597,16 +550,7 @@ fn configure(
         let pre_exec = move || {
             // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number and
             // touches no memory; it is async-signal-safe.
-            if unsafe {
-                libc::prctl(
-                    libc::PR_SET_PDEATHSIG,
-                    libc::SIGKILL as libc::c_ulong,
-                    0,
-                    0,
-                    0,
-                )
-            } == -1
-            {
+            if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) } == -1 {
                 return Err(io::Error::last_os_error());
             }
             // The agent may have died between fork and prctl, before the
@@ -631,12 +575,7 @@ fn configure(
 /// rather than a pipe, so that no task has to feed it and a job that never
 /// reads its stdin cannot block anything.
 fn stdin_file(scratch: &Path, data: &[u8]) -> io::Result<File> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(scratch.join(STDIN_FILE))?;
+    let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(scratch.join(STDIN_FILE))?;
     // Positional write: the offset the job reads from stays at 0.
     file.write_all_at(data, 0)?;
     Ok(file)
@@ -666,18 +605,9 @@ struct CaptureFiles {
 
 impl CaptureFiles {
     fn open(scratch: &Path) -> io::Result<Self> {
-        let open = |name: &str| {
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(scratch.join(name))
-        };
-        Ok(Self {
-            stdout: open(STDOUT_FILE)?,
-            stderr: open(STDERR_FILE)?,
-        })
+        let open =
+            |name: &str| OpenOptions::new().read(true).write(true).create(true).truncate(true).open(scratch.join(name));
+        Ok(Self { stdout: open(STDOUT_FILE)?, stderr: open(STDERR_FILE)? })
     }
 }
 
@@ -691,12 +621,7 @@ async fn collect(job: &Job<'_>, stream: &str, file: &File, outcome: &mut Outcome
             return Captured::default();
         }
     };
-    let mut captured = Captured {
-        text,
-        bytes,
-        truncated: bytes > job.ctx.inline_cap as u64,
-        key: None,
-    };
+    let mut captured = Captured { text, bytes, truncated: bytes > job.ctx.inline_cap as u64, key: None };
     if captured.truncated {
         if let Some((store, key)) = job.spill_target(stream, outcome) {
             match store.put_file(&key, &job.ctx.scratch.join(stream)).await {
@@ -772,10 +697,7 @@ struct Exit {
 
 impl Group {
     fn new(pgid: libc::pid_t) -> Self {
-        Self {
-            pgid,
-            reaped: Mutex::new(false),
-        }
+        Self { pgid, reaped: Mutex::new(false) }
     }
 
     /// Sends `signal` to the whole group, unless it is already reaped.
@@ -810,14 +732,8 @@ impl Group {
             // SAFETY: siginfo_t is plain data, valid when zeroed.
             let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
             // SAFETY: waitid writes only to `info`, which lives across the call.
-            let r = unsafe {
-                libc::waitid(
-                    libc::P_PID,
-                    self.pgid as libc::id_t,
-                    &mut info,
-                    libc::WEXITED | libc::WNOWAIT,
-                )
-            };
+            let r =
+                unsafe { libc::waitid(libc::P_PID, self.pgid as libc::id_t, &mut info, libc::WEXITED | libc::WNOWAIT) };
             if r == 0 {
                 break;
             }
@@ -904,11 +820,7 @@ fn exit_outcome(stop: Option<Stop>, exit: &Exit, spec: &JobSpec) -> Outcome {
     o.cpu_seconds = seconds(exit.usage.ru_utime) + seconds(exit.usage.ru_stime);
     let maxrss = u64::try_from(exit.usage.ru_maxrss).unwrap_or(0);
     // Linux reports KiB; macOS and the BSDs differ (bytes on macOS).
-    o.peak_rss_bytes = if cfg!(target_os = "macos") {
-        maxrss
-    } else {
-        maxrss.saturating_mul(1024)
-    };
+    o.peak_rss_bytes = if cfg!(target_os = "macos") { maxrss } else { maxrss.saturating_mul(1024) };
     o
 }
 
@@ -969,9 +881,7 @@ mod tests {
     }
 
     fn argv(args: &[&str]) -> JobSpec {
-        JobSpec::new(Command::Argv(
-            args.iter().map(|s| (*s).to_owned()).collect(),
-        ))
+        JobSpec::new(Command::Argv(args.iter().map(|s| (*s).to_owned()).collect()))
     }
 
     /// Processes of group `pgid` that are not zombies (the init of some
@@ -1002,24 +912,13 @@ mod tests {
     async fn assert_group_gone(pgid: i32) {
         let t = Instant::now();
         while !live_members(pgid).is_empty() {
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "group {pgid} still has {:?}",
-                live_members(pgid)
-            );
+            assert!(t.elapsed() < Duration::from_secs(10), "group {pgid} still has {:?}", live_members(pgid));
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
     fn first_line_pid(r: &JobResult) -> i32 {
-        r.stdout
-            .text
-            .lines()
-            .next()
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap()
+        r.stdout.text.lines().next().unwrap().trim().parse().unwrap()
     }
 
     #[tokio::test]
@@ -1081,12 +980,7 @@ mod tests {
     #[test]
     fn agent_secrets_do_not_reach_jobs() {
         let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args([
-                "exec::tests::token_child",
-                "--exact",
-                "--ignored",
-                "--test-threads=1",
-            ])
+            .args(["exec::tests::token_child", "--exact", "--ignored", "--test-threads=1"])
             .env("CREW_EXEC_TEST_CHILD", "1")
             .env("CREW_TOKEN", "s3cret")
             .env("CREW_LAUNCH", "l")
@@ -1095,11 +989,7 @@ mod tests {
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
         assert!(stdout.contains("1 passed"), "{stdout}");
     }
 
@@ -1124,18 +1014,12 @@ mod tests {
         spec.cwd = Some(dir.path().to_owned());
         let r = run(&ctx, &spec).await;
         assert_eq!(r.status, Status::Succeeded);
-        assert_eq!(
-            r.stdout.text.trim_end(),
-            dir.path().canonicalize().unwrap().to_str().unwrap()
-        );
+        assert_eq!(r.stdout.text.trim_end(), dir.path().canonicalize().unwrap().to_str().unwrap());
 
         let missing = dir.path().join("missing");
         spec.cwd = Some(missing.clone());
         let r = run(&ctx, &spec).await;
-        assert_eq!(
-            (r.status, r.exit_code, r.signal),
-            (Status::Failed, None, None)
-        );
+        assert_eq!((r.status, r.exit_code, r.signal), (Status::Failed, None, None));
         let error = r.error.unwrap();
         assert!(error.starts_with("could not start \"pwd\": "), "{error}");
         assert!(error.contains(missing.to_str().unwrap()), "{error}");
@@ -1145,25 +1029,15 @@ mod tests {
     async fn program_that_cannot_start() {
         let (_d, ctx) = context();
         let r = run(&ctx, &argv(&["crew-no-such-program-xyz", "a"])).await;
-        assert_eq!(
-            (r.status, r.exit_code, r.signal),
-            (Status::Failed, None, None)
-        );
+        assert_eq!((r.status, r.exit_code, r.signal), (Status::Failed, None, None));
         let error = r.error.unwrap();
-        assert!(
-            error.starts_with("could not start \"crew-no-such-program-xyz\": "),
-            "{error}"
-        );
+        assert!(error.starts_with("could not start \"crew-no-such-program-xyz\": "), "{error}");
         assert!(error.contains("No such file"), "{error}");
 
         // Not executable.
         let r = run(&ctx, &argv(&["/etc/passwd"])).await;
         assert_eq!((r.status, r.exit_code), (Status::Failed, None));
-        assert!(
-            r.error
-                .unwrap()
-                .starts_with("could not start \"/etc/passwd\": ")
-        );
+        assert!(r.error.unwrap().starts_with("could not start \"/etc/passwd\": "));
 
         let r = run(&ctx, &JobSpec::new(Command::Argv(vec![]))).await;
         assert_eq!(r.status, Status::Failed);
@@ -1187,26 +1061,16 @@ mod tests {
     async fn capture_and_truncation() {
         let (_d, ctx) = context();
         let ctx = ctx.with_inline_cap(10);
-        let r = run(
-            &ctx,
-            &JobSpec::shell("printf 0123456789abcdef; printf err >&2"),
-        )
-        .await;
+        let r = run(&ctx, &JobSpec::shell("printf 0123456789abcdef; printf err >&2")).await;
         assert_eq!(r.stdout.text, "0123456789");
-        assert_eq!(
-            (r.stdout.bytes, r.stdout.truncated, r.stdout.key.as_deref()),
-            (16, true, None)
-        );
+        assert_eq!((r.stdout.bytes, r.stdout.truncated, r.stdout.key.as_deref()), (16, true, None));
         assert_eq!(r.stderr.text, "err");
         assert_eq!((r.stderr.bytes, r.stderr.truncated), (3, false));
         assert_eq!(r.status, Status::Succeeded);
 
         // The files are reused: nothing of the previous job shows.
         let r = run(&ctx, &JobSpec::shell("printf ab")).await;
-        assert_eq!(
-            (r.stdout.text.as_str(), r.stdout.bytes, r.stdout.truncated),
-            ("ab", 2, false)
-        );
+        assert_eq!((r.stdout.text.as_str(), r.stdout.bytes, r.stdout.truncated), ("ab", 2, false));
         assert_eq!((r.stderr.text.as_str(), r.stderr.bytes), ("", 0));
 
         // A cut never splits a character: "é" is two bytes.
@@ -1218,10 +1082,7 @@ mod tests {
 
         let (_d, ctx) = context();
         let r = run(&ctx, &JobSpec::shell("head -c 1000000 /dev/zero")).await;
-        assert_eq!(
-            (r.stdout.bytes, r.stdout.truncated, r.stdout.text.len()),
-            (1_000_000, true, INLINE_CAP)
-        );
+        assert_eq!((r.stdout.bytes, r.stdout.truncated, r.stdout.text.len()), (1_000_000, true, INLINE_CAP));
     }
 
     #[test]
@@ -1246,22 +1107,11 @@ mod tests {
     impl MemStore {
         fn put(&self, key: &StoreKey, data: Vec<u8>) -> Result<ObjectMeta, StoreError> {
             if self.fail {
-                return Err(StoreError::Backend {
-                    backend: "mem",
-                    message: "disk on fire".into(),
-                    retryable: false,
-                });
+                return Err(StoreError::Backend { backend: "mem", message: "disk on fire".into(), retryable: false });
             }
             let size = data.len() as u64;
-            self.objects
-                .lock()
-                .unwrap()
-                .insert(key.as_str().to_owned(), data);
-            Ok(ObjectMeta {
-                key: key.clone(),
-                size,
-                e_tag: None,
-            })
+            self.objects.lock().unwrap().insert(key.as_str().to_owned(), data);
+            Ok(ObjectMeta { key: key.clone(), size, e_tag: None })
         }
         fn object(&self, key: &str) -> Option<Vec<u8>> {
             self.objects.lock().unwrap().get(key).cloned()
@@ -1276,11 +1126,7 @@ mod tests {
         async fn put_file(&self, key: &StoreKey, path: &Path) -> Result<ObjectMeta, StoreError> {
             self.put(key, std::fs::read(path).unwrap())
         }
-        async fn put_stream(
-            &self,
-            _key: &StoreKey,
-            _data: ByteStream,
-        ) -> Result<ObjectMeta, StoreError> {
+        async fn put_stream(&self, _key: &StoreKey, _data: ByteStream) -> Result<ObjectMeta, StoreError> {
             unimplemented!()
         }
         async fn put_bytes(&self, key: &StoreKey, data: Bytes) -> Result<ObjectMeta, StoreError> {
@@ -1308,56 +1154,31 @@ mod tests {
         let (_d, ctx) = context();
         let store = Arc::new(MemStore::default());
         let ctx = ctx.with_inline_cap(4).with_store(store.clone());
-        let r = run_job(
-            &ctx,
-            JobId(9),
-            3,
-            1,
-            &JobSpec::shell("printf 0123456789; printf e >&2"),
-            CancellationToken::new(),
-        )
-        .await;
+        let r =
+            run_job(&ctx, JobId(9), 3, 1, &JobSpec::shell("printf 0123456789; printf e >&2"), CancellationToken::new())
+                .await;
         assert_eq!(r.status, Status::Succeeded);
         assert_eq!(r.error, None);
         assert_eq!(r.stdout.text, "0123");
         assert_eq!(r.stdout.key.as_deref(), Some("jobs/9/3/stdout"));
         assert_eq!(store.object("jobs/9/3/stdout").unwrap(), b"0123456789");
-        assert_eq!(
-            (r.stderr.key, store.object("jobs/9/3/stderr")),
-            (None, None)
-        );
+        assert_eq!((r.stderr.key, store.object("jobs/9/3/stderr")), (None, None));
 
         // Builtin output is capped and uploaded the same way.
-        let r = run_job(
-            &ctx,
-            JobId(10),
-            1,
-            1,
-            &JobSpec::builtin("echo", json!("abcdefgh")),
-            CancellationToken::new(),
-        )
-        .await;
-        assert_eq!(
-            (r.stdout.text.as_str(), r.stdout.bytes, r.stdout.truncated),
-            ("abcd", 9, true)
-        );
+        let r = run_job(&ctx, JobId(10), 1, 1, &JobSpec::builtin("echo", json!("abcdefgh")), CancellationToken::new())
+            .await;
+        assert_eq!((r.stdout.text.as_str(), r.stdout.bytes, r.stdout.truncated), ("abcd", 9, true));
         assert_eq!(store.object("jobs/10/1/stdout").unwrap(), b"abcdefgh\n");
 
         // A failed upload is noted; the status stays what the job said.
         let (_d, ctx) = context();
-        let ctx = ctx.with_inline_cap(4).with_store(Arc::new(MemStore {
-            fail: true,
-            ..MemStore::default()
-        }));
+        let ctx = ctx.with_inline_cap(4).with_store(Arc::new(MemStore { fail: true, ..MemStore::default() }));
         let r = run(&ctx, &JobSpec::shell("printf 0123456789; exit 2")).await;
         assert_eq!(r.status, Status::Failed);
         assert_eq!(r.stdout.key, None);
         assert!(r.stdout.truncated);
         let error = r.error.unwrap();
-        assert!(
-            error.starts_with("exited with status 2; could not upload stdout"),
-            "{error}"
-        );
+        assert!(error.starts_with("exited with status 2; could not upload stdout"), "{error}");
         assert!(error.contains("disk on fire"), "{error}");
         let r = run(&ctx, &JobSpec::shell("printf 0123456789")).await;
         assert_eq!(r.status, Status::Succeeded);
@@ -1367,8 +1188,7 @@ mod tests {
     #[tokio::test]
     async fn timeout_kills_the_whole_group() {
         let (_d, ctx) = context();
-        let spec =
-            JobSpec::shell("echo $$; sleep 30 & sleep 30").with_timeout(Duration::from_secs(1));
+        let spec = JobSpec::shell("echo $$; sleep 30 & sleep 30").with_timeout(Duration::from_secs(1));
         let t = Instant::now();
         let r = run(&ctx, &spec).await;
         let elapsed = t.elapsed();
@@ -1376,10 +1196,7 @@ mod tests {
         assert_eq!(r.error.as_deref(), Some("timed out after 1s"));
         assert_eq!(r.signal, Some(libc::SIGTERM));
         assert!(elapsed >= Duration::from_secs(1), "{elapsed:?}");
-        assert!(
-            elapsed < Duration::from_secs(1) + DEFAULT_KILL_GRACE + Duration::from_secs(5),
-            "{elapsed:?}"
-        );
+        assert!(elapsed < Duration::from_secs(1) + DEFAULT_KILL_GRACE + Duration::from_secs(5), "{elapsed:?}");
         assert_group_gone(first_line_pid(&r)).await;
     }
 
@@ -1387,8 +1204,8 @@ mod tests {
     async fn sigterm_ignored_means_sigkill_after_the_grace() {
         let (_d, ctx) = context();
         let ctx = ctx.with_kill_grace(Duration::from_millis(300));
-        let spec = JobSpec::shell("trap '' TERM; echo $$; sleep 30 & sleep 30")
-            .with_timeout(Duration::from_millis(300));
+        let spec =
+            JobSpec::shell("trap '' TERM; echo $$; sleep 30 & sleep 30").with_timeout(Duration::from_millis(300));
         let t = Instant::now();
         let r = run(&ctx, &spec).await;
         assert_eq!(r.status, Status::TimedOut);
@@ -1402,14 +1219,10 @@ mod tests {
     async fn a_stopped_job_still_stops_on_sigterm() {
         let (_d, ctx) = context();
         let ctx = ctx.with_kill_grace(Duration::from_secs(20));
-        let spec =
-            JobSpec::shell("echo $$; kill -STOP $$").with_timeout(Duration::from_millis(300));
+        let spec = JobSpec::shell("echo $$; kill -STOP $$").with_timeout(Duration::from_millis(300));
         let t = Instant::now();
         let r = run(&ctx, &spec).await;
-        assert_eq!(
-            (r.status, r.signal),
-            (Status::TimedOut, Some(libc::SIGTERM))
-        );
+        assert_eq!((r.status, r.signal), (Status::TimedOut, Some(libc::SIGTERM)));
         assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
         assert_group_gone(first_line_pid(&r)).await;
     }
@@ -1452,15 +1265,7 @@ mod tests {
             c.cancel();
         });
         let t = Instant::now();
-        let r = run_job(
-            &ctx,
-            JobId(1),
-            1,
-            1,
-            &JobSpec::shell("echo $$; sleep 30 & sleep 30"),
-            cancel.clone(),
-        )
-        .await;
+        let r = run_job(&ctx, JobId(1), 1, 1, &JobSpec::shell("echo $$; sleep 30 & sleep 30"), cancel.clone()).await;
         assert_eq!(r.status, Status::Cancelled);
         assert_eq!(r.error.as_deref(), Some("cancelled"));
         assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
@@ -1486,11 +1291,7 @@ mod tests {
     #[tokio::test]
     async fn cpu_time_and_memory() {
         let (_d, ctx) = context();
-        let r = run(
-            &ctx,
-            &JobSpec::shell("i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done"),
-        )
-        .await;
+        let r = run(&ctx, &JobSpec::shell("i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done")).await;
         assert_eq!(r.status, Status::Succeeded);
         assert!(r.cpu_seconds > 0.0, "{}", r.cpu_seconds);
         assert!(r.peak_rss_bytes > 100 * 1024, "{}", r.peak_rss_bytes);
@@ -1501,16 +1302,10 @@ mod tests {
     async fn builtins_as_jobs() {
         let (_d, ctx) = context();
         let r = run(&ctx, &JobSpec::builtin("noop", serde_json::Value::Null)).await;
-        assert_eq!(
-            (r.status, r.error, r.exit_code),
-            (Status::Succeeded, None, None)
-        );
+        assert_eq!((r.status, r.error, r.exit_code), (Status::Succeeded, None, None));
 
         let r = run(&ctx, &JobSpec::builtin("echo", json!({"a": 1}))).await;
-        assert_eq!(
-            (r.status, r.stdout.text.as_str(), r.stdout.bytes),
-            (Status::Succeeded, "{\"a\":1}\n", 8)
-        );
+        assert_eq!((r.status, r.stdout.text.as_str(), r.stdout.bytes), (Status::Succeeded, "{\"a\":1}\n", 8));
 
         let r = run(&ctx, &JobSpec::builtin("sleep", json!(0.05))).await;
         assert_eq!(r.status, Status::Succeeded);
@@ -1521,15 +1316,8 @@ mod tests {
         assert!(r.error.unwrap().starts_with("sleep takes"));
 
         let t = Instant::now();
-        let r = run(
-            &ctx,
-            &JobSpec::builtin("sleep", json!(60)).with_timeout(Duration::from_millis(200)),
-        )
-        .await;
-        assert_eq!(
-            (r.status, r.error.as_deref()),
-            (Status::TimedOut, Some("timed out after 200ms"))
-        );
+        let r = run(&ctx, &JobSpec::builtin("sleep", json!(60)).with_timeout(Duration::from_millis(200))).await;
+        assert_eq!((r.status, r.error.as_deref()), (Status::TimedOut, Some("timed out after 200ms")));
         assert!(t.elapsed() < Duration::from_secs(10));
 
         let cancel = CancellationToken::new();
@@ -1538,33 +1326,14 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
             c.cancel();
         });
-        let r = run_job(
-            &ctx,
-            JobId(1),
-            1,
-            1,
-            &JobSpec::builtin("sleep", json!({"seconds": 60})),
-            cancel.clone(),
-        )
-        .await;
+        let r = run_job(&ctx, JobId(1), 1, 1, &JobSpec::builtin("sleep", json!({"seconds": 60})), cancel.clone()).await;
         assert_eq!(r.status, Status::Cancelled);
-        let r = run_job(
-            &ctx,
-            JobId(1),
-            1,
-            1,
-            &JobSpec::builtin("noop", serde_json::Value::Null),
-            cancel,
-        )
-        .await;
+        let r = run_job(&ctx, JobId(1), 1, 1, &JobSpec::builtin("noop", serde_json::Value::Null), cancel).await;
         assert_eq!(r.status, Status::Cancelled);
 
         let r = run(&ctx, &JobSpec::builtin("nope", serde_json::Value::Null)).await;
         assert_eq!(r.status, Status::Failed);
-        assert_eq!(
-            r.error.as_deref(),
-            Some("unknown builtin \"nope\"; this agent knows: echo, noop, sleep")
-        );
+        assert_eq!(r.error.as_deref(), Some("unknown builtin \"nope\"; this agent knows: echo, noop, sleep"));
     }
 
     #[tokio::test]
@@ -1611,29 +1380,16 @@ mod tests {
         assert_eq!(r.stderr.text, "warn");
 
         let r = run(&ctx, &JobSpec::builtin("fail", json!(null))).await;
-        assert_eq!(
-            (r.status, r.error.as_deref()),
-            (Status::Failed, Some("no luck"))
-        );
+        assert_eq!((r.status, r.error.as_deref()), (Status::Failed, Some("no luck")));
 
         let r = run(&ctx, &JobSpec::builtin("boom", json!(null))).await;
-        assert_eq!(
-            (r.status, r.error.as_deref()),
-            (Status::Failed, Some("the builtin panicked: kaboom"))
-        );
+        assert_eq!((r.status, r.error.as_deref()), (Status::Failed, Some("the builtin panicked: kaboom")));
 
-        let r = run(
-            &ctx,
-            &JobSpec::builtin("watch", json!(null)).with_timeout(Duration::from_millis(100)),
-        )
-        .await;
+        let r = run(&ctx, &JobSpec::builtin("watch", json!(null)).with_timeout(Duration::from_millis(100))).await;
         assert_eq!(r.status, Status::TimedOut);
         let t = Instant::now();
         while seen.lock().unwrap().is_none() {
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "the builtin's token was not cancelled"
-            );
+            assert!(t.elapsed() < Duration::from_secs(10), "the builtin's token was not cancelled");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }

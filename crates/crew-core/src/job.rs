@@ -137,10 +137,7 @@ impl JobSpec {
 
     /// A job running a builtin function.
     pub fn builtin(name: impl Into<String>, args: serde_json::Value) -> Self {
-        Self::new(Command::Builtin {
-            name: name.into(),
-            args,
-        })
+        Self::new(Command::Builtin { name: name.into(), args })
     }
 
     /// Sets the name.
@@ -178,9 +175,7 @@ impl JobSpec {
         match &self.command {
             Command::Argv(argv) => {
                 if argv.is_empty() || argv[0].is_empty() {
-                    return Err(JobError::new(
-                        "the command is empty: give at least a program",
-                    ));
+                    return Err(JobError::new("the command is empty: give at least a program"));
                 }
                 if argv.iter().any(|a| a.contains('\0')) {
                     return Err(JobError::new("a command argument contains a NUL byte"));
@@ -207,9 +202,7 @@ impl JobSpec {
                 )));
             }
             if v.contains('\0') {
-                return Err(JobError::new(format!(
-                    "the value of environment variable {k} contains a NUL byte"
-                )));
+                return Err(JobError::new(format!("the value of environment variable {k} contains a NUL byte")));
             }
         }
         if let Some(t) = self.timeout {
@@ -251,14 +244,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, JobError> {
         if (0.0..1e12).contains(&secs) {
             return Ok(Duration::from_secs_f64(secs));
         }
-        return Err(JobError::new(format!(
-            "invalid duration {s:?}: out of range"
-        )));
+        return Err(JobError::new(format!("invalid duration {s:?}: out of range")));
     }
     humantime::parse_duration(s).map_err(|e| {
-        JobError::new(format!(
-            "invalid duration {s:?} ({e}); write e.g. 30s, 1m30s, 500ms or a number of seconds"
-        ))
+        JobError::new(format!("invalid duration {s:?} ({e}); write e.g. 30s, 1m30s, 500ms or a number of seconds"))
     })
 }
 
@@ -306,24 +295,20 @@ pub struct LineDefaults {
 pub fn parse_job_line(line: &str, defaults: &LineDefaults) -> Result<JobSpec, JobError> {
     let trimmed = line.trim();
     let mut spec = if trimmed.starts_with('{') {
-        let l: JobLine = serde_json::from_str(trimmed)
-            .map_err(|e| JobError::new(format!("invalid JSON job: {e}")))?;
+        let l: JobLine = serde_json::from_str(trimmed).map_err(|e| JobError::new(format!("invalid JSON job: {e}")))?;
         let command = match (l.command, l.shell, l.builtin) {
             (Some(argv), None, None) => Command::Argv(argv),
             (None, Some(line), None) => Command::Shell(line),
-            (None, None, Some(name)) => Command::Builtin {
-                name,
-                args: l.args.clone().unwrap_or(serde_json::Value::Null),
-            },
+            (None, None, Some(name)) => {
+                Command::Builtin { name, args: l.args.clone().unwrap_or(serde_json::Value::Null) }
+            }
             (None, None, None) => {
                 return Err(JobError::new(
                     "the job has no command: give one of \"command\" (argv array), \"shell\" (string) or \"builtin\" (name)",
                 ));
             }
             _ => {
-                return Err(JobError::new(
-                    "give exactly one of \"command\", \"shell\" or \"builtin\"",
-                ));
+                return Err(JobError::new("give exactly one of \"command\", \"shell\" or \"builtin\""));
             }
         };
         if l.args.is_some() && !matches!(command, Command::Builtin { .. }) {
@@ -356,11 +341,7 @@ pub fn parse_job_line(line: &str, defaults: &LineDefaults) -> Result<JobSpec, Jo
         spec.timeout = defaults.timeout;
     }
     if !defaults.tags.is_empty() {
-        let merged = spec
-            .tags
-            .iter()
-            .chain(defaults.tags.iter())
-            .map(str::to_owned);
+        let merged = spec.tags.iter().chain(defaults.tags.iter()).map(str::to_owned);
         spec.tags = Tags::try_from_iter(merged).map_err(|e| JobError::new(e.to_string()))?;
     }
     spec.validate()?;
@@ -396,26 +377,17 @@ pub fn parse_job_file(text: &str, defaults: &LineDefaults) -> Result<Vec<JobSpec
                     if let Some(first) = names.insert(name.clone(), i + 1) {
                         errors.push(LineError {
                             line: i + 1,
-                            reason: JobError::new(format!(
-                                "duplicate job name {name:?} (first used on line {first})"
-                            )),
+                            reason: JobError::new(format!("duplicate job name {name:?} (first used on line {first})")),
                         });
                         continue;
                     }
                 }
                 jobs.push(spec);
             }
-            Err(reason) => errors.push(LineError {
-                line: i + 1,
-                reason,
-            }),
+            Err(reason) => errors.push(LineError { line: i + 1, reason }),
         }
     }
-    if errors.is_empty() {
-        Ok(jobs)
-    } else {
-        Err(errors)
-    }
+    if errors.is_empty() { Ok(jobs) } else { Err(errors) }
 }
 
 #[cfg(test)]
@@ -436,18 +408,11 @@ mod tests {
             &d,
         )
         .unwrap();
-        assert_eq!(
-            j.command,
-            Command::Argv(vec!["python".into(), "x.py".into()])
-        );
+        assert_eq!(j.command, Command::Argv(vec!["python".into(), "x.py".into()]));
         assert_eq!(j.timeout, Some(Duration::from_secs(30)));
         assert_eq!(j.retries, 2);
         assert_eq!(j.crashes_max, DEFAULT_CRASHES_MAX);
-        let b = parse_job_line(
-            r#"{"builtin":"sleep","args":{"seconds":1},"timeout":1.5}"#,
-            &d,
-        )
-        .unwrap();
+        let b = parse_job_line(r#"{"builtin":"sleep","args":{"seconds":1},"timeout":1.5}"#, &d).unwrap();
         assert!(matches!(b.command, Command::Builtin { .. }));
         assert_eq!(b.timeout, Some(Duration::from_millis(1500)));
     }
@@ -479,11 +444,7 @@ mod tests {
 
     #[test]
     fn defaults_apply() {
-        let d = LineDefaults {
-            tags: "x".parse().unwrap(),
-            timeout: Some(Duration::from_secs(5)),
-            retries: Some(1),
-        };
+        let d = LineDefaults { tags: "x".parse().unwrap(), timeout: Some(Duration::from_secs(5)), retries: Some(1) };
         let j = parse_job_line(r#"{"shell":"x","tags":["y"]}"#, &d).unwrap();
         assert_eq!(j.tags.to_string(), "x,y");
         assert_eq!(j.retries, 1);

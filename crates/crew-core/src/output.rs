@@ -90,10 +90,7 @@ impl Serialize for Timestamp {
         if s.is_human_readable() {
             s.collect_str(&humantime::format_rfc3339_micros(self.0))
         } else {
-            let micros = self
-                .0
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.as_micros() as u64);
+            let micros = self.0.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
             s.serialize_u64(micros)
         }
     }
@@ -174,14 +171,7 @@ pub struct Output {
 impl Output {
     /// A record for a job that ended without (successfully) running on a
     /// worker: cancelled, crashed, launch_failed.
-    pub fn without_run(
-        id: JobId,
-        name: Option<String>,
-        tags: Tags,
-        seed: u64,
-        status: Status,
-        error: String,
-    ) -> Self {
+    pub fn without_run(id: JobId, name: Option<String>, tags: Tags, seed: u64, status: Status, error: String) -> Self {
         Self {
             v: OUTPUT_FORMAT,
             id,
@@ -217,16 +207,8 @@ mod tests {
 
     #[test]
     fn json_shape_is_stable() {
-        let mut o = Output::without_run(
-            JobId(7),
-            Some("a".into()),
-            Tags::new(),
-            1,
-            Status::Cancelled,
-            "x".into(),
-        );
-        o.finished =
-            Timestamp(SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(1_500_000));
+        let mut o = Output::without_run(JobId(7), Some("a".into()), Tags::new(), 1, Status::Cancelled, "x".into());
+        o.finished = Timestamp(SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(1_500_000));
         let v = serde_json::to_value(&o).unwrap();
         assert_eq!(v["v"], 1);
         assert_eq!(v["id"], 7);

@@ -201,9 +201,7 @@ pub fn decode<T: for<'de> Deserialize<'de>>(buf: &mut BytesMut) -> Result<Option
     }
     buf.advance(4);
     let frame = buf.split_to(len);
-    rmp_serde::from_slice(&frame)
-        .map(Some)
-        .map_err(|e| ProtocolError::Malformed(e.to_string()))
+    rmp_serde::from_slice(&frame).map(Some).map_err(|e| ProtocolError::Malformed(e.to_string()))
 }
 
 #[cfg(test)]
@@ -218,12 +216,7 @@ mod tests {
             exit_code: Some(0),
             signal: None,
             error: None,
-            stdout: Captured {
-                text: "hi\n".into(),
-                bytes: 3,
-                truncated: false,
-                key: None,
-            },
+            stdout: Captured { text: "hi\n".into(), bytes: 3, truncated: false, key: None },
             stderr: Captured::default(),
             started: t,
             finished: t,
@@ -238,25 +231,12 @@ mod tests {
         let mut buf = BytesMut::new();
         let spec = Arc::new(JobSpec::shell("echo hi"));
         encode(
-            &ControllerMsg::Run(Box::new(RunJob {
-                job: JobId(3),
-                attempt: 1,
-                seed: 9,
-                spec: spec.clone(),
-            })),
+            &ControllerMsg::Run(Box::new(RunJob { job: JobId(3), attempt: 1, seed: 9, spec: spec.clone() })),
             &mut buf,
         )
         .unwrap();
         encode(&ControllerMsg::Heartbeat, &mut buf).unwrap();
-        encode(
-            &AgentMsg::Done {
-                job: JobId(3),
-                attempt: 1,
-                result: Box::new(result()),
-            },
-            &mut buf,
-        )
-        .unwrap();
+        encode(&AgentMsg::Done { job: JobId(3), attempt: 1, result: Box::new(result()) }, &mut buf).unwrap();
         match decode::<ControllerMsg>(&mut buf).unwrap() {
             Some(ControllerMsg::Run(r)) => {
                 assert_eq!(r.job, JobId(3));

@@ -54,10 +54,7 @@ impl StoreKey {
     /// Validates `key`.
     pub fn new(key: impl Into<String>) -> Result<Self, StoreError> {
         let key = key.into();
-        let bad = |reason: &str| StoreError::InvalidKey {
-            key: key.clone(),
-            reason: reason.to_owned(),
-        };
+        let bad = |reason: &str| StoreError::InvalidKey { key: key.clone(), reason: reason.to_owned() };
         if key.is_empty() {
             return Err(bad("the key is empty"));
         }
@@ -161,13 +158,7 @@ pub enum StoreError {
 impl StoreError {
     /// True when the same request may succeed if tried again later.
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            StoreError::Backend {
-                retryable: true,
-                ..
-            }
-        )
+        matches!(self, StoreError::Backend { retryable: true, .. })
     }
 }
 
@@ -280,9 +271,7 @@ pub struct LocalStore {
 
 impl fmt::Debug for LocalStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LocalStore")
-            .field("url", &self.url())
-            .finish()
+        f.debug_struct("LocalStore").field("url", &self.url()).finish()
     }
 }
 
@@ -306,23 +295,12 @@ impl LocalStore {
             source,
         })?;
         if root.to_str().is_none() {
-            return Err(StoreError::Config(format!(
-                "the store folder {} is not valid UTF-8",
-                root.display()
-            )));
+            return Err(StoreError::Config(format!("the store folder {} is not valid UTF-8", root.display())));
         }
         let inner = LocalFileSystem::new_with_prefix(&root)
-            .map_err(|e| {
-                StoreError::Config(format!(
-                    "cannot open the store folder {}: {e}",
-                    root.display()
-                ))
-            })?
+            .map_err(|e| StoreError::Config(format!("cannot open the store folder {}: {e}", root.display())))?
             .with_automatic_cleanup(true);
-        Ok(Self {
-            root,
-            inner: Arc::new(inner),
-        })
+        Ok(Self { root, inner: Arc::new(inner) })
     }
 
     /// Opens the store named by a `file://` URL, as returned by
@@ -346,13 +324,13 @@ impl LocalStore {
     async fn check_inside_root(&self, key: &StoreKey, target: PathBuf) -> Result<(), StoreError> {
         let root = self.root.clone();
         let key = key.as_str().to_owned();
-        tokio::task::spawn_blocking(move || resolves_inside(&root, &target, &key))
-            .await
-            .map_err(|e| StoreError::Backend {
+        tokio::task::spawn_blocking(move || resolves_inside(&root, &target, &key)).await.map_err(|e| {
+            StoreError::Backend {
                 backend: LOCAL,
                 message: format!("the symbolic link check did not finish: {e}"),
                 retryable: false,
-            })?
+            }
+        })?
     }
 
     /// The object_store location of `key`, checked against symbolic links
@@ -361,10 +339,7 @@ impl LocalStore {
     /// without following it).
     async fn location(&self, key: &StoreKey, whole: bool) -> Result<ObjPath, StoreError> {
         let location = key_to_location(key);
-        let fs_path = self
-            .inner
-            .path_to_filesystem(&location)
-            .map_err(|e| backend_error("resolve", key, e))?;
+        let fs_path = self.inner.path_to_filesystem(&location).map_err(|e| backend_error("resolve", key, e))?;
         let target = if whole {
             fs_path
         } else {
@@ -384,11 +359,7 @@ impl LocalStore {
         S: futures::Stream<Item = Result<Bytes, StoreError>> + Send,
     {
         let location = self.location(key, true).await?;
-        let upload = self
-            .inner
-            .put_multipart(&location)
-            .await
-            .map_err(|e| backend_error("put", key, e))?;
+        let upload = self.inner.put_multipart(&location).await.map_err(|e| backend_error("put", key, e))?;
         let mut writer = WriteMultipart::new_with_chunk_size(upload, UPLOAD_PART_SIZE);
         let mut size: u64 = 0;
         let mut data = std::pin::pin!(data);
@@ -407,15 +378,8 @@ impl LocalStore {
             size += chunk.len() as u64;
             writer.put(chunk);
         }
-        let done = writer
-            .finish()
-            .await
-            .map_err(|e| backend_error("put", key, e))?;
-        Ok(ObjectMeta {
-            key: key.clone(),
-            size,
-            e_tag: done.e_tag,
-        })
+        let done = writer.finish().await.map_err(|e| backend_error("put", key, e))?;
+        Ok(ObjectMeta { key: key.clone(), size, e_tag: done.e_tag })
     }
 }
 
@@ -434,12 +398,10 @@ impl Store for LocalStore {
     }
 
     async fn put_file(&self, key: &StoreKey, path: &Path) -> Result<ObjectMeta, StoreError> {
-        let file = tokio::fs::File::open(path)
-            .await
-            .map_err(|source| StoreError::Io {
-                context: format!("cannot open {} to upload it to {key}", path.display()),
-                source,
-            })?;
+        let file = tokio::fs::File::open(path).await.map_err(|source| StoreError::Io {
+            context: format!("cannot open {} to upload it to {key}", path.display()),
+            source,
+        })?;
         let context = format!("cannot read {} to upload it to {key}", path.display());
         let chunks = futures::stream::try_unfold(file, move |mut file| {
             let context = context.clone();
@@ -449,19 +411,12 @@ impl Store for LocalStore {
                     let n = file
                         .read_buf(&mut buf)
                         .await
-                        .map_err(|source| StoreError::Io {
-                            context: context.clone(),
-                            source,
-                        })?;
+                        .map_err(|source| StoreError::Io { context: context.clone(), source })?;
                     if n == 0 {
                         break;
                     }
                 }
-                if buf.is_empty() {
-                    Ok(None)
-                } else {
-                    Ok(Some((buf.freeze(), file)))
-                }
+                if buf.is_empty() { Ok(None) } else { Ok(Some((buf.freeze(), file))) }
             }
         });
         self.upload(key, chunks).await
@@ -474,50 +429,25 @@ impl Store for LocalStore {
     async fn put_bytes(&self, key: &StoreKey, data: Bytes) -> Result<ObjectMeta, StoreError> {
         let location = self.location(key, true).await?;
         let size = data.len() as u64;
-        let done = self
-            .inner
-            .put(&location, PutPayload::from(data))
-            .await
-            .map_err(|e| backend_error("put", key, e))?;
-        Ok(ObjectMeta {
-            key: key.clone(),
-            size,
-            e_tag: done.e_tag,
-        })
+        let done = self.inner.put(&location, PutPayload::from(data)).await.map_err(|e| backend_error("put", key, e))?;
+        Ok(ObjectMeta { key: key.clone(), size, e_tag: done.e_tag })
     }
 
     async fn get(&self, key: &StoreKey) -> Result<ByteStream, StoreError> {
         let location = self.location(key, true).await?;
-        let found = self
-            .inner
-            .get(&location)
-            .await
-            .map_err(|e| backend_error("get", key, e))?;
+        let found = self.inner.get(&location).await.map_err(|e| backend_error("get", key, e))?;
         let key = key.clone();
-        Ok(found
-            .into_stream()
-            .map_err(move |e| backend_error("read", &key, e))
-            .boxed())
+        Ok(found.into_stream().map_err(move |e| backend_error("read", &key, e)).boxed())
     }
 
     async fn get_file(&self, key: &StoreKey, path: &Path) -> Result<ObjectMeta, StoreError> {
         let location = self.location(key, true).await?;
         // Open the object before touching the destination, so that a missing
         // object leaves an existing file alone.
-        let found = self
-            .inner
-            .get(&location)
-            .await
-            .map_err(|e| backend_error("get", key, e))?;
-        let meta = ObjectMeta {
-            key: key.clone(),
-            size: found.meta.size,
-            e_tag: found.meta.e_tag.clone(),
-        };
-        let write_error = |source| StoreError::Io {
-            context: format!("cannot write {} (downloading {key})", path.display()),
-            source,
-        };
+        let found = self.inner.get(&location).await.map_err(|e| backend_error("get", key, e))?;
+        let meta = ObjectMeta { key: key.clone(), size: found.meta.size, e_tag: found.meta.e_tag.clone() };
+        let write_error =
+            |source| StoreError::Io { context: format!("cannot write {} (downloading {key})", path.display()), source };
         let file = tokio::fs::File::create(path).await.map_err(write_error)?;
         let mut out = tokio::io::BufWriter::with_capacity(FILE_WRITE_BUFFER, file);
         let mut stream = found.into_stream();
@@ -531,28 +461,16 @@ impl Store for LocalStore {
 
     async fn head(&self, key: &StoreKey) -> Result<ObjectMeta, StoreError> {
         let location = self.location(key, true).await?;
-        let meta = self
-            .inner
-            .head(&location)
-            .await
-            .map_err(|e| backend_error("head", key, e))?;
-        Ok(ObjectMeta {
-            key: key.clone(),
-            size: meta.size,
-            e_tag: meta.e_tag,
-        })
+        let meta = self.inner.head(&location).await.map_err(|e| backend_error("head", key, e))?;
+        Ok(ObjectMeta { key: key.clone(), size: meta.size, e_tag: meta.e_tag })
     }
 
     async fn list(&self, prefix: &StoreKey) -> Result<Vec<ObjectMeta>, StoreError> {
         // The folder of the prefix is walked, so `jobs/1` never sees
         // `jobs/10/x`: segment-prefix semantics come with the layout.
         let location = self.location(prefix, true).await?;
-        let listed: Vec<object_store::ObjectMeta> = self
-            .inner
-            .list(Some(&location))
-            .try_collect()
-            .await
-            .map_err(|e| backend_error("list", prefix, e))?;
+        let listed: Vec<object_store::ObjectMeta> =
+            self.inner.list(Some(&location)).try_collect().await.map_err(|e| backend_error("list", prefix, e))?;
         let root = self.root.clone();
         let inner = Arc::clone(&self.inner);
         let prefix_for_task = prefix.clone();
@@ -574,11 +492,7 @@ impl Store for LocalStore {
                     tracing::warn!(%key, error = %e, "skipping a listed object");
                     continue;
                 }
-                found.push(ObjectMeta {
-                    key,
-                    size: meta.size,
-                    e_tag: meta.e_tag,
-                });
+                found.push(ObjectMeta { key, size: meta.size, e_tag: meta.e_tag });
             }
             found
         })
@@ -598,16 +512,10 @@ impl Store for LocalStore {
                 // A folder (a prefix of other keys) is no object: deleting
                 // it deletes nothing, as on an object store.
                 let is_folder = match self.inner.path_to_filesystem(&location) {
-                    Ok(path) => tokio::fs::symlink_metadata(path)
-                        .await
-                        .is_ok_and(|m| m.is_dir()),
+                    Ok(path) => tokio::fs::symlink_metadata(path).await.is_ok_and(|m| m.is_dir()),
                     Err(_) => false,
                 };
-                if is_folder {
-                    Ok(())
-                } else {
-                    Err(backend_error("delete", key, e))
-                }
+                if is_folder { Ok(()) } else { Err(backend_error("delete", key, e)) }
             }
         }
     }
@@ -618,14 +526,8 @@ impl Store for LocalStore {
 /// file system has no transient failures worth retrying blindly).
 fn backend_error(op: &str, key: &StoreKey, error: object_store::Error) -> StoreError {
     match error {
-        object_store::Error::NotFound { .. } => StoreError::NotFound {
-            key: key.as_str().to_owned(),
-        },
-        other => StoreError::Backend {
-            backend: LOCAL,
-            message: format!("{op} {key}: {other}"),
-            retryable: false,
-        },
+        object_store::Error::NotFound { .. } => StoreError::NotFound { key: key.as_str().to_owned() },
+        other => StoreError::Backend { backend: LOCAL, message: format!("{op} {key}: {other}"), retryable: false },
     }
 }
 
@@ -653,10 +555,7 @@ fn resolves_inside(root: &Path, target: &Path, key: &str) -> Result<(), StoreErr
                 _ => return Ok(()),
             },
             Err(source) => {
-                return Err(StoreError::Io {
-                    context: format!("cannot resolve {}", probe.display()),
-                    source,
-                });
+                return Err(StoreError::Io { context: format!("cannot resolve {}", probe.display()), source });
             }
         }
     }
@@ -732,9 +631,7 @@ fn file_url_to_path(url: &str) -> Result<PathBuf, StoreError> {
         Some(0) => rest,
         Some(at) if rest[..at].eq_ignore_ascii_case("localhost") => &rest[at..],
         Some(_) => {
-            return Err(bad(
-                "a file URL names a folder on this machine: file:///abs/path",
-            ));
+            return Err(bad("a file URL names a folder on this machine: file:///abs/path"));
         }
         None => return Err(bad("it has no absolute path: file:///abs/path")),
     };
@@ -780,9 +677,7 @@ pub struct StoreRegistry {
 
 impl fmt::Debug for StoreRegistry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("StoreRegistry")
-            .field("schemes", &self.constructors.keys().collect::<Vec<_>>())
-            .finish()
+        f.debug_struct("StoreRegistry").field("schemes", &self.constructors.keys().collect::<Vec<_>>()).finish()
     }
 }
 
@@ -790,9 +685,7 @@ impl Default for StoreRegistry {
     /// A registry with the backends of `crew-core`: `file`.
     fn default() -> Self {
         let mut registry = Self::empty();
-        registry.register("file", |url: &str| {
-            Ok(Arc::new(LocalStore::from_url(url)?) as Arc<dyn Store>)
-        });
+        registry.register("file", |url: &str| Ok(Arc::new(LocalStore::from_url(url)?) as Arc<dyn Store>));
         registry
     }
 }
@@ -800,9 +693,7 @@ impl Default for StoreRegistry {
 impl StoreRegistry {
     /// A registry that knows no scheme.
     pub fn empty() -> Self {
-        Self {
-            constructors: BTreeMap::new(),
-        }
+        Self { constructors: BTreeMap::new() }
     }
 
     /// Registers (or replaces) the constructor of the URL scheme `scheme`
@@ -811,8 +702,7 @@ impl StoreRegistry {
     where
         F: Fn(&str) -> Result<Arc<dyn Store>, StoreError> + Send + Sync + 'static,
     {
-        self.constructors
-            .insert(scheme.to_ascii_lowercase(), Arc::new(constructor));
+        self.constructors.insert(scheme.to_ascii_lowercase(), Arc::new(constructor));
         self
     }
 
@@ -861,10 +751,7 @@ impl StoreRegistry {
         if self.constructors.is_empty() {
             return "no URL scheme".to_owned();
         }
-        self.schemes()
-            .map(|s| format!("{s}://"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        self.schemes().map(|s| format!("{s}://")).collect::<Vec<_>>().join(", ")
     }
 }
 
@@ -874,9 +761,8 @@ fn url_scheme(url: &str) -> Option<&str> {
     let (scheme, _) = url.split_once("://")?;
     let mut chars = scheme.chars();
     let first = chars.next()?;
-    (first.is_ascii_alphabetic()
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
-    .then_some(scheme)
+    (first.is_ascii_alphabetic() && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
+        .then_some(scheme)
 }
 
 /// Opens the store `url` names with the backends of `crew-core`
@@ -948,10 +834,7 @@ mod tests {
         let url = store.url();
         assert!(url.starts_with("file:///"), "{url}");
         assert!(url.ends_with("/a/b%20c"), "{url}");
-        assert_eq!(
-            format!("{store:?}"),
-            format!("LocalStore {{ url: {url:?} }}")
-        );
+        assert_eq!(format!("{store:?}"), format!("LocalStore {{ url: {url:?} }}"));
     }
 
     #[tokio::test]
@@ -963,10 +846,7 @@ mod tests {
         let second = open_store(&url).unwrap();
         assert_eq!(second.url(), url);
         let k = key("jobs/1/stdout");
-        first
-            .put_bytes(&k, Bytes::from_static(b"shared"))
-            .await
-            .unwrap();
+        first.put_bytes(&k, Bytes::from_static(b"shared")).await.unwrap();
         assert_eq!(read(second.as_ref(), &k).await, b"shared");
         // A plain absolute path opens the same store.
         let third = open_store(root.to_str().unwrap()).unwrap();
@@ -991,12 +871,7 @@ mod tests {
 
     #[test]
     fn unsupported_schemes_say_what_is_supported() {
-        for url in [
-            "s3://bucket/prefix",
-            "gs://bucket",
-            "S3://x",
-            "foo+bar.baz-1://x",
-        ] {
+        for url in ["s3://bucket/prefix", "gs://bucket", "S3://x", "foo+bar.baz-1://x"] {
             let err = open_store(url).unwrap_err();
             let StoreError::Config(message) = &err else {
                 panic!("{url}: expected a Config error, got {err:?}");
@@ -1020,10 +895,7 @@ mod tests {
             "file:///a%00b",
             "file:///%FF",
         ] {
-            assert!(
-                matches!(LocalStore::from_url(url), Err(StoreError::Config(_))),
-                "{url}"
-            );
+            assert!(matches!(LocalStore::from_url(url), Err(StoreError::Config(_))), "{url}");
         }
     }
 
@@ -1059,16 +931,8 @@ mod tests {
     async fn keys_are_encoded_on_disk() {
         let dir = tempdir();
         let store = LocalStore::new(dir.path()).unwrap();
-        store
-            .put_bytes(&key("a b/100%/ü/x#1"), Bytes::from_static(b"1"))
-            .await
-            .unwrap();
-        let file = store
-            .root()
-            .join("a b")
-            .join("100%25")
-            .join("%C3%BC")
-            .join("x%231");
+        store.put_bytes(&key("a b/100%/ü/x#1"), Bytes::from_static(b"1")).await.unwrap();
+        let file = store.root().join("a b").join("100%25").join("%C3%BC").join("x%231");
         assert_eq!(std::fs::read(file).unwrap(), b"1");
     }
 
@@ -1076,10 +940,7 @@ mod tests {
     async fn files_no_key_names_are_skipped_by_list() {
         let dir = tempdir();
         let store = LocalStore::new(dir.path()).unwrap();
-        store
-            .put_bytes(&key("l/ok"), Bytes::from_static(b"1"))
-            .await
-            .unwrap();
+        store.put_bytes(&key("l/ok"), Bytes::from_static(b"1")).await.unwrap();
         for foreign in ["%zz", "%61", "half%4", "staging#3"] {
             std::fs::write(store.root().join("l").join(foreign), b"x").unwrap();
         }
@@ -1117,23 +978,13 @@ mod tests {
         for k in tricky {
             let k = key(k);
             store.put_bytes(&k, Bytes::from_static(b"x")).await.unwrap();
-            store
-                .put_stream(
-                    &k,
-                    futures::stream::iter([Ok(Bytes::from_static(b"y"))]).boxed(),
-                )
-                .await
-                .unwrap();
+            store.put_stream(&k, futures::stream::iter([Ok(Bytes::from_static(b"y"))]).boxed()).await.unwrap();
             assert_eq!(read(&store, &k).await, b"y");
             store.delete(&k).await.unwrap();
         }
         assert_eq!(walk(&outside), [outside.join("secret")]);
         for path in walk(dir.path()) {
-            assert!(
-                path.starts_with(&root) || path.starts_with(&outside),
-                "{}",
-                path.display()
-            );
+            assert!(path.starts_with(&root) || path.starts_with(&outside), "{}", path.display());
         }
 
         // Symbolic links inside the root that lead out of it.
@@ -1143,39 +994,21 @@ mod tests {
         std::os::unix::fs::symlink(&outside, canonical_root.join("jobs").join("evil")).unwrap();
         std::os::unix::fs::symlink(outside.join("secret"), canonical_root.join("link")).unwrap();
         let escape = |r: Result<(), StoreError>, what: &str| {
-            assert!(
-                matches!(r, Err(StoreError::InvalidKey { .. })),
-                "{what}: {r:?}"
-            );
+            assert!(matches!(r, Err(StoreError::InvalidKey { .. })), "{what}: {r:?}");
         };
         let source = dir.path().join("source");
         std::fs::write(&source, b"payload").unwrap();
         for k in ["evil/new", "evil/secret", "link", "jobs/evil/new"] {
             let k = key(k);
-            escape(
-                store
-                    .put_bytes(&k, Bytes::from_static(b"x"))
-                    .await
-                    .map(drop),
-                "put_bytes",
-            );
+            escape(store.put_bytes(&k, Bytes::from_static(b"x")).await.map(drop), "put_bytes");
             escape(store.put_file(&k, &source).await.map(drop), "put_file");
             escape(
-                store
-                    .put_stream(
-                        &k,
-                        futures::stream::iter([Ok(Bytes::from_static(b"y"))]).boxed(),
-                    )
-                    .await
-                    .map(drop),
+                store.put_stream(&k, futures::stream::iter([Ok(Bytes::from_static(b"y"))]).boxed()).await.map(drop),
                 "put_stream",
             );
             escape(store.get(&k).await.map(drop), "get");
             escape(store.head(&k).await.map(drop), "head");
-            escape(
-                store.get_file(&k, &dir.path().join("dest")).await.map(drop),
-                "get_file",
-            );
+            escape(store.get_file(&k, &dir.path().join("dest")).await.map(drop), "get_file");
         }
         escape(store.delete(&key("evil/secret")).await, "delete");
         escape(store.list(&key("evil")).await.map(drop), "list");

@@ -30,12 +30,7 @@ pub struct TagError {
 pub const TAG_MAX_LEN: usize = 64;
 
 fn check_tag(tag: &str) -> Result<(), TagError> {
-    let bad = |reason| {
-        Err(TagError {
-            tag: tag.to_owned(),
-            reason,
-        })
-    };
+    let bad = |reason| Err(TagError { tag: tag.to_owned(), reason });
     if tag.is_empty() {
         return bad("a tag cannot be empty");
     }
@@ -44,10 +39,7 @@ fn check_tag(tag: &str) -> Result<(), TagError> {
     }
     // Tags travel in CLI flags (comma separated), in job names on cloud
     // platforms and in file names: keep them to a portable alphabet.
-    if !tag
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'='))
-    {
+    if !tag.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'=')) {
         return bad("use only ASCII letters, digits and - _ . : =");
     }
     Ok(())

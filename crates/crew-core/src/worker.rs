@@ -159,18 +159,8 @@ impl Capabilities {
     }
 
     /// Capabilities of a remote class: explicit batch sizes and interval.
-    pub fn remote(
-        launch_batch_max: usize,
-        probe_batch_max: usize,
-        probe_interval: Duration,
-    ) -> Self {
-        Self {
-            launch_batch_max,
-            probe_batch_max,
-            probe_interval,
-            shares_filesystem: false,
-            reaches_loopback: false,
-        }
+    pub fn remote(launch_batch_max: usize, probe_batch_max: usize, probe_interval: Duration) -> Self {
+        Self { launch_batch_max, probe_batch_max, probe_interval, shares_filesystem: false, reaches_loopback: false }
     }
 }
 
@@ -201,13 +191,7 @@ pub enum WorkerError {
 impl WorkerError {
     /// True when the same call may succeed if tried again later.
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            WorkerError::Platform {
-                retryable: true,
-                ..
-            }
-        )
+        matches!(self, WorkerError::Platform { retryable: true, .. })
     }
 }
 

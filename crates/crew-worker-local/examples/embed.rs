@@ -36,7 +36,13 @@ fn main() -> Result<(), Box<dyn Error>> {
         let mut failed = 0;
         for _ in 0..n {
             let Some(o) = controller.receive_wait(Some(Duration::from_secs(60))).await else { break };
-            println!("job {:>2} {:<9} on {:<8} {}", o.id, o.status, o.slot.as_deref().unwrap_or("-"), o.stdout.text.trim());
+            println!(
+                "job {:>2} {:<9} on {:<8} {}",
+                o.id,
+                o.status,
+                o.slot.as_deref().unwrap_or("-"),
+                o.stdout.text.trim()
+            );
             if o.status != Status::Succeeded {
                 failed += 1;
             }

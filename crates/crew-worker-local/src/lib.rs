@@ -64,12 +64,7 @@ impl LocalWorker {
 
     /// A class with the given grace period.
     pub fn with_grace(grace: Duration) -> Self {
-        Self {
-            inner: Arc::new(Inner {
-                grace,
-                procs: Mutex::new(HashMap::new()),
-            }),
-        }
+        Self { inner: Arc::new(Inner { grace, procs: Mutex::new(HashMap::new()) }) }
     }
 
     fn procs(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Proc>> {

@@ -67,16 +67,9 @@ struct Cx<'a> {
 impl<'a> Cx<'a> {
     fn new(store: &'a dyn Store) -> Self {
         let run = run_id();
-        let prefix = ok(
-            StoreKey::new(format!("crew-conformance/{run}")),
-            "build the run prefix",
-        );
+        let prefix = ok(StoreKey::new(format!("crew-conformance/{run}")), "build the run prefix");
         let scratch = Scratch::new(&run);
-        Self {
-            store,
-            prefix,
-            scratch,
-        }
+        Self { store, prefix, scratch }
     }
 
     /// The key `<prefix>/<rel>`.
@@ -91,10 +84,7 @@ impl<'a> Cx<'a> {
 /// A unique id for this run: time, process and randomness, so that runs in
 /// parallel against one bucket never share keys.
 fn run_id() -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or_default();
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or_default();
     let random = getrandom::u64().unwrap_or_default();
     format!("{nanos:x}-{:x}-{random:016x}", std::process::id())
 }
@@ -105,10 +95,7 @@ struct Scratch(PathBuf);
 impl Scratch {
     fn new(run: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("crew-conformance-{run}"));
-        ok(
-            std::fs::create_dir_all(&dir),
-            &format!("create the scratch folder {}", dir.display()),
-        );
+        ok(std::fs::create_dir_all(&dir), &format!("create the scratch folder {}", dir.display()));
         Self(dir)
     }
 
@@ -150,10 +137,7 @@ struct Digest {
 
 impl Digest {
     fn new() -> Self {
-        Self {
-            hash: 0xcbf2_9ce4_8422_2325,
-            len: 0,
-        }
+        Self { hash: 0xcbf2_9ce4_8422_2325, len: 0 }
     }
 
     fn update(&mut self, data: &[u8]) {
@@ -176,11 +160,7 @@ impl Generator {
     const SIZES: [usize; 8] = [1, 7, 4096, 65_536, 1_048_576, 300_007, 0, 131_071];
 
     fn new(seed: u64, total: u64) -> Self {
-        Self {
-            state: seed | 1,
-            remaining: total,
-            turn: 0,
-        }
+        Self { state: seed | 1, remaining: total, turn: 0 }
     }
 
     fn next_chunk(&mut self) -> Option<Bytes> {
@@ -216,9 +196,7 @@ impl Generator {
     /// The content as a [`ByteStream`], produced lazily.
     fn stream(seed: u64, total: u64) -> ByteStream {
         futures::stream::unfold(Self::new(seed, total), |mut generator| async move {
-            generator
-                .next_chunk()
-                .map(|chunk| (Ok::<_, StoreError>(chunk), generator))
+            generator.next_chunk().map(|chunk| (Ok::<_, StoreError>(chunk), generator))
         })
         .boxed()
     }
@@ -226,8 +204,7 @@ impl Generator {
 
 /// A stream of the given chunks.
 fn chunks(parts: &[&'static [u8]]) -> ByteStream {
-    let parts: Vec<Result<Bytes, StoreError>> =
-        parts.iter().map(|p| Ok(Bytes::from_static(p))).collect();
+    let parts: Vec<Result<Bytes, StoreError>> = parts.iter().map(|p| Ok(Bytes::from_static(p))).collect();
     futures::stream::iter(parts).boxed()
 }
 
@@ -257,17 +234,11 @@ async fn read_all(store: &dyn Store, key: &StoreKey) -> Vec<u8> {
 
 /// The digest of a local file, read in chunks.
 async fn file_digest(path: &Path) -> Digest {
-    let mut file = ok(
-        tokio::fs::File::open(path).await,
-        &format!("open {}", path.display()),
-    );
+    let mut file = ok(tokio::fs::File::open(path).await, &format!("open {}", path.display()));
     let mut buf = vec![0u8; 256 * 1024];
     let mut digest = Digest::new();
     loop {
-        let n = ok(
-            file.read(&mut buf).await,
-            &format!("read {}", path.display()),
-        );
+        let n = ok(file.read(&mut buf).await, &format!("read {}", path.display()));
         if n == 0 {
             return digest;
         }
@@ -278,16 +249,10 @@ async fn file_digest(path: &Path) -> Digest {
 /// Writes generated content to a local file, chunk by chunk.
 async fn write_generated(path: &Path, seed: u64, total: u64) {
     use tokio::io::AsyncWriteExt;
-    let mut file = ok(
-        tokio::fs::File::create(path).await,
-        &format!("create {}", path.display()),
-    );
+    let mut file = ok(tokio::fs::File::create(path).await, &format!("create {}", path.display()));
     let mut generator = Generator::new(seed, total);
     while let Some(chunk) = generator.next_chunk() {
-        ok(
-            file.write_all(&chunk).await,
-            &format!("write {}", path.display()),
-        );
+        ok(file.write_all(&chunk).await, &format!("write {}", path.display()));
     }
     ok(file.flush().await, &format!("flush {}", path.display()));
 }
@@ -295,14 +260,8 @@ async fn write_generated(path: &Path, seed: u64, total: u64) {
 /// Checks the metadata a put or head returned.
 #[track_caller]
 fn check_meta(meta: &ObjectMeta, key: &StoreKey, size: u64, step: &str) {
-    assert_eq!(
-        &meta.key, key,
-        "store conformance: {step}: the metadata names another key"
-    );
-    assert_eq!(
-        meta.size, size,
-        "store conformance: {step}: wrong size in the metadata of {key}"
-    );
+    assert_eq!(&meta.key, key, "store conformance: {step}: the metadata names another key");
+    assert_eq!(meta.size, size, "store conformance: {step}: wrong size in the metadata of {key}");
 }
 
 /// `StoreKey::new` refuses every key that could escape a prefix or is
@@ -310,8 +269,8 @@ fn check_meta(meta: &ObjectMeta, key: &StoreKey, size: u64, step: &str) {
 fn keys_are_validated() {
     let long = "a".repeat(KEY_MAX_LEN + 1);
     let invalid: &[&str] = &[
-        "", ".", "..", "../x", "a/../b", "a/..", "/abs", "/", "a//b", "a/", "a/./b", "./a", "a\0b",
-        "a\nb", "a\rb", "a\tb", "a\u{7f}b", "a\u{85}b", "a\\b", "..\\x", "C:\\x", &long,
+        "", ".", "..", "../x", "a/../b", "a/..", "/abs", "/", "a//b", "a/", "a/./b", "./a", "a\0b", "a\nb", "a\rb",
+        "a\tb", "a\u{7f}b", "a\u{85}b", "a\\b", "..\\x", "C:\\x", &long,
     ];
     for key in invalid {
         match StoreKey::new(*key) {
@@ -345,20 +304,14 @@ fn keys_are_validated() {
         "store conformance: StoreKey::child must join with /"
     );
     for bad in ["..", "", "a/../..", "x\0"] {
-        assert!(
-            parent.child(bad).is_err(),
-            "store conformance: StoreKey::child({bad:?}) must be refused"
-        );
+        assert!(parent.child(bad).is_err(), "store conformance: StoreKey::child({bad:?}) must be refused");
     }
 }
 
 /// `url()` names the store as a URL another process can open.
 fn url_is_reported(cx: &Cx<'_>) {
     let url = cx.store.url();
-    assert!(
-        url.contains("://"),
-        "store conformance: url() must return a URL (scheme://...), got {url:?}"
-    );
+    assert!(url.contains("://"), "store conformance: url() must return a URL (scheme://...), got {url:?}");
 }
 
 /// `put_bytes` then `get` and `head` give the same bytes and size back;
@@ -366,66 +319,33 @@ fn url_is_reported(cx: &Cx<'_>) {
 async fn bytes_round_trip(cx: &Cx<'_>) {
     let store = cx.store;
     let key = cx.key("bytes/hello");
-    let meta = ok(
-        store
-            .put_bytes(&key, Bytes::from_static(b"hello, crew"))
-            .await,
-        "put_bytes",
-    );
+    let meta = ok(store.put_bytes(&key, Bytes::from_static(b"hello, crew")).await, "put_bytes");
     check_meta(&meta, &key, 11, "put_bytes");
-    assert_eq!(
-        read_all(store, &key).await,
-        b"hello, crew",
-        "store conformance: get must return what put_bytes stored"
-    );
+    assert_eq!(read_all(store, &key).await, b"hello, crew", "store conformance: get must return what put_bytes stored");
     check_meta(&ok(store.head(&key).await, "head"), &key, 11, "head");
 
     // Overwrite with a shorter object: no trace of the old one may remain.
-    let meta = ok(
-        store.put_bytes(&key, Bytes::from_static(b"bye")).await,
-        "put_bytes (overwrite)",
-    );
+    let meta = ok(store.put_bytes(&key, Bytes::from_static(b"bye")).await, "put_bytes (overwrite)");
     check_meta(&meta, &key, 3, "put_bytes (overwrite)");
     assert_eq!(
         read_all(store, &key).await,
         b"bye",
         "store conformance: an overwritten object must read as the new content only"
     );
-    check_meta(
-        &ok(store.head(&key).await, "head after overwrite"),
-        &key,
-        3,
-        "head after overwrite",
-    );
+    check_meta(&ok(store.head(&key).await, "head after overwrite"), &key, 3, "head after overwrite");
 
     let empty = cx.key("bytes/empty");
-    let meta = ok(
-        store.put_bytes(&empty, Bytes::new()).await,
-        "put_bytes (empty)",
-    );
+    let meta = ok(store.put_bytes(&empty, Bytes::new()).await, "put_bytes (empty)");
     check_meta(&meta, &empty, 0, "put_bytes (empty)");
-    assert!(
-        read_all(store, &empty).await.is_empty(),
-        "store conformance: the empty object must read as empty"
-    );
-    check_meta(
-        &ok(store.head(&empty).await, "head (empty)"),
-        &empty,
-        0,
-        "head (empty)",
-    );
+    assert!(read_all(store, &empty).await.is_empty(), "store conformance: the empty object must read as empty");
+    check_meta(&ok(store.head(&empty).await, "head (empty)"), &empty, 0, "head (empty)");
 }
 
 /// `put_stream` of small and empty chunks stores their concatenation.
 async fn stream_round_trip(cx: &Cx<'_>) {
     let store = cx.store;
     let key = cx.key("stream/small");
-    let meta = ok(
-        store
-            .put_stream(&key, chunks(&[b"ab", b"", b"c", b"defg", b""]))
-            .await,
-        "put_stream",
-    );
+    let meta = ok(store.put_stream(&key, chunks(&[b"ab", b"", b"c", b"defg", b""])).await, "put_stream");
     check_meta(&meta, &key, 7, "put_stream");
     assert_eq!(
         read_all(store, &key).await,
@@ -434,17 +354,9 @@ async fn stream_round_trip(cx: &Cx<'_>) {
     );
 
     let empty = cx.key("stream/empty");
-    let meta = ok(
-        store.put_stream(&empty, chunks(&[])).await,
-        "put_stream (no chunks)",
-    );
+    let meta = ok(store.put_stream(&empty, chunks(&[])).await, "put_stream (no chunks)");
     check_meta(&meta, &empty, 0, "put_stream (no chunks)");
-    check_meta(
-        &ok(store.head(&empty).await, "head (empty stream)"),
-        &empty,
-        0,
-        "head (empty stream)",
-    );
+    check_meta(&ok(store.head(&empty).await, "head (empty stream)"), &empty, 0, "head (empty stream)");
 }
 
 /// `put_file` uploads a file of a few MiB; `get_file` downloads it, creating
@@ -459,31 +371,18 @@ async fn file_round_trip(cx: &Cx<'_>) {
     let meta = ok(store.put_file(&key, &source).await, "put_file");
     check_meta(&meta, &key, FILE_SIZE, "put_file");
     let (digest, _) = read_digest(store, &key).await;
-    assert_eq!(
-        digest, expected,
-        "store conformance: get must return the bytes of the file put_file uploaded"
-    );
+    assert_eq!(digest, expected, "store conformance: get must return the bytes of the file put_file uploaded");
 
     // Download into a new file.
     let fresh = cx.scratch.path("download-new.bin");
     let meta = ok(store.get_file(&key, &fresh).await, "get_file (new file)");
     check_meta(&meta, &key, FILE_SIZE, "get_file (new file)");
-    assert_eq!(
-        file_digest(&fresh).await,
-        expected,
-        "store conformance: get_file must write the object's bytes"
-    );
+    assert_eq!(file_digest(&fresh).await, expected, "store conformance: get_file must write the object's bytes");
 
     // Download over a longer file: it must be truncated.
     let small = cx.key("file/small");
-    ok(
-        store.put_bytes(&small, Bytes::from_static(b"short")).await,
-        "put_bytes",
-    );
-    let meta = ok(
-        store.get_file(&small, &fresh).await,
-        "get_file (over a longer file)",
-    );
+    ok(store.put_bytes(&small, Bytes::from_static(b"short")).await, "put_bytes");
+    let meta = ok(store.get_file(&small, &fresh).await, "get_file (over a longer file)");
     check_meta(&meta, &small, 5, "get_file (over a longer file)");
     assert_eq!(
         ok(tokio::fs::read(&fresh).await, "read the downloaded file"),
@@ -493,15 +392,9 @@ async fn file_round_trip(cx: &Cx<'_>) {
 
     // An empty file.
     let empty_file = cx.scratch.path("empty.bin");
-    ok(
-        tokio::fs::write(&empty_file, b"").await,
-        "write an empty file",
-    );
+    ok(tokio::fs::write(&empty_file, b"").await, "write an empty file");
     let empty = cx.key("file/empty");
-    let meta = ok(
-        store.put_file(&empty, &empty_file).await,
-        "put_file (empty)",
-    );
+    let meta = ok(store.put_file(&empty, &empty_file).await, "put_file (empty)");
     check_meta(&meta, &empty, 0, "put_file (empty)");
 
     // A missing source file is a local I/O error, and stores nothing.
@@ -524,33 +417,17 @@ async fn large_streamed_object(cx: &Cx<'_>) {
     let seed = 0x1a29_e0b1;
     let expected = Generator::digest(seed, LARGE_SIZE);
     let key = cx.key("large/object");
-    let meta = ok(
-        store
-            .put_stream(&key, Generator::stream(seed, LARGE_SIZE))
-            .await,
-        "put_stream of 24 MiB",
-    );
+    let meta = ok(store.put_stream(&key, Generator::stream(seed, LARGE_SIZE)).await, "put_stream of 24 MiB");
     check_meta(&meta, &key, LARGE_SIZE, "put_stream of 24 MiB");
-    check_meta(
-        &ok(store.head(&key).await, "head of the large object"),
-        &key,
-        LARGE_SIZE,
-        "head of the large object",
-    );
+    check_meta(&ok(store.head(&key).await, "head of the large object"), &key, LARGE_SIZE, "head of the large object");
     let (digest, largest) = read_digest(store, &key).await;
-    assert_eq!(
-        digest, expected,
-        "store conformance: the 24 MiB object read back differs from what was streamed up"
-    );
+    assert_eq!(digest, expected, "store conformance: the 24 MiB object read back differs from what was streamed up");
     assert!(
         (largest as u64) < LARGE_SIZE,
         "store conformance: get returned the whole 24 MiB object as one chunk; it must stream"
     );
     let local = cx.scratch.path("large.bin");
-    let meta = ok(
-        store.get_file(&key, &local).await,
-        "get_file of the large object",
-    );
+    let meta = ok(store.get_file(&key, &local).await, "get_file of the large object");
     check_meta(&meta, &key, LARGE_SIZE, "get_file of the large object");
     assert_eq!(
         file_digest(&local).await,
@@ -566,31 +443,16 @@ async fn large_streamed_object(cx: &Cx<'_>) {
 async fn missing_objects(cx: &Cx<'_>) {
     let store = cx.store;
     let missing = cx.key("missing/never-written");
-    expect_not_found(
-        store.get(&missing).await.map(|_| ()),
-        "get of a missing key",
-    );
+    expect_not_found(store.get(&missing).await.map(|_| ()), "get of a missing key");
     expect_not_found(store.head(&missing).await, "head of a missing key");
     let dest = cx.scratch.path("missing.bin");
-    expect_not_found(
-        store.get_file(&missing, &dest).await,
-        "get_file of a missing key",
-    );
+    expect_not_found(store.get_file(&missing, &dest).await, "get_file of a missing key");
 
     let inner = cx.key("missing/folder/inner");
-    ok(
-        store.put_bytes(&inner, Bytes::from_static(b"x")).await,
-        "put_bytes",
-    );
+    ok(store.put_bytes(&inner, Bytes::from_static(b"x")).await, "put_bytes");
     let folder = cx.key("missing/folder");
-    expect_not_found(
-        store.head(&folder).await,
-        "head of a key that is only a prefix of others",
-    );
-    expect_not_found(
-        store.get(&folder).await.map(|_| ()),
-        "get of a key that is only a prefix of others",
-    );
+    expect_not_found(store.head(&folder).await, "head of a key that is only a prefix of others");
+    expect_not_found(store.get(&folder).await.map(|_| ()), "get of a key that is only a prefix of others");
 }
 
 /// A failed or dropped upload leaves no object, or the previous one intact.
@@ -613,17 +475,11 @@ async fn failed_and_dropped_uploads(cx: &Cx<'_>) {
         store.put_stream(&fresh, failing()).await.is_err(),
         "store conformance: put_stream must fail when its stream fails"
     );
-    expect_not_found(
-        store.head(&fresh).await,
-        "head after a failed put_stream (no object may appear)",
-    );
+    expect_not_found(store.head(&fresh).await, "head after a failed put_stream (no object may appear)");
 
     // A failing stream over an existing object: the old object stays whole.
     let existing = cx.key("atomic/failed-over");
-    ok(
-        store.put_bytes(&existing, Bytes::from_static(b"old")).await,
-        "put_bytes",
-    );
+    ok(store.put_bytes(&existing, Bytes::from_static(b"old")).await, "put_bytes");
     assert!(
         store.put_stream(&existing, failing()).await.is_err(),
         "store conformance: put_stream must fail when its stream fails"
@@ -635,24 +491,15 @@ async fn failed_and_dropped_uploads(cx: &Cx<'_>) {
     );
 
     // A put_stream dropped mid-way: no object, and the old one intact.
-    for (key, before) in [
-        (cx.key("atomic/dropped-new"), None),
-        (cx.key("atomic/dropped-over"), Some(&b"old"[..])),
-    ] {
+    for (key, before) in [(cx.key("atomic/dropped-new"), None), (cx.key("atomic/dropped-over"), Some(&b"old"[..]))] {
         if let Some(before) = before {
-            ok(
-                store.put_bytes(&key, Bytes::copy_from_slice(before)).await,
-                "put_bytes",
-            );
+            ok(store.put_bytes(&key, Bytes::copy_from_slice(before)).await, "put_bytes");
         }
         drop_mid_upload(store, &key).await;
         let listed = ok(store.list(&cx.key("atomic")).await, "list after a drop");
         match before {
             None => {
-                expect_not_found(
-                    store.head(&key).await,
-                    "head after a dropped put_stream (no object may appear)",
-                );
+                expect_not_found(store.head(&key).await, "head after a dropped put_stream (no object may appear)");
                 assert!(
                     listed.iter().all(|m| m.key != key),
                     "store conformance: a dropped put_stream left {key} visible in list"
@@ -692,27 +539,15 @@ async fn drop_mid_upload(store: &dyn Store, key: &StoreKey) {
 async fn delete_is_idempotent(cx: &Cx<'_>) {
     let store = cx.store;
     let key = cx.key("delete/once");
-    ok(
-        store.put_bytes(&key, Bytes::from_static(b"x")).await,
-        "put_bytes",
-    );
+    ok(store.put_bytes(&key, Bytes::from_static(b"x")).await, "put_bytes");
     ok(store.delete(&key).await, "delete");
     expect_not_found(store.head(&key).await, "head after delete");
     expect_not_found(store.get(&key).await.map(|_| ()), "get after delete");
-    ok(
-        store.delete(&key).await,
-        "delete again (must be idempotent)",
-    );
-    ok(
-        store.delete(&cx.key("delete/never-written")).await,
-        "delete of a key never written",
-    );
+    ok(store.delete(&key).await, "delete again (must be idempotent)");
+    ok(store.delete(&cx.key("delete/never-written")).await, "delete of a key never written");
 
     let inner = cx.key("delete/folder/inner");
-    ok(
-        store.put_bytes(&inner, Bytes::from_static(b"x")).await,
-        "put_bytes",
-    );
+    ok(store.put_bytes(&inner, Bytes::from_static(b"x")).await, "put_bytes");
     ok(
         store.delete(&cx.key("delete/folder")).await,
         "delete of a key that is only a prefix of others (no such object)",
@@ -727,45 +562,25 @@ async fn delete_is_idempotent(cx: &Cx<'_>) {
     // Delete of a key in a folder whose last object was just deleted, then
     // a put into the same folder again.
     ok(store.delete(&inner).await, "delete");
-    ok(
-        store.put_bytes(&inner, Bytes::from_static(b"yy")).await,
-        "put_bytes after deleting the folder's last object",
-    );
+    ok(store.put_bytes(&inner, Bytes::from_static(b"yy")).await, "put_bytes after deleting the folder's last object");
     check_meta(&ok(store.head(&inner).await, "head"), &inner, 2, "head");
 }
 
 /// `list` returns exactly the objects under `prefix/`, by whole segments.
 async fn list_by_segment_prefix(cx: &Cx<'_>) {
     let store = cx.store;
-    let objects = [
-        ("list/1/a", 1usize),
-        ("list/1/b/c", 2),
-        ("list/1/b/d", 3),
-        ("list/10/x", 4),
-        ("list/1x", 5),
-        ("list/2", 6),
-    ];
+    let objects =
+        [("list/1/a", 1usize), ("list/1/b/c", 2), ("list/1/b/d", 3), ("list/10/x", 4), ("list/1x", 5), ("list/2", 6)];
     for (rel, size) in objects {
-        ok(
-            store
-                .put_bytes(&cx.key(rel), Bytes::from(vec![b'z'; size]))
-                .await,
-            &format!("put_bytes {rel}"),
-        );
+        ok(store.put_bytes(&cx.key(rel), Bytes::from(vec![b'z'; size])).await, &format!("put_bytes {rel}"));
     }
     let check = |listed: Vec<ObjectMeta>, prefix: &str, expected: &[&str]| {
-        let mut got: Vec<(String, u64)> = listed
-            .iter()
-            .map(|m| (m.key.as_str().to_owned(), m.size))
-            .collect();
+        let mut got: Vec<(String, u64)> = listed.iter().map(|m| (m.key.as_str().to_owned(), m.size)).collect();
         got.sort();
         let mut want: Vec<(String, u64)> = expected
             .iter()
             .map(|rel| {
-                let size = objects
-                    .iter()
-                    .find(|(r, _)| r == rel)
-                    .map_or(0, |(_, s)| *s as u64);
+                let size = objects.iter().find(|(r, _)| r == rel).map_or(0, |(_, s)| *s as u64);
                 (cx.key(rel).as_str().to_owned(), size)
             })
             .collect();
@@ -776,36 +591,12 @@ async fn list_by_segment_prefix(cx: &Cx<'_>) {
              {prefix:?}/ (whole segments), with their sizes"
         );
     };
-    check(
-        ok(store.list(&cx.key("list/1")).await, "list"),
-        "list/1",
-        &["list/1/a", "list/1/b/c", "list/1/b/d"],
-    );
-    check(
-        ok(store.list(&cx.key("list/1/b")).await, "list"),
-        "list/1/b",
-        &["list/1/b/c", "list/1/b/d"],
-    );
-    check(
-        ok(store.list(&cx.key("list")).await, "list"),
-        "list",
-        &objects.map(|(rel, _)| rel),
-    );
-    check(
-        ok(store.list(&cx.key("list/nothing")).await, "list"),
-        "list/nothing",
-        &[],
-    );
-    check(
-        ok(store.list(&cx.key("list/2")).await, "list"),
-        "list/2 (an object, not a prefix)",
-        &[],
-    );
-    check(
-        ok(store.list(&cx.key("list/1/a")).await, "list"),
-        "list/1/a (an object, not a prefix)",
-        &[],
-    );
+    check(ok(store.list(&cx.key("list/1")).await, "list"), "list/1", &["list/1/a", "list/1/b/c", "list/1/b/d"]);
+    check(ok(store.list(&cx.key("list/1/b")).await, "list"), "list/1/b", &["list/1/b/c", "list/1/b/d"]);
+    check(ok(store.list(&cx.key("list")).await, "list"), "list", &objects.map(|(rel, _)| rel));
+    check(ok(store.list(&cx.key("list/nothing")).await, "list"), "list/nothing", &[]);
+    check(ok(store.list(&cx.key("list/2")).await, "list"), "list/2 (an object, not a prefix)", &[]);
+    check(ok(store.list(&cx.key("list/1/a")).await, "list"), "list/1/a (an object, not a prefix)", &[]);
 }
 
 /// Keys with spaces, unicode, `%` escapes that look decoded, `#`, `?` and
@@ -838,16 +629,8 @@ async fn odd_keys_round_trip(cx: &Cx<'_>) {
     for rel in odd {
         let key = cx.key(rel);
         let body = Bytes::copy_from_slice(key.as_str().as_bytes());
-        let meta = ok(
-            store.put_bytes(&key, body.clone()).await,
-            &format!("put_bytes {rel:?}"),
-        );
-        check_meta(
-            &meta,
-            &key,
-            body.len() as u64,
-            &format!("put_bytes {rel:?}"),
-        );
+        let meta = ok(store.put_bytes(&key, body.clone()).await, &format!("put_bytes {rel:?}"));
+        check_meta(&meta, &key, body.len() as u64, &format!("put_bytes {rel:?}"));
     }
     for rel in odd {
         let key = cx.key(rel);
@@ -864,26 +647,15 @@ async fn odd_keys_round_trip(cx: &Cx<'_>) {
             &format!("head {rel:?}"),
         );
     }
-    let mut listed: Vec<String> = ok(store.list(&cx.key("odd")).await, "list odd keys")
-        .into_iter()
-        .map(|m| m.key.as_str().to_owned())
-        .collect();
+    let mut listed: Vec<String> =
+        ok(store.list(&cx.key("odd")).await, "list odd keys").into_iter().map(|m| m.key.as_str().to_owned()).collect();
     listed.sort();
-    let mut want: Vec<String> = odd
-        .iter()
-        .map(|rel| cx.key(rel).as_str().to_owned())
-        .collect();
+    let mut want: Vec<String> = odd.iter().map(|rel| cx.key(rel).as_str().to_owned()).collect();
     want.sort();
-    assert_eq!(
-        listed, want,
-        "store conformance: list must return odd keys exactly as they were written"
-    );
+    assert_eq!(listed, want, "store conformance: list must return odd keys exactly as they were written");
     let file_key = cx.key("odd/with space/file name.txt");
     let dest = cx.scratch.path("odd.bin");
-    ok(
-        store.get_file(&file_key, &dest).await,
-        "get_file of a key with spaces",
-    );
+    ok(store.get_file(&file_key, &dest).await, "get_file of a key with spaces");
     for rel in odd {
         ok(store.delete(&cx.key(rel)).await, &format!("delete {rel:?}"));
     }
@@ -896,20 +668,14 @@ async fn odd_keys_round_trip(cx: &Cx<'_>) {
 /// Uploads running at once to different keys all land.
 async fn concurrent_puts(cx: &Cx<'_>) {
     let store = cx.store;
-    let keys: Vec<StoreKey> = (0..16)
-        .map(|i| cx.key(&format!("concurrent/{i}")))
-        .collect();
+    let keys: Vec<StoreKey> = (0..16).map(|i| cx.key(&format!("concurrent/{i}"))).collect();
     let puts = keys.iter().enumerate().map(|(i, key)| {
         let body = Bytes::from(vec![b'c'; i * 1000 + 1]);
         put_checked(store, key, body)
     });
     futures::future::join_all(puts).await;
     let listed = ok(store.list(&cx.key("concurrent")).await, "list");
-    assert_eq!(
-        listed.len(),
-        keys.len(),
-        "store conformance: every concurrent put must land"
-    );
+    assert_eq!(listed.len(), keys.len(), "store conformance: every concurrent put must land");
 }
 
 /// `put_bytes` with the check of its metadata.
@@ -924,10 +690,7 @@ async fn clean_up(cx: &Cx<'_>) {
     let store = cx.store;
     let left = ok(store.list(&cx.prefix).await, "list the run prefix");
     for meta in &left {
-        ok(
-            store.delete(&meta.key).await,
-            &format!("delete {}", meta.key),
-        );
+        ok(store.delete(&meta.key).await, &format!("delete {}", meta.key));
     }
     assert!(
         ok(store.list(&cx.prefix).await, "list the run prefix").is_empty(),
@@ -970,11 +733,7 @@ mod tests {
         fn new(flaw: Flaw) -> Self {
             let dir = tempfile::tempdir().unwrap();
             let inner = LocalStore::new(dir.path()).unwrap();
-            Self {
-                inner,
-                flaw,
-                _dir: dir,
-            }
+            Self { inner, flaw, _dir: dir }
         }
     }
 
@@ -986,11 +745,7 @@ mod tests {
         async fn put_file(&self, key: &StoreKey, path: &Path) -> Result<ObjectMeta, StoreError> {
             self.inner.put_file(key, path).await
         }
-        async fn put_stream(
-            &self,
-            key: &StoreKey,
-            data: ByteStream,
-        ) -> Result<ObjectMeta, StoreError> {
+        async fn put_stream(&self, key: &StoreKey, data: ByteStream) -> Result<ObjectMeta, StoreError> {
             self.inner.put_stream(key, data).await
         }
         async fn put_bytes(&self, key: &StoreKey, data: Bytes) -> Result<ObjectMeta, StoreError> {
@@ -1005,11 +760,7 @@ mod tests {
         async fn head(&self, key: &StoreKey) -> Result<ObjectMeta, StoreError> {
             match (self.flaw, self.inner.head(key).await) {
                 (Flaw::HeadMissingIsBackendError, Err(StoreError::NotFound { .. })) => {
-                    Err(StoreError::Backend {
-                        backend: "flawed",
-                        message: "404".into(),
-                        retryable: false,
-                    })
+                    Err(StoreError::Backend { backend: "flawed", message: "404".into(), retryable: false })
                 }
                 (_, result) => result,
             }

@@ -36,12 +36,7 @@ pub struct WorkerKit {
 impl WorkerKit {
     /// Defaults for a class that starts processes on this machine.
     pub fn local(agent: AgentCommand) -> Self {
-        Self {
-            agent,
-            launch_timeout: Duration::from_secs(20),
-            gone_timeout: Duration::from_secs(20),
-            shell_jobs: true,
-        }
+        Self { agent, launch_timeout: Duration::from_secs(20), gone_timeout: Duration::from_secs(20), shell_jobs: true }
     }
 }
 

@@ -184,8 +184,7 @@ pub struct SlotFilter {
 
 impl SlotFilter {
     fn matches(&self, cfg: &SlotConfig) -> bool {
-        self.tags.as_ref().is_none_or(|t| cfg.tags.satisfies(t))
-            && self.slot.as_ref().is_none_or(|s| *s == cfg.name)
+        self.tags.as_ref().is_none_or(|t| cfg.tags.satisfies(t)) && self.slot.as_ref().is_none_or(|s| *s == cfg.name)
     }
 }
 
@@ -331,10 +330,7 @@ impl Scheduler {
 
     /// The slot with this name.
     pub fn slot_by_name(&self, name: &str) -> Option<SlotId> {
-        self.slots
-            .iter()
-            .position(|s| s.cfg.name == name && !s.dismissed)
-            .map(|i| SlotId(i as u32))
+        self.slots.iter().position(|s| s.cfg.name == name && !s.dismissed).map(|i| SlotId(i as u32))
     }
 
     /// Every slot not dismissed.
@@ -345,11 +341,7 @@ impl Scheduler {
             state: s.state.clone(),
             assigned: s.jobs.len(),
             jobs_done: s.jobs_done,
-            idle_since: if s.state == SlotState::Up && s.jobs.is_empty() {
-                s.idle_since
-            } else {
-                None
-            },
+            idle_since: if s.state == SlotState::Up && s.jobs.is_empty() { s.idle_since } else { None },
             last_reason: s.last_reason.as_deref(),
             launch_failures: s.launch_failures,
         })
@@ -389,10 +381,7 @@ impl Scheduler {
     /// Queued and assigned counts.
     pub fn counts(&self) -> Counts {
         let queued = self.queue.values().map(BTreeMap::len).sum();
-        Counts {
-            queued,
-            assigned: self.jobs.len() - queued,
-        }
+        Counts { queued, assigned: self.jobs.len() - queued }
     }
 
     /// The earliest time at which [`Scheduler::tick`] has something to do.
@@ -619,10 +608,7 @@ impl Scheduler {
                         "the worker did not connect within {}",
                         humantime::format_duration(s.cfg.limits.launch_timeout)
                     );
-                    self.actions.push(Action::Terminate {
-                        slot,
-                        reason: reason.clone(),
-                    });
+                    self.actions.push(Action::Terminate { slot, reason: reason.clone() });
                     self.record_launch_failure(slot, reason, now);
                 }
                 SlotState::Up => {
@@ -753,10 +739,7 @@ impl Scheduler {
                     n += 1;
                 }
                 SlotState::Launching => {
-                    self.actions.push(Action::Terminate {
-                        slot,
-                        reason: "restarted by the user".to_owned(),
-                    });
+                    self.actions.push(Action::Terminate { slot, reason: "restarted by the user".to_owned() });
                     self.set_down(slot);
                     n += 1;
                 }
@@ -791,26 +774,16 @@ impl Scheduler {
             broken_reason = s.last_reason.clone();
         }
         if let Some(reason) = broken_reason {
-            return Err(SubmitError::AllBroken {
-                wanted: tags.clone(),
-                reason,
-            });
+            return Err(SubmitError::AllBroken { wanted: tags.clone(), reason });
         }
-        let known: BTreeSet<String> = self
-            .slots
-            .iter()
-            .filter(|s| !s.dismissed)
-            .map(|s| format!("[{}]", s.cfg.tags))
-            .collect();
+        let known: BTreeSet<String> =
+            self.slots.iter().filter(|s| !s.dismissed).map(|s| format!("[{}]", s.cfg.tags)).collect();
         let known = if known.is_empty() {
             "none (no worker is recruited)".to_owned()
         } else {
             known.into_iter().collect::<Vec<_>>().join(", ")
         };
-        Err(SubmitError::NoMatchingSlot {
-            wanted: tags.clone(),
-            known,
-        })
+        Err(SubmitError::NoMatchingSlot { wanted: tags.clone(), known })
     }
 
     fn remove_from_queue(&mut self, job: JobId, key: QueueKey) {
@@ -1124,11 +1097,8 @@ impl Scheduler {
         // Best fit: slots with fewer tags are used first.
         down.sort_by_key(|s| (self.slots[s.0 as usize].cfg.tags.len(), *s));
         launching.sort_by_key(|s| (self.slots[s.0 as usize].cfg.tags.len(), *s));
-        let mut groups: Vec<(QueueKey, &Tags, usize)> = self
-            .queue
-            .iter()
-            .filter_map(|(t, g)| g.first_key_value().map(|(k, _)| (*k, t, g.len())))
-            .collect();
+        let mut groups: Vec<(QueueKey, &Tags, usize)> =
+            self.queue.iter().filter_map(|(t, g)| g.first_key_value().map(|(k, _)| (*k, t, g.len()))).collect();
         groups.sort_by_key(|g| g.0);
         let mut to_launch = Vec::new();
         for (_, tags, mut need) in groups {

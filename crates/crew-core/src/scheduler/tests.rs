@@ -17,9 +17,7 @@ use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{
-    Action, Scheduler, SlotConfig, SlotFilter, SlotId, SlotLimits, SlotState, SubmitError,
-};
+use super::{Action, Scheduler, SlotConfig, SlotFilter, SlotId, SlotLimits, SlotState, SubmitError};
 use crate::job::{JobId, JobSpec};
 use crate::output::{Output, Status};
 use crate::tags::Tags;
@@ -35,10 +33,7 @@ fn secs(s: u64) -> Duration {
 }
 
 fn prefetch(n: u32) -> SlotLimits {
-    SlotLimits {
-        prefetch: n,
-        ..SlotLimits::default()
-    }
+    SlotLimits { prefetch: n, ..SlotLimits::default() }
 }
 
 fn spec(t: &str) -> JobSpec {
@@ -56,10 +51,7 @@ fn all() -> SlotFilter {
 }
 
 fn by_tags(t: &str) -> SlotFilter {
-    SlotFilter {
-        tags: Some(tags(t)),
-        slot: None,
-    }
+    SlotFilter { tags: Some(tags(t)), slot: None }
 }
 
 /// A tiny deterministic PRNG (splitmix64).
@@ -116,13 +108,7 @@ impl Pool {
     }
 
     fn pick(&self, rng: &mut Rng) -> Option<SlotId> {
-        if self.items.is_empty() {
-            None
-        } else {
-            Some(SlotId(
-                self.items[rng.below(self.items.len() as u64) as usize],
-            ))
-        }
+        if self.items.is_empty() { None } else { Some(SlotId(self.items[rng.below(self.items.len() as u64) as usize])) }
     }
 
     fn all(&self) -> Vec<SlotId> {
@@ -184,10 +170,7 @@ struct Agent {
 
 impl Agent {
     fn inbox_assigns(&self) -> usize {
-        self.inbox
-            .iter()
-            .filter(|(m, _)| matches!(m, Msg::Assign(..)))
-            .count()
+        self.inbox.iter().filter(|(m, _)| matches!(m, Msg::Assign(..))).count()
     }
 
     /// The jobs the scheduler should believe the slot has, in its order.
@@ -314,11 +297,7 @@ impl TestEnv {
 
     /// Runs one scheduler event, checks the scheduler's invariants and
     /// collects its actions (checking launches against the queue now).
-    fn event<R>(
-        &mut self,
-        explicit_launch: bool,
-        f: impl FnOnce(&mut Scheduler, Instant) -> R,
-    ) -> R {
+    fn event<R>(&mut self, explicit_launch: bool, f: impl FnOnce(&mut Scheduler, Instant) -> R) -> R {
         let now = self.now();
         let r = f(&mut self.sched, now);
         self.events += 1;
@@ -330,11 +309,7 @@ impl TestEnv {
             let queued = self.sched.counts().queued;
             for a in &actions {
                 if let Action::Launch(ids) = a {
-                    assert!(
-                        ids.len() <= queued,
-                        "launched {} slots for {queued} queued jobs",
-                        ids.len()
-                    );
+                    assert!(ids.len() <= queued, "launched {} slots for {queued} queued jobs", ids.len());
                 }
             }
         }
@@ -354,12 +329,7 @@ impl TestEnv {
             let Some(slot) = self.auto_mail.pop() else {
                 break;
             };
-            if self
-                .agent(slot)
-                .inbox
-                .front()
-                .is_some_and(|(_, auto)| *auto)
-            {
+            if self.agent(slot).inbox.front().is_some_and(|(_, auto)| *auto) {
                 self.deliver_one(slot);
                 self.auto_mail.push(slot);
             }
@@ -378,8 +348,7 @@ impl TestEnv {
 
     fn send(&mut self, slot: SlotId, msg: Msg) {
         // A message behind one that waits must wait too (order is kept).
-        let auto = self.agent(slot).inbox.iter().all(|(_, auto)| *auto)
-            && self.rng.chance(self.auto_per_mille);
+        let auto = self.agent(slot).inbox.iter().all(|(_, auto)| *auto) && self.rng.chance(self.auto_per_mille);
         self.agents[slot.0 as usize].inbox.push_back((msg, auto));
         if auto {
             self.auto_mail.push(slot);
@@ -410,13 +379,7 @@ impl TestEnv {
             Action::Launch(ids) => {
                 for &slot in &ids {
                     let a = &mut self.agents[slot.0 as usize];
-                    assert_eq!(
-                        a.world,
-                        World::Down,
-                        "launch of slot {} that is {:?}",
-                        a.name,
-                        a.world
-                    );
+                    assert_eq!(a.world, World::Down, "launch of slot {} that is {:?}", a.name, a.world);
                     assert!(!a.dismissed, "launch of dismissed slot {}", a.name);
                     a.world = World::Launching;
                     a.launch_no += 1;
@@ -428,26 +391,10 @@ impl TestEnv {
             }
             Action::Assign { slot, job, attempt } => {
                 let a = &self.agents[slot.0 as usize];
-                let info = self
-                    .jobs
-                    .get_mut(&job)
-                    .unwrap_or_else(|| panic!("assign of unknown job {job}"));
-                assert_eq!(
-                    a.world,
-                    World::Up,
-                    "job {job} assigned to slot {} that is {:?}",
-                    a.name,
-                    a.world
-                );
-                assert!(
-                    !a.dismissed,
-                    "job {job} assigned to dismissed slot {}",
-                    a.name
-                );
-                assert!(
-                    !self.delivered.contains_key(&job),
-                    "job {job} assigned after delivery"
-                );
+                let info = self.jobs.get_mut(&job).unwrap_or_else(|| panic!("assign of unknown job {job}"));
+                assert_eq!(a.world, World::Up, "job {job} assigned to slot {} that is {:?}", a.name, a.world);
+                assert!(!a.dismissed, "job {job} assigned to dismissed slot {}", a.name);
+                assert!(!self.delivered.contains_key(&job), "job {job} assigned after delivery");
                 assert!(
                     a.tags.satisfies(&info.spec.tags),
                     "job {job} [{}] assigned to slot {} [{}]",
@@ -455,19 +402,10 @@ impl TestEnv {
                     a.name,
                     a.tags
                 );
-                assert!(
-                    !info.cancel_requested,
-                    "job {job} assigned again after it was cancelled"
-                );
+                assert!(!info.cancel_requested, "job {job} assigned again after it was cancelled");
                 assert_eq!(attempt, info.attempt + 1, "attempt number of job {job}");
-                assert!(
-                    info.crashes < info.spec.crashes_max,
-                    "job {job} re-run after crashing too often"
-                );
-                assert!(
-                    info.failures <= info.spec.retries,
-                    "job {job} re-run beyond its retries"
-                );
+                assert!(info.crashes < info.spec.crashes_max, "job {job} re-run after crashing too often");
+                assert!(info.failures <= info.spec.retries, "job {job} re-run beyond its retries");
                 info.attempt = attempt;
                 let holding = a.held.len() + a.inbox_assigns() + 1;
                 assert!(
@@ -477,18 +415,10 @@ impl TestEnv {
                     a.limits.prefetch
                 );
                 if let Some(max) = a.limits.tasks_max {
-                    assert!(
-                        a.done_since_up as usize + holding <= max as usize,
-                        "slot {} over tasks_max",
-                        a.name
-                    );
+                    assert!(a.done_since_up as usize + holding <= max as usize, "slot {} over tasks_max", a.name);
                 }
                 if let Some(wall) = a.limits.wall_time {
-                    assert!(
-                        now < a.up_since + wall,
-                        "slot {} got a job after its wall time",
-                        a.name
-                    );
+                    assert!(now < a.up_since + wall, "slot {} got a job after its wall time", a.name);
                 }
                 self.stats.assigns += 1;
                 self.send(slot, Msg::Assign(job, attempt));
@@ -496,35 +426,16 @@ impl TestEnv {
             }
             Action::Revoke { slot, job } => {
                 let a = self.agent(slot);
-                assert_eq!(
-                    a.world,
-                    World::Up,
-                    "revoke from slot {} that is {:?}",
-                    a.name,
-                    a.world
-                );
-                assert!(
-                    a.sched_view().iter().skip(1).any(|j| *j == job),
-                    "revoke of job {job} not prefetched"
-                );
+                assert_eq!(a.world, World::Up, "revoke from slot {} that is {:?}", a.name, a.world);
+                assert!(a.sched_view().iter().skip(1).any(|j| *j == job), "revoke of job {job} not prefetched");
                 self.stats.revokes += 1;
                 self.send(slot, Msg::Revoke(job));
                 self.log(Ev::Revoke(slot, job));
             }
             Action::Cancel { slot, job } => {
                 let a = self.agent(slot);
-                assert_eq!(
-                    a.world,
-                    World::Up,
-                    "cancel on slot {} that is {:?}",
-                    a.name,
-                    a.world
-                );
-                assert!(
-                    a.sched_view().contains(&job),
-                    "cancel of job {job} not on slot {}",
-                    a.name
-                );
+                assert_eq!(a.world, World::Up, "cancel on slot {} that is {:?}", a.name, a.world);
+                assert!(a.sched_view().contains(&job), "cancel of job {job} not on slot {}", a.name);
                 self.stats.cancels += 1;
                 self.send(slot, Msg::Cancel(job));
                 self.log(Ev::Cancel(slot, job));
@@ -546,48 +457,28 @@ impl TestEnv {
             }
             Action::Deliver(out) => {
                 let job = out.id;
-                let info = self
-                    .jobs
-                    .get(&job)
-                    .unwrap_or_else(|| panic!("delivery of unknown job {job}"));
-                assert!(
-                    !self.delivered.contains_key(&job),
-                    "job {job} delivered twice"
-                );
+                let info = self.jobs.get(&job).unwrap_or_else(|| panic!("delivery of unknown job {job}"));
+                assert!(!self.delivered.contains_key(&job), "job {job} delivered twice");
                 // A cancelled job still prefetched on a worker being stopped
                 // (its Terminate comes next) never started.
                 let unstarted = out.status == Status::Cancelled
                     && info.cancel_requested
-                    && self.agents.iter().any(|a| {
-                        a.world == World::Up && a.sched_view().iter().skip(1).any(|j| *j == job)
-                    });
+                    && self
+                        .agents
+                        .iter()
+                        .any(|a| a.world == World::Up && a.sched_view().iter().skip(1).any(|j| *j == job));
                 let expected = info.attempt - u32::from(unstarted);
-                assert_eq!(
-                    out.attempt, expected,
-                    "attempt of delivered job {job} ({:?})",
-                    out.status
-                );
+                assert_eq!(out.attempt, expected, "attempt of delivered job {job} ({:?})", out.status);
                 assert_eq!(out.tags, info.spec.tags);
                 match out.status {
                     Status::Crashed => {
                         assert_eq!(info.crashes, info.spec.crashes_max, "crashes of job {job}")
                     }
                     Status::Failed if !info.cancel_requested => {
-                        assert_eq!(
-                            info.failures,
-                            info.spec.retries + 1,
-                            "failures of job {job}"
-                        );
+                        assert_eq!(info.failures, info.spec.retries + 1, "failures of job {job}");
                     }
                     Status::LaunchFailed => {
-                        assert!(
-                            out.error
-                                .as_deref()
-                                .unwrap_or("")
-                                .contains("could be launched"),
-                            "{:?}",
-                            out.error
-                        );
+                        assert!(out.error.as_deref().unwrap_or("").contains("could be launched"), "{:?}", out.error);
                     }
                     _ => {}
                 }
@@ -638,14 +529,8 @@ impl TestEnv {
         if status == Status::Failed {
             info.failures += 1;
         }
-        let mut out = Output::without_run(
-            job,
-            info.spec.name.clone(),
-            info.spec.tags.clone(),
-            job.0,
-            status,
-            String::new(),
-        );
+        let mut out =
+            Output::without_run(job, info.spec.name.clone(), info.spec.tags.clone(), job.0, status, String::new());
         out.error = (status != Status::Succeeded).then(|| format!("the job ended {status}"));
         out.attempt = attempt;
         let a = &mut self.agents[slot.0 as usize];
@@ -658,11 +543,7 @@ impl TestEnv {
     /// Checks the world against the scheduler's view of it.
     fn check_model(&mut self) {
         self.sched.sanity_check();
-        assert_eq!(
-            self.sched.pending(),
-            self.jobs.len() - self.delivered.len(),
-            "pending jobs"
-        );
+        assert_eq!(self.sched.pending(), self.jobs.len() - self.delivered.len(), "pending jobs");
         let counts = self.sched.counts();
         assert_eq!(counts.queued + counts.assigned, self.sched.pending());
         let mut seen = 0;
@@ -676,30 +557,13 @@ impl TestEnv {
                     | (World::Up, SlotState::Up)
                     | (World::Stopping, SlotState::Stopping)
             );
-            assert!(
-                ok,
-                "slot {} is {:?} but the scheduler says {:?}",
-                a.name, a.world, v.state
-            );
-            assert_eq!(
-                v.assigned,
-                a.held.len() + a.inbox_assigns(),
-                "jobs of slot {}",
-                a.name
-            );
+            assert!(ok, "slot {} is {:?} but the scheduler says {:?}", a.name, a.world, v.state);
+            assert_eq!(v.assigned, a.held.len() + a.inbox_assigns(), "jobs of slot {}", a.name);
             for (j, _) in &a.held {
-                assert!(
-                    !self.delivered.contains_key(j),
-                    "slot {} holds delivered job {j}",
-                    a.name
-                );
+                assert!(!self.delivered.contains_key(j), "slot {} holds delivered job {j}", a.name);
             }
         }
-        assert_eq!(
-            seen,
-            self.agents.iter().filter(|a| !a.dismissed).count(),
-            "slots listed"
-        );
+        assert_eq!(seen, self.agents.iter().filter(|a| !a.dismissed).count(), "slots listed");
     }
 
     // ----- events --------------------------------------------------------
@@ -728,12 +592,7 @@ impl TestEnv {
     }
 
     fn recruit(&mut self, name: &str, t: &str, limits: SlotLimits) -> SlotId {
-        let cfg = SlotConfig {
-            name: name.to_owned(),
-            class: "test".to_owned(),
-            tags: tags(t),
-            limits,
-        };
+        let cfg = SlotConfig { name: name.to_owned(), class: "test".to_owned(), tags: tags(t), limits };
         self.recruit_many(vec![cfg])[0]
     }
 
@@ -741,16 +600,8 @@ impl TestEnv {
         let id = JobId(self.next_job);
         self.next_job += 1;
         let spec = Arc::new(spec);
-        self.jobs.insert(
-            id,
-            JobInfo {
-                spec: spec.clone(),
-                attempt: 0,
-                crashes: 0,
-                failures: 0,
-                cancel_requested: false,
-            },
-        );
+        self.jobs
+            .insert(id, JobInfo { spec: spec.clone(), attempt: 0, crashes: 0, failures: 0, cancel_requested: false });
         let r = self.event(false, |s, now| s.submit(id, spec, id.0, now));
         if r.is_err() {
             self.jobs.remove(&id);
@@ -765,22 +616,14 @@ impl TestEnv {
     }
 
     fn connect(&mut self, slot: SlotId) {
-        assert_eq!(
-            self.agent(slot).world,
-            World::Launching,
-            "connect of slot {}",
-            self.agent(slot).name
-        );
+        assert_eq!(self.agent(slot).world, World::Launching, "connect of slot {}", self.agent(slot).name);
         let now = self.now();
         let a = &mut self.agents[slot.0 as usize];
         a.world = World::Up;
         a.up_since = now;
         a.done_since_up = 0;
         self.refresh(slot);
-        assert!(
-            self.event(false, |s, now| s.connected(slot, now)),
-            "connected refused"
-        );
+        assert!(self.event(false, |s, now| s.connected(slot, now)), "connected refused");
         self.pump();
     }
 
@@ -897,11 +740,7 @@ impl TestEnv {
     fn assert_all_delivered(&mut self) {
         self.check_model();
         assert_eq!(self.sched.pending(), 0, "jobs left in the scheduler");
-        assert_eq!(
-            self.delivered.len(),
-            self.jobs.len(),
-            "delivered vs accepted"
-        );
+        assert_eq!(self.delivered.len(), self.jobs.len(), "delivered vs accepted");
         assert!(self.jobs.keys().all(|j| self.delivered.contains_key(j)));
     }
 }
@@ -965,51 +804,22 @@ fn tag_matching_and_best_fit() {
     assert_eq!(env.take_log(), vec![]);
     env.finish(plain, Status::Succeeded);
     env.finish(gpu, Status::Succeeded);
-    assert_eq!(
-        env.take_log(),
-        vec![
-            Ev::Deliver(u1, Status::Succeeded),
-            Ev::Deliver(g1, Status::Succeeded)
-        ]
-    );
+    assert_eq!(env.take_log(), vec![Ev::Deliver(u1, Status::Succeeded), Ev::Deliver(g1, Status::Succeeded)]);
     env.finish(gpubig, Status::Succeeded);
-    assert_eq!(
-        env.take_log(),
-        vec![
-            Ev::Deliver(u2, Status::Succeeded),
-            Ev::Assign(gpubig, b1, 1)
-        ]
-    );
+    assert_eq!(env.take_log(), vec![Ev::Deliver(u2, Status::Succeeded), Ev::Assign(gpubig, b1, 1)]);
     env.finish(gpubig, Status::Succeeded);
     assert_eq!(env.delivered[&b1].slot.as_deref(), Some("gpubig"));
 
     // A job whose tags no slot has is refused, naming the known tag sets.
     let err = env.submit(spec("tpu")).unwrap_err();
-    assert_eq!(
-        err,
-        SubmitError::NoMatchingSlot {
-            wanted: tags("tpu"),
-            known: "[], [big,gpu], [gpu]".to_owned()
-        }
-    );
+    assert_eq!(err, SubmitError::NoMatchingSlot { wanted: tags("tpu"), known: "[], [big,gpu], [gpu]".to_owned() });
     let msg = err.to_string();
-    assert!(
-        msg.contains("[tpu]") && msg.contains("[big,gpu]") && msg.contains("[gpu]"),
-        "{msg}"
-    );
-    assert!(matches!(
-        env.submit(spec("gpu,tpu")),
-        Err(SubmitError::NoMatchingSlot { .. })
-    ));
+    assert!(msg.contains("[tpu]") && msg.contains("[big,gpu]") && msg.contains("[gpu]"), "{msg}");
+    assert!(matches!(env.submit(spec("gpu,tpu")), Err(SubmitError::NoMatchingSlot { .. })));
     assert!(env.submit(spec("big")).is_ok());
-    assert_eq!(
-        assigns(&env.take_log()),
-        vec![(gpubig, JobId(env.next_job - 1), 1)]
-    );
+    assert_eq!(assigns(&env.take_log()), vec![(gpubig, JobId(env.next_job - 1), 1)]);
     let pending = JobId(env.next_job - 1);
-    let dup = env.event(false, |s, now| {
-        s.submit(pending, Arc::new(spec("")), 0, now)
-    });
+    let dup = env.event(false, |s, now| s.submit(pending, Arc::new(spec("")), 0, now));
     assert_eq!(dup, Err(SubmitError::Duplicate(pending)));
 }
 
@@ -1036,9 +846,7 @@ fn untagged_job_launches_untagged_slot_first() {
 #[test]
 fn dispatch_to_idle_before_launch_and_one_launch_per_job() {
     let mut env = TestEnv::new();
-    let s: Vec<SlotId> = (0..4)
-        .map(|i| env.recruit(&format!("s{i}"), "", prefetch(0)))
-        .collect();
+    let s: Vec<SlotId> = (0..4).map(|i| env.recruit(&format!("s{i}"), "", prefetch(0))).collect();
     assert_eq!(env.take_log(), vec![], "no launch without jobs");
 
     let a = env.job("");
@@ -1057,10 +865,7 @@ fn dispatch_to_idle_before_launch_and_one_launch_per_job() {
     assert_eq!(env.take_log(), vec![Ev::Launch(vec![s[1]])]);
     // s0 falls idle before s1 connects: b goes there, no new launch.
     env.finish(s[0], Status::Succeeded);
-    assert_eq!(
-        env.take_log(),
-        vec![Ev::Deliver(a, Status::Succeeded), Ev::Assign(s[0], b, 1)]
-    );
+    assert_eq!(env.take_log(), vec![Ev::Deliver(a, Status::Succeeded), Ev::Assign(s[0], b, 1)]);
     // s1 is still launching and absorbs the next job.
     let c = env.job("");
     assert_eq!(env.take_log(), vec![]);
@@ -1080,10 +885,7 @@ fn dispatch_to_idle_before_launch_and_one_launch_per_job() {
     assert_eq!(log.len(), 2, "{log:?}");
     assert_eq!(env.sched.counts().queued, 3);
     env.connect_all();
-    assert_eq!(
-        assigns(&env.take_log()),
-        vec![(s[2], more[0], 1), (s[3], more[1], 1)]
-    );
+    assert_eq!(assigns(&env.take_log()), vec![(s[2], more[0], 1), (s[3], more[1], 1)]);
     assert_eq!(env.sched.counts().queued, 1);
 }
 
@@ -1158,19 +960,13 @@ fn idle_worker_revokes_prefetched_job() {
     env.take_log();
     // b comes up with nothing queued for it: it takes j2 back from a.
     env.connect(b);
-    assert_eq!(
-        env.take_log(),
-        vec![Ev::Revoke(a, j2), Ev::Assign(b, j2, 1)]
-    );
+    assert_eq!(env.take_log(), vec![Ev::Revoke(a, j2), Ev::Assign(b, j2, 1)]);
     assert_eq!(env.held(a), vec![j1]);
     assert_eq!(env.held(b), vec![j2]);
     env.finish(a, Status::Succeeded);
     env.finish(b, Status::Succeeded);
     env.assert_all_delivered();
-    assert_eq!(
-        env.delivered[&j2].attempt, 1,
-        "a revoked job never ran: it keeps attempt 1"
-    );
+    assert_eq!(env.delivered[&j2].attempt, 1, "a revoked job never ran: it keeps attempt 1");
     assert_eq!(env.delivered[&j2].slot.as_deref(), Some("b"));
 }
 
@@ -1186,11 +982,7 @@ fn only_fitting_prefetched_jobs_are_revoked() {
     assert_eq!(env.held(g), vec![j1, j2]);
     env.take_log();
     env.connect(p);
-    assert_eq!(
-        env.take_log(),
-        vec![],
-        "the plain worker cannot run gpu jobs"
-    );
+    assert_eq!(env.take_log(), vec![], "the plain worker cannot run gpu jobs");
 }
 
 #[test]
@@ -1244,14 +1036,7 @@ fn one_revoke_at_a_time_per_busy_worker() {
     assert_eq!(env.take_log(), vec![]);
     // a gives j3 back (it goes to b), then the next revoke is for c.
     env.deliver_mail(a);
-    assert_eq!(
-        env.take_log(),
-        vec![
-            Ev::Assign(b, jobs[2], 1),
-            Ev::Revoke(a, jobs[1]),
-            Ev::Assign(c, jobs[1], 1)
-        ]
-    );
+    assert_eq!(env.take_log(), vec![Ev::Assign(b, jobs[2], 1), Ev::Revoke(a, jobs[1]), Ev::Assign(c, jobs[1], 1)]);
     env.deliver_mail(b);
     env.deliver_mail(c);
     assert_eq!(env.take_log(), vec![]);
@@ -1271,11 +1056,7 @@ fn lost_worker_job_is_rerun() {
     env.connect(s);
     assert_eq!(assigns(&env.take_log()), vec![(s, j, 1)]);
     env.lose(s);
-    assert_eq!(
-        env.take_log(),
-        vec![Ev::Launch(vec![s])],
-        "requeued and relaunched"
-    );
+    assert_eq!(env.take_log(), vec![Ev::Launch(vec![s])], "requeued and relaunched");
     assert_eq!(env.sched.counts().queued, 1);
     env.connect(s);
     assert_eq!(assigns(&env.take_log()), vec![(s, j, 2)]);
@@ -1299,19 +1080,12 @@ fn job_crashing_every_time_ends_crashed() {
             env.lose(s);
         }
         let log = env.take_log();
-        assert_eq!(
-            log,
-            vec![Ev::Deliver(j, Status::Crashed)],
-            "no relaunch after the last crash"
-        );
+        assert_eq!(log, vec![Ev::Deliver(j, Status::Crashed)], "no relaunch after the last crash");
         let out = &env.delivered[&j];
         assert_eq!(out.attempt, crashes_max);
         assert_eq!(out.slot.as_deref(), Some("w"));
         let err = out.error.as_deref().unwrap();
-        assert!(
-            err.contains(&format!("{crashes_max} time")) && err.contains("connection dropped"),
-            "{err}"
-        );
+        assert!(err.contains(&format!("{crashes_max} time")) && err.contains("connection dropped"), "{err}");
         env.assert_all_delivered();
     }
 }
@@ -1327,16 +1101,10 @@ fn prefetched_jobs_of_lost_worker_do_not_count_a_crash() {
     assert_eq!(env.held(s), jobs);
     env.take_log();
     env.lose(s);
-    assert_eq!(
-        env.take_log(),
-        vec![Ev::Deliver(jobs[0], Status::Crashed), Ev::Launch(vec![s])]
-    );
+    assert_eq!(env.take_log(), vec![Ev::Deliver(jobs[0], Status::Crashed), Ev::Launch(vec![s])]);
     env.connect(s);
     // The others kept their place and order, and never started: attempt 1.
-    assert_eq!(
-        assigns(&env.take_log()),
-        vec![(s, jobs[1], 1), (s, jobs[2], 1)]
-    );
+    assert_eq!(assigns(&env.take_log()), vec![(s, jobs[1], 1), (s, jobs[2], 1)]);
     env.finish(s, Status::Succeeded);
     env.finish(s, Status::Succeeded);
     assert_eq!(env.status_of(jobs[1]), Some(Status::Succeeded));
@@ -1398,22 +1166,8 @@ fn failed_job_is_retried_then_delivered_failed() {
 #[test]
 fn launch_timeout_relaunch_budget_and_restart() {
     let mut env = TestEnv::new();
-    let g = env.recruit(
-        "g",
-        "gpu",
-        SlotLimits {
-            launch_max: 2,
-            ..prefetch(0)
-        },
-    );
-    let p = env.recruit(
-        "p",
-        "",
-        SlotLimits {
-            launch_timeout: secs(3600),
-            ..prefetch(0)
-        },
-    );
+    let g = env.recruit("g", "gpu", SlotLimits { launch_max: 2, ..prefetch(0) });
+    let p = env.recruit("p", "", SlotLimits { launch_timeout: secs(3600), ..prefetch(0) });
     let gj = env.job("gpu");
     let uj = env.job("");
     assert_eq!(launches(&env.take_log()), vec![g, p]);
@@ -1423,18 +1177,8 @@ fn launch_timeout_relaunch_budget_and_restart() {
     assert_eq!(env.take_log(), vec![]);
     env.advance(secs(1));
     let reason = "the worker did not connect within 1m".to_owned();
-    assert_eq!(
-        env.take_log(),
-        vec![Ev::Terminate(g, reason.clone()), Ev::Launch(vec![g])]
-    );
-    assert_eq!(
-        env.sched
-            .slots()
-            .find(|v| v.id == g)
-            .unwrap()
-            .launch_failures,
-        1
-    );
+    assert_eq!(env.take_log(), vec![Ev::Terminate(g, reason.clone()), Ev::Launch(vec![g])]);
+    assert_eq!(env.sched.slots().find(|v| v.id == g).unwrap().launch_failures, 1);
 
     env.advance(secs(60));
     let log = env.take_log();
@@ -1443,10 +1187,7 @@ fn launch_timeout_relaunch_budget_and_restart() {
     assert_eq!(log.len(), 2, "{log:?}");
     assert_eq!(env.sched.slot_state(g), SlotState::Broken);
     let err = env.delivered[&gj].error.clone().unwrap();
-    assert!(
-        err.contains("[gpu]") && err.contains(&reason) && err.contains("2 launches in a row"),
-        "{err}"
-    );
+    assert!(err.contains("[gpu]") && err.contains(&reason) && err.contains("2 launches in a row"), "{err}");
     // The untagged job could still run on p: it is not failed.
     assert_eq!(env.status_of(uj), None);
     env.connect(p);
@@ -1501,10 +1242,7 @@ fn failed_launches_break_the_slot() {
     let log = env.take_log();
     assert_eq!(log, vec![Ev::Deliver(j, Status::LaunchFailed)]);
     let err = env.delivered[&j].error.clone().unwrap();
-    assert!(
-        err.contains("no capacity") && err.contains("slot b failed 3 launches"),
-        "{err}"
-    );
+    assert!(err.contains("no capacity") && err.contains("slot b failed 3 launches"), "{err}");
     assert!(env.sched.slots().all(|v| v.last_reason.is_some()));
     env.assert_all_delivered();
 }
@@ -1525,11 +1263,7 @@ fn connecting_resets_the_failure_count() {
     for _ in 0..2 {
         env.fail_launch(s, "flaky");
     }
-    assert_eq!(
-        env.sched.slot_state(s),
-        SlotState::Launching,
-        "2 failures after a success do not break it"
-    );
+    assert_eq!(env.sched.slot_state(s), SlotState::Launching, "2 failures after a success do not break it");
 }
 
 // ----- 7. idle timeout, tasks_max, wall time --------------------------------
@@ -1537,22 +1271,11 @@ fn connecting_resets_the_failure_count() {
 #[test]
 fn idle_timeout_stops_worker_and_slot_relaunches_later() {
     let mut env = TestEnv::new();
-    let s = env.recruit(
-        "w",
-        "",
-        SlotLimits {
-            idle_timeout: Some(secs(30)),
-            ..prefetch(0)
-        },
-    );
+    let s = env.recruit("w", "", SlotLimits { idle_timeout: Some(secs(30)), ..prefetch(0) });
     let j = env.job("");
     env.connect(s);
     env.advance(secs(100));
-    assert_eq!(
-        terminates(&env.take_log()),
-        vec![],
-        "a busy worker is not idle"
-    );
+    assert_eq!(terminates(&env.take_log()), vec![], "a busy worker is not idle");
     env.finish(s, Status::Succeeded);
     assert_eq!(env.status_of(j), Some(Status::Succeeded));
     assert_eq!(env.sched.next_deadline(), Some(env.now() + secs(30)));
@@ -1560,10 +1283,7 @@ fn idle_timeout_stops_worker_and_slot_relaunches_later() {
     env.advance(secs(29));
     assert_eq!(env.take_log(), vec![]);
     env.advance(secs(1));
-    assert_eq!(
-        env.take_log(),
-        vec![Ev::Terminate(s, "idle for 30s".to_owned())]
-    );
+    assert_eq!(env.take_log(), vec![Ev::Terminate(s, "idle for 30s".to_owned())]);
     assert_eq!(env.sched.slot_state(s), SlotState::Stopping);
     env.gone_all();
     assert_eq!(env.sched.slot_state(s), SlotState::Down);
@@ -1581,14 +1301,7 @@ fn idle_timeout_stops_worker_and_slot_relaunches_later() {
 #[test]
 fn job_arriving_while_worker_stops_relaunches_it() {
     let mut env = TestEnv::new();
-    let s = env.recruit(
-        "w",
-        "",
-        SlotLimits {
-            idle_timeout: Some(secs(10)),
-            ..prefetch(0)
-        },
-    );
+    let s = env.recruit("w", "", SlotLimits { idle_timeout: Some(secs(10)), ..prefetch(0) });
     env.launch(&all(), 1);
     env.connect(s);
     env.advance(secs(10));
@@ -1605,31 +1318,17 @@ fn job_arriving_while_worker_stops_relaunches_it() {
 #[test]
 fn tasks_max_stops_worker_after_n_jobs() {
     let mut env = TestEnv::new();
-    let s = env.recruit(
-        "w",
-        "",
-        SlotLimits {
-            tasks_max: Some(2),
-            ..prefetch(1)
-        },
-    );
+    let s = env.recruit("w", "", SlotLimits { tasks_max: Some(2), ..prefetch(1) });
     let jobs: Vec<JobId> = (0..3).map(|_| env.job("")).collect();
     env.connect(s);
     assert_eq!(env.held(s), jobs[..2].to_vec());
     env.finish(s, Status::Succeeded);
-    assert_eq!(
-        env.held(s),
-        vec![jobs[1]],
-        "no third job for a worker with tasks_max 2"
-    );
+    assert_eq!(env.held(s), vec![jobs[1]], "no third job for a worker with tasks_max 2");
     env.take_log();
     env.finish(s, Status::Succeeded);
     assert_eq!(
         env.take_log(),
-        vec![
-            Ev::Deliver(jobs[1], Status::Succeeded),
-            Ev::Terminate(s, "reached its task limit (2)".to_owned())
-        ]
+        vec![Ev::Deliver(jobs[1], Status::Succeeded), Ev::Terminate(s, "reached its task limit (2)".to_owned())]
     );
     env.gone_all();
     assert_eq!(env.take_log(), vec![Ev::Launch(vec![s])]);
@@ -1642,10 +1341,7 @@ fn tasks_max_stops_worker_after_n_jobs() {
 #[test]
 fn wall_time_no_new_jobs_then_stop_when_idle() {
     let mut env = TestEnv::new();
-    let lim = SlotLimits {
-        wall_time: Some(secs(100)),
-        ..prefetch(0)
-    };
+    let lim = SlotLimits { wall_time: Some(secs(100)), ..prefetch(0) };
     let busy = env.recruit("busy", "", lim.clone());
     let idle = env.recruit("idle", "", lim);
     env.launch(&all(), 2);
@@ -1658,27 +1354,17 @@ fn wall_time_no_new_jobs_then_stop_when_idle() {
     assert_eq!(env.take_log(), vec![]);
     env.advance(secs(1));
     // The idle one stops at once; the busy one finishes its job first.
-    assert_eq!(
-        env.take_log(),
-        vec![Ev::Terminate(idle, "reached its wall time".to_owned())]
-    );
+    assert_eq!(env.take_log(), vec![Ev::Terminate(idle, "reached its wall time".to_owned())]);
     let j2 = env.job("");
     assert_eq!(env.take_log(), vec![], "no new job after the wall time");
     env.finish(busy, Status::Succeeded);
     assert_eq!(
         env.take_log(),
-        vec![
-            Ev::Deliver(j1, Status::Succeeded),
-            Ev::Terminate(busy, "reached its wall time".to_owned())
-        ]
+        vec![Ev::Deliver(j1, Status::Succeeded), Ev::Terminate(busy, "reached its wall time".to_owned())]
     );
     env.gone_all();
     let log = env.take_log();
-    assert_eq!(
-        launches(&log),
-        vec![busy],
-        "one launch for the one queued job"
-    );
+    assert_eq!(launches(&log), vec![busy], "one launch for the one queued job");
     env.connect(busy);
     assert_eq!(assigns(&env.take_log()), vec![(busy, j2, 1)]);
     env.finish(busy, Status::Succeeded);
@@ -1709,10 +1395,7 @@ fn cancel_queued_and_running_jobs() {
     assert!(env.cancel(running), "still pending");
     assert_eq!(env.take_log(), vec![], "asked only once");
     env.deliver_mail(s);
-    assert_eq!(
-        env.take_log(),
-        vec![Ev::Deliver(running, Status::Cancelled)]
-    );
+    assert_eq!(env.take_log(), vec![Ev::Deliver(running, Status::Cancelled)]);
     assert_eq!(env.delivered[&running].attempt, 1);
     assert!(!env.cancel(running));
     env.assert_all_delivered();
@@ -1813,24 +1496,14 @@ fn shutdown_stops_idle_workers_unless_all() {
     env.take_log();
 
     assert_eq!(env.shutdown(&all(), false), 1);
-    assert_eq!(
-        env.take_log(),
-        vec![Ev::Terminate(idle, "shut down by the user".to_owned())]
-    );
+    assert_eq!(env.take_log(), vec![Ev::Terminate(idle, "shut down by the user".to_owned())]);
     assert_eq!(env.held(busy), vec![j]);
 
     assert_eq!(env.shutdown(&all(), true), 1);
-    assert_eq!(
-        env.take_log(),
-        vec![Ev::Terminate(busy, "shut down by the user".to_owned())]
-    );
+    assert_eq!(env.take_log(), vec![Ev::Terminate(busy, "shut down by the user".to_owned())]);
     assert_eq!(env.sched.counts().queued, 1);
     env.gone_all();
-    assert_eq!(
-        env.take_log(),
-        vec![Ev::Launch(vec![busy])],
-        "one launch for the requeued job"
-    );
+    assert_eq!(env.take_log(), vec![Ev::Launch(vec![busy])], "one launch for the requeued job");
     env.connect(busy);
     // No crash counted (crashes_max is 1): it runs again, as attempt 2.
     assert_eq!(env.held(busy), vec![j]);
@@ -1848,22 +1521,12 @@ fn shutdown_filter_and_launching_slots() {
     env.launch(&all(), 2);
     env.connect(p);
     env.take_log();
-    assert_eq!(
-        env.shutdown(&by_tags("gpu"), false),
-        0,
-        "launching is only stopped with all"
-    );
+    assert_eq!(env.shutdown(&by_tags("gpu"), false), 0, "launching is only stopped with all");
     assert_eq!(env.shutdown(&by_tags("gpu"), true), 1);
-    assert_eq!(
-        env.take_log(),
-        vec![Ev::Terminate(g, "shut down by the user".to_owned())]
-    );
+    assert_eq!(env.take_log(), vec![Ev::Terminate(g, "shut down by the user".to_owned())]);
     assert_eq!(env.sched.slot_state(g), SlotState::Down);
     assert_eq!(env.sched.slot_state(p), SlotState::Up);
-    let named = SlotFilter {
-        tags: None,
-        slot: Some("p".to_owned()),
-    };
+    let named = SlotFilter { tags: None, slot: Some("p".to_owned()) };
     assert_eq!(env.shutdown(&named, false), 1);
     assert_eq!(env.sched.slot_state(p), SlotState::Stopping);
 }
@@ -1883,15 +1546,8 @@ fn dismiss_removes_slots_and_cancels_orphaned_jobs() {
 
     assert_eq!(env.dismiss(&by_tags("gpu")), 1);
     let log = env.take_log();
-    assert!(
-        log.contains(&Ev::Terminate(g, "dismissed by the user".to_owned())),
-        "{log:?}"
-    );
-    assert_eq!(
-        env.status_of(g1),
-        Some(Status::Cancelled),
-        "its running job has nowhere to go"
-    );
+    assert!(log.contains(&Ev::Terminate(g, "dismissed by the user".to_owned())), "{log:?}");
+    assert_eq!(env.status_of(g1), Some(Status::Cancelled), "its running job has nowhere to go");
     assert_eq!(env.status_of(g2), Some(Status::Cancelled));
     let err = env.delivered[&g2].error.clone().unwrap();
     assert!(err.contains("[gpu]") && err.contains("dismissed"), "{err}");
@@ -1902,10 +1558,7 @@ fn dismiss_removes_slots_and_cancels_orphaned_jobs() {
     // The stopped worker goes; nothing is relaunched for the dismissed slot.
     env.gone_all();
     assert_eq!(env.take_log(), vec![]);
-    assert!(matches!(
-        env.submit(spec("gpu")),
-        Err(SubmitError::NoMatchingSlot { .. })
-    ));
+    assert!(matches!(env.submit(spec("gpu")), Err(SubmitError::NoMatchingSlot { .. })));
     // Untagged jobs keep running on p.
     let u2 = env.job("");
     env.finish(p, Status::Succeeded);
@@ -1923,19 +1576,10 @@ fn dismiss_keeps_jobs_other_slots_can_run() {
     let b = env.recruit("b", "gpu", prefetch(0));
     let j = env.job("gpu");
     env.connect(a);
-    let named = SlotFilter {
-        tags: None,
-        slot: Some("a".to_owned()),
-    };
+    let named = SlotFilter { tags: None, slot: Some("a".to_owned()) };
     env.take_log();
     assert_eq!(env.dismiss(&named), 1);
-    assert_eq!(
-        env.take_log(),
-        vec![
-            Ev::Terminate(a, "dismissed by the user".to_owned()),
-            Ev::Launch(vec![b])
-        ]
-    );
+    assert_eq!(env.take_log(), vec![Ev::Terminate(a, "dismissed by the user".to_owned()), Ev::Launch(vec![b])]);
     env.connect(b);
     env.finish(b, Status::Succeeded);
     assert_eq!(env.status_of(j), Some(Status::Succeeded));
@@ -1971,11 +1615,7 @@ fn simulate(cfg: SimConfig) -> TestEnv {
             name: format!("s{i}"),
             class: format!("c{}", i % 3),
             // The first four cover every tag set.
-            tags: tags(if i < 4 {
-                tag_sets[i]
-            } else {
-                pick_tags(&mut rng)
-            }),
+            tags: tags(if i < 4 { tag_sets[i] } else { pick_tags(&mut rng) }),
             limits: SlotLimits {
                 idle_timeout: rng.chance(500).then(|| secs(30 + rng.below(300))),
                 tasks_max: rng.chance(200).then(|| 1 + rng.below(8) as u32),
@@ -1996,11 +1636,7 @@ fn simulate(cfg: SimConfig) -> TestEnv {
     let max_steps = 40 * cfg.jobs as u64 + 100_000;
     while submitted < cfg.jobs || env.sched.pending() > 0 {
         steps += 1;
-        assert!(
-            steps < max_steps,
-            "no progress: {:?} pending",
-            env.sched.counts()
-        );
+        assert!(steps < max_steps, "no progress: {:?} pending", env.sched.counts());
         let draining = submitted >= cfg.jobs;
         // Plan when every new launch connects (or fails).
         for slot in std::mem::take(&mut env.new_launches) {
@@ -2120,10 +1756,7 @@ fn simulate(cfg: SimConfig) -> TestEnv {
             }
             935 if rng.chance(100) => {
                 let name = format!("s{}", 4 + rng.below(cfg.slots as u64 - 4));
-                env.dismiss(&SlotFilter {
-                    tags: None,
-                    slot: Some(name),
-                });
+                env.dismiss(&SlotFilter { tags: None, slot: Some(name) });
             }
             _ => {}
         }
@@ -2134,48 +1767,26 @@ fn simulate(cfg: SimConfig) -> TestEnv {
     }
     env.check_every = 1;
     env.assert_all_delivered();
-    eprintln!(
-        "seed {}: {} steps, {}s simulated, {:?}",
-        cfg.seed,
-        steps,
-        env.offset.as_secs(),
-        env.stats
-    );
+    eprintln!("seed {}: {} steps, {}s simulated, {:?}", cfg.seed, steps, env.offset.as_secs(), env.stats);
     env
 }
 
 #[test]
 fn simulation_small_checked_every_step() {
     for seed in 1..=3 {
-        let env = simulate(SimConfig {
-            seed,
-            slots: 60,
-            jobs: 1500,
-            check_every: 1,
-        });
+        let env = simulate(SimConfig { seed, slots: 60, jobs: 1500, check_every: 1 });
         let st = &env.stats;
         assert!(st.revoked_ok > 0 && st.revoked_refused > 0, "{st:?}");
         assert!(st.lost_busy > 0 && st.launch_failures > 0, "{st:?}");
-        assert!(
-            st.delivered.get("crashed").copied().unwrap_or(0) > 0,
-            "{st:?}"
-        );
-        assert!(
-            st.delivered.get("cancelled").copied().unwrap_or(0) > 0,
-            "{st:?}"
-        );
+        assert!(st.delivered.get("crashed").copied().unwrap_or(0) > 0, "{st:?}");
+        assert!(st.delivered.get("cancelled").copied().unwrap_or(0) > 0, "{st:?}");
     }
 }
 
 #[test]
 fn simulation_large() {
     let t0 = Instant::now();
-    let env = simulate(SimConfig {
-        seed: 42,
-        slots: 2000,
-        jobs: 20_000,
-        check_every: 997,
-    });
+    let env = simulate(SimConfig { seed: 42, slots: 2000, jobs: 20_000, check_every: 997 });
     eprintln!("large simulation: {:?}", t0.elapsed());
     let st = &env.stats;
     assert!(st.assigns >= 20_000, "{st:?}");
