@@ -295,6 +295,9 @@ pub struct Scheduler {
     actions: Vec<Action>,
     /// Down, usable slots (launch balancing is skipped when zero).
     down: usize,
+    /// Slots launching (prefetching waits for them rather than queueing
+    /// behind a busy worker).
+    launching: usize,
     /// Jobs assigned beyond the first on some slot (revocation is skipped
     /// when zero).
     prefetched: usize,
@@ -480,6 +483,7 @@ impl Scheduler {
             return false;
         }
         s.state = SlotState::Up;
+        self.launching -= 1;
         s.since = now;
         s.idle_since = Some(now);
         s.tasks_done = 0;
@@ -864,6 +868,7 @@ impl Scheduler {
         s.last_reason = Some(reason.clone());
         if s.launch_failures >= s.cfg.limits.launch_max {
             s.state = SlotState::Broken;
+            self.launching -= 1;
             s.last_reason = Some(format!(
                 "{reason} (slot {} failed {} launch{} in a row)",
                 s.cfg.name,
@@ -910,6 +915,9 @@ impl Scheduler {
         if s.state != SlotState::Down && !s.dismissed {
             self.down += 1;
         }
+        if s.state == SlotState::Launching {
+            self.launching -= 1;
+        }
         s.state = SlotState::Down;
         s.idle_since = None;
         s.retiring = false;
@@ -919,6 +927,9 @@ impl Scheduler {
         let s = &mut self.slots[slot.0 as usize];
         if s.state == SlotState::Down && !s.dismissed {
             self.down -= 1;
+        }
+        if s.state != SlotState::Launching {
+            self.launching += 1;
         }
         s.state = SlotState::Launching;
         s.since = now;
@@ -1039,10 +1050,17 @@ impl Scheduler {
                     }
                 }
             }
-            let Some((_, _, slot)) = pick else {
+            let Some((load, _, slot)) = pick else {
                 blocked.insert(tags);
                 continue;
             };
+            // Only idle workers are ready: sending ahead to a busy worker
+            // must not win over a worker that is starting or could start,
+            // or the job would wait behind another while a slot sits unused.
+            if load > 0 && (self.down > 0 || self.launching > 0) && self.could_launch_for(&tags) {
+                blocked.insert(tags);
+                continue;
+            }
             let Some(group) = self.queue.get_mut(&tags) else { break };
             let Some((_, job)) = group.pop_first() else { break };
             if group.is_empty() {
@@ -1053,6 +1071,13 @@ impl Scheduler {
                 break;
             }
         }
+    }
+
+    /// True when a usable slot matching `tags` is down or launching.
+    fn could_launch_for(&self, tags: &Tags) -> bool {
+        self.slots.iter().any(|s| {
+            !s.dismissed && matches!(s.state, SlotState::Down | SlotState::Launching) && s.cfg.tags.satisfies(tags)
+        })
     }
 
     fn assign(&mut self, slot: SlotId, job: JobId) {
@@ -1195,6 +1220,8 @@ impl Scheduler {
         }
         let mut prefetched = 0;
         let mut down = 0;
+        let launching = self.slots.iter().filter(|s| s.state == SlotState::Launching).count();
+        assert_eq!(launching, self.launching, "launching count");
         for (i, s) in self.slots.iter().enumerate() {
             let slot = SlotId(i as u32);
             if s.state != SlotState::Up {

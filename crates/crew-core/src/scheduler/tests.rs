@@ -954,20 +954,43 @@ fn idle_worker_revokes_prefetched_job() {
     let b = env.recruit("b", "", prefetch(1));
     assert_eq!(env.launch(&all(), 2), 2);
     env.connect(a);
+    env.connect(b);
     let j1 = env.job("");
     let j2 = env.job("");
-    assert_eq!(env.held(a), vec![j1, j2]);
+    // Both workers busy and no slot left to launch: j3 is sent ahead.
+    let j3 = env.job("");
+    assert_eq!(env.held(a), vec![j1, j3]);
+    assert_eq!(env.held(b), vec![j2]);
     env.take_log();
-    // b comes up with nothing queued for it: it takes j2 back from a.
-    env.connect(b);
-    assert_eq!(env.take_log(), vec![Ev::Revoke(a, j2), Ev::Assign(b, j2, 1)]);
+    // b falls idle with nothing queued for it: it takes j3 back from a.
+    env.finish(b, Status::Succeeded);
+    assert_eq!(env.take_log(), vec![Ev::Deliver(j2, Status::Succeeded), Ev::Revoke(a, j3), Ev::Assign(b, j3, 1)]);
     assert_eq!(env.held(a), vec![j1]);
+    assert_eq!(env.held(b), vec![j3]);
+    env.finish(a, Status::Succeeded);
+    env.finish(b, Status::Succeeded);
+    env.assert_all_delivered();
+    assert_eq!(env.delivered[&j3].attempt, 1, "a revoked job never ran: it keeps attempt 1");
+    assert_eq!(env.delivered[&j3].slot.as_deref(), Some("b"));
+}
+
+#[test]
+fn prefetch_waits_for_a_slot_that_can_launch() {
+    let mut env = TestEnv::new();
+    let a = env.recruit("a", "", prefetch(1));
+    let b = env.recruit("b", "", prefetch(1));
+    env.launch(&SlotFilter { slot: Some("a".into()), ..SlotFilter::default() }, 1);
+    env.connect(a);
+    let j1 = env.job("");
+    // b is down: j2 launches it instead of waiting behind j1 on a.
+    let j2 = env.job("");
+    assert_eq!(env.held(a), vec![j1]);
+    assert_eq!(env.sched.slot_state(b), SlotState::Launching);
+    env.connect(b);
     assert_eq!(env.held(b), vec![j2]);
     env.finish(a, Status::Succeeded);
     env.finish(b, Status::Succeeded);
     env.assert_all_delivered();
-    assert_eq!(env.delivered[&j2].attempt, 1, "a revoked job never ran: it keeps attempt 1");
-    assert_eq!(env.delivered[&j2].slot.as_deref(), Some("b"));
 }
 
 #[test]
@@ -992,26 +1015,29 @@ fn refused_revoke_is_harmless() {
     let b = env.recruit("b", "", prefetch(1));
     env.launch(&all(), 2);
     env.connect(a);
+    env.connect(b);
     let j1 = env.job("");
     let j2 = env.job("");
-    assert_eq!(env.held(a), vec![j1, j2]);
+    let j3 = env.job("");
+    assert_eq!(env.held(a), vec![j1, j3]);
+    assert_eq!(env.held(b), vec![j2]);
     env.take_log();
-    // The revoke reaches a only after j1 ended and j2 started.
+    // The revoke reaches a only after j1 ended and j3 started.
     env.auto_per_mille = 0;
-    env.connect(b);
-    assert_eq!(env.take_log(), vec![Ev::Revoke(a, j2)]);
+    env.finish(b, Status::Succeeded);
+    assert_eq!(env.take_log(), vec![Ev::Deliver(j2, Status::Succeeded), Ev::Revoke(a, j3)]);
     env.finish(a, Status::Succeeded);
     env.deliver_mail(a);
     assert_eq!(env.stats.revoked_refused, 1);
     assert_eq!(env.take_log(), vec![Ev::Deliver(j1, Status::Succeeded)]);
-    assert_eq!(env.held(a), vec![j2]);
+    assert_eq!(env.held(a), vec![j3]);
     assert_eq!(env.held(b), vec![]);
     env.auto_per_mille = 1000;
     env.finish(a, Status::Succeeded);
-    assert_eq!(env.take_log(), vec![Ev::Deliver(j2, Status::Succeeded)]);
+    assert_eq!(env.take_log(), vec![Ev::Deliver(j3, Status::Succeeded)]);
     // A stale reply later changes nothing.
-    env.event(false, |s, now| s.revoked(a, j2, true, now));
-    env.event(false, |s, now| s.revoked(a, j2, false, now));
+    env.event(false, |s, now| s.revoked(a, j3, true, now));
+    env.event(false, |s, now| s.revoked(a, j3, false, now));
     env.pump();
     assert_eq!(env.take_log(), vec![]);
     env.assert_all_delivered();
@@ -1025,18 +1051,22 @@ fn one_revoke_at_a_time_per_busy_worker() {
     let c = env.recruit("c", "", prefetch(0));
     env.launch(&all(), 3);
     env.connect(a);
-    let jobs: Vec<JobId> = (0..3).map(|_| env.job("")).collect();
-    assert_eq!(env.held(a), jobs);
+    env.connect(b);
+    env.connect(c);
+    let jobs: Vec<JobId> = (0..5).map(|_| env.job("")).collect();
+    assert_eq!(env.held(a), vec![jobs[0], jobs[3], jobs[4]]);
+    assert_eq!(env.held(b), vec![jobs[1]]);
+    assert_eq!(env.held(c), vec![jobs[2]]);
     env.auto_per_mille = 0;
     env.take_log();
-    env.connect(b);
-    assert_eq!(env.take_log(), vec![Ev::Revoke(a, jobs[2])]);
-    // While that revoke is pending, c comes up: a has one pending already.
-    env.connect(c);
-    assert_eq!(env.take_log(), vec![]);
-    // a gives j3 back (it goes to b), then the next revoke is for c.
+    env.finish(b, Status::Succeeded);
+    assert_eq!(env.take_log(), vec![Ev::Deliver(jobs[1], Status::Succeeded), Ev::Revoke(a, jobs[4])]);
+    // While that revoke is pending, c falls idle: a has one pending already.
+    env.finish(c, Status::Succeeded);
+    assert_eq!(env.take_log(), vec![Ev::Deliver(jobs[2], Status::Succeeded)]);
+    // a gives jobs[4] back (it goes to b), then the next revoke is for c.
     env.deliver_mail(a);
-    assert_eq!(env.take_log(), vec![Ev::Assign(b, jobs[2], 1), Ev::Revoke(a, jobs[1]), Ev::Assign(c, jobs[1], 1)]);
+    assert_eq!(env.take_log(), vec![Ev::Assign(b, jobs[4], 1), Ev::Revoke(a, jobs[3]), Ev::Assign(c, jobs[3], 1)]);
     env.deliver_mail(b);
     env.deliver_mail(c);
     assert_eq!(env.take_log(), vec![]);
@@ -1444,18 +1474,21 @@ fn cancel_after_revoke_is_not_lost() {
     let b = env.recruit("b", "", prefetch(0));
     env.launch(&all(), 2);
     env.connect(a);
+    env.connect(b);
     let j1 = env.job("");
     let j2 = env.job("");
-    assert_eq!(env.held(a), vec![j1, j2]);
+    let j3 = env.job("");
+    assert_eq!(env.held(a), vec![j1, j3]);
+    assert_eq!(env.held(b), vec![j2]);
     env.take_log();
     env.auto_per_mille = 0;
-    env.connect(b);
-    assert_eq!(env.take_log(), vec![Ev::Revoke(a, j2)]);
-    // The user cancels j2 while the revoke is on its way; a gives j2 back
+    env.finish(b, Status::Succeeded);
+    assert_eq!(env.take_log(), vec![Ev::Deliver(j2, Status::Succeeded), Ev::Revoke(a, j3)]);
+    // The user cancels j3 while the revoke is on its way; a gives j3 back
     // and then finds nothing to cancel.
-    assert!(env.cancel(j2));
+    assert!(env.cancel(j3));
     env.deliver_mail(a);
-    assert_eq!(env.status_of(j2), Some(Status::Cancelled));
+    assert_eq!(env.status_of(j3), Some(Status::Cancelled));
     env.deliver_mail(b);
     env.auto_per_mille = 1000;
     env.finish(a, Status::Succeeded);
@@ -1773,14 +1806,26 @@ fn simulate(cfg: SimConfig) -> TestEnv {
 
 #[test]
 fn simulation_small_checked_every_step() {
-    for seed in 1..=3 {
-        let env = simulate(SimConfig { seed, slots: 60, jobs: 1500, check_every: 1 });
+    // Many slots: launching wins over prefetching; few slots: all are up
+    // most of the time, so prefetching (and with it revocation) happens.
+    // Every path must be exercised over the runs as a whole.
+    let mut total = Stats::default();
+    for (seed, slots) in [(1, 60), (2, 60), (3, 60), (4, 12), (5, 8)] {
+        let env = simulate(SimConfig { seed, slots, jobs: 1500, check_every: 1 });
         let st = &env.stats;
-        assert!(st.revoked_ok > 0 && st.revoked_refused > 0, "{st:?}");
-        assert!(st.lost_busy > 0 && st.launch_failures > 0, "{st:?}");
-        assert!(st.delivered.get("crashed").copied().unwrap_or(0) > 0, "{st:?}");
-        assert!(st.delivered.get("cancelled").copied().unwrap_or(0) > 0, "{st:?}");
+        total.revoked_ok += st.revoked_ok;
+        total.revoked_refused += st.revoked_refused;
+        total.lost_busy += st.lost_busy;
+        total.launch_failures += st.launch_failures;
+        for (k, v) in &st.delivered {
+            *total.delivered.entry(k).or_default() += v;
+        }
     }
+    let st = &total;
+    assert!(st.revoked_ok > 0 && st.revoked_refused > 0, "revocation not exercised: {st:?}");
+    assert!(st.lost_busy > 0 && st.launch_failures > 0, "{st:?}");
+    assert!(st.delivered.get("crashed").copied().unwrap_or(0) > 0, "{st:?}");
+    assert!(st.delivered.get("cancelled").copied().unwrap_or(0) > 0, "{st:?}");
 }
 
 #[test]
