@@ -19,6 +19,8 @@
 //! - Otherwise the job waits, ordered by priority (higher first) then by
 //!   arrival.
 //! - A worker holds at most `1 + prefetch` jobs; the agent runs them in order.
+//!   A job is sent ahead to a busy worker only when no matching slot is down
+//!   or launching (a worker that can start beats a queue behind a busy one).
 //!   A worker that falls idle while no queued job fits it takes back a
 //!   prefetched job that has not started from a busy worker (revocation), so
 //!   prefetching never leaves a worker idle behind a long job.
