@@ -868,7 +868,6 @@ mod tests {
     use crate::store::{ByteStream, ObjectMeta, StoreError};
     use async_trait::async_trait;
     use serde_json::json;
-    use std::collections::HashMap;
 
     fn context() -> (tempfile::TempDir, ExecContext) {
         let dir = tempfile::tempdir().unwrap();
@@ -1097,62 +1096,52 @@ mod tests {
         assert_eq!(incomplete_tail(b"a\xff"), 0);
     }
 
-    /// A store in memory; `fail` makes every upload fail.
+    /// Fault injection: a store whose every operation fails, as a full disk
+    /// or a revoked credential would.
     #[derive(Debug, Default)]
-    struct MemStore {
-        objects: Mutex<HashMap<String, Vec<u8>>>,
-        fail: bool,
-    }
+    struct FailingStore;
 
-    impl MemStore {
-        fn put(&self, key: &StoreKey, data: Vec<u8>) -> Result<ObjectMeta, StoreError> {
-            if self.fail {
-                return Err(StoreError::Backend { backend: "mem", message: "disk on fire".into(), retryable: false });
-            }
-            let size = data.len() as u64;
-            self.objects.lock().unwrap().insert(key.as_str().to_owned(), data);
-            Ok(ObjectMeta { key: key.clone(), size, e_tag: None })
-        }
-        fn object(&self, key: &str) -> Option<Vec<u8>> {
-            self.objects.lock().unwrap().get(key).cloned()
-        }
+    fn disk_on_fire() -> StoreError {
+        StoreError::Backend { backend: "failing", message: "disk on fire".into(), retryable: false }
     }
 
     #[async_trait]
-    impl Store for MemStore {
+    impl Store for FailingStore {
         fn url(&self) -> String {
-            "mem://".into()
+            "failing://".into()
         }
-        async fn put_file(&self, key: &StoreKey, path: &Path) -> Result<ObjectMeta, StoreError> {
-            self.put(key, std::fs::read(path).unwrap())
+        async fn put_file(&self, _key: &StoreKey, _path: &Path) -> Result<ObjectMeta, StoreError> {
+            Err(disk_on_fire())
         }
         async fn put_stream(&self, _key: &StoreKey, _data: ByteStream) -> Result<ObjectMeta, StoreError> {
-            unimplemented!()
+            Err(disk_on_fire())
         }
-        async fn put_bytes(&self, key: &StoreKey, data: Bytes) -> Result<ObjectMeta, StoreError> {
-            self.put(key, data.to_vec())
+        async fn put_bytes(&self, _key: &StoreKey, _data: Bytes) -> Result<ObjectMeta, StoreError> {
+            Err(disk_on_fire())
         }
         async fn get(&self, _key: &StoreKey) -> Result<ByteStream, StoreError> {
-            unimplemented!()
+            Err(disk_on_fire())
         }
         async fn get_file(&self, _key: &StoreKey, _path: &Path) -> Result<ObjectMeta, StoreError> {
-            unimplemented!()
+            Err(disk_on_fire())
         }
         async fn head(&self, _key: &StoreKey) -> Result<ObjectMeta, StoreError> {
-            unimplemented!()
+            Err(disk_on_fire())
         }
         async fn list(&self, _prefix: &StoreKey) -> Result<Vec<ObjectMeta>, StoreError> {
-            unimplemented!()
+            Err(disk_on_fire())
         }
         async fn delete(&self, _key: &StoreKey) -> Result<(), StoreError> {
-            unimplemented!()
+            Err(disk_on_fire())
         }
     }
 
     #[tokio::test]
     async fn long_streams_go_to_the_store() {
         let (_d, ctx) = context();
-        let store = Arc::new(MemStore::default());
+        let root = tempfile::tempdir().unwrap();
+        let store = Arc::new(crate::store::LocalStore::new(root.path()).unwrap());
+        let object = |key: &str| std::fs::read(store.root().join(key)).ok();
         let ctx = ctx.with_inline_cap(4).with_store(store.clone());
         let r =
             run_job(&ctx, JobId(9), 3, 1, &JobSpec::shell("printf 0123456789; printf e >&2"), CancellationToken::new())
@@ -1161,18 +1150,18 @@ mod tests {
         assert_eq!(r.error, None);
         assert_eq!(r.stdout.text, "0123");
         assert_eq!(r.stdout.key.as_deref(), Some("jobs/9/3/stdout"));
-        assert_eq!(store.object("jobs/9/3/stdout").unwrap(), b"0123456789");
-        assert_eq!((r.stderr.key, store.object("jobs/9/3/stderr")), (None, None));
+        assert_eq!(object("jobs/9/3/stdout").unwrap(), b"0123456789");
+        assert_eq!((r.stderr.key, object("jobs/9/3/stderr")), (None, None));
 
         // Builtin output is capped and uploaded the same way.
         let r = run_job(&ctx, JobId(10), 1, 1, &JobSpec::builtin("echo", json!("abcdefgh")), CancellationToken::new())
             .await;
         assert_eq!((r.stdout.text.as_str(), r.stdout.bytes, r.stdout.truncated), ("abcd", 9, true));
-        assert_eq!(store.object("jobs/10/1/stdout").unwrap(), b"abcdefgh\n");
+        assert_eq!(object("jobs/10/1/stdout").unwrap(), b"abcdefgh\n");
 
         // A failed upload is noted; the status stays what the job said.
         let (_d, ctx) = context();
-        let ctx = ctx.with_inline_cap(4).with_store(Arc::new(MemStore { fail: true, ..MemStore::default() }));
+        let ctx = ctx.with_inline_cap(4).with_store(Arc::new(FailingStore));
         let r = run(&ctx, &JobSpec::shell("printf 0123456789; exit 2")).await;
         assert_eq!(r.status, Status::Failed);
         assert_eq!(r.stdout.key, None);
