@@ -158,32 +158,39 @@ fn a_job_that_kills_its_worker_is_rerun_and_one_that_always_does_ends_crashed() 
     let dir = tempfile::tempdir().expect("tempdir");
     let mark = unique("crash-");
     let _reaper = Reaper::new(&mark);
-    let flag = dir.path().join("MARK");
-    let flag = flag.to_str().expect("utf-8 path");
-    let file = write_jobs(
-        dir.path(),
-        &[
-            format!(
-                r#"{{"name":"crash-once","shell":"if [ ! -e {flag} ]; then touch {flag}; kill -9 $PPID; fi; echo survived"}}"#
-            ),
-            r#"{"name":"crash-always","shell":"kill -9 $PPID","crashes_max":2}"#.to_owned(),
-            r#"{"name":"after","shell":"echo fine"}"#.to_owned(),
-        ],
-    );
+    // Pairs of a job that kills its worker once and one that always does.
+    // One worker: each job waits (prefetched) behind the one before it, so
+    // a crash also takes down a worker that holds a finished result or a
+    // job not yet started; neither may be charged the crash. (Three pairs,
+    // because whether a finished result is still held is a race.)
+    const PAIRS: usize = 3;
+    let mut lines = Vec::new();
+    for n in 1..=PAIRS {
+        let flag = dir.path().join(format!("crashed-{n}"));
+        let flag = flag.to_str().expect("utf-8 path");
+        lines.push(format!(
+            r#"{{"name":"crash-once-{n}","shell":"if [ ! -e {flag} ]; then touch {flag}; kill -9 $PPID; fi; echo survived"}}"#
+        ));
+        lines.push(format!(r#"{{"name":"crash-always-{n}","shell":"kill -9 $PPID","crashes_max":2}}"#));
+    }
+    lines.push(r#"{"name":"after","shell":"echo fine"}"#.to_owned());
+    let file = write_jobs(dir.path(), &lines);
     let out =
-        run(crew(dir.path(), &mark, &["run", "--workers", "2", "--store", "store", "--json", &file]), None, DEADLINE);
+        run(crew(dir.path(), &mark, &["run", "--workers", "1", "--store", "store", "--json", &file]), None, DEADLINE);
     assert_eq!(out.code(), Some(1), "a crashed job makes the run fail\n{out}");
     let records = out.records();
     records.iter().for_each(check_record);
     let r = by_name(&records);
-    assert_eq!(r.len(), 3, "{out}");
-    let once = &r["crash-once"];
-    assert_eq!(once["status"], "succeeded", "{out}");
-    assert_eq!(once["attempt"], 2, "{out}");
-    assert_eq!(once["stdout"]["text"], "survived\n", "{out}");
-    let always = &r["crash-always"];
-    assert_eq!(always["status"], "crashed", "{out}");
-    assert_eq!(always["attempt"], 2, "{out}");
+    assert_eq!(r.len(), 2 * PAIRS + 1, "{out}");
+    for n in 1..=PAIRS {
+        let once = &r[&format!("crash-once-{n}")];
+        assert_eq!(once["status"], "succeeded", "crash-once-{n}\n{out}");
+        assert_eq!(once["attempt"], 2, "crash-once-{n}\n{out}");
+        assert_eq!(once["stdout"]["text"], "survived\n", "crash-once-{n}\n{out}");
+        let always = &r[&format!("crash-always-{n}")];
+        assert_eq!(always["status"], "crashed", "crash-always-{n}\n{out}");
+        assert_eq!(always["attempt"], 2, "crash-always-{n}\n{out}");
+    }
     assert_eq!(r["after"]["status"], "succeeded", "{out}");
     assert_eq!(r["after"]["attempt"], 1, "{out}");
     assert_none_marked(&mark, Duration::from_secs(3));
