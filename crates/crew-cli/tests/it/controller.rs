@@ -145,7 +145,7 @@ async fn hostile_connections_are_closed_and_logged_and_jobs_go_on() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mark = unique("hostile-");
     let _reaper = Reaper::new(&mark);
-    let controller = controller(&mark, Duration::from_secs(3)).await;
+    let controller = controller(&mark, Duration::from_secs(4)).await;
     let names = controller.recruit(Recruit::new(Arc::new(LocalWorker::new()), 2)).expect("recruit");
     assert_eq!(names, ["local-1", "local-2"]);
     let started = dir.path().join("started");

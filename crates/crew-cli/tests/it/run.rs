@@ -143,7 +143,9 @@ fn examples_run_as_a_table_and_as_json_lines() {
         assert_eq!(named["echo"]["stdout"]["text"], "a builtin says hi\n");
         assert_eq!(named["count"]["stdout"]["text"], "500500\n");
         assert!(named["nap"]["wall_seconds"].as_f64().is_some_and(|s| s >= 0.2), "{}", named["nap"]);
-        let first = records.iter().find(|r| r["name"].is_null()).expect("the unnamed first line");
+        // Ids follow the file's order: the lowest is the first line.
+        let first = records.iter().min_by_key(|r| r["id"].as_u64()).expect("records");
+        assert!(first["name"].is_null(), "{first}");
         assert!(first["stdout"]["text"].as_str().is_some_and(|t| t.starts_with("hello from local-")), "{first}");
         seeds.push(named.iter().map(|(n, r)| (n.clone(), r["seed"].as_u64().unwrap_or(0))).collect());
         assert_none_marked(&mark, Duration::from_secs(3));
