@@ -28,7 +28,7 @@ use tracing::{debug, info, warn};
 
 use crate::builtins::Builtins;
 use crate::exec::{self, ExecContext, JobResult};
-use crate::job::JobId;
+use crate::job::{Command, JobId};
 use crate::output::{Captured, Status, Timestamp};
 use crate::protocol::{self, AgentMsg, ControllerMsg, PROTOCOL_VERSION, RunJob};
 use crate::worker::{ENV_CONNECT, ENV_INDEX, ENV_LAUNCH, ENV_TOKEN, Secret};
@@ -366,6 +366,21 @@ async fn serve(
         // (builtins such as noop) are reported at once.
         while fut.is_none() && leaving.is_none() {
             let Some(run) = queue.pop_front() else { break };
+            // Report what is finished before starting a process: a job may
+            // kill this agent, and results still in `out` would die with it
+            // (the controller would then charge the finished job a crash and
+            // run it again). Builtins run in-process, so their results still
+            // go out in batches.
+            if !out.is_empty() && !matches!(run.spec.command, Command::Builtin { .. }) {
+                if let Err(e) = wr.write_all(&out).await {
+                    queue.push_front(run);
+                    leaving = Some(AgentExit::ControllerLost(format!("write failed: {e}")));
+                    out.clear();
+                    break;
+                }
+                out.clear();
+                last_sent = Instant::now();
+            }
             let (job, attempt) = (run.job, run.attempt);
             let cancel = CancellationToken::new();
             let token = cancel.clone();

@@ -367,9 +367,15 @@ impl Scheduler {
         !self.actions.is_empty()
     }
 
-    /// Ids of every job not yet delivered, in no particular order.
+    /// Ids of every job not yet delivered. Jobs waiting behind another on a
+    /// worker come before the job each worker runs first, so that cancelling
+    /// in this order tells a worker to drop its waiting jobs before its
+    /// running one ends (else it could start the next one in between).
     pub fn pending_ids(&self) -> Vec<JobId> {
-        self.jobs.keys().copied().collect()
+        let heads: Vec<JobId> = self.slots.iter().filter_map(|s| s.jobs.front().copied()).collect();
+        let mut ids: Vec<JobId> = self.jobs.keys().copied().filter(|j| !heads.contains(j)).collect();
+        ids.extend(heads.into_iter().filter(|j| self.jobs.contains_key(j)));
+        ids
     }
 
     /// Checks that some usable slot could run a job with these tags (what

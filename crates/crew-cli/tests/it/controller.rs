@@ -1,0 +1,259 @@
+//! The controller as a library, with the `crew` binary as its agent:
+//! hostile connections, and job timeouts that must not leave processes.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use crew_core::controller::{AgentCommand, Controller, ControllerConfig, Recruit};
+use crew_core::protocol::{self, AgentMsg, ControllerMsg, PROTOCOL_VERSION};
+use crew_core::scheduler::SlotFilter;
+use crew_core::worker::Secret;
+use crew_core::{JobSpec, Status};
+use crew_worker_local::LocalWorker;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::{MARK_VAR, Reaper, assert_none_marked, crew_bin, describe, pids_with_arg, unique, unique_sleep};
+
+/// Everything `tracing` logged in this test binary.
+static LOGS: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+struct LogWriter;
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        LOGS.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Installs the capturing subscriber (once: it is global, since the
+/// controller logs from runtime threads).
+fn capture_logs() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(|| LogWriter)
+            .finish();
+        tracing::subscriber::set_global_default(subscriber).expect("no other global subscriber");
+    });
+}
+
+fn logs() -> String {
+    String::from_utf8_lossy(&LOGS.lock().unwrap_or_else(std::sync::PoisonError::into_inner)).into_owned()
+}
+
+/// Polls `cond` (async) every 20 ms until it holds or `timeout` passes.
+async fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !cond() {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
+/// A controller whose agents (`crew worker`) carry `mark` in their
+/// environment; the agent of slot `local-2` waits `delay_2` before it
+/// starts, so that its launch stays open for a while.
+async fn controller(mark: &str, delay_2: Duration) -> Controller {
+    let script = format!("case \"$CREW_SLOT\" in local-2) sleep {};; esac; exec \"$0\" worker", delay_2.as_secs_f64());
+    let agent = AgentCommand {
+        program: "/usr/bin/env".to_owned(),
+        args: vec![format!("{MARK_VAR}={mark}"), "sh".to_owned(), "-c".to_owned(), script, crew_bin().to_owned()],
+    };
+    let mut config = ControllerConfig::new(agent);
+    config.hello_timeout = Duration::from_millis(500);
+    Controller::start(config).await.expect("the controller starts")
+}
+
+/// The value of `var` in the environment of `pid`.
+fn env_of(pid: u32, var: &str) -> Option<String> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let prefix = format!("{var}=");
+    environ.split(|&c| c == 0).find_map(|e| {
+        let e = String::from_utf8_lossy(e);
+        e.strip_prefix(&prefix).map(str::to_owned)
+    })
+}
+
+/// What a hostile client saw: the frames it received before the end.
+#[derive(Debug)]
+struct Seen {
+    frames: Vec<ControllerMsg>,
+    end: String,
+}
+
+/// Connects, sends `payload`, and reads until the controller closes the
+/// connection (or `limit` passes: then `end` says so).
+async fn attack(addr: std::net::SocketAddr, payload: Vec<u8>, limit: Duration) -> (u16, Seen) {
+    let mut stream = TcpStream::connect(addr).await.expect("connect to the controller");
+    let port = stream.local_addr().expect("local address").port();
+    if !payload.is_empty() {
+        stream.write_all(&payload).await.expect("send the payload");
+    }
+    let mut buf = BytesMut::new();
+    let end = match tokio::time::timeout(limit, async {
+        loop {
+            match stream.read_buf(&mut buf).await {
+                Ok(0) => return "eof".to_owned(),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return "reset".to_owned(),
+                Err(e) => return format!("error: {e}"),
+            }
+        }
+    })
+    .await
+    {
+        Ok(end) => end,
+        Err(_) => format!("still open after {limit:?}"),
+    };
+    let mut frames = Vec::new();
+    while let Ok(Some(m)) = protocol::decode::<ControllerMsg>(&mut buf) {
+        frames.push(m);
+    }
+    (port, Seen { frames, end })
+}
+
+fn hello(launch: &str, token: &str) -> Vec<u8> {
+    let mut buf = BytesMut::new();
+    let msg = AgentMsg::Hello {
+        version: PROTOCOL_VERSION,
+        launch: launch.to_owned(),
+        index: 0,
+        token: Secret::new(token),
+        pid: std::process::id(),
+        host: "intruder".to_owned(),
+    };
+    protocol::encode(&msg, &mut buf).expect("a hello encodes");
+    buf.to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_connections_are_closed_and_logged_and_jobs_go_on() {
+    capture_logs();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mark = unique("hostile-");
+    let _reaper = Reaper::new(&mark);
+    let controller = controller(&mark, Duration::from_secs(4)).await;
+    let names = controller.recruit(Recruit::new(Arc::new(LocalWorker::new()), 2)).expect("recruit");
+    assert_eq!(names, ["local-1", "local-2"]);
+    let started = dir.path().join("started");
+    let busy = JobSpec::shell(format!("touch '{}'; sleep 2; echo done", started.display())).with_name("busy");
+    let busy = controller.send(busy).expect("send");
+    assert!(eventually(Duration::from_secs(20), || started.exists()).await, "the job did not start");
+
+    // Start local-2 ahead of need: its agent waits before it connects, so
+    // its launch (and its secret) stays open during the attacks.
+    let filter = SlotFilter { slot: Some("local-2".to_owned()), ..SlotFilter::default() };
+    assert_eq!(controller.launch(&filter, 1), 1);
+    let mut launch = None;
+    let found = eventually(Duration::from_secs(5), || {
+        launch = crate::support::marked_pids(&mark)
+            .into_iter()
+            .find(|&p| env_of(p, "CREW_SLOT").as_deref() == Some("local-2"))
+            .and_then(|p| env_of(p, "CREW_LAUNCH"));
+        launch.is_some()
+    })
+    .await;
+    assert!(found, "the launch of local-2 did not start");
+    let launch = launch.unwrap_or_default();
+
+    let addr = controller.addr();
+    let limit = Duration::from_secs(5);
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("garbage", b"\x00\x00\x00\x06\xc1\xc1\xc1\xc1\xc1\xc1".to_vec(), "malformed frame"),
+        ("text", b"GET / HTTP/1.1\r\nHost: crew\r\n\r\n".to_vec(), "larger than the maximum"),
+        ("huge", b"\xff\xff\xff\xff\x00\x00".to_vec(), "larger than the maximum"),
+        ("wrong token", hello(&launch, &"0".repeat(64)), "invalid token"),
+        ("unknown launch", hello("999999", &"0".repeat(64)), "unknown or expired launch"),
+        ("silent", Vec::new(), "no hello within"),
+    ];
+    let mut tasks = Vec::new();
+    for (what, payload, _) in &cases {
+        let payload = payload.clone();
+        let what = (*what).to_owned();
+        tasks.push(tokio::spawn(async move { (what, attack(addr, payload, limit).await) }));
+    }
+    let mut seen = Vec::new();
+    for t in tasks {
+        seen.push(t.await.expect("attack task"));
+    }
+    for ((what, (port, s)), (_, _, reason)) in seen.iter().zip(&cases) {
+        assert!(s.end == "eof" || s.end == "reset", "{what}: the controller did not close the connection: {s:?}");
+        assert!(
+            s.frames.iter().all(|f| matches!(f, ControllerMsg::Reject { .. })),
+            "{what}: the controller sent more than a rejection: {s:?}"
+        );
+        let peer = format!("peer=127.0.0.1:{port}");
+        let logged = eventually(Duration::from_secs(2), || {
+            logs()
+                .lines()
+                .any(|l| l.contains(&peer) && l.contains("rejected a worker connection") && l.contains(reason))
+        })
+        .await;
+        assert!(logged, "{what}: no log line with {peer:?} and {reason:?}:\n{}", logs());
+    }
+    assert!(!logs().contains(&"0".repeat(64)), "a token reached the log");
+
+    // The running job was not disturbed.
+    let out = controller.receive_wait(Some(Duration::from_secs(20))).await.expect("the busy job's output");
+    assert_eq!(out.id, busy);
+    assert_eq!(out.status, Status::Succeeded, "{out:?}");
+    assert_eq!(out.stdout.text, "done\n");
+    assert_eq!(out.attempt, 1);
+
+    // The wrong token did not use up local-2's launch: its agent connects.
+    let up = eventually(Duration::from_secs(15), || {
+        controller.status().slots.iter().any(|s| s.name == "local-2" && (s.state == "idle" || s.state == "busy"))
+    })
+    .await;
+    assert!(up, "local-2 did not come up after the attacks: {:?}", controller.status());
+
+    // The controller keeps serving.
+    let again = controller.send(JobSpec::shell("echo again")).expect("send after the attacks");
+    let out = controller.receive_wait(Some(Duration::from_secs(20))).await.expect("an output");
+    assert_eq!(out.id, again);
+    assert_eq!(out.status, Status::Succeeded, "{out:?}");
+    assert_eq!(out.stdout.text, "again\n");
+    controller.close().await;
+    assert_none_marked(&mark, Duration::from_secs(3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_kills_the_whole_job_while_the_worker_stays() {
+    let mark = unique("timeout-lib-");
+    let secs = unique_sleep();
+    let _reaper = Reaper::new(&mark).and_arg(&secs);
+    let controller = controller(&mark, Duration::ZERO).await;
+    controller.recruit(Recruit::new(Arc::new(LocalWorker::new()), 1)).expect("recruit");
+    let job = JobSpec::shell(format!("sh -c 'sleep {secs} & sleep {secs}' & sleep {secs}; wait"))
+        .with_timeout(Duration::from_secs(1));
+    controller.send(job).expect("send");
+    let out = controller.receive_wait(Some(Duration::from_secs(20))).await.expect("an output");
+    assert_eq!(out.status, Status::TimedOut, "{out:?}");
+    assert!(out.wall_seconds < 3.0, "{out:?}");
+    // Nothing of the job is left, though its worker (and `crew run`'s
+    // orphan sweep) is still out of the picture.
+    let mut left = Vec::new();
+    let gone = eventually(Duration::from_secs(2), || {
+        left = pids_with_arg(&secs);
+        left.is_empty()
+    })
+    .await;
+    assert!(gone, "processes of the timed-out job survived: {}", describe(&left));
+    let slots = controller.status().slots;
+    assert_eq!(slots[0].state, "idle", "the worker stays up after a timeout: {slots:?}");
+    controller.close().await;
+    assert_none_marked(&mark, Duration::from_secs(3));
+}

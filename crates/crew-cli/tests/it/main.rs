@@ -1,0 +1,11 @@
+//! Integration tests of crew: the real `crew` binary, real agent processes,
+//! real sockets and real signals; no mocks.
+//!
+//! Every test that starts processes marks them (an environment variable or
+//! a unique argument), waits with a deadline, and kills whatever carries its
+//! mark when it ends, so that a failing test leaves nothing behind.
+
+mod cli;
+mod controller;
+mod run;
+mod support;
