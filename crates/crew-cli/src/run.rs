@@ -139,6 +139,12 @@ async fn collect(controller: &Controller, total: usize, json: bool) -> anyhow::R
         printer.print(&o)
     };
     loop {
+        if printer.closed() && !stopping {
+            // The reader of our output is gone (`crew run ... | head`):
+            // nobody will see the rest, so stop the run like a signal would.
+            stopping = true;
+            controller.cancel_all();
+        }
         tokio::select! {
             o = controller.receive_wait(None) => match o {
                 Some(o) => {

@@ -12,14 +12,35 @@ pub(crate) struct Printer<W: Write> {
     json: bool,
     out: W,
     header: bool,
+    /// The reader went away (broken pipe): print nothing more.
+    closed: bool,
 }
 
 impl<W: Write> Printer<W> {
     pub(crate) fn new(json: bool, out: W) -> Self {
-        Self { json, out, header: false }
+        Self { json, out, header: false, closed: false }
     }
 
+    /// True once the output's reader has gone away.
+    pub(crate) fn closed(&self) -> bool {
+        self.closed
+    }
+
+    /// Prints one record; a closed pipe is not an error but ends printing.
     pub(crate) fn print(&mut self, o: &Output) -> anyhow::Result<()> {
+        if self.closed {
+            return Ok(());
+        }
+        match self.write(o) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                self.closed = true;
+                Ok(())
+            }
+            r => Ok(r?),
+        }
+    }
+
+    fn write(&mut self, o: &Output) -> std::io::Result<()> {
         if self.json {
             serde_json::to_writer(&mut self.out, o)?;
             self.out.write_all(b"\n")?;
@@ -58,7 +79,13 @@ impl<W: Write> Printer<W> {
     }
 
     pub(crate) fn summary(&mut self, total: usize, received: usize, failed: usize) -> anyhow::Result<()> {
-        self.out.flush()?;
+        if self.closed {
+            return Ok(());
+        }
+        match self.out.flush() {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+            r => r?,
+        }
         if !self.json {
             eprintln!(
                 "crew: {total} job(s): {} succeeded, {failed} did not{}",
