@@ -1,0 +1,184 @@
+//! `cargo xtask bench`: crew's performance figures, each against a baseline
+//! measured in the same run.
+//!
+//! The machines this runs on are shared and noisy, so no figure is an absolute
+//! time on its own: each is the median of `--runs` runs, measured alternately
+//! with its baseline (crew, baseline, crew, baseline, ...) so that a burst of
+//! load elsewhere hits both, and reported with the ratio of the two. The
+//! table is a report, not a test: a missed target still exits 0; only a
+//! bench that could not measure exits non-zero.
+//!
+//! Measuring a debug build of crew-core would measure the debug build, so
+//! this runs in two steps. The `cargo xtask` alias builds xtask in debug
+//! without the `bench` feature; there, `bench` builds `crew` and xtask in
+//! release with the feature (printing the cargo command) and runs that
+//! binary with the same arguments. The release binary does the measuring
+//! ([`measure`]), and also serves as the echo peer of the raw-TCP baselines
+//! ([`echo`]) through a hidden first argument.
+
+#[cfg(feature = "bench")]
+mod echo;
+#[cfg(feature = "bench")]
+mod measure;
+#[cfg(feature = "bench")]
+mod report;
+
+use std::ffi::OsString;
+
+use anyhow::{Context, bail};
+
+/// The `bench --help` text.
+const HELP: &str = "\
+Usage: cargo xtask bench [--quick] [--runs N] [--json]
+
+Measures crew against baselines measured in the same run and prints a table:
+figure, crew value, baseline value, ratio, target, PASS/MISS. Each value is the
+median of N runs. Exits 0 even when a target is missed.
+
+Options:
+  --quick     a tenth of the default sizes: a smoke test of the bench itself
+  --runs N    runs per figure (default 5)
+  --json      print one JSON object instead of the table
+  -h, --help  print this help
+";
+
+/// Validated options.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Options {
+    /// Smaller sizes, for a smoke test.
+    pub(crate) quick: bool,
+    /// Runs per figure; each value is their median.
+    pub(crate) runs: usize,
+    /// One JSON object on stdout instead of the table.
+    pub(crate) json: bool,
+}
+
+impl Options {
+    /// Parses the arguments after `bench`; `None` when help was asked for.
+    fn parse(args: &[OsString]) -> anyhow::Result<Option<Self>> {
+        let mut opts = Self { quick: false, runs: 5, json: false };
+        let mut args = args.iter();
+        while let Some(arg) = args.next() {
+            let Some(arg) = arg.to_str() else {
+                bail!("`cargo xtask bench`: an argument is not valid UTF-8: {arg:?}");
+            };
+            let (flag, inline) = match arg.split_once('=') {
+                Some((f, v)) => (f, Some(v.to_owned())),
+                None => (arg, None),
+            };
+            match flag {
+                "-h" | "--help" => return Ok(None),
+                "--quick" => opts.quick = true,
+                "--json" => opts.json = true,
+                "--runs" => {
+                    let value = match inline {
+                        Some(v) => v,
+                        None => args
+                            .next()
+                            .and_then(|v| v.to_str())
+                            .map(str::to_owned)
+                            .context("--runs needs a number, e.g. --runs 5")?,
+                    };
+                    opts.runs = match value.parse::<usize>() {
+                        Ok(n) if n >= 1 => n,
+                        _ => bail!("--runs: expected a whole number of at least 1, got {value:?}"),
+                    };
+                }
+                _ => bail!("`cargo xtask bench`: unknown argument {arg:?}\n\n{HELP}"),
+            }
+        }
+        Ok(Some(opts))
+    }
+}
+
+/// Runs `cargo xtask bench` with the arguments after `bench`.
+pub(crate) fn run(args: &[OsString]) -> anyhow::Result<()> {
+    #[cfg(feature = "bench")]
+    if args.first().is_some_and(|a| a == echo::PEER_ARG) {
+        return echo::peer_main(&args[1..]);
+    }
+    let Some(opts) = Options::parse(args)? else {
+        print!("{HELP}");
+        return Ok(());
+    };
+    #[cfg(feature = "bench")]
+    {
+        measure::run(opts)
+    }
+    #[cfg(not(feature = "bench"))]
+    {
+        let _ = opts;
+        relaunch_in_release(args)
+    }
+}
+
+/// Builds `crew` and the measuring xtask in release, then runs the latter.
+#[cfg(not(feature = "bench"))]
+fn relaunch_in_release(args: &[OsString]) -> anyhow::Result<()> {
+    // One cargo invocation for both, so that they share one build of
+    // crew-core (same profile, same unified features).
+    let build = ["build", "--release", "-p", "crew-cli", "-p", "xtask", "--features", "xtask/bench"];
+    let shown = format!("cargo {}", build.join(" "));
+    eprintln!("xtask: running `{shown}`");
+    let status = crate::cargo().args(build).status().with_context(|| format!("cannot start `{shown}`"))?;
+    if !status.success() {
+        bail!("`{shown}` failed: see the compiler's output above");
+    }
+    let exe = release_dir().join(format!("xtask{}", std::env::consts::EXE_SUFFIX));
+    eprintln!("xtask: running `{} bench{}`", exe.display(), shown_args(args));
+    let status = std::process::Command::new(&exe)
+        .arg("bench")
+        .args(args)
+        .status()
+        .with_context(|| format!("cannot start {}", exe.display()))?;
+    if !status.success() {
+        bail!("the benchmark failed ({status})");
+    }
+    Ok(())
+}
+
+/// ` a b c`, for showing a command line.
+#[cfg(not(feature = "bench"))]
+fn shown_args(args: &[OsString]) -> String {
+    args.iter().map(|a| format!(" {}", a.to_string_lossy())).collect()
+}
+
+/// Cargo's release folder: `$CARGO_TARGET_DIR/release` when set (relative
+/// paths are from the workspace root, where xtask runs cargo), else
+/// `target/release` in the workspace.
+#[cfg(not(feature = "bench"))]
+fn release_dir() -> std::path::PathBuf {
+    let root = crate::workspace_root();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .or_else(|| std::env::var_os("CARGO_BUILD_TARGET_DIR"))
+        .map_or_else(|| root.join("target"), |t| root.join(t));
+    target.join("release")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> anyhow::Result<Option<Options>> {
+        let args: Vec<OsString> = args.iter().map(OsString::from).collect();
+        Options::parse(&args)
+    }
+
+    #[test]
+    fn options_default_and_flags() {
+        let o = parse(&[]).unwrap().unwrap();
+        assert!(!o.quick && !o.json && o.runs == 5);
+        let o = parse(&["--quick", "--runs", "3", "--json"]).unwrap().unwrap();
+        assert!(o.quick && o.json && o.runs == 3);
+        assert_eq!(parse(&["--runs=7"]).unwrap().unwrap().runs, 7);
+        assert!(parse(&["--help"]).unwrap().is_none());
+    }
+
+    #[test]
+    fn options_refuse_bad_input() {
+        assert!(parse(&["--runs", "0"]).is_err());
+        assert!(parse(&["--runs", "x"]).is_err());
+        assert!(parse(&["--runs"]).is_err());
+        assert!(parse(&["--fast"]).is_err());
+    }
+}
