@@ -29,7 +29,7 @@ use anyhow::{Context, bail};
 
 /// The `bench --help` text.
 const HELP: &str = "\
-Usage: cargo xtask bench [--quick] [--runs N] [--json]
+Usage: cargo xtask bench [--quick] [--runs N] [--only 1,2,..] [--json]
 
 Measures crew against baselines measured in the same run and prints a table:
 figure, crew value, baseline value, ratio, target, PASS/MISS. Each value is the
@@ -38,6 +38,7 @@ median of N runs. Exits 0 even when a target is missed.
 Options:
   --quick     a tenth of the default sizes: a smoke test of the bench itself
   --runs N    runs per figure (default 5)
+  --only L    only these figures, e.g. --only 1,5 (of 1 to 5; default all)
   --json      print one JSON object instead of the table
   -h, --help  print this help
 ";
@@ -51,12 +52,26 @@ pub(crate) struct Options {
     pub(crate) runs: usize,
     /// One JSON object on stdout instead of the table.
     pub(crate) json: bool,
+    /// Which of the figures 1 to 5 to measure (index 0 is figure 1).
+    pub(crate) figures: [bool; FIGURES],
+}
+
+/// How many figures there are (their sub-rows, like 2a and 2b, go together).
+pub(crate) const FIGURES: usize = 5;
+
+impl Options {
+    /// Whether figure `n` (1-based) is to be measured.
+    // Only the measuring build asks; the relaunching one passes the flags on.
+    #[cfg_attr(not(feature = "bench"), allow(dead_code))]
+    pub(crate) fn wants(&self, n: usize) -> bool {
+        n.checked_sub(1).and_then(|i| self.figures.get(i)).is_some_and(|w| *w)
+    }
 }
 
 impl Options {
     /// Parses the arguments after `bench`; `None` when help was asked for.
     fn parse(args: &[OsString]) -> anyhow::Result<Option<Self>> {
-        let mut opts = Self { quick: false, runs: 5, json: false };
+        let mut opts = Self { quick: false, runs: 5, json: false, figures: [true; FIGURES] };
         let mut args = args.iter();
         while let Some(arg) = args.next() {
             let Some(arg) = arg.to_str() else {
@@ -70,15 +85,18 @@ impl Options {
                 "-h" | "--help" => return Ok(None),
                 "--quick" => opts.quick = true,
                 "--json" => opts.json = true,
+                "--only" => {
+                    let value = value_of(flag, inline, args.next(), "a list of figures, e.g. --only 1,5")?;
+                    opts.figures = [false; FIGURES];
+                    for item in value.split(',') {
+                        match item.trim().parse::<usize>() {
+                            Ok(n @ 1..=FIGURES) => opts.figures[n - 1] = true,
+                            _ => bail!("--only: expected figure numbers from 1 to {FIGURES}, got {item:?}"),
+                        }
+                    }
+                }
                 "--runs" => {
-                    let value = match inline {
-                        Some(v) => v,
-                        None => args
-                            .next()
-                            .and_then(|v| v.to_str())
-                            .map(str::to_owned)
-                            .context("--runs needs a number, e.g. --runs 5")?,
-                    };
+                    let value = value_of(flag, inline, args.next(), "a number, e.g. --runs 5")?;
                     opts.runs = match value.parse::<usize>() {
                         Ok(n) if n >= 1 => n,
                         _ => bail!("--runs: expected a whole number of at least 1, got {value:?}"),
@@ -88,6 +106,14 @@ impl Options {
             }
         }
         Ok(Some(opts))
+    }
+}
+
+/// The value of a flag: after `=`, or the next argument.
+fn value_of(flag: &str, inline: Option<String>, next: Option<&OsString>, what: &str) -> anyhow::Result<String> {
+    match inline {
+        Some(v) => Ok(v),
+        None => next.and_then(|v| v.to_str()).map(str::to_owned).with_context(|| format!("{flag} needs {what}")),
     }
 }
 
@@ -172,6 +198,9 @@ mod tests {
         assert!(o.quick && o.json && o.runs == 3);
         assert_eq!(parse(&["--runs=7"]).unwrap().unwrap().runs, 7);
         assert!(parse(&["--help"]).unwrap().is_none());
+        let o = parse(&["--only", "1,5"]).unwrap().unwrap();
+        assert!(o.wants(1) && !o.wants(2) && o.wants(5) && !o.wants(6));
+        assert!(parse(&["--only=3"]).unwrap().unwrap().wants(3));
     }
 
     #[test]
@@ -180,5 +209,7 @@ mod tests {
         assert!(parse(&["--runs", "x"]).is_err());
         assert!(parse(&["--runs"]).is_err());
         assert!(parse(&["--fast"]).is_err());
+        assert!(parse(&["--only", "6"]).is_err());
+        assert!(parse(&["--only", "1,x"]).is_err());
     }
 }

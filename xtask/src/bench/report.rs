@@ -84,7 +84,16 @@ impl Row {
         (!self.baseline.is_empty()).then(|| median(&self.baseline))
     }
 
+    /// crew / baseline. When both were measured in every run, the median of
+    /// the per-run ratios: each pair ran back to back, under much the same
+    /// load from the rest of the machine, which a ratio of the two medians
+    /// would mix up across runs. Otherwise (a constant baseline), the ratio
+    /// of the medians.
     fn ratio(&self) -> Option<f64> {
+        if self.crew.len() == self.baseline.len() && self.baseline.iter().all(|b| *b > 0.0) {
+            let ratios: Vec<f64> = self.crew.iter().zip(&self.baseline).map(|(c, b)| c / b).collect();
+            return (!ratios.is_empty()).then(|| median(&ratios));
+        }
         self.baseline_median().filter(|b| *b > 0.0).map(|b| self.crew_median() / b)
     }
 
@@ -177,7 +186,8 @@ pub(super) fn table(rows: &[Row], opts: Options) -> String {
     }
     let _ = writeln!(
         out,
-        "\nMedians of {} run(s){}; ratio = crew / baseline.",
+        "\nMedians of {} run(s){}; ratio = median of the per-run crew / baseline ratios \
+         (crew / baseline for a constant baseline).",
         opts.runs,
         if opts.quick { ", quick sizes (1/10)" } else { "" }
     );
@@ -245,6 +255,10 @@ mod tests {
         assert_eq!(row(1.2, vec![1.0], Target::RatioAtMost(1.3)).pass(), Some(true));
         assert_eq!(row(1.4, vec![1.0], Target::RatioAtMost(1.3)).pass(), Some(false));
         assert_eq!(row(1.0, vec![], Target::RatioAtMost(1.3)).pass(), Some(false));
+        // Paired runs: the median of the per-run ratios.
+        let mut paired = row(0.0, vec![1.0, 4.0, 10.0], Target::Info);
+        paired.crew = vec![2.0, 4.0, 5.0];
+        assert_eq!(paired.ratio(), Some(1.0));
         assert_eq!(row(5.0, vec![], Target::AtLeast(5.0)).pass(), Some(true));
         assert_eq!(row(5.0, vec![], Target::Below(5.0)).pass(), Some(false));
         assert_eq!(row(5.0, vec![], Target::Info).pass(), None);
