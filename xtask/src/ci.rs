@@ -17,21 +17,11 @@ struct Step {
     on_failure: &'static str,
 }
 
-const FMT: Step = Step {
-    args: &["fmt", "--all", "--", "--check"],
-    on_failure: "the code is not formatted: run `cargo fmt --all`",
-};
+const FMT: Step =
+    Step { args: &["fmt", "--all", "--", "--check"], on_failure: "the code is not formatted: run `cargo fmt --all`" };
 
 const CLIPPY: Step = Step {
-    args: &[
-        "clippy",
-        "--workspace",
-        "--all-targets",
-        "--all-features",
-        "--",
-        "-D",
-        "warnings",
-    ],
+    args: &["clippy", "--workspace", "--all-targets", "--all-features", "--", "-D", "warnings"],
     on_failure: "clippy found problems (warnings count as errors): see its output above",
 };
 
@@ -40,15 +30,8 @@ const NEXTEST: Step = Step {
     on_failure: "tests failed: see nextest's summary above",
 };
 
-const EXAMPLE: Step = Step {
-    args: &["run", "--quiet", "-p", "crew-worker-local", "--example", "embed"],
-    on_failure: "the embedding example failed: see its output above",
-};
-
-const TEST: Step = Step {
-    args: &["test", "--workspace", "--all-features"],
-    on_failure: "tests failed: see the failures above",
-};
+const TEST: Step =
+    Step { args: &["test", "--workspace", "--all-features"], on_failure: "tests failed: see the failures above" };
 
 /// Runs every step in order; fails at the first that fails.
 pub(crate) fn run() -> anyhow::Result<()> {
@@ -69,15 +52,9 @@ pub(crate) fn run() -> anyhow::Result<()> {
 fn run_step(step: &Step) -> anyhow::Result<()> {
     let shown = format!("cargo {}", step.args.join(" "));
     eprintln!("xtask: running `{shown}`");
-    let status = crate::cargo()
-        .args(step.args)
-        .status()
-        .with_context(|| format!("cannot start `{shown}`"))?;
+    let status = crate::cargo().args(step.args).status().with_context(|| format!("cannot start `{shown}`"))?;
     if !status.success() {
-        let code = status.code().map_or_else(
-            || "killed by a signal".to_owned(),
-            |c| format!("exit code {c}"),
-        );
+        let code = status.code().map_or_else(|| "killed by a signal".to_owned(), |c| format!("exit code {c}"));
         bail!("`{shown}` failed ({code}): {}", step.on_failure);
     }
     Ok(())

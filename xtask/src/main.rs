@@ -8,8 +8,10 @@
 //! cargo runs in sequence (CI) or a measurement (benchmarks).
 //!
 //! Dependencies are kept to `anyhow` and std so that the first `cargo xtask`
-//! builds in seconds.
+//! builds in seconds; the benchmark's own dependencies (crew-core, tokio)
+//! sit behind the `bench` feature, which only its release build turns on.
 
+mod bench;
 mod ci;
 
 use std::ffi::OsString;
@@ -17,10 +19,10 @@ use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 
 /// The subcommands and their one-line help, in the order `--help` lists them.
-const SUBCOMMANDS: &[(&str, &str)] = &[(
-    "ci",
-    "run what CI runs: fmt check, clippy -D warnings, the tests (nextest when installed)",
-)];
+const SUBCOMMANDS: &[(&str, &str)] = &[
+    ("ci", "run what CI runs: fmt check, clippy -D warnings, the tests (nextest when installed)"),
+    ("bench", "measure crew against baselines (release build); `bench --help` for options"),
+];
 
 fn main() -> ExitCode {
     let mut args = std::env::args_os().skip(1);
@@ -35,12 +37,9 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Some("ci") => no_arguments("ci", &rest).and_then(|()| ci::run()),
+        Some("bench") => bench::run(&rest),
         _ => {
-            eprintln!(
-                "error: unknown subcommand {:?}\n\n{}",
-                first.to_string_lossy(),
-                usage()
-            );
+            eprintln!("error: unknown subcommand {:?}\n\n{}", first.to_string_lossy(), usage());
             return ExitCode::from(2);
         }
     };
@@ -66,10 +65,7 @@ fn usage() -> String {
 /// Fails when a subcommand that takes no arguments got some.
 fn no_arguments(subcommand: &str, rest: &[OsString]) -> anyhow::Result<()> {
     if let Some(extra) = rest.first() {
-        anyhow::bail!(
-            "`cargo xtask {subcommand}` takes no arguments, got {:?}",
-            extra.to_string_lossy()
-        );
+        anyhow::bail!("`cargo xtask {subcommand}` takes no arguments, got {:?}", extra.to_string_lossy());
     }
     Ok(())
 }
@@ -77,10 +73,7 @@ fn no_arguments(subcommand: &str, rest: &[OsString]) -> anyhow::Result<()> {
 /// The workspace root: the parent of this crate's folder.
 fn workspace_root() -> PathBuf {
     let manifest_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    manifest_dir
-        .parent()
-        .map(PathBuf::from)
-        .unwrap_or(manifest_dir)
+    manifest_dir.parent().map(PathBuf::from).unwrap_or(manifest_dir)
 }
 
 /// A `cargo` command run from the workspace root, with the cargo that runs

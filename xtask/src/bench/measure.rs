@@ -1,0 +1,532 @@
+//! The figures: each measured `runs` times, alternating with its baseline.
+//!
+//! Library figures embed a [`Controller`] in this process (a two-thread
+//! Tokio runtime, as `crew run` has) with `crew worker` from the release
+//! `crew` binary as the agent, and launch the workers before the clock
+//! starts unless the figure is about launching. `crew run` figures time the
+//! binary as a user would run it, output to `/dev/null`, in a scratch folder
+//! (its default store `.crew/store` lands there).
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use crew_core::controller::{AgentCommand, Controller, ControllerConfig, Recruit};
+use crew_core::scheduler::{SlotFilter, SlotLimits};
+use crew_core::{JobSpec, Output};
+use crew_worker_local::LocalWorker;
+
+use super::echo;
+use super::report::{self, Row, Target, Unit};
+use crate::bench::Options;
+
+/// Round trips run before the timed ones, for crew and the baseline alike.
+pub(super) const WARM_UP: usize = 100;
+
+/// Longest wait for any one output, worker or peer before the bench gives up.
+const PATIENCE: Duration = Duration::from_secs(120);
+
+/// How long a `sleep` job sleeps, in seconds (figure 4).
+const SLEEP_SECONDS: f64 = 0.05;
+
+/// Job counts and repetitions of each figure.
+#[derive(Clone, Copy, Debug)]
+struct Sizes {
+    shell_jobs: usize,
+    noop_jobs: usize,
+    round_trips: usize,
+    sleep_jobs: usize,
+    launches: usize,
+}
+
+const FULL: Sizes =
+    Sizes { shell_jobs: 10_000, noop_jobs: 100_000, round_trips: 10_000, sleep_jobs: 200, launches: 20 };
+
+const QUICK: Sizes = Sizes { shell_jobs: 1_000, noop_jobs: 10_000, round_trips: 1_000, sleep_jobs: 20, launches: 5 };
+
+/// Measures every figure and prints the report.
+pub(super) fn run(opts: Options) -> anyhow::Result<()> {
+    if cfg!(debug_assertions) {
+        eprintln!("xtask: warning: this xtask is a debug build; the library figures measure debug code");
+    }
+    let sizes = if opts.quick { QUICK } else { FULL };
+    let crew = crew_binary()?;
+    let scratch = Scratch::create()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start a runtime")?;
+    let bench = Bench { crew, dir: scratch.0.clone(), runs: opts.runs, sizes };
+    let mut rows = Vec::new();
+    if opts.wants(1) {
+        rows.push(bench.shell_jobs()?);
+    }
+    if opts.wants(2) {
+        let noop_library = rt.block_on(bench.noop_library())?;
+        let noop_cli = bench.noop_cli(&noop_library)?;
+        rows.extend([noop_library, noop_cli]);
+    }
+    if opts.wants(3) {
+        rows.extend(rt.block_on(bench.round_trip())?);
+    }
+    if opts.wants(4) {
+        rows.push(rt.block_on(bench.sleep_library())?);
+        rows.push(bench.sleep_cli()?);
+    }
+    if opts.wants(5) {
+        rows.push(rt.block_on(bench.launch_to_ready())?);
+    }
+    drop(rt);
+    if opts.json {
+        println!("{}", report::json(&rows, opts));
+    } else {
+        print!("{}", report::table(&rows, opts));
+    }
+    Ok(())
+}
+
+/// The `crew` binary next to this one (`cargo build --release -p crew-cli`
+/// puts both in the same folder).
+fn crew_binary() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot find the xtask executable")?;
+    let crew = exe
+        .parent()
+        .map(|d| d.join(format!("crew{}", std::env::consts::EXE_SUFFIX)))
+        .context("the xtask executable has no folder")?;
+    ensure!(
+        crew.is_file(),
+        "{} does not exist: run `cargo xtask bench` (it builds crew), or `cargo build --release -p crew-cli`",
+        crew.display()
+    );
+    Ok(crew)
+}
+
+/// A scratch folder, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn create() -> anyhow::Result<Self> {
+        let dir = std::env::temp_dir().join(format!("crew-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What every figure needs.
+struct Bench {
+    crew: PathBuf,
+    dir: PathBuf,
+    runs: usize,
+    sizes: Sizes,
+}
+
+impl Bench {
+    /// Writes a job file of `n` copies of `line`.
+    fn job_file(&self, name: &str, line: &str, n: usize) -> anyhow::Result<PathBuf> {
+        let path = self.dir.join(name);
+        let mut text = String::with_capacity((line.len() + 1) * n);
+        for _ in 0..n {
+            text.push_str(line);
+            text.push('\n');
+        }
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(path)
+    }
+
+    /// `crew run --workers W --json FILE > /dev/null`.
+    fn crew_run(&self, workers: u32, file: &Path) -> Command {
+        let mut c = Command::new(&self.crew);
+        c.args(["run", "--workers", &workers.to_string(), "--json"]).arg(file);
+        c
+    }
+
+    /// A controller with `count` local workers, launched and connected.
+    async fn controller(&self, count: u32) -> anyhow::Result<Controller> {
+        let config = ControllerConfig::new(AgentCommand::crew(self.crew.to_string_lossy()));
+        let controller = Controller::start(config).await?;
+        let mut recruit = Recruit::new(Arc::new(LocalWorker::new()), count);
+        recruit.limits = SlotLimits::default();
+        controller.recruit(recruit)?;
+        controller.launch(&SlotFilter::default(), count as usize);
+        let deadline = Instant::now() + PATIENCE;
+        while !controller.status().slots.iter().all(|s| s.state == "idle") {
+            ensure!(Instant::now() < deadline, "the workers did not connect within {PATIENCE:?}");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(controller)
+    }
+
+    /// Figure 1: 10,000 `true` jobs on 2 workers, `crew run` against
+    /// `xargs -P 2`.
+    fn shell_jobs(&self) -> anyhow::Result<Row> {
+        let n = self.sizes.shell_jobs;
+        let file = self.job_file("true.txt", "true", n)?;
+        let (mut crew, mut base) = (Vec::new(), Vec::new());
+        for i in 1..=self.runs {
+            let c = time(self.crew_run(2, &file).current_dir(&self.dir))?;
+            let b = time(&mut xargs(2, &file, &self.dir)?)?;
+            progress("1", i, self.runs, format!("crew run {c:.3} s, xargs {b:.3} s"));
+            crew.push(c);
+            base.push(b);
+        }
+        Ok(Row {
+            id: "1",
+            figure: format!("{} `true` jobs, 2 workers (crew run)", thousands(n)),
+            unit: Unit::Seconds,
+            crew,
+            baseline: base,
+            baseline_is: "xargs -P 2 -d '\\n' -n 1 sh -c < FILE (each line through sh -c, as crew runs it)".into(),
+            target: Target::RatioAtMost(1.3),
+        })
+    }
+
+    /// Figure 2a: `noop` throughput through the library, against raw TCP
+    /// echoes of the same frames with the same window.
+    async fn noop_library(&self) -> anyhow::Result<Row> {
+        let n = self.sizes.noop_jobs;
+        let (request, reply) = echo::noop_frame_sizes()?;
+        // A job running and `prefetch` more sent ahead.
+        let window = SlotLimits::default().prefetch as usize + 1;
+        let (mut crew, mut base) = (Vec::new(), Vec::new());
+        for i in 1..=self.runs {
+            let controller = self.controller(2).await?;
+            let specs: Vec<JobSpec> = (0..n).map(|_| JobSpec::builtin("noop", serde_json::Value::Null)).collect();
+            let begin = Instant::now();
+            controller.send_many(specs)?;
+            let outputs = receive_n(&controller, n).await;
+            let elapsed = begin.elapsed();
+            controller.close().await;
+            check_outputs(&outputs?, n)?;
+            let c = n as f64 / elapsed.as_secs_f64();
+            let b = echo::pipelined_rate(2, window, n, request, reply).await?;
+            progress("2a", i, self.runs, format!("crew {c:.0} jobs/s, raw TCP {b:.0} msgs/s"));
+            crew.push(c);
+            base.push(b);
+        }
+        Ok(Row {
+            id: "2a",
+            figure: format!("{} noop jobs, 2 workers (library)", thousands(n)),
+            unit: Unit::JobsPerSecond,
+            crew,
+            baseline: base,
+            baseline_is: format!(
+                "raw loopback TCP echo to 2 child processes, {window} frames in flight each \
+                 ({request} B out, {reply} B back: a noop's Run and Done), tokio both ends"
+            ),
+            target: Target::AtLeast(50_000.0),
+        })
+    }
+
+    /// Figure 2b: the same through `crew run`, launch and parsing included;
+    /// the baseline is the library figure.
+    fn noop_cli(&self, library: &Row) -> anyhow::Result<Row> {
+        let n = self.sizes.noop_jobs;
+        let file = self.job_file("noop.jsonl", r#"{"builtin":"noop"}"#, n)?;
+        let mut crew = Vec::new();
+        for i in 1..=self.runs {
+            let c = n as f64 / time(self.crew_run(2, &file).current_dir(&self.dir))?;
+            progress("2b", i, self.runs, format!("crew run {c:.0} jobs/s"));
+            crew.push(c);
+        }
+        Ok(Row {
+            id: "2b",
+            figure: format!("{} noop jobs, 2 workers (crew run, with launch)", thousands(n)),
+            unit: Unit::JobsPerSecond,
+            crew,
+            baseline: library.crew.clone(),
+            baseline_is: "figure 2a (the library, workers launched beforehand)".into(),
+            target: Target::Info,
+        })
+    }
+
+    /// Figure 3: one `noop` round trip on a warm worker, against a raw TCP
+    /// request/response with a child process.
+    async fn round_trip(&self) -> anyhow::Result<Vec<Row>> {
+        let n = self.sizes.round_trips;
+        let (request, reply) = echo::noop_frame_sizes()?;
+        let (mut med, mut p99, mut base_med, mut base_p99) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for i in 1..=self.runs {
+            let controller = self.controller(1).await?;
+            let mut times = Vec::with_capacity(n);
+            for k in 0..n + WARM_UP {
+                let begin = Instant::now();
+                controller.send(JobSpec::builtin("noop", serde_json::Value::Null))?;
+                let output = controller.receive_wait(Some(PATIENCE)).await;
+                let elapsed = begin.elapsed();
+                check_outputs(&[output.context("no output within the patience")?], 1)?;
+                if k >= WARM_UP {
+                    times.push(micros(elapsed));
+                }
+            }
+            controller.close().await;
+            let raw: Vec<f64> = echo::ping_pong(n, request, reply).await?.into_iter().map(micros).collect();
+            let (m, p, bm, bp) = (
+                report::median(&times),
+                report::percentile(&times, 99.0),
+                report::median(&raw),
+                report::percentile(&raw, 99.0),
+            );
+            progress("3", i, self.runs, format!("crew {m:.1}/{p:.1} µs, raw TCP {bm:.1}/{bp:.1} µs (median/p99)"));
+            med.push(m);
+            p99.push(p);
+            base_med.push(bm);
+            base_p99.push(bp);
+        }
+        let baseline_is = format!(
+            "raw loopback TCP request/response with a child process ({request} B out, {reply} B back), tokio both ends"
+        );
+        Ok(vec![
+            Row {
+                id: "3a",
+                figure: format!("noop round trip, warm worker: median of {}", thousands(n)),
+                unit: Unit::Micros,
+                crew: med,
+                baseline: base_med,
+                baseline_is: baseline_is.clone(),
+                target: Target::Below(100.0),
+            },
+            Row {
+                id: "3b",
+                figure: "noop round trip, warm worker: p99".into(),
+                unit: Unit::Micros,
+                crew: p99,
+                baseline: base_p99,
+                baseline_is,
+                target: Target::Info,
+            },
+        ])
+    }
+
+    /// The ideal wall time of figure 4: the jobs evenly over 4 workers.
+    fn sleep_ideal(&self) -> f64 {
+        self.sizes.sleep_jobs as f64 * SLEEP_SECONDS / 4.0
+    }
+
+    /// Figure 4a: `sleep 0.05` jobs on 4 workers through the library,
+    /// workers launched beforehand, against the ideal.
+    async fn sleep_library(&self) -> anyhow::Result<Row> {
+        let n = self.sizes.sleep_jobs;
+        let mut crew = Vec::new();
+        for i in 1..=self.runs {
+            let controller = self.controller(4).await?;
+            let specs: Vec<JobSpec> = (0..n).map(|_| JobSpec::shell(format!("sleep {SLEEP_SECONDS}"))).collect();
+            let begin = Instant::now();
+            controller.send_many(specs)?;
+            let outputs = receive_n(&controller, n).await;
+            let elapsed = begin.elapsed().as_secs_f64();
+            controller.close().await;
+            check_outputs(&outputs?, n)?;
+            progress("4a", i, self.runs, format!("crew {elapsed:.3} s"));
+            crew.push(elapsed);
+        }
+        Ok(Row {
+            id: "4a",
+            figure: format!("{n} × sleep {SLEEP_SECONDS}, 4 workers (library)"),
+            unit: Unit::Seconds,
+            crew,
+            baseline: vec![self.sleep_ideal()],
+            baseline_is: "the ideal: jobs × 0.05 s / 4 workers".into(),
+            target: Target::RatioAtMost(1.05),
+        })
+    }
+
+    /// Figure 4b: the same through `crew run`, worker launch included,
+    /// against `xargs -P 4` on the same lines: what starting 200 shells
+    /// costs on this machine with nothing else.
+    fn sleep_cli(&self) -> anyhow::Result<Row> {
+        let n = self.sizes.sleep_jobs;
+        let file = self.job_file("sleep.txt", &format!("sleep {SLEEP_SECONDS}"), n)?;
+        let (mut crew, mut base) = (Vec::new(), Vec::new());
+        for i in 1..=self.runs {
+            let c = time(self.crew_run(4, &file).current_dir(&self.dir))?;
+            let b = time(&mut xargs(4, &file, &self.dir)?)?;
+            progress("4b", i, self.runs, format!("crew run {c:.3} s, xargs {b:.3} s"));
+            crew.push(c);
+            base.push(b);
+        }
+        Ok(Row {
+            id: "4b",
+            figure: format!("{n} × sleep {SLEEP_SECONDS}, 4 workers (crew run, with launch)"),
+            unit: Unit::Seconds,
+            crew,
+            baseline: base,
+            baseline_is: "xargs -P 4 -d '\\n' -n 1 sh -c < FILE (the same lines)".into(),
+            target: Target::Info,
+        })
+    }
+
+    /// Figure 5: a local worker from `launch` to connected and idle, against
+    /// spawning and waiting for `crew --version`.
+    async fn launch_to_ready(&self) -> anyhow::Result<Row> {
+        let n = self.sizes.launches;
+        let (mut crew, mut base) = (Vec::new(), Vec::new());
+        for i in 1..=self.runs {
+            let config = ControllerConfig::new(AgentCommand::crew(self.crew.to_string_lossy()));
+            let controller = Controller::start(config).await?;
+            controller.recruit(Recruit::new(Arc::new(LocalWorker::new()), 1))?;
+            // One launch to warm the page cache, then the timed ones.
+            let mut times = Vec::with_capacity(n);
+            for k in 0..=n {
+                let c = controller.clone();
+                let t = tokio::task::spawn_blocking(move || launch_once(&c))
+                    .await
+                    .context("the launch timer panicked")??;
+                if k > 0 {
+                    times.push(millis(t));
+                }
+            }
+            controller.close().await;
+            let mut spawn = Vec::with_capacity(n);
+            for _ in 0..n {
+                spawn.push(millis(time_version(&self.crew)?));
+            }
+            let (c, b) = (report::median(&times), report::median(&spawn));
+            progress("5", i, self.runs, format!("launch → ready {c:.2} ms, crew --version {b:.2} ms"));
+            crew.push(c);
+            base.push(b);
+        }
+        Ok(Row {
+            id: "5",
+            figure: format!("local worker launch → ready: median of {n}"),
+            unit: Unit::Millis,
+            crew,
+            baseline: base,
+            baseline_is: "spawning `crew --version` and waiting for it to exit".into(),
+            target: Target::Below(20.0),
+        })
+    }
+}
+
+/// Launches the one slot, waits until it is idle, then shuts it down and
+/// waits until it is down again; returns the time to idle. Blocking: it
+/// polls every 50 µs from its own thread, which a Tokio timer (1 ms
+/// granularity) could not, and without spinning a runtime thread the agent
+/// needs.
+fn launch_once(controller: &Controller) -> anyhow::Result<Duration> {
+    let state = || controller.status().slots.first().map(|s| s.state);
+    ensure!(state() == Some("down"), "the slot is {:?}, not down, before a launch", state());
+    let begin = Instant::now();
+    ensure!(controller.launch(&SlotFilter::default(), 1) == 1, "the slot did not launch");
+    while state() != Some("idle") {
+        ensure!(begin.elapsed() < PATIENCE, "the worker did not connect within {PATIENCE:?}");
+        std::thread::sleep(Duration::from_micros(50));
+    }
+    let ready = begin.elapsed();
+    controller.shutdown(&SlotFilter::default(), true);
+    while state() != Some("down") {
+        ensure!(begin.elapsed() < 2 * PATIENCE, "the worker did not stop within {PATIENCE:?}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    Ok(ready)
+}
+
+/// Receives `n` outputs.
+async fn receive_n(controller: &Controller, n: usize) -> anyhow::Result<Vec<Output>> {
+    let mut outputs = Vec::with_capacity(n);
+    while outputs.len() < n {
+        match controller.receive_wait(Some(PATIENCE)).await {
+            Some(o) => {
+                outputs.push(o);
+                outputs.extend(controller.receive_all());
+            }
+            None => bail!("only {} of {n} outputs arrived (none for {PATIENCE:?})", outputs.len()),
+        }
+    }
+    Ok(outputs)
+}
+
+/// Fails unless there are `n` outputs, all successes.
+fn check_outputs(outputs: &[Output], n: usize) -> anyhow::Result<()> {
+    ensure!(outputs.len() == n, "{} outputs for {n} jobs", outputs.len());
+    if let Some(bad) = outputs.iter().find(|o| !o.succeeded()) {
+        bail!("a job did not succeed: {:?} ({})", bad.status, bad.error.as_deref().unwrap_or("no error message"));
+    }
+    Ok(())
+}
+
+/// Runs a command to completion, stdout to `/dev/null`; its wall time in
+/// seconds. Fails with its stderr when it fails.
+fn time(cmd: &mut Command) -> anyhow::Result<f64> {
+    let shown = format!("{cmd:?}");
+    let begin = Instant::now();
+    let out =
+        cmd.stdout(Stdio::null()).stderr(Stdio::piped()).output().with_context(|| format!("cannot start {shown}"))?;
+    let elapsed = begin.elapsed().as_secs_f64();
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = stderr.lines().rev().take(10).collect();
+        bail!("{shown} failed ({}):\n{}", out.status, tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+    }
+    Ok(elapsed)
+}
+
+/// `xargs -P PARALLEL -d '\n' -n 1 sh -c < FILE`: every line through
+/// `sh -c`, as crew runs a plain line.
+fn xargs(parallel: u32, file: &Path, dir: &Path) -> anyhow::Result<Command> {
+    let input = File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+    let mut c = Command::new("xargs");
+    c.args(["-P", &parallel.to_string(), "-d", "\n", "-n", "1", "sh", "-c"]).stdin(input).current_dir(dir);
+    Ok(c)
+}
+
+/// Time to spawn `crew --version` and wait for it.
+fn time_version(crew: &Path) -> anyhow::Result<Duration> {
+    let begin = Instant::now();
+    let status = Command::new(crew)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .status()
+        .with_context(|| format!("cannot start {}", crew.display()))?;
+    let elapsed = begin.elapsed();
+    ensure!(status.success(), "`crew --version` failed ({status})");
+    Ok(elapsed)
+}
+
+fn progress(id: &str, run: usize, runs: usize, what: String) {
+    eprintln!("xtask: figure {id}, run {run}/{runs}: {what}");
+}
+
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// `10000` as `10,000`.
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thousands_groups_digits() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(10_000), "10,000");
+        assert_eq!(thousands(1_234_567), "1,234,567");
+    }
+}
