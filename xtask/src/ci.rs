@@ -4,8 +4,9 @@
 //! One command for CI and for people, so that "green locally" means "green in
 //! CI": formatting first (cheapest), then clippy with warnings as errors,
 //! then the tests of the whole workspace with every feature (the conformance
-//! kit included), then the embedding example. Tests run under `cargo nextest` when it is installed
-//! (faster, one process per test) and under `cargo test` otherwise.
+//! kit included), then the embedding example. Tests run under `cargo
+//! nextest` when it is installed (faster, one process per test) and under
+//! `cargo test` otherwise.
 
 use std::process::Stdio;
 
@@ -28,6 +29,11 @@ const CLIPPY: Step = Step {
 const NEXTEST: Step = Step {
     args: &["nextest", "run", "--workspace", "--all-features"],
     on_failure: "tests failed: see nextest's summary above",
+};
+
+const EXAMPLE: Step = Step {
+    args: &["run", "--quiet", "-p", "crew-worker-local", "--example", "embed"],
+    on_failure: "the embedding example failed: see its output above",
 };
 
 const TEST: Step =
