@@ -27,12 +27,14 @@
 //!   group could still write into them.) After the job, the first
 //!   [`ExecContext::inline_cap`] bytes are sent inline and, when there is
 //!   more, the whole file goes to the store.
-//! - **The agent reaps the child itself** with `waitid(WNOWAIT)` and then
-//!   `wait4` on a blocking thread: `wait4` returns the CPU time and peak
-//!   memory (`rusage`) that `tokio::process::Child::wait` throws away, and
-//!   waiting without reaping first keeps the group's id reserved while the
-//!   leftovers are killed, so a signal can never reach an unrelated process
-//!   that reused the id. Nothing else in the agent may reap children (no
+//! - **The agent reaps the child itself**: it learns that the main process
+//!   exited from a pidfd polled by the runtime (Linux; elsewhere from
+//!   `waitid(WNOWAIT)` on a blocking thread), kills what is left of the
+//!   group, and only then reaps with `wait4`, which returns the CPU time and
+//!   peak memory (`rusage`) that `tokio::process::Child::wait` throws away.
+//!   Not reaping before the leftovers are killed keeps the group's id
+//!   reserved, so a signal can never reach an unrelated process that reused
+//!   the id. Nothing else in the agent may reap children (no
 //!   `SIGCHLD` set to `SIG_IGN`, no `waitpid(-1)`).
 //!
 //! Builtins ([`crate::builtins`]) run in the agent itself; timeouts and
@@ -43,11 +45,13 @@
 //! error.
 
 use std::ffi::OsStr;
+use std::future::Future;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -464,8 +468,7 @@ async fn run_process(
     let group = Arc::new(Group::new(pid));
     // Kills the group if this future is dropped before the job is reaped.
     let guard = GroupGuard(Arc::clone(&group));
-    let reaper = Arc::clone(&group);
-    let mut waiter = tokio::task::spawn_blocking(move || reaper.wait_and_reap());
+    let mut waiter = Group::waiter(&group);
 
     let stop = tokio::select! {
         biased;
@@ -503,11 +506,10 @@ async fn run_process(
         o
     };
     let mut outcome = match waited {
-        Ok(Ok(exit)) => exit_outcome(stop, &exit, job.spec),
-        Ok(Err(e)) => lost(format!(
+        Ok(exit) => exit_outcome(stop, &exit, job.spec),
+        Err(e) => lost(format!(
             "could not wait for the job's process {pid}: {e} (is something else in the agent reaping children?)"
         )),
-        Err(e) => lost(format!("lost track of the job's process {pid}: {e}")),
     };
     tracing::debug!(job = %job.id, pid, status = %outcome.status, "job ended");
 
@@ -708,10 +710,42 @@ impl Group {
         }
     }
 
+    /// A future that resolves once the main process has exited, what is
+    /// left of its group is killed, and the main process is reaped. On
+    /// Linux it waits on a pidfd in the runtime (no thread, no hand-off);
+    /// elsewhere, or when pidfds are unavailable, on a blocking thread.
+    fn waiter(group: &Arc<Self>) -> Pin<Box<dyn Future<Output = io::Result<Exit>> + Send>> {
+        let group = Arc::clone(group);
+        #[cfg(target_os = "linux")]
+        if let Some(fd) = pidfd_open(group.pgid) {
+            // SAFETY: the OwnedFd is moved into the AsyncFd, which owns it
+            // (open, same description) until it is dropped.
+            let registered =
+                unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) };
+            if let Ok(fd) = registered {
+                return Box::pin(async move {
+                    // Readable means the process has exited (it is a zombie
+                    // until reaped below).
+                    let ready = fd.readable().await.map(drop);
+                    group.finish(ready.and_then(|()| group.reap()))
+                });
+            }
+        }
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || group.wait_and_reap()).await.unwrap_or_else(|e| Err(io::Error::other(e)))
+        })
+    }
+
     /// Blocks until the main process exits, kills what is left in its group,
     /// and reaps it. Runs on a blocking thread.
     fn wait_and_reap(&self) -> io::Result<Exit> {
-        let result = self.wait_and_reap_inner();
+        let result = self.wait_exited().and_then(|()| self.reap());
+        self.finish(result)
+    }
+
+    /// After a failed wait, kills what may be left once and never signals
+    /// the id again.
+    fn finish(&self, result: io::Result<Exit>) -> io::Result<Exit> {
         if result.is_err() {
             // Something else reaped the leader (or waiting is impossible):
             // kill what may be left once, then never signal the id again,
@@ -725,9 +759,9 @@ impl Group {
         result
     }
 
-    fn wait_and_reap_inner(&self) -> io::Result<Exit> {
-        // Wait without reaping: the zombie leader keeps the group id
-        // reserved while the leftovers are killed below.
+    /// Blocks until the main process exits, without reaping it: the zombie
+    /// leader keeps the group id reserved while the leftovers are killed.
+    fn wait_exited(&self) -> io::Result<()> {
         loop {
             // SAFETY: siginfo_t is plain data, valid when zeroed.
             let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
@@ -735,13 +769,18 @@ impl Group {
             let r =
                 unsafe { libc::waitid(libc::P_PID, self.pgid as libc::id_t, &mut info, libc::WEXITED | libc::WNOWAIT) };
             if r == 0 {
-                break;
+                return Ok(());
             }
             let e = io::Error::last_os_error();
             if e.kind() != io::ErrorKind::Interrupted {
                 return Err(e);
             }
         }
+    }
+
+    /// Kills what is left of the group of an exited main process, then
+    /// reaps it with its resource usage.
+    fn reap(&self) -> io::Result<Exit> {
         let mut reaped = self.reaped.lock().unwrap_or_else(PoisonError::into_inner);
         // Background children must not outlive the job.
         kill_group(self.pgid, libc::SIGKILL);
@@ -773,6 +812,18 @@ impl Drop for GroupGuard {
     fn drop(&mut self) {
         self.0.signal(libc::SIGKILL);
     }
+}
+
+/// A pidfd for `pid` (Linux 5.3+), or `None` where unavailable.
+#[cfg(target_os = "linux")]
+fn pidfd_open(pid: libc::pid_t) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let fd = libc::c_int::try_from(fd).ok().filter(|fd| *fd >= 0)?;
+    // SAFETY: the fd was just returned by the kernel and is owned by no one
+    // else.
+    Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
 }
 
 /// `kill(-pgid, signal)`; a group already gone is not an error.
