@@ -95,11 +95,10 @@ pub(crate) fn main(args: RunArgs) -> Result<u8, Failure> {
         .map_err(Failure::usage)?;
 
     let _ = crew_worker_local::become_subreaper();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(Failure::internal)?;
+    // One thread: the controller's work per job is short, and on one
+    // thread a result read from a worker, the next job written to it and
+    // the record printed need no hand-off between threads.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(Failure::internal)?;
     let code = rt.block_on(async move {
         let exe = std::env::current_exe().context("cannot find the crew executable")?;
         let mut config = ControllerConfig::new(AgentCommand::crew(exe.to_string_lossy()));
@@ -125,7 +124,8 @@ pub(crate) fn main(args: RunArgs) -> Result<u8, Failure> {
 /// Receives and prints every output; on SIGINT/SIGTERM cancels what is left
 /// and still prints one record per job.
 async fn collect(controller: &Controller, total: usize, json: bool) -> anyhow::Result<u8> {
-    let mut printer = Printer::new(json, std::io::stdout().lock());
+    // Buffered: flushed after each batch of records, not once per line.
+    let mut printer = Printer::new(json, std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock()));
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut failed = 0usize;
@@ -152,6 +152,7 @@ async fn collect(controller: &Controller, total: usize, json: bool) -> anyhow::R
                     for o in controller.receive_all() {
                         print(o, &mut printer)?;
                     }
+                    printer.flush()?;
                 }
                 None => break,
             },

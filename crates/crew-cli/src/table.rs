@@ -40,6 +40,20 @@ impl<W: Write> Printer<W> {
         }
     }
 
+    /// Pushes buffered records out; a closed pipe ends printing.
+    pub(crate) fn flush(&mut self) -> anyhow::Result<()> {
+        if self.closed {
+            return Ok(());
+        }
+        match self.out.flush() {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                self.closed = true;
+                Ok(())
+            }
+            r => Ok(r?),
+        }
+    }
+
     fn write(&mut self, o: &Output) -> std::io::Result<()> {
         if self.json {
             serde_json::to_writer(&mut self.out, o)?;

@@ -45,8 +45,8 @@
 //! error.
 
 use std::ffi::OsStr;
-use std::future::Future;
 use std::fs::{File, OpenOptions};
+use std::future::Future;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::process::CommandExt;
@@ -206,15 +206,27 @@ pub async fn run_job(
     match &spec.command {
         Command::Builtin { name, args } => run_builtin(&job, name, args, cancel).await,
         Command::Shell(line) => {
-            let mut cmd = std::process::Command::new(SHELL);
-            cmd.arg("-c").arg(line);
-            run_process(&job, SHELL, cmd, cancel).await
+            let mut shell = std::process::Command::new(SHELL);
+            shell.arg("-c").arg(line);
+            match simple_command(line) {
+                // A line the shell would only split on blanks and execute:
+                // run it directly, saving the shell's exec and fork. If the
+                // program cannot be started, the shell runs the line after
+                // all, so that errors are the shell's (exit 127 and its
+                // message), exactly as without the shortcut.
+                Some(words) => {
+                    let mut cmd = std::process::Command::new(words[0]);
+                    cmd.args(&words[1..]);
+                    run_process(&job, words[0], cmd, Some(shell), cancel).await
+                }
+                None => run_process(&job, SHELL, shell, None, cancel).await,
+            }
         }
         Command::Argv(argv) => match argv.split_first() {
             Some((program, args)) => {
                 let mut cmd = std::process::Command::new(program);
                 cmd.args(args);
-                run_process(&job, program, cmd, cancel).await
+                run_process(&job, program, cmd, None, cancel).await
             }
             None => job.ended(Outcome::failed("the command is empty: give at least a program")),
         },
@@ -429,10 +441,33 @@ fn upload_failed(job: &Job<'_>, stream: &str, e: &crate::store::StoreError, outc
 // ---------------------------------------------------------------------------
 // Processes
 
+/// Shell words that need no shell: a line of plain words (letters, digits
+/// and `_-./:,+@%=`) separated by blanks, whose first word is neither an
+/// assignment nor a shell builtin that has no program of the same meaning.
+/// `/bin/sh -c LINE` would only split such a line and execute it.
+fn simple_command(line: &str) -> Option<Vec<&str>> {
+    const SHELL_ONLY: &[&str] = &[
+        ".", ":", "alias", "bg", "break", "cd", "command", "continue", "eval", "exec", "exit", "export", "fc", "fg",
+        "getopts", "hash", "jobs", "local", "read", "readonly", "return", "set", "shift", "times", "trap", "type",
+        "ulimit", "umask", "unalias", "unset", "wait",
+    ];
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_-./:,+@%=".contains(c);
+    if !line.chars().all(|c| plain(c) || c == ' ' || c == '\t') {
+        return None;
+    }
+    let words: Vec<&str> = line.split([' ', '\t']).filter(|w| !w.is_empty()).collect();
+    let first = *words.first()?;
+    if first.contains('=') || SHELL_ONLY.contains(&first) {
+        return None;
+    }
+    Some(words)
+}
+
 async fn run_process(
     job: &Job<'_>,
     program: &str,
     mut cmd: std::process::Command,
+    fallback: Option<std::process::Command>,
     cancel: CancellationToken,
 ) -> JobResult {
     if cancel.is_cancelled() {
@@ -453,7 +488,17 @@ async fn run_process(
     let child = match cmd.spawn() {
         Ok(child) => child,
         Err(e) => {
-            return job.ended(Outcome::failed(start_error(program, job.spec.cwd.as_deref(), &e)));
+            let Some(mut shell) = fallback else {
+                return job.ended(Outcome::failed(start_error(program, job.spec.cwd.as_deref(), &e)));
+            };
+            if let Err(e) = configure(job, &mut shell, &files) {
+                return job.ended(Outcome::failed(format!("could not prepare the job: {e}")));
+            }
+            cmd = shell;
+            match cmd.spawn() {
+                Ok(child) => child,
+                Err(e) => return job.ended(Outcome::failed(start_error(SHELL, job.spec.cwd.as_deref(), &e))),
+            }
         }
     };
     // Close the parent's copies of the child's stdio now.
@@ -732,7 +777,9 @@ impl Group {
             }
         }
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || group.wait_and_reap()).await.unwrap_or_else(|e| Err(io::Error::other(e)))
+            tokio::task::spawn_blocking(move || group.wait_and_reap())
+                .await
+                .unwrap_or_else(|e| Err(io::Error::other(e)))
         })
     }
 
@@ -969,6 +1016,47 @@ mod tests {
 
     fn first_line_pid(r: &JobResult) -> i32 {
         r.stdout.text.lines().next().unwrap().trim().parse().unwrap()
+    }
+
+    #[test]
+    fn simple_lines_skip_the_shell() {
+        assert_eq!(simple_command("sleep 0.05"), Some(vec!["sleep", "0.05"]));
+        assert_eq!(simple_command("  true "), Some(vec!["true"]));
+        assert_eq!(
+            simple_command("python3 fit.py --alpha=0.5 data/x.csv"),
+            Some(vec!["python3", "fit.py", "--alpha=0.5", "data/x.csv"])
+        );
+        for needs_shell in [
+            "echo $HOME",
+            "a | b",
+            "a; b",
+            "a && b",
+            "echo 'x y'",
+            "echo \"x\"",
+            "ls *.txt",
+            "X=1 env",
+            "cd /tmp",
+            "exit 3",
+            "echo ~",
+            "a > f",
+            "a\nb",
+            "echo x # c",
+            "",
+        ] {
+            assert_eq!(simple_command(needs_shell), None, "{needs_shell:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_simple_line_behaves_as_under_the_shell() {
+        let (_d, ctx) = context();
+        let r = run(&ctx, &JobSpec::shell("printf %s:%s a b")).await;
+        assert_eq!((r.status, r.stdout.text.as_str()), (Status::Succeeded, "a:b"));
+        // A missing program: the shell's answer, not a start error.
+        let r = run(&ctx, &JobSpec::shell("crew-no-such-program-xyz arg")).await;
+        assert_eq!(r.status, Status::Failed);
+        assert_eq!(r.exit_code, Some(127));
+        assert!(r.stderr.text.contains("not found"), "{:?}", r.stderr.text);
     }
 
     #[tokio::test]
