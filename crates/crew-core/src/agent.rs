@@ -31,7 +31,7 @@ use crate::exec::{self, ExecContext, JobResult};
 use crate::job::{Command, JobId};
 use crate::output::{Captured, Status, Timestamp};
 use crate::protocol::{self, AgentMsg, ControllerMsg, PROTOCOL_VERSION, RunJob};
-use crate::worker::{ENV_CONNECT, ENV_INDEX, ENV_LAUNCH, ENV_TOKEN, Secret};
+use crate::worker::{ENV_CONNECT, ENV_INDEX, ENV_LAUNCH, ENV_PARENT_PID, ENV_TOKEN, Secret};
 
 /// Exit code of an agent that stopped normally.
 pub const EXIT_OK: i32 = 0;
@@ -228,6 +228,7 @@ fn cancelled_result(why: &str) -> JobResult {
 /// Runs the agent until it is told to stop, runs out of work limits, or
 /// loses its controller.
 pub async fn run(cfg: AgentConfig) -> Result<AgentExit, AgentError> {
+    die_with_parent()?;
     let mut stream = connect(&cfg.connect).await?;
     let _ = stream.set_nodelay(true);
     let mut out = BytesMut::with_capacity(16 * 1024);
@@ -499,6 +500,31 @@ fn push_done(out: &mut BytesMut, job: JobId, attempt: u32, result: JobResult) {
             let _ = protocol::encode(&AgentMsg::Done { job, attempt, result: Box::new(r) }, out);
         }
     }
+}
+
+/// When started by a class that set `CREW_PARENT_PID`, exit (by SIGTERM, so
+/// the running job is killed in order) when that process dies.
+fn die_with_parent() -> Result<(), AgentError> {
+    let Some(parent) = std::env::var(ENV_PARENT_PID).ok().filter(|v| !v.is_empty()) else {
+        return Ok(());
+    };
+    let parent: libc::pid_t = parent
+        .parse()
+        .map_err(|_| AgentError::Config(format!("{ENV_PARENT_PID} is not a process id: {parent:?}")))?;
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number and touches
+        // no memory.
+        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong, 0, 0, 0) } == -1 {
+            warn!("cannot arm the parent-death signal: {}", std::io::Error::last_os_error());
+        }
+    }
+    // The parent may have died before the signal was armed.
+    // SAFETY: getppid has no preconditions and cannot fail.
+    if unsafe { libc::getppid() } != parent {
+        return Err(AgentError::Config("the process that started this agent is gone".into()));
+    }
+    Ok(())
 }
 
 fn hostname() -> String {

@@ -20,6 +20,10 @@ pub const ENV_LAUNCH: &str = "CREW_LAUNCH";
 pub const ENV_TOKEN: &str = "CREW_TOKEN";
 /// Environment variable carrying the agent's index within its launch.
 pub const ENV_INDEX: &str = "CREW_INDEX";
+/// Environment variable a class that starts agents as its own child
+/// processes sets to its pid: the agent then exits when that process dies
+/// (a parent-death signal on Linux), even if it was killed with SIGKILL.
+pub const ENV_PARENT_PID: &str = "CREW_PARENT_PID";
 
 /// A secret, redacted in `Debug` and `Display` so that it never reaches a log.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -9,9 +9,9 @@
 //! - `launch` spawns one agent per member, each in its own process group
 //!   (so a Ctrl-C at the terminal reaches the controller, which then stops
 //!   the workers in order, rather than killing them mid-job), with the
-//!   launch secret in its environment only, and, on Linux, a parent-death
-//!   signal so that an agent never outlives a controller killed with
-//!   SIGKILL.
+//!   launch secret in its environment only, and the controller's pid in
+//!   `CREW_PARENT_PID`, from which the agent arms a parent-death signal (on
+//!   Linux) so that it never outlives a controller killed with SIGKILL.
 //! - `probe` reaps exited agents and reports their exit status.
 //! - `terminate` sends SIGTERM, then SIGKILL after a grace period.
 //! - Dropping the class or a handle kills nothing.
@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use crew_core::worker::{Capabilities, ENV_INDEX, Handle, LaunchSpec, Liveness, Worker, WorkerError};
+use crew_core::worker::{Capabilities, ENV_INDEX, ENV_PARENT_PID, Handle, LaunchSpec, Liveness, Worker, WorkerError};
 use tokio::process::Child;
 use tracing::{debug, warn};
 
@@ -124,22 +124,14 @@ impl Worker for LocalWorker {
                 .envs(&spec.env)
                 .env(ENV_INDEX, member.index.to_string())
                 .env("CREW_SLOT", &member.slot)
+                // The agent arms its own parent-death signal against this
+                // pid (no pre-exec hook here: without one, the spawn uses
+                // posix_spawn instead of copying this process's memory map,
+                // which gets slower as the controller grows).
+                .env(ENV_PARENT_PID, std::process::id().to_string())
                 .stdin(std::process::Stdio::null())
                 .process_group(0)
                 .kill_on_drop(false);
-            #[cfg(target_os = "linux")]
-            {
-                // SAFETY: prctl is async-signal-safe; the closure touches no
-                // memory of the parent.
-                unsafe {
-                    cmd.pre_exec(|| {
-                        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                        Ok(())
-                    });
-                }
-            }
             match cmd.spawn() {
                 Ok(child) => {
                     let Some(pid) = child.id() else {
