@@ -508,9 +508,8 @@ fn die_with_parent() -> Result<(), AgentError> {
     let Some(parent) = std::env::var(ENV_PARENT_PID).ok().filter(|v| !v.is_empty()) else {
         return Ok(());
     };
-    let parent: libc::pid_t = parent
-        .parse()
-        .map_err(|_| AgentError::Config(format!("{ENV_PARENT_PID} is not a process id: {parent:?}")))?;
+    let parent: libc::pid_t =
+        parent.parse().map_err(|_| AgentError::Config(format!("{ENV_PARENT_PID} is not a process id: {parent:?}")))?;
     #[cfg(target_os = "linux")]
     {
         // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number and touches

@@ -17,12 +17,12 @@
 //! - Dropping the class or a handle kills nothing.
 
 use std::collections::{BTreeMap, HashMap};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use crew_core::worker::{Capabilities, ENV_INDEX, ENV_PARENT_PID, Handle, LaunchSpec, Liveness, Worker, WorkerError};
-use tokio::process::Child;
 use tracing::{debug, warn};
 
 mod orphans;
@@ -43,9 +43,15 @@ struct Inner {
     procs: Mutex<HashMap<u32, Proc>>,
 }
 
+/// What the class knows of one agent it started.
 #[derive(Debug)]
 enum Proc {
-    Running(Child),
+    /// Not reaped yet. Signals go through the pidfd when there is one, so
+    /// they can never reach another process that reused the pid.
+    Running(Option<OwnedFd>),
+    /// Reaped by its waiter task; the reason is reported by the next probe.
+    /// A probe that reported it, or a terminate, forgets the process, so the
+    /// table does not grow with every relaunch of a long-lived controller.
     Exited(String),
 }
 
@@ -70,6 +76,18 @@ impl LocalWorker {
     fn procs(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Proc>> {
         self.inner.procs.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+
+    /// Sends `sig` to the agent `pid` if it is still running (not reaped).
+    /// Returns whether it was running.
+    fn signal(&self, pid: u32, sig: libc::c_int) -> bool {
+        match self.procs().get(&pid) {
+            Some(Proc::Running(pidfd)) => {
+                send_signal(pid, pidfd.as_ref(), sig);
+                true
+            }
+            _ => false,
+        }
+    }
 }
 
 fn describe(status: std::process::ExitStatus) -> String {
@@ -85,11 +103,38 @@ fn pid_of(handle: &Handle) -> Option<u32> {
     handle.id.parse().ok()
 }
 
-fn signal(pid: u32, sig: libc::c_int) {
+/// A pidfd for a child not yet reaped (Linux 5.3+); `None` elsewhere.
+fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::FromRawFd;
+        // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::pid_t::try_from(pid).ok()?, 0) };
+        let fd = libc::c_int::try_from(fd).ok().filter(|fd| *fd >= 0)?;
+        // SAFETY: the kernel just returned this fd; nothing else owns it.
+        Some(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = pid;
+        None
+    }
+}
+
+fn send_signal(pid: u32, pidfd: Option<&OwnedFd>, sig: libc::c_int) {
+    #[cfg(target_os = "linux")]
+    if let Some(fd) = pidfd {
+        // SAFETY: pidfd_send_signal takes an fd we own, a signal number and
+        // a null siginfo.
+        unsafe {
+            libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd(), sig, std::ptr::null::<libc::siginfo_t>(), 0);
+        }
+        return;
+    }
+    let _ = pidfd;
     let Ok(pid) = libc::pid_t::try_from(pid) else { return };
-    // SAFETY: kill has no memory-safety preconditions; a stale pid is
-    // guarded against by only signalling children we have not reaped
-    // (a zombie keeps its pid reserved).
+    // SAFETY: kill has no memory-safety preconditions; the caller holds the
+    // table lock and saw the process unreaped, so the pid is still ours.
     unsafe {
         libc::kill(pid, sig);
     }
@@ -132,24 +177,31 @@ impl Worker for LocalWorker {
                 .stdin(std::process::Stdio::null())
                 .process_group(0)
                 .kill_on_drop(false);
-            match cmd.spawn() {
-                Ok(child) => {
-                    let Some(pid) = child.id() else {
-                        return Err(WorkerError::Platform {
-                            class: CLASS.to_owned(),
-                            message: "a spawned agent has no pid".to_owned(),
-                            retryable: true,
-                        });
-                    };
+            let spawned = cmd.spawn().and_then(|child| match child.id() {
+                Some(pid) => Ok((child, pid)),
+                None => Err(std::io::Error::other("a spawned agent has no pid")),
+            });
+            match spawned {
+                Ok((mut child, pid)) => {
                     debug!(pid, slot = %member.slot, "local agent started");
-                    self.procs().insert(pid, Proc::Running(child));
+                    self.procs().insert(pid, Proc::Running(pidfd_open(pid)));
+                    // Reap it as soon as it exits, whoever asks or not.
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        let reason = match child.wait().await {
+                            Ok(status) => describe(status),
+                            Err(e) => format!("the agent's status is unknown: {e}"),
+                        };
+                        debug!(pid, "{reason}");
+                        this.procs().insert(pid, Proc::Exited(reason));
+                    });
                     started.push(pid);
                     handles.push(Handle { id: pid.to_string() });
                 }
                 Err(e) => {
                     // All or nothing: stop what this launch started.
                     for pid in started {
-                        signal(pid, libc::SIGKILL);
+                        self.signal(pid, libc::SIGKILL);
                     }
                     return Err(WorkerError::Platform {
                         class: CLASS.to_owned(),
@@ -168,20 +220,13 @@ impl Worker for LocalWorker {
             .iter()
             .map(|h| {
                 let Some(pid) = pid_of(h) else { return Liveness::Unknown };
-                let Some(p) = procs.get_mut(&pid) else { return Liveness::Unknown };
-                if let Proc::Running(child) = p {
-                    match child.try_wait() {
-                        Ok(None) => return Liveness::Running,
-                        Ok(Some(status)) => {
-                            debug!(pid, "{}", describe(status));
-                            *p = Proc::Exited(describe(status));
-                        }
-                        Err(e) => *p = Proc::Exited(format!("the agent's status is unknown: {e}")),
-                    }
-                }
-                match p {
-                    Proc::Exited(reason) => Liveness::Exited { reason: reason.clone() },
-                    Proc::Running(_) => Liveness::Running,
+                match procs.get(&pid) {
+                    None => Liveness::Unknown,
+                    Some(Proc::Running(_)) => Liveness::Running,
+                    Some(Proc::Exited(_)) => match procs.remove(&pid) {
+                        Some(Proc::Exited(reason)) => Liveness::Exited { reason },
+                        _ => Liveness::Unknown,
+                    },
                 }
             })
             .collect())
@@ -191,19 +236,17 @@ impl Worker for LocalWorker {
         let mut pending = Vec::new();
         {
             let mut procs = self.procs();
-            for h in handles {
-                let Some(pid) = pid_of(h) else { continue };
-                if let Some(Proc::Running(child)) = procs.get_mut(&pid) {
-                    match child.try_wait() {
-                        Ok(None) => {
-                            signal(pid, libc::SIGTERM);
-                            pending.push(pid);
-                        }
-                        Ok(Some(status)) => {
-                            procs.insert(pid, Proc::Exited(describe(status)));
-                        }
-                        Err(e) => warn!(pid, "cannot check a local agent: {e}"),
+            for pid in handles.iter().filter_map(pid_of) {
+                match procs.get(&pid) {
+                    Some(Proc::Running(pidfd)) => {
+                        send_signal(pid, pidfd.as_ref(), libc::SIGTERM);
+                        pending.push(pid);
                     }
+                    // Terminated means forgotten: nobody will ask again.
+                    Some(Proc::Exited(_)) => {
+                        procs.remove(&pid);
+                    }
+                    None => {}
                 }
             }
         }
@@ -217,30 +260,22 @@ impl Worker for LocalWorker {
             let deadline = tokio::time::Instant::now() + this.inner.grace;
             loop {
                 let alive: Vec<u32> = {
-                    let mut procs = this.procs();
-                    pending
-                        .iter()
-                        .copied()
-                        .filter(|pid| match procs.get_mut(pid) {
-                            Some(Proc::Running(child)) => match child.try_wait() {
-                                Ok(None) => true,
-                                Ok(Some(status)) => {
-                                    procs.insert(*pid, Proc::Exited(describe(status)));
-                                    false
-                                }
-                                Err(_) => false,
-                            },
-                            _ => false,
-                        })
-                        .collect()
+                    let procs = this.procs();
+                    pending.iter().copied().filter(|pid| matches!(procs.get(pid), Some(Proc::Running(_)))).collect()
                 };
                 if alive.is_empty() {
+                    let mut procs = this.procs();
+                    for pid in &pending {
+                        if matches!(procs.get(pid), Some(Proc::Exited(_))) {
+                            procs.remove(pid);
+                        }
+                    }
                     return;
                 }
                 if tokio::time::Instant::now() >= deadline {
                     for pid in alive {
                         warn!(pid, "local agent ignored SIGTERM; killing it");
-                        signal(pid, libc::SIGKILL);
+                        this.signal(pid, libc::SIGKILL);
                     }
                     return;
                 }

@@ -1,6 +1,6 @@
 //! The figures: each measured `runs` times, alternating with its baseline.
 //!
-//! Library figures embed a [`Controller`] in this process (a two-thread
+//! Library figures embed a [`Controller`] in this process (a current-thread
 //! Tokio runtime, as `crew run` has) with `crew worker` from the release
 //! `crew` binary as the agent, and launch the workers before the clock
 //! starts unless the figure is about launching. `crew run` figures time the
@@ -55,11 +55,7 @@ pub(super) fn run(opts: Options) -> anyhow::Result<()> {
     let sizes = if opts.quick { QUICK } else { FULL };
     let crew = crew_binary()?;
     let scratch = Scratch::create()?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start a runtime")?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start a runtime")?;
     let bench = Bench { crew, dir: scratch.0.clone(), runs: opts.runs, sizes };
     let mut rows = Vec::new();
     if opts.wants(1) {

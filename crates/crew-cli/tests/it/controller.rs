@@ -257,3 +257,50 @@ async fn a_timeout_kills_the_whole_job_while_the_worker_stays() {
     controller.close().await;
     assert_none_marked(&mark, Duration::from_secs(3));
 }
+
+/// Workers are semi-persistent: jobs one after the other run in the same
+/// agent process; an idle worker stops after its idle timeout (its process
+/// gone) and is launched again when a job needs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_persist_between_jobs_and_stop_when_idle() {
+    let controller = Controller::start(ControllerConfig::new(AgentCommand::crew(crew_bin()))).await.expect("start");
+    let mut recruit = Recruit::new(Arc::new(LocalWorker::new()), 1);
+    recruit.limits.idle_timeout = Some(Duration::from_millis(600));
+    controller.recruit(recruit).expect("recruit");
+    let agent_of = |o: &crew_core::Output| -> u32 {
+        assert_eq!(o.status, Status::Succeeded, "{o:?}");
+        o.stdout.text.trim().parse().expect("a pid")
+    };
+    let mut pids = Vec::new();
+    for _ in 0..3 {
+        controller.send(JobSpec::shell("echo $PPID")).expect("send");
+        let o = controller.receive_wait(Some(Duration::from_secs(20))).await.expect("an output");
+        pids.push(agent_of(&o));
+    }
+    assert!(pids.iter().all(|p| *p == pids[0]), "jobs ran in different agent processes: {pids:?}");
+    let first = pids[0];
+    // Idle for longer than the timeout: the slot goes down and the agent
+    // process exits.
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let st = controller.status();
+            st.slots[0].state == "down" && st.slots[0].last_reason.as_deref().is_some_and(|r| r.contains("idle"))
+        })
+        .await,
+        "the idle worker was not stopped: {:?}",
+        controller.status()
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || !std::path::Path::new(&format!("/proc/{first}")).exists()
+            || std::fs::read_to_string(format!("/proc/{first}/stat")).is_ok_and(|s| s.contains(") Z ")))
+        .await,
+        "the idle agent {first} is still running"
+    );
+    // A new job relaunches the slot: a new agent process.
+    controller.send(JobSpec::shell("echo $PPID")).expect("send");
+    let o = controller.receive_wait(Some(Duration::from_secs(20))).await.expect("an output");
+    let second = agent_of(&o);
+    assert_ne!(second, first, "the relaunched worker should be a new process");
+    assert_eq!(o.attempt, 1);
+    controller.close().await;
+}
