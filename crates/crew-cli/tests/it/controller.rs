@@ -291,10 +291,8 @@ async fn workers_persist_between_jobs_and_stop_when_idle() {
         controller.status()
     );
     assert!(
-        eventually(Duration::from_secs(10), || !std::path::Path::new(&format!("/proc/{first}")).exists()
-            || std::fs::read_to_string(format!("/proc/{first}/stat")).is_ok_and(|s| s.contains(") Z ")))
-        .await,
-        "the idle agent {first} is still running"
+        eventually(Duration::from_secs(10), || !std::path::Path::new(&format!("/proc/{first}")).exists()).await,
+        "the idle agent {first} is still there (running, or a zombie nobody reaped)"
     );
     // A new job relaunches the slot: a new agent process.
     controller.send(JobSpec::shell("echo $PPID")).expect("send");
