@@ -389,6 +389,12 @@ impl Controller {
         if req.limits.launch_max == 0 {
             return Err(ControllerError::Recruit("the launch budget must be at least 1".into()));
         }
+        if req.limits.tasks_max == Some(0) {
+            return Err(ControllerError::Recruit("the task limit must be at least 1 (or none)".into()));
+        }
+        if req.limits.launch_timeout.is_zero() {
+            return Err(ControllerError::Recruit("the launch timeout must be greater than zero".into()));
+        }
         req.class.check_options(&req.options).map_err(|e| ControllerError::Recruit(e.to_string()))?;
         let shared = &self.shared;
         let mut core = lock(&shared.core);
