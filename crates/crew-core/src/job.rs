@@ -290,53 +290,71 @@ pub struct LineDefaults {
     pub retries: Option<u32>,
 }
 
+/// Parses a job given as a JSON value of the job-line form (an object with
+/// `name`, `tags`, `command`/`shell`/`builtin`, ...; see README, "Job
+/// lines"), as APIs receive it. Returns a validated job.
+pub fn parse_job_value(value: serde_json::Value, defaults: &LineDefaults) -> Result<JobSpec, JobError> {
+    if !value.is_object() {
+        return Err(JobError::new("a job must be a JSON object"));
+    }
+    let line: JobLine = serde_json::from_value(value).map_err(|e| JobError::new(format!("invalid JSON job: {e}")))?;
+    finish(from_json(line, defaults)?, defaults)
+}
+
 /// Parses one non-empty job line: a JSON object (when it starts with `{`) or
 /// else a plain shell command line. Returns a validated job.
 pub fn parse_job_line(line: &str, defaults: &LineDefaults) -> Result<JobSpec, JobError> {
     let trimmed = line.trim();
-    let mut spec = if trimmed.starts_with('{') {
+    let spec = if trimmed.starts_with('{') {
         let l: JobLine = serde_json::from_str(trimmed).map_err(|e| JobError::new(format!("invalid JSON job: {e}")))?;
-        let command = match (l.command, l.shell, l.builtin) {
-            (Some(argv), None, None) => Command::Argv(argv),
-            (None, Some(line), None) => Command::Shell(line),
-            (None, None, Some(name)) => {
-                Command::Builtin { name, args: l.args.clone().unwrap_or(serde_json::Value::Null) }
-            }
-            (None, None, None) => {
-                return Err(JobError::new(
-                    "the job has no command: give one of \"command\" (argv array), \"shell\" (string) or \"builtin\" (name)",
-                ));
-            }
-            _ => {
-                return Err(JobError::new("give exactly one of \"command\", \"shell\" or \"builtin\""));
-            }
-        };
-        if l.args.is_some() && !matches!(command, Command::Builtin { .. }) {
-            return Err(JobError::new("\"args\" goes only with \"builtin\""));
-        }
-        let tags = Tags::try_from_iter(l.tags).map_err(|e| JobError::new(e.to_string()))?;
-        let timeout = match l.timeout {
-            None => None,
-            Some(DurationField::Seconds(s)) => Some(parse_duration(&s.to_string())?),
-            Some(DurationField::Text(t)) => Some(parse_duration(&t)?),
-        };
-        JobSpec {
-            name: l.name,
-            tags,
-            command,
-            env: l.env,
-            cwd: l.cwd,
-            stdin: l.stdin,
-            timeout,
-            retries: l.retries.or(defaults.retries).unwrap_or(0),
-            crashes_max: l.crashes_max.unwrap_or(DEFAULT_CRASHES_MAX),
-            priority: l.priority.unwrap_or(0),
-        }
+        from_json(l, defaults)?
     } else {
         let mut s = JobSpec::shell(trimmed);
         s.retries = defaults.retries.unwrap_or(0);
         s
     };
+    finish(spec, defaults)
+}
+
+fn from_json(l: JobLine, defaults: &LineDefaults) -> Result<JobSpec, JobError> {
+    let command = match (l.command, l.shell, l.builtin) {
+        (Some(argv), None, None) => Command::Argv(argv),
+        (None, Some(line), None) => Command::Shell(line),
+        (None, None, Some(name)) => Command::Builtin { name, args: l.args.clone().unwrap_or(serde_json::Value::Null) },
+        (None, None, None) => {
+            return Err(JobError::new(
+                "the job has no command: give one of \"command\" (argv array), \"shell\" (string) or \"builtin\" (name)",
+            ));
+        }
+        _ => {
+            return Err(JobError::new("give exactly one of \"command\", \"shell\" or \"builtin\""));
+        }
+    };
+    if l.args.is_some() && !matches!(command, Command::Builtin { .. }) {
+        return Err(JobError::new("\"args\" goes only with \"builtin\""));
+    }
+    let tags = Tags::try_from_iter(l.tags).map_err(|e| JobError::new(e.to_string()))?;
+    let timeout = match l.timeout {
+        None => None,
+        Some(DurationField::Seconds(s)) => Some(parse_duration(&s.to_string())?),
+        Some(DurationField::Text(t)) => Some(parse_duration(&t)?),
+    };
+    Ok(JobSpec {
+        name: l.name,
+        tags,
+        command,
+        env: l.env,
+        cwd: l.cwd,
+        stdin: l.stdin,
+        timeout,
+        retries: l.retries.or(defaults.retries).unwrap_or(0),
+        crashes_max: l.crashes_max.unwrap_or(DEFAULT_CRASHES_MAX),
+        priority: l.priority.unwrap_or(0),
+    })
+}
+
+/// Applies the defaults a job did not set, then validates it.
+fn finish(mut spec: JobSpec, defaults: &LineDefaults) -> Result<JobSpec, JobError> {
     if spec.timeout.is_none() {
         spec.timeout = defaults.timeout;
     }
@@ -440,6 +458,16 @@ mod tests {
         let text = "true\n\n# comment\n{\"bad\n{\"name\":\"a\",\"shell\":\"x\"}\n{\"name\":\"a\",\"shell\":\"y\"}\n";
         let errs = parse_job_file(text, &LineDefaults::default()).unwrap_err();
         assert_eq!(errs.iter().map(|e| e.line).collect::<Vec<_>>(), vec![4, 6]);
+    }
+
+    #[test]
+    fn json_values_parse_like_lines() {
+        let d = LineDefaults::default();
+        let v = serde_json::json!({"name": "a", "command": ["echo", "x"], "timeout": "2s"});
+        let from_value = parse_job_value(v.clone(), &d).unwrap();
+        assert_eq!(from_value, parse_job_line(&v.to_string(), &d).unwrap());
+        assert!(parse_job_value(serde_json::json!("echo hi"), &d).is_err());
+        assert!(parse_job_value(serde_json::json!({"shell": "x", "bogus": 1}), &d).is_err());
     }
 
     #[test]
