@@ -207,6 +207,26 @@ pub struct StatusReport {
 
 /// The controller: holds the scheduler, listens for agents, runs the loop.
 /// Cheap to clone; every clone is the same controller.
+///
+/// Call [`Controller::close`] when done: it stops the workers in order and
+/// waits until they are gone. A controller that is merely dropped keeps its
+/// background tasks until the runtime shuts down; its workers then see the
+/// connection drop and exit by themselves (and kill their jobs), so nothing
+/// is left behind either way, only less gracefully.
+///
+/// ```no_run
+/// # use std::sync::Arc;
+/// # async fn demo(class: Arc<dyn crew_core::worker::Worker>) -> Result<(), Box<dyn std::error::Error>> {
+/// use crew_core::controller::{AgentCommand, Controller, ControllerConfig, Recruit};
+/// let controller = Controller::start(ControllerConfig::new(AgentCommand::crew("/usr/local/bin/crew"))).await?;
+/// controller.recruit(Recruit::new(class, 4))?;
+/// let id = controller.send(crew_core::JobSpec::shell("echo hello"))?;
+/// let output = controller.receive_wait(None).await.expect("one job is pending");
+/// assert_eq!(output.id, id);
+/// controller.close().await;
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct Controller {
     shared: Arc<Shared>,
