@@ -88,6 +88,31 @@ pub struct ControllerConfig {
     pub stop_grace: Duration,
     /// Time an agent has to send its hello after connecting.
     pub hello_timeout: Duration,
+    /// The id of the first job sent (a restarted controller continues its
+    /// numbering).
+    pub first_job_id: u64,
+    /// Told of every job sent to a worker (for a journal); called with the
+    /// controller's lock held, so it must be quick and must not call back
+    /// into the controller.
+    pub observer: Option<Arc<dyn Observer>>,
+}
+
+/// Hooks for a program that keeps its own record of the controller's work
+/// (the daemon's journal).
+pub trait Observer: Send + Sync + fmt::Debug {
+    /// The job was sent to a worker for its attempt `attempt`.
+    fn assigned(&self, job: JobId, attempt: u32);
+}
+
+/// A job a previous controller accepted, for [`Controller::restore`].
+#[derive(Clone, Debug)]
+pub struct RestoredJob {
+    /// Its id, kept.
+    pub id: JobId,
+    /// What it runs.
+    pub spec: JobSpec,
+    /// Its past: attempts started, crashes, failures retried.
+    pub history: crate::scheduler::History,
 }
 
 impl ControllerConfig {
@@ -103,6 +128,8 @@ impl ControllerConfig {
             heartbeat_misses: 5,
             stop_grace: Duration::from_secs(3),
             hello_timeout: Duration::from_secs(10),
+            first_job_id: 1,
+            observer: None,
         }
     }
 }
@@ -374,7 +401,7 @@ impl Controller {
                 launches: HashMap::new(),
                 names: HashMap::new(),
                 outputs: VecDeque::new(),
-                next_job: 1,
+                next_job: config.first_job_id.max(1),
                 next_launch: 1,
                 next_conn: 1,
                 class_counters: HashMap::new(),
@@ -490,6 +517,39 @@ impl Controller {
             }
         }
         Ok(ids)
+    }
+
+    /// Accepts jobs a previous controller accepted (read back from a
+    /// journal), keeping their ids and seeds; later sends are numbered after
+    /// the largest id. All or nothing, like [`Controller::send_many`].
+    pub fn restore(&self, jobs: Vec<RestoredJob>) -> Result<(), ControllerError> {
+        for job in &jobs {
+            job.spec.validate()?;
+        }
+        let shared = &self.shared;
+        let mut core = lock(&shared.core);
+        if core.closing {
+            return Err(ControllerError::Closed);
+        }
+        for job in &jobs {
+            if let Some(name) = &job.spec.name {
+                if core.names.contains_key(name) {
+                    return Err(ControllerError::DuplicateName(name.clone()));
+                }
+            }
+            core.sched.check_tags(&job.spec.tags)?;
+        }
+        let now = Instant::now();
+        for job in jobs {
+            core.next_job = core.next_job.max(job.id.0 + 1);
+            let seed = job_seed(shared.config.seed, &job.spec.seed_key(job.id));
+            if let Some(name) = &job.spec.name {
+                core.names.insert(name.clone(), job.id);
+            }
+            core.sched.restore(job.id, Arc::new(job.spec), seed, job.history, now)?;
+        }
+        shared.apply(&mut core);
+        Ok(())
     }
 
     /// Takes one finished output, if any (non-blocking). Each output is
@@ -710,6 +770,9 @@ impl Shared {
             match action {
                 Action::Assign { slot, job, attempt } => {
                     tracing::trace!(%job, attempt, slot = slot.0, "assign");
+                    if let Some(observer) = &self.config.observer {
+                        observer.assigned(job, attempt);
+                    }
                     let (Some(spec), Some(seed)) = (core.sched.job(job).cloned(), core.sched.job_seed(job)) else {
                         continue;
                     };

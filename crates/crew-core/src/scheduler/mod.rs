@@ -175,6 +175,18 @@ pub enum SubmitError {
     Duplicate(JobId),
 }
 
+/// What happened to a job before: attempts started, crashes, failed runs
+/// retried (see [`Scheduler::restore`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct History {
+    /// Attempts started.
+    pub attempts: u32,
+    /// Attempts whose worker died under the job.
+    pub crashes: u32,
+    /// Failed attempts already retried.
+    pub failures: u32,
+}
+
 /// Which slots a command applies to.
 #[derive(Clone, Debug, Default)]
 pub struct SlotFilter {
@@ -451,25 +463,49 @@ impl Scheduler {
     /// Accepts a job (validated by the caller) or refuses it when no usable
     /// slot could ever run it.
     pub fn submit(&mut self, id: JobId, spec: Arc<JobSpec>, seed: u64, now: Instant) -> Result<(), SubmitError> {
+        self.restore(id, spec, seed, History::default(), now)
+    }
+
+    /// Accepts a job that already has a history: one a controller accepted
+    /// before it restarted, with the attempts it started and the crashes it
+    /// suffered then. A job whose crashes reach its `crashes_max` ends
+    /// `crashed` at once; otherwise it is queued like a new job, and its next
+    /// attempt is numbered after the earlier ones.
+    pub fn restore(
+        &mut self,
+        id: JobId,
+        spec: Arc<JobSpec>,
+        seed: u64,
+        history: History,
+        now: Instant,
+    ) -> Result<(), SubmitError> {
         if self.jobs.contains_key(&id) {
             return Err(SubmitError::Duplicate(id));
         }
         self.check_satisfiable(&spec.tags)?;
         let key = self.back_key(spec.priority);
-        self.queue.entry(spec.tags.clone()).or_default().insert(key, id);
+        let crashed = history.crashes >= spec.crashes_max;
+        if !crashed {
+            self.queue.entry(spec.tags.clone()).or_default().insert(key, id);
+        }
         self.jobs.insert(
             id,
             JobEntry {
                 spec,
                 seed,
                 state: JobState::Queued(key),
-                attempt: 0,
-                crashes: 0,
-                failures: 0,
+                attempt: history.attempts,
+                crashes: history.crashes,
+                failures: history.failures,
                 cancel_requested: false,
                 last_slot: None,
             },
         );
+        if crashed {
+            let msg =
+                format!("the job's workers died under it {} times (before the controller restarted)", history.crashes);
+            self.deliver_without_run(id, Status::Crashed, msg);
+        }
         self.settle(now);
         Ok(())
     }

@@ -17,7 +17,7 @@ use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::{Action, Scheduler, SlotConfig, SlotFilter, SlotId, SlotLimits, SlotState, SubmitError};
+use super::{Action, History, Scheduler, SlotConfig, SlotFilter, SlotId, SlotLimits, SlotState, SubmitError};
 use crate::job::{JobId, JobSpec};
 use crate::output::{Output, Status};
 use crate::tags::Tags;
@@ -1836,4 +1836,46 @@ fn simulation_large() {
     let st = &env.stats;
     assert!(st.assigns >= 20_000, "{st:?}");
     assert!(st.revoked_ok > 0 && st.terminates > 0, "{st:?}");
+}
+
+#[test]
+fn restored_jobs_keep_their_history() {
+    let now = Instant::now();
+    let mut s = Scheduler::new();
+    let slot = s.recruit(
+        vec![SlotConfig { name: "w".into(), class: "local".into(), tags: Tags::new(), limits: SlotLimits::default() }],
+        now,
+    )[0];
+    let spec = |max: u32| {
+        let mut j = JobSpec::shell("true");
+        j.crashes_max = max;
+        Arc::new(j)
+    };
+    // Crashed twice out of three allowed: it runs again, as attempt 3.
+    s.restore(JobId(7), spec(3), 1, History { attempts: 2, crashes: 2, failures: 0 }, now).unwrap();
+    // Crashed as often as allowed: it ends at once.
+    s.restore(JobId(8), spec(2), 1, History { attempts: 2, crashes: 2, failures: 0 }, now).unwrap();
+    s.sanity_check();
+    let actions = s.take_actions();
+    let delivered: Vec<(JobId, Status)> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Deliver(o) => Some((o.id, o.status)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(delivered, vec![(JobId(8), Status::Crashed)]);
+    assert!(actions.iter().any(|a| matches!(a, Action::Launch(v) if v == &vec![slot])));
+    assert!(s.connected(slot, now));
+    let assigned: Vec<(JobId, u32)> = s
+        .take_actions()
+        .iter()
+        .filter_map(|a| match a {
+            Action::Assign { job, attempt, .. } => Some((*job, *attempt)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(assigned, vec![(JobId(7), 3)]);
+    assert_eq!(s.restore(JobId(7), spec(3), 1, History::default(), now), Err(SubmitError::Duplicate(JobId(7))));
+    s.sanity_check();
 }

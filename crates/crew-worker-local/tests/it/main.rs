@@ -34,3 +34,44 @@ fn agent() -> AgentCommand {
 async fn local_class_passes_the_worker_conformance_kit() {
     worker(Arc::new(LocalWorker::with_grace(std::time::Duration::from_secs(1))), WorkerKit::local(agent())).await;
 }
+
+/// Records every assignment it is told of.
+#[derive(Debug, Default)]
+struct Assignments(std::sync::Mutex<Vec<(crew_core::JobId, u32)>>);
+
+impl crew_core::controller::Observer for Assignments {
+    fn assigned(&self, job: crew_core::JobId, attempt: u32) {
+        self.0.lock().expect("not poisoned").push((job, attempt));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restored_jobs_keep_ids_seeds_and_attempts() {
+    use crew_core::controller::{Controller, ControllerConfig, Recruit, RestoredJob};
+    use crew_core::scheduler::History;
+    use crew_core::{JobId, JobSpec, Status};
+
+    let observer = Arc::new(Assignments::default());
+    let mut config = ControllerConfig::new(agent());
+    config.seed = 5;
+    config.first_job_id = 40;
+    config.observer = Some(observer.clone());
+    let controller = Controller::start(config).await.expect("start");
+    controller.recruit(Recruit::new(Arc::new(LocalWorker::new()), 1)).expect("recruit");
+    let restored = RestoredJob {
+        id: JobId(41),
+        spec: JobSpec::shell("echo $CREW_SEED $CREW_ATTEMPT").with_name("fit"),
+        history: History { attempts: 1, crashes: 1, failures: 0 },
+    };
+    controller.restore(vec![restored]).expect("restore");
+    let o = controller.receive_wait(Some(std::time::Duration::from_secs(20))).await.expect("an output");
+    assert_eq!((o.id, o.status, o.attempt), (JobId(41), Status::Succeeded, 2));
+    assert_eq!(o.seed, crew_core::seed::job_seed(5, "fit"), "the seed derives from the name, as before the restart");
+    assert_eq!(o.stdout.text.trim(), format!("{} 2", o.seed));
+    // New jobs are numbered after the restored ones.
+    let id = controller.send(JobSpec::builtin("noop", serde_json::Value::Null)).expect("send");
+    assert_eq!(id, JobId(42));
+    controller.receive_wait(Some(std::time::Duration::from_secs(20))).await.expect("an output");
+    assert_eq!(*observer.0.lock().expect("not poisoned"), vec![(JobId(41), 2), (JobId(42), 1)]);
+    controller.close().await;
+}
