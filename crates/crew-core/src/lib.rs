@@ -26,6 +26,7 @@ pub mod conformance;
 pub mod controller;
 pub mod exec;
 pub mod job;
+pub mod journal;
 pub mod output;
 pub mod protocol;
 pub mod scheduler;

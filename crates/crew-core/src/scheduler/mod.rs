@@ -51,7 +51,8 @@ mod tests;
 pub struct SlotId(pub u32);
 
 /// Limits of one slot.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct SlotLimits {
     /// Stop the worker after it has been idle this long (it is relaunched
     /// when jobs need it again). `None`: never.
