@@ -136,12 +136,14 @@ async fn serve(dir: PathBuf, store: Arc<dyn Store>) -> anyhow::Result<()> {
     tracing::info!(pid = std::process::id(), socket = %sock.display(), controller = %controller.addr(), "crew daemon ready");
     let _ = std::io::stderr().flush();
 
+    let mut conns = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let state = state.clone();
-                    tokio::spawn(async move {
+                    conns.spawn(async move {
                         let service = hyper::service::service_fn(move |req| api::handle(state.clone(), req));
                         if let Err(e) = hyper::server::conn::http1::Builder::new()
                             .serve_connection(TokioIo::new(stream), service)
@@ -163,9 +165,15 @@ async fn serve(dir: PathBuf, store: Arc<dyn Store>) -> anyhow::Result<()> {
     }
     state.begin_stop();
     drop(listener);
-    // Lets the answer to `POST /v1/down` (and other in-flight answers) go
-    // out while the workers stop.
+    // Connection tasks keep running (on this thread) while the workers stop.
     controller.close().await;
+    // Every answer in flight (the one to `POST /v1/down` at least) is
+    // finished before the runtime goes; idle keep-alive connections are not
+    // waited for long.
+    let _ =
+        tokio::time::timeout(std::time::Duration::from_secs(2), async { while conns.join_next().await.is_some() {} })
+            .await;
+    conns.abort_all();
     drain.abort();
     let _ = std::fs::remove_file(&sock);
     tracing::info!("crew daemon stopped");

@@ -52,6 +52,18 @@ impl Daemon {
         std::fs::read_to_string(work.join("daemon.log")).unwrap_or_default()
     }
 
+    /// Waits (with [`DEADLINE`]) for the daemon to exit.
+    fn wait_exit(&mut self, work: &Path) -> std::process::ExitStatus {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait for the daemon") {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "the daemon did not exit; log:\n{}", self.log(work));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// A request that must answer `want`; returns the JSON body.
     fn call(&self, method: &str, path: &str, body: Option<&str>, want: u16) -> Value {
         let (status, body) = request(&self.sock(), method, path, body);
@@ -216,16 +228,32 @@ fn daemon_serves_the_api_over_plain_http_and_stops_on_down() {
     // Down: the answer, then the daemon exits 0 with nothing left.
     assert_eq!(d.call("POST", "/v1/down", None, 200), json!({"ok": true}));
     let mut d = d;
-    let deadline = Instant::now() + DEADLINE;
-    let status = loop {
-        if let Some(s) = d.child.try_wait().expect("wait for the daemon") {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "the daemon did not exit after down; log:\n{}", d.log(work.path()));
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = d.wait_exit(work.path());
     assert_eq!(status.code(), Some(0), "log:\n{}", d.log(work.path()));
     assert!(!d.sock().exists(), "the socket is left behind");
     assert!(!d.dir.join("daemon.pid").exists(), "the pid file is left behind");
+    assert_none_marked(&mark, Duration::from_secs(10));
+}
+
+#[test]
+fn daemon_stops_cleanly_on_sigterm_and_replaces_a_stale_socket() {
+    let mark = unique("daemon-term-");
+    let _reaper = Reaper::new(&mark);
+    let work = tempfile::tempdir().expect("tempdir");
+    // A stale socket file left by a daemon that died.
+    let dir = work.path().join(".crew");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    drop(std::os::unix::net::UnixListener::bind(dir.join("crew.sock")).expect("bind a stale socket"));
+    let mut d = Daemon::start(work.path(), &mark);
+    d.call("POST", "/v1/recruit", Some(r#"{"class": "local", "workers": 1}"#), 200);
+    d.call("POST", "/v1/launch", Some("{}"), 200);
+    assert!(
+        poll_until(DEADLINE, || d.call("GET", "/v1/status", None, 200)["slots"][0]["state"] == "idle"),
+        "the worker never came up"
+    );
+    crate::support::signal(d.child.id(), libc::SIGTERM);
+    let status = d.wait_exit(work.path());
+    assert_eq!(status.code(), Some(0), "log:\n{}", d.log(work.path()));
+    assert!(!d.sock().exists(), "the socket is left behind");
     assert_none_marked(&mark, Duration::from_secs(10));
 }
