@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod daemon;
 mod registry;
 mod run;
 mod table;
@@ -44,6 +45,10 @@ enum Command {
     Run(run::RunArgs),
     /// Run the worker agent (started by a controller; not usually by hand).
     Worker(worker::WorkerArgs),
+    /// Run the daemon of a project folder in the foreground (started by
+    /// `crew up`; not usually by hand).
+    #[command(hide = true)]
+    Daemon(daemon::DaemonArgs),
 }
 
 /// An error with the exit status it maps to.
@@ -80,6 +85,10 @@ fn main() -> ExitCode {
         Command::Worker(args) => {
             init_logging("warn");
             worker::main(args)
+        }
+        Command::Daemon(args) => {
+            init_logging("info");
+            daemon::main(args)
         }
     };
     match result {

@@ -7,5 +7,6 @@
 
 mod cli;
 mod controller;
+mod daemon_api;
 mod run;
 mod support;

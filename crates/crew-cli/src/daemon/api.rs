@@ -1,0 +1,572 @@
+//! The routes of docs/api.md over a [`Controller`].
+//!
+//! Role: turn HTTP requests into controller calls and answers into the JSON
+//! shapes and error codes of the contract, never panicking on input. The
+//! daemon keeps its own list of *ready* outputs (taken from the controller
+//! by [`drain`] as soon as they are delivered, and written to the store at
+//! `jobs/<id>/output.json`): that is what lets `receive` pick an output by
+//! name, `pending` count jobs not yet received by a client (the controller
+//! forgets a job once it delivered it), and `logs` answer after receive.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use crew_core::controller::{Controller, ControllerError, Recruit};
+use crew_core::job::{LineDefaults, parse_duration, parse_job_value};
+use crew_core::scheduler::{SlotFilter, SlotLimits, SubmitError};
+use crew_core::store::{Store, StoreError, StoreKey};
+use crew_core::{JobId, Output, Tags};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use tokio::sync::{Notify, watch};
+
+use crate::registry::Registry;
+
+/// Largest request body accepted.
+const MAX_BODY: usize = 64 * 1024 * 1024;
+
+/// The daemon's state, shared by every connection.
+pub(crate) struct Daemon {
+    controller: Controller,
+    store: Arc<dyn Store>,
+    dir: PathBuf,
+    inner: Mutex<Inner>,
+    /// Bumped whenever `ready` grows or the daemon starts stopping: wakes
+    /// waiting `receive` calls.
+    changed: watch::Sender<u64>,
+    /// Told after each accepted send: wakes [`drain`] when it idles.
+    sent: Notify,
+    /// Told by `POST /v1/down`.
+    down: Notify,
+    stopping: AtomicBool,
+    tmp_counter: AtomicU64,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// Outputs taken from the controller, not yet received by a client.
+    ready: VecDeque<Output>,
+    /// Jobs sent and not yet received by a client, with their names.
+    unreceived: HashMap<JobId, Option<String>>,
+    /// The names among `unreceived`.
+    names: HashSet<String>,
+}
+
+impl Daemon {
+    pub(crate) fn new(controller: Controller, store: Arc<dyn Store>, dir: PathBuf) -> Self {
+        Self {
+            controller,
+            store,
+            dir,
+            inner: Mutex::new(Inner::default()),
+            changed: watch::channel(0).0,
+            sent: Notify::new(),
+            down: Notify::new(),
+            stopping: AtomicBool::new(false),
+            tmp_counter: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic elsewhere cannot leave `Inner` half-updated in a way
+        // that matters more than stopping to answer; keep serving.
+        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Resolves when `POST /v1/down` was called.
+    pub(crate) async fn down_requested(&self) {
+        self.down.notified().await;
+    }
+
+    /// Refuses new work from now on and wakes waiting receives.
+    pub(crate) fn begin_stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Records an output taken from the controller: store, then ready list.
+    async fn take(&self, output: Output) {
+        match (StoreKey::new(format!("jobs/{}/output.json", output.id)), serde_json::to_vec(&output)) {
+            (Ok(key), Ok(body)) => {
+                if let Err(e) = self.store.put_bytes(&key, Bytes::from(body)).await {
+                    tracing::warn!(job = %output.id, "cannot write the output to the store: {e}");
+                }
+            }
+            (Err(e), _) => tracing::warn!(job = %output.id, "bad output key: {e}"),
+            (_, Err(e)) => tracing::warn!(job = %output.id, "cannot encode the output: {e}"),
+        }
+        self.lock().ready.push_back(output);
+        self.changed.send_modify(|n| *n += 1);
+    }
+
+    /// Reads a whole store object (through a private file, since the store
+    /// streams); `None` when it does not exist.
+    async fn read_object(&self, key: &StoreKey) -> Result<Option<Vec<u8>>, ApiError> {
+        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.dir.join(format!("tmp-read-{}-{n}", std::process::id()));
+        let result = match self.store.get_file(key, &tmp).await {
+            Ok(_) => std::fs::read(&tmp)
+                .map(Some)
+                .map_err(|e| ApiError::internal(format!("cannot read {}: {e}", tmp.display()))),
+            Err(StoreError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(ApiError::internal(format!("cannot read {key:?} from the store: {e}"))),
+        };
+        let _ = std::fs::remove_file(&tmp);
+        result
+    }
+}
+
+/// Takes every output the controller delivers into the daemon's ready list,
+/// for the daemon's whole life.
+pub(crate) async fn drain(d: Arc<Daemon>) {
+    loop {
+        match d.controller.receive_wait(None).await {
+            Some(o) => d.take(o).await,
+            // Nothing pending: sleep until the next send (a send made since
+            // left a permit, so none is missed).
+            None => d.sent.notified().await,
+        }
+    }
+}
+
+/// A failed request: status, stable code, message for people.
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into() }
+    }
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+    fn invalid_option(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_option", message)
+    }
+    fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+    fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+    fn shutting_down() -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the crew daemon is stopping")
+    }
+
+    /// Maps a controller error of `send`/`recruit`.
+    fn from_controller(e: ControllerError) -> Self {
+        let message = e.to_string();
+        match e {
+            ControllerError::InvalidJob(_) => Self::new(StatusCode::BAD_REQUEST, "invalid_job", message),
+            ControllerError::Refused(SubmitError::NoMatchingSlot { .. } | SubmitError::AllBroken { .. }) => {
+                Self::new(StatusCode::UNPROCESSABLE_ENTITY, "no_matching_worker", message)
+            }
+            ControllerError::DuplicateName(_) => Self::new(StatusCode::CONFLICT, "duplicate_name", message),
+            ControllerError::Recruit(m) => Self::invalid_option(m),
+            ControllerError::Closed => Self::shutting_down(),
+            _ => Self::internal(message),
+        }
+    }
+}
+
+type Answer = Result<Value, ApiError>;
+
+fn respond(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
+    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+    let mut res = Response::new(Full::new(Bytes::from(bytes)));
+    *res.status_mut() = status;
+    res.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+    res
+}
+
+/// Serves one request.
+pub(crate) async fn handle(d: Arc<Daemon>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let answer = route(&d, req).await;
+    Ok(match answer {
+        Ok(body) => respond(StatusCode::OK, &body),
+        Err(e) => {
+            if e.status.is_server_error() {
+                tracing::warn!("{method} {path}: {} {}", e.code, e.message);
+            } else {
+                tracing::debug!("{method} {path}: {} {}", e.code, e.message);
+            }
+            respond(e.status, &json!({"error": {"code": e.code, "message": e.message}}))
+        }
+    })
+}
+
+async fn route(d: &Arc<Daemon>, req: Request<Incoming>) -> Answer {
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or("").to_owned();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    if d.stopping() && !(method == Method::GET && path == "/v1/health") {
+        return Err(ApiError::shutting_down());
+    }
+    match (&method, segments.as_slice()) {
+        (&Method::GET, ["v1", "health"]) => Ok(health(d)),
+        (&Method::GET, ["v1", "status"]) => Ok(status(d)),
+        (&Method::POST, ["v1", "recruit"]) => recruit(d, body(req).await?),
+        (&Method::POST, ["v1", "launch"]) => launch(d, body(req).await?),
+        (&Method::POST, ["v1", "jobs"]) => send(d, body(req).await?),
+        (&Method::POST, ["v1", "receive"]) => receive(d, body(req).await?).await,
+        (&Method::GET, ["v1", "sendable"]) => sendable(d, &query),
+        (&Method::GET, ["v1", "receivable"]) => Ok(receivable(d)),
+        (&Method::POST, ["v1", "shutdown"]) => shutdown(d, body(req).await?),
+        (&Method::POST, ["v1", "dismiss"]) => dismiss(d, body(req).await?),
+        (&Method::POST, ["v1", "restart"]) => {
+            let _: Empty = body(req).await?;
+            Ok(json!({"restarted": d.controller.restart()}))
+        }
+        (&Method::POST, ["v1", "cancel"]) => cancel(d, body(req).await?),
+        (&Method::GET, ["v1", "jobs", id, "logs"]) => logs(d, id).await,
+        (&Method::POST, ["v1", "down"]) => {
+            let _: Empty = body(req).await?;
+            d.begin_stop();
+            d.down.notify_one();
+            Ok(json!({"ok": true}))
+        }
+        _ => Err(ApiError::not_found(format!("no route {method} {path}; see docs/api.md"))),
+    }
+}
+
+/// Reads and parses a JSON body; an empty body is `{}`.
+async fn body<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
+    let bytes = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| ApiError::bad_request(format!("cannot read the request body (at most {MAX_BODY} bytes): {e}")))?
+        .to_bytes();
+    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &bytes };
+    serde_json::from_slice(bytes).map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
+}
+
+/// A body with no fields.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Empty {}
+
+fn health(d: &Daemon) -> Value {
+    json!({"ok": true, "pid": std::process::id(), "version": env!("CARGO_PKG_VERSION"), "dir": d.dir})
+}
+
+fn status(d: &Daemon) -> Value {
+    let report = d.controller.status();
+    let ready = d.lock().ready.len() + report.ready;
+    json!({
+        "pid": std::process::id(),
+        "dir": d.dir,
+        "slots": report.slots,
+        "jobs": {"queued": report.queued, "running": report.running, "ready": ready},
+    })
+}
+
+/// A duration option: a string (`"30s"`) or a number of seconds; `null` is
+/// none.
+fn duration(field: &str, v: &Value) -> Result<Option<Duration>, ApiError> {
+    let text = match v {
+        Value::Null => return Ok(None),
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        other => {
+            return Err(ApiError::invalid_option(format!("{field}: expected a duration such as \"30s\", got {other}")));
+        }
+    };
+    parse_duration(&text).map(Some).map_err(|e| ApiError::invalid_option(format!("{field}: {e}")))
+}
+
+fn tags(field: &str, v: Option<Vec<String>>) -> Result<Option<Tags>, ApiError> {
+    v.map(|t| Tags::try_from(t).map_err(|e| ApiError::invalid_option(format!("{field}: {e}")))).transpose()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecruitReq {
+    class: String,
+    workers: u32,
+    #[serde(default)]
+    tags: Option<Vec<String>>,
+    #[serde(default)]
+    idle: Value,
+    #[serde(default)]
+    wall: Value,
+    #[serde(default)]
+    tasks_max: Option<u32>,
+    #[serde(default)]
+    launch_timeout: Value,
+    #[serde(default)]
+    options: Option<std::collections::BTreeMap<String, String>>,
+}
+
+fn recruit(d: &Daemon, r: RecruitReq) -> Answer {
+    let class = Registry::stock()
+        .get(&r.class)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "unknown_class", e.to_string()))?;
+    let mut limits = SlotLimits {
+        idle_timeout: duration("idle", &r.idle)?,
+        wall_time: duration("wall", &r.wall)?,
+        tasks_max: r.tasks_max,
+        ..SlotLimits::default()
+    };
+    if let Some(t) = duration("launch_timeout", &r.launch_timeout)? {
+        limits.launch_timeout = t;
+    }
+    let mut req = Recruit::new(class, r.workers);
+    req.tags = tags("tags", r.tags)?.unwrap_or_default();
+    req.limits = limits;
+    req.options = r.options.unwrap_or_default();
+    let slots = d.controller.recruit(req).map_err(ApiError::from_controller)?;
+    Ok(json!({"slots": slots}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LaunchReq {
+    #[serde(default)]
+    tags: Option<Vec<String>>,
+    #[serde(default)]
+    workers: Option<usize>,
+}
+
+fn launch(d: &Daemon, r: LaunchReq) -> Answer {
+    let filter = SlotFilter { tags: tags("tags", r.tags)?, slot: None };
+    Ok(json!({"launched": d.controller.launch(&filter, r.workers.unwrap_or(usize::MAX))}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobsReq {
+    jobs: Vec<Value>,
+}
+
+fn send(d: &Daemon, r: JobsReq) -> Answer {
+    let defaults = LineDefaults::default();
+    let mut specs = Vec::with_capacity(r.jobs.len());
+    for (i, v) in r.jobs.into_iter().enumerate() {
+        let spec = parse_job_value(v, &defaults)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_job", format!("job {i}: {e}")))?;
+        specs.push(spec);
+    }
+    let names: Vec<Option<String>> = specs.iter().map(|s| s.name.clone()).collect();
+    // The controller forgets a name once the job finished; the contract
+    // keeps it taken until a client received the output.
+    let mut inner = d.lock();
+    for name in names.iter().flatten() {
+        if inner.names.contains(name) {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "duplicate_name",
+                format!("a job named {name:?} is already pending; names must be unique among jobs not yet received"),
+            ));
+        }
+    }
+    let ids = d.controller.send_many(specs).map_err(ApiError::from_controller)?;
+    for (id, name) in ids.iter().zip(names) {
+        if let Some(n) = &name {
+            inner.names.insert(n.clone());
+        }
+        inner.unreceived.insert(*id, name);
+    }
+    drop(inner);
+    d.sent.notify_one();
+    Ok(json!({"ids": ids}))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ReceiveReq {
+    #[serde(default)]
+    wait: bool,
+    #[serde(default)]
+    timeout: Value,
+    #[serde(default)]
+    all: bool,
+    #[serde(default)]
+    name: Option<String>,
+}
+
+async fn receive(d: &Daemon, r: ReceiveReq) -> Answer {
+    let timeout = duration("timeout", &r.timeout)?;
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    let mut changes = d.changed.subscribe();
+    // With `all` and `wait`: the jobs sent so far, which must all be ready.
+    let awaited: Vec<JobId> = if r.all && r.wait { d.lock().unreceived.keys().copied().collect() } else { Vec::new() };
+    let mut last_chance = !r.wait;
+    loop {
+        changes.borrow_and_update();
+        {
+            let mut inner = d.lock();
+            let ready_now = match &r.name {
+                Some(n) => inner.ready.iter().any(|o| o.name.as_ref() == Some(n)) || !inner.names.contains(n),
+                None if r.all => awaited
+                    .iter()
+                    .all(|id| !inner.unreceived.contains_key(id) || inner.ready.iter().any(|o| o.id == *id)),
+                None => !inner.ready.is_empty() || inner.unreceived.is_empty(),
+            };
+            if ready_now || last_chance || d.stopping() {
+                let outputs: Vec<Output> = match &r.name {
+                    Some(n) => match inner.ready.iter().position(|o| o.name.as_ref() == Some(n)) {
+                        Some(i) => inner.ready.remove(i).into_iter().collect(),
+                        None => Vec::new(),
+                    },
+                    None if r.all => inner.ready.drain(..).collect(),
+                    None => inner.ready.pop_front().into_iter().collect(),
+                };
+                for o in &outputs {
+                    if let Some(Some(name)) = inner.unreceived.remove(&o.id) {
+                        inner.names.remove(&name);
+                    }
+                }
+                let pending = inner.unreceived.len();
+                return Ok(json!({"outputs": outputs, "pending": pending}));
+            }
+        }
+        let changed = changes.changed();
+        match deadline {
+            Some(t) => {
+                if tokio::time::timeout_at(t, changed).await.is_err() {
+                    last_chance = true;
+                }
+            }
+            None => {
+                let _ = changed.await;
+            }
+        }
+    }
+}
+
+fn sendable(d: &Daemon, query: &str) -> Answer {
+    let mut wanted = Tags::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if k == "tags" {
+            let v = percent_decode(v).ok_or_else(|| ApiError::bad_request("tags: invalid percent-encoding"))?;
+            wanted = v.parse().map_err(|e| ApiError::bad_request(format!("tags: {e}")))?;
+        }
+    }
+    let ok = d.controller.status().slots.iter().any(|s| s.state != "broken" && s.tags.satisfies(&wanted));
+    Ok(json!({"sendable": ok}))
+}
+
+/// Decodes `%XX` escapes and `+` (a space) of a query value.
+fn percent_decode(s: &str) -> Option<String> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        match b {
+            b'%' => {
+                let hi = (bytes.next()? as char).to_digit(16)?;
+                let lo = (bytes.next()? as char).to_digit(16)?;
+                out.push(u8::try_from(hi * 16 + lo).ok()?);
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn receivable(d: &Daemon) -> Value {
+    let ok = !d.lock().ready.is_empty() || d.controller.status().ready > 0;
+    json!({"receivable": ok})
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShutdownReq {
+    #[serde(default)]
+    all: bool,
+    #[serde(default)]
+    tags: Option<Vec<String>>,
+    #[serde(default)]
+    slot: Option<String>,
+}
+
+fn shutdown(d: &Daemon, r: ShutdownReq) -> Answer {
+    let filter = SlotFilter { tags: tags("tags", r.tags)?, slot: r.slot };
+    Ok(json!({"stopped": d.controller.shutdown(&filter, r.all)}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DismissReq {
+    #[serde(default)]
+    tags: Option<Vec<String>>,
+    #[serde(default)]
+    slot: Option<String>,
+}
+
+fn dismiss(d: &Daemon, r: DismissReq) -> Answer {
+    let filter = SlotFilter { tags: tags("tags", r.tags)?, slot: r.slot };
+    Ok(json!({"dismissed": d.controller.dismiss(&filter)}))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CancelReq {
+    ids: Vec<u64>,
+}
+
+fn cancel(d: &Daemon, r: CancelReq) -> Answer {
+    let (mut cancelled, mut unknown) = (Vec::new(), Vec::new());
+    for id in r.ids {
+        if d.controller.cancel(JobId(id)) { cancelled.push(id) } else { unknown.push(id) }
+    }
+    Ok(json!({"cancelled": cancelled, "unknown": unknown}))
+}
+
+async fn logs(d: &Daemon, id: &str) -> Answer {
+    let Ok(id) = id.parse::<u64>() else {
+        return Err(ApiError::not_found(format!("no job {id:?}: job ids are numbers")));
+    };
+    let ready = d.lock().ready.iter().find(|o| o.id.0 == id).cloned();
+    let output = match ready {
+        Some(o) => o,
+        None => {
+            let key = StoreKey::new(format!("jobs/{id}/output.json")).map_err(|e| ApiError::internal(e.to_string()))?;
+            let bytes = d
+                .read_object(&key)
+                .await?
+                .ok_or_else(|| ApiError::not_found(format!("job {id} has no output yet (unknown or not finished)")))?;
+            serde_json::from_slice::<Output>(&bytes)
+                .map_err(|e| ApiError::internal(format!("the stored output of job {id} is unreadable: {e}")))?
+        }
+    };
+    let stdout = whole(d, &output.stdout).await?;
+    let stderr = whole(d, &output.stderr).await?;
+    Ok(json!({"id": id, "stdout": stdout, "stderr": stderr}))
+}
+
+/// A captured stream, whole: inline, or from the store when truncated.
+async fn whole(d: &Daemon, c: &crew_core::output::Captured) -> Result<String, ApiError> {
+    match (&c.key, c.truncated) {
+        (Some(key), true) => {
+            let key = StoreKey::new(key.clone()).map_err(|e| ApiError::internal(format!("bad store key: {e}")))?;
+            let bytes = d
+                .read_object(&key)
+                .await?
+                .ok_or_else(|| ApiError::internal(format!("the stream {} is missing from the store", key.as_str())))?;
+            Ok(String::from_utf8_lossy(&bytes).into_owned())
+        }
+        _ => Ok(c.text.clone()),
+    }
+}

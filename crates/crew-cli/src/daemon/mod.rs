@@ -1,0 +1,181 @@
+//! `crew daemon`: the long-lived controller of one project folder.
+//!
+//! Role: own the folder (an exclusive `flock` on `daemon.lock`, so one
+//! daemon per folder), run a [`Controller`] on one thread like `crew run`,
+//! and serve the HTTP API of docs/api.md on the Unix socket `crew.sock`
+//! (mode 0600: the file permission is the authentication). The routes live
+//! in [`api`]; this module is the life cycle: start, serve, and stop cleanly
+//! on `POST /v1/down`, SIGTERM or SIGINT (every worker stopped, the socket
+//! and pid file removed, leftover processes killed as a child subreaper).
+
+mod api;
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+use crew_core::controller::{AgentCommand, Controller, ControllerConfig};
+use crew_core::store::{LocalStore, Store};
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixListener;
+
+use crate::{EXIT_OK, Failure};
+
+/// `crew daemon`: runs the controller of a project folder in the foreground
+/// and serves docs/api.md on `DIR/crew.sock`. Started by `crew up` (and by
+/// any command that needs the daemon), detached; not usually run by hand.
+#[derive(Args, Debug)]
+pub(crate) struct DaemonArgs {
+    /// The project folder (absolute), e.g. /home/me/work/.crew
+    #[arg(long, value_name = "DIR")]
+    pub(crate) dir: PathBuf,
+}
+
+/// File names inside the project folder.
+pub(crate) const SOCKET: &str = "crew.sock";
+const LOCK: &str = "daemon.lock";
+const PID: &str = "daemon.pid";
+const STORE: &str = "store";
+
+pub(crate) fn main(args: DaemonArgs) -> Result<u8, Failure> {
+    let dir = args.dir;
+    if !dir.is_absolute() {
+        return Err(Failure::usage(anyhow::anyhow!("--dir must be an absolute path, not {}", dir.display())));
+    }
+    if !dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .with_context(|| format!("cannot create the project folder {}", dir.display()))
+            .map_err(Failure::internal)?;
+    }
+    // Held (open) for the daemon's whole life; the kernel drops the lock
+    // when the process exits, however it exits.
+    let _lock = take_lock(&dir)?;
+    let pid_path = dir.join(PID);
+    std::fs::write(&pid_path, format!("{}\n", std::process::id()))
+        .with_context(|| format!("cannot write {}", pid_path.display()))
+        .map_err(Failure::internal)?;
+    let store: Arc<dyn Store> = Arc::new(
+        LocalStore::new(dir.join(STORE))
+            .with_context(|| format!("cannot open the store {}", dir.join(STORE).display()))
+            .map_err(Failure::internal)?,
+    );
+
+    let _ = crew_worker_local::become_subreaper();
+    // One thread, as in `crew run`: the controller's work per request is
+    // short and needs no hand-off between threads.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(Failure::internal)?;
+    let result = rt.block_on(serve(dir.clone(), store));
+    drop(rt);
+    let _ = std::fs::remove_file(&pid_path);
+    crew_worker_local::kill_orphans();
+    result.map(|()| EXIT_OK).map_err(Failure::internal)
+}
+
+/// Takes the exclusive lock of the folder, or fails with exit status 2
+/// naming the daemon that holds it.
+fn take_lock(dir: &Path) -> Result<File, Failure> {
+    let path = dir.join(LOCK);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))
+        .map_err(Failure::internal)?;
+    // SAFETY: flock on a file descriptor we own and keep open.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            let pid = std::fs::read_to_string(dir.join(PID)).map(|s| s.trim().to_owned()).unwrap_or_default();
+            let pid = if pid.is_empty() { "unknown".to_owned() } else { pid };
+            return Err(Failure::usage(anyhow::anyhow!(
+                "a crew daemon (pid {pid}) is already running for {}; stop it first (crew down)",
+                dir.display()
+            )));
+        }
+        return Err(Failure::internal(anyhow::Error::new(err).context(format!("cannot lock {}", path.display()))));
+    }
+    Ok(file)
+}
+
+/// Starts the controller, serves the socket until told to stop, then
+/// closes the controller and removes the socket.
+async fn serve(dir: PathBuf, store: Arc<dyn Store>) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("cannot find the crew executable")?;
+    let mut config = ControllerConfig::new(AgentCommand::crew(exe.to_string_lossy()));
+    config.store = Some(store.clone());
+    let controller = Controller::start(config).await?;
+
+    let sock = dir.join(SOCKET);
+    // Safe to remove: we hold the lock, so no live daemon serves it.
+    match std::fs::remove_file(&sock) {
+        Ok(()) => tracing::info!("removed a stale socket {}", sock.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context(format!("cannot remove the stale socket {}", sock.display())));
+        }
+    }
+    let listener = UnixListener::bind(&sock).with_context(|| format!("cannot listen on {}", sock.display()))?;
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot chmod {}", sock.display()))?;
+
+    let state = Arc::new(api::Daemon::new(controller.clone(), store, dir.clone()));
+    let drain = tokio::spawn(api::drain(state.clone()));
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tracing::info!(pid = std::process::id(), socket = %sock.display(), controller = %controller.addr(), "crew daemon ready");
+    let _ = std::io::stderr().flush();
+
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let state = state.clone();
+                    conns.spawn(async move {
+                        let service = hyper::service::service_fn(move |req| api::handle(state.clone(), req));
+                        if let Err(e) = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await
+                        {
+                            tracing::debug!("connection ended: {e}");
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            },
+            () = state.down_requested() => { tracing::info!("stopping: asked by POST /v1/down"); break; }
+            _ = sigint.recv() => { tracing::info!("stopping: SIGINT"); break; }
+            _ = sigterm.recv() => { tracing::info!("stopping: SIGTERM"); break; }
+        }
+    }
+    state.begin_stop();
+    drop(listener);
+    // Connection tasks keep running (on this thread) while the workers stop.
+    controller.close().await;
+    // Every answer in flight (the one to `POST /v1/down` at least) is
+    // finished before the runtime goes; idle keep-alive connections are not
+    // waited for long.
+    let _ =
+        tokio::time::timeout(std::time::Duration::from_secs(2), async { while conns.join_next().await.is_some() {} })
+            .await;
+    conns.abort_all();
+    drain.abort();
+    let _ = std::fs::remove_file(&sock);
+    tracing::info!("crew daemon stopped");
+    Ok(())
+}
