@@ -16,8 +16,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use crew_core::controller::{Controller, ControllerError, Recruit};
+use crew_core::controller::{Controller, ControllerError, Recruit, RestoredJob};
 use crew_core::job::{LineDefaults, parse_duration, parse_job_value};
+use crew_core::journal::{Record, Replay};
 use crew_core::scheduler::{SlotFilter, SlotLimits, SubmitError};
 use crew_core::store::{Store, StoreError, StoreKey};
 use crew_core::{JobId, Output, Tags};
@@ -29,6 +30,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tokio::sync::{Notify, watch};
 
+use super::journal::JournalWriter;
 use crate::registry::Registry;
 
 /// Largest request body accepted.
@@ -39,6 +41,7 @@ pub(crate) struct Daemon {
     controller: Controller,
     store: Arc<dyn Store>,
     dir: PathBuf,
+    journal: JournalWriter,
     inner: Mutex<Inner>,
     /// Bumped whenever `ready` grows or the daemon starts stopping: wakes
     /// waiting `receive` calls.
@@ -62,11 +65,12 @@ struct Inner {
 }
 
 impl Daemon {
-    pub(crate) fn new(controller: Controller, store: Arc<dyn Store>, dir: PathBuf) -> Self {
+    pub(crate) fn new(controller: Controller, store: Arc<dyn Store>, dir: PathBuf, journal: JournalWriter) -> Self {
         Self {
             controller,
             store,
             dir,
+            journal,
             inner: Mutex::new(Inner::default()),
             changed: watch::channel(0).0,
             sent: Notify::new(),
@@ -97,6 +101,87 @@ impl Daemon {
         self.stopping.load(Ordering::SeqCst)
     }
 
+    /// Journals `records`, durably when `commit`; a journal that cannot be
+    /// written fails the request (nothing may be acknowledged that a restart
+    /// would lose).
+    fn journal(&self, records: &[Record], commit: bool) -> Result<(), ApiError> {
+        self.journal.write(records, commit).map_err(|e| ApiError::internal(format!("cannot write the journal: {e}")))
+    }
+
+    /// Rebuilds the state a journal described: slots, dismissals, jobs not
+    /// finished (a job that was running counts a crash), outputs not yet
+    /// received. Jobs that can no longer run end with an output that says
+    /// why.
+    pub(crate) fn restore(&self, replay: Replay) {
+        let registry = Registry::stock();
+        for r in &replay.recruits {
+            let class = match registry.get(&r.class) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!("cannot recruit {} slot(s) again: {e}", r.count);
+                    continue;
+                }
+            };
+            let req = Recruit {
+                class,
+                count: r.count,
+                tags: r.tags.clone(),
+                limits: r.limits.clone(),
+                options: r.options.clone(),
+            };
+            if let Err(e) = self.controller.recruit(req) {
+                tracing::error!("cannot recruit {} {} slot(s) again: {e}", r.count, r.class);
+            }
+        }
+        for f in &replay.dismissed {
+            self.controller.dismiss(f);
+        }
+        let mut inner = self.lock();
+        let mut ended = Vec::new();
+        for (id, p) in replay.pending {
+            let name = p.spec.name.clone();
+            let tags = p.spec.tags.clone();
+            let mut history = p.history;
+            if p.running {
+                history.crashes += 1;
+            }
+            let job = RestoredJob { id, spec: p.spec, history };
+            if let Err(e) = self.controller.restore(vec![job]) {
+                let seed = crew_core::seed::job_seed(0, &name.clone().unwrap_or_else(|| id.to_string()));
+                let mut o = Output::without_run(
+                    id,
+                    name.clone(),
+                    tags,
+                    seed,
+                    crew_core::Status::Cancelled,
+                    format!("the job could not be resumed after the daemon restarted: {e}"),
+                );
+                o.attempt = history.attempts;
+                ended.push(o);
+            }
+            if let Some(n) = &name {
+                inner.names.insert(n.clone());
+            }
+            inner.unreceived.insert(id, name);
+        }
+        for o in replay.ready.into_iter().chain(ended.iter().cloned()) {
+            if let Some(n) = &o.name {
+                inner.names.insert(n.clone());
+            }
+            inner.unreceived.insert(o.id, o.name.clone());
+            inner.ready.push_back(o);
+        }
+        drop(inner);
+        if !ended.is_empty() {
+            let records: Vec<Record> = ended.into_iter().map(|o| Record::Delivered { output: Box::new(o) }).collect();
+            if let Err(e) = self.journal(&records, true) {
+                tracing::error!("{}", e.message);
+            }
+        }
+        self.sent.notify_one();
+        self.changed.send_modify(|n| *n += 1);
+    }
+
     /// Records an output taken from the controller: store, then ready list.
     async fn take(&self, output: Output) {
         match (StoreKey::new(format!("jobs/{}/output.json", output.id)), serde_json::to_vec(&output)) {
@@ -107,6 +192,10 @@ impl Daemon {
             }
             (Err(e), _) => tracing::warn!(job = %output.id, "bad output key: {e}"),
             (_, Err(e)) => tracing::warn!(job = %output.id, "cannot encode the output: {e}"),
+        }
+        // Journaled before it can be received (see daemon/journal.rs).
+        if let Err(e) = self.journal(&[Record::Delivered { output: Box::new(output.clone()) }], false) {
+            tracing::error!(job = %output.id, "{}", e.message);
         }
         self.lock().ready.push_back(output);
         self.changed.send_modify(|n| *n += 1);
@@ -334,7 +423,15 @@ fn recruit(d: &Daemon, r: RecruitReq) -> Answer {
     req.tags = tags("tags", r.tags)?.unwrap_or_default();
     req.limits = limits;
     req.options = r.options.unwrap_or_default();
+    let record = Record::Recruit {
+        class: r.class,
+        count: req.count,
+        tags: req.tags.clone(),
+        limits: req.limits.clone(),
+        options: req.options.clone(),
+    };
     let slots = d.controller.recruit(req).map_err(ApiError::from_controller)?;
+    d.journal(&[record], true)?;
     Ok(json!({"slots": slots}))
 }
 
@@ -379,7 +476,9 @@ fn send(d: &Daemon, r: JobsReq) -> Answer {
             ));
         }
     }
+    let journaled = specs.clone();
     let ids = d.controller.send_many(specs).map_err(ApiError::from_controller)?;
+    d.journal(&[Record::Accepted { jobs: ids.iter().copied().zip(journaled).collect() }], true)?;
     for (id, name) in ids.iter().zip(names) {
         if let Some(n) = &name {
             inner.names.insert(n.clone());
@@ -431,6 +530,16 @@ async fn receive(d: &Daemon, r: ReceiveReq) -> Answer {
                     None if r.all => inner.ready.drain(..).collect(),
                     None => inner.ready.pop_front().into_iter().collect(),
                 };
+                if !outputs.is_empty() {
+                    if let Err(e) = d.journal(&[Record::Received { ids: outputs.iter().map(|o| o.id).collect() }], true)
+                    {
+                        // Not received after all: put them back, in order.
+                        for o in outputs.into_iter().rev() {
+                            inner.ready.push_front(o);
+                        }
+                        return Err(e);
+                    }
+                }
                 for o in &outputs {
                     if let Some(Some(name)) = inner.unreceived.remove(&o.id) {
                         inner.names.remove(&name);
@@ -517,7 +626,9 @@ struct DismissReq {
 
 fn dismiss(d: &Daemon, r: DismissReq) -> Answer {
     let filter = SlotFilter { tags: tags("tags", r.tags)?, slot: r.slot };
-    Ok(json!({"dismissed": d.controller.dismiss(&filter)}))
+    let n = d.controller.dismiss(&filter);
+    d.journal(&[Record::Dismiss { tags: filter.tags, slot: filter.slot }], true)?;
+    Ok(json!({"dismissed": n}))
 }
 
 #[derive(Deserialize)]

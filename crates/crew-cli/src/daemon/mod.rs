@@ -9,6 +9,7 @@
 //! and pid file removed, leftover processes killed as a child subreaper).
 
 mod api;
+mod journal;
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -20,6 +21,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 use crew_core::controller::{AgentCommand, Controller, ControllerConfig};
+use crew_core::journal::Journal;
 use crew_core::store::{LocalStore, Store};
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixListener;
@@ -41,6 +43,7 @@ pub(crate) const SOCKET: &str = "crew.sock";
 const LOCK: &str = "daemon.lock";
 const PID: &str = "daemon.pid";
 const STORE: &str = "store";
+const JOURNAL: &str = "journal.jsonl";
 
 pub(crate) fn main(args: DaemonArgs) -> Result<u8, Failure> {
     let dir = args.dir;
@@ -112,8 +115,13 @@ fn take_lock(dir: &Path) -> Result<File, Failure> {
 /// closes the controller and removes the socket.
 async fn serve(dir: PathBuf, store: Arc<dyn Store>) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("cannot find the crew executable")?;
+    // The journal first: the controller continues its job numbering.
+    let (journal, replay) = Journal::open(dir.join(JOURNAL))?;
+    let assigned = Arc::new(journal::AssignedBuffer::default());
     let mut config = ControllerConfig::new(AgentCommand::crew(exe.to_string_lossy()));
     config.store = Some(store.clone());
+    config.first_job_id = replay.next_job;
+    config.observer = Some(assigned.clone());
     let controller = Controller::start(config).await?;
 
     let sock = dir.join(SOCKET);
@@ -129,7 +137,17 @@ async fn serve(dir: PathBuf, store: Arc<dyn Store>) -> anyhow::Result<()> {
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("cannot chmod {}", sock.display()))?;
 
-    let state = Arc::new(api::Daemon::new(controller.clone(), store, dir.clone()));
+    let state = Arc::new(api::Daemon::new(
+        controller.clone(),
+        store,
+        dir.clone(),
+        journal::JournalWriter::new(journal, assigned),
+    ));
+    let (jobs, ready) = (replay.pending.len(), replay.ready.len());
+    state.restore(replay);
+    if jobs + ready > 0 {
+        tracing::info!(jobs, outputs = ready, "resumed from the journal");
+    }
     let drain = tokio::spawn(api::drain(state.clone()));
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

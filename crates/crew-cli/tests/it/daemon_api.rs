@@ -257,3 +257,59 @@ fn daemon_stops_cleanly_on_sigterm_and_replaces_a_stale_socket() {
     assert!(!d.sock().exists(), "the socket is left behind");
     assert_none_marked(&mark, Duration::from_secs(10));
 }
+
+/// The journal: a daemon killed with SIGKILL while 100 jobs are queued or
+/// running loses none. Started again on the same folder, it still has its
+/// slots, re-runs the jobs that were running (counted as a crash), runs the
+/// queued ones, keeps outputs finished but not received, and delivers each
+/// job exactly once.
+#[test]
+fn a_daemon_killed_with_sigkill_loses_nothing() {
+    let mark = unique("daemon-kill-");
+    let _reaper = Reaper::new(&mark);
+    let work = tempfile::tempdir().expect("tempdir");
+    let mut d = Daemon::start(work.path(), &mark);
+    d.call("POST", "/v1/recruit", Some(r#"{"class": "local", "workers": 2}"#), 200);
+    // 5 quick jobs first, left unreceived; then 100 slower ones.
+    let quick: Vec<Value> = (0..5).map(|i| json!({"name": format!("quick-{i}"), "builtin": "noop"})).collect();
+    let ids = d.call("POST", "/v1/jobs", Some(&jobs(&json!(quick))), 200)["ids"].clone();
+    assert_eq!(ids.as_array().map(Vec::len), Some(5));
+    assert!(
+        poll_until(DEADLINE, || d.call("GET", "/v1/status", None, 200)["jobs"]["ready"] == 5),
+        "the quick jobs did not finish"
+    );
+    let slow: Vec<Value> = (0..100).map(|i| json!({"name": format!("slow-{i}"), "shell": "sleep 0.2"})).collect();
+    d.call("POST", "/v1/jobs", Some(&jobs(&json!(slow))), 200);
+    assert!(
+        poll_until(DEADLINE, || d.call("GET", "/v1/status", None, 200)["jobs"]["running"].as_u64() >= Some(2)),
+        "no slow job started"
+    );
+    crate::support::signal(d.child.id(), libc::SIGKILL);
+    let status = d.wait_exit(work.path());
+    assert_eq!(status.code(), None, "killed by a signal");
+
+    // The same folder, a new daemon.
+    drop(d);
+    let log_before = std::fs::read_to_string(work.path().join("daemon.log")).unwrap_or_default();
+    let d = Daemon::start(work.path(), &mark);
+    let st = d.call("GET", "/v1/status", None, 200);
+    assert_eq!(st["slots"].as_array().map(Vec::len), Some(2), "slots recruited before the kill: {st}");
+    let got = d.call("POST", "/v1/receive", Some(r#"{"wait": true, "all": true, "timeout": "120s"}"#), 200);
+    let outputs = got["outputs"].as_array().expect("outputs").clone();
+    assert_eq!(got["pending"], 0, "{got}");
+    let mut names: Vec<String> = outputs.iter().map(|o| o["name"].as_str().unwrap_or("").to_owned()).collect();
+    names.sort();
+    let mut want: Vec<String> =
+        (0..5).map(|i| format!("quick-{i}")).chain((0..100).map(|i| format!("slow-{i}"))).collect();
+    want.sort();
+    assert_eq!(names, want, "every job exactly once\nlog before:\n{log_before}\nlog:\n{}", d.log(work.path()));
+    for o in &outputs {
+        assert_eq!(o["status"], "succeeded", "{o}");
+    }
+    let crashed_once = outputs.iter().filter(|o| o["attempt"].as_u64() >= Some(2)).count();
+    assert!(crashed_once >= 1, "the jobs that were running are re-run as a later attempt");
+    // Nothing more to receive, even after another restart of the daemon.
+    let again = d.call("POST", "/v1/receive", Some(r#"{"all": true}"#), 200);
+    assert_eq!(again["outputs"].as_array().map(Vec::len), Some(0), "{again}");
+    d.call("POST", "/v1/down", Some("{}"), 200);
+}
