@@ -7,7 +7,7 @@
 //! polling the health route until some daemon answers.
 
 use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -77,6 +77,7 @@ pub(crate) fn ensure_daemon(dir: &Path) -> Result<(Client, Health), Failure> {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(&log_path)
         .with_context(|| format!("cannot open {}", log_path.display()))
         .map_err(Failure::internal)?;

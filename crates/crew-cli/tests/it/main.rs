@@ -8,4 +8,5 @@
 mod cli;
 mod controller;
 mod run;
+mod session;
 mod support;
