@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 
 use super::{Ctx, api, print_json};
+use crate::client::ClientError;
 use crate::{EXIT_OK, Failure, project};
 
 /// How long `crew down` waits for the daemon's process to end.
@@ -35,7 +36,12 @@ pub(crate) fn down(ctx: &Ctx, _args: DownArgs) -> Result<u8, Failure> {
         eprintln!("crew: no daemon is running for {}", ctx.dir().display());
         return Ok(EXIT_OK);
     };
-    let _: serde_json::Value = client.post("/v1/down", &serde_json::json!({})).map_err(api)?;
+    match client.post::<_, serde_json::Value>("/v1/down", &serde_json::json!({})) {
+        Ok(_) => {}
+        // Already stopping (another `crew down`): wait for it all the same.
+        Err(ClientError::Api(e)) if e.code == "shutting_down" => {}
+        Err(e) => return Err(api(e)),
+    }
     drop(client);
     let deadline = Instant::now() + DOWN_DEADLINE;
     while project::alive(health.pid) {
