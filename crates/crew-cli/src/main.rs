@@ -9,7 +9,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod client;
+mod cmd;
 mod daemon;
+mod project;
 mod registry;
 mod run;
 mod table;
@@ -34,6 +37,9 @@ processes today; cloud and cluster classes later), routing each job to a worker 
 whose tags match, and returns one output record per job."
 )]
 struct Cli {
+    /// The project folder of the daemon commands (default: ./.crew).
+    #[arg(long, value_name = "DIR", env = "CREW_DIR")]
+    dir: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -49,6 +55,8 @@ enum Command {
     /// `crew up`; not usually by hand).
     #[command(hide = true)]
     Daemon(daemon::DaemonArgs),
+    #[command(flatten)]
+    Client(cmd::ClientCommand),
 }
 
 /// An error with the exit status it maps to.
@@ -90,6 +98,7 @@ fn main() -> ExitCode {
             init_logging("info");
             daemon::main(args)
         }
+        Command::Client(command) => cmd::main(cli.dir, command),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -9,4 +9,5 @@ mod cli;
 mod controller;
 mod daemon_api;
 mod run;
+mod session;
 mod support;

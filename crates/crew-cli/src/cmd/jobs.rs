@@ -1,0 +1,76 @@
+//! `crew cancel` and `crew logs`: acting on jobs by id.
+
+use std::io::Write;
+
+use clap::Args;
+use serde::{Deserialize, Serialize};
+
+use super::{Ctx, api, print_json};
+use crate::{EXIT_JOB_FAILED, EXIT_OK, Failure};
+
+#[derive(Args, Debug)]
+#[command(after_help = "Exit status: 0 every job was cancelled; 1 some id is unknown or already finished; \
+2 bad input; 3 crew failed.")]
+pub(crate) struct CancelArgs {
+    /// Job ids (as printed by `crew send`).
+    #[arg(value_name = "JOB", required = true)]
+    ids: Vec<u64>,
+    /// Print `{"cancelled": [...], "unknown": [...]}`.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Cancelled {
+    #[serde(default)]
+    cancelled: Vec<u64>,
+    #[serde(default)]
+    unknown: Vec<u64>,
+}
+
+pub(crate) fn cancel(ctx: &Ctx, args: CancelArgs) -> Result<u8, Failure> {
+    let answer: Cancelled = ctx.client()?.post("/v1/cancel", &serde_json::json!({"ids": args.ids})).map_err(api)?;
+    if args.json {
+        print_json(&answer)?;
+    } else {
+        for id in &answer.cancelled {
+            println!("cancelled {id}");
+        }
+        for id in &answer.unknown {
+            eprintln!("crew: job {id} is unknown or already finished");
+        }
+    }
+    Ok(if answer.unknown.is_empty() { EXIT_OK } else { EXIT_JOB_FAILED })
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct LogsArgs {
+    /// The job id.
+    #[arg(value_name = "JOB")]
+    id: u64,
+    /// Print `{"id", "stdout", "stderr"}` instead of the two streams.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Logs {
+    id: u64,
+    #[serde(default)]
+    stdout: String,
+    #[serde(default)]
+    stderr: String,
+}
+
+pub(crate) fn logs(ctx: &Ctx, args: LogsArgs) -> Result<u8, Failure> {
+    let logs: Logs = ctx.client()?.get(&format!("/v1/jobs/{}/logs", args.id)).map_err(api)?;
+    if args.json {
+        print_json(&logs)?;
+        return Ok(EXIT_OK);
+    }
+    let mut out = std::io::stdout().lock();
+    out.write_all(logs.stdout.as_bytes()).and_then(|()| out.flush()).map_err(Failure::internal)?;
+    let mut err = std::io::stderr().lock();
+    err.write_all(logs.stderr.as_bytes()).and_then(|()| err.flush()).map_err(Failure::internal)?;
+    Ok(EXIT_OK)
+}

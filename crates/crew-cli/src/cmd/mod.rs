@@ -1,0 +1,133 @@
+//! The daemon commands (`crew up`, `crew send`, `crew receive`, ...): thin
+//! clients of the daemon API (docs/api.md), one module per command or small
+//! group. Flags are validated here, before any request, so that a typo
+//! neither starts a daemon nor reaches it.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use clap::Subcommand;
+use crew_core::Tags;
+use crew_core::job::parse_duration;
+use serde::Serialize;
+
+use crate::client::{Client, ClientError};
+use crate::{EXIT_INTERNAL, EXIT_USAGE, Failure, project};
+
+mod jobs;
+mod lifecycle;
+mod receive;
+mod send;
+mod status;
+mod workers;
+
+/// The commands that talk to the daemon of a project folder.
+#[derive(Subcommand, Debug)]
+pub(crate) enum ClientCommand {
+    /// Start the project's daemon if it is not running; print its pid.
+    Up(lifecycle::UpArgs),
+    /// Stop every worker and the daemon, and wait until the daemon is gone.
+    Down(lifecycle::DownArgs),
+    /// Add worker slots of a class (they start when jobs need them).
+    Recruit(workers::RecruitArgs),
+    /// Start down slots now instead of when jobs need them.
+    Launch(workers::LaunchArgs),
+    /// Send a job (`-- CMD ARGS..`) or a file of jobs (`--file`); print ids.
+    Send(send::SendArgs),
+    /// Print finished outputs (each once) as a table or JSON Lines.
+    Receive(receive::ReceiveArgs),
+    /// Block until every job (or one) has finished, without receiving.
+    Wait(receive::WaitArgs),
+    /// Show the slots and the job counts.
+    Status(status::StatusArgs),
+    /// Exit 0 if a recruited, usable slot has all these tags, else 1.
+    Sendable(status::SendableArgs),
+    /// Exit 0 if an output is ready to be received, else 1.
+    Receivable(status::ReceivableArgs),
+    /// Stop workers (idle ones unless --all); their slots stay.
+    Shutdown(workers::ShutdownArgs),
+    /// Remove slots.
+    Dismiss(workers::DismissArgs),
+    /// Relaunch stuck slots and make broken ones usable again.
+    Restart(workers::RestartArgs),
+    /// Cancel jobs by id.
+    Cancel(jobs::CancelArgs),
+    /// Print a finished job's whole stdout and stderr.
+    Logs(jobs::LogsArgs),
+}
+
+/// Runs a daemon command against the project folder `dir` (from `--dir`
+/// or `$CREW_DIR`).
+pub(crate) fn main(dir: Option<PathBuf>, command: ClientCommand) -> Result<u8, Failure> {
+    let dir = project::project_dir(dir)?;
+    let ctx = Ctx { dir };
+    match command {
+        ClientCommand::Up(a) => lifecycle::up(&ctx, a),
+        ClientCommand::Down(a) => lifecycle::down(&ctx, a),
+        ClientCommand::Recruit(a) => workers::recruit(&ctx, a),
+        ClientCommand::Launch(a) => workers::launch(&ctx, a),
+        ClientCommand::Send(a) => send::send(&ctx, a),
+        ClientCommand::Receive(a) => receive::receive(&ctx, a),
+        ClientCommand::Wait(a) => receive::wait(&ctx, a),
+        ClientCommand::Status(a) => status::status(&ctx, a),
+        ClientCommand::Sendable(a) => status::sendable(&ctx, a),
+        ClientCommand::Receivable(a) => status::receivable(&ctx, a),
+        ClientCommand::Shutdown(a) => workers::shutdown(&ctx, a),
+        ClientCommand::Dismiss(a) => workers::dismiss(&ctx, a),
+        ClientCommand::Restart(a) => workers::restart(&ctx, a),
+        ClientCommand::Cancel(a) => jobs::cancel(&ctx, a),
+        ClientCommand::Logs(a) => jobs::logs(&ctx, a),
+    }
+}
+
+/// What every command knows: the project folder.
+pub(crate) struct Ctx {
+    dir: PathBuf,
+}
+
+impl Ctx {
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A connection to the daemon, started if needed.
+    pub(crate) fn client(&self) -> Result<Client, Failure> {
+        project::ensure_daemon(&self.dir).map(|(c, _)| c)
+    }
+}
+
+/// Maps a request failure to the exit status: 2 when the daemon refused the
+/// user's input (4xx), 3 otherwise (5xx, connection, protocol).
+pub(crate) fn api(e: ClientError) -> Failure {
+    let code = match &e {
+        ClientError::Api(a) if a.is_client_error() => EXIT_USAGE,
+        _ => EXIT_INTERNAL,
+    };
+    Failure { code, error: e.into() }
+}
+
+/// Validated comma-separated tags (`""` is none).
+pub(crate) fn parse_tags(flag: &str, text: &str) -> Result<Vec<String>, Failure> {
+    let tags: Tags = text.parse().map_err(|e| Failure::usage(anyhow::anyhow!("{flag}: {e}")))?;
+    Ok(tags.iter().map(str::to_owned).collect())
+}
+
+/// Tags as the API wants them: absent when none were given.
+pub(crate) fn opt_tags(flag: &str, text: Option<&str>) -> Result<Option<Vec<String>>, Failure> {
+    text.map(|t| parse_tags(flag, t)).transpose()
+}
+
+/// A duration flag, checked here and passed on as written.
+pub(crate) fn check_duration(flag: &str, text: Option<String>) -> Result<Option<String>, Failure> {
+    if let Some(t) = &text {
+        parse_duration(t).map_err(|e| Failure::usage(anyhow::anyhow!("{flag}: {e}")))?;
+    }
+    Ok(text)
+}
+
+/// Prints `value` as one line of JSON on stdout.
+pub(crate) fn print_json<T: Serialize + ?Sized>(value: &T) -> Result<(), Failure> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer(&mut out, value).map_err(Failure::internal)?;
+    writeln!(out).map_err(Failure::internal)
+}

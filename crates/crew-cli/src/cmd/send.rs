@@ -1,0 +1,257 @@
+//! `crew send`: one job from the command line, or a whole job file in one
+//! request (all or nothing, like `crew run`'s file).
+//!
+//! Jobs travel in the job-line JSON form (README, "Job lines"), which the
+//! daemon parses with the same `crew_core::job` code that checked them here.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use clap::Args;
+use crew_core::job::{LineDefaults, parse_duration, parse_job_file, parse_job_value};
+use crew_core::{Command, JobSpec, Tags};
+use serde::{Deserialize, Serialize};
+
+use super::{Ctx, api, print_json};
+use crate::{EXIT_OK, EXIT_USAGE, Failure};
+
+#[derive(Args, Debug)]
+#[command(after_help = "Examples:\n  crew send -- Rscript fit.R --alpha 0.5\n  crew send --tags gpu --name fit-1 -- \
+python3 train.py\n  crew send --file jobs.txt\n  generate-jobs | crew send --file -")]
+pub(crate) struct SendArgs {
+    /// Job file: one job per line, a JSON object or a shell command line
+    /// (`-` reads stdin); checked whole before anything is sent.
+    #[arg(long, short = 'f', value_name = "FILE", conflicts_with_all = ["command", "name", "env", "cwd"])]
+    file: Option<String>,
+    /// The job's name (unique among jobs not yet received).
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+    /// Tags a worker must have, comma separated (with --file: added to every job).
+    #[arg(long, value_name = "T,..")]
+    tags: Option<String>,
+    /// Time limit of one attempt, e.g. 30s (with --file: for jobs without one).
+    #[arg(long, value_name = "D")]
+    timeout: Option<String>,
+    /// Re-runs after a failure exit (with --file: for jobs without `retries`).
+    #[arg(long, value_name = "N")]
+    retries: Option<u32>,
+    /// An environment variable of the job, `KEY=VALUE` (repeatable).
+    #[arg(long, value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Working folder of the job on the worker.
+    #[arg(long, value_name = "DIR")]
+    cwd: Option<PathBuf>,
+    /// Print `{"ids": [...]}` instead of one id per line.
+    #[arg(long)]
+    json: bool,
+    /// The program and its arguments, run directly (no shell); put them
+    /// after `--`.
+    #[arg(value_name = "CMD", trailing_var_arg = true, allow_hyphen_values = true, required_unless_present = "file")]
+    command: Vec<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Sent {
+    ids: Vec<u64>,
+}
+
+pub(crate) fn send(ctx: &Ctx, args: SendArgs) -> Result<u8, Failure> {
+    let timeout = args
+        .timeout
+        .as_deref()
+        .map(parse_duration)
+        .transpose()
+        .map_err(|e| Failure::usage(anyhow::anyhow!("--timeout: {e}")))?;
+    let tags: Tags = match &args.tags {
+        Some(t) => t.parse().map_err(|e| Failure::usage(anyhow::anyhow!("--tags: {e}")))?,
+        None => Tags::new(),
+    };
+    let body = match &args.file {
+        Some(file) => {
+            let defaults = LineDefaults { tags, timeout, retries: args.retries };
+            match file_body(file, &defaults)? {
+                Some(body) => body,
+                None => return Ok(EXIT_USAGE),
+            }
+        }
+        None => one_job_body(&args, tags, timeout)?,
+    };
+    let sent: Sent = ctx.client()?.post_raw("/v1/jobs", body).map_err(api)?;
+    if args.json {
+        print_json(&sent)?;
+    } else {
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        for id in &sent.ids {
+            writeln!(out, "{id}").map_err(Failure::internal)?;
+        }
+        out.flush().map_err(Failure::internal)?;
+    }
+    Ok(EXIT_OK)
+}
+
+/// The request body of the job given by flags, checked.
+fn one_job_body(args: &SendArgs, tags: Tags, timeout: Option<std::time::Duration>) -> Result<Vec<u8>, Failure> {
+    let mut env = BTreeMap::new();
+    for e in &args.env {
+        let Some((k, v)) = e.split_once('=') else {
+            return Err(Failure::usage(anyhow::anyhow!("--env {e:?}: write KEY=VALUE")));
+        };
+        env.insert(k.to_owned(), v.to_owned());
+    }
+    let mut spec = JobSpec::new(Command::Argv(args.command.clone()));
+    spec.name = args.name.clone();
+    spec.tags = tags;
+    spec.env = env;
+    spec.cwd = args.cwd.clone();
+    spec.timeout = timeout;
+    spec.retries = args.retries.unwrap_or(0);
+    // Check it exactly as the daemon will, so that a bad job is reported
+    // before any daemon is started.
+    let value = serde_json::to_value(WireJob::from(&spec)).map_err(Failure::internal)?;
+    parse_job_value(value, &LineDefaults::default()).map_err(|e| Failure::usage(anyhow::anyhow!("{e}")))?;
+    body(std::slice::from_ref(&spec))
+}
+
+/// The request body of a job file; `None` when some line is bad (each one
+/// reported as `FILE:LINE: reason`).
+fn file_body(file: &str, defaults: &LineDefaults) -> Result<Option<Vec<u8>>, Failure> {
+    let (label, text) = if file == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("cannot read the jobs from stdin")
+            .map_err(Failure::usage)?;
+        ("<stdin>".to_owned(), text)
+    } else {
+        let text = std::fs::read_to_string(file)
+            .with_context(|| format!("cannot read the job file {file}"))
+            .map_err(Failure::usage)?;
+        (file.to_owned(), text)
+    };
+    match parse_job_file(&text, defaults) {
+        Ok(jobs) if jobs.is_empty() => {
+            Err(Failure::usage(anyhow::anyhow!("{label} has no job (only blank lines and # comments)")))
+        }
+        Ok(jobs) => body(&jobs).map(Some),
+        Err(errors) => {
+            let mut err = std::io::stderr().lock();
+            for e in &errors {
+                let _ = writeln!(err, "{label}:{e}");
+            }
+            Ok(None)
+        }
+    }
+}
+
+/// `{"jobs": [...]}`, serialized once, straight from the parsed jobs.
+fn body(jobs: &[JobSpec]) -> Result<Vec<u8>, Failure> {
+    #[derive(Serialize)]
+    struct Body<'a> {
+        jobs: Vec<WireJob<'a>>,
+    }
+    let body = Body { jobs: jobs.iter().map(WireJob::from).collect() };
+    let mut out = Vec::with_capacity(64 + jobs.len() * 96);
+    serde_json::to_writer(&mut out, &body).map_err(Failure::internal)?;
+    Ok(out)
+}
+
+/// A job in the job-line JSON form (README, "Job lines"), borrowed from a
+/// parsed [`JobSpec`]; defaults are left out to keep big requests small.
+#[derive(Serialize)]
+struct WireJob<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Tags::is_empty")]
+    tags: &'a Tags,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    command: Option<&'a [String]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shell: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    builtin: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    args: Option<&'a serde_json::Value>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    env: &'a BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cwd: Option<&'a Path>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stdin: Option<&'a str>,
+    /// Seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timeout: Option<f64>,
+    #[serde(skip_serializing_if = "is_zero")]
+    retries: u32,
+    #[serde(skip_serializing_if = "is_default_crashes")]
+    crashes_max: u32,
+    #[serde(skip_serializing_if = "is_zero_i")]
+    priority: i32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+fn is_zero_i(n: &i32) -> bool {
+    *n == 0
+}
+
+fn is_default_crashes(n: &u32) -> bool {
+    *n == crew_core::job::DEFAULT_CRASHES_MAX
+}
+
+impl<'a> From<&'a JobSpec> for WireJob<'a> {
+    fn from(s: &'a JobSpec) -> Self {
+        let (command, shell, builtin, args) = match &s.command {
+            Command::Argv(argv) => (Some(argv.as_slice()), None, None, None),
+            Command::Shell(line) => (None, Some(line.as_str()), None, None),
+            Command::Builtin { name, args } => (None, None, Some(name.as_str()), (!args.is_null()).then_some(args)),
+        };
+        WireJob {
+            name: s.name.as_deref(),
+            tags: &s.tags,
+            command,
+            shell,
+            builtin,
+            args,
+            env: &s.env,
+            cwd: s.cwd.as_deref(),
+            stdin: s.stdin.as_deref(),
+            timeout: s.timeout.map(|d| d.as_secs_f64()),
+            retries: s.retries,
+            crashes_max: s.crashes_max,
+            priority: s.priority,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every job-line field survives the trip to the wire form and back.
+    #[test]
+    fn the_wire_form_parses_back_to_the_same_job() {
+        let text = concat!(
+            "echo plain words\n",
+            r#"{"name":"a","tags":["gpu","big"],"command":["x","y z"],"env":{"K":"V"},"cwd":"/tmp","stdin":"in","timeout":"1m30s","retries":2,"crashes_max":5,"priority":-3}"#,
+            "\n",
+            r#"{"builtin":"sleep","args":{"seconds":0.5},"timeout":0.25}"#,
+            "\n",
+            r#"{"shell":"echo $HOME | wc"}"#,
+            "\n",
+        );
+        let jobs = parse_job_file(text, &LineDefaults::default()).expect("good file");
+        let wire = body(&jobs).expect("body");
+        let value: serde_json::Value = serde_json::from_slice(&wire).expect("JSON");
+        let back: Vec<JobSpec> = value["jobs"]
+            .as_array()
+            .expect("jobs array")
+            .iter()
+            .map(|v| parse_job_value(v.clone(), &LineDefaults::default()).expect("parses back"))
+            .collect();
+        assert_eq!(back, jobs);
+    }
+}

@@ -1,0 +1,180 @@
+//! Managing worker slots: `crew recruit`, `launch`, `shutdown`, `dismiss`
+//! and `restart`.
+
+use std::collections::BTreeMap;
+
+use clap::Args;
+use serde::{Deserialize, Serialize};
+
+use super::{Ctx, api, check_duration, opt_tags, parse_tags, print_json};
+use crate::{EXIT_OK, Failure};
+
+#[derive(Args, Debug)]
+pub(crate) struct RecruitArgs {
+    /// Number of slots to add.
+    #[arg(long, short = 'w', value_name = "N")]
+    workers: u32,
+    /// Worker class (`local`: processes on this machine).
+    #[arg(long, value_name = "CLASS")]
+    class: String,
+    /// Tags of the slots, comma separated; jobs may ask for any subset.
+    #[arg(long, value_name = "T,..")]
+    tags: Option<String>,
+    /// Stop a worker idle this long (e.g. 5m).
+    #[arg(long, value_name = "D")]
+    idle: Option<String>,
+    /// Stop a worker up this long, once its job ends (e.g. 2h).
+    #[arg(long, value_name = "D")]
+    wall: Option<String>,
+    /// Stop a worker after this many jobs.
+    #[arg(long, value_name = "N")]
+    tasks_max: Option<u32>,
+    /// Give up on a launch that does not connect back within this time.
+    #[arg(long, value_name = "D")]
+    launch_timeout: Option<String>,
+    /// A class option, `key=value` (repeatable).
+    #[arg(long = "opt", value_name = "KEY=VALUE")]
+    opts: Vec<String>,
+    /// Print `{"slots": [...]}` instead of one slot name per line.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct RecruitBody {
+    class: String,
+    workers: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tags: Option<Vec<String>>,
+    idle: Option<String>,
+    wall: Option<String>,
+    tasks_max: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    launch_timeout: Option<String>,
+    options: BTreeMap<String, String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Recruited {
+    slots: Vec<String>,
+}
+
+pub(crate) fn recruit(ctx: &Ctx, args: RecruitArgs) -> Result<u8, Failure> {
+    if args.workers == 0 {
+        return Err(Failure::usage(anyhow::anyhow!("--workers must be at least 1")));
+    }
+    if args.tasks_max == Some(0) {
+        return Err(Failure::usage(anyhow::anyhow!("--tasks-max must be at least 1 (leave it out for no limit)")));
+    }
+    let mut options = BTreeMap::new();
+    for o in &args.opts {
+        let Some((k, v)) = o.split_once('=') else {
+            return Err(Failure::usage(anyhow::anyhow!("--opt {o:?}: write key=value")));
+        };
+        options.insert(k.trim().to_owned(), v.to_owned());
+    }
+    let body = RecruitBody {
+        class: args.class,
+        workers: args.workers,
+        tags: opt_tags("--tags", args.tags.as_deref())?,
+        idle: check_duration("--idle", args.idle)?,
+        wall: check_duration("--wall", args.wall)?,
+        tasks_max: args.tasks_max,
+        launch_timeout: check_duration("--launch-timeout", args.launch_timeout)?,
+        options,
+    };
+    let answer: Recruited = ctx.client()?.post("/v1/recruit", &body).map_err(api)?;
+    if args.json {
+        print_json(&answer)?;
+    } else {
+        for s in &answer.slots {
+            println!("{s}");
+        }
+    }
+    Ok(EXIT_OK)
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct LaunchArgs {
+    /// Only slots having all these tags (comma separated).
+    #[arg(long, value_name = "T,..")]
+    tags: Option<String>,
+    /// At most this many slots (default: every matching down slot).
+    #[arg(long, short = 'w', value_name = "N")]
+    workers: Option<u32>,
+    /// Print `{"launched": N}`.
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) fn launch(ctx: &Ctx, args: LaunchArgs) -> Result<u8, Failure> {
+    let body = serde_json::json!({"tags": opt_tags("--tags", args.tags.as_deref())?, "workers": args.workers});
+    count_command(ctx, "/v1/launch", &body, "launched", args.json)
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct ShutdownArgs {
+    /// Stop busy workers too (their jobs are re-run elsewhere).
+    #[arg(long)]
+    all: bool,
+    /// Only workers of slots having all these tags.
+    #[arg(long, value_name = "T,..")]
+    tags: Option<String>,
+    /// Only the worker of this slot.
+    #[arg(long, value_name = "SLOT")]
+    slot: Option<String>,
+    /// Print `{"stopped": N}`.
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) fn shutdown(ctx: &Ctx, args: ShutdownArgs) -> Result<u8, Failure> {
+    let body = serde_json::json!({
+        "all": args.all,
+        "tags": opt_tags("--tags", args.tags.as_deref())?,
+        "slot": args.slot,
+    });
+    count_command(ctx, "/v1/shutdown", &body, "stopped", args.json)
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct DismissArgs {
+    /// Remove the slots having all these tags.
+    #[arg(long, value_name = "T,..", required_unless_present = "slot")]
+    tags: Option<String>,
+    /// Remove this slot.
+    #[arg(long, value_name = "SLOT")]
+    slot: Option<String>,
+    /// Print `{"dismissed": N}`.
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) fn dismiss(ctx: &Ctx, args: DismissArgs) -> Result<u8, Failure> {
+    let tags = args.tags.as_deref().map(|t| parse_tags("--tags", t)).transpose()?;
+    let body = serde_json::json!({"tags": tags, "slot": args.slot});
+    count_command(ctx, "/v1/dismiss", &body, "dismissed", args.json)
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct RestartArgs {
+    /// Print `{"restarted": N}`.
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) fn restart(ctx: &Ctx, args: RestartArgs) -> Result<u8, Failure> {
+    count_command(ctx, "/v1/restart", &serde_json::json!({}), "restarted", args.json)
+}
+
+/// POSTs `body`, whose answer is `{key: N}`; prints `key N` or the JSON.
+fn count_command(ctx: &Ctx, path: &str, body: &serde_json::Value, key: &str, json: bool) -> Result<u8, Failure> {
+    let answer: serde_json::Value = ctx.client()?.post(path, body).map_err(api)?;
+    if json {
+        print_json(&answer)?;
+    } else {
+        let n = answer.get(key).and_then(serde_json::Value::as_u64).unwrap_or(0);
+        println!("{key} {n}");
+    }
+    Ok(EXIT_OK)
+}

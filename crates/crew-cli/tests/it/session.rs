@@ -1,0 +1,145 @@
+//! The daemon commands end to end: a scripted session (`crew recruit`,
+//! `send`, `receive`, `status`, `down`) against a real daemon in a temp
+//! project folder.
+//!
+//! Ignored until the daemon (branch `daemon`) merges: on this branch
+//! `crew daemon` is a skeleton that exits with an error.
+
+use std::path::Path;
+use std::time::Duration;
+
+use crate::support::{DEADLINE, Finished, Reaper, assert_none_marked, crew, run, unique};
+
+/// `crew ARGS` in `dir` (its project folder: `dir/.crew`), to its end.
+fn crew_ok(dir: &Path, mark: &str, args: &[&str]) -> Finished {
+    let out = run(crew(dir, mark, args), None, DEADLINE);
+    assert_eq!(out.code(), Some(0), "crew {}\n{out}", args.join(" "));
+    out
+}
+
+/// Stops the daemon of `dir` when dropped, so a failing test does not leave
+/// it running (the [`Reaper`] kills whatever is left after that).
+struct Down<'a> {
+    dir: &'a Path,
+    mark: &'a str,
+}
+
+impl Drop for Down<'_> {
+    fn drop(&mut self) {
+        let _ = run(crew(self.dir, self.mark, &["down"]), None, DEADLINE);
+    }
+}
+
+#[test]
+#[ignore = "needs the daemon (branch daemon)"]
+fn a_scripted_session() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let mark = unique("session-");
+    let _reaper = Reaper::new(&mark);
+    let _down = Down { dir: d, mark: &mark };
+
+    let out = crew_ok(d, &mark, &["recruit", "--workers", "4", "--class", "local"]);
+    assert_eq!(out.stdout.lines().count(), 4, "{out}");
+    let out = crew_ok(d, &mark, &["recruit", "--workers", "1", "--class", "local", "--tags", "gpu", "--json"]);
+    let gpu_slots: serde_json::Value = serde_json::from_str(out.stdout.trim()).expect("recruit --json");
+    let gpu_slot = gpu_slots["slots"][0].as_str().expect("a slot name").to_owned();
+
+    let out = crew_ok(d, &mark, &["send", "--tags", "gpu", "--", "sh", "-c", "echo $CREW_WORKER"]);
+    let gpu_id: u64 = out.stdout.trim().parse().expect("send prints the id");
+    crew_ok(d, &mark, &["send", "--", "echo", "hi"]);
+
+    let out = crew_ok(d, &mark, &["receive", "--wait", "--all", "--json"]);
+    let records = out.records();
+    assert_eq!(records.len(), 2, "{out}");
+    let gpu = records.iter().find(|r| r["id"] == gpu_id).expect("the gpu job's output");
+    assert_eq!(gpu["status"], "succeeded", "{out}");
+    assert_eq!(gpu["stdout"]["text"].as_str().map(str::trim), Some(gpu_slot.as_str()), "{out}");
+    assert_eq!(gpu["slot"].as_str(), Some(gpu_slot.as_str()), "{out}");
+
+    let out = crew_ok(d, &mark, &["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_str(out.stdout.trim()).expect("status --json");
+    let slots = status["slots"].as_array().expect("slots");
+    assert_eq!(slots.len(), 5, "{out}");
+    let tagged = slots.iter().find(|s| s["name"] == gpu_slot.as_str()).expect("the gpu slot");
+    assert!(tagged["tags"].as_array().is_some_and(|t| t.iter().any(|t| t == "gpu")), "{out}");
+
+    // Nothing is left to receive: exit status 1.
+    let out = run(crew(d, &mark, &["receive"]), None, DEADLINE);
+    assert_eq!(out.code(), Some(1), "{out}");
+
+    let out = run(crew(d, &mark, &["send", "--tags", "nope", "--", "true"]), None, DEADLINE);
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.starts_with("crew: ") && out.stderr.contains("nope") && out.stderr.contains("gpu"), "{out}");
+
+    let out = run(crew(d, &mark, &["sendable", "--tags", "gpu"]), None, DEADLINE);
+    assert_eq!(out.code(), Some(0), "{out}");
+    let out = run(crew(d, &mark, &["sendable", "--tags", "nope"]), None, DEADLINE);
+    assert_eq!(out.code(), Some(1), "{out}");
+
+    crew_ok(d, &mark, &["down"]);
+    assert_none_marked(&mark, Duration::from_secs(10));
+    // A second `down` finds nothing and says so, successfully.
+    let out = crew_ok(d, &mark, &["down"]);
+    assert!(out.stderr.contains("no daemon"), "{out}");
+}
+
+#[test]
+#[ignore = "needs the daemon (branch daemon)"]
+fn one_slot_runs_jobs_in_one_agent_process() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let mark = unique("agent-");
+    let _reaper = Reaper::new(&mark);
+    let _down = Down { dir: d, mark: &mark };
+    crew_ok(d, &mark, &["recruit", "--workers", "1", "--class", "local", "--idle", "5m"]);
+    let mut parents = Vec::new();
+    for _ in 0..2 {
+        crew_ok(d, &mark, &["send", "--", "sh", "-c", "echo $PPID"]);
+        let out = crew_ok(d, &mark, &["receive", "--wait", "--json"]);
+        let records = out.records();
+        assert_eq!(records.len(), 1, "{out}");
+        parents.push(records[0]["stdout"]["text"].as_str().unwrap_or_default().trim().to_owned());
+    }
+    assert!(!parents[0].is_empty(), "{parents:?}");
+    assert_eq!(parents[0], parents[1], "two jobs on one slot ran under different agents");
+    crew_ok(d, &mark, &["down"]);
+    assert_none_marked(&mark, Duration::from_secs(10));
+}
+
+#[test]
+#[ignore = "needs the daemon (branch daemon)"]
+fn a_hundred_sends_then_one_receive() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let mark = unique("hundred-");
+    let _reaper = Reaper::new(&mark);
+    let _down = Down { dir: d, mark: &mark };
+    crew_ok(d, &mark, &["recruit", "--workers", "2", "--class", "local"]);
+    let mut ids = Vec::new();
+    for i in 0..100 {
+        let out = crew_ok(d, &mark, &["send", "--", "echo", &i.to_string()]);
+        ids.push(out.stdout.trim().parse::<u64>().expect("an id"));
+    }
+    let out = run(crew(d, &mark, &["receive", "--wait", "--all", "--json"]), None, Duration::from_secs(120));
+    assert_eq!(out.code(), Some(0), "{out}");
+    let mut got: Vec<u64> = out.records().iter().filter_map(|r| r["id"].as_u64()).collect();
+    got.sort_unstable();
+    ids.sort_unstable();
+    assert_eq!(got, ids);
+    crew_ok(d, &mark, &["down"]);
+    assert_none_marked(&mark, Duration::from_secs(10));
+}
+
+#[test]
+fn a_bad_job_file_is_refused_whole_and_starts_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let mark = unique("sendfile-");
+    let _reaper = Reaper::new(&mark);
+    std::fs::write(d.join("jobs.txt"), "echo a\n{\"shell\":\"x\",\"bogus\":1}\n").expect("write");
+    let out = run(crew(d, &mark, &["send", "--file", "jobs.txt"]), None, DEADLINE);
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.starts_with("jobs.txt:2: ") && out.stderr.contains("bogus"), "{out}");
+    assert!(!d.join(".crew").exists(), "a bad file started a daemon");
+}
