@@ -71,6 +71,13 @@ pub(crate) fn main(args: DaemonArgs) -> Result<u8, Failure> {
             .map_err(Failure::internal)?,
     );
 
+    // Jobs sent without a working folder run in the project's root (the
+    // folder that holds DIR), whichever command happened to start us.
+    if let Some(root) = dir.parent() {
+        std::env::set_current_dir(root)
+            .with_context(|| format!("cannot enter the project root {}", root.display()))
+            .map_err(Failure::internal)?;
+    }
     let _ = crew_worker_local::become_subreaper();
     // One thread, as in `crew run`: the controller's work per request is
     // short and needs no hand-off between threads.

@@ -31,7 +31,6 @@ impl Drop for Down<'_> {
 }
 
 #[test]
-#[ignore = "needs the daemon (branch daemon)"]
 fn a_scripted_session() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
@@ -85,7 +84,6 @@ fn a_scripted_session() {
 }
 
 #[test]
-#[ignore = "needs the daemon (branch daemon)"]
 fn one_slot_runs_jobs_in_one_agent_process() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
@@ -108,7 +106,6 @@ fn one_slot_runs_jobs_in_one_agent_process() {
 }
 
 #[test]
-#[ignore = "needs the daemon (branch daemon)"]
 fn a_hundred_sends_then_one_receive() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
