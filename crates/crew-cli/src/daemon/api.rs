@@ -3,12 +3,12 @@
 //! Role: turn HTTP requests into controller calls and answers into the JSON
 //! shapes and error codes of the contract, never panicking on input. The
 //! daemon keeps its own list of *ready* outputs (taken from the controller
-//! by [`drain`] as soon as they are delivered, and written to the store at
-//! `jobs/<id>/output.json`): that is what lets `receive` pick an output by
+//! by [`drain`] as soon as they are delivered, and appended to the outputs
+//! log, `DIR/outputs.jsonl`): that is what lets `receive` pick an output by
 //! name, `pending` count jobs not yet received by a client (the controller
 //! forgets a job once it delivered it), and `logs` answer after receive.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,6 +31,7 @@ use serde_json::{Value, json};
 use tokio::sync::{Notify, watch};
 
 use super::journal::JournalWriter;
+use super::outputs::OutputsLog;
 use crate::registry::Registry;
 
 /// Largest request body accepted.
@@ -42,6 +43,7 @@ pub(crate) struct Daemon {
     store: Arc<dyn Store>,
     dir: PathBuf,
     journal: JournalWriter,
+    outputs: Mutex<OutputsLog>,
     inner: Mutex<Inner>,
     /// Bumped whenever `ready` grows or the daemon starts stopping: wakes
     /// waiting `receive` calls.
@@ -60,17 +62,27 @@ struct Inner {
     ready: VecDeque<Output>,
     /// Jobs sent and not yet received by a client, with their names.
     unreceived: HashMap<JobId, Option<String>>,
+    /// Jobs sent and not finished (not yet in `ready`), ordered: ids grow in
+    /// send order, so "every job sent so far has finished" is a range query.
+    unfinished: BTreeSet<JobId>,
     /// The names among `unreceived`.
     names: HashSet<String>,
 }
 
 impl Daemon {
-    pub(crate) fn new(controller: Controller, store: Arc<dyn Store>, dir: PathBuf, journal: JournalWriter) -> Self {
+    pub(crate) fn new(
+        controller: Controller,
+        store: Arc<dyn Store>,
+        dir: PathBuf,
+        journal: JournalWriter,
+        outputs: OutputsLog,
+    ) -> Self {
         Self {
             controller,
             store,
             dir,
             journal,
+            outputs: Mutex::new(outputs),
             inner: Mutex::new(Inner::default()),
             changed: watch::channel(0).0,
             sent: Notify::new(),
@@ -78,6 +90,10 @@ impl Daemon {
             stopping: AtomicBool::new(false),
             tmp_counter: AtomicU64::new(0),
         }
+    }
+
+    fn outputs_log(&self) -> MutexGuard<'_, OutputsLog> {
+        self.outputs.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -146,7 +162,11 @@ impl Daemon {
                 history.crashes += 1;
             }
             let job = RestoredJob { id, spec: p.spec, history };
-            if let Err(e) = self.controller.restore(vec![job]) {
+            let restored = self.controller.restore(vec![job]);
+            if restored.is_ok() {
+                inner.unfinished.insert(id);
+            }
+            if let Err(e) = restored {
                 let seed = crew_core::seed::job_seed(0, &name.clone().unwrap_or_else(|| id.to_string()));
                 let mut o = Output::without_run(
                     id,
@@ -184,20 +204,17 @@ impl Daemon {
 
     /// Records an output taken from the controller: store, then ready list.
     async fn take(&self, output: Output) {
-        match (StoreKey::new(format!("jobs/{}/output.json", output.id)), serde_json::to_vec(&output)) {
-            (Ok(key), Ok(body)) => {
-                if let Err(e) = self.store.put_bytes(&key, Bytes::from(body)).await {
-                    tracing::warn!(job = %output.id, "cannot write the output to the store: {e}");
-                }
-            }
-            (Err(e), _) => tracing::warn!(job = %output.id, "bad output key: {e}"),
-            (_, Err(e)) => tracing::warn!(job = %output.id, "cannot encode the output: {e}"),
+        if let Err(e) = self.outputs_log().append(&output) {
+            tracing::warn!(job = %output.id, "cannot record the output for `logs`: {e}");
         }
         // Journaled before it can be received (see daemon/journal.rs).
         if let Err(e) = self.journal(&[Record::Delivered { output: Box::new(output.clone()) }], false) {
             tracing::error!(job = %output.id, "{}", e.message);
         }
-        self.lock().ready.push_back(output);
+        let mut inner = self.lock();
+        inner.unfinished.remove(&output.id);
+        inner.ready.push_back(output);
+        drop(inner);
         self.changed.send_modify(|n| *n += 1);
     }
 
@@ -223,7 +240,12 @@ impl Daemon {
 pub(crate) async fn drain(d: Arc<Daemon>) {
     loop {
         match d.controller.receive_wait(None).await {
-            Some(o) => d.take(o).await,
+            Some(o) => {
+                d.take(o).await;
+                for o in d.controller.receive_all() {
+                    d.take(o).await;
+                }
+            }
             // Nothing pending: sleep until the next send (a send made since
             // left a permit, so none is missed).
             None => d.sent.notified().await,
@@ -484,6 +506,7 @@ fn send(d: &Daemon, r: JobsReq) -> Answer {
             inner.names.insert(n.clone());
         }
         inner.unreceived.insert(*id, name);
+        inner.unfinished.insert(*id);
     }
     drop(inner);
     d.sent.notify_one();
@@ -508,7 +531,7 @@ async fn receive(d: &Daemon, r: ReceiveReq) -> Answer {
     let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
     let mut changes = d.changed.subscribe();
     // With `all` and `wait`: the jobs sent so far, which must all be ready.
-    let awaited: Vec<JobId> = if r.all && r.wait { d.lock().unreceived.keys().copied().collect() } else { Vec::new() };
+    let awaited: Option<JobId> = if r.all && r.wait { d.lock().unfinished.last().copied() } else { None };
     let mut last_chance = !r.wait;
     loop {
         changes.borrow_and_update();
@@ -516,9 +539,7 @@ async fn receive(d: &Daemon, r: ReceiveReq) -> Answer {
             let mut inner = d.lock();
             let ready_now = match &r.name {
                 Some(n) => inner.ready.iter().any(|o| o.name.as_ref() == Some(n)) || !inner.names.contains(n),
-                None if r.all => awaited
-                    .iter()
-                    .all(|id| !inner.unreceived.contains_key(id) || inner.ready.iter().any(|o| o.id == *id)),
+                None if r.all => awaited.is_none_or(|last| inner.unfinished.range(..=last).next().is_none()),
                 None => !inner.ready.is_empty() || inner.unreceived.is_empty(),
             };
             if ready_now || last_chance || d.stopping() {
@@ -653,13 +674,8 @@ async fn logs(d: &Daemon, id: &str) -> Answer {
     let output = match ready {
         Some(o) => o,
         None => {
-            let key = StoreKey::new(format!("jobs/{id}/output.json")).map_err(|e| ApiError::internal(e.to_string()))?;
-            let bytes = d
-                .read_object(&key)
-                .await?
-                .ok_or_else(|| ApiError::not_found(format!("job {id} has no output yet (unknown or not finished)")))?;
-            serde_json::from_slice::<Output>(&bytes)
-                .map_err(|e| ApiError::internal(format!("the stored output of job {id} is unreadable: {e}")))?
+            let found = d.outputs_log().get(JobId(id)).map_err(|e| ApiError::internal(e.to_string()))?;
+            found.ok_or_else(|| ApiError::not_found(format!("job {id} has no output yet (unknown or not finished)")))?
         }
     };
     let stdout = whole(d, &output.stdout).await?;

@@ -10,6 +10,7 @@
 
 mod api;
 mod journal;
+mod outputs;
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -44,6 +45,7 @@ const LOCK: &str = "daemon.lock";
 const PID: &str = "daemon.pid";
 const STORE: &str = "store";
 const JOURNAL: &str = "journal.jsonl";
+const OUTPUTS: &str = "outputs.jsonl";
 
 pub(crate) fn main(args: DaemonArgs) -> Result<u8, Failure> {
     let dir = args.dir;
@@ -144,11 +146,14 @@ async fn serve(dir: PathBuf, store: Arc<dyn Store>) -> anyhow::Result<()> {
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("cannot chmod {}", sock.display()))?;
 
+    let outputs = outputs::OutputsLog::open(&dir.join(OUTPUTS))
+        .with_context(|| format!("cannot open {}", dir.join(OUTPUTS).display()))?;
     let state = Arc::new(api::Daemon::new(
         controller.clone(),
         store,
         dir.clone(),
         journal::JournalWriter::new(journal, assigned),
+        outputs,
     ));
     let (jobs, ready) = (replay.pending.len(), replay.ready.len());
     state.restore(replay);
