@@ -1,9 +1,6 @@
 //! The daemon commands end to end: a scripted session (`crew recruit`,
 //! `send`, `receive`, `status`, `down`) against a real daemon in a temp
 //! project folder.
-//!
-//! Ignored until the daemon (branch `daemon`) merges: on this branch
-//! `crew daemon` is a skeleton that exits with an error.
 
 use std::path::Path;
 use std::time::Duration;
@@ -105,16 +102,18 @@ fn one_slot_runs_jobs_in_one_agent_process() {
     assert_none_marked(&mark, Duration::from_secs(10));
 }
 
+/// The figure: 1,000 `crew send` invocations in a loop, then one
+/// `crew receive --all --wait` returns exactly those 1,000 outputs.
 #[test]
-fn a_hundred_sends_then_one_receive() {
+fn a_thousand_sends_then_one_receive() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let mark = unique("hundred-");
+    let mark = unique("thousand-");
     let _reaper = Reaper::new(&mark);
     let _down = Down { dir: d, mark: &mark };
     crew_ok(d, &mark, &["recruit", "--workers", "2", "--class", "local"]);
     let mut ids = Vec::new();
-    for i in 0..100 {
+    for i in 0..1000 {
         let out = crew_ok(d, &mark, &["send", "--", "echo", &i.to_string()]);
         ids.push(out.stdout.trim().parse::<u64>().expect("an id"));
     }
@@ -139,4 +138,41 @@ fn a_bad_job_file_is_refused_whole_and_starts_nothing() {
     assert_eq!(out.code(), Some(2), "{out}");
     assert!(out.stderr.starts_with("jobs.txt:2: ") && out.stderr.contains("bogus"), "{out}");
     assert!(!d.join(".crew").exists(), "a bad file started a daemon");
+}
+
+/// Two projects on one machine do not interfere: each folder has its own
+/// daemon, slots and jobs, and stopping one leaves the other running.
+#[test]
+fn two_projects_do_not_interfere() {
+    let (a, b) = (tempfile::tempdir().expect("tempdir"), tempfile::tempdir().expect("tempdir"));
+    let mark = unique("two-projects-");
+    let _reaper = Reaper::new(&mark);
+    let _down_a = Down { dir: a.path(), mark: &mark };
+    let _down_b = Down { dir: b.path(), mark: &mark };
+    crew_ok(a.path(), &mark, &["recruit", "--workers", "1", "--class", "local"]);
+    crew_ok(b.path(), &mark, &["recruit", "--workers", "2", "--class", "local", "--tags", "big"]);
+    let pid = |dir: &Path| {
+        let st: serde_json::Value =
+            serde_json::from_str(&crew_ok(dir, &mark, &["status", "--json"]).stdout).expect("json");
+        (st["pid"].as_u64(), st["slots"].as_array().map(Vec::len))
+    };
+    let (pa, na) = pid(a.path());
+    let (pb, nb) = pid(b.path());
+    assert_ne!(pa, pb, "one daemon per project");
+    assert_eq!((na, nb), (Some(1), Some(2)));
+    crew_ok(a.path(), &mark, &["send", "--", "echo", "from-a"]);
+    crew_ok(b.path(), &mark, &["send", "--tags", "big", "--", "echo", "from-b"]);
+    let got = |dir: &Path| {
+        let out = run(crew(dir, &mark, &["receive", "--wait", "--all", "--json"]), None, DEADLINE);
+        assert_eq!(out.code(), Some(0), "{out}");
+        out.records()
+            .iter()
+            .map(|r| r["stdout"]["text"].as_str().unwrap_or_default().trim().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(got(a.path()), vec!["from-a"]);
+    crew_ok(a.path(), &mark, &["down"]);
+    // b still serves.
+    crew_ok(b.path(), &mark, &["send", "--tags", "big", "--", "echo", "still-b"]);
+    assert_eq!(got(b.path()), vec!["from-b", "still-b"]);
 }
