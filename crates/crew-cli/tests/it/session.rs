@@ -176,3 +176,38 @@ fn two_projects_do_not_interfere() {
     crew_ok(b.path(), &mark, &["send", "--tags", "big", "--", "echo", "still-b"]);
     assert_eq!(got(b.path()), vec!["from-b", "still-b"]);
 }
+
+/// The scenario, through the CLI: kill the daemon with SIGKILL while
+/// 100 jobs are queued or running; the next `crew receive --all --wait`
+/// (which starts a new daemon) returns exactly 100 outputs, each job once.
+#[test]
+fn sigkill_of_the_daemon_loses_no_job() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let mark = unique("sigkill-");
+    let _reaper = Reaper::new(&mark);
+    let _down = Down { dir: d, mark: &mark };
+    crew_ok(d, &mark, &["recruit", "--workers", "2", "--class", "local"]);
+    let lines: String = (0..100).map(|i| format!("{{\"name\": \"j{i}\", \"shell\": \"sleep 0.1\"}}\n")).collect();
+    std::fs::write(d.join("jobs.txt"), lines).expect("write");
+    crew_ok(d, &mark, &["send", "--file", "jobs.txt"]);
+    let status: serde_json::Value =
+        serde_json::from_str(&crew_ok(d, &mark, &["status", "--json"]).stdout).expect("status json");
+    let pid = status["pid"].as_u64().expect("the daemon's pid") as u32;
+    crate::support::signal(pid, libc::SIGKILL);
+    assert!(
+        crate::support::poll_until(DEADLINE, || !Path::new(&format!("/proc/{pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))),
+        "the daemon did not die"
+    );
+    let out = run(crew(d, &mark, &["receive", "--wait", "--all", "--json"]), None, Duration::from_secs(120));
+    assert_eq!(out.code(), Some(0), "{out}");
+    let mut names: Vec<String> =
+        out.records().iter().map(|r| r["name"].as_str().unwrap_or_default().to_owned()).collect();
+    names.sort();
+    let mut want: Vec<String> = (0..100).map(|i| format!("j{i}")).collect();
+    want.sort();
+    assert_eq!(names, want, "each of the 100 jobs exactly once");
+    let again = run(crew(d, &mark, &["receive", "--all", "--json"]), None, DEADLINE);
+    assert_eq!(again.records().len(), 0, "nothing is delivered twice: {again}");
+}
