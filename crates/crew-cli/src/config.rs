@@ -282,7 +282,9 @@ fn parse_seed(s: &str) -> Result<u64, String> {
 
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     s.trim().parse::<SocketAddr>().map_err(|_| {
-        format!("expected an IP address and port such as 127.0.0.1:0 or 0.0.0.0:7000 (port 0: any free port), got {s:?}")
+        format!(
+            "expected an IP address and port such as 127.0.0.1:0 or 0.0.0.0:7000 (port 0: any free port), got {s:?}"
+        )
     })
 }
 
