@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 
 mod client;
 mod cmd;
+mod config;
 mod daemon;
 mod project;
 mod registry;

@@ -32,6 +32,7 @@ use tokio::sync::{Notify, watch};
 
 use super::journal::JournalWriter;
 use super::outputs::OutputsLog;
+use crate::config::RecruitDefaults;
 use crate::registry::Registry;
 
 /// Largest request body accepted.
@@ -44,6 +45,9 @@ pub(crate) struct Daemon {
     dir: PathBuf,
     journal: JournalWriter,
     outputs: Mutex<OutputsLog>,
+    /// What recruit requests get for the fields they leave out (crew.toml,
+    /// `CREW_*` variables).
+    defaults: RecruitDefaults,
     inner: Mutex<Inner>,
     /// Bumped whenever `ready` grows or the daemon starts stopping: wakes
     /// waiting `receive` calls.
@@ -76,6 +80,7 @@ impl Daemon {
         dir: PathBuf,
         journal: JournalWriter,
         outputs: OutputsLog,
+        defaults: RecruitDefaults,
     ) -> Self {
         Self {
             controller,
@@ -83,6 +88,7 @@ impl Daemon {
             dir,
             journal,
             outputs: Mutex::new(outputs),
+            defaults,
             inner: Mutex::new(Inner::default()),
             changed: watch::channel(0).0,
             sent: Notify::new(),
@@ -425,6 +431,10 @@ struct RecruitReq {
     #[serde(default)]
     launch_timeout: Value,
     #[serde(default)]
+    launch_max: Option<u32>,
+    #[serde(default)]
+    prefetch: Option<u32>,
+    #[serde(default)]
     options: Option<std::collections::BTreeMap<String, String>>,
 }
 
@@ -432,19 +442,31 @@ fn recruit(d: &Daemon, r: RecruitReq) -> Answer {
     let class = Registry::stock()
         .get(&r.class)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "unknown_class", e.to_string()))?;
+    // A field left out (or null) takes the daemon's default (crew.toml,
+    // `CREW_*`), then the built-in one.
+    let def = &d.defaults;
     let mut limits = SlotLimits {
-        idle_timeout: duration("idle", &r.idle)?,
-        wall_time: duration("wall", &r.wall)?,
-        tasks_max: r.tasks_max,
+        idle_timeout: duration("idle", &r.idle)?.or(def.idle),
+        wall_time: duration("wall", &r.wall)?.or(def.wall),
+        tasks_max: r.tasks_max.or(def.tasks_max),
         ..SlotLimits::default()
     };
-    if let Some(t) = duration("launch_timeout", &r.launch_timeout)? {
+    if let Some(t) = duration("launch_timeout", &r.launch_timeout)?.or(def.launch_timeout) {
         limits.launch_timeout = t;
+    }
+    if let Some(n) = r.launch_max.or(def.launch_max) {
+        if n == 0 {
+            return Err(ApiError::invalid_option("launch_max: must be at least 1"));
+        }
+        limits.launch_max = n;
+    }
+    if let Some(n) = r.prefetch.or(def.prefetch) {
+        limits.prefetch = n;
     }
     let mut req = Recruit::new(class, r.workers);
     req.tags = tags("tags", r.tags)?.unwrap_or_default();
     req.limits = limits;
-    req.options = r.options.unwrap_or_default();
+    req.options = def.options(&r.class, r.options.unwrap_or_default());
     let record = Record::Recruit {
         class: r.class,
         count: req.count,

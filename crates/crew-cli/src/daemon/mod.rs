@@ -43,7 +43,6 @@ pub(crate) struct DaemonArgs {
 pub(crate) const SOCKET: &str = "crew.sock";
 const LOCK: &str = "daemon.lock";
 const PID: &str = "daemon.pid";
-const STORE: &str = "store";
 const JOURNAL: &str = "journal.jsonl";
 const OUTPUTS: &str = "outputs.jsonl";
 
@@ -60,6 +59,9 @@ pub(crate) fn main(args: DaemonArgs) -> Result<u8, Failure> {
             .with_context(|| format!("cannot create the project folder {}", dir.display()))
             .map_err(Failure::internal)?;
     }
+    // A bad configuration exits 3, not 2: `ensure_daemon` reads status 2 as
+    // "another daemon holds the lock" and would wait for it to answer.
+    let config = crate::config::Config::load(&dir).map_err(Failure::internal)?;
     // Held (open) for the daemon's whole life; the kernel drops the lock
     // when the process exits, however it exits.
     let _lock = take_lock(&dir)?;
@@ -67,9 +69,10 @@ pub(crate) fn main(args: DaemonArgs) -> Result<u8, Failure> {
     std::fs::write(&pid_path, format!("{}\n", std::process::id()))
         .with_context(|| format!("cannot write {}", pid_path.display()))
         .map_err(Failure::internal)?;
+    let store_path = config.store_path(&dir);
     let store: Arc<dyn Store> = Arc::new(
-        LocalStore::new(dir.join(STORE))
-            .with_context(|| format!("cannot open the store {}", dir.join(STORE).display()))
+        LocalStore::new(&store_path)
+            .with_context(|| format!("cannot open the store {}", store_path.display()))
             .map_err(Failure::internal)?,
     );
 
@@ -84,7 +87,7 @@ pub(crate) fn main(args: DaemonArgs) -> Result<u8, Failure> {
     // One thread, as in `crew run`: the controller's work per request is
     // short and needs no hand-off between threads.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(Failure::internal)?;
-    let result = rt.block_on(serve(dir.clone(), store));
+    let result = rt.block_on(serve(dir.clone(), store, config));
     drop(rt);
     let _ = std::fs::remove_file(&pid_path);
     crew_worker_local::kill_orphans();
@@ -122,12 +125,19 @@ fn take_lock(dir: &Path) -> Result<File, Failure> {
 
 /// Starts the controller, serves the socket until told to stop, then
 /// closes the controller and removes the socket.
-async fn serve(dir: PathBuf, store: Arc<dyn Store>) -> anyhow::Result<()> {
+async fn serve(dir: PathBuf, store: Arc<dyn Store>, settings: crate::config::Config) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("cannot find the crew executable")?;
     // The journal first: the controller continues its job numbering.
     let (journal, replay) = Journal::open(dir.join(JOURNAL))?;
     let assigned = Arc::new(journal::AssignedBuffer::default());
     let mut config = ControllerConfig::new(AgentCommand::crew(exe.to_string_lossy()));
+    settings.apply(&mut config);
+    if !config.listen.ip().is_loopback() {
+        tracing::warn!(
+            listen = %config.listen,
+            "workers can connect from other machines: their connections are authenticated but not encrypted"
+        );
+    }
     config.store = Some(store.clone());
     config.first_job_id = replay.next_job;
     config.observer = Some(assigned.clone());
@@ -154,6 +164,7 @@ async fn serve(dir: PathBuf, store: Arc<dyn Store>) -> anyhow::Result<()> {
         dir.clone(),
         journal::JournalWriter::new(journal, assigned),
         outputs,
+        settings.recruit,
     ));
     let (jobs, ready) = (replay.pending.len(), replay.ready.len());
     state.restore(replay);

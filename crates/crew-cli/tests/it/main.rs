@@ -6,6 +6,7 @@
 //! mark when it ends, so that a failing test leaves nothing behind.
 
 mod cli;
+mod config;
 mod controller;
 mod daemon_api;
 mod run;
