@@ -1,29 +1,43 @@
 //! The classes compiled into this binary, selected by name at run time.
+//!
+//! One instance per class per process: a class instance tracks the agents
+//! it started (the local class reaps and signals its own children), so every
+//! recruit of a class in a daemon shares it.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crew_core::worker::Worker;
 
 /// A class constructor.
 type Make = fn() -> Arc<dyn Worker>;
 
-/// Known classes, by name.
+/// A class's name, constructor, and its one instance once built.
+type Entry = (&'static str, Make, OnceLock<Arc<dyn Worker>>);
+
+/// Known classes, by name, each built once on first use.
 pub(crate) struct Registry {
-    classes: Vec<(&'static str, Make)>,
+    classes: Vec<Entry>,
 }
 
 impl Registry {
     /// The classes of the stock `crew` binary.
-    pub(crate) fn stock() -> Self {
-        Self { classes: vec![(crew_worker_local::CLASS, || Arc::new(crew_worker_local::LocalWorker::new()))] }
+    pub(crate) fn stock() -> &'static Self {
+        static STOCK: OnceLock<Registry> = OnceLock::new();
+        STOCK.get_or_init(|| Self {
+            classes: vec![(
+                crew_worker_local::CLASS,
+                || Arc::new(crew_worker_local::LocalWorker::new()),
+                OnceLock::new(),
+            )],
+        })
     }
 
     /// The class called `name`, or an error that lists the known ones.
     pub(crate) fn get(&self, name: &str) -> anyhow::Result<Arc<dyn Worker>> {
-        match self.classes.iter().find(|(n, _)| *n == name) {
-            Some((_, make)) => Ok(make()),
+        match self.classes.iter().find(|(n, _, _)| *n == name) {
+            Some((_, make, instance)) => Ok(instance.get_or_init(make).clone()),
             None => {
-                let known: Vec<&str> = self.classes.iter().map(|(n, _)| *n).collect();
+                let known: Vec<&str> = self.classes.iter().map(|(n, _, _)| *n).collect();
                 anyhow::bail!("unknown worker class {name:?}; known classes: {}", known.join(", "))
             }
         }

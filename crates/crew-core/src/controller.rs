@@ -724,14 +724,21 @@ impl Controller {
     }
 }
 
+/// Identity of a class *instance*: two recruits may use two instances of
+/// the same class, and each knows only the agents it started, so handles
+/// are grouped by instance, never by class name.
+fn instance(class: &Arc<dyn Worker>) -> usize {
+    Arc::as_ptr(class).cast::<()>() as usize
+}
+
 async fn terminate_all(handles: &[(Arc<dyn Worker>, Handle)]) {
-    let mut by_class: HashMap<String, (Arc<dyn Worker>, Vec<Handle>)> = HashMap::new();
+    let mut by_class: HashMap<usize, (Arc<dyn Worker>, Vec<Handle>)> = HashMap::new();
     for (class, h) in handles {
-        by_class.entry(class.class().to_owned()).or_insert_with(|| (class.clone(), Vec::new())).1.push(h.clone());
+        by_class.entry(instance(class)).or_insert_with(|| (class.clone(), Vec::new())).1.push(h.clone());
     }
-    for (name, (class, hs)) in by_class {
+    for (class, hs) in by_class.into_values() {
         if let Err(e) = class.terminate(&hs).await {
-            warn!(class = %name, "terminating workers failed: {e}");
+            warn!(class = %class.class(), "terminating workers failed: {e}");
         }
     }
 }
@@ -1303,14 +1310,14 @@ async fn timer_loop(shared: Arc<Shared>) {
 
 /// Asks each class about its launched agents.
 async fn probe_loop(shared: Arc<Shared>) {
-    let mut last: HashMap<String, Instant> = HashMap::new();
+    let mut last: HashMap<usize, Instant> = HashMap::new();
     loop {
         tokio::select! {
             _ = shared.stop.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
         }
         // Handles per class, for slots that are launching, up or stopping.
-        let mut work: HashMap<String, ProbeBatch> = HashMap::new();
+        let mut work: HashMap<usize, ProbeBatch> = HashMap::new();
         {
             let core = lock(&shared.core);
             for (i, rt) in core.slots.iter().enumerate() {
@@ -1319,21 +1326,21 @@ async fn probe_loop(shared: Arc<Shared>) {
                 if !matches!(core.sched.slot_state(slot), SlotState::Launching | SlotState::Up | SlotState::Stopping) {
                     continue;
                 }
-                let class = rt.class.class().to_owned();
-                let due = last.get(&class).is_none_or(|t| t.elapsed() >= rt.class.capabilities().probe_interval);
+                let key = instance(&rt.class);
+                let due = last.get(&key).is_none_or(|t| t.elapsed() >= rt.class.capabilities().probe_interval);
                 if due {
-                    work.entry(class).or_insert_with(|| (rt.class.clone(), Vec::new())).1.push((slot, h.clone()));
+                    work.entry(key).or_insert_with(|| (rt.class.clone(), Vec::new())).1.push((slot, h.clone()));
                 }
             }
         }
-        for (name, (class, items)) in work {
-            last.insert(name.clone(), Instant::now());
+        for (key, (class, items)) in work {
+            last.insert(key, Instant::now());
             let max = class.capabilities().probe_batch_max.max(1);
             for chunk in items.chunks(max) {
                 let handles: Vec<Handle> = chunk.iter().map(|(_, h)| h.clone()).collect();
                 match class.probe(&handles).await {
                     Ok(lives) => shared.probed(chunk, lives),
-                    Err(e) => warn!(class = %name, "probing workers failed: {e}"),
+                    Err(e) => warn!(class = %class.class(), "probing workers failed: {e}"),
                 }
             }
         }
@@ -1349,6 +1356,11 @@ impl Shared {
             for ((slot, handle), life) in items.iter().zip(lives) {
                 let reason = match life {
                     Liveness::Exited { reason } => reason,
+                    // A live connection is better evidence than a platform
+                    // that lost track (eventual consistency, a class
+                    // instance that did not start this agent): the
+                    // heartbeat decides then.
+                    Liveness::Unknown if core.slots[slot.0 as usize].conn.is_some() => continue,
                     Liveness::Unknown => "the platform no longer knows this worker".to_owned(),
                     Liveness::Starting | Liveness::Running => continue,
                 };

@@ -75,3 +75,32 @@ async fn restored_jobs_keep_ids_seeds_and_attempts() {
     assert_eq!(*observer.0.lock().expect("not poisoned"), vec![(JobId(41), 2), (JobId(42), 1)]);
     controller.close().await;
 }
+
+/// Two recruits with two instances of the same class: each instance knows
+/// only its own agents, so the controller must probe and terminate through
+/// the instance that launched each slot (it once grouped by class name, and
+/// the second recruit's workers were probed as unknown and dropped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_of_a_class_keep_their_own_workers() {
+    use crew_core::controller::{Controller, ControllerConfig, Recruit};
+    use crew_core::scheduler::SlotFilter;
+
+    let controller = Controller::start(ControllerConfig::new(agent())).await.expect("start");
+    controller.recruit(Recruit::new(Arc::new(LocalWorker::new()), 1)).expect("recruit a");
+    controller.recruit(Recruit::new(Arc::new(LocalWorker::new()), 1)).expect("recruit b");
+    assert_eq!(controller.launch(&SlotFilter::default(), 2), 2);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while controller.status().slots.iter().filter(|s| s.state == "idle").count() < 2 {
+        assert!(std::time::Instant::now() < deadline, "{:?}", controller.status());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // Several probe intervals later, both are still up.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let st = controller.status();
+    assert!(st.slots.iter().all(|s| s.state == "idle"), "a worker was dropped: {st:?}");
+    controller.close().await;
+    for s in &st.slots {
+        let pid = s.handle.clone().expect("a pid");
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "agent {pid} outlived close");
+    }
+}
