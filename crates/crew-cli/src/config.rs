@@ -174,7 +174,9 @@ impl Config {
         set("CREW_LISTEN", var("CREW_LISTEN")?, parse_addr, &mut d.listen)?;
         set("CREW_ADVERTISE", var("CREW_ADVERTISE")?, |s| Ok(s.to_owned()), &mut d.advertise)?;
         set("CREW_STORE", var("CREW_STORE")?, |s| Ok(PathBuf::from(s)), &mut d.store)?;
-        set("CREW_SEED", var("CREW_SEED")?, parse_seed, &mut d.seed)?;
+        // Not CREW_SEED: every job sees its own seed under that name, and a
+        // daemon started from inside a job must not take it for the crew seed.
+        set("CREW_PROJECT_SEED", var("CREW_PROJECT_SEED")?, parse_seed, &mut d.seed)?;
         set("CREW_HEARTBEAT", var("CREW_HEARTBEAT")?, pos, &mut d.heartbeat)?;
         let r = &mut self.recruit;
         set("CREW_IDLE", var("CREW_IDLE")?, dur, &mut r.idle)?;

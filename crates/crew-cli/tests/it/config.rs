@@ -15,7 +15,7 @@ const VARS: &[&str] = &[
     "CREW_LISTEN",
     "CREW_ADVERTISE",
     "CREW_STORE",
-    "CREW_SEED",
+    "CREW_PROJECT_SEED",
     "CREW_HEARTBEAT",
     "CREW_IDLE",
     "CREW_WALL",
