@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use crew_core::controller::{AgentCommand, Controller, ControllerConfig, Recruit};
-use crew_core::job::{LineDefaults, parse_duration, parse_job_file};
+use crew_core::job::{LineDefaults, parse_job_file};
 use crew_core::scheduler::SlotLimits;
 use crew_core::{Output, Tags};
 
@@ -52,12 +52,7 @@ pub(crate) struct RunArgs {
 pub(crate) fn main(args: RunArgs) -> Result<u8, Failure> {
     // Validate everything before anything runs.
     let tags: Tags = args.tags.parse().map_err(Failure::usage)?;
-    let timeout = args
-        .timeout
-        .as_deref()
-        .map(parse_duration)
-        .transpose()
-        .map_err(|e| Failure::usage(anyhow::anyhow!("--timeout: {e}")))?;
+    let timeout = crate::cmd::duration_flag("--timeout", args.timeout.as_deref())?;
     let workers = match args.workers {
         Some(0) => return Err(Failure::usage(anyhow::anyhow!("--workers must be at least 1"))),
         Some(n) => n,

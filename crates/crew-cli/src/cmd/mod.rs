@@ -117,6 +117,11 @@ pub(crate) fn opt_tags(flag: &str, text: Option<&str>) -> Result<Option<Vec<Stri
     text.map(|t| parse_tags(flag, t)).transpose()
 }
 
+/// A duration flag, parsed (a usage error naming the flag when malformed).
+pub(crate) fn duration_flag(flag: &str, text: Option<&str>) -> Result<Option<std::time::Duration>, Failure> {
+    text.map(|t| parse_duration(t).map_err(|e| Failure::usage(anyhow::anyhow!("{flag}: {e}")))).transpose()
+}
+
 /// A duration flag, checked here and passed on as written.
 pub(crate) fn check_duration(flag: &str, text: Option<String>) -> Result<Option<String>, Failure> {
     if let Some(t) = &text {

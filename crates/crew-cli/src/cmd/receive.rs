@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use crew_core::Output;
-use crew_core::job::parse_duration;
 use serde::Deserialize;
 
 use super::status::JobCounts;
@@ -83,12 +82,7 @@ struct StatusJobs {
 }
 
 pub(crate) fn wait(ctx: &Ctx, args: WaitArgs) -> Result<u8, Failure> {
-    let timeout = args
-        .timeout
-        .as_deref()
-        .map(parse_duration)
-        .transpose()
-        .map_err(|e| Failure::usage(anyhow::anyhow!("--timeout: {e}")))?;
+    let timeout = super::duration_flag("--timeout", args.timeout.as_deref())?;
     let deadline = timeout.map(|t| Instant::now() + t);
     let mut client = ctx.client()?;
     let mut bar = std::io::stderr().is_terminal().then(Bar::default);

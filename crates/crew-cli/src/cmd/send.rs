@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
-use crew_core::job::{LineDefaults, parse_duration, parse_job_file, parse_job_value};
+use crew_core::job::{LineDefaults, parse_job_file, parse_job_value};
 use crew_core::{Command, JobSpec, Tags};
 use serde::{Deserialize, Serialize};
 
@@ -58,12 +58,7 @@ struct Sent {
 }
 
 pub(crate) fn send(ctx: &Ctx, args: SendArgs) -> Result<u8, Failure> {
-    let timeout = args
-        .timeout
-        .as_deref()
-        .map(parse_duration)
-        .transpose()
-        .map_err(|e| Failure::usage(anyhow::anyhow!("--timeout: {e}")))?;
+    let timeout = super::duration_flag("--timeout", args.timeout.as_deref())?;
     let tags: Tags = match &args.tags {
         Some(t) => t.parse().map_err(|e| Failure::usage(anyhow::anyhow!("--tags: {e}")))?,
         None => Tags::new(),
