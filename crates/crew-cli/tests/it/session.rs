@@ -211,3 +211,62 @@ fn sigkill_of_the_daemon_loses_no_job() {
     let again = run(crew(d, &mark, &["receive", "--all", "--json"]), None, DEADLINE);
     assert_eq!(again.records().len(), 0, "nothing is delivered twice: {again}");
 }
+
+/// The remaining commands through the CLI: `sendable`/`receivable` answer by
+/// exit status, `wait`, `cancel`, `logs` (whole streams, also after
+/// `receive`), `shutdown`, `dismiss`, `restart`.
+#[test]
+fn the_other_commands_do_what_they_say() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let mark = unique("other-commands-");
+    let _reaper = Reaper::new(&mark);
+    let _down = Down { dir: d, mark: &mark };
+    let code = |args: &[&str]| run(crew(d, &mark, args), None, DEADLINE).code();
+    crew_ok(d, &mark, &["recruit", "--workers", "2", "--class", "local", "--tags", "cpu"]);
+    assert_eq!(code(&["sendable", "--tags", "cpu"]), Some(0));
+    assert_eq!(code(&["sendable", "--tags", "gpu"]), Some(1));
+    assert_eq!(code(&["receivable"]), Some(1), "nothing sent yet");
+
+    // A long job, cancelled: it still ends in one `cancelled` output.
+    let long = crew_ok(d, &mark, &["send", "--name", "long", "--", "sleep", "30"]).stdout.trim().to_owned();
+    // A job whose stdout is larger than the inline cap.
+    let big = crew_ok(d, &mark, &["send", "--", "sh", "-c", "head -c 100000 /dev/zero | tr '\\0' x; echo done >&2"])
+        .stdout
+        .trim()
+        .to_owned();
+    crew_ok(d, &mark, &["cancel", &long]);
+    assert_eq!(code(&["cancel", "999999"]), Some(1), "an unknown id is a negative answer");
+    crew_ok(d, &mark, &["wait", "--timeout", "60s"]);
+    assert_eq!(code(&["receivable"]), Some(0));
+    let out = run(crew(d, &mark, &["receive", "--all", "--json"]), None, DEADLINE);
+    let records = out.records();
+    let status_of = |id: &str| {
+        records.iter().find(|r| r["id"].to_string() == id).map(|r| r["status"].as_str().unwrap_or("").to_owned())
+    };
+    assert_eq!(status_of(&long).as_deref(), Some("cancelled"), "{out}");
+    assert_eq!(status_of(&big).as_deref(), Some("succeeded"), "{out}");
+    // `logs` after receive: the whole stdout, from the store.
+    let logs = crew_ok(d, &mark, &["logs", &big]);
+    assert_eq!(logs.stdout.len(), 100_000, "the whole stream, not the inline 64 KiB");
+    assert_eq!(logs.stderr.trim(), "done");
+
+    // Shutdown stops idle workers; the slots stay (down) and relaunch.
+    crew_ok(d, &mark, &["shutdown"]);
+    let st = || -> serde_json::Value {
+        serde_json::from_str(&crew_ok(d, &mark, &["status", "--json"]).stdout).expect("status json")
+    };
+    assert!(
+        crate::support::poll_until(DEADLINE, || st()["slots"]
+            .as_array()
+            .is_some_and(|s| s.iter().all(|s| s["state"] == "down"))),
+        "{}",
+        st()
+    );
+    assert_eq!(code(&["restart"]), Some(0));
+    crew_ok(d, &mark, &["dismiss", "--slot", "local-2"]);
+    assert_eq!(st()["slots"].as_array().map(Vec::len), Some(1), "{}", st());
+    crew_ok(d, &mark, &["send", "--tags", "cpu", "--", "true"]);
+    let got = run(crew(d, &mark, &["receive", "--wait", "--json"]), None, DEADLINE);
+    assert_eq!(got.records()[0]["slot"], "local-1", "{got}");
+}
