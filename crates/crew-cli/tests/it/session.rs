@@ -242,7 +242,10 @@ fn the_other_commands_do_what_they_say() {
     let out = run(crew(d, &mark, &["receive", "--all", "--json"]), None, DEADLINE);
     let records = out.records();
     let status_of = |id: &str| {
-        records.iter().find(|r| r["id"].to_string() == id).map(|r| r["status"].as_str().unwrap_or("").to_owned())
+        records
+            .iter()
+            .find(|r| r["id"].as_u64().map(|n| n.to_string()).as_deref() == Some(id))
+            .map(|r| r["status"].as_str().unwrap_or("").to_owned())
     };
     assert_eq!(status_of(&long).as_deref(), Some("cancelled"), "{out}");
     assert_eq!(status_of(&big).as_deref(), Some("succeeded"), "{out}");
