@@ -481,33 +481,30 @@ async fn run_process(
                 .ended(Outcome::failed(format!("could not create the capture files in {}: {e}", scratch.display())));
         }
     };
-    if let Err(e) = configure(job, &mut cmd, &files) {
-        return job.ended(Outcome::failed(format!("could not prepare the job: {e}")));
-    }
+    let stdin = match configure(job, &mut cmd, &files) {
+        Ok(stdin) => stdin,
+        Err(e) => return job.ended(Outcome::failed(format!("could not prepare the job: {e}"))),
+    };
 
-    let child = match cmd.spawn() {
-        Ok(child) => child,
+    let pid = match start(&mut cmd, &stdin, &files) {
+        Ok(pid) => pid,
         Err(e) => {
             let Some(mut shell) = fallback else {
                 return job.ended(Outcome::failed(start_error(program, job.spec.cwd.as_deref(), &e)));
             };
-            if let Err(e) = configure(job, &mut shell, &files) {
-                return job.ended(Outcome::failed(format!("could not prepare the job: {e}")));
-            }
-            cmd = shell;
-            match cmd.spawn() {
-                Ok(child) => child,
+            let stdin = match configure(job, &mut shell, &files) {
+                Ok(stdin) => stdin,
+                Err(e) => return job.ended(Outcome::failed(format!("could not prepare the job: {e}"))),
+            };
+            match start(&mut shell, &stdin, &files) {
+                Ok(pid) => pid,
                 Err(e) => return job.ended(Outcome::failed(start_error(SHELL, job.spec.cwd.as_deref(), &e))),
             }
         }
     };
-    // Close the parent's copies of the child's stdio now.
+    // Close the parent's copies of the child's stdio now (we reap by pid).
     drop(cmd);
-    // `std::process::Child` neither waits nor kills on drop; we reap by pid.
-    let Ok(pid) = libc::pid_t::try_from(child.id()) else {
-        return job.ended(Outcome::failed("the job's process id does not fit a pid_t"));
-    };
-    drop(child);
+    drop(stdin);
     tracing::debug!(job = %job.id, attempt = job.attempt, pid, "job started");
 
     let group = Arc::new(Group::new(pid));
@@ -565,13 +562,14 @@ async fn run_process(
 
 /// Sets the job's stdio, environment, folder, process group and parent-death
 /// signal on `cmd`.
-fn configure(job: &Job<'_>, cmd: &mut std::process::Command, files: &CaptureFiles) -> io::Result<()> {
+fn configure(job: &Job<'_>, cmd: &mut std::process::Command, files: &CaptureFiles) -> io::Result<File> {
     cmd.stdout(files.stdout.try_clone()?);
     cmd.stderr(files.stderr.try_clone()?);
-    match &job.spec.stdin {
-        Some(data) => cmd.stdin(stdin_file(&job.ctx.scratch, data.as_bytes())?),
-        None => cmd.stdin(std::process::Stdio::null()),
+    let stdin = match &job.spec.stdin {
+        Some(data) => stdin_file(&job.ctx.scratch, data.as_bytes())?,
+        None => File::open("/dev/null")?,
     };
+    cmd.stdin(stdin.try_clone()?);
 
     for name in AGENT_ONLY_ENV {
         cmd.env_remove(name);
@@ -587,35 +585,23 @@ fn configure(job: &Job<'_>, cmd: &mut std::process::Command, files: &CaptureFile
         cmd.current_dir(cwd);
     }
     cmd.process_group(0);
+    Ok(stdin)
+}
 
+/// Starts the prepared command: on Linux through [`crate::spawn`] (a vfork
+/// that also arms the leader's parent-death signal), elsewhere through std.
+fn start(cmd: &mut std::process::Command, stdin: &File, files: &CaptureFiles) -> io::Result<libc::pid_t> {
     #[cfg(target_os = "linux")]
     {
-        // SAFETY: getpid has no preconditions and cannot fail. (Not cached:
-        // a cached pid would go stale, and fail every job, if the agent
-        // ever forked.)
-        let agent = unsafe { libc::getpid() };
-        let pre_exec = move || {
-            // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number and
-            // touches no memory; it is async-signal-safe.
-            if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) } == -1 {
-                return Err(io::Error::last_os_error());
-            }
-            // The agent may have died between fork and prctl, before the
-            // death signal was armed: then we have a new parent.
-            // SAFETY: getppid has no preconditions and cannot fail.
-            if unsafe { libc::getppid() } != agent {
-                return Err(io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            Ok(())
-        };
-        // SAFETY: the closure runs in the child between fork and exec, where
-        // only async-signal-safe work is allowed: it calls prctl and getppid
-        // and builds errors without allocating.
-        unsafe {
-            cmd.pre_exec(pre_exec);
-        }
+        use std::os::fd::AsRawFd;
+        crate::spawn::spawn(cmd, [stdin.as_raw_fd(), files.stdout.as_raw_fd(), files.stderr.as_raw_fd()])
     }
-    Ok(())
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (stdin, files);
+        let child = cmd.spawn()?;
+        libc::pid_t::try_from(child.id()).map_err(|_| io::Error::other("the job's process id does not fit a pid_t"))
+    }
 }
 
 /// Writes the job's stdin to a scratch file and opens it for the job: a file

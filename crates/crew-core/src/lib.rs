@@ -31,6 +31,8 @@ pub mod output;
 pub mod protocol;
 pub mod scheduler;
 pub mod seed;
+#[cfg(target_os = "linux")]
+mod spawn;
 pub mod store;
 pub mod tags;
 pub mod worker;
