@@ -166,7 +166,10 @@ pub(crate) fn spawn(cmd: &std::process::Command, stdio: [RawFd; 3]) -> io::Resul
         p.argv.iter().map(|c| c.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
     let envp: Vec<*const libc::c_char> =
         p.envp.iter().map(|c| c.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
-    const STACK: usize = 128 * 1024;
+    // The child only makes system calls: a small stack does. Below glibc's
+    // 128 KiB mmap threshold, it comes from the heap rather than an
+    // mmap/munmap pair per job.
+    const STACK: usize = 64 * 1024;
     let mut stack = vec![0u8; STACK];
     // SAFETY: the arithmetic stays within `stack`; the top is aligned down
     // to 16 bytes as the ABI wants.
