@@ -222,6 +222,7 @@ fn cancelled_result(why: &str) -> JobResult {
         wall_seconds: 0.0,
         cpu_seconds: 0.0,
         peak_rss_bytes: 0,
+        objects: Vec::new(),
     }
 }
 

@@ -223,13 +223,25 @@ mod tests {
             wall_seconds: 0.5,
             cpu_seconds: 0.1,
             peak_rss_bytes: 1 << 20,
+            objects: vec![crate::staging::StoredObject {
+                name: "out/a.csv".into(),
+                key: "jobs/1/1/outputs/out/a.csv".into(),
+                size: 3,
+                sha256: "ab".repeat(32),
+            }],
         }
     }
 
     #[test]
     fn round_trip_many_in_one_buffer() {
         let mut buf = BytesMut::new();
-        let spec = Arc::new(JobSpec::shell("echo hi"));
+        let mut spec = JobSpec::shell("echo hi");
+        spec.inputs.push(crate::job::Input {
+            name: "in/data.csv".into(),
+            source: crate::job::InputSource::Object { key: "cas/sha256/x".into(), size: 9, sha256: "cd".repeat(32) },
+        });
+        spec.outputs.push("out/*".into());
+        let spec = Arc::new(spec);
         encode(
             &ControllerMsg::Run(Box::new(RunJob { job: JobId(3), attempt: 1, seed: 9, spec: spec.clone() })),
             &mut buf,
