@@ -223,6 +223,38 @@ fn daemon_serves_the_api_over_plain_http_and_stops_on_down() {
     assert!(m.contains("gpu"), "{m}");
     d.error("GET", "/v1/nothing", None, 404, "not_found");
     d.error("DELETE", "/v1/jobs", None, 404, "not_found");
+    // Inputs: absolute paths only, readable files only; unsafe names refused.
+    let m = d.error(
+        "POST",
+        "/v1/jobs",
+        Some(&jobs(&json!([{"shell": "true", "inputs": ["rel/x.csv"]}]))),
+        400,
+        "invalid_job",
+    );
+    assert!(m.starts_with("job 0: ") && m.contains("absolute"), "{m}");
+    let missing = work.path().join("missing.csv");
+    let m = d.error(
+        "POST",
+        "/v1/jobs",
+        Some(&jobs(&json!([{"shell": "true", "inputs": [missing.to_str().expect("utf-8")]}]))),
+        400,
+        "invalid_input",
+    );
+    assert!(m.contains("missing.csv"), "{m}");
+    let m = d.error(
+        "POST",
+        "/v1/jobs",
+        Some(&jobs(&json!([{"shell": "true", "outputs": ["../../etc/passwd"]}]))),
+        400,
+        "invalid_job",
+    );
+    assert!(m.contains(".."), "{m}");
+    // Outputs of a finished job, by id or name: none here, but the store is named.
+    let o = d.call("GET", &format!("/v1/jobs/{big_id}/objects"), None, 200);
+    assert_eq!(o["objects"], json!([]), "{o}");
+    assert!(o["store"].as_str().is_some_and(|s| s.starts_with("file:///")), "{o}");
+    assert_eq!(d.call("GET", "/v1/jobs/big/objects", None, 200)["id"], big_id);
+    d.error("GET", "/v1/jobs/nobody/objects", None, 404, "not_found");
     assert_eq!(d.call("POST", "/v1/receive", None, 200)["pending"], 0, "no job of a refused request was accepted");
 
     // Down: the answer, then the daemon exits 0 with nothing left.

@@ -11,4 +11,5 @@ mod controller;
 mod daemon_api;
 mod run;
 mod session;
+mod staging;
 mod support;
