@@ -332,3 +332,80 @@ fn the_daemon_stages_inputs_and_fetch_gets_outputs_by_id_or_name() {
     let out = ok(&["status", "--json"]);
     assert!(out.stdout.contains("\"queued\":0"), "{out}");
 }
+
+/// The peak resident memory (VmHWM, bytes) of each `crew` process carrying
+/// `mark`, polled until `stop` is set.
+fn watch_peaks(
+    mark: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<std::collections::HashMap<u32, (String, u64)>> {
+    std::thread::spawn(move || {
+        let mut peaks = std::collections::HashMap::new();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            for pid in crate::support::marked_pids(&mark) {
+                if std::fs::read_to_string(format!("/proc/{pid}/comm")).map_or(true, |c| c.trim() != "crew") {
+                    continue;
+                }
+                let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { continue };
+                let hwm = status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("VmHWM:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+                    * 1024;
+                let args = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let role = if args.split(|&b| b == 0).any(|a| a == b"worker") { "agent" } else { "run" };
+                let e = peaks.entry(pid).or_insert((role.to_owned(), 0));
+                e.1 = e.1.max(hwm);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        peaks
+    })
+}
+
+/// Data streams: staging a large input (in `crew run`, the controller's
+/// process) and fetching it, running, and uploading a large output (in the
+/// agent) never hold the file in memory. The size is `CREW_TEST_BIG_MIB`
+/// (default 160 MiB, above what a whole-file buffer could hide under the
+/// limits; 1024 to check the 1 GiB case by hand).
+#[test]
+fn large_inputs_and_outputs_stream_in_bounded_memory() {
+    let mib: usize = std::env::var("CREW_TEST_BIG_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(160);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let mark = unique("stage-big-");
+    let _reaper = Reaper::new(&mark);
+    {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(d.join("big.bin")).expect("create"));
+        let block = data(1 << 20);
+        for _ in 0..mib {
+            f.write_all(&block).expect("write");
+        }
+        f.flush().expect("flush");
+    }
+    let jobs = write_jobs(
+        d,
+        &[
+            r#"{"name":"big","shell":"mkdir -p out && cp in.bin out/big.bin","inputs":["big.bin=in.bin"],"outputs":["out/*"]}"#,
+        ],
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = watch_peaks(mark.clone(), std::sync::Arc::clone(&stop));
+    let store = d.join("store").to_string_lossy().into_owned();
+    let running =
+        crate::support::start(crew(d, &mark, &["run", "--json", "--workers", "1", "--store", &store, &jobs]), None);
+    let out = running.wait(std::time::Duration::from_secs(600));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let peaks = watcher.join().expect("watcher");
+    assert_eq!(out.code(), Some(0), "{out}");
+    let record = by_name(&out.records(), "big");
+    assert_eq!(record["objects"][0]["size"], (mib << 20) as u64, "{record}");
+    let roles: Vec<&str> = peaks.values().map(|(r, _)| r.as_str()).collect();
+    assert!(roles.contains(&"agent") && roles.contains(&"run"), "{peaks:?}");
+    for (pid, (role, peak)) in &peaks {
+        let limit: u64 = if role == "agent" { 128 << 20 } else { 64 << 20 };
+        assert!(*peak < limit, "{role} {pid} peaked at {} MiB (limit {} MiB)", peak >> 20, limit >> 20);
+    }
+}
