@@ -106,10 +106,15 @@ pub(crate) fn main(args: RunArgs) -> Result<u8, Failure> {
     // the record printed need no hand-off between threads.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(Failure::internal)?;
     let code = rt.block_on(async move {
+        // Inputs go to the store before anything starts; the controller
+        // only ever holds their keys.
+        if let Err(e) = Stager::new(Arc::clone(&store)).stage(&mut jobs).await {
+            eprintln!("crew: cannot stage the jobs' inputs: {e}");
+            return Ok(if e.is_store_failure() { EXIT_INTERNAL } else { EXIT_USAGE });
+        }
         let exe = std::env::current_exe().context("cannot find the crew executable")?;
         let mut config = ControllerConfig::new(AgentCommand::crew(exe.to_string_lossy()));
         config.seed = args.seed;
-        let stager = Stager::new(Arc::clone(&store));
         config.store = Some(store);
         let controller = Controller::start(config).await?;
         let limits = SlotLimits { prefetch: args.prefetch, ..SlotLimits::default() };
@@ -117,13 +122,6 @@ pub(crate) fn main(args: RunArgs) -> Result<u8, Failure> {
         recruit.tags = tags;
         recruit.limits = limits;
         controller.recruit(recruit)?;
-        // Inputs go to the store before any job is sent; the controller
-        // only ever holds their keys.
-        if let Err(e) = stager.stage(&mut jobs).await {
-            eprintln!("crew: cannot stage the jobs' inputs: {e}");
-            controller.close().await;
-            return Ok(if e.is_store_failure() { EXIT_INTERNAL } else { EXIT_USAGE });
-        }
         let total = jobs.len();
         controller.send_many(jobs)?;
         let code = collect(&controller, total, args.json).await;

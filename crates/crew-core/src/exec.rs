@@ -302,7 +302,13 @@ async fn fetch_inputs(store: &dyn Store, dir: &Path, spec: &JobSpec) -> Result<(
 async fn store_outputs(store: &dyn Store, id: JobId, attempt: u32, dir: &Path, spec: &JobSpec, result: &mut JobResult) {
     let mut problems = Vec::new();
     let mut objects = Vec::new();
-    match staging::expand_outputs(dir, &spec.outputs) {
+    // Walking a large folder blocks: off the agent's runtime, whose
+    // heartbeats must go on.
+    let (owned_dir, patterns) = (dir.to_path_buf(), spec.outputs.clone());
+    let expanded = tokio::task::spawn_blocking(move || staging::expand_outputs(&owned_dir, &patterns))
+        .await
+        .unwrap_or_else(|e| Err(staging::StageError::Path(format!("the output search did not finish: {e}"))));
+    match expanded {
         Ok((found, missing)) => {
             if result.status == Status::Succeeded {
                 for m in &missing {

@@ -409,3 +409,31 @@ fn large_inputs_and_outputs_stream_in_bounded_memory() {
         assert!(*peak < limit, "{role} {pid} peaked at {} MiB (limit {} MiB)", peak >> 20, limit >> 20);
     }
 }
+
+#[test]
+fn a_missing_input_stops_crew_run_before_anything_runs() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let mark = unique("stage-missing-");
+    let _reaper = Reaper::new(&mark);
+    let jobs = write_jobs(d, &["touch ran.txt", r#"{"shell":"true","inputs":["nowhere.csv"]}"#]);
+    let out = crew_run(d, &mark, &d.join("store"), &jobs);
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains("input \"nowhere.csv\"") && out.stderr.contains("nowhere.csv"), "{out}");
+    assert!(out.stdout.is_empty(), "{out}");
+    assert!(!d.join("ran.txt").exists());
+    // --input on the command line applies to every line.
+    std::fs::write(d.join("shared.txt"), b"hello").expect("write");
+    let jobs = write_jobs(d, &["cat shared.txt", r#"{"name":"n","shell":"cat s.txt","inputs":["shared.txt=s.txt"]}"#]);
+    let store = d.join("store").to_string_lossy().into_owned();
+    let out = run(
+        crew(d, &mark, &["run", "--json", "--store", &store, "--input", "shared.txt", "--output", "*.txt", &jobs]),
+        None,
+        DEADLINE,
+    );
+    assert_eq!(out.code(), Some(0), "{out}");
+    for r in out.records() {
+        assert_eq!(r["stdout"]["text"], "hello", "{r}");
+        assert!(!r["objects"].as_array().expect("objects").is_empty(), "{r}");
+    }
+}
