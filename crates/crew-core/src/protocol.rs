@@ -30,8 +30,10 @@ use crate::exec::JobResult;
 use crate::job::{JobId, JobSpec};
 use crate::worker::Secret;
 
-/// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The protocol version this build speaks. Version 2 added job inputs and
+/// outputs (`JobSpec::inputs`/`outputs`, `JobResult::objects`): an agent of
+/// version 1 would silently run such a job without its data.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest frame accepted, in bytes. Outputs carry at most the inline caps of
 /// stdout and stderr, so real frames are far smaller.
