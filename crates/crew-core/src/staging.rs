@@ -747,6 +747,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn empty_files_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, b"").unwrap();
+        let mut jobs = vec![JobSpec::shell("true")];
+        jobs[0].inputs.push(Input::path("e", &empty));
+        Stager::new(Arc::clone(&s)).stage(&mut jobs).await.unwrap();
+        let InputSource::Object { key, size, sha256 } = &jobs[0].inputs[0].source else { panic!() };
+        assert_eq!(*size, 0);
+        let dest = dir.path().join("back");
+        download_verified(s.as_ref(), &StoreKey::new(key.as_str()).unwrap(), sha256, 0, &dest).await.unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), b"");
+        let obj = upload_hashed(s.as_ref(), &StoreKey::new("o/e").unwrap(), &empty).await.unwrap();
+        assert_eq!((obj.size, obj.sha256.as_str()), (0, sha256.as_str()));
+    }
+
+    #[tokio::test]
     async fn a_corrupt_object_is_refused_and_leaves_no_file() {
         let dir = tempfile::tempdir().unwrap();
         let s = store(dir.path());
