@@ -437,3 +437,27 @@ fn a_missing_input_stops_crew_run_before_anything_runs() {
         assert!(!r["objects"].as_array().expect("objects").is_empty(), "{r}");
     }
 }
+
+#[test]
+fn fetch_refuses_a_manifest_naming_files_outside_the_folder() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let mark = unique("stage-evil-");
+    let _reaper = Reaper::new(&mark);
+    let store = d.join("store");
+    let outputs = store.join("jobs/5/1/outputs");
+    std::fs::create_dir_all(&outputs).expect("mkdir");
+    std::fs::write(outputs.join("x"), b"evil").expect("write");
+    let sha = sha256_hex(b"evil");
+    for name in ["../../escaped", "/tmp/escaped", "a/../../escaped"] {
+        let manifest = serde_json::json!({"v": 1, "id": 5, "attempt": 1, "status": "succeeded",
+            "objects": [{"name": name, "key": "jobs/5/1/outputs/x", "size": 4, "sha256": sha}]});
+        std::fs::write(store.join("jobs/5/1/manifest.json"), manifest.to_string()).expect("write");
+        let to = d.join("a").join("b");
+        let (store_arg, to_arg) = (store.to_string_lossy().into_owned(), to.to_string_lossy().into_owned());
+        let out = run(crew(d, &mark, &["fetch", "--store", &store_arg, "5", "--to", &to_arg]), None, DEADLINE);
+        assert_eq!(out.code(), Some(2), "{out}");
+        assert!(out.stderr.contains("refusing output"), "{out}");
+        assert!(!d.join("escaped").exists() && !d.join("a/escaped").exists() && !Path::new("/tmp/escaped").exists());
+    }
+}
