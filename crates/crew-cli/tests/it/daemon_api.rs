@@ -310,7 +310,13 @@ fn a_daemon_killed_with_sigkill_loses_nothing() {
         poll_until(DEADLINE, || d.call("GET", "/v1/status", None, 200)["jobs"]["ready"] == 5),
         "the quick jobs did not finish"
     );
-    let slow: Vec<Value> = (0..100).map(|i| json!({"name": format!("slow-{i}"), "shell": "sleep 0.2"})).collect();
+    // The slow jobs read an input, staged once when they are sent.
+    let input = work.path().join("in.txt");
+    std::fs::write(&input, "staged once\n").expect("write the input");
+    let input = input.to_str().expect("utf-8").to_owned();
+    let slow: Vec<Value> = (0..100)
+        .map(|i| json!({"name": format!("slow-{i}"), "shell": "sleep 0.2; cat in.txt", "inputs": [input]}))
+        .collect();
     d.call("POST", "/v1/jobs", Some(&jobs(&json!(slow))), 200);
     assert!(
         poll_until(DEADLINE, || d.call("GET", "/v1/status", None, 200)["jobs"]["running"].as_u64() >= Some(2)),
@@ -320,8 +326,10 @@ fn a_daemon_killed_with_sigkill_loses_nothing() {
     let status = d.wait_exit(work.path());
     assert_eq!(status.code(), None, "killed by a signal");
 
-    // The same folder, a new daemon.
+    // The same folder, a new daemon; the journal holds the staged jobs, so
+    // the local input file is not needed any more.
     drop(d);
+    std::fs::remove_file(&input).expect("remove the input");
     let log_before = std::fs::read_to_string(work.path().join("daemon.log")).unwrap_or_default();
     let d = Daemon::start(work.path(), &mark);
     let st = d.call("GET", "/v1/status", None, 200);
@@ -337,6 +345,9 @@ fn a_daemon_killed_with_sigkill_loses_nothing() {
     assert_eq!(names, want, "every job exactly once\nlog before:\n{log_before}\nlog:\n{}", d.log(work.path()));
     for o in &outputs {
         assert_eq!(o["status"], "succeeded", "{o}");
+        if o["name"].as_str().is_some_and(|n| n.starts_with("slow-")) {
+            assert_eq!(o["stdout"]["text"], "staged once\n", "{o}");
+        }
     }
     let crashed_once = outputs.iter().filter(|o| o["attempt"].as_u64() >= Some(2)).count();
     assert!(crashed_once >= 1, "the jobs that were running are re-run as a later attempt");
