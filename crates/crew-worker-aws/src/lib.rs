@@ -39,7 +39,9 @@ use aws_sdk_batch::types::{
     ArrayProperties, ContainerOverrides, JobDetail, JobStatus, JobTimeout, KeyValuePair, ResourceRequirement,
     ResourceType,
 };
-use crew_core::worker::{Capabilities, ENV_INDEX, ENV_INDEX_BASE, Handle, LaunchSpec, Liveness, Worker, WorkerError};
+use crew_core::worker::{
+    Capabilities, ENV_INDEX, ENV_INDEX_BASE, Handle, LaunchMember, LaunchSpec, Liveness, Worker, WorkerError,
+};
 use futures::StreamExt;
 use tracing::{debug, warn};
 
@@ -347,6 +349,24 @@ impl AwsBatchWorker {
     }
 }
 
+/// The members of a launch as runs of consecutive indices of at most
+/// [`ARRAY_SIZE_MAX`]: each run is one array job (or one plain job), whose
+/// children map their array index to `first index + array index`.
+fn runs(members: &[LaunchMember]) -> Vec<Vec<(String, u32)>> {
+    let mut runs: Vec<Vec<(String, u32)>> = Vec::new();
+    for m in members {
+        match runs.last_mut() {
+            Some(run)
+                if run.len() < ARRAY_SIZE_MAX && run.last().is_some_and(|(_, i)| i.checked_add(1) == Some(m.index)) =>
+            {
+                run.push((m.slot.clone(), m.index));
+            }
+            _ => runs.push(vec![(m.slot.clone(), m.index)]),
+        }
+    }
+    runs
+}
+
 /// A Batch job name for the slots `first` to `last`: letters, digits, `-`
 /// and `_`, starting with a letter or digit, at most 128 characters.
 pub fn job_name(prefix: &str, first: &str, last: &str, count: usize) -> String {
@@ -439,19 +459,7 @@ impl Worker for AwsBatchWorker {
         }
         let key: ClientKey = (opts.region.clone(), opts.endpoint.clone());
         let client = self.client(&key).await?;
-        // Runs of consecutive member indices, each one array (or one job).
-        let mut runs: Vec<Vec<(String, u32)>> = Vec::new();
-        for m in &spec.members {
-            match runs.last_mut() {
-                Some(run)
-                    if run.len() < ARRAY_SIZE_MAX
-                        && run.last().is_some_and(|(_, i)| i.checked_add(1) == Some(m.index)) =>
-                {
-                    run.push((m.slot.clone(), m.index));
-                }
-                _ => runs.push(vec![(m.slot.clone(), m.index)]),
-            }
-        }
+        let runs = runs(&spec.members);
         let mut handles = Vec::with_capacity(spec.members.len());
         for run in &runs {
             match self.submit(&client, &opts, spec, run).await {
@@ -560,7 +568,23 @@ impl Worker for AwsBatchWorker {
 
 #[cfg(test)]
 mod tests {
-    use super::job_name;
+    use super::{ARRAY_SIZE_MAX, LaunchMember, job_name, runs};
+
+    #[test]
+    fn launches_split_into_arrays_of_at_most_10000() {
+        let members = |idx: &mut dyn Iterator<Item = u32>| -> Vec<LaunchMember> {
+            idx.map(|index| LaunchMember { slot: format!("aws-batch-{index}"), index }).collect()
+        };
+        let sizes = |m: &[LaunchMember]| runs(m).iter().map(|r| (r[0].1, r.len())).collect::<Vec<_>>();
+        assert_eq!(sizes(&members(&mut (0..1))), vec![(0, 1)]);
+        assert_eq!(sizes(&members(&mut (0..20))), vec![(0, 20)]);
+        assert_eq!(
+            sizes(&members(&mut (0..25_001))),
+            vec![(0, ARRAY_SIZE_MAX), (10_000, ARRAY_SIZE_MAX), (20_000, 5_001)]
+        );
+        assert_eq!(sizes(&members(&mut (0..10_001))), vec![(0, ARRAY_SIZE_MAX), (10_000, 1)]);
+        assert_eq!(sizes(&members(&mut [0, 1, 5, 6, 7].into_iter())), vec![(0, 2), (5, 3)]);
+    }
 
     #[test]
     fn job_names_are_valid_for_batch() {
