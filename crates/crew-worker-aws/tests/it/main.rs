@@ -25,7 +25,9 @@ use aws_sdk_batch::Client;
 use aws_sdk_batch::config::interceptors::BeforeTransmitInterceptorContextRef;
 use aws_sdk_batch::config::{ConfigBag, Intercept, RuntimeComponents};
 use aws_sdk_batch::error::BoxError;
-use aws_sdk_batch::types::{ContainerProperties, JobDefinitionType, JobStatus, ResourceRequirement, ResourceType};
+use aws_sdk_batch::types::{
+    ContainerProperties, JobDefinitionType, JobStatus, KeyValuesPair, ResourceRequirement, ResourceType,
+};
 use crew_core::builtins::Builtins;
 use crew_core::conformance::{WorkerKit, worker};
 use crew_core::controller::{AgentCommand, Controller, ControllerConfig, Recruit};
@@ -342,10 +344,13 @@ async fn launches_aws_refuses_or_cannot_start_end_launch_failed_with_the_reason(
 async fn no_batch_job_runs_after_close() {
     let Some(endpoint) = endpoint("no_batch_job_runs_after_close") else { return };
     let (class, client, _) = class(&endpoint, "close", QUEUE_CLOSE).await;
+    // Job names unique to this run, so that other runs' jobs do not count.
+    let prefix = unique("close").replace('-', "");
     let class = Arc::new(class);
     let controller = start().await;
     let mut recruit = Recruit::new(class.clone(), 4);
     recruit.limits = limits();
+    recruit.options.insert("name-prefix".into(), prefix.clone());
     controller.recruit(recruit).expect("recruit");
     assert_eq!(controller.launch(&SlotFilter::default(), 4), 4);
     until("4 workers connect", Duration::from_secs(60), || {
@@ -357,6 +362,7 @@ async fn no_batch_job_runs_after_close() {
     let mut late = Recruit::new(class.clone(), 3);
     late.limits = limits();
     late.tags = Tags::try_from_iter(["late"]).expect("tags");
+    late.options.insert("name-prefix".into(), prefix.clone());
     controller.recruit(late).expect("recruit");
     let job = JobSpec::builtin("noop", serde_json::Value::Null).with_tags(Tags::try_from_iter(["late"]).expect("tags"));
     controller.send(job).expect("send");
@@ -366,55 +372,36 @@ async fn no_batch_job_runs_after_close() {
     // Ended now, or within a few seconds (the emulator's steps are 0.2 s).
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let active = active_jobs(&client, QUEUE_CLOSE).await;
+        let jobs = our_jobs(&client, QUEUE_CLOSE, &prefix).await;
+        let active: Vec<_> =
+            jobs.iter().filter(|(_, s)| !matches!(s, JobStatus::Succeeded | JobStatus::Failed)).collect();
         if active.is_empty() {
+            assert!(jobs.len() >= 4, "the workers' Batch jobs should be listed as ended: {jobs:?}");
             break;
         }
         assert!(Instant::now() < deadline, "Batch jobs still active after close: {active:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let ended = ended_jobs(&client, QUEUE_CLOSE).await;
-    assert!(ended >= 4, "the workers' Batch jobs should be listed as ended, found {ended}");
 }
 
-/// How many jobs on `queue` ended.
-async fn ended_jobs(client: &Client, queue: &str) -> usize {
-    let mut n = 0;
-    for status in [JobStatus::Succeeded, JobStatus::Failed] {
-        n += client
-            .list_jobs()
-            .job_queue(queue)
-            .job_status(status)
-            .send()
-            .await
-            .expect("ListJobs")
-            .job_summary_list()
-            .len();
-    }
-    n
-}
-
-/// Jobs (and array children) on `queue` not yet ended.
-async fn active_jobs(client: &Client, queue: &str) -> Vec<String> {
-    let mut active = Vec::new();
-    let statuses =
-        [JobStatus::Submitted, JobStatus::Pending, JobStatus::Runnable, JobStatus::Starting, JobStatus::Running];
-    for status in statuses {
-        let out = client.list_jobs().job_queue(queue).job_status(status.clone()).send().await.expect("ListJobs");
-        let ids: Vec<String> = out.job_summary_list().iter().filter_map(|j| j.job_id().map(str::to_owned)).collect();
-        for chunk in ids.chunks(100) {
-            let described = client.describe_jobs().set_jobs(Some(chunk.to_vec())).send().await.expect("DescribeJobs");
-            for j in described.jobs() {
-                // An array parent's status follows its children, which are
-                // listed (and checked) on their own.
-                if j.array_properties().is_some_and(|a| a.size().is_some() && a.index().is_none()) {
-                    continue;
-                }
-                if j.status().is_some_and(|s| !matches!(s, JobStatus::Succeeded | JobStatus::Failed)) {
-                    active.push(format!("{} {}", j.job_id().unwrap_or("?"), status.as_str()));
-                }
+/// The Batch jobs on `queue` whose names start with `prefix` (array
+/// children included, array parents left out: their status follows their
+/// children's), as (id, status).
+async fn our_jobs(client: &Client, queue: &str, prefix: &str) -> Vec<(String, JobStatus)> {
+    let filter = KeyValuesPair::builder().name("JOB_NAME").values(format!("{prefix}*")).build();
+    let out = client.list_jobs().job_queue(queue).filters(filter).send().await.expect("ListJobs");
+    let ids: Vec<String> = out.job_summary_list().iter().filter_map(|j| j.job_id().map(str::to_owned)).collect();
+    let mut jobs = Vec::new();
+    for chunk in ids.chunks(100) {
+        let described = client.describe_jobs().set_jobs(Some(chunk.to_vec())).send().await.expect("DescribeJobs");
+        for j in described.jobs() {
+            if j.array_properties().is_some_and(|a| a.size().is_some() && a.index().is_none()) {
+                continue;
+            }
+            if let (Some(id), Some(status)) = (j.job_id(), j.status()) {
+                jobs.push((id.to_owned(), status.clone()));
             }
         }
     }
-    active
+    jobs
 }
