@@ -405,3 +405,63 @@ async fn our_jobs(client: &Client, queue: &str, prefix: &str) -> Vec<(String, Jo
     }
     jobs
 }
+
+/// What SubmitJob is given: the agent command without the secret, the
+/// secret and member index in the environment, the attempt timeout, tags.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submitted_jobs_carry_command_environment_index_timeout_and_tags() {
+    use crew_core::worker::{LaunchMember, LaunchSpec};
+    let Some(endpoint) = endpoint("submitted_jobs_carry_command_environment_index_timeout_and_tags") else {
+        return;
+    };
+    let (class, client, calls) = class(&endpoint, "submit", QUEUE).await;
+    let env: BTreeMap<String, String> =
+        [("CREW_CONNECT", "127.0.0.1:9"), ("CREW_LAUNCH", "7"), ("CREW_TOKEN", "s3cret")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+    let options: BTreeMap<String, String> = [("wall-grace", "1m"), ("tags", "team=genomics")]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    let spec = |members: Vec<LaunchMember>| LaunchSpec {
+        program: "/bin/true".into(),
+        args: vec!["worker".into()],
+        env: env.clone(),
+        members,
+        options: options.clone(),
+        wall_time: Some(Duration::from_secs(60)),
+    };
+    let member = |index: u32| LaunchMember { slot: format!("aws-batch-{index}"), index };
+    // Members 5 and 6 of a launch: one array whose children add 5.
+    let array = class.launch(&spec(vec![member(5), member(6)])).await.expect("launch");
+    // Member 9 alone: a plain job told its index.
+    let single = class.launch(&spec(vec![member(9)])).await.expect("launch");
+    assert_eq!(calls.submit.load(Ordering::SeqCst), 2);
+    assert_eq!(array.len(), 2);
+    let parent = array[0].id.rsplit_once(':').expect("an array child").0.to_owned();
+    let out = client.describe_jobs().jobs(&parent).jobs(&single[0].id).send().await.expect("DescribeJobs");
+    assert_eq!(out.jobs().len(), 2, "{out:?}");
+    for job in out.jobs() {
+        let container = job.container().expect("a container job");
+        assert_eq!(container.command(), ["/bin/true", "worker"], "the secret never goes on the command line");
+        let env: BTreeMap<&str, &str> =
+            container.environment().iter().filter_map(|kv| Some((kv.name()?, kv.value()?))).collect();
+        assert_eq!(env.get("CREW_TOKEN"), Some(&"s3cret"));
+        assert_eq!(env.get("CREW_LAUNCH"), Some(&"7"));
+        if job.job_id() == Some(parent.as_str()) {
+            assert_eq!(env.get("CREW_INDEX_BASE"), Some(&"5"), "{env:?}");
+            assert_eq!(env.get("CREW_INDEX"), None);
+            assert_eq!(job.job_name(), Some("crew-aws-batch-5-to-aws-batch-6"));
+        } else {
+            assert_eq!(env.get("CREW_INDEX"), Some(&"9"), "{env:?}");
+            assert_eq!(job.job_name(), Some("crew-aws-batch-9"));
+        }
+        assert_eq!(job.timeout().and_then(|t| t.attempt_duration_seconds()), Some(120), "wall time + grace");
+        let tags = job.tags().cloned().unwrap_or_default();
+        assert_eq!(tags.get("team").map(String::as_str), Some("genomics"), "{tags:?}");
+        assert_eq!(tags.get("crew-launch").map(String::as_str), Some("7"), "{tags:?}");
+    }
+    class.terminate(&array).await.expect("terminate");
+    class.terminate(&single).await.expect("terminate");
+}
