@@ -508,9 +508,10 @@ impl Worker for AwsBatchWorker {
                 }
             }
             if requested_stale {
-                // Refresh every other live job in the same round.
+                // Refresh every other live job in the same round (the
+                // requested ones are deduplicated below).
                 for (id, k) in jobs.iter() {
-                    if k.live() && stale(k) && !handles.iter().any(|h| &h.id == id) {
+                    if k.live() && stale(k) {
                         wanted.entry(k.client.clone()).or_default().push(id.clone());
                     }
                 }
