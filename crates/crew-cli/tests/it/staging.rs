@@ -409,7 +409,7 @@ fn large_inputs_and_outputs_stream_in_bounded_memory() {
     let out = running.wait(std::time::Duration::from_secs(600));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let peaks = watcher.join().expect("watcher");
-    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(out.code(), Some(0), "peaks {peaks:?}\n{out}");
     let record = by_name(&out.records(), "big");
     assert_eq!(record["objects"][0]["size"], (mib << 20) as u64, "{record}");
     let roles: Vec<&str> = peaks.values().map(|(r, _)| r.as_str()).collect();
