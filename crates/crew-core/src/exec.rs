@@ -307,7 +307,7 @@ async fn store_outputs(store: &dyn Store, id: JobId, attempt: u32, dir: &Path, s
     let (owned_dir, patterns) = (dir.to_path_buf(), spec.outputs.clone());
     let expanded = tokio::task::spawn_blocking(move || staging::expand_outputs(&owned_dir, &patterns))
         .await
-        .unwrap_or_else(|e| Err(staging::StageError::Path(format!("the output search did not finish: {e}"))));
+        .unwrap_or_else(|e| Err(staging::StageError::Invalid(format!("the output search did not finish: {e}"))));
     match expanded {
         Ok((found, missing)) => {
             if result.status == Status::Succeeded {
@@ -1525,6 +1525,20 @@ mod tests {
         let r = run(&ctx, &spec).await;
         assert_eq!(r.status, Status::Failed);
         assert!(r.error.unwrap().contains(".. segment"));
+        assert!(r.objects.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_output_upload_failure_fails_the_job_with_the_reason() {
+        let (_d, ctx) = context();
+        let ctx = ctx.with_store(Arc::new(FailingStore));
+        let mut spec = JobSpec::shell("echo x > a.txt");
+        spec.outputs.push("a.txt".into());
+        let r = run(&ctx, &spec).await;
+        assert_eq!(r.status, Status::Failed);
+        let error = r.error.unwrap();
+        assert!(error.starts_with("could not upload output a.txt: "), "{error}");
+        assert!(error.contains("disk on fire"), "{error}");
         assert!(r.objects.is_empty());
     }
 

@@ -120,9 +120,10 @@ pub enum StageError {
         /// The size of what was received (so far, when it was too long).
         size: u64,
     },
-    /// A name or path that would leave its folder, or is otherwise unusable.
+    /// Something unacceptable: a name that would leave its folder, a path
+    /// that is not a regular file, a manifest that does not parse.
     #[error("{0}")]
-    Path(String),
+    Invalid(String),
     /// An input of a job could not be staged.
     #[error("input {name:?} ({path}): {reason}")]
     Input {
@@ -363,16 +364,16 @@ async fn download_to(store: &dyn Store, key: &StoreKey, sha256: &str, size: u64,
 /// existing component on the way that is not a real folder (a symbolic
 /// link is never followed out).
 pub fn prepare_dest(root: &Path, name: &str) -> Result<PathBuf, StageError> {
-    check_relative_path(name).map_err(|e| StageError::Path(format!("{name:?}: {e}")))?;
+    check_relative_path(name).map_err(|e| StageError::Invalid(format!("{name:?}: {e}")))?;
     let mut path = root.to_path_buf();
     let segments: Vec<&str> = name.split('/').collect();
-    let (last, folders) = segments.split_last().ok_or_else(|| StageError::Path(format!("{name:?}: empty")))?;
+    let (last, folders) = segments.split_last().ok_or_else(|| StageError::Invalid(format!("{name:?}: empty")))?;
     for seg in folders {
         path.push(seg);
         match std::fs::symlink_metadata(&path) {
             Ok(m) if m.is_dir() => {}
             Ok(_) => {
-                return Err(StageError::Path(format!(
+                return Err(StageError::Invalid(format!(
                     "{name:?}: {} exists and is not a folder (symbolic links are not followed)",
                     path.display()
                 )));
@@ -387,7 +388,7 @@ pub fn prepare_dest(root: &Path, name: &str) -> Result<PathBuf, StageError> {
     path.push(last);
     if let Ok(m) = std::fs::symlink_metadata(&path) {
         if m.is_dir() {
-            return Err(StageError::Path(format!("{name:?}: {} is a folder", path.display())));
+            return Err(StageError::Invalid(format!("{name:?}: {} is a folder", path.display())));
         }
     }
     Ok(path)
@@ -469,7 +470,7 @@ impl Stager {
         let canonical = std::fs::canonicalize(path).map_err(|e| StageError::io("cannot resolve the path", e))?;
         let meta = std::fs::metadata(&canonical).map_err(|e| StageError::io("cannot read the file", e))?;
         if !meta.is_file() {
-            return Err(StageError::Path("not a regular file".to_owned()));
+            return Err(StageError::Invalid("not a regular file".to_owned()));
         }
         let id = FileId {
             path: canonical.clone(),
@@ -559,7 +560,7 @@ pub fn expand_outputs(root: &Path, patterns: &[String]) -> Result<(Vec<String>, 
     let mut found = BTreeSet::new();
     let mut missing = Vec::new();
     for pattern in patterns {
-        check_relative_path(pattern).map_err(|e| StageError::Path(format!("output {pattern:?}: {e}")))?;
+        check_relative_path(pattern).map_err(|e| StageError::Invalid(format!("output {pattern:?}: {e}")))?;
         let segs: Vec<Seg<'_>> = pattern.split('/').map(|s| if s == "**" { Seg::Any } else { Seg::Name(s) }).collect();
         let mut hit = false;
         expand(root, &mut Vec::new(), &segs, &mut found, &mut hit)?;
@@ -662,7 +663,7 @@ pub async fn read_small(store: &dyn Store, key: &StoreKey, limit: usize) -> Resu
     while let Some(chunk) = stream.next().await {
         let chunk = chunk?;
         if out.len() + chunk.len() > limit {
-            return Err(StageError::Path(format!("{key} is larger than {limit} bytes")));
+            return Err(StageError::Invalid(format!("{key} is larger than {limit} bytes")));
         }
         out.extend_from_slice(&chunk);
     }
@@ -689,7 +690,7 @@ pub async fn latest_manifest(store: &dyn Store, id: JobId) -> Result<Option<Mani
     let Some(attempt) = attempt else { return Ok(None) };
     let bytes = read_small(store, &manifest_key(id, attempt)?, MANIFEST_MAX).await?;
     let manifest = serde_json::from_slice(&bytes)
-        .map_err(|e| StageError::Path(format!("the manifest of job {id} attempt {attempt} is unreadable: {e}")))?;
+        .map_err(|e| StageError::Invalid(format!("the manifest of job {id} attempt {attempt} is unreadable: {e}")))?;
     Ok(Some(manifest))
 }
 

@@ -310,6 +310,16 @@ fn the_daemon_stages_inputs_and_fetch_gets_outputs_by_id_or_name() {
     assert_eq!(out.records().len(), 2, "{out}");
     assert_eq!(std::fs::read(work.join("by-name/out/copy.bin")).expect("fetched"), bytes);
 
+    // A job file: relative inputs are from the sender's folder too.
+    std::fs::write(work.join("jobs.txt"), "{\"name\":\"f\",\"shell\":\"cmp d.bin data.bin && echo same > same.txt\",\"inputs\":[\"data.bin=d.bin\",\"data.bin\"],\"outputs\":[\"same.txt\"]}\n").expect("write");
+    ok(&["send", "--file", "jobs.txt"]);
+    let out = ok(&["receive", "--wait", "--json", "--name", "f"]);
+    let f = by_name(&out.records(), "f");
+    assert_eq!(f["status"], "succeeded", "{f}");
+    assert_eq!(f["objects"][0]["name"], "same.txt", "{f}");
+    let cas = files_under(&Path::new(&project).join("store").join("cas"));
+    assert_eq!(cas.len(), 1, "one object for one file, however it is named: {cas:?}");
+
     // A job without outputs, an unknown job.
     let out = ok(&["send", "--", "true"]);
     let plain = out.stdout.trim().to_owned();
@@ -399,7 +409,7 @@ fn large_inputs_and_outputs_stream_in_bounded_memory() {
     let out = running.wait(std::time::Duration::from_secs(600));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let peaks = watcher.join().expect("watcher");
-    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(out.code(), Some(0), "peaks {peaks:?}\n{out}");
     let record = by_name(&out.records(), "big");
     assert_eq!(record["objects"][0]["size"], (mib << 20) as u64, "{record}");
     let roles: Vec<&str> = peaks.values().map(|(r, _)| r.as_str()).collect();
