@@ -819,8 +819,10 @@ impl StoreRegistry {
 }
 
 /// The scheme of `url` when it starts with `scheme://` (RFC 3986 scheme
-/// characters); `None` for a plain path.
-fn url_scheme(url: &str) -> Option<&str> {
+/// characters); `None` for a plain path. How [`StoreRegistry::open`] tells
+/// a store URL from a folder, for front ends that must do the same (a
+/// relative folder in a configuration file is relative to that file).
+pub fn url_scheme(url: &str) -> Option<&str> {
     let (scheme, _) = url.split_once("://")?;
     let mut chars = scheme.chars();
     let first = chars.next()?;

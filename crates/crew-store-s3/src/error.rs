@@ -29,6 +29,17 @@ pub(crate) struct Context<'a> {
 
 /// Maps `error`, raised by `cx.op` on `cx.key`.
 pub(crate) fn map(cx: &Context<'_>, error: object_store::Error) -> StoreError {
+    if let Some(why) = find::<crate::credentials::NoCredentials>(&error) {
+        return StoreError::Unauthenticated {
+            backend: BACKEND,
+            message: format!(
+                "no AWS credentials for bucket {} ({}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, \
+                 or AWS_PROFILE (or ?profile= in the store URL) naming a profile of ~/.aws/config \
+                 (`aws configure`, `aws sso login`), or run with an instance or container role",
+                cx.bucket, why.0
+            ),
+        };
+    }
     let text = chain_text(&error);
     if text.contains("NoSuchBucket") {
         return missing_bucket(cx.bucket, cx.endpoint);
@@ -82,6 +93,18 @@ fn unauthenticated(cx: &Context<'_>, text: &str) -> StoreError {
             cx.op, cx.key, cx.bucket
         ),
     }
+}
+
+/// The first error of type `T` in `error`'s source chain.
+fn find<'a, T: std::error::Error + 'static>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a T> {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if let Some(found) = e.downcast_ref::<T>() {
+            return Some(found);
+        }
+        current = e.source();
+    }
+    None
 }
 
 /// The kind of the transport failure in `error`'s source chain, if any.

@@ -155,7 +155,7 @@ impl S3Store {
             loader = loader.region(RegionProviderChain::first_try(aws_config::Region::new(region.clone())));
         }
         let sdk = loader.load().await;
-        let region = sdk.region().map(ToString::to_string).ok_or_else(|| {
+        let region = sdk.region().map(ToString::to_string).filter(|r| !r.is_empty()).ok_or_else(|| {
             StoreError::Config(format!(
                 "no AWS region for the store {url}: set AWS_REGION, `region` in the AWS profile \
                  (~/.aws/config), or add ?region=REGION to the store URL"

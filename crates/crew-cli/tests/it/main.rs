@@ -10,5 +10,6 @@ mod config;
 mod controller;
 mod daemon_api;
 mod run;
+mod s3;
 mod session;
 mod support;
