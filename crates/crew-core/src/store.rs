@@ -174,6 +174,9 @@ impl StoreError {
 /// - `list` returns every object whose key starts with `prefix/` (a whole
 ///   segment prefix), in no particular order.
 /// - `delete` of a missing key succeeds (idempotent).
+/// - `check` (provided) succeeds only when the store can be written, read
+///   and deleted from, leaves nothing behind, and otherwise fails with an
+///   error that says how to fix the setup.
 ///
 /// # Cancellation
 /// Any returned future may be dropped; a dropped `put_*` leaves no visible

@@ -145,6 +145,56 @@ pub(crate) fn chain_text(error: &(dyn std::error::Error + 'static)) -> String {
 mod tests {
     use super::*;
 
+    fn cx() -> Context<'static> {
+        Context { op: "put", key: "jobs/1/stdout", bucket: "bkt", endpoint: "http://127.0.0.1:9" }
+    }
+
+    fn source(text: &str) -> Box<dyn std::error::Error + Send + Sync> {
+        Box::new(std::io::Error::other(text.to_owned()))
+    }
+
+    #[test]
+    fn errors_keep_their_meaning_and_say_what_to_fix() {
+        // moto checks no credentials, so 401/403 are only tested here.
+        for e in [
+            object_store::Error::PermissionDenied { path: "p".into(), source: source("AccessDenied") },
+            object_store::Error::Unauthenticated { path: "p".into(), source: source("InvalidAccessKeyId") },
+        ] {
+            let mapped = map(&cx(), e);
+            assert!(matches!(mapped, StoreError::Unauthenticated { .. }), "{mapped:?}");
+            assert!(mapped.to_string().contains("check the AWS credentials"), "{mapped}");
+        }
+        let missing = map(&cx(), object_store::Error::NotFound { path: "p".into(), source: source("NoSuchBucket") });
+        assert!(missing.to_string().contains("bucket bkt does not exist"), "{missing}");
+        let gone = map(&cx(), object_store::Error::NotFound { path: "p".into(), source: source("NoSuchKey") });
+        assert!(matches!(gone, StoreError::NotFound { ref key } if key == "jobs/1/stdout"), "{gone:?}");
+        let busy = map(
+            &cx(),
+            object_store::Error::Generic {
+                store: "S3",
+                source: source("Server returned non-2xx status code: 503 Service Unavailable: SlowDown"),
+            },
+        );
+        assert!(busy.is_retryable(), "{busy:?}");
+        let refused = map(
+            &cx(),
+            object_store::Error::Generic {
+                store: "S3",
+                source: Box::new(HttpError::new(HttpErrorKind::Connect, std::io::Error::other("refused"))),
+            },
+        );
+        assert!(refused.is_retryable(), "{refused:?}");
+        assert!(refused.to_string().contains("cannot reach the S3 endpoint http://127.0.0.1:9"), "{refused}");
+        let bad = map(
+            &cx(),
+            object_store::Error::Generic {
+                store: "S3",
+                source: source("Server returned non-2xx status code: 400 Bad Request: InvalidArgument"),
+            },
+        );
+        assert!(!bad.is_retryable(), "{bad:?}");
+    }
+
     #[test]
     fn statuses_are_read_from_the_text() {
         assert_eq!(status_in("Server returned non-2xx status code: 503 Service Unavailable: x"), Some(503));
