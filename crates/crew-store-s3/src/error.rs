@@ -80,7 +80,7 @@ pub(crate) fn map(cx: &Context<'_>, error: object_store::Error) -> StoreError {
 /// The error for a bucket S3 says does not exist.
 pub(crate) fn missing_bucket(bucket: &str, endpoint: &str) -> StoreError {
     StoreError::Config(format!(
-        "bucket {bucket} does not exist (at {endpoint}): create it or fix --store (the store URL)"
+        "bucket {bucket} does not exist: create it or fix --store (the store URL; S3 endpoint: {endpoint})"
     ))
 }
 

@@ -152,3 +152,50 @@ fn the_daemon_uses_an_s3_store_and_refuses_to_start_on_a_missing_bucket() {
     assert_eq!(logs.stdout.len(), BIG, "the whole stream, from the bucket");
     assert!(logs.stdout.bytes().all(|b| b == b'y' || b == b'\n'));
 }
+
+#[test]
+fn credentials_and_region_come_from_a_profile_for_the_controller_and_its_workers() {
+    let Some(endpoint) = endpoint("credentials_and_region_come_from_a_profile") else { return };
+    let bucket = unique_bucket("crew-profile");
+    create_bucket(&endpoint, &bucket).unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let mark = unique("s3-profile-");
+    let _reaper = Reaper::new(&mark);
+    std::fs::write(d.join("config"), format!("[profile crewtest]\nregion = us-east-1\nendpoint_url = {endpoint}\n"))
+        .expect("config");
+    std::fs::write(
+        d.join("credentials"),
+        "[crewtest]\naws_access_key_id = AKIDPROFILE\naws_secret_access_key = s3cr3t\naws_session_token = tok\n",
+    )
+    .expect("credentials");
+    let mut c = crew(d, &mark, &["run", "--json", "--store", &format!("s3://{bucket}/p?profile=crewtest"), "-"]);
+    for var in [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+        "AWS_REGION",
+        "AWS_DEFAULT_REGION",
+        "AWS_PROFILE",
+        "AWS_ENDPOINT_URL",
+        "CREW_STORE",
+    ] {
+        c.env_remove(var);
+    }
+    c.env("AWS_CONFIG_FILE", d.join("config"))
+        .env("AWS_SHARED_CREDENTIALS_FILE", d.join("credentials"))
+        .env("AWS_EC2_METADATA_DISABLED", "true");
+    let out = run(c, Some(&format!("yes p | head -c {BIG}\n")), DEADLINE);
+    assert_eq!(out.code(), Some(0), "{out}");
+    let record = &out.records()[0];
+    assert_eq!(record["stdout"]["truncated"], true, "{record}");
+    // No secret in anything crew printed.
+    assert!(!out.stdout.contains("s3cr3t") && !out.stderr.contains("s3cr3t"), "{out}");
+    let key = record["stdout"]["key"].as_str().unwrap_or_default().to_owned();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let root = S3Store::open(&store_url(&endpoint, &bucket, "")).await.expect("open the bucket");
+        let object = StoreKey::new(format!("p/{key}")).expect("key");
+        assert_eq!(root.head(&object).await.unwrap_or_else(|e| panic!("{object}: {e}")).size, BIG as u64);
+    });
+}
