@@ -54,10 +54,13 @@ pub(crate) fn map(cx: &Context<'_>, error: object_store::Error) -> StoreError {
     if let Some(kind) = transport_kind(&error) {
         let retryable = !matches!(kind, HttpErrorKind::Decode);
         if matches!(kind, HttpErrorKind::Connect) {
+            // The transport error alone (`dns error: ...`, `Connection
+            // refused`): the wrappers above it only repeat the request.
+            let cause = find::<HttpError>(&error).map_or_else(|| text.clone(), |e| chain_text(e));
             return StoreError::Backend {
                 backend: BACKEND,
                 message: format!(
-                    "cannot reach the S3 endpoint {}: {text} (check the endpoint: AWS_ENDPOINT_URL or \
+                    "cannot reach the S3 endpoint {}: {cause} (check the endpoint: AWS_ENDPOINT_URL or \
                      ?endpoint= in the store URL, and the network)",
                     cx.endpoint
                 ),
