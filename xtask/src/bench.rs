@@ -22,6 +22,8 @@ mod echo;
 mod measure;
 #[cfg(feature = "bench")]
 mod report;
+#[cfg(feature = "bench")]
+mod store;
 
 use std::ffi::OsString;
 
@@ -38,9 +40,13 @@ median of N runs. Exits 0 even when a target is missed.
 Options:
   --quick     a tenth of the default sizes: a smoke test of the bench itself
   --runs N    runs per figure (default 5)
-  --only L    only these figures, e.g. --only 1,5 (of 1 to 5; default all)
+  --only L    only these figures, e.g. --only 1,5 (of 1 to 6; default all)
   --json      print one JSON object instead of the table
   -h, --help  print this help
+
+Figure 6 (a job's 1 GiB output through the store) measures the local store;
+set CREW_BENCH_S3=s3://BUCKET/PREFIX (and the AWS variables) to measure an S3
+store too.
 ";
 
 /// Validated options.
@@ -52,12 +58,12 @@ pub(crate) struct Options {
     pub(crate) runs: usize,
     /// One JSON object on stdout instead of the table.
     pub(crate) json: bool,
-    /// Which of the figures 1 to 5 to measure (index 0 is figure 1).
+    /// Which of the figures 1 to 6 to measure (index 0 is figure 1).
     pub(crate) figures: [bool; FIGURES],
 }
 
 /// How many figures there are (their sub-rows, like 2a and 2b, go together).
-pub(crate) const FIGURES: usize = 5;
+pub(crate) const FIGURES: usize = 6;
 
 impl Options {
     /// Whether figure `n` (1-based) is to be measured.
@@ -209,7 +215,7 @@ mod tests {
         assert!(parse(&["--runs", "x"]).is_err());
         assert!(parse(&["--runs"]).is_err());
         assert!(parse(&["--fast"]).is_err());
-        assert!(parse(&["--only", "6"]).is_err());
+        assert!(parse(&["--only", "7"]).is_err());
         assert!(parse(&["--only", "1,x"]).is_err());
     }
 }

@@ -15,6 +15,10 @@ use std::process::Command;
 
 use anyhow::{Context, bail};
 
+/// The Batch job queues the emulator creates at start (`crew-worker-aws`'s
+/// tests use them).
+const BATCH_QUEUES: &str = "crew-q1,crew-q2";
+
 /// The variables the emulator's tests read, as `(name, value)`.
 pub(crate) type Env = Vec<(String, String)>;
 
@@ -95,7 +99,13 @@ pub(crate) fn start(port: Option<u16>) -> anyhow::Result<Env> {
         Some(port) => port,
         None => free_port()?,
     };
-    run_script(script().arg("start").env("AWS_EMU_PORT", port.to_string()), "start")?;
+    let mut command = script();
+    command.arg("start").env("AWS_EMU_PORT", port.to_string());
+    // The job queues the aws-batch tests submit to, unless told otherwise.
+    if std::env::var_os("BATCH_LOCAL_QUEUES").is_none() {
+        command.env("BATCH_LOCAL_QUEUES", BATCH_QUEUES);
+    }
+    run_script(&mut command, "start")?;
     env()
 }
 
@@ -121,6 +131,7 @@ pub(crate) fn env() -> anyhow::Result<Env> {
         ("AWS_ALLOW_HTTP", "true"),
         ("AWS_EC2_METADATA_DISABLED", "true"),
         ("CREW_TEST_S3_ENDPOINT", endpoint.as_str()),
+        ("CREW_TEST_AWS_ENDPOINT", endpoint.as_str()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))

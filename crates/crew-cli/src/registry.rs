@@ -46,11 +46,10 @@ impl Registry {
     pub(crate) fn stock() -> &'static Self {
         static STOCK: OnceLock<Registry> = OnceLock::new();
         STOCK.get_or_init(|| Self {
-            classes: vec![(
-                crew_worker_local::CLASS,
-                || Arc::new(crew_worker_local::LocalWorker::new()),
-                OnceLock::new(),
-            )],
+            classes: vec![
+                (crew_worker_local::CLASS, || Arc::new(crew_worker_local::LocalWorker::new()), OnceLock::new()),
+                (crew_worker_aws::CLASS, || Arc::new(crew_worker_aws::AwsBatchWorker::new()), OnceLock::new()),
+            ],
         })
     }
 

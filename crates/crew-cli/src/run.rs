@@ -2,17 +2,19 @@
 
 use std::io::Read;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
 use crew_core::controller::{AgentCommand, Controller, ControllerConfig, Recruit};
 use crew_core::job::{LineDefaults, parse_job_file};
 use crew_core::scheduler::SlotLimits;
+use crew_core::staging::Stager;
 use crew_core::{Output, Tags};
 
 use crate::registry::Registry;
 use crate::table::Printer;
-use crate::{EXIT_JOB_FAILED, EXIT_OK, EXIT_USAGE, Failure};
+use crate::{EXIT_INTERNAL, EXIT_JOB_FAILED, EXIT_OK, EXIT_USAGE, Failure};
 
 #[derive(Args, Debug)]
 pub(crate) struct RunArgs {
@@ -48,6 +50,14 @@ pub(crate) struct RunArgs {
     /// Jobs sent ahead to a busy worker (0: one at a time).
     #[arg(long, default_value_t = 1, value_name = "N")]
     prefetch: u32,
+    /// An input file of every job, `PATH[=NAME]`: put in the job's working
+    /// folder as NAME (default: the file name) before it starts (repeatable).
+    #[arg(long, value_name = "PATH[=NAME]")]
+    input: Vec<String>,
+    /// Files of every job to upload to the store when it ends: a glob
+    /// relative to its working folder, e.g. 'fit/*' (repeatable).
+    #[arg(long, value_name = "GLOB")]
+    output: Vec<String>,
 }
 
 pub(crate) fn main(args: RunArgs) -> Result<u8, Failure> {
@@ -61,8 +71,9 @@ pub(crate) fn main(args: RunArgs) -> Result<u8, Failure> {
     };
     let class = Registry::stock().get(&args.class).map_err(Failure::usage)?;
     let (label, text) = read_jobs(&args.file).map_err(Failure::usage)?;
-    let defaults = LineDefaults { tags: Tags::new(), timeout, retries: args.retries };
-    let jobs = match parse_job_file(&text, &defaults) {
+    let inputs = crate::cmd::input_flags(&args.input)?;
+    let defaults = LineDefaults { tags: Tags::new(), timeout, retries: args.retries, inputs, outputs: args.output };
+    let mut jobs = match parse_job_file(&text, &defaults) {
         Ok(jobs) => jobs,
         Err(errors) => {
             for e in &errors {
@@ -99,6 +110,12 @@ pub(crate) fn main(args: RunArgs) -> Result<u8, Failure> {
     // one clear line now, not a failure in the middle of the run.
     rt.block_on(store.check()).map_err(|e| crate::registry::store_failure(&store.url(), e))?;
     let code = rt.block_on(async move {
+        // Inputs go to the store before anything starts; the controller
+        // only ever holds their keys.
+        if let Err(e) = Stager::new(Arc::clone(&store)).stage(&mut jobs).await {
+            eprintln!("crew: cannot stage the jobs' inputs: {e}");
+            return Ok(if e.is_store_failure() { EXIT_INTERNAL } else { EXIT_USAGE });
+        }
         let exe = std::env::current_exe().context("cannot find the crew executable")?;
         let mut config = ControllerConfig::new(AgentCommand::crew(exe.to_string_lossy()));
         config.seed = args.seed;

@@ -31,7 +31,7 @@ use crate::exec::{self, ExecContext, JobResult};
 use crate::job::{Command, JobId};
 use crate::output::{Captured, Status, Timestamp};
 use crate::protocol::{self, AgentMsg, ControllerMsg, PROTOCOL_VERSION, RunJob};
-use crate::worker::{ENV_CONNECT, ENV_INDEX, ENV_LAUNCH, ENV_PARENT_PID, ENV_TOKEN, Secret};
+use crate::worker::{ENV_CONNECT, ENV_INDEX, ENV_INDEX_BASE, ENV_LAUNCH, ENV_PARENT_PID, ENV_TOKEN, Secret};
 
 /// Exit code of an agent that stopped normally.
 pub const EXIT_OK: i32 = 0;
@@ -106,7 +106,8 @@ impl AgentExit {
 impl AgentConfig {
     /// Reads the connection settings from the environment:
     /// `CREW_CONNECT`, `CREW_LAUNCH`, `CREW_TOKEN`, and the index from
-    /// `CREW_INDEX`, else `AWS_BATCH_JOB_ARRAY_INDEX`, else 0.
+    /// `CREW_INDEX`, else `CREW_INDEX_BASE` + `AWS_BATCH_JOB_ARRAY_INDEX`
+    /// (each 0 when unset).
     /// `connect` and `token`, when given, take precedence (command-line
     /// flag, stdin).
     pub fn from_env(connect: Option<String>, token: Option<Secret>, builtins: Builtins) -> Result<Self, AgentError> {
@@ -120,9 +121,12 @@ impl AgentConfig {
         let token = token
             .or_else(|| var(ENV_TOKEN).map(Secret::new))
             .ok_or_else(|| AgentError::Config(format!("no token: set {ENV_TOKEN} or pass --token-stdin")))?;
-        let index = match var(ENV_INDEX).or_else(|| var("AWS_BATCH_JOB_ARRAY_INDEX")) {
-            Some(v) => v.parse().map_err(|_| AgentError::Config(format!("{ENV_INDEX} is not a number: {v:?}")))?,
-            None => 0,
+        let number = |k: &str| -> Result<u32, AgentError> {
+            var(k).map_or(Ok(0), |v| v.parse().map_err(|_| AgentError::Config(format!("{k} is not a number: {v:?}"))))
+        };
+        let index = match var(ENV_INDEX) {
+            Some(_) => number(ENV_INDEX)?,
+            None => number(ENV_INDEX_BASE)?.saturating_add(number("AWS_BATCH_JOB_ARRAY_INDEX")?),
         };
         Ok(Self { connect, launch, index, token, builtins })
     }
@@ -222,6 +226,7 @@ fn cancelled_result(why: &str) -> JobResult {
         wall_seconds: 0.0,
         cpu_seconds: 0.0,
         peak_rss_bytes: 0,
+        objects: Vec::new(),
     }
 }
 
@@ -309,6 +314,10 @@ async fn serve(
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
     // Set when the agent must leave: the job in hand is cancelled first.
     let mut leaving: Option<AgentExit> = None;
+    // A signal (a platform stopping this worker: TerminateJob, a Spot
+    // reclaim) is not a cancel: the job in hand goes unreported, so the
+    // controller counts a crash and runs it elsewhere.
+    let mut signalled = false;
 
     loop {
         // Frames already received.
@@ -440,7 +449,7 @@ async fn serve(
             },
             result = async { match fut.as_mut() { Some(f) => f.await, None => std::future::pending().await } } => {
                 fut = None;
-                if let Some(r) = running.take() {
+                if let Some(r) = running.take().filter(|_| !signalled) {
                     push_done(&mut out, r.job, r.attempt, result);
                     tasks_done += 1;
                 }
@@ -461,8 +470,8 @@ async fn serve(
                     push(&mut out, &AgentMsg::Heartbeat);
                 }
             }
-            _ = recv_signal(&mut sigterm) => { leaving.get_or_insert(AgentExit::Stopped); }
-            _ = recv_signal(&mut sigint) => { leaving.get_or_insert(AgentExit::Stopped); }
+            _ = recv_signal(&mut sigterm) => { leaving.get_or_insert(AgentExit::Stopped); signalled = true; }
+            _ = recv_signal(&mut sigint) => { leaving.get_or_insert(AgentExit::Stopped); signalled = true; }
         }
         if let (Some(exit), Some(r)) = (&leaving, &running) {
             debug!(?exit, job = %r.job, "cancelling the running job before leaving");

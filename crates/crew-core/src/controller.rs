@@ -34,7 +34,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::job::{JobId, JobSpec};
+use crate::job::{JobError, JobId, JobSpec};
 use crate::output::{OUTPUT_FORMAT, Output};
 use crate::protocol::{self, AgentMsg, ControllerMsg, PROTOCOL_VERSION, RunJob};
 use crate::scheduler::{Action, Counts, Scheduler, SlotConfig, SlotFilter, SlotId, SlotLimits, SlotState, SubmitError};
@@ -482,6 +482,7 @@ impl Controller {
         let mut seen = HashSet::new();
         for spec in &specs {
             spec.validate()?;
+            self.check_data(spec)?;
             if let Some(name) = &spec.name {
                 if !seen.insert(name.as_str()) {
                     return Err(ControllerError::DuplicateName(name.clone()));
@@ -519,12 +520,33 @@ impl Controller {
         Ok(ids)
     }
 
+    /// Refuses a job whose data the workers could not get: inputs or outputs
+    /// without a store, or inputs not staged yet.
+    fn check_data(&self, spec: &JobSpec) -> Result<(), ControllerError> {
+        if spec.has_data() && self.shared.config.store.is_none() {
+            return Err(JobError(
+                "the job has inputs or outputs, but the controller has no store to put them in".to_owned(),
+            )
+            .into());
+        }
+        if let Some(input) = spec.unstaged_input() {
+            return Err(JobError(format!(
+                "input {:?} is not staged: stage the job's inputs into the store first \
+                 (crew_core::staging::Stager), so that workers can fetch them",
+                input.name
+            ))
+            .into());
+        }
+        Ok(())
+    }
+
     /// Accepts jobs a previous controller accepted (read back from a
     /// journal), keeping their ids and seeds; later sends are numbered after
     /// the largest id. All or nothing, like [`Controller::send_many`].
     pub fn restore(&self, jobs: Vec<RestoredJob>) -> Result<(), ControllerError> {
         for job in &jobs {
             job.spec.validate()?;
+            self.check_data(&job.spec)?;
         }
         let shared = &self.shared;
         let mut core = lock(&shared.core);
@@ -1027,6 +1049,7 @@ impl Shared {
                         attempt,
                         seed: core.sched.job_seed(job).unwrap_or(0),
                         tags: spec.tags.clone(),
+                        objects: r.objects,
                     };
                     core.sched.finished(slot, job, output, now);
                 }

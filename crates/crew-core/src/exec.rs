@@ -62,6 +62,7 @@ use tokio_util::sync::CancellationToken;
 use crate::builtins::{Builtin, BuiltinContext, BuiltinOutput, Builtins, call_catching};
 use crate::job::{Command, JobId, JobSpec};
 use crate::output::{Captured, Status, Timestamp};
+use crate::staging::{self, StoredObject};
 use crate::store::{Store, StoreKey};
 use crate::worker::{ENV_CONNECT, ENV_INDEX, ENV_LAUNCH, ENV_PARENT_PID, ENV_TOKEN};
 
@@ -93,6 +94,9 @@ pub struct JobResult {
     pub cpu_seconds: f64,
     /// Peak resident set size of the largest process, in bytes.
     pub peak_rss_bytes: u64,
+    /// The outputs uploaded to the store (see [`crate::staging`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub objects: Vec<StoredObject>,
 }
 
 /// Default number of bytes of stdout (and of stderr) sent inline in a
@@ -191,10 +195,173 @@ impl ExecContext {
 /// - `spec.timeout` and `cancel` stop the job: SIGTERM to its process group,
 ///   SIGKILL after `ctx.kill_grace`; it ends `timed_out` or `cancelled`.
 ///
+/// - A job with inputs or outputs ([`JobSpec::has_data`]) runs in its `cwd`
+///   or, without one, in a fresh folder `work/<id>-<attempt>` of the scratch
+///   folder, removed after the attempt. Its inputs are downloaded there
+///   first (each checked against its size and SHA-256; a failure ends the
+///   attempt `failed` before the job runs); when it ends `succeeded`,
+///   `failed` or `timed_out`, the files matching its output patterns are
+///   uploaded to `jobs/<id>/<attempt>/outputs/` with a manifest (see
+///   [`crate::staging`]). A cancelled job uploads nothing: whoever cancelled
+///   it does not want its results, and cancelling must be prompt.
+///
 /// # Cancellation
 /// Prefer `cancel` to dropping the returned future: dropping it SIGKILLs the
 /// job's process group at once, and no result is produced.
 pub async fn run_job(
+    ctx: &ExecContext,
+    id: JobId,
+    attempt: u32,
+    seed: u64,
+    spec: &JobSpec,
+    cancel: CancellationToken,
+) -> JobResult {
+    if spec.has_data() {
+        return run_with_data(ctx, id, attempt, seed, spec, cancel).await;
+    }
+    run_command(ctx, id, attempt, seed, spec, cancel).await
+}
+
+/// A job's working folder with its data: created (and removed) by the
+/// agent, or the job's own `cwd`.
+struct WorkDir {
+    path: PathBuf,
+    owned: bool,
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if self.owned {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// [`run_job`] for a job with inputs or outputs.
+async fn run_with_data(
+    ctx: &ExecContext,
+    id: JobId,
+    attempt: u32,
+    seed: u64,
+    spec: &JobSpec,
+    cancel: CancellationToken,
+) -> JobResult {
+    let started = Timestamp::now();
+    let clock = Instant::now();
+    let job = Job { ctx, id, attempt, seed, spec, started, clock };
+    let Some(store) = ctx.store.clone() else {
+        return job.ended(Outcome::failed("the job has inputs or outputs but this worker has no store"));
+    };
+    let work = match &spec.cwd {
+        Some(cwd) => WorkDir { path: cwd.clone(), owned: false },
+        None => {
+            let path = ctx.scratch.join("work").join(format!("{id}-{attempt}"));
+            let _ = std::fs::remove_dir_all(&path);
+            if let Err(e) = std::fs::create_dir_all(&path) {
+                return job
+                    .ended(Outcome::failed(format!("could not create the working folder {}: {e}", path.display())));
+            }
+            WorkDir { path, owned: true }
+        }
+    };
+    let fetched = tokio::select! {
+        biased;
+        () = cancel.cancelled() => return job.ended(Stop::Cancelled.outcome(spec)),
+        r = fetch_inputs(store.as_ref(), &work.path, spec) => r,
+    };
+    if let Err(e) = fetched {
+        return job.ended(Outcome::failed(e));
+    }
+    let mut local = spec.clone();
+    local.cwd = Some(work.path.clone());
+    let mut result = run_command(ctx, id, attempt, seed, &local, cancel).await;
+    if matches!(result.status, Status::Succeeded | Status::Failed | Status::TimedOut) {
+        store_outputs(store.as_ref(), id, attempt, &work.path, spec, &mut result).await;
+    }
+    drop(work);
+    result
+}
+
+/// Downloads every input of `spec` into `dir`, verified; the error names
+/// the input and says why.
+async fn fetch_inputs(store: &dyn Store, dir: &Path, spec: &JobSpec) -> Result<(), String> {
+    for input in &spec.inputs {
+        let fail = |why: String| format!("could not fetch input {:?}: {why}", input.name);
+        let crate::job::InputSource::Object { key, size, sha256 } = &input.source else {
+            return Err(fail("it was not staged (a local path reached the worker)".to_owned()));
+        };
+        let key = StoreKey::new(key.as_str()).map_err(|e| fail(e.to_string()))?;
+        let dest = staging::prepare_dest(dir, &input.name).map_err(|e| fail(e.to_string()))?;
+        staging::download_verified(store, &key, sha256, *size, &dest).await.map_err(|e| fail(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Uploads the files matching the job's output patterns and the manifest;
+/// a missing literal output or an upload failure makes the attempt `failed`.
+async fn store_outputs(store: &dyn Store, id: JobId, attempt: u32, dir: &Path, spec: &JobSpec, result: &mut JobResult) {
+    let mut problems = Vec::new();
+    let mut objects = Vec::new();
+    // Walking a large folder blocks: off the agent's runtime, whose
+    // heartbeats must go on.
+    let (owned_dir, patterns) = (dir.to_path_buf(), spec.outputs.clone());
+    let expanded = tokio::task::spawn_blocking(move || staging::expand_outputs(&owned_dir, &patterns))
+        .await
+        .unwrap_or_else(|e| Err(staging::StageError::Path(format!("the output search did not finish: {e}"))));
+    match expanded {
+        Ok((found, missing)) => {
+            if result.status == Status::Succeeded {
+                for m in &missing {
+                    problems.push(format!("declared output {m} was not produced"));
+                }
+            }
+            for name in found {
+                let uploaded = match staging::output_key(id, attempt, &name) {
+                    Ok(key) => staging::upload_hashed(store, &key, &dir.join(&name)).await,
+                    Err(e) => Err(e.into()),
+                };
+                match uploaded {
+                    Ok(mut object) => {
+                        object.name = name;
+                        objects.push(object);
+                    }
+                    Err(e) => problems.push(format!("could not upload output {name}: {e}")),
+                }
+            }
+        }
+        Err(e) => problems.push(format!("could not collect the outputs: {e}")),
+    }
+    if !problems.is_empty() {
+        if result.status == Status::Succeeded {
+            result.status = Status::Failed;
+        }
+        let text = problems.join("; ");
+        result.error = Some(match result.error.take() {
+            Some(e) => format!("{e}; {text}"),
+            None => text,
+        });
+    }
+    let manifest =
+        staging::Manifest { v: staging::MANIFEST_FORMAT, id, attempt, status: result.status, objects: objects.clone() };
+    let written = match (staging::manifest_key(id, attempt), serde_json::to_vec_pretty(&manifest)) {
+        (Ok(key), Ok(bytes)) => store.put_bytes(&key, Bytes::from(bytes)).await.map(drop).map_err(|e| e.to_string()),
+        (Err(e), _) => Err(e.to_string()),
+        (_, Err(e)) => Err(e.to_string()),
+    };
+    if let Err(e) = written {
+        if result.status == Status::Succeeded {
+            result.status = Status::Failed;
+        }
+        let text = format!("could not write the manifest: {e}");
+        result.error = Some(match result.error.take() {
+            Some(e) => format!("{e}; {text}"),
+            None => text,
+        });
+    }
+    result.objects = objects;
+}
+
+async fn run_command(
     ctx: &ExecContext,
     id: JobId,
     attempt: u32,
@@ -305,6 +472,7 @@ impl Job<'_> {
             wall_seconds: wall.as_secs_f64(),
             cpu_seconds: o.cpu_seconds,
             peak_rss_bytes: o.peak_rss_bytes,
+            objects: Vec::new(),
         }
     }
 
@@ -1259,6 +1427,115 @@ mod tests {
         async fn delete(&self, _key: &StoreKey) -> Result<(), StoreError> {
             Err(disk_on_fire())
         }
+    }
+
+    /// A context with a local store, and that store.
+    fn data_context() -> (tempfile::TempDir, ExecContext, Arc<crate::store::LocalStore>) {
+        let (dir, ctx) = context();
+        let store = Arc::new(crate::store::LocalStore::new(dir.path().join("store")).unwrap());
+        let ctx = ctx.with_store(store.clone());
+        (dir, ctx, store)
+    }
+
+    /// A job reading `data` as `in/data.bin`, staged.
+    async fn staged(dir: &Path, store: &Arc<crate::store::LocalStore>, line: &str, outputs: &[&str]) -> JobSpec {
+        let data = dir.join("data.bin");
+        std::fs::write(&data, b"twelve bytes").unwrap();
+        let mut spec = JobSpec::shell(line);
+        spec.inputs.push(crate::job::Input::path("in/data.bin", &data));
+        spec.outputs = outputs.iter().map(|s| (*s).to_owned()).collect();
+        let stager = staging::Stager::new(store.clone());
+        stager.stage(std::slice::from_mut(&mut spec)).await.unwrap();
+        spec
+    }
+
+    #[tokio::test]
+    async fn inputs_in_outputs_out() {
+        let (d, ctx, store) = data_context();
+        let spec = staged(
+            d.path(),
+            &store,
+            "mkdir -p out && wc -c < in/data.bin > count.txt && cp in/data.bin out/copy.bin && pwd",
+            &["count.txt", "out/*"],
+        )
+        .await;
+        let r = run(&ctx, &spec).await;
+        assert_eq!(r.status, Status::Succeeded, "{r:?}");
+        let names: Vec<&str> = r.objects.iter().map(|o| o.name.as_str()).collect();
+        assert_eq!(names, ["count.txt", "out/copy.bin"]);
+        let copy = &r.objects[1];
+        assert_eq!(copy.key, "jobs/17/1/outputs/out/copy.bin");
+        assert_eq!(copy.size, 12);
+        assert_eq!(std::fs::read(store.root().join(&copy.key)).unwrap(), b"twelve bytes");
+        let manifest: staging::Manifest =
+            serde_json::from_slice(&std::fs::read(store.root().join("jobs/17/1/manifest.json")).unwrap()).unwrap();
+        assert_eq!(manifest.objects, r.objects);
+        assert_eq!(manifest.status, Status::Succeeded);
+        // It ran in a folder of its own, removed after.
+        let workdir = PathBuf::from(r.stdout.text.trim());
+        assert!(workdir.starts_with(&ctx.scratch), "{workdir:?}");
+        assert!(!workdir.exists());
+    }
+
+    #[tokio::test]
+    async fn a_missing_literal_output_fails_a_job_and_failed_jobs_still_upload() {
+        let (d, ctx, store) = data_context();
+        let spec = staged(d.path(), &store, "echo partial > log.txt", &["log.txt", "result.rds", "fit/*"]).await;
+        let r = run(&ctx, &spec).await;
+        assert_eq!(r.status, Status::Failed);
+        assert_eq!(r.error.as_deref(), Some("declared output result.rds was not produced"));
+        assert_eq!(r.objects.len(), 1);
+        let spec = staged(d.path(), &store, "echo partial > log.txt; exit 3", &["log.txt", "result.rds"]).await;
+        let r = run_job(&ctx, JobId(18), 1, 0, &spec, CancellationToken::new()).await;
+        assert_eq!((r.status, r.exit_code), (Status::Failed, Some(3)));
+        assert_eq!(r.error.as_deref(), Some("exited with status 3"));
+        assert_eq!(std::fs::read(store.root().join("jobs/18/1/outputs/log.txt")).unwrap(), b"partial\n");
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_input_fails_the_attempt_before_the_job_runs() {
+        let (d, ctx, store) = data_context();
+        let spec = staged(d.path(), &store, "touch ran", &[]).await;
+        let crate::job::InputSource::Object { key, .. } = &spec.inputs[0].source else { panic!() };
+        std::fs::write(store.root().join(key), b"twelve bytez").unwrap();
+        let mut spec = spec;
+        spec.cwd = Some(d.path().join("cwd"));
+        std::fs::create_dir(d.path().join("cwd")).unwrap();
+        let r = run(&ctx, &spec).await;
+        assert_eq!(r.status, Status::Failed);
+        let error = r.error.unwrap();
+        assert!(error.starts_with("could not fetch input \"in/data.bin\": checksum mismatch"), "{error}");
+        assert!(!d.path().join("cwd/ran").exists());
+        assert!(!d.path().join("cwd/in/data.bin").exists());
+    }
+
+    #[tokio::test]
+    async fn outputs_never_leave_the_working_folder() {
+        let (d, ctx, store) = data_context();
+        std::fs::write(d.path().join("secret"), b"secret").unwrap();
+        let line = format!("ln -s {} leak.txt && ln -s {} up", d.path().join("secret").display(), d.path().display());
+        let spec = staged(d.path(), &store, &line, &["*.txt", "up/*", "**"]).await;
+        let r = run(&ctx, &spec).await;
+        assert_eq!(r.status, Status::Succeeded, "{r:?}");
+        let names: Vec<&str> = r.objects.iter().map(|o| o.name.as_str()).collect();
+        assert_eq!(names, ["in/data.bin"]);
+        // An unsafe pattern that got past validation is refused here too.
+        let mut spec = staged(d.path(), &store, "true", &[]).await;
+        spec.outputs.push("../../etc/passwd".into());
+        let r = run(&ctx, &spec).await;
+        assert_eq!(r.status, Status::Failed);
+        assert!(r.error.unwrap().contains(".. segment"));
+        assert!(r.objects.is_empty());
+    }
+
+    #[tokio::test]
+    async fn data_jobs_need_a_store() {
+        let (_d, ctx) = context();
+        let mut spec = JobSpec::shell("true");
+        spec.outputs.push("x".into());
+        let r = run(&ctx, &spec).await;
+        assert_eq!(r.status, Status::Failed);
+        assert!(r.error.unwrap().contains("no store"));
     }
 
     #[tokio::test]

@@ -1,13 +1,14 @@
 //! The job model: what a user sends, and its identity.
 //!
 //! A [`JobSpec`] is what is sent: a [`Command`] with its environment, working
-//! folder, stdin, limits and tags. The controller gives it a [`JobId`] when it
+//! folder, stdin, limits and tags, and the data it reads ([`Input`]) and
+//! writes (output patterns). The controller gives it a [`JobId`] when it
 //! accepts it. The same type travels to the agent on the wire, so every field
 //! is plain data (serde, MessagePack on the wire, JSON for users).
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -107,6 +108,118 @@ pub struct JobSpec {
     /// Higher runs first; equal priorities run in send order.
     #[serde(default)]
     pub priority: i32,
+    /// Files the job reads, put in its working folder before it starts.
+    /// The controller accepts only staged inputs ([`InputSource::Object`]);
+    /// see [`crate::staging`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inputs: Vec<Input>,
+    /// Glob patterns, relative to the job's working folder, of the files
+    /// uploaded to the store when the job ends (`*` and `?` within a path
+    /// segment, `**` for any number of segments).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub outputs: Vec<String>,
+}
+
+/// A file a job reads: where it comes from, and the relative path it gets in
+/// the job's working folder.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Input {
+    /// Relative path in the job's working folder (`data.csv`, `in/a.bin`).
+    pub name: String,
+    /// Where its bytes are.
+    pub source: InputSource,
+}
+
+/// Where an input's bytes are.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InputSource {
+    /// A file on the sending machine, not yet staged.
+    Path(PathBuf),
+    /// An object in the store (staged): its key, size and SHA-256, which the
+    /// agent checks after the download.
+    Object {
+        /// The store key (`cas/sha256/<hex>` when staged by crew).
+        key: String,
+        /// Its size in bytes.
+        size: u64,
+        /// Its SHA-256, lowercase hex.
+        sha256: String,
+    },
+}
+
+impl Input {
+    /// An input read from the file `path` on this machine, named `name` in
+    /// the job's folder (not yet staged).
+    pub fn path(name: impl Into<String>, path: impl Into<PathBuf>) -> Self {
+        Self { name: name.into(), source: InputSource::Path(path.into()) }
+    }
+
+    /// Parses the command-line form `PATH[=NAME]`; the name defaults to the
+    /// file name of `PATH` (the last `=` separates them, so a path may hold
+    /// `=`; a name cannot).
+    pub fn parse(text: &str) -> Result<Self, JobError> {
+        let (path, name) = match text.rsplit_once('=') {
+            Some((path, name)) => (path, Some(name)),
+            None => (text, None),
+        };
+        Self::from_path_and_name(path, name)
+    }
+
+    fn from_path_and_name(path: &str, name: Option<&str>) -> Result<Self, JobError> {
+        if path.is_empty() {
+            return Err(JobError::new("an input has an empty path"));
+        }
+        let name = match name {
+            Some(n) => n.to_owned(),
+            None => match Path::new(path).file_name().and_then(|n| n.to_str()) {
+                Some(n) => n.to_owned(),
+                None => {
+                    return Err(JobError::new(format!(
+                        "input {path:?}: cannot take a name from this path; write PATH=NAME"
+                    )));
+                }
+            },
+        };
+        Ok(Self::path(name, path))
+    }
+}
+
+/// Longest relative path (input name, output pattern) accepted, in bytes.
+pub const RELATIVE_PATH_MAX_LEN: usize = 512;
+
+/// Checks a path relative to a job's working folder (an input name, an
+/// output pattern, an output name): `/`-separated segments, none empty, `.`
+/// or `..`, no control character or backslash, not absolute. Such a path
+/// cannot name anything outside the folder it is joined to (symbolic links
+/// aside, which the agent refuses to follow).
+pub fn check_relative_path(path: &str) -> Result<(), String> {
+    if path.is_empty() {
+        return Err("the path is empty".into());
+    }
+    if path.len() > RELATIVE_PATH_MAX_LEN {
+        return Err(format!("the path is longer than {RELATIVE_PATH_MAX_LEN} bytes"));
+    }
+    if path.starts_with('/') {
+        return Err("the path is absolute; give a path relative to the job's working folder".into());
+    }
+    for seg in path.split('/') {
+        if seg.is_empty() {
+            return Err("the path has an empty segment (// or a trailing /)".into());
+        }
+        if seg == "." || seg == ".." {
+            return Err("the path has a . or .. segment; it must stay inside the job's working folder".into());
+        }
+        if seg.chars().any(|c| c.is_control() || c == '\\') {
+            return Err("the path has a control character or a backslash".into());
+        }
+    }
+    Ok(())
+}
+
+/// True for a lowercase hex SHA-256 (64 characters).
+pub fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 fn default_crashes_max() -> u32 {
@@ -127,6 +240,8 @@ impl JobSpec {
             retries: 0,
             crashes_max: DEFAULT_CRASHES_MAX,
             priority: 0,
+            inputs: Vec::new(),
+            outputs: Vec::new(),
         }
     }
 
@@ -213,7 +328,44 @@ impl JobSpec {
         if self.crashes_max == 0 {
             return Err(JobError::new("crashes_max must be at least 1"));
         }
+        let mut names = std::collections::HashSet::new();
+        for input in &self.inputs {
+            check_relative_path(&input.name).map_err(|e| JobError::new(format!("input name {:?}: {e}", input.name)))?;
+            if !names.insert(input.name.as_str()) {
+                return Err(JobError::new(format!("two inputs are named {:?}", input.name)));
+            }
+            match &input.source {
+                InputSource::Path(p) if p.as_os_str().is_empty() => {
+                    return Err(JobError::new(format!("input {:?} has an empty path", input.name)));
+                }
+                InputSource::Path(_) => {}
+                InputSource::Object { key, sha256, .. } => {
+                    crate::store::StoreKey::new(key.as_str())
+                        .map_err(|e| JobError::new(format!("input {:?}: {e}", input.name)))?;
+                    if !is_sha256_hex(sha256) {
+                        return Err(JobError::new(format!(
+                            "input {:?}: sha256 must be 64 lowercase hex digits",
+                            input.name
+                        )));
+                    }
+                }
+            }
+        }
+        for pattern in &self.outputs {
+            check_relative_path(pattern).map_err(|e| JobError::new(format!("output {pattern:?}: {e}")))?;
+        }
         Ok(())
+    }
+
+    /// True when the job has inputs or outputs (it needs a store, and runs
+    /// in a working folder of its own unless it has a `cwd`).
+    pub fn has_data(&self) -> bool {
+        !self.inputs.is_empty() || !self.outputs.is_empty()
+    }
+
+    /// The first input that is not staged yet (still a local path).
+    pub fn unstaged_input(&self) -> Option<&Input> {
+        self.inputs.iter().find(|i| matches!(i.source, InputSource::Path(_)))
     }
 
     /// The key the seed derives from: the name, or the id when unnamed.
@@ -270,6 +422,51 @@ struct JobLine {
     retries: Option<u32>,
     crashes_max: Option<u32>,
     priority: Option<i32>,
+    #[serde(default)]
+    inputs: Vec<serde_json::Value>,
+    #[serde(default)]
+    outputs: Vec<String>,
+}
+
+/// An input in a job line: `"PATH[=NAME]"`, `{"path", "name"?}`, or a
+/// staged object `{"name", "key", "size", "sha256"}`; converted by hand for
+/// clear errors.
+fn input_from_json(value: serde_json::Value) -> Result<Input, JobError> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct PathForm {
+        path: String,
+        #[serde(default)]
+        name: Option<String>,
+    }
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct ObjectForm {
+        name: String,
+        key: String,
+        size: u64,
+        sha256: String,
+    }
+    let shown = value.to_string();
+    match value {
+        serde_json::Value::String(t) => Input::parse(&t),
+        serde_json::Value::Object(map) if map.contains_key("path") => {
+            let f: PathForm = serde_json::from_value(serde_json::Value::Object(map))
+                .map_err(|e| JobError::new(format!("input {shown}: {e}")))?;
+            Input::from_path_and_name(&f.path, f.name.as_deref())
+        }
+        serde_json::Value::Object(map) => {
+            let f: ObjectForm = serde_json::from_value(serde_json::Value::Object(map)).map_err(|e| {
+                JobError::new(format!(
+                    "input {shown}: {e} (give {{\"path\", \"name\"}} or a staged {{\"name\", \"key\", \"size\", \"sha256\"}})"
+                ))
+            })?;
+            Ok(Input { name: f.name, source: InputSource::Object { key: f.key, size: f.size, sha256: f.sha256 } })
+        }
+        _ => Err(JobError::new(format!(
+            "input {shown}: give \"PATH[=NAME]\", {{\"path\": .., \"name\": ..}} or a staged object"
+        ))),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -288,6 +485,10 @@ pub struct LineDefaults {
     pub timeout: Option<Duration>,
     /// Retries for jobs without a `retries` field.
     pub retries: Option<u32>,
+    /// Inputs added to every job (after its own).
+    pub inputs: Vec<Input>,
+    /// Output patterns added to every job (after its own).
+    pub outputs: Vec<String>,
 }
 
 /// Parses a job given as a JSON value of the job-line form (an object with
@@ -339,6 +540,7 @@ fn from_json(l: JobLine, defaults: &LineDefaults) -> Result<JobSpec, JobError> {
         Some(DurationField::Seconds(s)) => Some(parse_duration(&s.to_string())?),
         Some(DurationField::Text(t)) => Some(parse_duration(&t)?),
     };
+    let inputs = l.inputs.into_iter().map(input_from_json).collect::<Result<Vec<_>, _>>()?;
     Ok(JobSpec {
         name: l.name,
         tags,
@@ -350,6 +552,8 @@ fn from_json(l: JobLine, defaults: &LineDefaults) -> Result<JobSpec, JobError> {
         retries: l.retries.or(defaults.retries).unwrap_or(0),
         crashes_max: l.crashes_max.unwrap_or(DEFAULT_CRASHES_MAX),
         priority: l.priority.unwrap_or(0),
+        inputs,
+        outputs: l.outputs,
     })
 }
 
@@ -357,6 +561,12 @@ fn from_json(l: JobLine, defaults: &LineDefaults) -> Result<JobSpec, JobError> {
 fn finish(mut spec: JobSpec, defaults: &LineDefaults) -> Result<JobSpec, JobError> {
     if spec.timeout.is_none() {
         spec.timeout = defaults.timeout;
+    }
+    spec.inputs.extend(defaults.inputs.iter().cloned());
+    for pattern in &defaults.outputs {
+        if !spec.outputs.contains(pattern) {
+            spec.outputs.push(pattern.clone());
+        }
     }
     if !defaults.tags.is_empty() {
         let merged = spec.tags.iter().chain(defaults.tags.iter()).map(str::to_owned);
@@ -471,8 +681,68 @@ mod tests {
     }
 
     #[test]
+    fn inputs_and_outputs() {
+        let d = LineDefaults::default();
+        let j = parse_job_line(
+            r#"{"shell":"x","inputs":["data.csv","/abs/a=b.csv",{"path":"p/q.bin","name":"in/q.bin"},{"path":"k=v/r.txt"}],"outputs":["fit/*","count.txt"]}"#,
+            &d,
+        )
+        .unwrap();
+        assert_eq!(
+            j.inputs,
+            [
+                Input::path("data.csv", "data.csv"),
+                Input::path("b.csv", "/abs/a"),
+                Input::path("in/q.bin", "p/q.bin"),
+                Input::path("r.txt", "k=v/r.txt"),
+            ]
+        );
+        assert_eq!(j.outputs, ["fit/*", "count.txt"]);
+        assert!(j.unstaged_input().is_some());
+        let staged = parse_job_value(
+            serde_json::json!({"shell": "x", "inputs": [{"name": "a", "key": "cas/sha256/x", "size": 3, "sha256": "0".repeat(64)}]}),
+            &d,
+        )
+        .unwrap();
+        assert!(staged.unstaged_input().is_none());
+        // The serde form (journal, wire) round-trips.
+        let back: JobSpec = serde_json::from_value(serde_json::to_value(&j).unwrap()).unwrap();
+        assert_eq!(back, j);
+    }
+
+    #[test]
+    fn escaping_names_and_patterns_are_refused() {
+        let d = LineDefaults::default();
+        for bad in ["../../etc/passwd", "/abs/path", "a/../../b", "a//b", "./a", "a/", "a\\b", "a\u{1}b", ""] {
+            let out = serde_json::json!({"shell": "x", "outputs": [bad]});
+            let err = parse_job_value(out, &d).unwrap_err();
+            assert!(err.0.starts_with("output "), "{bad}: {err}");
+            let named = serde_json::json!({"shell": "x", "inputs": [{"path": "/tmp/x", "name": bad}]});
+            let err = parse_job_value(named, &d).unwrap_err();
+            assert!(err.0.contains("input"), "{bad}: {err}");
+            let text = serde_json::json!({"shell": "x", "inputs": [format!("/tmp/x={bad}")]});
+            assert!(parse_job_value(text, &d).is_err(), "{bad}");
+        }
+        for bad in [
+            serde_json::json!({"shell": "x", "inputs": ["a", "b/a"]}),
+            serde_json::json!({"shell": "x", "inputs": [{"name": "a", "key": "../x", "size": 1, "sha256": "0".repeat(64)}]}),
+            serde_json::json!({"shell": "x", "inputs": [{"name": "a", "key": "x", "size": 1, "sha256": "XYZ"}]}),
+            serde_json::json!({"shell": "x", "inputs": [1]}),
+            serde_json::json!({"shell": "x", "inputs": ["/"]}),
+            serde_json::json!({"shell": "x", "inputs": [{"path": "x", "nmae": "y"}]}),
+        ] {
+            assert!(parse_job_value(bad.clone(), &d).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn defaults_apply() {
-        let d = LineDefaults { tags: "x".parse().unwrap(), timeout: Some(Duration::from_secs(5)), retries: Some(1) };
+        let d = LineDefaults {
+            tags: "x".parse().unwrap(),
+            timeout: Some(Duration::from_secs(5)),
+            retries: Some(1),
+            ..LineDefaults::default()
+        };
         let j = parse_job_line(r#"{"shell":"x","tags":["y"]}"#, &d).unwrap();
         assert_eq!(j.tags.to_string(), "x,y");
         assert_eq!(j.retries, 1);

@@ -13,6 +13,8 @@
 //! - the wire [`protocol`] between controller and agents, and the [`agent`]
 //!   that runs on workers ([`exec`] runs one job; [`builtins`] are functions
 //!   compiled into the agent);
+//! - [`staging`]: job inputs and outputs through the store (content
+//!   addressing, verified transfers);
 //! - behind the `conformance` feature, the test suite every `Worker` and
 //!   `Store` implementation runs against itself.
 //!
@@ -33,6 +35,7 @@ pub mod scheduler;
 pub mod seed;
 #[cfg(target_os = "linux")]
 mod spawn;
+pub mod staging;
 pub mod store;
 pub mod tags;
 pub mod worker;

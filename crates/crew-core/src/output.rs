@@ -11,6 +11,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 
 use crate::job::JobId;
+pub use crate::staging::StoredObject;
 use crate::tags::Tags;
 
 /// The version of the output record format, written in every record as `"v"`.
@@ -166,6 +167,10 @@ pub struct Output {
     pub seed: u64,
     /// The job's tags.
     pub tags: Tags,
+    /// The outputs the last attempt uploaded to the store (empty, and left
+    /// out of the JSON, when none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub objects: Vec<StoredObject>,
 }
 
 impl Output {
@@ -192,6 +197,7 @@ impl Output {
             attempt: 0,
             seed,
             tags,
+            objects: Vec::new(),
         }
     }
 

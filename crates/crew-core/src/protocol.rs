@@ -30,8 +30,10 @@ use crate::exec::JobResult;
 use crate::job::{JobId, JobSpec};
 use crate::worker::Secret;
 
-/// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The protocol version this build speaks. Version 2 added job inputs and
+/// outputs (`JobSpec::inputs`/`outputs`, `JobResult::objects`): an agent of
+/// version 1 would silently run such a job without its data.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest frame accepted, in bytes. Outputs carry at most the inline caps of
 /// stdout and stderr, so real frames are far smaller.
@@ -223,13 +225,25 @@ mod tests {
             wall_seconds: 0.5,
             cpu_seconds: 0.1,
             peak_rss_bytes: 1 << 20,
+            objects: vec![crate::staging::StoredObject {
+                name: "out/a.csv".into(),
+                key: "jobs/1/1/outputs/out/a.csv".into(),
+                size: 3,
+                sha256: "ab".repeat(32),
+            }],
         }
     }
 
     #[test]
     fn round_trip_many_in_one_buffer() {
         let mut buf = BytesMut::new();
-        let spec = Arc::new(JobSpec::shell("echo hi"));
+        let mut spec = JobSpec::shell("echo hi");
+        spec.inputs.push(crate::job::Input {
+            name: "in/data.csv".into(),
+            source: crate::job::InputSource::Object { key: "cas/sha256/x".into(), size: 9, sha256: "cd".repeat(32) },
+        });
+        spec.outputs.push("out/*".into());
+        let spec = Arc::new(spec);
         encode(
             &ControllerMsg::Run(Box::new(RunJob { job: JobId(3), attempt: 1, seed: 9, spec: spec.clone() })),
             &mut buf,

@@ -20,6 +20,11 @@ pub const ENV_LAUNCH: &str = "CREW_LAUNCH";
 pub const ENV_TOKEN: &str = "CREW_TOKEN";
 /// Environment variable carrying the agent's index within its launch.
 pub const ENV_INDEX: &str = "CREW_INDEX";
+/// Environment variable a class that starts agents as platform array jobs
+/// may set to the member index of the array's first child: the agent's
+/// index is then this plus the platform's array index
+/// (`AWS_BATCH_JOB_ARRAY_INDEX`), when [`ENV_INDEX`] is not set.
+pub const ENV_INDEX_BASE: &str = "CREW_INDEX_BASE";
 /// Environment variable a class that starts agents as its own child
 /// processes sets to its pid: the agent then exits when that process dies
 /// (a parent-death signal on Linux), even if it was killed with SIGKILL.

@@ -43,7 +43,7 @@ case "${1:-}" in
 export AWS_ENDPOINT_URL=http://127.0.0.1:$PORT
 export AWS_ACCESS_KEY_ID=test AWS_SECRET_ACCESS_KEY=test AWS_REGION=us-east-1 AWS_DEFAULT_REGION=us-east-1
 export AWS_ALLOW_HTTP=true AWS_EC2_METADATA_DISABLED=true
-export CREW_TEST_S3_ENDPOINT=http://127.0.0.1:$PORT
+export CREW_TEST_S3_ENDPOINT=http://127.0.0.1:$PORT CREW_TEST_AWS_ENDPOINT=http://127.0.0.1:$PORT
 ENV
     ;;
   *) echo "usage: $0 install|start|stop|env"; exit 2 ;;

@@ -64,6 +64,7 @@ pub(super) fn noop_frame_sizes() -> anyhow::Result<(usize, usize)> {
                 wall_seconds: 1e-6,
                 cpu_seconds: 0.0,
                 peak_rss_bytes: 0,
+                objects: Vec::new(),
             }),
         },
         &mut done,

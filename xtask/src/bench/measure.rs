@@ -19,8 +19,8 @@ use crew_core::scheduler::{SlotFilter, SlotLimits};
 use crew_core::{JobSpec, Output};
 use crew_worker_local::LocalWorker;
 
-use super::echo;
 use super::report::{self, Row, Target, Unit};
+use super::{echo, store};
 use crate::bench::Options;
 
 /// Round trips run before the timed ones, for crew and the baseline alike.
@@ -40,12 +40,26 @@ struct Sizes {
     round_trips: usize,
     sleep_jobs: usize,
     launches: usize,
+    large_output: u64,
 }
 
-const FULL: Sizes =
-    Sizes { shell_jobs: 10_000, noop_jobs: 100_000, round_trips: 10_000, sleep_jobs: 200, launches: 20 };
+const FULL: Sizes = Sizes {
+    shell_jobs: 10_000,
+    noop_jobs: 100_000,
+    round_trips: 10_000,
+    sleep_jobs: 200,
+    launches: 20,
+    large_output: 1 << 30,
+};
 
-const QUICK: Sizes = Sizes { shell_jobs: 1_000, noop_jobs: 10_000, round_trips: 1_000, sleep_jobs: 20, launches: 5 };
+const QUICK: Sizes = Sizes {
+    shell_jobs: 1_000,
+    noop_jobs: 10_000,
+    round_trips: 1_000,
+    sleep_jobs: 20,
+    launches: 5,
+    large_output: 64 << 20,
+};
 
 /// Measures every figure and prints the report.
 pub(super) fn run(opts: Options) -> anyhow::Result<()> {
@@ -77,6 +91,9 @@ pub(super) fn run(opts: Options) -> anyhow::Result<()> {
         rows.push(rt.block_on(bench.launch_to_ready())?);
     }
     drop(rt);
+    if opts.wants(6) {
+        rows.extend(bench.large_output()?);
+    }
     if opts.json {
         println!("{}", report::json(&rows, opts));
     } else {
@@ -403,6 +420,21 @@ impl Bench {
     }
 }
 
+impl Bench {
+    /// Figure 6: a large job output through the local store, and through
+    /// an S3 store when `CREW_BENCH_S3` names one.
+    fn large_output(&self) -> anyhow::Result<Vec<Row>> {
+        let bytes = self.sizes.large_output;
+        let local = store::StoreUnderTest::Local(self.dir.join("store6"));
+        let mut rows = store::large_output(&self.crew, &self.dir, &local, bytes, self.runs, ["6a", "6b", "6c"])?;
+        if let Some(url) = std::env::var("CREW_BENCH_S3").ok().filter(|u| !u.is_empty()) {
+            let s3 = store::StoreUnderTest::S3(url.trim_end_matches('/').to_owned());
+            rows.extend(store::large_output(&self.crew, &self.dir, &s3, bytes, self.runs, ["6d", "6e", "6f"])?);
+        }
+        Ok(rows)
+    }
+}
+
 /// Launches the one slot, waits until it is idle, then shuts it down and
 /// waits until it is down again; returns the time to idle. Blocking: it
 /// polls every 50 µs from its own thread, which a Tokio timer (1 ms
@@ -489,7 +521,7 @@ fn time_version(crew: &Path) -> anyhow::Result<Duration> {
     Ok(elapsed)
 }
 
-fn progress(id: &str, run: usize, runs: usize, what: String) {
+pub(super) fn progress(id: &str, run: usize, runs: usize, what: String) {
     eprintln!("xtask: figure {id}, run {run}/{runs}: {what}");
 }
 

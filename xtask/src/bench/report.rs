@@ -21,6 +21,10 @@ pub(super) enum Unit {
     Millis,
     Micros,
     JobsPerSecond,
+    /// Mebibytes (memory).
+    Mib,
+    /// Mebibytes per second (throughput).
+    MibPerSecond,
 }
 
 impl Unit {
@@ -30,6 +34,8 @@ impl Unit {
             Self::Millis => "ms",
             Self::Micros => "µs",
             Self::JobsPerSecond => "jobs/s",
+            Self::Mib => "MiB",
+            Self::MibPerSecond => "MiB/s",
         }
     }
 
@@ -39,6 +45,8 @@ impl Unit {
             Self::Millis => format!("{v:.2} ms"),
             Self::Micros => format!("{v:.1} µs"),
             Self::JobsPerSecond => format!("{v:.0} jobs/s"),
+            Self::Mib => format!("{v:.1} MiB"),
+            Self::MibPerSecond => format!("{v:.0} MiB/s"),
         }
     }
 }
@@ -189,7 +197,7 @@ pub(super) fn table(rows: &[Row], opts: Options) -> String {
         "\nMedians of {} run(s){}; ratio = median of the per-run crew / baseline ratios \
          (crew / baseline for a constant baseline).",
         opts.runs,
-        if opts.quick { ", quick sizes (1/10)" } else { "" }
+        if opts.quick { ", quick sizes" } else { "" }
     );
     out.push_str("Baselines:\n");
     for r in rows {

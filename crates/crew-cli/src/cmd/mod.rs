@@ -9,11 +9,13 @@ use std::path::{Path, PathBuf};
 use clap::Subcommand;
 use crew_core::Tags;
 use crew_core::job::parse_duration;
+use crew_core::job::{Input, InputSource};
 use serde::Serialize;
 
 use crate::client::{Client, ClientError};
 use crate::{EXIT_INTERNAL, EXIT_USAGE, Failure, project};
 
+mod fetch;
 mod jobs;
 mod lifecycle;
 mod receive;
@@ -54,6 +56,8 @@ pub(crate) enum ClientCommand {
     Cancel(jobs::CancelArgs),
     /// Print a finished job's whole stdout and stderr.
     Logs(jobs::LogsArgs),
+    /// Download a finished job's outputs from the store (checked) into a folder.
+    Fetch(fetch::FetchArgs),
 }
 
 /// Runs a daemon command against the project folder `dir` (from `--dir`
@@ -77,6 +81,7 @@ pub(crate) fn main(dir: Option<PathBuf>, command: ClientCommand) -> Result<u8, F
         ClientCommand::Restart(a) => workers::restart(&ctx, a),
         ClientCommand::Cancel(a) => jobs::cancel(&ctx, a),
         ClientCommand::Logs(a) => jobs::logs(&ctx, a),
+        ClientCommand::Fetch(a) => fetch::fetch(&ctx, a),
     }
 }
 
@@ -128,6 +133,30 @@ pub(crate) fn check_duration(flag: &str, text: Option<String>) -> Result<Option<
         parse_duration(t).map_err(|e| Failure::usage(anyhow::anyhow!("{flag}: {e}")))?;
     }
     Ok(text)
+}
+
+/// `--input PATH[=NAME]` flags, parsed, with relative paths made absolute
+/// against the current folder (the daemon needs absolute paths).
+pub(crate) fn input_flags(flags: &[String]) -> Result<Vec<Input>, Failure> {
+    let mut inputs = Vec::with_capacity(flags.len());
+    for flag in flags {
+        let mut input = Input::parse(flag).map_err(|e| Failure::usage(anyhow::anyhow!("--input {flag:?}: {e}")))?;
+        crate::cmd::absolute_input(&mut input)?;
+        inputs.push(input);
+    }
+    Ok(inputs)
+}
+
+/// Makes a local input path absolute, against the current folder.
+pub(crate) fn absolute_input(input: &mut Input) -> Result<(), Failure> {
+    if let InputSource::Path(path) = &mut input.source {
+        if path.is_relative() {
+            *path = std::path::absolute(&*path).map_err(|e| {
+                Failure::usage(anyhow::anyhow!("input {}: cannot resolve the path: {e}", path.display()))
+            })?;
+        }
+    }
+    Ok(())
 }
 
 /// Prints `value` as one line of JSON on stdout.

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
-use crew_core::job::{LineDefaults, parse_job_file, parse_job_value};
+use crew_core::job::{Input, InputSource, LineDefaults, parse_job_file, parse_job_value};
 use crew_core::{Command, JobSpec, Tags};
 use serde::{Deserialize, Serialize};
 
@@ -19,7 +19,7 @@ use crate::{EXIT_OK, EXIT_USAGE, Failure};
 
 #[derive(Args, Debug)]
 #[command(after_help = "Examples:\n  crew send -- Rscript fit.R --alpha 0.5\n  crew send --tags gpu --name fit-1 -- \
-python3 train.py\n  crew send --file jobs.txt\n  generate-jobs | crew send --file -")]
+python3 train.py\n  crew send --input data.csv --output 'fit/*' -- Rscript fit.R\n  crew send --file jobs.txt\n  generate-jobs | crew send --file -")]
 pub(crate) struct SendArgs {
     /// Job file: one job per line, a JSON object or a shell command line
     /// (`-` reads stdin); checked whole before anything is sent.
@@ -43,6 +43,16 @@ pub(crate) struct SendArgs {
     /// Working folder of the job on the worker.
     #[arg(long, value_name = "DIR")]
     cwd: Option<PathBuf>,
+    /// An input file, `PATH[=NAME]`: put in the job's working folder as NAME
+    /// (default: the file name) before it starts; relative paths are from
+    /// here (repeatable; with --file: added to every job).
+    #[arg(long, value_name = "PATH[=NAME]")]
+    input: Vec<String>,
+    /// Files to upload to the store when the job ends: a glob relative to
+    /// its working folder, e.g. 'fit/*' (repeatable; with --file: added to
+    /// every job). Get them with `crew fetch JOB`.
+    #[arg(long, value_name = "GLOB")]
+    output: Vec<String>,
     /// Print `{"ids": [...]}` instead of one id per line.
     #[arg(long)]
     json: bool,
@@ -63,15 +73,16 @@ pub(crate) fn send(ctx: &Ctx, args: SendArgs) -> Result<u8, Failure> {
         Some(t) => t.parse().map_err(|e| Failure::usage(anyhow::anyhow!("--tags: {e}")))?,
         None => Tags::new(),
     };
+    let inputs = super::input_flags(&args.input)?;
     let body = match &args.file {
         Some(file) => {
-            let defaults = LineDefaults { tags, timeout, retries: args.retries };
+            let defaults = LineDefaults { tags, timeout, retries: args.retries, inputs, outputs: args.output.clone() };
             match file_body(file, &defaults)? {
                 Some(body) => body,
                 None => return Ok(EXIT_USAGE),
             }
         }
-        None => one_job_body(&args, tags, timeout)?,
+        None => one_job_body(&args, tags, timeout, inputs)?,
     };
     let sent: Sent = ctx.client()?.post_raw("/v1/jobs", body).map_err(api)?;
     if args.json {
@@ -87,7 +98,12 @@ pub(crate) fn send(ctx: &Ctx, args: SendArgs) -> Result<u8, Failure> {
 }
 
 /// The request body of the job given by flags, checked.
-fn one_job_body(args: &SendArgs, tags: Tags, timeout: Option<std::time::Duration>) -> Result<Vec<u8>, Failure> {
+fn one_job_body(
+    args: &SendArgs,
+    tags: Tags,
+    timeout: Option<std::time::Duration>,
+    inputs: Vec<Input>,
+) -> Result<Vec<u8>, Failure> {
     let mut env = BTreeMap::new();
     for e in &args.env {
         let Some((k, v)) = e.split_once('=') else {
@@ -102,6 +118,8 @@ fn one_job_body(args: &SendArgs, tags: Tags, timeout: Option<std::time::Duration
     spec.cwd = args.cwd.clone();
     spec.timeout = timeout;
     spec.retries = args.retries.unwrap_or(0);
+    spec.inputs = inputs;
+    spec.outputs = args.output.clone();
     // Check it exactly as the daemon will, so that a bad job is reported
     // before any daemon is started.
     let value = serde_json::to_value(WireJob::from(&spec)).map_err(Failure::internal)?;
@@ -129,7 +147,14 @@ fn file_body(file: &str, defaults: &LineDefaults) -> Result<Option<Vec<u8>>, Fai
         Ok(jobs) if jobs.is_empty() => {
             Err(Failure::usage(anyhow::anyhow!("{label} has no job (only blank lines and # comments)")))
         }
-        Ok(jobs) => body(&jobs).map(Some),
+        Ok(mut jobs) => {
+            // Relative input paths are from the sender's folder; the daemon
+            // needs them absolute.
+            for input in jobs.iter_mut().flat_map(|j| j.inputs.iter_mut()) {
+                super::absolute_input(input)?;
+            }
+            body(&jobs).map(Some)
+        }
         Err(errors) => {
             let mut err = std::io::stderr().lock();
             for e in &errors {
@@ -183,6 +208,28 @@ struct WireJob<'a> {
     crashes_max: u32,
     #[serde(skip_serializing_if = "is_zero_i")]
     priority: i32,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    inputs: Vec<WireInput<'a>>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    outputs: &'a [String],
+}
+
+/// An input in the job-line JSON form: `{"path", "name"}` or a staged
+/// object `{"name", "key", "size", "sha256"}`.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum WireInput<'a> {
+    Path { path: &'a Path, name: &'a str },
+    Object { name: &'a str, key: &'a str, size: u64, sha256: &'a str },
+}
+
+impl<'a> From<&'a Input> for WireInput<'a> {
+    fn from(i: &'a Input) -> Self {
+        match &i.source {
+            InputSource::Path(path) => WireInput::Path { path, name: &i.name },
+            InputSource::Object { key, size, sha256 } => WireInput::Object { name: &i.name, key, size: *size, sha256 },
+        }
+    }
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -218,6 +265,8 @@ impl<'a> From<&'a JobSpec> for WireJob<'a> {
             retries: s.retries,
             crashes_max: s.crashes_max,
             priority: s.priority,
+            inputs: s.inputs.iter().map(WireInput::from).collect(),
+            outputs: &s.outputs,
         }
     }
 }
@@ -236,6 +285,8 @@ mod tests {
             r#"{"builtin":"sleep","args":{"seconds":0.5},"timeout":0.25}"#,
             "\n",
             r#"{"shell":"echo $HOME | wc"}"#,
+            "\n",
+            r#"{"shell":"x","inputs":["/a/b.csv","/c=d/e=f",{"path":"/g","name":"in/h"},{"name":"s","key":"cas/sha256/x","size":2,"sha256":"0000000000000000000000000000000000000000000000000000000000000000"}],"outputs":["out/*","n.txt"]}"#,
             "\n",
         );
         let jobs = parse_job_file(text, &LineDefaults::default()).expect("good file");

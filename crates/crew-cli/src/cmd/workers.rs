@@ -14,7 +14,8 @@ pub(crate) struct RecruitArgs {
     /// Number of slots to add.
     #[arg(long, short = 'w', value_name = "N")]
     workers: u32,
-    /// Worker class (`local`: processes on this machine).
+    /// Worker class (`local`: processes on this machine; `aws-batch`: AWS
+    /// Batch jobs, see the README for its options).
     #[arg(long, value_name = "CLASS")]
     class: String,
     /// Tags of the slots, comma separated; jobs may ask for any subset.

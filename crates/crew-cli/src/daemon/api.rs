@@ -17,9 +17,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use crew_core::controller::{Controller, ControllerError, Recruit, RestoredJob};
+use crew_core::job::InputSource;
 use crew_core::job::{LineDefaults, parse_duration, parse_job_value};
 use crew_core::journal::{Record, Replay};
 use crew_core::scheduler::{SlotFilter, SlotLimits, SubmitError};
+use crew_core::staging::Stager;
 use crew_core::store::{Store, StoreError, StoreKey};
 use crew_core::{JobId, Output, Tags};
 use http_body_util::{BodyExt, Full, Limited};
@@ -58,6 +60,9 @@ pub(crate) struct Daemon {
     down: Notify,
     stopping: AtomicBool,
     tmp_counter: AtomicU64,
+    /// Stages the inputs of sent jobs into the store; its cache of file
+    /// digests lives as long as the daemon.
+    stager: Stager,
 }
 
 #[derive(Default)]
@@ -84,6 +89,7 @@ impl Daemon {
     ) -> Self {
         Self {
             controller,
+            stager: Stager::new(Arc::clone(&store)),
             store,
             dir,
             journal,
@@ -344,7 +350,7 @@ async fn route(d: &Arc<Daemon>, req: Request<Incoming>) -> Answer {
         (&Method::GET, ["v1", "status"]) => Ok(status(d)),
         (&Method::POST, ["v1", "recruit"]) => recruit(d, body(req).await?),
         (&Method::POST, ["v1", "launch"]) => launch(d, body(req).await?),
-        (&Method::POST, ["v1", "jobs"]) => send(d, body(req).await?),
+        (&Method::POST, ["v1", "jobs"]) => send(d, body(req).await?).await,
         (&Method::POST, ["v1", "receive"]) => receive(d, body(req).await?).await,
         (&Method::GET, ["v1", "sendable"]) => sendable(d, &query),
         (&Method::GET, ["v1", "receivable"]) => Ok(receivable(d)),
@@ -356,6 +362,7 @@ async fn route(d: &Arc<Daemon>, req: Request<Incoming>) -> Answer {
         }
         (&Method::POST, ["v1", "cancel"]) => cancel(d, body(req).await?),
         (&Method::GET, ["v1", "jobs", id, "logs"]) => logs(d, id).await,
+        (&Method::GET, ["v1", "jobs", job, "objects"]) => objects(d, job),
         (&Method::POST, ["v1", "down"]) => {
             let _: Empty = body(req).await?;
             d.begin_stop();
@@ -499,13 +506,34 @@ struct JobsReq {
     jobs: Vec<Value>,
 }
 
-fn send(d: &Daemon, r: JobsReq) -> Answer {
+async fn send(d: &Daemon, r: JobsReq) -> Answer {
     let defaults = LineDefaults::default();
     let mut specs = Vec::with_capacity(r.jobs.len());
     for (i, v) in r.jobs.into_iter().enumerate() {
-        let spec = parse_job_value(v, &defaults)
-            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_job", format!("job {i}: {e}")))?;
+        let invalid = |e: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_job", format!("job {i}: {e}"));
+        let spec = parse_job_value(v, &defaults).map_err(|e| invalid(e.to_string()))?;
+        for input in &spec.inputs {
+            if let InputSource::Path(p) = &input.source {
+                if !p.is_absolute() {
+                    return Err(invalid(format!(
+                        "input {:?}: the path {} is relative; the API needs absolute paths (the daemon's folder is \
+                         not the sender's)",
+                        input.name,
+                        p.display()
+                    )));
+                }
+            }
+        }
         specs.push(spec);
+    }
+    // Inputs go to the store before the jobs are accepted, so that the
+    // journal records staged jobs (a restart stages nothing again).
+    if let Err(e) = d.stager.stage(&mut specs).await {
+        return Err(if e.is_store_failure() {
+            ApiError::internal(format!("cannot stage the jobs' inputs: {e}"))
+        } else {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", format!("cannot stage an input: {e}"))
+        });
     }
     let names: Vec<Option<String>> = specs.iter().map(|s| s.name.clone()).collect();
     // The controller forgets a name once the job finished; the contract
@@ -703,6 +731,44 @@ async fn logs(d: &Daemon, id: &str) -> Answer {
     let stdout = whole(d, &output.stdout).await?;
     let stderr = whole(d, &output.stderr).await?;
     Ok(json!({"id": id, "stdout": stdout, "stderr": stderr}))
+}
+
+/// `GET /v1/jobs/{job}/objects`: the outputs a finished job uploaded, by id
+/// or name, and the store they are in (so that a client fetches them from
+/// the store itself, never through the daemon).
+fn objects(d: &Daemon, job: &str) -> Answer {
+    let job = percent_decode(job).ok_or_else(|| ApiError::bad_request("invalid percent-encoding in the job"))?;
+    let id = job.parse::<u64>().ok().map(JobId);
+    let ready = d
+        .lock()
+        .ready
+        .iter()
+        .find(|o| Some(o.id) == id || (id.is_none() && o.name.as_deref() == Some(job.as_str())))
+        .cloned();
+    let output = match ready {
+        Some(o) => o,
+        None => {
+            let mut log = d.outputs_log();
+            let id = match id {
+                Some(id) => Some(id),
+                None => log.id_of(&job),
+            };
+            let found = match id {
+                Some(id) => log.get(id).map_err(|e| ApiError::internal(e.to_string()))?,
+                None => None,
+            };
+            found
+                .ok_or_else(|| ApiError::not_found(format!("job {job} has no output yet (unknown or not finished)")))?
+        }
+    };
+    Ok(json!({
+        "id": output.id,
+        "name": output.name,
+        "status": output.status,
+        "attempt": output.attempt,
+        "store": d.store.url(),
+        "objects": output.objects,
+    }))
 }
 
 /// A captured stream, whole: inline, or from the store when truncated.

@@ -25,6 +25,8 @@ pub(crate) struct OutputsLog {
     reader: File,
     /// Where each job's line starts, and its length (without the newline).
     index: HashMap<JobId, (u64, usize)>,
+    /// The last job of each name.
+    names: HashMap<String, JobId>,
     /// The file's length, including what is still buffered.
     end: u64,
 }
@@ -35,6 +37,7 @@ impl OutputsLog {
     pub(crate) fn open(path: &Path) -> std::io::Result<Self> {
         let file = OpenOptions::new().read(true).append(true).create(true).open(path)?;
         let mut index = HashMap::new();
+        let mut names = HashMap::new();
         let mut end = 0u64;
         {
             let mut reader = BufReader::new(&file);
@@ -49,16 +52,28 @@ impl OutputsLog {
                 #[derive(serde::Deserialize)]
                 struct Id {
                     id: JobId,
+                    #[serde(default)]
+                    name: Option<String>,
                 }
-                if let Ok(Id { id }) = serde_json::from_slice::<Id>(&line) {
+                if let Ok(Id { id, name }) = serde_json::from_slice::<Id>(&line) {
                     index.insert(id, (end, n - 1));
+                    if let Some(name) = name {
+                        names.insert(name, id);
+                    }
                 }
                 end += n as u64;
             }
         }
         file.set_len(end)?;
         let reader = File::open(path)?;
-        Ok(Self { path: path.to_path_buf(), out: BufWriter::with_capacity(256 * 1024, file), reader, index, end })
+        Ok(Self {
+            path: path.to_path_buf(),
+            out: BufWriter::with_capacity(256 * 1024, file),
+            reader,
+            index,
+            names,
+            end,
+        })
     }
 
     /// Appends an output (buffered).
@@ -67,8 +82,16 @@ impl OutputsLog {
         self.out.write_all(&line)?;
         self.out.write_all(b"\n")?;
         self.index.insert(output.id, (self.end, line.len()));
+        if let Some(name) = &output.name {
+            self.names.insert(name.clone(), output.id);
+        }
         self.end += line.len() as u64 + 1;
         Ok(())
+    }
+
+    /// The id of the last delivered job named `name`.
+    pub(crate) fn id_of(&self, name: &str) -> Option<JobId> {
+        self.names.get(name).copied()
     }
 
     /// The output of `job`, if it was delivered.

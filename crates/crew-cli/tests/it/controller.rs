@@ -302,3 +302,37 @@ async fn workers_persist_between_jobs_and_stop_when_idle() {
     assert_eq!(o.attempt, 1);
     controller.close().await;
 }
+
+/// `send` refuses jobs whose data workers could not get: inputs not staged,
+/// or inputs/outputs without a store; a staged job runs through the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_refuses_unstaged_inputs_and_data_without_a_store() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data.txt");
+    std::fs::write(&data, b"abc").expect("write");
+    let mut job = JobSpec::shell("cat in.txt");
+    job.inputs.push(crew_core::job::Input::path("in.txt", &data));
+
+    let bare = Controller::start(ControllerConfig::new(AgentCommand::crew(crew_bin()))).await.expect("start");
+    bare.recruit(Recruit::new(Arc::new(LocalWorker::new()), 1)).expect("recruit");
+    let mut outputs_only = JobSpec::shell("true");
+    outputs_only.outputs.push("x.txt".into());
+    let err = bare.send(outputs_only).expect_err("no store").to_string();
+    assert!(err.contains("no store"), "{err}");
+    bare.close().await;
+
+    let store: Arc<dyn crew_core::store::Store> =
+        Arc::new(crew_core::store::LocalStore::new(dir.path().join("store")).expect("store"));
+    let mut config = ControllerConfig::new(AgentCommand::crew(crew_bin()));
+    config.store = Some(Arc::clone(&store));
+    let controller = Controller::start(config).await.expect("start");
+    controller.recruit(Recruit::new(Arc::new(LocalWorker::new()), 1)).expect("recruit");
+    let err = controller.send(job.clone()).expect_err("not staged").to_string();
+    assert!(err.contains("\"in.txt\" is not staged"), "{err}");
+    crew_core::staging::Stager::new(store).stage(std::slice::from_mut(&mut job)).await.expect("stage");
+    controller.send(job).expect("send");
+    let o = controller.receive_wait(Some(Duration::from_secs(20))).await.expect("an output");
+    assert_eq!(o.status, Status::Succeeded, "{o:?}");
+    assert_eq!(o.stdout.text, "abc");
+    controller.close().await;
+}

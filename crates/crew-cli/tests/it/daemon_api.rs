@@ -223,6 +223,38 @@ fn daemon_serves_the_api_over_plain_http_and_stops_on_down() {
     assert!(m.contains("gpu"), "{m}");
     d.error("GET", "/v1/nothing", None, 404, "not_found");
     d.error("DELETE", "/v1/jobs", None, 404, "not_found");
+    // Inputs: absolute paths only, readable files only; unsafe names refused.
+    let m = d.error(
+        "POST",
+        "/v1/jobs",
+        Some(&jobs(&json!([{"shell": "true", "inputs": ["rel/x.csv"]}]))),
+        400,
+        "invalid_job",
+    );
+    assert!(m.starts_with("job 0: ") && m.contains("absolute"), "{m}");
+    let missing = work.path().join("missing.csv");
+    let m = d.error(
+        "POST",
+        "/v1/jobs",
+        Some(&jobs(&json!([{"shell": "true", "inputs": [missing.to_str().expect("utf-8")]}]))),
+        400,
+        "invalid_input",
+    );
+    assert!(m.contains("missing.csv"), "{m}");
+    let m = d.error(
+        "POST",
+        "/v1/jobs",
+        Some(&jobs(&json!([{"shell": "true", "outputs": ["../../etc/passwd"]}]))),
+        400,
+        "invalid_job",
+    );
+    assert!(m.contains(".."), "{m}");
+    // Outputs of a finished job, by id or name: none here, but the store is named.
+    let o = d.call("GET", &format!("/v1/jobs/{big_id}/objects"), None, 200);
+    assert_eq!(o["objects"], json!([]), "{o}");
+    assert!(o["store"].as_str().is_some_and(|s| s.starts_with("file:///")), "{o}");
+    assert_eq!(d.call("GET", "/v1/jobs/big/objects", None, 200)["id"], big_id);
+    d.error("GET", "/v1/jobs/nobody/objects", None, 404, "not_found");
     assert_eq!(d.call("POST", "/v1/receive", None, 200)["pending"], 0, "no job of a refused request was accepted");
 
     // Down: the answer, then the daemon exits 0 with nothing left.
@@ -278,7 +310,13 @@ fn a_daemon_killed_with_sigkill_loses_nothing() {
         poll_until(DEADLINE, || d.call("GET", "/v1/status", None, 200)["jobs"]["ready"] == 5),
         "the quick jobs did not finish"
     );
-    let slow: Vec<Value> = (0..100).map(|i| json!({"name": format!("slow-{i}"), "shell": "sleep 0.2"})).collect();
+    // The slow jobs read an input, staged once when they are sent.
+    let input = work.path().join("in.txt");
+    std::fs::write(&input, "staged once\n").expect("write the input");
+    let input = input.to_str().expect("utf-8").to_owned();
+    let slow: Vec<Value> = (0..100)
+        .map(|i| json!({"name": format!("slow-{i}"), "shell": "sleep 0.2; cat in.txt", "inputs": [input]}))
+        .collect();
     d.call("POST", "/v1/jobs", Some(&jobs(&json!(slow))), 200);
     assert!(
         poll_until(DEADLINE, || d.call("GET", "/v1/status", None, 200)["jobs"]["running"].as_u64() >= Some(2)),
@@ -288,8 +326,10 @@ fn a_daemon_killed_with_sigkill_loses_nothing() {
     let status = d.wait_exit(work.path());
     assert_eq!(status.code(), None, "killed by a signal");
 
-    // The same folder, a new daemon.
+    // The same folder, a new daemon; the journal holds the staged jobs, so
+    // the local input file is not needed any more.
     drop(d);
+    std::fs::remove_file(&input).expect("remove the input");
     let log_before = std::fs::read_to_string(work.path().join("daemon.log")).unwrap_or_default();
     let d = Daemon::start(work.path(), &mark);
     let st = d.call("GET", "/v1/status", None, 200);
@@ -305,6 +345,9 @@ fn a_daemon_killed_with_sigkill_loses_nothing() {
     assert_eq!(names, want, "every job exactly once\nlog before:\n{log_before}\nlog:\n{}", d.log(work.path()));
     for o in &outputs {
         assert_eq!(o["status"], "succeeded", "{o}");
+        if o["name"].as_str().is_some_and(|n| n.starts_with("slow-")) {
+            assert_eq!(o["stdout"]["text"], "staged once\n", "{o}");
+        }
     }
     let crashed_once = outputs.iter().filter(|o| o["attempt"].as_u64() >= Some(2)).count();
     assert!(crashed_once >= 1, "the jobs that were running are re-run as a later attempt");

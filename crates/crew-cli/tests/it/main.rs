@@ -5,6 +5,7 @@
 //! a unique argument), waits with a deadline, and kills whatever carries its
 //! mark when it ends, so that a failing test leaves nothing behind.
 
+mod aws_batch;
 mod cli;
 mod config;
 mod controller;
@@ -12,4 +13,5 @@ mod daemon_api;
 mod run;
 mod s3;
 mod session;
+mod staging;
 mod support;

@@ -112,10 +112,20 @@ async fn agents_connect_run_and_terminate(class: Arc<dyn Worker>, kit: &WorkerKi
         .iter()
         .map(|s| Handle { id: s.handle.clone().expect("worker conformance: a connected slot has a handle") })
         .collect();
-    let lives = class.probe(&handles).await.expect("worker conformance: probe failed");
-    assert_eq!(lives.len(), handles.len(), "worker conformance: probe must return one liveness per handle");
-    for l in &lives {
-        assert_eq!(*l, Liveness::Running, "worker conformance: a connected agent must probe as Running");
+    // A class may answer probes from a cache refreshed every probe
+    // interval, so Running may show up one interval after the connection.
+    let deadline = Instant::now() + kit.launch_timeout;
+    loop {
+        let lives = class.probe(&handles).await.expect("worker conformance: probe failed");
+        assert_eq!(lives.len(), handles.len(), "worker conformance: probe must return one liveness per handle");
+        if lives.iter().all(|l| *l == Liveness::Running) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline && lives.iter().all(|l| matches!(l, Liveness::Running | Liveness::Starting)),
+            "worker conformance: a connected agent must probe as Running, got {lives:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Jobs run on the class's workers and say so.
     let jobs: Vec<JobSpec> = (0..9).map(|i| JobSpec::builtin("echo", serde_json::json!(format!("job {i}")))).collect();

@@ -1,0 +1,139 @@
+//! `crew fetch`: a finished job's outputs, from the store to a folder.
+//!
+//! The bytes come from the store, never through the daemon: with `--store`
+//! the job's manifest (`jobs/<id>/<attempt>/manifest.json`, highest attempt)
+//! says what to fetch, which works for `crew run` results from any machine;
+//! without it, the project's daemon gives the output record and its store's
+//! URL (`GET /v1/jobs/{job}/objects`). Every file is checked (size and
+//! SHA-256) before it appears under its name.
+
+use std::path::PathBuf;
+
+use anyhow::anyhow;
+use clap::Args;
+use crew_core::JobId;
+use crew_core::staging::{self, StoredObject};
+use crew_core::store::{Store, StoreKey};
+use serde::{Deserialize, Serialize};
+
+use super::{Ctx, api, print_json};
+use crate::{EXIT_OK, Failure};
+
+#[derive(Args, Debug)]
+#[command(after_help = "Examples:\n  crew fetch 17 --to results/\n  crew fetch fit-1\n  \
+crew fetch --store .crew/store 3 --to out/   (a `crew run` job, no daemon)\n\n\
+Exit status: 0 every file fetched; 2 unknown job, or a job without outputs; 3 a transfer or checksum failed.")]
+pub(crate) struct FetchArgs {
+    /// The job: its id, or (through the daemon) its name.
+    #[arg(value_name = "JOB")]
+    job: String,
+    /// The folder to put the files in (relative paths kept; default: here).
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    to: PathBuf,
+    /// Read the job's manifest from this store (a folder or URL) instead of
+    /// asking the project's daemon; JOB is then the numeric id.
+    #[arg(long, value_name = "URL")]
+    store: Option<String>,
+    /// Print one JSON line per file fetched: name, key, size, sha256, path.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The daemon's answer to `GET /v1/jobs/{job}/objects`.
+#[derive(Deserialize)]
+struct Objects {
+    id: u64,
+    store: String,
+    #[serde(default)]
+    objects: Vec<StoredObject>,
+}
+
+#[derive(Serialize)]
+struct Fetched<'a> {
+    name: &'a str,
+    key: &'a str,
+    size: u64,
+    sha256: &'a str,
+    path: String,
+}
+
+pub(crate) fn fetch(ctx: &Ctx, args: FetchArgs) -> Result<u8, Failure> {
+    let (id, url, objects) = match &args.store {
+        Some(url) => {
+            let id: u64 = args
+                .job
+                .parse()
+                .map_err(|_| Failure::usage(anyhow!("with --store, JOB is a job id (a number), not {:?}", args.job)))?;
+            (id, url.clone(), None)
+        }
+        None => {
+            let job = percent_encode(&args.job);
+            let answer: Objects = ctx.client()?.get(&format!("/v1/jobs/{job}/objects")).map_err(api)?;
+            (answer.id, answer.store, Some(answer.objects))
+        }
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(Failure::internal)?;
+    rt.block_on(async {
+        let store = crew_core::store::open_store(&url)
+            .map_err(|e| Failure::usage(anyhow!("cannot open the store {url:?}: {e}")))?;
+        let objects = match objects {
+            Some(o) => o,
+            None => match staging::latest_manifest(store.as_ref(), JobId(id)).await {
+                Ok(Some(m)) => m.objects,
+                Ok(None) => {
+                    return Err(Failure::usage(anyhow!(
+                        "job {id} has no manifest in the store {url} (unknown job, not finished, or it declared no outputs)"
+                    )));
+                }
+                Err(e) => return Err(Failure::internal(anyhow!("cannot read the manifest of job {id}: {e}"))),
+            },
+        };
+        if objects.is_empty() {
+            return Err(Failure::usage(anyhow!("job {id} has no outputs in the store")));
+        }
+        std::fs::create_dir_all(&args.to)
+            .map_err(|e| Failure::internal(anyhow!("cannot create {}: {e}", args.to.display())))?;
+        for object in &objects {
+            let path = fetch_one(store.as_ref(), &args.to, object).await?;
+            if args.json {
+                print_json(&Fetched {
+                    name: &object.name,
+                    key: &object.key,
+                    size: object.size,
+                    sha256: &object.sha256,
+                    path: path.display().to_string(),
+                })?;
+            }
+        }
+        if !args.json {
+            eprintln!("crew: fetched {} file(s) of job {id} into {}", objects.len(), args.to.display());
+        }
+        Ok(EXIT_OK)
+    })
+}
+
+/// Downloads one object to `dir/name`, verified; refuses a name that would
+/// leave `dir`.
+async fn fetch_one(store: &dyn Store, dir: &std::path::Path, object: &StoredObject) -> Result<PathBuf, Failure> {
+    let dest = staging::prepare_dest(dir, &object.name)
+        .map_err(|e| Failure::usage(anyhow!("refusing output {:?}: {e}", object.name)))?;
+    let key = StoreKey::new(object.key.as_str())
+        .map_err(|e| Failure::usage(anyhow!("refusing output {:?}: {e}", object.name)))?;
+    staging::download_verified(store, &key, &object.sha256, object.size, &dest)
+        .await
+        .map_err(|e| Failure::internal(anyhow!("cannot fetch {}: {e}", object.name)))?;
+    Ok(dest)
+}
+
+/// Percent-encodes a job name for a URL path segment.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

@@ -1,0 +1,146 @@
+//! The `aws-batch` class through the stock binary: `crew recruit --class
+//! aws-batch --opt ...`, jobs on Batch workers (the `crew` binary run by the
+//! AWS emulator as each Batch job's container command), `crew down`.
+//!
+//! Needs the emulator (`cargo xtask ci` starts it and sets
+//! `CREW_TEST_AWS_ENDPOINT`, with the queue `crew-q1`); skipped without it,
+//! failing under `CI`.
+
+use std::io::{Read, Write};
+use std::path::Path;
+
+use crate::support::{DEADLINE, Finished, Reaper, crew, run, unique};
+
+fn endpoint(test: &str) -> Option<String> {
+    match std::env::var("CREW_TEST_AWS_ENDPOINT").ok().filter(|v| !v.is_empty()) {
+        Some(e) => Some(e),
+        None if std::env::var_os("CI").is_some() => {
+            panic!("{test}: CREW_TEST_AWS_ENDPOINT is not set; run `cargo xtask ci`, which starts the AWS emulator")
+        }
+        None => {
+            eprintln!("skipped {test}: CREW_TEST_AWS_ENDPOINT is not set (`cargo xtask ci` starts the AWS emulator)");
+            None
+        }
+    }
+}
+
+/// Registers a container job definition with the emulator by hand-written
+/// HTTP, as a client without an SDK would.
+fn register_job_definition(endpoint: &str, name: &str) {
+    let addr = endpoint.trim_start_matches("http://").trim_end_matches('/');
+    let body = serde_json::json!({
+        "jobDefinitionName": name,
+        "type": "container",
+        "containerProperties": {
+            "image": "crew",
+            "command": ["crew", "worker"],
+            "resourceRequirements": [{"type": "VCPU", "value": "1"}, {"type": "MEMORY", "value": "512"}]
+        }
+    })
+    .to_string();
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the emulator");
+    write!(
+        s,
+        "POST /v1/registerjobdefinition HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n{AUTH}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("read");
+    assert!(answer.starts_with("HTTP/1.1 200"), "RegisterJobDefinition: {answer}");
+}
+
+/// moto routes a request to a service by its credential scope and checks no
+/// signature.
+const AUTH: &str = "Authorization: AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/batch/aws4_request, SignedHeaders=host, Signature=0";
+
+fn crew_in(dir: &Path, mark: &str, args: &[&str]) -> Finished {
+    run(crew(dir, mark, args), None, DEADLINE)
+}
+
+#[test]
+fn recruit_aws_batch_workers_and_run_jobs_on_them() {
+    let Some(endpoint) = endpoint("recruit_aws_batch_workers_and_run_jobs_on_them") else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let mark = unique("aws-batch-");
+    let _reaper = Reaper::new(&mark);
+    let def = unique("crew-cli-def-");
+    register_job_definition(&endpoint, &def);
+    let opt_def = format!("job-definition={def}");
+    let opt_endpoint = format!("endpoint={endpoint}");
+
+    // Mistakes are reported at recruit time, with the valid forms.
+    let out = crew_in(
+        d,
+        &mark,
+        &[
+            "recruit",
+            "-w",
+            "2",
+            "--class",
+            "aws-batch",
+            "--opt",
+            "job-queue=crew-q1",
+            "--opt",
+            &opt_def,
+            "--opt",
+            "memory=4GB?",
+        ],
+    );
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains("memory: \"4GB?\"") && out.stderr.contains("4GiB"), "{out}");
+    let out = crew_in(d, &mark, &["recruit", "-w", "2", "--class", "aws-batch", "--opt", "queue=x"]);
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains("unknown option \"queue\"") && out.stderr.contains("job-queue"), "{out}");
+
+    let recruit = [
+        "recruit",
+        "--workers",
+        "3",
+        "--class",
+        "aws-batch",
+        "--tags",
+        "cloud",
+        "--opt",
+        "job-queue=crew-q1",
+        "--opt",
+        &opt_def,
+        "--opt",
+        "cpus=1",
+        "--opt",
+        "memory=512MiB",
+        "--opt",
+        &opt_endpoint,
+    ];
+    let out = crew_in(d, &mark, &recruit);
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(out.stdout.lines().count(), 3, "{out}");
+    // Started together: one array job of three.
+    let out = crew_in(d, &mark, &["launch", "--tags", "cloud", "--workers", "3"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+    for i in 0..6 {
+        let out =
+            crew_in(d, &mark, &["send", "--tags", "cloud", "--", "sh", "-c", &format!("echo {i} $AWS_BATCH_JOB_ID")]);
+        assert_eq!(out.code(), Some(0), "{out}");
+    }
+    let out = run(crew(d, &mark, &["receive", "--wait", "--all", "--json"]), None, DEADLINE * 3);
+    assert_eq!(out.code(), Some(0), "{out}");
+    let records = out.records();
+    assert_eq!(records.len(), 6, "{out}");
+    for r in &records {
+        assert_eq!(r["status"], "succeeded", "{out}");
+        assert_eq!(r["class"], "aws-batch", "{out}");
+        let text = r["stdout"]["text"].as_str().unwrap_or_default();
+        assert!(text.split_whitespace().nth(1).is_some_and(|id| id.contains(':')), "not on a Batch array child: {out}");
+    }
+    let out = crew_in(d, &mark, &["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_str(out.stdout.trim()).expect("status --json");
+    for s in status["slots"].as_array().expect("slots") {
+        if s["state"] == "idle" || s["state"] == "busy" {
+            assert!(s["handle"].as_str().is_some_and(|h| h.contains(':')), "a Batch child id as handle: {out}");
+        }
+    }
+    let out = crew_in(d, &mark, &["down"]);
+    assert_eq!(out.code(), Some(0), "{out}");
+}
