@@ -1,7 +1,8 @@
-//! `crew run` and the daemon with an S3 store (the local emulator, see
-//! `crew_store_s3::testing`): large streams spilled by the agents land in
-//! the bucket under the URL's prefix; an unusable store stops everything
-//! before any job runs, with one line that says what to fix.
+//! `crew run`, `crew fetch` and the daemon with an S3 store (the local
+//! emulator, see `crew_store_s3::testing`): large streams spilled by the
+//! agents, staged inputs and job outputs land in the bucket under the URL's
+//! prefix; credentials may come from a profile; an unusable store stops
+//! everything before any job runs, with one line that says what to fix.
 
 use std::path::Path;
 use std::process::Command;
@@ -197,5 +198,49 @@ fn credentials_and_region_come_from_a_profile_for_the_controller_and_its_workers
         let root = S3Store::open(&store_url(&endpoint, &bucket, "")).await.expect("open the bucket");
         let object = StoreKey::new(format!("p/{key}")).expect("key");
         assert_eq!(root.head(&object).await.unwrap_or_else(|e| panic!("{object}: {e}")).size, BIG as u64);
+    });
+}
+
+#[test]
+fn inputs_and_outputs_go_through_an_s3_store_and_fetch_brings_them_back() {
+    let Some(endpoint) = endpoint("inputs_and_outputs_go_through_an_s3_store") else { return };
+    let bucket = unique_bucket("crew-staging");
+    create_bucket(&endpoint, &bucket).unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let mark = unique("s3-staging-");
+    let _reaper = Reaper::new(&mark);
+    // 3 MiB of input; the job's output is a copy of it, fetched back
+    // byte-exact through the bucket.
+    let data: Vec<u8> = (0..3 * 1024 * 1024 + 17).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    std::fs::write(d.join("data.bin"), &data).expect("input");
+    let store = format!("s3://{bucket}/st");
+    let out = run(
+        s3_crew(
+            d,
+            &mark,
+            &endpoint,
+            &["run", "--json", "--store", &store, "--input", "data.bin", "--output", "copy.bin", "-"],
+        ),
+        Some("cp data.bin copy.bin\n"),
+        DEADLINE,
+    );
+    assert_eq!(out.code(), Some(0), "{out}");
+    let id = out.records()[0]["id"].as_u64().unwrap_or_else(|| panic!("{out}")).to_string();
+    let fetched = d.join("fetched");
+    let out = run(
+        s3_crew(d, &mark, &endpoint, &["fetch", "--store", &store, &id, "--to", fetched.to_str().expect("utf-8")]),
+        None,
+        DEADLINE,
+    );
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(std::fs::read(fetched.join("copy.bin")).expect("fetched output") == data, "the output differs");
+    // The input was stored once, content-addressed, under the prefix.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let root = S3Store::open(&store_url(&endpoint, &bucket, "")).await.expect("open the bucket");
+        let cas = root.list(&StoreKey::new("st/cas/sha256").expect("key")).await.expect("list");
+        assert_eq!(cas.len(), 1, "{cas:?}");
+        assert_eq!(cas[0].size, data.len() as u64);
     });
 }
