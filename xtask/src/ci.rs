@@ -7,6 +7,12 @@
 //! kit included), then the embedding example. Tests run under `cargo
 //! nextest` when it is installed (faster, one process per test) and under
 //! `cargo test` otherwise.
+//!
+//! The tests run against the local AWS emulator ([`crate::emu`]): CI
+//! installs it, starts it on a free port, runs the tests with its variables
+//! (`AWS_ENDPOINT_URL`, dummy credentials, `CREW_TEST_S3_ENDPOINT`, ...)
+//! and stops it afterwards, also when a step fails. An emulator already
+//! running (`cargo xtask emu start`) is used and left running.
 
 use std::process::Stdio;
 
@@ -41,24 +47,63 @@ const TEST: Step =
 
 /// Runs every step in order; fails at the first that fails.
 pub(crate) fn run() -> anyhow::Result<()> {
-    run_step(&FMT)?;
-    run_step(&CLIPPY)?;
+    run_step(&FMT, &[])?;
+    run_step(&CLIPPY, &[])?;
+    let emulator = Emulator::up()?;
     if nextest_available() {
-        run_step(&NEXTEST)?;
+        run_step(&NEXTEST, &emulator.env)?;
     } else {
         eprintln!("xtask: cargo-nextest is not installed; running the tests with cargo test");
-        run_step(&TEST)?;
+        run_step(&TEST, &emulator.env)?;
     }
-    run_step(&EXAMPLE)?;
+    drop(emulator);
+    run_step(&EXAMPLE, &[])?;
     eprintln!("xtask: ci passed");
     Ok(())
 }
 
-/// Runs one step, its output going straight to the terminal.
-fn run_step(step: &Step) -> anyhow::Result<()> {
+/// The emulator for the tests; stopped on drop (a failed step included)
+/// when this run started it.
+struct Emulator {
+    env: crate::emu::Env,
+    started: bool,
+}
+
+impl Emulator {
+    fn up() -> anyhow::Result<Self> {
+        if crate::emu::running() {
+            eprintln!("xtask: using the AWS emulator already running (left running afterwards)");
+            return Ok(Self { env: crate::emu::env()?, started: false });
+        }
+        crate::emu::install()?;
+        // Owned before it starts, so that a start that fails half-way is
+        // cleaned up too.
+        let mut emulator = Self { env: Vec::new(), started: true };
+        emulator.env = crate::emu::start(None)?;
+        Ok(emulator)
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        if self.started {
+            if let Err(e) = crate::emu::stop() {
+                eprintln!("xtask: could not stop the AWS emulator: {e:#}");
+            }
+        }
+    }
+}
+
+/// Runs one step with the variables `env` added, its output going straight
+/// to the terminal.
+fn run_step(step: &Step, env: &[(String, String)]) -> anyhow::Result<()> {
     let shown = format!("cargo {}", step.args.join(" "));
     eprintln!("xtask: running `{shown}`");
-    let status = crate::cargo().args(step.args).status().with_context(|| format!("cannot start `{shown}`"))?;
+    let status = crate::cargo()
+        .args(step.args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .status()
+        .with_context(|| format!("cannot start `{shown}`"))?;
     if !status.success() {
         let code = status.code().map_or_else(|| "killed by a signal".to_owned(), |c| format!("exit code {c}"));
         bail!("`{shown}` failed ({code}): {}", step.on_failure);

@@ -13,6 +13,7 @@
 
 mod bench;
 mod ci;
+mod emu;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -20,8 +21,9 @@ use std::process::{Command, ExitCode};
 
 /// The subcommands and their one-line help, in the order `--help` lists them.
 const SUBCOMMANDS: &[(&str, &str)] = &[
-    ("ci", "run what CI runs: fmt check, clippy -D warnings, the tests (nextest when installed)"),
+    ("ci", "run what CI runs: fmt check, clippy -D warnings, the tests against the AWS emulator"),
     ("bench", "measure crew against baselines (release build); `bench --help` for options"),
+    ("emu", "the local AWS emulator of the tests: `emu install|start|stop|env`"),
 ];
 
 fn main() -> ExitCode {
@@ -38,6 +40,7 @@ fn main() -> ExitCode {
         }
         Some("ci") => no_arguments("ci", &rest).and_then(|()| ci::run()),
         Some("bench") => bench::run(&rest),
+        Some("emu") => emu::run(&rest),
         _ => {
             eprintln!("error: unknown subcommand {:?}\n\n{}", first.to_string_lossy(), usage());
             return ExitCode::from(2);

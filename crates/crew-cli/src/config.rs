@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -41,8 +41,9 @@ pub(crate) struct DaemonSettings {
     pub(crate) listen: Option<SocketAddr>,
     /// The address workers dial, when it differs from `listen`.
     pub(crate) advertise: Option<String>,
-    /// The store folder, relative to the project folder (default `store`).
-    pub(crate) store: Option<PathBuf>,
+    /// The store: a URL (`s3://...`, `file:///...`), or a folder relative to
+    /// the project folder (default `store`).
+    pub(crate) store: Option<String>,
     /// The crew seed.
     pub(crate) seed: Option<u64>,
     /// The heartbeat interval.
@@ -107,7 +108,7 @@ impl Config {
                         match key.as_str() {
                             "listen" => d.listen = Some(text_of(v).and_then(|s| parse_addr(&s)).map_err(err)?),
                             "advertise" => d.advertise = Some(string(v).map_err(err)?),
-                            "store" => d.store = Some(PathBuf::from(string(v).map_err(err)?)),
+                            "store" => d.store = Some(non_empty(string(v)).map_err(err)?),
                             "seed" => d.seed = Some(seed(v).map_err(err)?),
                             "heartbeat" => d.heartbeat = Some(duration(v).and_then(positive).map_err(err)?),
                             _ => return Err(unknown(&file, &full, DAEMON_KEYS)),
@@ -173,7 +174,7 @@ impl Config {
         let d = &mut self.daemon;
         set("CREW_LISTEN", var("CREW_LISTEN")?, parse_addr, &mut d.listen)?;
         set("CREW_ADVERTISE", var("CREW_ADVERTISE")?, |s| Ok(s.to_owned()), &mut d.advertise)?;
-        set("CREW_STORE", var("CREW_STORE")?, |s| Ok(PathBuf::from(s)), &mut d.store)?;
+        set("CREW_STORE", var("CREW_STORE")?, |s| Ok(s.to_owned()), &mut d.store)?;
         // Not CREW_SEED: every job sees its own seed under that name, and a
         // daemon started from inside a job must not take it for the crew seed.
         set("CREW_PROJECT_SEED", var("CREW_PROJECT_SEED")?, parse_seed, &mut d.seed)?;
@@ -188,14 +189,20 @@ impl Config {
         Ok(())
     }
 
-    /// The store folder: `[daemon] store` relative to `dir`, default
-    /// `dir/store`.
-    pub(crate) fn store_path(&self, dir: &Path) -> PathBuf {
-        dir.join(self.daemon.store.as_deref().unwrap_or(Path::new("store")))
+    /// The store to open: `[daemon] store` as given when it is a URL
+    /// (`s3://bucket/prefix`, `file:///abs`), else a folder relative to
+    /// `dir`; default `dir/store`.
+    pub(crate) fn store_url(&self, dir: &Path) -> String {
+        let store = self.daemon.store.as_deref().unwrap_or("store");
+        if crew_core::store::url_scheme(store).is_some() {
+            store.to_owned()
+        } else {
+            dir.join(store).to_string_lossy().into_owned()
+        }
     }
 
     /// Applies `[daemon]` to the controller's configuration (the store is
-    /// opened by the caller, see [`Config::store_path`]).
+    /// opened by the caller, see [`Config::store_url`]).
     pub(crate) fn apply(&self, c: &mut ControllerConfig) {
         let d = &self.daemon;
         if let Some(a) = d.listen {
@@ -222,6 +229,10 @@ fn unknown(file: &impl std::fmt::Display, key: &str, known: &[&str]) -> anyhow::
 
 fn section<'a>(key: &str, v: &'a Value) -> Result<&'a Table, String> {
     v.as_table().ok_or_else(|| format!("expected a table ([{key}]), got a {}", v.type_str()))
+}
+
+fn non_empty(s: Result<String, String>) -> Result<String, String> {
+    s.and_then(|s| if s.is_empty() { Err("must not be empty".to_owned()) } else { Ok(s) })
 }
 
 fn string(v: &Value) -> Result<String, String> {
@@ -310,7 +321,12 @@ mod tests {
         assert_eq!(c.recruit.idle, Some(Duration::from_secs(300)));
         assert_eq!(c.recruit.wall, Some(Duration::from_secs(60)));
         assert_eq!(c.recruit.prefetch, Some(0));
-        assert_eq!(c.store_path(Path::new("/p")), PathBuf::from("/p/s"));
+        assert_eq!(c.store_url(Path::new("/p")), "/p/s");
+        assert_eq!(Config::default().store_url(Path::new("/p")), "/p/store");
+        let s3 = parse("[daemon]\nstore = \"s3://bkt/runs?region=eu-west-1\"\n")?;
+        assert_eq!(s3.store_url(Path::new("/p")), "s3://bkt/runs?region=eu-west-1");
+        let file = parse("[daemon]\nstore = \"file:///srv/crew\"\n")?;
+        assert_eq!(file.store_url(Path::new("/p")), "file:///srv/crew");
         let merged = c.recruit.options("local", BTreeMap::from([("name".to_owned(), "y".to_owned())]));
         assert_eq!(merged.get("cores").map(String::as_str), Some("4"));
         assert_eq!(merged.get("name").map(String::as_str), Some("y"));

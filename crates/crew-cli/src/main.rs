@@ -78,8 +78,10 @@ impl Failure {
 }
 
 fn init_logging(default: &str) {
+    // aws-config warns about every credential provider of the chain that
+    // found nothing; the store's own error says what matters, in one line.
     let filter = tracing_subscriber::EnvFilter::try_from_env("CREW_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default},aws_config=error")));
     // Colours only for a person at a terminal, not in daemon.log.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt()
@@ -91,6 +93,7 @@ fn init_logging(default: &str) {
 }
 
 fn main() -> ExitCode {
+    registry::register_stores();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => {

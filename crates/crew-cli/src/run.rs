@@ -40,8 +40,9 @@ pub(crate) struct RunArgs {
     /// Print JSON Lines (one output record per line) instead of a table.
     #[arg(long)]
     json: bool,
-    /// Store folder for stdout/stderr larger than the inline cap.
-    #[arg(long, value_name = "DIR", default_value = ".crew/store")]
+    /// Store for stdout/stderr larger than the inline cap: a folder,
+    /// file:///abs/path, or s3://BUCKET/PREFIX[?region=R&endpoint=URL&profile=P].
+    #[arg(long, value_name = "URL|DIR", default_value = ".crew/store")]
     store: String,
     /// Crew seed; per-job seeds (CREW_SEED) derive from it and job names.
     #[arg(long, default_value_t = 0, value_name = "N")]
@@ -105,6 +106,9 @@ pub(crate) fn main(args: RunArgs) -> Result<u8, Failure> {
     // thread a result read from a worker, the next job written to it and
     // the record printed need no hand-off between threads.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(Failure::internal)?;
+    // Before any job is accepted: a missing bucket or refused credentials is
+    // one clear line now, not a failure in the middle of the run.
+    rt.block_on(store.check()).map_err(|e| crate::registry::store_failure(&store.url(), e))?;
     let code = rt.block_on(async move {
         // Inputs go to the store before anything starts; the controller
         // only ever holds their keys.

@@ -174,6 +174,9 @@ impl StoreError {
 /// - `list` returns every object whose key starts with `prefix/` (a whole
 ///   segment prefix), in no particular order.
 /// - `delete` of a missing key succeeds (idempotent).
+/// - `check` (provided) succeeds only when the store can be written, read
+///   and deleted from, leaves nothing behind, and otherwise fails with an
+///   error that says how to fix the setup.
 ///
 /// # Cancellation
 /// Any returned future may be dropped; a dropped `put_*` leaves no visible
@@ -215,6 +218,69 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
 
     /// Deletes the object at `key`; succeeds when it is already absent.
     async fn delete(&self, key: &StoreKey) -> Result<(), StoreError>;
+
+    /// Proves that the store is usable for crew before anything depends on
+    /// it: by default it writes a tiny probe object under [`CHECK_PREFIX`]
+    /// (`.crew/check/<random>`), reads it back, compares, and deletes it.
+    ///
+    /// Front ends call it before accepting any job (`crew run`, the
+    /// daemon's start), so that a missing bucket, refused credentials or an
+    /// unreachable endpoint is one clear line and not a failure in the middle
+    /// of a run.
+    ///
+    /// # Errors
+    /// The error of the step that failed. Its text must say what is wrong
+    /// *and how to fix it* (`bucket X does not exist: create it or fix
+    /// --store`, `cannot reach the S3 endpoint URL: ...`). Backends override
+    /// this method to sharpen the messages or to bound its time (a check
+    /// should answer within seconds, not retry for minutes).
+    async fn check(&self) -> Result<(), StoreError> {
+        check_by_probe(self).await
+    }
+}
+
+/// Where [`Store::check`] writes its probe objects (a reserved prefix: crew
+/// never writes anything else under it).
+pub const CHECK_PREFIX: &str = ".crew/check";
+
+/// The default [`Store::check`]: put, read back, compare and delete one
+/// small probe object under [`CHECK_PREFIX`]. Public so that a backend that
+/// overrides `check` (to bound its time, or to explain its errors better) can
+/// still run the same probe.
+///
+/// # Errors
+/// The first failing step's error; a probe that reads back other bytes is a
+/// [`StoreError::Backend`].
+pub async fn check_by_probe<S: Store + ?Sized>(store: &S) -> Result<(), StoreError> {
+    let random = getrandom::u64().map_err(|e| StoreError::Io {
+        context: "cannot draw a random name for the store check".into(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let key = StoreKey::new(format!("{CHECK_PREFIX}/{random:016x}"))?;
+    let body = Bytes::from(format!("crew store check {random:016x}\n"));
+    store.put_bytes(&key, body.clone()).await?;
+    let mut stream = store.get(&key).await?;
+    let mut read = BytesMut::new();
+    while let Some(chunk) = stream.next().await {
+        read.extend_from_slice(&chunk?);
+        if read.len() > body.len() {
+            break;
+        }
+    }
+    store.delete(&key).await?;
+    if read != body {
+        return Err(StoreError::Backend {
+            backend: "store check",
+            message: format!(
+                "the probe object {key} read back {} bytes that differ from the {} written: the store \
+                 does not return what was stored",
+                read.len(),
+                body.len()
+            ),
+            retryable: false,
+        });
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------
@@ -756,8 +822,10 @@ impl StoreRegistry {
 }
 
 /// The scheme of `url` when it starts with `scheme://` (RFC 3986 scheme
-/// characters); `None` for a plain path.
-fn url_scheme(url: &str) -> Option<&str> {
+/// characters); `None` for a plain path. How [`StoreRegistry::open`] tells
+/// a store URL from a folder, for front ends that must do the same (a
+/// relative folder in a configuration file is relative to that file).
+pub fn url_scheme(url: &str) -> Option<&str> {
     let (scheme, _) = url.split_once("://")?;
     let mut chars = scheme.chars();
     let first = chars.next()?;
@@ -765,15 +833,36 @@ fn url_scheme(url: &str) -> Option<&str> {
         .then_some(scheme)
 }
 
-/// Opens the store `url` names with the backends of `crew-core`
-/// ([`StoreRegistry::default`]): `file:///abs/path` or a plain path (a
-/// relative one is resolved against the current directory). Binaries that
-/// link more backends use their own [`StoreRegistry`].
+/// The registry of this process, used by [`open_store`].
+fn process_registry() -> &'static std::sync::RwLock<StoreRegistry> {
+    static REGISTRY: std::sync::OnceLock<std::sync::RwLock<StoreRegistry>> = std::sync::OnceLock::new();
+    REGISTRY.get_or_init(|| std::sync::RwLock::new(StoreRegistry::default()))
+}
+
+/// Adds (or replaces) a URL scheme in this process's registry, the one
+/// [`open_store`] uses, and so the one an agent uses to open the store URL
+/// its controller sends. A binary linking a backend crate calls it once at
+/// start-up (`crew` registers `s3` this way), before any store is opened.
+pub fn register_scheme<F>(scheme: &str, constructor: F)
+where
+    F: Fn(&str) -> Result<Arc<dyn Store>, StoreError> + Send + Sync + 'static,
+{
+    let mut registry = process_registry().write().unwrap_or_else(std::sync::PoisonError::into_inner);
+    registry.register(scheme, constructor);
+}
+
+/// Opens the store `url` names with this process's registry: the backends
+/// of `crew-core` ([`StoreRegistry::default`]: `file:///abs/path` or a plain
+/// path, a relative one resolved against the current directory) plus the
+/// schemes added with [`register_scheme`].
 ///
 /// # Errors
 /// See [`StoreRegistry::open`].
 pub fn open_store(url: &str) -> Result<Arc<dyn Store>, StoreError> {
-    StoreRegistry::default().open(url)
+    // Cloned (a map of `Arc`s) so that no lock is held while a constructor
+    // runs.
+    let registry = process_registry().read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    registry.open(url)
 }
 
 #[cfg(test)]
@@ -820,6 +909,14 @@ mod tests {
         let store = LocalStore::new(dir.path().join("store")).unwrap();
         crate::conformance::store(&store).await;
         // The kit removed everything, folders included.
+        assert!(walk(store.root()).is_empty());
+    }
+
+    #[tokio::test]
+    async fn check_probes_and_leaves_nothing() {
+        let dir = tempdir();
+        let store = LocalStore::new(dir.path().join("store")).unwrap();
+        store.check().await.unwrap();
         assert!(walk(store.root()).is_empty());
     }
 

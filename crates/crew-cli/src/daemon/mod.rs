@@ -23,7 +23,7 @@ use anyhow::Context;
 use clap::Args;
 use crew_core::controller::{AgentCommand, Controller, ControllerConfig};
 use crew_core::journal::Journal;
-use crew_core::store::{LocalStore, Store};
+use crew_core::store::Store;
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixListener;
 
@@ -69,12 +69,10 @@ pub(crate) fn main(args: DaemonArgs) -> Result<u8, Failure> {
     std::fs::write(&pid_path, format!("{}\n", std::process::id()))
         .with_context(|| format!("cannot write {}", pid_path.display()))
         .map_err(Failure::internal)?;
-    let store_path = config.store_path(&dir);
-    let store: Arc<dyn Store> = Arc::new(
-        LocalStore::new(&store_path)
-            .with_context(|| format!("cannot open the store {}", store_path.display()))
-            .map_err(Failure::internal)?,
-    );
+    let store_url = config.store_url(&dir);
+    let store: Arc<dyn Store> = crew_core::store::open_store(&store_url)
+        .with_context(|| format!("cannot open the store {store_url}"))
+        .map_err(Failure::internal)?;
 
     // Jobs sent without a working folder run in the project's root (the
     // folder that holds DIR), whichever command happened to start us.
@@ -87,6 +85,14 @@ pub(crate) fn main(args: DaemonArgs) -> Result<u8, Failure> {
     // One thread, as in `crew run`: the controller's work per request is
     // short and needs no hand-off between threads.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(Failure::internal)?;
+    // Before any request is served: an unusable store stops the daemon with
+    // one clear line, like a bad configuration (exit 3, see above).
+    if let Err(e) = rt.block_on(store.check()) {
+        let _ = std::fs::remove_file(&pid_path);
+        return Err(Failure::internal(
+            anyhow::Error::new(e).context(format!("the store {} is not usable", store.url())),
+        ));
+    }
     let result = rt.block_on(serve(dir.clone(), store, config));
     drop(rt);
     let _ = std::fs::remove_file(&pid_path);

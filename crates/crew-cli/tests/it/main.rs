@@ -11,6 +11,7 @@ mod config;
 mod controller;
 mod daemon_api;
 mod run;
+mod s3;
 mod session;
 mod staging;
 mod support;

@@ -53,6 +53,7 @@ pub async fn store(store: &dyn Store) {
     list_by_segment_prefix(&cx).await;
     odd_keys_round_trip(&cx).await;
     concurrent_puts(&cx).await;
+    check_passes(&cx).await;
     clean_up(&cx).await;
 }
 
@@ -683,6 +684,12 @@ async fn put_checked(store: &dyn Store, key: &StoreKey, body: Bytes) {
     let size = body.len() as u64;
     let meta = ok(store.put_bytes(key, body).await, "concurrent put_bytes");
     check_meta(&meta, key, size, "concurrent put_bytes");
+}
+
+/// `check` succeeds on a usable store (the one every other check just
+/// used).
+async fn check_passes(cx: &Cx<'_>) {
+    ok(cx.store.check().await, "check of a usable store");
 }
 
 /// Deletes everything the run wrote and checks that nothing is left.
