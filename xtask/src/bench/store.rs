@@ -88,7 +88,7 @@ pub(super) fn large_output(
             StoreUnderTest::S3(url) => StoreUnderTest::S3(format!("{url}/run-{i}-{}", std::process::id())),
         };
         let figures = crew_run(crew, &work, &store, &file, bytes)?;
-        let baseline = plain_copy(crew, &work, &store, bytes)?;
+        let baseline = plain_copy(&work, &store, bytes)?;
         let (c, b) = (mib / figures.wall, mib / baseline);
         super::measure::progress(
             ids[0],
@@ -190,7 +190,7 @@ fn crew_run(crew: &Path, work: &Path, store: &StoreUnderTest, file: &Path, bytes
 
 /// The baseline: the same writer, then a plain copy of its file to the same
 /// store; the wall time of both, in seconds.
-fn plain_copy(crew: &Path, work: &Path, store: &StoreUnderTest, bytes: u64) -> anyhow::Result<f64> {
+fn plain_copy(work: &Path, store: &StoreUnderTest, bytes: u64) -> anyhow::Result<f64> {
     let begin = Instant::now();
     let mut line = writer_line(bytes);
     match store {
@@ -202,11 +202,47 @@ fn plain_copy(crew: &Path, work: &Path, store: &StoreUnderTest, bytes: u64) -> a
         }
         StoreUnderTest::S3(url) => {
             run_shell(&line, work)?;
-            let _ = crew;
-            bail!("the S3 baseline for {url} is not written yet");
+            upload_plainly(&work.join("big.bin"), &format!("{url}/plain/big.bin"))?;
         }
     }
     Ok(begin.elapsed().as_secs_f64())
+}
+
+/// Part size of the plain S3 upload.
+const PLAIN_PART: usize = 16 * 1024 * 1024;
+
+/// Uploads `file` to the S3 URL `s3://bucket/key` with `object_store` alone
+/// (its AWS settings from the environment, as the AWS tools read them):
+/// a streamed multipart upload, two parts in flight.
+fn upload_plainly(file: &Path, url: &str) -> anyhow::Result<()> {
+    use object_store::aws::AmazonS3Builder;
+    use object_store::{ObjectStoreExt, WriteMultipart};
+
+    let rest = url.strip_prefix("s3://").with_context(|| format!("{url} is not an s3:// URL"))?;
+    let (bucket, key) = rest.split_once('/').with_context(|| format!("{url} names no key"))?;
+    let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+    if let Ok(endpoint) = std::env::var("AWS_ENDPOINT_URL") {
+        builder = builder.with_endpoint(&endpoint).with_allow_http(endpoint.starts_with("http://"));
+    }
+    let s3 = builder.build().context("cannot configure the plain S3 client")?;
+    let path = object_store::path::Path::from(key);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let upload = s3.put_multipart(&path).await.context("cannot start the plain upload")?;
+        let mut writer = WriteMultipart::new_with_chunk_size(upload, PLAIN_PART);
+        let mut f = std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+        let mut buf = vec![0u8; PLAIN_PART];
+        loop {
+            let n = f.read(&mut buf).with_context(|| format!("cannot read {}", file.display()))?;
+            if n == 0 {
+                break;
+            }
+            writer.wait_for_capacity(2).await.context("the plain upload failed")?;
+            writer.write(&buf[..n]);
+        }
+        writer.finish().await.context("the plain upload failed")?;
+        anyhow::Ok(())
+    })
 }
 
 fn run_shell(line: &str, dir: &Path) -> anyhow::Result<()> {
