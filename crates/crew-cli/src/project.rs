@@ -30,6 +30,9 @@ pub(crate) struct Health {
     pub(crate) version: String,
     #[serde(default)]
     pub(crate) dir: String,
+    /// The URL of the daemon's store.
+    #[serde(default)]
+    pub(crate) store: String,
 }
 
 /// The project folder, absolute: `--dir`, else `$CREW_DIR` (clap reads
@@ -64,6 +67,12 @@ pub(crate) fn try_connect(dir: &Path) -> Option<(Client, Health)> {
 
 /// A connection to the daemon of `dir`, starting the daemon if needed.
 pub(crate) fn ensure_daemon(dir: &Path) -> Result<(Client, Health), Failure> {
+    ensure_daemon_with(dir, None)
+}
+
+/// [`ensure_daemon`], starting the daemon with `store` (a URL or an absolute
+/// folder) instead of the configured one when it is not running yet.
+pub(crate) fn ensure_daemon_with(dir: &Path, store: Option<&str>) -> Result<(Client, Health), Failure> {
     if let Some(found) = try_connect(dir) {
         return Ok(found);
     }
@@ -86,6 +95,9 @@ pub(crate) fn ensure_daemon(dir: &Path) -> Result<(Client, Health), Failure> {
     let exe = std::env::current_exe().context("cannot find the crew executable").map_err(Failure::internal)?;
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("daemon").arg("--dir").arg(dir).stdin(Stdio::null()).stdout(log).stderr(log2);
+    if let Some(store) = store {
+        cmd.arg("--store").arg(store);
+    }
     // SAFETY: setsid is async-signal-safe; it detaches the daemon from our
     // session and terminal so that a Ctrl-C here never reaches it.
     unsafe {

@@ -13,19 +13,62 @@ const DOWN_DEADLINE: Duration = Duration::from_secs(30);
 
 #[derive(Args, Debug)]
 pub(crate) struct UpArgs {
-    /// Print the daemon's health object (`{"ok", "pid", "version", "dir"}`).
+    /// Print the daemon's health object (`{"ok", "pid", "version", "dir",
+    /// "store"}`).
     #[arg(long)]
     json: bool,
+    /// The store of the daemon started now: a folder (relative to the
+    /// current folder) or a URL (`s3://bucket/prefix`, `file:///abs`). Over
+    /// `[daemon] store` in crew.toml and `CREW_STORE`, for this daemon's
+    /// life; a daemon started later by another command uses the
+    /// configuration again. Refused when the daemon already runs with
+    /// another store.
+    #[arg(long, value_name = "URL|DIR")]
+    store: Option<String>,
 }
 
 pub(crate) fn up(ctx: &Ctx, args: UpArgs) -> Result<u8, Failure> {
-    let (_, health) = project::ensure_daemon(ctx.dir())?;
+    let store = match &args.store {
+        None => None,
+        Some(s) if s.is_empty() => return Err(Failure::usage(anyhow::anyhow!("--store must not be empty"))),
+        Some(s) if crew_core::store::url_scheme(s).is_some() => Some(s.clone()),
+        Some(s) => Some(
+            std::path::absolute(s)
+                .map_err(|e| Failure::usage(anyhow::anyhow!("--store {s}: cannot make the path absolute: {e}")))?
+                .to_string_lossy()
+                .into_owned(),
+        ),
+    };
+    let (_, health) = project::ensure_daemon_with(ctx.dir(), store.as_deref())?;
+    if let Some(wanted) = &store {
+        if !same_store(wanted, &health.store) {
+            return Err(Failure::usage(anyhow::anyhow!(
+                "the daemon of {} already runs with the store {}, not {wanted}: stop it with `crew down` \
+                 first (its jobs stay in its journal), then `crew up --store {wanted}`",
+                ctx.dir().display(),
+                health.store
+            )));
+        }
+    }
     if args.json {
         print_json(&health)?;
     } else {
         println!("{}", health.pid);
     }
     Ok(EXIT_OK)
+}
+
+/// Whether the store a user asked for (`wanted`: a URL or an absolute
+/// folder) is the one a running daemon reports (`running`: its store's URL,
+/// which may spell the same store with more detail: a resolved region, a
+/// `file://` form).
+fn same_store(wanted: &str, running: &str) -> bool {
+    if crew_core::store::url_scheme(wanted).is_none() {
+        let Ok(wanted) = std::fs::canonicalize(wanted) else { return false };
+        return crew_core::store::LocalStore::from_url(running).is_ok_and(|s| s.root() == wanted);
+    }
+    let base = |u: &str| u.split('?').next().unwrap_or(u).trim_end_matches('/').to_owned();
+    base(wanted) == base(running)
 }
 
 #[derive(Args, Debug)]

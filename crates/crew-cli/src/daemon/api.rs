@@ -390,7 +390,13 @@ async fn body<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError
 struct Empty {}
 
 fn health(d: &Daemon) -> Value {
-    json!({"ok": true, "pid": std::process::id(), "version": env!("CARGO_PKG_VERSION"), "dir": d.dir})
+    json!({
+        "ok": true,
+        "pid": std::process::id(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "dir": d.dir,
+        "store": d.store.url(),
+    })
 }
 
 fn status(d: &Daemon) -> Value {

@@ -37,6 +37,10 @@ pub(crate) struct DaemonArgs {
     /// The project folder (absolute), e.g. /home/me/work/.crew
     #[arg(long, value_name = "DIR")]
     pub(crate) dir: PathBuf,
+    /// The store (a URL, or an absolute folder), over `[daemon] store` and
+    /// `CREW_STORE`.
+    #[arg(long, value_name = "URL")]
+    pub(crate) store: Option<String>,
 }
 
 /// File names inside the project folder.
@@ -47,7 +51,7 @@ const JOURNAL: &str = "journal.jsonl";
 const OUTPUTS: &str = "outputs.jsonl";
 
 pub(crate) fn main(args: DaemonArgs) -> Result<u8, Failure> {
-    let dir = args.dir;
+    let dir = args.dir.clone();
     if !dir.is_absolute() {
         return Err(Failure::usage(anyhow::anyhow!("--dir must be an absolute path, not {}", dir.display())));
     }
@@ -61,7 +65,10 @@ pub(crate) fn main(args: DaemonArgs) -> Result<u8, Failure> {
     }
     // A bad configuration exits 3, not 2: `ensure_daemon` reads status 2 as
     // "another daemon holds the lock" and would wait for it to answer.
-    let config = crate::config::Config::load(&dir).map_err(Failure::internal)?;
+    let mut config = crate::config::Config::load(&dir).map_err(Failure::internal)?;
+    if let Some(store) = args.store {
+        config.daemon.store = Some(store);
+    }
     // Held (open) for the daemon's whole life; the kernel drops the lock
     // when the process exits, however it exits.
     let _lock = take_lock(&dir)?;

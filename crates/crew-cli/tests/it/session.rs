@@ -273,3 +273,30 @@ fn the_other_commands_do_what_they_say() {
     let got = run(crew(d, &mark, &["receive", "--wait", "--json"]), None, DEADLINE);
     assert_eq!(got.records()[0]["slot"], "local-1", "{got}");
 }
+
+#[test]
+fn up_with_a_store_starts_the_daemon_on_it_and_refuses_another() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let mark = unique("up-store-");
+    let _reaper = Reaper::new(&mark);
+    let _down = Down { dir: d, mark: &mark };
+
+    let out = crew_ok(d, &mark, &["up", "--store", "elsewhere", "--json"]);
+    let health: serde_json::Value = serde_json::from_str(out.stdout.trim()).expect("up --json");
+    let store_root = d.join("elsewhere").canonicalize().expect("the store folder exists");
+    assert_eq!(health["store"].as_str(), Some(format!("file://{}", store_root.display()).as_str()), "{out}");
+    // Asking for the same store again is fine; another is refused.
+    crew_ok(d, &mark, &["up", "--store", "elsewhere"]);
+    let out = run(crew(d, &mark, &["up", "--store", "other"]), None, DEADLINE);
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains("already runs with the store") && out.stderr.contains("crew down"), "{out}");
+    // Job data goes to that store.
+    crew_ok(d, &mark, &["recruit", "--workers", "1", "--class", "local"]);
+    crew_ok(d, &mark, &["send", "--output", "o.txt", "--", "sh", "-c", "echo data > o.txt"]);
+    let out = crew_ok(d, &mark, &["receive", "--wait", "--json"]);
+    let record = &out.records()[0];
+    assert_eq!(record["status"], "succeeded", "{out}");
+    let key = record["objects"][0]["key"].as_str().expect("an output object");
+    assert_eq!(std::fs::read_to_string(store_root.join(key)).expect("the object"), "data\n");
+}
