@@ -283,6 +283,55 @@ pub async fn check_by_probe<S: Store + ?Sized>(store: &S) -> Result<(), StoreErr
     Ok(())
 }
 
+/// The file at `path` as a stream of chunks of up to 1 MiB, for uploading it
+/// to `key` (named in errors): the `put_file` of a backend that uploads
+/// streams. Opening happens now, so a missing file fails before any request.
+pub async fn file_chunks(
+    key: &StoreKey,
+    path: &Path,
+) -> Result<impl futures::Stream<Item = Result<Bytes, StoreError>> + Send + 'static, StoreError> {
+    let file = tokio::fs::File::open(path).await.map_err(|source| StoreError::Io {
+        context: format!("cannot open {} to upload it to {key}", path.display()),
+        source,
+    })?;
+    let context = format!("cannot read {} to upload it to {key}", path.display());
+    Ok(futures::stream::try_unfold(file, move |mut file| {
+        let context = context.clone();
+        async move {
+            let mut buf = BytesMut::with_capacity(FILE_READ_CHUNK);
+            while buf.len() < FILE_READ_CHUNK {
+                let n = file
+                    .read_buf(&mut buf)
+                    .await
+                    .map_err(|source| StoreError::Io { context: context.clone(), source })?;
+                if n == 0 {
+                    break;
+                }
+            }
+            if buf.is_empty() { Ok(None) } else { Ok(Some((buf.freeze(), file))) }
+        }
+    }))
+}
+
+/// Writes the object `key`'s bytes (`stream`) to the file at `path`,
+/// created or truncated, through a 1 MiB buffer: the `get_file` of a backend
+/// that downloads streams. Call it once the object is known to exist, so a
+/// missing object leaves an existing file alone.
+pub async fn write_file<S>(key: &StoreKey, stream: S, path: &Path) -> Result<(), StoreError>
+where
+    S: futures::Stream<Item = Result<Bytes, StoreError>> + Send,
+{
+    let write_error =
+        |source| StoreError::Io { context: format!("cannot write {} (downloading {key})", path.display()), source };
+    let file = tokio::fs::File::create(path).await.map_err(write_error)?;
+    let mut out = tokio::io::BufWriter::with_capacity(FILE_WRITE_BUFFER, file);
+    let mut stream = std::pin::pin!(stream);
+    while let Some(chunk) = stream.next().await {
+        out.write_all(&chunk?).await.map_err(write_error)?;
+    }
+    out.flush().await.map_err(write_error)
+}
+
 // ---------------------------------------------------------------------------
 // The local store
 // ---------------------------------------------------------------------------
@@ -464,27 +513,7 @@ impl Store for LocalStore {
     }
 
     async fn put_file(&self, key: &StoreKey, path: &Path) -> Result<ObjectMeta, StoreError> {
-        let file = tokio::fs::File::open(path).await.map_err(|source| StoreError::Io {
-            context: format!("cannot open {} to upload it to {key}", path.display()),
-            source,
-        })?;
-        let context = format!("cannot read {} to upload it to {key}", path.display());
-        let chunks = futures::stream::try_unfold(file, move |mut file| {
-            let context = context.clone();
-            async move {
-                let mut buf = BytesMut::with_capacity(FILE_READ_CHUNK);
-                while buf.len() < FILE_READ_CHUNK {
-                    let n = file
-                        .read_buf(&mut buf)
-                        .await
-                        .map_err(|source| StoreError::Io { context: context.clone(), source })?;
-                    if n == 0 {
-                        break;
-                    }
-                }
-                if buf.is_empty() { Ok(None) } else { Ok(Some((buf.freeze(), file))) }
-            }
-        });
+        let chunks = file_chunks(key, path).await?;
         self.upload(key, chunks).await
     }
 
@@ -512,16 +541,8 @@ impl Store for LocalStore {
         // object leaves an existing file alone.
         let found = self.inner.get(&location).await.map_err(|e| backend_error("get", key, e))?;
         let meta = ObjectMeta { key: key.clone(), size: found.meta.size, e_tag: found.meta.e_tag.clone() };
-        let write_error =
-            |source| StoreError::Io { context: format!("cannot write {} (downloading {key})", path.display()), source };
-        let file = tokio::fs::File::create(path).await.map_err(write_error)?;
-        let mut out = tokio::io::BufWriter::with_capacity(FILE_WRITE_BUFFER, file);
-        let mut stream = found.into_stream();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| backend_error("read", key, e))?;
-            out.write_all(&chunk).await.map_err(write_error)?;
-        }
-        out.flush().await.map_err(write_error)?;
+        let stream = found.into_stream().map_err(|e| backend_error("read", key, e));
+        write_file(key, stream, path).await?;
         Ok(meta)
     }
 

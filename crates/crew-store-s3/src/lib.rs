@@ -55,7 +55,6 @@ use object_store::{
     BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMultipartOptions, PutPayload, RetryConfig,
     WriteMultipart,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::error::Context;
 use crate::url::S3Url;
@@ -91,12 +90,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// [`Store::check`] gives up on an unreachable endpoint after about this
 /// long, instead of the minutes the normal retries allow.
 pub const CHECK_RETRY_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// How much `put_file` reads from the source file at a time.
-const FILE_READ_CHUNK: usize = 1024 * 1024;
-
-/// Buffer of `get_file` between the object stream and the file.
-const FILE_WRITE_BUFFER: usize = 1024 * 1024;
 
 /// A crew store in an S3 bucket (or an S3-compatible service), under an
 /// optional key prefix.
@@ -399,27 +392,7 @@ impl Store for S3Store {
     }
 
     async fn put_file(&self, key: &StoreKey, path: &Path) -> Result<ObjectMeta, StoreError> {
-        let file = tokio::fs::File::open(path).await.map_err(|source| StoreError::Io {
-            context: format!("cannot open {} to upload it to {key}", path.display()),
-            source,
-        })?;
-        let context = format!("cannot read {} to upload it to {key}", path.display());
-        let chunks = futures::stream::try_unfold(file, move |mut file| {
-            let context = context.clone();
-            async move {
-                let mut buf = BytesMut::with_capacity(FILE_READ_CHUNK);
-                while buf.len() < FILE_READ_CHUNK {
-                    let n = file
-                        .read_buf(&mut buf)
-                        .await
-                        .map_err(|source| StoreError::Io { context: context.clone(), source })?;
-                    if n == 0 {
-                        break;
-                    }
-                }
-                if buf.is_empty() { Ok(None) } else { Ok(Some((buf.freeze(), file))) }
-            }
-        });
+        let chunks = crew_core::store::file_chunks(key, path).await?;
         self.upload(key, chunks).await
     }
 
@@ -453,16 +426,8 @@ impl Store for S3Store {
         // The object first, so that a missing one leaves the file alone.
         let found = self.client.get(&self.location(key)).await.map_err(|e| self.err("get", key, e))?;
         let meta = ObjectMeta { key: key.clone(), size: found.meta.size, e_tag: found.meta.e_tag.clone() };
-        let write_error =
-            |source| StoreError::Io { context: format!("cannot write {} (downloading {key})", path.display()), source };
-        let file = tokio::fs::File::create(path).await.map_err(write_error)?;
-        let mut out = tokio::io::BufWriter::with_capacity(FILE_WRITE_BUFFER, file);
-        let mut stream = found.into_stream();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| self.err("read", key, e))?;
-            out.write_all(&chunk).await.map_err(write_error)?;
-        }
-        out.flush().await.map_err(write_error)?;
+        let stream = found.into_stream().map_err(|e| self.err("read", key, e));
+        crew_core::store::write_file(key, stream, path).await?;
         Ok(meta)
     }
 
