@@ -5,8 +5,9 @@
 //! the bucket, `crew fetch` brings one back, and `crew down` leaves no Batch
 //! job of crew's running or waiting to run.
 //!
-//! Needs the emulator (S3 and Batch, `cargo xtask emu start`); skipped
-//! without it, failing under `CI`.
+//! Needs the emulator for S3 and Batch (`CREW_TEST_S3_ENDPOINT` and
+//! `CREW_TEST_AWS_ENDPOINT`, set by `cargo xtask ci` and `cargo xtask emu
+//! env`); skipped without it, failing under `CI`.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
@@ -81,6 +82,8 @@ fn aws_crew(dir: &Path, mark: &str, endpoint: &str, args: &[&str]) -> Command {
 fn mixed_aws_batch_and_local_workers_share_an_s3_store_and_down_leaves_no_batch_job() {
     let test = "mixed_aws_batch_and_local_workers_share_an_s3_store_and_down_leaves_no_batch_job";
     let Some(endpoint) = endpoint(test) else { return };
+    // Batch at its own endpoint (the same emulator under `cargo xtask`).
+    let Some(batch_endpoint) = crate::aws_batch::endpoint(test) else { return };
     let started = Instant::now();
     let bucket = unique_bucket("crew-mixed");
     create_bucket(&endpoint, &bucket).unwrap_or_else(|e| panic!("{e}"));
@@ -90,7 +93,7 @@ fn mixed_aws_batch_and_local_workers_share_an_s3_store_and_down_leaves_no_batch_
     let _reaper = Reaper::new(&mark);
     let def = unique("crew-mixed-def-");
     batch(
-        &endpoint,
+        &batch_endpoint,
         "/v1/registerjobdefinition",
         &serde_json::json!({
             "jobDefinitionName": def,
@@ -127,7 +130,7 @@ fn mixed_aws_batch_and_local_workers_share_an_s3_store_and_down_leaves_no_batch_
     let store = format!("s3://{bucket}/mixed");
     ok(&["up", "--store", &store], DEADLINE);
     let opt_def = format!("job-definition={def}");
-    let opt_endpoint = format!("endpoint={endpoint}");
+    let opt_endpoint = format!("endpoint={batch_endpoint}");
     let cloud = ok(
         &[
             "recruit",
@@ -258,12 +261,12 @@ fn mixed_aws_batch_and_local_workers_share_an_s3_store_and_down_leaves_no_batch_
     let ours = |jobs: Vec<(String, String, String)>| -> Vec<(String, String, String)> {
         jobs.into_iter().filter(|(id, _, _)| batch_ids.contains(id.split(':').next().unwrap_or(id))).collect()
     };
-    let before = ours(unfinished_batch_jobs(&endpoint, "crew-q1"));
+    let before = ours(unfinished_batch_jobs(&batch_endpoint, "crew-q1"));
     assert!(before.iter().any(|(_, _, s)| s == "RUNNING"), "crew's Batch workers are not RUNNING: {before:?}");
     ok(&["down"], DEADLINE);
     let mut left = Vec::new();
     let gone = poll_until(Duration::from_secs(20), || {
-        left = ours(unfinished_batch_jobs(&endpoint, "crew-q1"));
+        left = ours(unfinished_batch_jobs(&batch_endpoint, "crew-q1"));
         left.is_empty()
     });
     assert!(gone, "Batch jobs crew started are still unfinished after `crew down`: {left:?}");
