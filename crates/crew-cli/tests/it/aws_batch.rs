@@ -11,7 +11,7 @@ use std::path::Path;
 
 use crate::support::{DEADLINE, Finished, Reaper, crew, run, unique};
 
-fn endpoint(test: &str) -> Option<String> {
+pub(crate) fn endpoint(test: &str) -> Option<String> {
     match std::env::var("CREW_TEST_AWS_ENDPOINT").ok().filter(|v| !v.is_empty()) {
         Some(e) => Some(e),
         None if std::env::var_os("CI").is_some() => {

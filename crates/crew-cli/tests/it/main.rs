@@ -10,6 +10,7 @@ mod cli;
 mod config;
 mod controller;
 mod daemon_api;
+mod mixed;
 mod run;
 mod s3;
 mod session;
