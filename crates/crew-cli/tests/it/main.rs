@@ -12,6 +12,7 @@ mod controller;
 mod daemon_api;
 mod run;
 mod s3;
+mod s3_faults;
 mod session;
 mod staging;
 mod support;
