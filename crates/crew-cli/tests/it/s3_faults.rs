@@ -105,17 +105,14 @@ fn jobs_through_a_faulty_s3_endpoint_all_succeed_and_outputs_fetch_back_identica
 
     // Every output, fetched directly and through the faults, is what the
     // job wrote.
-    for i in 0..JOBS {
+    for (i, own) in inputs.iter().enumerate() {
         let name = format!("job-{i}");
         let record = records.iter().find(|r| r["name"] == name.as_str()).unwrap_or_else(|| panic!("no {name}: {out}"));
         assert_eq!(record["exit_code"], 0, "{record}");
         let id = record["id"].as_u64().unwrap_or_else(|| panic!("no id: {record}")).to_string();
         let mut want = vec![
-            ("own.bin", inputs[i].clone()),
-            (
-                "sums.txt",
-                format!("{}  shared.bin\n{}  in.bin\n", sha256_hex(&shared), sha256_hex(&inputs[i])).into_bytes(),
-            ),
+            ("own.bin", own.clone()),
+            ("sums.txt", format!("{}  shared.bin\n{}  in.bin\n", sha256_hex(&shared), sha256_hex(own)).into_bytes()),
         ];
         if i % BIG_COPY_EVERY == 0 {
             want.push(("shared.bin", shared.clone()));
