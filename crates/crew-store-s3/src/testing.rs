@@ -4,11 +4,18 @@
 //! Every test that needs S3 starts with [`endpoint`]: outside CI a missing
 //! emulator skips the test with a line that says how to run it; in CI
 //! (`CI` set) it fails, so that a broken setup cannot pass as green.
+//!
+//! [`FaultProxy`] sits between a store (or the `crew` binary) and the
+//! emulator and injects 503s and dropped connections.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
+
+mod proxy;
+
+pub use proxy::{Fault, FaultCounts, FaultProxy, mix};
 
 /// The variable `cargo xtask ci` and `cargo xtask emu env` set to the
 /// emulator's URL.

@@ -13,6 +13,7 @@ mod daemon_api;
 mod mixed;
 mod run;
 mod s3;
+mod s3_faults;
 mod session;
 mod staging;
 mod support;

@@ -1,218 +1,16 @@
-//! A fault-injecting HTTP proxy between the store and the emulator: for a
-//! share of the requests it answers `503 SlowDown`, or drops the connection
-//! before answering, in the middle of the request body, or in the middle of
-//! the response body. Everything put and got through it must still succeed
-//! and read back byte-identical; and every upload it sees must carry a
-//! correct `x-amz-checksum-sha256` (moto stores that header but does not
-//! verify it, unlike S3: the proxy checks what S3 would).
-//!
-//! Faults are injected only where the request did not reach the emulator
-//! or its answer is a GET's body: moto answers a repeated
-//! CompleteMultipartUpload with `NoSuchUpload` where S3 answers it again,
-//! so a dropped answer to a request moto has carried out would test moto,
-//! not the store.
-
-use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+//! The store through a fault-injecting proxy in front of the emulator
+//! (`crew_store_s3::testing::FaultProxy`): 503 SlowDown, connections
+//! dropped before answering, mid-request and mid-response. Everything put
+//! and got through it must still succeed and read back byte-identical; and
+//! every upload it sees must carry a correct `x-amz-checksum-sha256`.
 
 use bytes::Bytes;
 use crew_core::store::{Store, StoreKey};
 use crew_store_s3::S3Store;
-use crew_store_s3::testing::{create_bucket, endpoint, store_url, unique_bucket};
+use crew_store_s3::testing::{Fault, FaultProxy, create_bucket, endpoint, mix, store_url, unique_bucket};
 use futures::StreamExt;
-use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
-use hyper::body::{Frame, Incoming};
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
-use tokio::net::{TcpListener, TcpStream};
 
 use crate::support::{content, key, sha256, sha256_of};
-
-type Body = BoxBody<Bytes, std::io::Error>;
-
-/// What the proxy did, by kind.
-#[derive(Default, Debug)]
-struct Stats {
-    requests: AtomicU64,
-    slow_downs: AtomicU64,
-    drops_before_answer: AtomicU64,
-    drops_mid_request: AtomicU64,
-    drops_mid_response: AtomicU64,
-    /// Uploads (PUT with a body) forwarded, and those whose checksum header
-    /// was missing or wrong.
-    uploads: AtomicU64,
-    bad_checksums: AtomicU64,
-}
-
-struct Proxy {
-    /// Faults per 1000 requests.
-    per_mille: u64,
-    upstream: SocketAddr,
-    stats: Stats,
-    seed: u64,
-    /// Faults injected so far (which kind is next).
-    faults: AtomicU64,
-}
-
-/// splitmix64: the proxy's decisions, reproducible from the seed.
-fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
-
-fn io_error(what: &str) -> std::io::Error {
-    std::io::Error::other(what.to_owned())
-}
-
-fn full(bytes: Bytes) -> Body {
-    Full::new(bytes).map_err(|never: Infallible| match never {}).boxed()
-}
-
-impl Proxy {
-    /// Starts the proxy on a free port; returns its URL.
-    async fn start(self: &Arc<Self>) -> String {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let proxy = Arc::clone(self);
-        tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
-                let proxy = Arc::clone(&proxy);
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
-                        let proxy = Arc::clone(&proxy);
-                        async move { proxy.handle(req).await }
-                    });
-                    // An error here is a dropped connection, on purpose.
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
-        format!("http://{addr}")
-    }
-
-    async fn handle(&self, req: Request<Incoming>) -> Result<Response<Body>, std::io::Error> {
-        let n = self.stats.requests.fetch_add(1, Ordering::Relaxed);
-        let (parts, body) = req.into_parts();
-        let declared: u64 =
-            parts.headers.get(hyper::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(0);
-        // Whether to fault is random; which fault takes turns among those
-        // that fit the request, so that every kind happens in every run.
-        // 0: 503 SlowDown, 1: drop before answering, 2: drop mid-request,
-        // 3: drop mid-response.
-        let kinds: &[u64] = if parts.method == hyper::Method::GET {
-            &[0, 1, 3]
-        } else if declared > 1 {
-            &[0, 1, 2]
-        } else {
-            &[0, 1]
-        };
-        let fault = (mix(self.seed ^ n) % 1000 < self.per_mille).then(|| {
-            let turn = self.faults.fetch_add(1, Ordering::Relaxed);
-            kinds[(mix(turn) % kinds.len() as u64) as usize]
-        });
-
-        if fault == Some(2) {
-            // Read about half the request body, then hang up.
-            self.stats.drops_mid_request.fetch_add(1, Ordering::Relaxed);
-            let mut body = body;
-            let mut read = 0u64;
-            while read < declared / 2 {
-                match body.frame().await {
-                    Some(Ok(frame)) => read += frame.data_ref().map_or(0, |d| d.len() as u64),
-                    _ => break,
-                }
-            }
-            return Err(io_error("injected: dropped mid-request"));
-        }
-        let body = body.collect().await.map_err(|e| io_error(&e.to_string()))?.to_bytes();
-        match fault {
-            Some(0) => {
-                self.stats.slow_downs.fetch_add(1, Ordering::Relaxed);
-                let xml = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SlowDown</Code>\
-                           <Message>Please reduce your request rate.</Message></Error>";
-                return Response::builder()
-                    .status(StatusCode::SERVICE_UNAVAILABLE)
-                    .header("content-type", "application/xml")
-                    .body(full(Bytes::from(xml)))
-                    .map_err(|e| io_error(&e.to_string()));
-            }
-            Some(1) => {
-                self.stats.drops_before_answer.fetch_add(1, Ordering::Relaxed);
-                return Err(io_error("injected: dropped before answering"));
-            }
-            _ => {}
-        }
-        if parts.method == hyper::Method::PUT && !body.is_empty() {
-            self.stats.uploads.fetch_add(1, Ordering::Relaxed);
-            let sent = parts.headers.get("x-amz-checksum-sha256").and_then(|v| v.to_str().ok());
-            if sent != Some(base64(&sha256(&body)).as_str()) {
-                self.stats.bad_checksums.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-
-        // Forward, on a connection of its own.
-        let stream = TcpStream::connect(self.upstream).await?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| io_error(&e.to_string()))?;
-        tokio::spawn(conn);
-        let mut upstream_req =
-            Request::builder().method(parts.method.clone()).uri(parts.uri.path_and_query().map_or("/", |p| p.as_str()));
-        for (name, value) in &parts.headers {
-            upstream_req = upstream_req.header(name, value);
-        }
-        let upstream_req = upstream_req.body(Full::new(body)).map_err(|e| io_error(&e.to_string()))?;
-        let answer = sender.send_request(upstream_req).await.map_err(|e| io_error(&e.to_string()))?;
-        let (mut answer_parts, answer_body) = answer.into_parts();
-        let answer_body = answer_body.collect().await.map_err(|e| io_error(&e.to_string()))?.to_bytes();
-        answer_parts.headers.remove(hyper::header::TRANSFER_ENCODING);
-        answer_parts.headers.remove(hyper::header::CONNECTION);
-        answer_parts.headers.insert(hyper::header::CONTENT_LENGTH, answer_body.len().into());
-
-        if fault == Some(3) && answer_body.len() > 1 {
-            // Half the body, then the connection goes.
-            self.stats.drops_mid_response.fetch_add(1, Ordering::Relaxed);
-            let half = answer_body.slice(..answer_body.len() / 2);
-            let frames =
-                futures::stream::iter([Ok(Frame::data(half)), Err(io_error("injected: dropped mid-response"))]);
-            return Ok(Response::from_parts(answer_parts, BodyExt::boxed(StreamBody::new(frames))));
-        }
-        Ok(Response::from_parts(answer_parts, full(answer_body)))
-    }
-}
-
-/// Standard base64 with padding (the checksum header's encoding).
-fn base64(data: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-#[test]
-fn base64_is_standard() {
-    assert_eq!(base64(b""), "");
-    assert_eq!(base64(b"f"), "Zg==");
-    assert_eq!(base64(b"fo"), "Zm8=");
-    assert_eq!(base64(b"foo"), "Zm9v");
-    assert_eq!(base64(b"foobar"), "Zm9vYmFy");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn puts_and_gets_through_faults_all_succeed_byte_exact_with_checksums() {
@@ -221,12 +19,10 @@ async fn puts_and_gets_through_faults_all_succeed_byte_exact_with_checksums() {
     };
     let bucket = unique_bucket("crew-faults");
     create_bucket(&endpoint, &bucket).unwrap();
-    let upstream: SocketAddr = endpoint.trim_start_matches("http://").parse().unwrap();
     let seed = mix(std::process::id().into());
     eprintln!("fault proxy seed {seed:#x} (25% of requests faulted)");
-    let proxy = Arc::new(Proxy { per_mille: 250, upstream, stats: Stats::default(), seed, faults: AtomicU64::new(0) });
-    let proxy_url = proxy.start().await;
-    let store = S3Store::open(&store_url(&proxy_url, &bucket, "faults")).await.unwrap();
+    let proxy = FaultProxy::start(&endpoint, 250, &Fault::ALL, seed).unwrap();
+    let store = S3Store::open(&store_url(proxy.url(), &bucket, "faults")).await.unwrap();
     let direct = S3Store::open(&store_url(&endpoint, &bucket, "faults")).await.unwrap();
 
     // Many small and medium objects, eight at a time.
@@ -280,13 +76,11 @@ async fn puts_and_gets_through_faults_all_succeed_byte_exact_with_checksums() {
     let listed = store.list(&key("small")).await.unwrap();
     assert_eq!(listed.len(), objects.len());
 
-    let s = &proxy.stats;
-    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let s = proxy.counts();
     eprintln!("fault proxy: {s:?}");
-    assert!(load(&s.slow_downs) > 0, "{s:?}");
-    assert!(load(&s.drops_before_answer) > 0, "{s:?}");
-    assert!(load(&s.drops_mid_request) > 0, "{s:?}");
-    assert!(load(&s.drops_mid_response) > 0, "{s:?}");
-    assert!(load(&s.uploads) >= objects.len() as u64, "{s:?}");
-    assert_eq!(load(&s.bad_checksums), 0, "uploads without a correct x-amz-checksum-sha256: {s:?}");
+    for kind in Fault::ALL {
+        assert!(s.of(kind) > 0, "no {kind:?}: {s:?}");
+    }
+    assert!(s.uploads >= objects.len() as u64, "{s:?}");
+    assert_eq!(s.bad_checksums, 0, "uploads without a correct x-amz-checksum-sha256: {s:?}");
 }
