@@ -97,10 +97,10 @@ fn jobs_through_a_faulty_s3_endpoint_all_succeed_and_outputs_fetch_back_identica
     let records = out.records();
     assert_eq!(records.len(), JOBS, "{out}");
 
-    // Faults of every kind happened during the run, and no upload was bad.
-    for kind in Fault::ALL {
-        assert!(during.of(kind) > 0, "no {kind:?} during the run: {during:?}");
-    }
+    // The run went through many faults (which kinds depends on the order of
+    // the requests; every kind is required over the whole test, below), and
+    // no upload was bad.
+    assert!(during.faults() >= 10, "too few faults during the run to prove anything: {during:?}");
     assert_eq!(during.bad_checksums, 0, "uploads without a correct x-amz-checksum-sha256: {during:?}");
 
     // Every output, fetched directly and through the faults, is what the
@@ -146,4 +146,7 @@ fn jobs_through_a_faulty_s3_endpoint_all_succeed_and_outputs_fetch_back_identica
     let after = proxy.counts();
     eprintln!("fault proxy after the fetches: {after:?}");
     assert!(after.faults() > during.faults(), "no fault during the fetches: {after:?}");
+    for kind in Fault::ALL {
+        assert!(after.of(kind) > 0, "no {kind:?} in the whole test: {after:?}");
+    }
 }
