@@ -11,15 +11,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crew_core::store::{Store, StoreKey};
 use crew_store_s3::S3Store;
 use crew_store_s3::testing::{create_bucket, endpoint, store_url, unique_bucket};
 
-use crate::support::{DEADLINE, Finished, Reaper, crew, poll_until, run, unique};
+use crate::support::{DEADLINE, Finished, OnDrop, Reaper, aws_crew, poll_until, run, unique};
 
 const JOBS: usize = 100;
 
@@ -62,22 +60,6 @@ fn unfinished_batch_jobs(endpoint: &str, queue: &str) -> Vec<(String, String, St
     jobs
 }
 
-/// `crew ARGS` with the emulator's AWS variables and no configuration
-/// variable of the caller.
-fn aws_crew(dir: &Path, mark: &str, endpoint: &str, args: &[&str]) -> Command {
-    let mut c = crew(dir, mark, args);
-    c.env("AWS_ENDPOINT_URL", endpoint)
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env_remove("AWS_PROFILE")
-        .env_remove("CREW_STORE")
-        .env_remove("CREW_LISTEN")
-        .env_remove("CREW_ADVERTISE");
-    c
-}
-
 #[test]
 fn mixed_aws_batch_and_local_workers_share_an_s3_store_and_down_leaves_no_batch_job() {
     let test = "mixed_aws_batch_and_local_workers_share_an_s3_store_and_down_leaves_no_batch_job";
@@ -116,16 +98,10 @@ fn mixed_aws_batch_and_local_workers_share_an_s3_store_and_down_leaves_no_batch_
         assert_eq!(out.code(), Some(0), "crew {}\n{out}", args.join(" "));
         out
     };
-    struct Down<'a>(&'a dyn Fn());
-    impl Drop for Down<'_> {
-        fn drop(&mut self) {
-            (self.0)();
-        }
-    }
     let stop = || {
         let _ = run(aws_crew(d, &mark, &endpoint, &["down"]), None, DEADLINE);
     };
-    let _down = Down(&stop);
+    let _down = OnDrop(&stop);
 
     let store = format!("s3://{bucket}/mixed");
     ok(&["up", "--store", &store], DEADLINE);

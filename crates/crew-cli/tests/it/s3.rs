@@ -4,32 +4,16 @@
 //! prefix; credentials may come from a profile; an unusable store stops
 //! everything before any job runs, with one line that says what to fix.
 
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use crew_core::store::{Store, StoreKey};
 use crew_store_s3::S3Store;
 use crew_store_s3::testing::{create_bucket, endpoint, store_url, unique_bucket};
 
-use crate::support::{DEADLINE, Reaper, crew, run, unique};
+use crate::support::{DEADLINE, OnDrop, Reaper, aws_crew, crew, run, unique};
 
 /// Bytes a job prints: more than the 64 KiB kept inline.
 const BIG: usize = 200_000;
-
-/// `crew ARGS` with the emulator's AWS variables (as `cargo xtask emu env`
-/// sets them) and no configuration variable of the caller.
-fn s3_crew(dir: &Path, mark: &str, endpoint: &str, args: &[&str]) -> Command {
-    let mut c = crew(dir, mark, args);
-    c.env("AWS_ENDPOINT_URL", endpoint)
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env_remove("AWS_PROFILE")
-        .env_remove("CREW_STORE");
-    c
-}
 
 #[test]
 fn run_spills_large_stdout_into_the_bucket_under_the_prefix() {
@@ -42,7 +26,7 @@ fn run_spills_large_stdout_into_the_bucket_under_the_prefix() {
     let store = format!("s3://{bucket}/run1");
     let jobs = format!("yes x | head -c {BIG}\necho small\n");
     let out = run(
-        s3_crew(dir.path(), &mark, &endpoint, &["run", "--json", "--workers", "2", "--store", &store, "-"]),
+        aws_crew(dir.path(), &mark, &endpoint, &["run", "--json", "--workers", "2", "--store", &store, "-"]),
         Some(&jobs),
         DEADLINE,
     );
@@ -76,7 +60,7 @@ fn run_with_a_missing_bucket_fails_before_running_anything() {
     let store = format!("s3://{bucket}/x");
     let touched = dir.path().join("touched");
     let jobs = format!("touch {}\n", touched.display());
-    let out = run(s3_crew(dir.path(), &mark, &endpoint, &["run", "--store", &store, "-"]), Some(&jobs), DEADLINE);
+    let out = run(aws_crew(dir.path(), &mark, &endpoint, &["run", "--store", &store, "-"]), Some(&jobs), DEADLINE);
     assert_eq!(out.code(), Some(2), "{out}");
     let lines: Vec<&str> = out.stderr.lines().collect();
     assert_eq!(lines.len(), 1, "one line: {out}");
@@ -117,7 +101,7 @@ fn the_daemon_uses_an_s3_store_and_refuses_to_start_on_a_missing_bucket() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let missing = unique_bucket("crew-missing");
-    let mut up = s3_crew(d, &mark, &endpoint, &["up"]);
+    let mut up = aws_crew(d, &mark, &endpoint, &["up"]);
     up.env("CREW_STORE", format!("s3://{missing}/d"));
     let out = run(up, None, DEADLINE);
     assert_ne!(out.code(), Some(0), "{out}");
@@ -131,20 +115,14 @@ fn the_daemon_uses_an_s3_store_and_refuses_to_start_on_a_missing_bucket() {
     std::fs::write(d.join(".crew/crew.toml"), format!("[daemon]\nstore = \"s3://{bucket}/daemon\"\n"))
         .expect("crew.toml");
     let crew_ok = |args: &[&str]| {
-        let out = run(s3_crew(d, &mark, &endpoint, args), None, DEADLINE);
+        let out = run(aws_crew(d, &mark, &endpoint, args), None, DEADLINE);
         assert_eq!(out.code(), Some(0), "crew {}\n{out}", args.join(" "));
         out
     };
-    struct Down<'a>(&'a dyn Fn());
-    impl Drop for Down<'_> {
-        fn drop(&mut self) {
-            (self.0)();
-        }
-    }
     let stop = || {
-        let _ = run(s3_crew(d, &mark, &endpoint, &["down"]), None, DEADLINE);
+        let _ = run(aws_crew(d, &mark, &endpoint, &["down"]), None, DEADLINE);
     };
-    let _down = Down(&stop);
+    let _down = OnDrop(&stop);
     crew_ok(&["recruit", "--workers", "1", "--class", "local"]);
     let shell = format!("yes y | head -c {BIG}");
     let id = crew_ok(&["send", "--", "sh", "-c", &shell]).stdout.trim().to_owned();
@@ -216,7 +194,7 @@ fn inputs_and_outputs_go_through_an_s3_store_and_fetch_brings_them_back() {
     std::fs::write(d.join("data.bin"), &data).expect("input");
     let store = format!("s3://{bucket}/st");
     let out = run(
-        s3_crew(
+        aws_crew(
             d,
             &mark,
             &endpoint,
@@ -229,7 +207,7 @@ fn inputs_and_outputs_go_through_an_s3_store_and_fetch_brings_them_back() {
     let id = out.records()[0]["id"].as_u64().unwrap_or_else(|| panic!("{out}")).to_string();
     let fetched = d.join("fetched");
     let out = run(
-        s3_crew(d, &mark, &endpoint, &["fetch", "--store", &store, &id, "--to", fetched.to_str().expect("utf-8")]),
+        aws_crew(d, &mark, &endpoint, &["fetch", "--store", &store, &id, "--to", fetched.to_str().expect("utf-8")]),
         None,
         DEADLINE,
     );

@@ -5,15 +5,13 @@
 //! every job still succeeds, and every output comes back byte-identical,
 //! fetched directly from the emulator and through the proxy.
 
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use crew_store_s3::PART_SIZE;
 use crew_store_s3::testing::{Fault, FaultProxy, create_bucket, endpoint, mix, store_url, unique_bucket};
 use sha2::{Digest, Sha256};
 
-use crate::support::{Reaper, crew, run, unique};
+use crate::support::{Reaper, aws_crew, run, unique};
 
 const JOBS: usize = 20;
 /// Jobs whose output includes a copy of the shared input (a multipart upload).
@@ -28,19 +26,6 @@ fn random(seed: u64, n: usize) -> Vec<u8> {
         .flat_map(|i| mix(seed ^ (i as u64).wrapping_mul(0x1234_5678_9abc_def1)).to_le_bytes())
         .take(n)
         .collect()
-}
-
-/// `crew ARGS` with the emulator's AWS variables pointing at `endpoint`.
-fn s3_crew(dir: &Path, mark: &str, endpoint: &str, args: &[&str]) -> Command {
-    let mut c = crew(dir, mark, args);
-    c.env("AWS_ENDPOINT_URL", endpoint)
-        .env("AWS_ACCESS_KEY_ID", "test")
-        .env("AWS_SECRET_ACCESS_KEY", "test")
-        .env("AWS_REGION", "us-east-1")
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env_remove("AWS_PROFILE")
-        .env_remove("CREW_STORE");
-    c
 }
 
 #[test]
@@ -87,7 +72,7 @@ fn jobs_through_a_faulty_s3_endpoint_all_succeed_and_outputs_fetch_back_identica
     let through_proxy = store_url(proxy.url(), &bucket, "run");
     let direct = store_url(&endpoint, &bucket, "run");
     let out = run(
-        s3_crew(d, &mark, proxy.url(), &["run", "--json", "--workers", "2", "--store", &through_proxy, "jobs.txt"]),
+        aws_crew(d, &mark, proxy.url(), &["run", "--json", "--workers", "2", "--store", &through_proxy, "jobs.txt"]),
         None,
         Duration::from_secs(120),
     );
@@ -130,7 +115,7 @@ fn jobs_through_a_faulty_s3_endpoint_all_succeed_and_outputs_fetch_back_identica
             let to = d.join(format!("fetched-{how}/{i}"));
             let to_arg = to.to_string_lossy().into_owned();
             let out = run(
-                s3_crew(d, &mark, via, &["fetch", "--store", store, &id, "--to", &to_arg]),
+                aws_crew(d, &mark, via, &["fetch", "--store", store, &id, "--to", &to_arg]),
                 None,
                 Duration::from_secs(60),
             );

@@ -185,6 +185,33 @@ impl std::fmt::Display for Finished {
     }
 }
 
+/// `crew ARGS` with the emulator's AWS variables pointing at `endpoint`
+/// (as `cargo xtask emu env` sets them) and no store, listen or profile
+/// setting of the caller's environment.
+pub(crate) fn aws_crew(dir: &Path, mark: &str, endpoint: &str, args: &[&str]) -> Command {
+    let mut c = crew(dir, mark, args);
+    c.env("AWS_ENDPOINT_URL", endpoint)
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_REGION", "us-east-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env_remove("AWS_PROFILE")
+        .env_remove("CREW_STORE")
+        .env_remove("CREW_LISTEN")
+        .env_remove("CREW_ADVERTISE");
+    c
+}
+
+/// Runs a closure when dropped: the clean-up (e.g. `crew down`) of a test
+/// that may fail half-way.
+pub(crate) struct OnDrop<'a>(pub(crate) &'a dyn Fn());
+
+impl Drop for OnDrop<'_> {
+    fn drop(&mut self) {
+        (self.0)();
+    }
+}
+
 /// `crew ARGS` in `dir`, its processes marked with `mark`.
 pub(crate) fn crew(dir: &Path, mark: &str, args: &[&str]) -> Command {
     let mut cmd = Command::new(crew_bin());
