@@ -232,6 +232,13 @@ pub struct StatusReport {
     pub ready: usize,
 }
 
+/// Whether agents given `addr` (`host:port`) would dial this machine's
+/// loopback interface.
+fn dials_loopback(addr: &str) -> bool {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h).trim_start_matches('[').trim_end_matches(']');
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 /// The controller: holds the scheduler, listens for agents, runs the loop.
 /// Cheap to clone; every clone is the same controller.
 ///
@@ -443,6 +450,14 @@ impl Controller {
             return Err(ControllerError::Recruit("the launch timeout must be greater than zero".into()));
         }
         req.class.check_options(&req.options).map_err(|e| ControllerError::Recruit(e.to_string()))?;
+        if !req.class.capabilities().reaches_loopback && dials_loopback(&self.shared.advertise) {
+            warn!(
+                class = req.class.class(),
+                address = %self.shared.advertise,
+                "the workers of this class run elsewhere and cannot dial a loopback address: \
+                 listen on an address they reach and advertise it (crew.toml [daemon] listen/advertise)"
+            );
+        }
         let shared = &self.shared;
         let mut core = lock(&shared.core);
         if core.closing {
@@ -1404,6 +1419,21 @@ impl Shared {
         }
         for (conn, reason) in closing {
             self.on_closed(&conn, &reason);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dials_loopback;
+
+    #[test]
+    fn loopback_addresses_are_recognised() {
+        for addr in ["127.0.0.1:7000", "127.8.9.1:1", "[::1]:7000", "localhost:80"] {
+            assert!(dials_loopback(addr), "{addr}");
+        }
+        for addr in ["10.0.0.5:7000", "[2001:db8::1]:7000", "crew.example.com:7000", "0.0.0.0:7000"] {
+            assert!(!dials_loopback(addr), "{addr}");
         }
     }
 }
