@@ -17,3 +17,4 @@ mod s3_faults;
 mod session;
 mod staging;
 mod support;
+mod tls;
