@@ -10,6 +10,10 @@ use crew_core::worker::Secret;
 use crate::{EXIT_USAGE, Failure};
 
 #[derive(Args, Debug)]
+#[command(after_help = "The agent reads its connection from the environment its controller sets: \
+CREW_CONNECT (the address), CREW_LAUNCH and CREW_TOKEN (the launch and its one-time secret), \
+CREW_INDEX (or CREW_INDEX_BASE plus AWS_BATCH_JOB_ARRAY_INDEX), and CREW_TLS_SHA256: when set, \
+the connection uses TLS and accepts only the certificate with that SHA-256.")]
 pub(crate) struct WorkerArgs {
     /// The controller's address (default: $CREW_CONNECT).
     #[arg(long, value_name = "ADDR")]
