@@ -22,6 +22,10 @@ case "${1:-}" in
     if curl -fs -o /dev/null "http://127.0.0.1:$PORT/"; then echo "port $PORT already in use by another server"; exit 1; fi
     [ -x "$VENV/bin/python" ] || { echo "no venv in $VENV: run install first"; exit 1; }
     echo "$PORT" >"$PORTF"
+    # Jobs inherit the emulator's environment: dummy credentials and a
+    # region stand in for the job role real Batch containers get.
+    AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-test} AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-test} \
+    AWS_REGION=${AWS_REGION:-us-east-1} AWS_EC2_METADATA_DISABLED=true \
     BATCH_LOCAL_WORKDIR=${BATCH_LOCAL_WORKDIR:-$ROOT/batch-jobs} \
     BATCH_LOCAL_QUEUES=${BATCH_LOCAL_QUEUES:-test-queue} \
       nohup "$VENV/bin/python" "$HERE/moto_batch_local.py" -H 127.0.0.1 -p "$PORT" >"$LOG" 2>&1 &

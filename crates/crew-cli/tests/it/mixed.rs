@@ -106,13 +106,10 @@ fn mixed_aws_batch_and_local_workers_share_an_s3_store_and_down_leaves_no_batch_
             "type": "container",
             "containerProperties": {
                 "image": "crew",
+                // No credentials here: the workers open the bucket with
+                // those the emulator gives its jobs, as Batch gives a job
+                // role's to its containers.
                 "command": ["crew", "worker"],
-                // The job role's stand-in: the workers open the bucket with
-                // the credentials Batch gives their containers.
-                "environment": [
-                    {"name": "AWS_ACCESS_KEY_ID", "value": "test"},
-                    {"name": "AWS_SECRET_ACCESS_KEY", "value": "test"}
-                ],
                 "resourceRequirements": [{"type": "VCPU", "value": "1"}, {"type": "MEMORY", "value": "512"}]
             }
         }),
