@@ -11,10 +11,11 @@
 //! adds a revision, as Batch does.
 //!
 //! The definition's command is `crew worker`, but that is only a default:
-//! the class replaces the command of every job it submits with its agent
-//! command, so the image only needs `crew` on its `PATH`. Its vCPUs and
-//! memory are defaults too, which the class options `cpus`/`memory`
-//! override per recruit.
+//! the class replaces the command of every job it submits with the
+//! controller's agent command (for the `crew` binary: its own path, then
+//! `worker`), so the image needs `crew` at the path it has on the
+//! controller's machine. Its vCPUs and memory are defaults too, which the
+//! class options `cpus`/`memory` override per recruit.
 
 use aws_sdk_batch::Client;
 use aws_sdk_batch::types::{
@@ -77,7 +78,8 @@ impl std::str::FromStr for Platform {
 pub struct DefinitionRequest {
     /// The definition name: letters, digits, `-` and `_`, at most 128.
     pub name: String,
-    /// The container image; it must have `crew` on its `PATH`.
+    /// The container image, with `crew` where the class's agent command
+    /// expects it.
     pub image: String,
     /// vCPUs, as Batch takes them (`1`, `0.25` on Fargate).
     pub cpus: String,
