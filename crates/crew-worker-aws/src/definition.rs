@@ -235,8 +235,9 @@ impl DefinitionRequest {
 }
 
 /// Fargate takes a few vCPU values, each with its own memory sizes
-/// (Batch's `ResourceRequirement` documentation): checked exactly, since a
-/// wrong pair is refused only when a job is submitted, not at registration.
+/// (Batch's `ResourceRequirement` documentation): checked exactly here, so
+/// that a wrong pair is one line naming the valid sizes before any call,
+/// not a refusal from AWS later (at registration or at the first SubmitJob).
 fn check_fargate_size(text: &str, cpus: f64, memory: u64) -> Result<(), DefinitionError> {
     // (vCPUs, least MiB, most MiB, step)
     const SIZES: [(f64, u64, u64, u64); 7] = [
