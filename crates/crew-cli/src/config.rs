@@ -18,7 +18,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
-use crew_core::controller::ControllerConfig;
+use crew_core::controller::{ControllerConfig, TlsMode};
 use crew_core::job::parse_duration;
 use toml::{Table, Value};
 
@@ -41,6 +41,8 @@ pub(crate) struct DaemonSettings {
     pub(crate) listen: Option<SocketAddr>,
     /// The address workers dial, when it differs from `listen`.
     pub(crate) advertise: Option<String>,
+    /// When agent connections use TLS (default: beyond loopback).
+    pub(crate) tls: Option<TlsMode>,
     /// The store: a URL (`s3://...`, `file:///...`), or a folder relative to
     /// the project folder (default `store`).
     pub(crate) store: Option<String>,
@@ -108,6 +110,7 @@ impl Config {
                         match key.as_str() {
                             "listen" => d.listen = Some(text_of(v).and_then(|s| parse_addr(&s)).map_err(err)?),
                             "advertise" => d.advertise = Some(string(v).map_err(err)?),
+                            "tls" => d.tls = Some(string(v).and_then(|s| s.parse()).map_err(err)?),
                             "store" => d.store = Some(non_empty(string(v)).map_err(err)?),
                             "seed" => d.seed = Some(seed(v).map_err(err)?),
                             "heartbeat" => d.heartbeat = Some(duration(v).and_then(positive).map_err(err)?),
@@ -174,6 +177,7 @@ impl Config {
         let d = &mut self.daemon;
         set("CREW_LISTEN", var("CREW_LISTEN")?, parse_addr, &mut d.listen)?;
         set("CREW_ADVERTISE", var("CREW_ADVERTISE")?, |s| Ok(s.to_owned()), &mut d.advertise)?;
+        set("CREW_TLS", var("CREW_TLS")?, |s| s.trim().parse(), &mut d.tls)?;
         set("CREW_STORE", var("CREW_STORE")?, |s| Ok(s.to_owned()), &mut d.store)?;
         // Not CREW_SEED: every job sees its own seed under that name, and a
         // daemon started from inside a job must not take it for the crew seed.
@@ -211,6 +215,9 @@ impl Config {
         if let Some(a) = &d.advertise {
             c.advertise = Some(a.clone());
         }
+        if let Some(t) = d.tls {
+            c.tls = t;
+        }
         if let Some(s) = d.seed {
             c.seed = s;
         }
@@ -220,7 +227,7 @@ impl Config {
     }
 }
 
-const DAEMON_KEYS: &[&str] = &["listen", "advertise", "store", "seed", "heartbeat"];
+const DAEMON_KEYS: &[&str] = &["listen", "advertise", "tls", "store", "seed", "heartbeat"];
 const RECRUIT_KEYS: &[&str] = &["idle", "wall", "tasks_max", "launch_timeout", "launch_max", "prefetch"];
 
 fn unknown(file: &impl std::fmt::Display, key: &str, known: &[&str]) -> anyhow::Error {
@@ -312,12 +319,15 @@ mod tests {
     #[test]
     fn a_full_file_parses() -> Result<(), String> {
         let c = parse(
-            "[daemon]\nlisten = \"0.0.0.0:7000\"\nadvertise = \"h:7000\"\nstore = \"s\"\nseed = 7\nheartbeat = 1\n\
+            "[daemon]\nlisten = \"0.0.0.0:7000\"\nadvertise = \"h:7000\"\ntls = \"always\"\nstore = \"s\"\nseed = 7\nheartbeat = 1\n\
              [recruit]\nidle = \"5m\"\nwall = 60\ntasks_max = 3\nlaunch_timeout = \"10s\"\nlaunch_max = 2\nprefetch = 0\n\
              [class.local]\ncores = 4\nname = \"x\"\n",
         )?;
         assert_eq!(c.daemon.listen, Some(SocketAddr::from(([0, 0, 0, 0], 7000))));
         assert_eq!(c.daemon.seed, Some(7));
+        assert_eq!(c.daemon.tls, Some(TlsMode::Always));
+        let err = parse("[daemon]\ntls = \"off\"\n").expect_err("no such mode");
+        assert!(err.contains("daemon.tls") && err.contains("auto"), "{err}");
         assert_eq!(c.recruit.idle, Some(Duration::from_secs(300)));
         assert_eq!(c.recruit.wall, Some(Duration::from_secs(60)));
         assert_eq!(c.recruit.prefetch, Some(0));

@@ -33,6 +33,16 @@ pub(crate) struct Health {
     /// The URL of the daemon's store.
     #[serde(default)]
     pub(crate) store: String,
+    /// Where the controller listens for workers.
+    #[serde(default)]
+    pub(crate) listen: Option<String>,
+    /// The address workers of classes that run elsewhere dial.
+    #[serde(default)]
+    pub(crate) advertise: Option<String>,
+    /// The SHA-256 of the certificate workers pin, when their connections
+    /// use TLS.
+    #[serde(default)]
+    pub(crate) tls_sha256: Option<String>,
 }
 
 /// The project folder, absolute: `--dir`, else `$CREW_DIR` (clap reads

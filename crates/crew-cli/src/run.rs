@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
-use crew_core::controller::{AgentCommand, Controller, ControllerConfig, Recruit};
+use crew_core::controller::{AgentCommand, Controller, ControllerConfig, Recruit, TlsMode};
 use crew_core::job::{LineDefaults, parse_job_file};
 use crew_core::scheduler::SlotLimits;
 use crew_core::staging::Stager;
@@ -58,6 +58,18 @@ pub(crate) struct RunArgs {
     /// relative to its working folder, e.g. 'fit/*' (repeatable).
     #[arg(long, value_name = "GLOB")]
     output: Vec<String>,
+    /// Where the controller listens for workers, IP:PORT (default
+    /// 127.0.0.1:0, loopback and any free port). Workers of classes that run
+    /// elsewhere (aws-batch) need an address they can reach, e.g. 0.0.0.0:7000.
+    #[arg(long, value_name = "IP:PORT", env = "CREW_LISTEN")]
+    listen: Option<std::net::SocketAddr>,
+    /// The address workers dial when it is not the listening one (a wildcard
+    /// bind, NAT): HOST:PORT, or HOST for the listening port.
+    #[arg(long, value_name = "HOST[:PORT]", env = "CREW_ADVERTISE")]
+    advertise: Option<String>,
+    /// When worker connections use TLS: auto (beyond loopback) or always.
+    #[arg(long, value_name = "MODE", env = "CREW_TLS", default_value = "auto")]
+    tls: TlsMode,
 }
 
 pub(crate) fn main(args: RunArgs) -> Result<u8, Failure> {
@@ -120,7 +132,15 @@ pub(crate) fn main(args: RunArgs) -> Result<u8, Failure> {
         let mut config = ControllerConfig::new(AgentCommand::crew(exe.to_string_lossy()));
         config.seed = args.seed;
         config.store = Some(store);
+        config.tls = args.tls;
+        config.advertise = args.advertise;
+        if let Some(listen) = args.listen {
+            config.listen = listen;
+        }
         let controller = Controller::start(config).await?;
+        if let Some(warning) = controller.reach_warning(class.as_ref()) {
+            eprintln!("crew: warning: {warning}");
+        }
         let limits = SlotLimits { prefetch: args.prefetch, ..SlotLimits::default() };
         let mut recruit = Recruit::new(class, workers);
         recruit.tags = tags;

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures::FutureExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -31,7 +31,9 @@ use crate::exec::{self, ExecContext, JobResult};
 use crate::job::{Command, JobId};
 use crate::output::{Captured, Status, Timestamp};
 use crate::protocol::{self, AgentMsg, ControllerMsg, PROTOCOL_VERSION, RunJob};
-use crate::worker::{ENV_CONNECT, ENV_INDEX, ENV_INDEX_BASE, ENV_LAUNCH, ENV_PARENT_PID, ENV_TOKEN, Secret};
+use crate::worker::{
+    ENV_CONNECT, ENV_INDEX, ENV_INDEX_BASE, ENV_LAUNCH, ENV_PARENT_PID, ENV_TLS_SHA256, ENV_TOKEN, Secret,
+};
 
 /// Exit code of an agent that stopped normally.
 pub const EXIT_OK: i32 = 0;
@@ -52,6 +54,9 @@ pub struct AgentConfig {
     pub index: u32,
     /// The launch secret.
     pub token: Secret,
+    /// The SHA-256 of the controller's TLS certificate: when set, the
+    /// connection uses TLS and accepts that certificate only.
+    pub tls_sha256: Option<[u8; 32]>,
     /// Builtin functions this agent offers.
     pub builtins: Builtins,
 }
@@ -105,7 +110,8 @@ impl AgentExit {
 
 impl AgentConfig {
     /// Reads the connection settings from the environment:
-    /// `CREW_CONNECT`, `CREW_LAUNCH`, `CREW_TOKEN`, and the index from
+    /// `CREW_CONNECT`, `CREW_LAUNCH`, `CREW_TOKEN`, `CREW_TLS_SHA256` (TLS
+    /// with that certificate when set), and the index from
     /// `CREW_INDEX`, else `CREW_INDEX_BASE` + `AWS_BATCH_JOB_ARRAY_INDEX`
     /// (each 0 when unset).
     /// `connect` and `token`, when given, take precedence (command-line
@@ -128,7 +134,14 @@ impl AgentConfig {
             Some(_) => number(ENV_INDEX)?,
             None => number(ENV_INDEX_BASE)?.saturating_add(number("AWS_BATCH_JOB_ARRAY_INDEX")?),
         };
-        Ok(Self { connect, launch, index, token, builtins })
+        let tls_sha256 = match var(ENV_TLS_SHA256) {
+            Some(pin) => Some(
+                crate::tls::parse_fingerprint(&pin)
+                    .map_err(|e| AgentError::Config(format!("{ENV_TLS_SHA256}: {e}")))?,
+            ),
+            None => None,
+        };
+        Ok(Self { connect, launch, index, token, tls_sha256, builtins })
     }
 }
 
@@ -236,6 +249,38 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentExit, AgentError> {
     die_with_parent()?;
     let mut stream = connect(&cfg.connect).await?;
     let _ = stream.set_nodelay(true);
+    match cfg.tls_sha256 {
+        None => {
+            let (rd, wr) = stream.split();
+            run_on(&cfg, rd, wr).await
+        }
+        Some(pin) => {
+            let connector = crate::tls::connector(pin).map_err(|e| AgentError::Handshake(e.to_string()))?;
+            let tls = tokio::time::timeout(HANDSHAKE_LIMIT, connector.connect(crate::tls::server_name(), stream))
+                .await
+                .map_err(|_| AgentError::Handshake(format!("no TLS handshake within {HANDSHAKE_LIMIT:?}")))?
+                .map_err(|e| {
+                    AgentError::Handshake(format!(
+                        "TLS with the controller at {} failed: {e} (a certificate error means that what \
+                         answers there is not the controller whose fingerprint is in {ENV_TLS_SHA256})",
+                        cfg.connect
+                    ))
+                })?;
+            let (rd, wr) = tokio::io::split(tls);
+            run_on(&cfg, rd, wr).await
+        }
+    }
+}
+
+/// How long the controller has to answer the handshake.
+const HANDSHAKE_LIMIT: Duration = Duration::from_secs(30);
+
+/// The agent over an established connection (plain TCP or TLS).
+async fn run_on<R, W>(cfg: &AgentConfig, mut rd: R, mut wr: W) -> Result<AgentExit, AgentError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut out = BytesMut::with_capacity(16 * 1024);
     let hello = AgentMsg::Hello {
         version: PROTOCOL_VERSION,
@@ -246,24 +291,24 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentExit, AgentError> {
         host: hostname(),
     };
     protocol::encode(&hello, &mut out).map_err(|e| AgentError::Handshake(e.to_string()))?;
-    stream.write_all(&out).await.map_err(|e| AgentError::Handshake(e.to_string()))?;
+    write_out(&mut wr, &out).await.map_err(|e| AgentError::Handshake(e.to_string()))?;
     out.clear();
     let mut inbuf = BytesMut::with_capacity(64 * 1024);
-    let welcome = tokio::time::timeout(Duration::from_secs(30), async {
+    let welcome = tokio::time::timeout(HANDSHAKE_LIMIT, async {
         loop {
             if let Some(m) =
                 protocol::decode::<ControllerMsg>(&mut inbuf).map_err(|e| AgentError::Handshake(e.to_string()))?
             {
                 return Ok::<_, AgentError>(m);
             }
-            let n = stream.read_buf(&mut inbuf).await.map_err(|e| AgentError::Handshake(e.to_string()))?;
+            let n = rd.read_buf(&mut inbuf).await.map_err(|e| AgentError::Handshake(e.to_string()))?;
             if n == 0 {
                 return Err(AgentError::Handshake("the controller closed the connection".into()));
             }
         }
     })
     .await
-    .map_err(|_| AgentError::Handshake("no answer from the controller within 30s".into()))??;
+    .map_err(|_| AgentError::Handshake(format!("no answer from the controller within {HANDSHAKE_LIMIT:?}")))??;
     let (slot, idle_timeout, tasks_max, heartbeat, store_url) = match welcome {
         ControllerMsg::Welcome { version, slot, idle_timeout, tasks_max, heartbeat, store } => {
             if version != PROTOCOL_VERSION {
@@ -287,20 +332,31 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentExit, AgentError> {
         }
     }
     let ctx = Arc::new(ctx);
-    let exit = serve(&mut stream, inbuf, &ctx, idle_timeout, tasks_max, heartbeat).await;
+    let exit = serve(&mut rd, &mut wr, inbuf, &ctx, idle_timeout, tasks_max, heartbeat).await;
     info!(%slot, ?exit, "agent exiting");
     Ok(exit)
 }
 
-async fn serve(
-    stream: &mut TcpStream,
+/// Writes `out` whole and flushes it (a TLS stream holds written data until
+/// flushed; for TCP the flush is free).
+async fn write_out<W: AsyncWrite + Unpin>(wr: &mut W, out: &[u8]) -> std::io::Result<()> {
+    wr.write_all(out).await?;
+    wr.flush().await
+}
+
+async fn serve<R, W>(
+    rd: &mut R,
+    wr: &mut W,
     mut inbuf: BytesMut,
     ctx: &Arc<ExecContext>,
     idle_timeout: Option<Duration>,
     tasks_max: Option<u32>,
     heartbeat: Duration,
-) -> AgentExit {
-    let (mut rd, mut wr) = stream.split();
+) -> AgentExit
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let mut out = BytesMut::with_capacity(16 * 1024);
     let mut queue: VecDeque<Box<RunJob>> = VecDeque::new();
     let mut running: Option<Running> = None;
@@ -382,7 +438,7 @@ async fn serve(
             // run it again). Builtins run in-process, so their results still
             // go out in batches.
             if !out.is_empty() && !matches!(run.spec.command, Command::Builtin { .. }) {
-                if let Err(e) = wr.write_all(&out).await {
+                if let Err(e) = write_out(wr, &out).await {
                     queue.push_front(run);
                     leaving = Some(AgentExit::ControllerLost(format!("write failed: {e}")));
                     out.clear();
@@ -420,13 +476,13 @@ async fn serve(
         }
         if fut.is_none() {
             if let Some(exit) = leaving.take() {
-                let _ = wr.write_all(&out).await;
-                let _ = wr.flush().await;
+                let _ = write_out(wr, &out).await;
+                let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
                 return exit;
             }
         }
         if !out.is_empty() {
-            if let Err(e) = wr.write_all(&out).await {
+            if let Err(e) = write_out(wr, &out).await {
                 leaving = Some(AgentExit::ControllerLost(format!("write failed: {e}")));
                 out.clear();
                 continue;

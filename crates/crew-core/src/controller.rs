@@ -19,7 +19,13 @@
 //! **Security:** the listener binds to loopback unless told otherwise; each
 //! launch has a fresh secret, each member may use it once (with its index),
 //! and only while its slot waits for exactly that launch. Secrets never
-//! appear in logs (`Secret` redacts itself) or on command lines.
+//! appear in logs (`Secret` redacts itself) or on command lines. A
+//! controller that listens beyond loopback (or is told to, [`TlsMode`])
+//! speaks TLS with an ephemeral certificate its agents pin ([`crate::tls`]);
+//! plaintext is then accepted from loopback peers only, so that local
+//! workers keep the fast path. A TLS connection is unwrapped by a task of
+//! its own into one end of a socket pair, and the other end goes through
+//! the same non-blocking code as a plain TCP connection.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
@@ -29,7 +35,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -41,7 +47,10 @@ use crate::scheduler::{Action, Counts, Scheduler, SlotConfig, SlotFilter, SlotId
 use crate::seed::job_seed;
 use crate::store::Store;
 use crate::tags::Tags;
-use crate::worker::{ENV_CONNECT, ENV_LAUNCH, ENV_TOKEN, Handle, LaunchMember, LaunchSpec, Liveness, Secret, Worker};
+use crate::tls::ControllerTls;
+use crate::worker::{
+    ENV_CONNECT, ENV_LAUNCH, ENV_TLS_SHA256, ENV_TOKEN, Handle, LaunchMember, LaunchSpec, Liveness, Secret, Worker,
+};
 
 /// How the controller starts an agent: a program and its arguments. The
 /// connection details and the secret are added to its environment.
@@ -72,8 +81,12 @@ pub struct ControllerConfig {
     /// Where to listen for agents (loopback and a free port by default).
     pub listen: SocketAddr,
     /// The address agents dial, when it differs from the listening one (a
-    /// NAT, a wildcard bind). Defaults to the bound address.
+    /// NAT, a wildcard bind): `host:port`, or a bare host to which the bound
+    /// port is added. Defaults to the bound address. Agents of classes that
+    /// reach loopback dial loopback instead when the listener takes it.
     pub advertise: Option<String>,
+    /// When agent connections use TLS.
+    pub tls: TlsMode,
     /// How agents are started.
     pub agent: AgentCommand,
     /// The crew seed; per-job seeds derive from it and the job names.
@@ -95,6 +108,29 @@ pub struct ControllerConfig {
     /// controller's lock held, so it must be quick and must not call back
     /// into the controller.
     pub observer: Option<Arc<dyn Observer>>,
+}
+
+/// When agent connections use TLS.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TlsMode {
+    /// TLS when the controller listens beyond loopback; plaintext from
+    /// loopback peers stays allowed (local workers dial loopback).
+    #[default]
+    Auto,
+    /// TLS for every agent connection, loopback ones included.
+    Always,
+}
+
+impl std::str::FromStr for TlsMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "always" => Ok(Self::Always),
+            _ => Err(format!("{s:?} is not a TLS mode: use auto (TLS beyond loopback) or always")),
+        }
+    }
 }
 
 /// Hooks for a program that keeps its own record of the controller's work
@@ -121,6 +157,7 @@ impl ControllerConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             advertise: None,
+            tls: TlsMode::Auto,
             agent,
             seed: 0,
             store: None,
@@ -162,6 +199,9 @@ pub enum ControllerError {
     /// Invalid recruit request.
     #[error("invalid recruit request: {0}")]
     Recruit(String),
+    /// TLS could not be set up.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// A recruit request: `count` slots of one class.
@@ -232,6 +272,15 @@ pub struct StatusReport {
     pub ready: usize,
 }
 
+/// Whether `addr` ends with a port (`host:port`, `[v6]:port`), as opposed to
+/// a bare host name or address.
+fn has_port(addr: &str) -> bool {
+    match addr.rsplit_once(':') {
+        Some((host, port)) => port.parse::<u16>().is_ok() && (addr.starts_with('[') || !host.contains(':')),
+        None => false,
+    }
+}
+
 /// Whether agents given `addr` (`host:port`) would dial this machine's
 /// loopback interface.
 fn dials_loopback(addr: &str) -> bool {
@@ -279,6 +328,11 @@ struct Shared {
     timer_wake: Notify,
     addr: SocketAddr,
     advertise: String,
+    /// What agents of classes that reach loopback dial, when the listener
+    /// takes loopback connections and plaintext is allowed from there.
+    loopback: Option<String>,
+    /// Set when agent connections use TLS.
+    tls: Option<ControllerTls>,
     config: ControllerConfig,
     epoch: Instant,
     stop: CancellationToken,
@@ -327,7 +381,7 @@ struct Conn {
     slot: SlotId,
     /// The slot's name, for logs.
     name: String,
-    stream: Arc<TcpStream>,
+    stream: Arc<Link>,
     out: Mutex<BytesMut>,
     writer_wake: Notify,
     closed: CancellationToken,
@@ -397,9 +451,26 @@ impl Controller {
             .await
             .map_err(|source| ControllerError::Listen { addr: config.listen, source })?;
         let addr = listener.local_addr().map_err(|source| ControllerError::Listen { addr: config.listen, source })?;
-        let advertise = config.advertise.clone().unwrap_or_else(|| addr.to_string());
-        if !addr.ip().is_loopback() {
-            warn!(%addr, "listening beyond loopback: agent connections are authenticated but not encrypted");
+        let advertise = match &config.advertise {
+            None => addr.to_string(),
+            Some(a) if has_port(a) => a.clone(),
+            Some(host) if host.contains(':') && !host.starts_with('[') => format!("[{host}]:{}", addr.port()),
+            Some(host) => format!("{host}:{}", addr.port()),
+        };
+        let tls = match config.tls {
+            TlsMode::Always => true,
+            TlsMode::Auto => !addr.ip().is_loopback(),
+        };
+        let tls = if tls { Some(ControllerTls::generate()?) } else { None };
+        let loopback = match (config.tls, addr.ip()) {
+            (TlsMode::Always, _) => None,
+            (_, ip) if ip.is_loopback() => Some(addr.to_string()),
+            (_, std::net::IpAddr::V4(ip)) if ip.is_unspecified() => Some(format!("127.0.0.1:{}", addr.port())),
+            (_, std::net::IpAddr::V6(ip)) if ip.is_unspecified() => Some(format!("[::1]:{}", addr.port())),
+            _ => None,
+        };
+        if let Some(tls) = &tls {
+            info!(%addr, fingerprint = tls.fingerprint(), "agent connections use TLS (agents pin this certificate)");
         }
         let shared = Arc::new(Shared {
             core: Mutex::new(Core {
@@ -419,6 +490,8 @@ impl Controller {
             timer_wake: Notify::new(),
             addr,
             advertise,
+            loopback,
+            tls,
             config,
             epoch: Instant::now(),
             stop: CancellationToken::new(),
@@ -430,9 +503,35 @@ impl Controller {
         Ok(Self { shared })
     }
 
-    /// The address agents connect to.
+    /// The address the controller listens on.
     pub fn addr(&self) -> SocketAddr {
         self.shared.addr
+    }
+
+    /// The address agents of classes that run elsewhere dial.
+    pub fn advertised(&self) -> &str {
+        &self.shared.advertise
+    }
+
+    /// The SHA-256 of the TLS certificate agents pin, when agent
+    /// connections use TLS.
+    pub fn tls_fingerprint(&self) -> Option<&str> {
+        self.shared.tls.as_ref().map(ControllerTls::fingerprint)
+    }
+
+    /// What is wrong with recruiting `class` here, if something is: its
+    /// workers run elsewhere but would be told a loopback address. The
+    /// recruit goes ahead (the address may be tunnelled); callers show the
+    /// warning to the user.
+    pub fn reach_warning(&self, class: &dyn Worker) -> Option<String> {
+        (!class.capabilities().reaches_loopback && dials_loopback(&self.shared.advertise)).then(|| {
+            format!(
+                "workers of class {} run elsewhere and cannot dial {}, a loopback address: listen on an \
+                 address they reach and advertise it (crew.toml [daemon] listen/advertise, CREW_LISTEN/CREW_ADVERTISE)",
+                class.class(),
+                self.shared.advertise
+            )
+        })
     }
 
     /// Adds slots (down until needed); returns their names.
@@ -450,13 +549,8 @@ impl Controller {
             return Err(ControllerError::Recruit("the launch timeout must be greater than zero".into()));
         }
         req.class.check_options(&req.options).map_err(|e| ControllerError::Recruit(e.to_string()))?;
-        if !req.class.capabilities().reaches_loopback && dials_loopback(&self.shared.advertise) {
-            warn!(
-                class = req.class.class(),
-                address = %self.shared.advertise,
-                "the workers of this class run elsewhere and cannot dial a loopback address: \
-                 listen on an address they reach and advertise it (crew.toml [daemon] listen/advertise)"
-            );
+        if let Some(warning) = self.reach_warning(req.class.as_ref()) {
+            warn!("{warning}");
         }
         let shared = &self.shared;
         let mut core = lock(&shared.core);
@@ -878,7 +972,17 @@ impl Shared {
                 core.next_launch += 1;
                 let secret = Secret::random();
                 let mut env = BTreeMap::new();
-                env.insert(ENV_CONNECT.to_owned(), self.advertise.clone());
+                match (&self.loopback, class.capabilities().reaches_loopback) {
+                    (Some(loopback), true) => {
+                        env.insert(ENV_CONNECT.to_owned(), loopback.clone());
+                    }
+                    _ => {
+                        env.insert(ENV_CONNECT.to_owned(), self.advertise.clone());
+                        if let Some(tls) = &self.tls {
+                            env.insert(ENV_TLS_SHA256.to_owned(), tls.fingerprint().to_owned());
+                        }
+                    }
+                }
                 env.insert(ENV_LAUNCH.to_owned(), id.to_string());
                 env.insert(ENV_TOKEN.to_owned(), secret.expose().to_owned());
                 let members = chunk
@@ -1124,7 +1228,12 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
         match accepted {
             Ok((stream, peer)) => {
                 let shared = shared.clone();
-                tokio::spawn(async move { serve_connection(shared, stream, peer).await });
+                tokio::spawn(async move {
+                    let _ = stream.set_nodelay(true);
+                    if let Some(link) = open_link(&shared, stream, peer).await {
+                        serve_connection(shared, link, peer).await;
+                    }
+                });
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off, keep going.
@@ -1135,8 +1244,114 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     }
 }
 
-async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
-    let _ = stream.set_nodelay(true);
+/// The first byte of a TLS connection (a handshake record); a crew frame
+/// starts with the high byte of its length, 0 below 16 MiB.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// Sorts a new connection out: plaintext as it is where allowed, TLS
+/// unwrapped into a socket pair; `None` when it was refused (logged).
+async fn open_link(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) -> Option<Link> {
+    let Some(tls) = &shared.tls else { return Some(Link::Tcp(stream)) };
+    let mut first = [0u8; 1];
+    let limit = shared.config.hello_timeout;
+    match tokio::time::timeout(limit, stream.peek(&mut first)).await {
+        Ok(Ok(1)) => {}
+        Ok(Ok(_)) => return None,
+        Ok(Err(e)) => {
+            debug!(%peer, "connection failed before its first byte: {e}");
+            return None;
+        }
+        Err(_) => {
+            warn!(%peer, "rejected a worker connection: nothing sent within {limit:?}");
+            return None;
+        }
+    }
+    if first[0] != TLS_HANDSHAKE_RECORD {
+        if shared.loopback.is_some() && peer.ip().is_loopback() {
+            return Some(Link::Tcp(stream));
+        }
+        let reason = "this controller takes TLS connections only from there; the agent needs the \
+                      certificate fingerprint in CREW_TLS_SHA256 (set by the controller at launch)";
+        warn!(%peer, "rejected a plaintext worker connection: {reason}");
+        let mut out = BytesMut::new();
+        if protocol::encode(&ControllerMsg::Reject { reason: reason.to_owned() }, &mut out).is_ok() {
+            let _ = stream.try_write(&out);
+        }
+        return None;
+    }
+    let tls_stream = match tokio::time::timeout(limit, tls.acceptor().accept(stream)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            warn!(%peer, "rejected a worker connection: TLS handshake failed: {e}");
+            return None;
+        }
+        Err(_) => {
+            warn!(%peer, "rejected a worker connection: no TLS handshake within {limit:?}");
+            return None;
+        }
+    };
+    let (ours, theirs) = match UnixStream::pair() {
+        Ok(pair) => pair,
+        Err(e) => {
+            warn!(%peer, "could not serve a TLS connection: {e}");
+            return None;
+        }
+    };
+    tokio::spawn(relay(tls_stream, ours, shared.stop.clone()));
+    Some(Link::Unix(theirs))
+}
+
+/// Moves bytes between a TLS connection and its plaintext socket until
+/// either side closes.
+async fn relay(mut tls: tokio_rustls::server::TlsStream<TcpStream>, mut plain: UnixStream, stop: CancellationToken) {
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut tls, &mut plain) => {
+            if let Err(e) = r {
+                debug!("TLS relay ended: {e}");
+            }
+        }
+        _ = stop.cancelled() => {}
+    }
+}
+
+/// An agent connection as the controller reads and writes it: the TCP
+/// socket itself, or the plaintext end of a TLS relay.
+enum Link {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Link {
+    async fn readable(&self) -> std::io::Result<()> {
+        match self {
+            Link::Tcp(s) => s.readable().await,
+            Link::Unix(s) => s.readable().await,
+        }
+    }
+
+    async fn writable(&self) -> std::io::Result<()> {
+        match self {
+            Link::Tcp(s) => s.writable().await,
+            Link::Unix(s) => s.writable().await,
+        }
+    }
+
+    fn try_read_buf(&self, buf: &mut BytesMut) -> std::io::Result<usize> {
+        match self {
+            Link::Tcp(s) => s.try_read_buf(buf),
+            Link::Unix(s) => s.try_read_buf(buf),
+        }
+    }
+
+    fn try_write(&self, data: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Link::Tcp(s) => s.try_write(data),
+            Link::Unix(s) => s.try_write(data),
+        }
+    }
+}
+
+async fn serve_connection(shared: Arc<Shared>, stream: Link, peer: SocketAddr) {
     let stream = Arc::new(stream);
     let mut buf = BytesMut::with_capacity(64 * 1024);
     // The handshake: one hello within the timeout.
@@ -1425,7 +1640,17 @@ impl Shared {
 
 #[cfg(test)]
 mod tests {
-    use super::dials_loopback;
+    use super::{dials_loopback, has_port};
+
+    #[test]
+    fn advertised_addresses_with_and_without_a_port() {
+        for addr in ["h:7000", "10.0.0.5:1", "[::1]:7000", "[2001:db8::1]:80"] {
+            assert!(has_port(addr), "{addr}");
+        }
+        for addr in ["h", "10.0.0.5", "::1", "2001:db8::1", "[::1]", "h:port", "h:70000"] {
+            assert!(!has_port(addr), "{addr}");
+        }
+    }
 
     #[test]
     fn loopback_addresses_are_recognised() {

@@ -64,7 +64,7 @@ use crate::job::{Command, JobId, JobSpec};
 use crate::output::{Captured, Status, Timestamp};
 use crate::staging::{self, StoredObject};
 use crate::store::{Store, StoreKey};
-use crate::worker::{ENV_CONNECT, ENV_INDEX, ENV_LAUNCH, ENV_PARENT_PID, ENV_TOKEN};
+use crate::worker::{ENV_CONNECT, ENV_INDEX, ENV_LAUNCH, ENV_PARENT_PID, ENV_TLS_SHA256, ENV_TOKEN};
 
 /// What the agent reports for one attempt of a job. The controller adds the
 /// job's identity, slot, class, attempt and seed to make an
@@ -113,7 +113,7 @@ pub const SHELL: &str = "/bin/sh";
 /// Variables the agent itself receives to connect to its controller. They are
 /// removed from every job's environment: the launch secret must never reach
 /// a job.
-pub const AGENT_ONLY_ENV: [&str; 5] = [ENV_TOKEN, ENV_LAUNCH, ENV_CONNECT, ENV_INDEX, ENV_PARENT_PID];
+pub const AGENT_ONLY_ENV: [&str; 6] = [ENV_TOKEN, ENV_LAUNCH, ENV_CONNECT, ENV_INDEX, ENV_PARENT_PID, ENV_TLS_SHA256];
 
 /// Names of the capture files in the scratch folder.
 const STDOUT_FILE: &str = "stdout";

@@ -15,6 +15,8 @@
 //!   compiled into the agent);
 //! - [`staging`]: job inputs and outputs through the store (content
 //!   addressing, verified transfers);
+//! - [`tls`]: encrypted agent connections beyond loopback (a pinned,
+//!   ephemeral certificate);
 //! - behind the `conformance` feature, the test suite every `Worker` and
 //!   `Store` implementation runs against itself.
 //!
@@ -38,6 +40,7 @@ mod spawn;
 pub mod staging;
 pub mod store;
 pub mod tags;
+pub mod tls;
 pub mod worker;
 
 pub use job::{Command, JobId, JobSpec};

@@ -29,6 +29,10 @@ pub const ENV_INDEX_BASE: &str = "CREW_INDEX_BASE";
 /// processes sets to its pid: the agent then exits when that process dies
 /// (a parent-death signal on Linux), even if it was killed with SIGKILL.
 pub const ENV_PARENT_PID: &str = "CREW_PARENT_PID";
+/// Environment variable carrying the SHA-256 of the controller's TLS
+/// certificate: when set, the agent connects with TLS and accepts only that
+/// certificate ([`crate::tls`]).
+pub const ENV_TLS_SHA256: &str = "CREW_TLS_SHA256";
 
 /// A secret, redacted in `Debug` and `Display` so that it never reaches a log.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]

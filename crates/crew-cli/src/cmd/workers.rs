@@ -58,6 +58,9 @@ struct RecruitBody {
 #[derive(Serialize, Deserialize)]
 struct Recruited {
     slots: Vec<String>,
+    /// What may keep the slots from working (an older daemon sends none).
+    #[serde(default)]
+    warnings: Vec<String>,
 }
 
 pub(crate) fn recruit(ctx: &Ctx, args: RecruitArgs) -> Result<u8, Failure> {
@@ -85,6 +88,9 @@ pub(crate) fn recruit(ctx: &Ctx, args: RecruitArgs) -> Result<u8, Failure> {
         options,
     };
     let answer: Recruited = ctx.client()?.post("/v1/recruit", &body).map_err(api)?;
+    for w in &answer.warnings {
+        eprintln!("crew: warning: {w}");
+    }
     if args.json {
         print_json(&answer)?;
     } else {

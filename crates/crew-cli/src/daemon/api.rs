@@ -396,6 +396,9 @@ fn health(d: &Daemon) -> Value {
         "version": env!("CARGO_PKG_VERSION"),
         "dir": d.dir,
         "store": d.store.url(),
+        "listen": d.controller.addr().to_string(),
+        "advertise": d.controller.advertised(),
+        "tls_sha256": d.controller.tls_fingerprint(),
     })
 }
 
@@ -476,6 +479,7 @@ fn recruit(d: &Daemon, r: RecruitReq) -> Answer {
     if let Some(n) = r.prefetch.or(def.prefetch) {
         limits.prefetch = n;
     }
+    let warnings: Vec<String> = d.controller.reach_warning(class.as_ref()).into_iter().collect();
     let mut req = Recruit::new(class, r.workers);
     req.tags = tags("tags", r.tags)?.unwrap_or_default();
     req.limits = limits;
@@ -489,7 +493,7 @@ fn recruit(d: &Daemon, r: RecruitReq) -> Answer {
     };
     let slots = d.controller.recruit(req).map_err(ApiError::from_controller)?;
     d.journal(&[record], true)?;
-    Ok(json!({"slots": slots}))
+    Ok(json!({"slots": slots, "warnings": warnings}))
 }
 
 #[derive(Deserialize)]

@@ -90,6 +90,12 @@ fn recruit_aws_batch_workers_and_run_jobs_on_them() {
     let out = crew_in(d, &mark, &recruit);
     assert_eq!(out.code(), Some(0), "{out}");
     assert_eq!(out.stdout.lines().count(), 3, "{out}");
+    // The daemon listens on loopback, which Batch workers cannot dial (the
+    // emulator's can): accepted, with a warning that says what to set.
+    assert!(
+        out.stderr.contains("crew: warning:") && out.stderr.contains("aws-batch") && out.stderr.contains("advertise"),
+        "{out}"
+    );
     // Started together: one array job of three.
     let out = crew_in(d, &mark, &["launch", "--tags", "cloud", "--workers", "3"]);
     assert_eq!(out.code(), Some(0), "{out}");

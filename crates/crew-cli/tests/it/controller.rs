@@ -35,7 +35,7 @@ impl Write for LogWriter {
 
 /// Installs the capturing subscriber (once: it is global, since the
 /// controller logs from runtime threads).
-fn capture_logs() {
+pub(crate) fn capture_logs() {
     static ONCE: OnceLock<()> = OnceLock::new();
     ONCE.get_or_init(|| {
         let subscriber = tracing_subscriber::fmt()
@@ -47,12 +47,12 @@ fn capture_logs() {
     });
 }
 
-fn logs() -> String {
+pub(crate) fn logs() -> String {
     String::from_utf8_lossy(&LOGS.lock().unwrap_or_else(std::sync::PoisonError::into_inner)).into_owned()
 }
 
 /// Polls `cond` (async) every 20 ms until it holds or `timeout` passes.
-async fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+pub(crate) async fn eventually(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = tokio::time::Instant::now() + timeout;
     while !cond() {
         if tokio::time::Instant::now() >= deadline {
@@ -78,7 +78,7 @@ async fn controller(mark: &str, delay_2: Duration) -> Controller {
 }
 
 /// The value of `var` in the environment of `pid`.
-fn env_of(pid: u32, var: &str) -> Option<String> {
+pub(crate) fn env_of(pid: u32, var: &str) -> Option<String> {
     let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
     let prefix = format!("{var}=");
     environ.split(|&c| c == 0).find_map(|e| {
@@ -89,14 +89,14 @@ fn env_of(pid: u32, var: &str) -> Option<String> {
 
 /// What a hostile client saw: the frames it received before the end.
 #[derive(Debug)]
-struct Seen {
-    frames: Vec<ControllerMsg>,
-    end: String,
+pub(crate) struct Seen {
+    pub(crate) frames: Vec<ControllerMsg>,
+    pub(crate) end: String,
 }
 
 /// Connects, sends `payload`, and reads until the controller closes the
 /// connection (or `limit` passes: then `end` says so).
-async fn attack(addr: std::net::SocketAddr, payload: Vec<u8>, limit: Duration) -> (u16, Seen) {
+pub(crate) async fn attack(addr: std::net::SocketAddr, payload: Vec<u8>, limit: Duration) -> (u16, Seen) {
     let mut stream = TcpStream::connect(addr).await.expect("connect to the controller");
     let port = stream.local_addr().expect("local address").port();
     if !payload.is_empty() {
@@ -125,7 +125,7 @@ async fn attack(addr: std::net::SocketAddr, payload: Vec<u8>, limit: Duration) -
     (port, Seen { frames, end })
 }
 
-fn hello(launch: &str, token: &str) -> Vec<u8> {
+pub(crate) fn hello(launch: &str, token: &str) -> Vec<u8> {
     let mut buf = BytesMut::new();
     let msg = AgentMsg::Hello {
         version: PROTOCOL_VERSION,

@@ -18,3 +18,4 @@ mod s3_faults;
 mod session;
 mod staging;
 mod support;
+mod tls;

@@ -3,7 +3,9 @@
 //! slots (tagged `onprem`); a hundred jobs with inputs and outputs and mixed
 //! tags each run on a slot whose tags include theirs, their outputs land in
 //! the bucket, `crew fetch` brings one back, and `crew down` leaves no Batch
-//! job of crew's running or waiting to run.
+//! job of crew's running or waiting to run. The daemon listens beyond
+//! loopback, as it must for Batch: the Batch workers connect with TLS,
+//! pinning the daemon's certificate, while the local ones dial loopback.
 //!
 //! Needs the emulator for S3 and Batch (`CREW_TEST_S3_ENDPOINT` and
 //! `CREW_TEST_AWS_ENDPOINT`, set by `cargo xtask ci` and `cargo xtask emu
@@ -60,6 +62,28 @@ fn unfinished_batch_jobs(endpoint: &str, queue: &str) -> Vec<(String, String, St
     jobs
 }
 
+/// The environments of the processes told to dial the controller on `port`
+/// (agents, not their jobs: those lose the connection variables).
+fn agents_dialing(port: u16) -> Vec<(u32, HashMap<String, String>)> {
+    let suffix = format!(":{port}");
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(raw) = std::fs::read(format!("/proc/{pid}/environ")) else { continue };
+        let env: HashMap<String, String> = raw
+            .split(|&c| c == 0)
+            .filter_map(|kv| {
+                let kv = String::from_utf8_lossy(kv);
+                kv.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned()))
+            })
+            .collect();
+        if env.get("CREW_CONNECT").is_some_and(|c| c.ends_with(&suffix)) && env.contains_key("CREW_LAUNCH") {
+            found.push((pid, env));
+        }
+    }
+    found
+}
+
 #[test]
 fn mixed_aws_batch_and_local_workers_share_an_s3_store_and_down_leaves_no_batch_job() {
     let test = "mixed_aws_batch_and_local_workers_share_an_s3_store_and_down_leaves_no_batch_job";
@@ -104,7 +128,17 @@ fn mixed_aws_batch_and_local_workers_share_an_s3_store_and_down_leaves_no_batch_
     let _down = OnDrop(&stop);
 
     let store = format!("s3://{bucket}/mixed");
-    ok(&["up", "--store", &store], DEADLINE);
+    // Beyond loopback, advertising an address the emulator's "containers"
+    // reach (the bound port is added).
+    let mut up = aws_crew(d, &mark, &endpoint, &["up", "--store", &store, "--json"]);
+    up.env("CREW_LISTEN", "0.0.0.0:0").env("CREW_ADVERTISE", "127.0.0.1");
+    let up = run(up, None, DEADLINE);
+    assert_eq!(up.code(), Some(0), "{up}");
+    let health: serde_json::Value = serde_json::from_str(up.stdout.trim()).expect("up --json");
+    let fingerprint = health["tls_sha256"].as_str().unwrap_or_else(|| panic!("TLS is on beyond loopback: {up}"));
+    let listen: std::net::SocketAddr = health["listen"].as_str().and_then(|a| a.parse().ok()).expect("listen");
+    let advertised = format!("127.0.0.1:{}", listen.port());
+    assert_eq!(health["advertise"], advertised.as_str(), "{up}");
     let opt_def = format!("job-definition={def}");
     let opt_endpoint = format!("endpoint={batch_endpoint}");
     let cloud = ok(
@@ -126,6 +160,8 @@ fn mixed_aws_batch_and_local_workers_share_an_s3_store_and_down_leaves_no_batch_
         DEADLINE,
     );
     assert_eq!(cloud.stdout.lines().count(), 4, "{cloud}");
+    // Real Batch workers could not dial loopback (the emulator's can).
+    assert!(cloud.stderr.contains("crew: warning:") && cloud.stderr.contains(&advertised), "{cloud}");
     let onprem = ok(&["recruit", "--workers", "2", "--class", "local", "--tags", "onprem"], DEADLINE);
     assert_eq!(onprem.stdout.lines().count(), 2, "{onprem}");
 
@@ -208,6 +244,21 @@ fn mixed_aws_batch_and_local_workers_share_an_s3_store_and_down_leaves_no_batch_
         by_name.insert(name, r.clone());
     }
     assert!(!batch_ids.is_empty(), "no Batch job seen in crew status: {slot_tags:?}");
+
+    // The agents still up: Batch ones were given the pin (so they spoke
+    // TLS), local ones loopback and no pin.
+    let (mut batch_agents, mut local_agents) = (0, 0);
+    for (pid, env) in agents_dialing(listen.port()) {
+        if env.contains_key("AWS_BATCH_JOB_ID") {
+            batch_agents += 1;
+            assert_eq!(env.get("CREW_TLS_SHA256").map(String::as_str), Some(fingerprint), "agent {pid}: {env:?}");
+        } else {
+            local_agents += 1;
+            assert_eq!(env.get("CREW_TLS_SHA256"), None, "agent {pid}: {env:?}");
+        }
+        assert_eq!(env.get("CREW_CONNECT"), Some(&advertised), "agent {pid}");
+    }
+    assert!(batch_agents > 0 && local_agents > 0, "agents seen: {batch_agents} Batch, {local_agents} local");
 
     // The outputs are objects in the bucket, under the prefix.
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
