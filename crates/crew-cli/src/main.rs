@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod aws_batch;
 mod client;
 mod cmd;
 mod config;
@@ -58,6 +59,9 @@ enum Command {
     Daemon(daemon::DaemonArgs),
     #[command(flatten)]
     Client(cmd::ClientCommand),
+    /// Set up AWS Batch for the `aws-batch` class (e.g. register a job
+    /// definition for crew workers).
+    AwsBatch(aws_batch::AwsBatchArgs),
 }
 
 /// An error with the exit status it maps to.
@@ -109,6 +113,10 @@ fn main() -> ExitCode {
             daemon::main(args)
         }
         Command::Client(command) => cmd::main(cli.dir, command),
+        Command::AwsBatch(args) => {
+            init_logging("warn");
+            aws_batch::main(args)
+        }
     };
     match result {
         Ok(code) => ExitCode::from(code),

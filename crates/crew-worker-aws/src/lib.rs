@@ -27,6 +27,9 @@
 //! from `CREW_AWS_*` variables. Clients come from aws-config's standard
 //! chain (environment, profile, SSO, process credentials, IMDS/ECS), with
 //! the `region` and `endpoint` options (or `AWS_ENDPOINT_URL`) on top.
+//!
+//! [`definition`] registers job definitions fit for the class (`crew
+//! aws-batch register-definition`), with clients built the same way.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -34,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use aws_sdk_batch::Client;
-use aws_sdk_batch::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_batch::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_batch::types::{
     ArrayProperties, ContainerOverrides, JobDetail, JobStatus, JobTimeout, KeyValuePair, ResourceRequirement,
     ResourceType,
@@ -45,7 +48,9 @@ use crew_core::worker::{
 use futures::StreamExt;
 use tracing::{debug, warn};
 
+pub mod definition;
 mod options;
+pub use definition::{DefinitionError, DefinitionRequest, register_definition};
 pub use options::{BatchOptions, DEFAULT_WALL_GRACE, ENV_PREFIX, KEYS, env_defaults, env_name, parse_memory};
 
 /// The class name.
@@ -187,27 +192,12 @@ impl AwsBatchWorker {
         if let Some(c) = clients.get(key) {
             return Ok(c.clone());
         }
-        // Bounded calls: a probe round holds the class's round lock.
-        let timeouts = aws_config::timeout::TimeoutConfig::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .operation_attempt_timeout(Duration::from_secs(20))
-            .operation_timeout(Duration::from_secs(60))
-            .build();
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).timeout_config(timeouts);
-        if let Some(region) = &key.0 {
-            loader = loader.region(aws_config::Region::new(region.clone()));
-        }
-        if let Some(endpoint) = &key.1 {
-            loader = loader.endpoint_url(endpoint.clone());
-        }
-        let config = loader.load().await;
-        if config.region().is_none() {
+        let Some(client) = load_client(key.0.as_deref(), key.1.as_deref()).await else {
             return Err(WorkerError::Options {
                 class: CLASS.to_owned(),
                 message: "no AWS region: pass --opt region=..., or set AWS_REGION or a profile's region".to_owned(),
             });
-        }
-        let client = Client::new(&config);
+        };
         clients.insert(key.clone(), client.clone());
         Ok(client)
     }
@@ -416,14 +406,68 @@ fn exit_reason(job: &JobDetail) -> String {
     reason
 }
 
+/// A Batch client from aws-config's standard chain (environment, profile,
+/// SSO, process credentials, IMDS/ECS) with `region` and `endpoint` on top
+/// (`AWS_ENDPOINT_URL` also works), with bounded timeouts; `None` when no
+/// region is found. The class's clients and [`definition::connect`] are
+/// built here, so both read the same settings.
+pub(crate) async fn load_client(region: Option<&str>, endpoint: Option<&str>) -> Option<Client> {
+    // Bounded calls: a probe round holds the class's round lock.
+    let timeouts = aws_config::timeout::TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .operation_attempt_timeout(Duration::from_secs(20))
+        .operation_timeout(Duration::from_secs(60))
+        .build();
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).timeout_config(timeouts);
+    if let Some(region) = region {
+        loader = loader.region(aws_config::Region::new(region.to_owned()));
+    }
+    if let Some(endpoint) = endpoint {
+        loader = loader.endpoint_url(endpoint);
+    }
+    let config = loader.load().await;
+    config.region()?;
+    Some(Client::new(&config))
+}
+
 /// A failed SDK call as a class error, retryable when the same call may
 /// succeed later (network, throttling, a Batch server error).
 fn platform<E, R>(call: &str, e: SdkError<E, R>) -> WorkerError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug,
+    R: std::fmt::Debug + Send + Sync + 'static,
 {
-    let retryable = match &e {
+    let (message, retryable) = sdk_error_text(call, &e);
+    WorkerError::Platform { class: CLASS.to_owned(), message, retryable }
+}
+
+/// An error and its sources in one line, `a: b: c`, each message once
+/// (`DisplayErrorContext` appends a `Debug` dump, too much for a user).
+fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(e);
+    while let Some(err) = next {
+        let text = err.to_string();
+        if !text.is_empty() && !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = err.source();
+    }
+    parts.join(": ")
+}
+
+/// A failed SDK call in one line that says what to check, and whether the
+/// same call may succeed later (network, throttling, a Batch server error).
+///
+/// A credential chain that found nothing fails before anything is sent
+/// (the SDK reports it as a dispatch failure, like a connection refused),
+/// so the two are told apart by the cause's text.
+pub(crate) fn sdk_error_text<E, R>(call: &str, e: &SdkError<E, R>) -> (String, bool)
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    let retryable = match e {
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => true,
         SdkError::ServiceError(s) => matches!(
             s.err().code(),
@@ -431,11 +475,41 @@ where
         ),
         _ => false,
     };
-    let message = match e.code() {
-        Some(code) => format!("{call}: {code}: {}", e.message().unwrap_or("no message")),
-        None => format!("{call}: {}", DisplayErrorContext(&e)),
+    if let Some(code) = e.code() {
+        let mut message = format!("{call}: {code}: {}", e.message().unwrap_or("no message"));
+        if matches!(
+            code,
+            "UnrecognizedClientException"
+                | "InvalidSignatureException"
+                | "ExpiredTokenException"
+                | "InvalidClientTokenId"
+                | "IncompleteSignature"
+        ) {
+            message.push_str(
+                " (AWS refused the credentials: check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, \
+                 or run `aws sso login` if the session expired)",
+            );
+        }
+        return (message, retryable);
+    }
+    let cause = causes(e);
+    let message = match e {
+        SdkError::DispatchFailure(d) if d.is_other() && cause.to_ascii_lowercase().contains("credentials") => format!(
+            "{call}: no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE naming \
+             a profile of ~/.aws/config (`aws configure`, `aws sso login`), or run with an instance or container \
+             role ({cause})"
+        ),
+        SdkError::DispatchFailure(d) if d.is_io() || d.is_timeout() => format!(
+            "{call}: cannot reach AWS Batch: {cause} (check the region, the endpoint if one is set, e.g. \
+             AWS_ENDPOINT_URL, and the network)"
+        ),
+        SdkError::TimeoutError(_) => format!(
+            "{call}: AWS Batch did not answer in time: {cause} (check the region, the endpoint if one is set, \
+             e.g. AWS_ENDPOINT_URL, and the network)"
+        ),
+        _ => format!("{call}: {cause}"),
     };
-    WorkerError::Platform { class: CLASS.to_owned(), message, retryable }
+    (message, retryable)
 }
 
 #[async_trait]

@@ -124,7 +124,7 @@ impl BatchOptions {
             .transpose()?;
         let endpoint = get("endpoint").map(str::to_owned);
         if let Some(e) = &endpoint {
-            if !(e.starts_with("http://") || e.starts_with("https://")) {
+            if !endpoint_ok(e) {
                 return Err(bad(format!("endpoint: {e:?} is not a URL (e.g. endpoint=http://127.0.0.1:5000)")));
             }
         }
@@ -166,34 +166,50 @@ impl BatchOptions {
 }
 
 fn parse_cpus(v: &str) -> Result<String, WorkerError> {
-    match v.parse::<f64>() {
-        Ok(n) if n.is_finite() && n > 0.0 => Ok(v.to_owned()),
-        _ => Err(bad(format!("cpus: {v:?} is not a positive number of vCPUs (e.g. cpus=2 or cpus=0.25)"))),
+    match cpus_value(v) {
+        Some(_) => Ok(v.to_owned()),
+        None => Err(bad(format!("cpus: {v:?} is not a positive number of vCPUs (e.g. cpus=2 or cpus=0.25)"))),
     }
+}
+
+/// A number of vCPUs as Batch takes it (`2`, `0.25`): positive and finite.
+/// The rule of the `cpus` option, shared with job definitions.
+pub(crate) fn cpus_value(v: &str) -> Option<f64> {
+    v.parse::<f64>().ok().filter(|n| n.is_finite() && *n > 0.0)
 }
 
 /// Memory in MiB: `4GiB`, `4G`, `4096MiB`, `512M`, `1TiB`, or a plain
 /// number of MiB. Decimal units (`GB`, `MB`) are refused rather than guessed.
 pub fn parse_memory(v: &str) -> Result<u64, WorkerError> {
-    let err = || {
+    memory_mib(v).ok_or_else(|| {
         bad(format!(
             "memory: {v:?} is not a size; write MiB or GiB (e.g. memory=4GiB, memory=4096MiB, memory=512M, or a number of MiB)"
         ))
-    };
+    })
+}
+
+/// The rule of [`parse_memory`] without its message (shared with job
+/// definitions, whose messages name flags, not options).
+pub(crate) fn memory_mib(v: &str) -> Option<u64> {
     let split = v.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(v.len());
     let (number, unit) = v.split_at(split);
-    let number: f64 = number.parse().map_err(|_| err())?;
+    let number: f64 = number.parse().ok()?;
     let factor = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "m" | "mi" | "mib" => 1.0,
         "g" | "gi" | "gib" => 1024.0,
         "t" | "ti" | "tib" => 1024.0 * 1024.0,
-        _ => return Err(err()),
+        _ => return None,
     };
     let mib = number * factor;
     if !mib.is_finite() || mib < 1.0 || mib.fract() != 0.0 || mib > u32::MAX as f64 {
-        return Err(err());
+        return None;
     }
-    Ok(mib as u64)
+    Some(mib as u64)
+}
+
+/// An endpoint URL as the SDK takes it: `http://` or `https://`.
+pub(crate) fn endpoint_ok(e: &str) -> bool {
+    e.starts_with("http://") || e.starts_with("https://")
 }
 
 /// AWS tags: `key=value` pairs separated by commas.

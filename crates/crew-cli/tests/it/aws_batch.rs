@@ -1,15 +1,15 @@
 //! The `aws-batch` class through the stock binary: `crew recruit --class
 //! aws-batch --opt ...`, jobs on Batch workers (the `crew` binary run by the
-//! AWS emulator as each Batch job's container command), `crew down`.
+//! AWS emulator as each Batch job's container command), `crew down`, on a
+//! job definition made by `crew aws-batch register-definition`.
 //!
 //! Needs the emulator (`cargo xtask ci` starts it and sets
 //! `CREW_TEST_AWS_ENDPOINT`, with the queue `crew-q1`); skipped without it,
 //! failing under `CI`.
 
-use std::io::{Read, Write};
 use std::path::Path;
 
-use crate::support::{DEADLINE, Finished, Reaper, crew, run, unique};
+use crate::support::{DEADLINE, Finished, Reaper, aws_crew, crew, run, unique};
 
 pub(crate) fn endpoint(test: &str) -> Option<String> {
     match std::env::var("CREW_TEST_AWS_ENDPOINT").ok().filter(|v| !v.is_empty()) {
@@ -24,36 +24,6 @@ pub(crate) fn endpoint(test: &str) -> Option<String> {
     }
 }
 
-/// Registers a container job definition with the emulator by hand-written
-/// HTTP, as a client without an SDK would.
-fn register_job_definition(endpoint: &str, name: &str) {
-    let addr = endpoint.trim_start_matches("http://").trim_end_matches('/');
-    let body = serde_json::json!({
-        "jobDefinitionName": name,
-        "type": "container",
-        "containerProperties": {
-            "image": "crew",
-            "command": ["crew", "worker"],
-            "resourceRequirements": [{"type": "VCPU", "value": "1"}, {"type": "MEMORY", "value": "512"}]
-        }
-    })
-    .to_string();
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to the emulator");
-    write!(
-        s,
-        "POST /v1/registerjobdefinition HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n{AUTH}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("write");
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).expect("read");
-    assert!(answer.starts_with("HTTP/1.1 200"), "RegisterJobDefinition: {answer}");
-}
-
-/// moto routes a request to a service by its credential scope and checks no
-/// signature.
-const AUTH: &str = "Authorization: AWS4-HMAC-SHA256 Credential=test/20260101/us-east-1/batch/aws4_request, SignedHeaders=host, Signature=0";
-
 fn crew_in(dir: &Path, mark: &str, args: &[&str]) -> Finished {
     run(crew(dir, mark, args), None, DEADLINE)
 }
@@ -65,8 +35,12 @@ fn recruit_aws_batch_workers_and_run_jobs_on_them() {
     let d = dir.path();
     let mark = unique("aws-batch-");
     let _reaper = Reaper::new(&mark);
+    // The definition, as a user makes it: the helper command.
     let def = unique("crew-cli-def-");
-    register_job_definition(&endpoint, &def);
+    let register = ["aws-batch", "register-definition", "--image", "crew", "--name", &def, "--memory", "512MiB"];
+    let out = run(aws_crew(d, &mark, &endpoint, &register), None, DEADLINE);
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(out.stdout.contains(&format!("--opt job-definition={def}")), "{out}");
     let opt_def = format!("job-definition={def}");
     let opt_endpoint = format!("endpoint={endpoint}");
 

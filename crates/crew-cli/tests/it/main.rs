@@ -6,6 +6,7 @@
 //! mark when it ends, so that a failing test leaves nothing behind.
 
 mod aws_batch;
+mod aws_batch_definition;
 mod cli;
 mod config;
 mod controller;

@@ -36,6 +36,8 @@ use crew_core::worker::{Handle, Liveness, Worker};
 use crew_core::{JobSpec, Status, Tags};
 use crew_worker_aws::AwsBatchWorker;
 
+mod definition;
+
 /// The queue of most tests.
 const QUEUE: &str = "crew-q1";
 /// The queue of the shutdown test, which lists every job on it.
