@@ -105,6 +105,17 @@ pub(crate) fn start(port: Option<u16>) -> anyhow::Result<Env> {
     if std::env::var_os("BATCH_LOCAL_QUEUES").is_none() {
         command.env("BATCH_LOCAL_QUEUES", BATCH_QUEUES);
     }
+    // The "images" of the emulator's jobs: the aws-batch class starts the
+    // agent by its program's name (`crew worker`), found on the PATH of
+    // the container; here, the debug builds (the `crew` binary, and the
+    // test binaries that are their own agents).
+    if std::env::var_os("BATCH_LOCAL_PATH").is_none() {
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map_or_else(|| crate::workspace_root().join("target"), std::path::PathBuf::from);
+        let debug = target.join("debug");
+        let path = std::env::join_paths([debug.clone(), debug.join("deps")]).context("the target folder's path")?;
+        command.env("BATCH_LOCAL_PATH", path);
+    }
     run_script(&mut command, "start")?;
     env()
 }

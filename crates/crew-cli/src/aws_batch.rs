@@ -29,18 +29,16 @@ enum AwsBatchCommand {
 }
 
 #[derive(Args, Debug)]
-#[command(after_help = "The definition's command, `crew worker`, is only a default: crew replaces the command \
-of every job it submits with its agent command, the path of the controller's own `crew` followed by \
-`worker`, so install crew in the image at the path it has on the controller's machine (e.g. \
-/usr/local/bin/crew on both). Its vCPUs and memory are defaults too, which `--opt cpus=`/`--opt \
-memory=` of `crew recruit` override.\n\n\
+#[command(after_help = "The definition's command is `crew worker`, which is also what crew submits for every \
+worker (the recruit option agent-command names another): the image needs `crew` on its PATH. Its vCPUs \
+and memory are defaults, which `--opt cpus=`/`--opt memory=` of `crew recruit` override.\n\n\
 Examples:\n  crew aws-batch register-definition --image 123456789012.dkr.ecr.us-east-1.amazonaws.com/crew:1 \\\n      \
 --role arn:aws:iam::123456789012:role/crew-job\n  crew aws-batch register-definition --image IMAGE --platform fargate \
 --cpus 0.5 --memory 1GiB \\\n      --execution-role arn:aws:iam::123456789012:role/ecsTaskExecutionRole --json\n\n\
 Exit status: 0 registered; 2 a flag is wrong (nothing was sent); 3 AWS could not be reached or refused \
 (no region, no credentials, no permission).")]
 struct RegisterArgs {
-    /// The container image, with `crew` in it (see below for where).
+    /// The container image, with `crew` on its PATH.
     #[arg(long, value_name = "IMAGE")]
     image: String,
     /// The definition name (letters, digits, - and _; at most 128).

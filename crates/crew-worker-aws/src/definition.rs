@@ -10,12 +10,11 @@
 //! RegisterJobDefinition call (type `container`); registering a name again
 //! adds a revision, as Batch does.
 //!
-//! The definition's command is `crew worker`, but that is only a default:
-//! the class replaces the command of every job it submits with the
-//! controller's agent command (for the `crew` binary: its own path, then
-//! `worker`), so the image needs `crew` at the path it has on the
-//! controller's machine. Its vCPUs and memory are defaults too, which the
-//! class options `cpus`/`memory` override per recruit.
+//! The definition's command is `crew worker`, which is also what the class
+//! submits for every worker (the controller's agent program by its name, on
+//! the image's `PATH`; the option `agent-command` names another), so the
+//! image needs `crew` on its `PATH`. Its vCPUs and memory are defaults,
+//! which the class options `cpus`/`memory` override per recruit.
 
 use aws_sdk_batch::Client;
 use aws_sdk_batch::types::{
@@ -78,8 +77,7 @@ impl std::str::FromStr for Platform {
 pub struct DefinitionRequest {
     /// The definition name: letters, digits, `-` and `_`, at most 128.
     pub name: String,
-    /// The container image, with `crew` where the class's agent command
-    /// expects it.
+    /// The container image, with `crew` on its `PATH`.
     pub image: String,
     /// vCPUs, as Batch takes them (`1`, `0.25` on Fargate).
     pub cpus: String,

@@ -220,8 +220,7 @@ impl AwsBatchWorker {
         } else if first != 0 {
             env.push((ENV_INDEX_BASE.to_owned(), first.to_string()));
         }
-        let mut command = vec![spec.program.clone()];
-        command.extend(spec.args.iter().cloned());
+        let command = agent_command(opts, spec);
         let mut resources = Vec::new();
         let mut resource = |kind: ResourceType, value: String| {
             resources.push(ResourceRequirement::builder().r#type(kind).value(value).build());
@@ -639,6 +638,19 @@ impl Worker for AwsBatchWorker {
             .await;
         results.into_iter().collect()
     }
+}
+
+/// The container command of the agent: the `agent-command` option, else
+/// the controller's agent program by its file name (the image has its own
+/// copy on its `PATH`, not at the controller's path) and its arguments.
+fn agent_command(opts: &BatchOptions, spec: &LaunchSpec) -> Vec<String> {
+    if let Some(words) = &opts.agent_command {
+        return words.clone();
+    }
+    let program = std::path::Path::new(&spec.program)
+        .file_name()
+        .map_or_else(|| spec.program.clone(), |n| n.to_string_lossy().into_owned());
+    std::iter::once(program).chain(spec.args.iter().cloned()).collect()
 }
 
 #[cfg(test)]

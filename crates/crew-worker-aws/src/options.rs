@@ -13,7 +13,7 @@ use crew_core::worker::WorkerError;
 use crate::CLASS;
 
 /// Every option key, in the order the docs list them.
-pub const KEYS: [&str; 12] = [
+pub const KEYS: [&str; 13] = [
     "job-queue",
     "job-definition",
     "cpus",
@@ -26,6 +26,7 @@ pub const KEYS: [&str; 12] = [
     "tags",
     "wall-grace",
     "name-prefix",
+    "agent-command",
 ];
 
 /// The prefix of the environment variables that give options defaults:
@@ -66,6 +67,10 @@ pub struct BatchOptions {
     pub wall_grace: Duration,
     /// The start of every Batch job name (default `crew`).
     pub name_prefix: String,
+    /// The container command that starts the agent, when not the
+    /// controller's agent program by its file name (found on the image's
+    /// `PATH`) with its arguments: `crew worker` for the stock binary.
+    pub agent_command: Option<Vec<String>>,
 }
 
 fn bad(message: impl Into<String>) -> WorkerError {
@@ -141,7 +146,9 @@ impl BatchOptions {
                 "name-prefix: {name_prefix:?} must start with a letter or digit and hold only letters, digits, - and _ (at most 64)"
             )));
         }
+        let agent_command = get("agent-command").map(|v| v.split_whitespace().map(str::to_owned).collect());
         Ok(Self {
+            agent_command,
             job_queue,
             job_definition,
             cpus,

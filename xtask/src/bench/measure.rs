@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use crew_core::controller::{AgentCommand, Controller, ControllerConfig, Recruit};
+use crew_core::controller::{AgentCommand, Controller, ControllerConfig, Recruit, TlsMode};
 use crew_core::scheduler::{SlotFilter, SlotLimits};
 use crew_core::{JobSpec, Output};
 use crew_worker_local::LocalWorker;
@@ -165,7 +165,13 @@ impl Bench {
 
     /// A controller with `count` local workers, launched and connected.
     async fn controller(&self, count: u32) -> anyhow::Result<Controller> {
-        let config = ControllerConfig::new(AgentCommand::crew(self.crew.to_string_lossy()));
+        self.controller_tls(count, TlsMode::Auto).await
+    }
+
+    /// The same, with agent connections in the given TLS mode.
+    async fn controller_tls(&self, count: u32, tls: TlsMode) -> anyhow::Result<Controller> {
+        let mut config = ControllerConfig::new(AgentCommand::crew(self.crew.to_string_lossy()));
+        config.tls = tls;
         let controller = Controller::start(config).await?;
         let mut recruit = Recruit::new(Arc::new(LocalWorker::new()), count);
         recruit.limits = SlotLimits::default();
@@ -268,20 +274,11 @@ impl Bench {
         let n = self.sizes.round_trips;
         let (request, reply) = echo::noop_frame_sizes()?;
         let (mut med, mut p99, mut base_med, mut base_p99) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut tls_med = Vec::new();
         for i in 1..=self.runs {
-            let controller = self.controller(1).await?;
-            let mut times = Vec::with_capacity(n);
-            for k in 0..n + WARM_UP {
-                let begin = Instant::now();
-                controller.send(JobSpec::builtin("noop", serde_json::Value::Null))?;
-                let output = controller.receive_wait(Some(PATIENCE)).await;
-                let elapsed = begin.elapsed();
-                check_outputs(&[output.context("no output within the patience")?], 1)?;
-                if k >= WARM_UP {
-                    times.push(micros(elapsed));
-                }
-            }
-            controller.close().await;
+            let times = self.round_trips(n, TlsMode::Auto).await?;
+            let tls_times = self.round_trips(n, TlsMode::Always).await?;
+            tls_med.push(report::median(&tls_times));
             let raw: Vec<f64> = echo::ping_pong(n, request, reply).await?.into_iter().map(micros).collect();
             let (m, p, bm, bp) = (
                 report::median(&times),
@@ -289,7 +286,15 @@ impl Bench {
                 report::median(&raw),
                 report::percentile(&raw, 99.0),
             );
-            progress("3", i, self.runs, format!("crew {m:.1}/{p:.1} µs, raw TCP {bm:.1}/{bp:.1} µs (median/p99)"));
+            progress(
+                "3",
+                i,
+                self.runs,
+                format!(
+                    "crew {m:.1}/{p:.1} µs, raw TCP {bm:.1}/{bp:.1} µs (median/p99), crew over TLS {:.1} µs",
+                    report::median(&tls_times)
+                ),
+            );
             med.push(m);
             p99.push(p);
             base_med.push(bm);
@@ -303,7 +308,7 @@ impl Bench {
                 id: "3a",
                 figure: format!("noop round trip, warm worker: median of {}", thousands(n)),
                 unit: Unit::Micros,
-                crew: med,
+                crew: med.clone(),
                 baseline: base_med,
                 baseline_is: baseline_is.clone(),
                 target: Target::Below(100.0),
@@ -317,7 +322,35 @@ impl Bench {
                 baseline_is,
                 target: Target::Info,
             },
+            Row {
+                id: "3c",
+                figure: "  3a with TLS (tls = always): median".into(),
+                unit: Unit::Micros,
+                crew: tls_med,
+                baseline: med,
+                baseline_is: "figure 3a (plaintext on loopback)".into(),
+                target: Target::Info,
+            },
         ])
+    }
+
+    /// `n` noop round trips (after a warm-up) on one warm worker; their
+    /// times in µs.
+    async fn round_trips(&self, n: usize, tls: TlsMode) -> anyhow::Result<Vec<f64>> {
+        let controller = self.controller_tls(1, tls).await?;
+        let mut times = Vec::with_capacity(n);
+        for k in 0..n + WARM_UP {
+            let begin = Instant::now();
+            controller.send(JobSpec::builtin("noop", serde_json::Value::Null))?;
+            let output = controller.receive_wait(Some(PATIENCE)).await;
+            let elapsed = begin.elapsed();
+            check_outputs(&[output.context("no output within the patience")?], 1)?;
+            if k >= WARM_UP {
+                times.push(micros(elapsed));
+            }
+        }
+        controller.close().await;
+        Ok(times)
     }
 
     /// The ideal wall time of figure 4: the jobs evenly over 4 workers.

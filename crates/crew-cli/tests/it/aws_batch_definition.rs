@@ -35,7 +35,7 @@ fn bare_crew(dir: &Path, mark: &str, vars: &[(&str, &str)], args: &[&str]) -> Co
 }
 
 #[test]
-fn aws_batch_help_lists_register_definition_and_says_the_command_is_replaced() {
+fn aws_batch_help_lists_register_definition_and_says_crew_must_be_on_the_image_path() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mark = unique("aws-help-");
     let out = register(crew(dir.path(), &mark, &["aws-batch", "--help"]));
@@ -48,7 +48,7 @@ fn aws_batch_help_lists_register_definition_and_says_the_command_is_replaced() {
     {
         assert!(out.stdout.contains(flag), "{flag} is not in the help: {out}");
     }
-    assert!(out.stdout.contains("crew replaces the command"), "the help must say crew overrides the command: {out}");
+    assert!(out.stdout.contains("`crew` on its PATH"), "the help must say where the image needs crew: {out}");
     let out = register(crew(dir.path(), &mark, &["aws-batch"]));
     assert_eq!(out.code(), Some(2), "a missing subcommand is a usage error: {out}");
 }

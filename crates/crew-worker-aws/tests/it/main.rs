@@ -446,7 +446,9 @@ async fn submitted_jobs_carry_command_environment_index_timeout_and_tags() {
     assert_eq!(out.jobs().len(), 2, "{out:?}");
     for job in out.jobs() {
         let container = job.container().expect("a container job");
-        assert_eq!(container.command(), ["/bin/true", "worker"], "the secret never goes on the command line");
+        // The program by its name, for the image's PATH; the secret never
+        // goes on the command line.
+        assert_eq!(container.command(), ["true", "worker"]);
         let env: BTreeMap<&str, &str> =
             container.environment().iter().filter_map(|kv| Some((kv.name()?, kv.value()?))).collect();
         assert_eq!(env.get("CREW_TOKEN"), Some(&"s3cret"));
@@ -464,6 +466,14 @@ async fn submitted_jobs_carry_command_environment_index_timeout_and_tags() {
         assert_eq!(tags.get("team").map(String::as_str), Some("genomics"), "{tags:?}");
         assert_eq!(tags.get("crew-launch").map(String::as_str), Some("7"), "{tags:?}");
     }
+    // A command of the user's choosing.
+    let mut custom = spec(vec![member(0)]);
+    custom.options.insert("agent-command".into(), "/opt/crew/bin/crew  worker".into());
+    let handles = class.launch(&custom).await.expect("launch");
+    let out = client.describe_jobs().jobs(&handles[0].id).send().await.expect("DescribeJobs");
+    let command = out.jobs()[0].container().map(|c| c.command().to_vec()).unwrap_or_default();
+    assert_eq!(command, ["/opt/crew/bin/crew", "worker"]);
+    class.terminate(&handles).await.expect("terminate");
     class.terminate(&array).await.expect("terminate");
     class.terminate(&single).await.expect("terminate");
 }
