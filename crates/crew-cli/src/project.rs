@@ -77,12 +77,26 @@ pub(crate) fn try_connect(dir: &Path) -> Option<(Client, Health)> {
 
 /// A connection to the daemon of `dir`, starting the daemon if needed.
 pub(crate) fn ensure_daemon(dir: &Path) -> Result<(Client, Health), Failure> {
-    ensure_daemon_with(dir, None)
+    ensure_daemon_with(dir, &DaemonOverrides::default())
 }
 
-/// [`ensure_daemon`], starting the daemon with `store` (a URL or an absolute
-/// folder) instead of the configured one when it is not running yet.
-pub(crate) fn ensure_daemon_with(dir: &Path, store: Option<&str>) -> Result<(Client, Health), Failure> {
+/// Settings a daemon started now takes over its configuration (`crew up`
+/// flags, passed on as `crew daemon` flags), for its life.
+#[derive(Debug, Default)]
+pub(crate) struct DaemonOverrides {
+    /// The store: a URL or an absolute folder.
+    pub(crate) store: Option<String>,
+    /// Where the controller listens for workers.
+    pub(crate) listen: Option<std::net::SocketAddr>,
+    /// The address workers dial.
+    pub(crate) advertise: Option<String>,
+    /// When worker connections use TLS.
+    pub(crate) tls: Option<crew_core::controller::TlsMode>,
+}
+
+/// [`ensure_daemon`], starting the daemon with `overrides` over its
+/// configuration when it is not running yet.
+pub(crate) fn ensure_daemon_with(dir: &Path, overrides: &DaemonOverrides) -> Result<(Client, Health), Failure> {
     if let Some(found) = try_connect(dir) {
         return Ok(found);
     }
@@ -105,8 +119,17 @@ pub(crate) fn ensure_daemon_with(dir: &Path, store: Option<&str>) -> Result<(Cli
     let exe = std::env::current_exe().context("cannot find the crew executable").map_err(Failure::internal)?;
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("daemon").arg("--dir").arg(dir).stdin(Stdio::null()).stdout(log).stderr(log2);
-    if let Some(store) = store {
+    if let Some(store) = &overrides.store {
         cmd.arg("--store").arg(store);
+    }
+    if let Some(listen) = overrides.listen {
+        cmd.arg("--listen").arg(listen.to_string());
+    }
+    if let Some(advertise) = &overrides.advertise {
+        cmd.arg("--advertise").arg(advertise);
+    }
+    if let Some(tls) = overrides.tls {
+        cmd.arg("--tls").arg(tls.as_str());
     }
     // SAFETY: setsid is async-signal-safe; it detaches the daemon from our
     // session and terminal so that a Ctrl-C here never reaches it.

@@ -121,6 +121,16 @@ pub enum TlsMode {
     Always,
 }
 
+impl TlsMode {
+    /// The mode's name, as [`str::parse`] takes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Always => "always",
+        }
+    }
+}
+
 impl std::str::FromStr for TlsMode {
     type Err = String;
 

@@ -14,7 +14,7 @@ const DOWN_DEADLINE: Duration = Duration::from_secs(30);
 #[derive(Args, Debug)]
 pub(crate) struct UpArgs {
     /// Print the daemon's health object (`{"ok", "pid", "version", "dir",
-    /// "store"}`).
+    /// "store", "listen", "advertise", "tls_sha256"}`).
     #[arg(long)]
     json: bool,
     /// The store of the daemon started now: a folder (relative to the
@@ -25,6 +25,19 @@ pub(crate) struct UpArgs {
     /// another store.
     #[arg(long, value_name = "URL|DIR")]
     store: Option<String>,
+    /// Where the controller of the daemon started now listens for workers,
+    /// IP:PORT (e.g. 0.0.0.0:7000 for cloud workers), over `[daemon] listen`
+    /// and `CREW_LISTEN`. Refused when the daemon already listens elsewhere.
+    #[arg(long, value_name = "IP:PORT")]
+    listen: Option<std::net::SocketAddr>,
+    /// The address its workers dial, HOST[:PORT] (HOST alone: the listening
+    /// port), over `[daemon] advertise` and `CREW_ADVERTISE`.
+    #[arg(long, value_name = "HOST[:PORT]")]
+    advertise: Option<String>,
+    /// When its worker connections use TLS: auto (beyond loopback) or
+    /// always, over `[daemon] tls` and `CREW_TLS`.
+    #[arg(long, value_name = "MODE")]
+    tls: Option<crew_core::controller::TlsMode>,
 }
 
 pub(crate) fn up(ctx: &Ctx, args: UpArgs) -> Result<u8, Failure> {
@@ -39,7 +52,20 @@ pub(crate) fn up(ctx: &Ctx, args: UpArgs) -> Result<u8, Failure> {
                 .into_owned(),
         ),
     };
-    let (_, health) = project::ensure_daemon_with(ctx.dir(), store.as_deref())?;
+    let overrides = project::DaemonOverrides {
+        store: store.clone(),
+        listen: args.listen,
+        advertise: args.advertise.clone(),
+        tls: args.tls,
+    };
+    let (_, health) = project::ensure_daemon_with(ctx.dir(), &overrides)?;
+    if let Some(differs) = workers_setting_differs(&overrides, &health) {
+        return Err(Failure::usage(anyhow::anyhow!(
+            "the daemon of {} already runs with {differs}: stop it with `crew down` first (its jobs stay \
+             in its journal), then `crew up` again",
+            ctx.dir().display()
+        )));
+    }
     if let Some(wanted) = &store {
         if !same_store(wanted, &health.store) {
             return Err(Failure::usage(anyhow::anyhow!(
@@ -56,6 +82,27 @@ pub(crate) fn up(ctx: &Ctx, args: UpArgs) -> Result<u8, Failure> {
         println!("{}", health.pid);
     }
     Ok(EXIT_OK)
+}
+
+/// What differs between the worker settings asked of `crew up` and those
+/// of the running daemon, if anything.
+fn workers_setting_differs(wanted: &project::DaemonOverrides, health: &project::Health) -> Option<String> {
+    let listen: Option<std::net::SocketAddr> = health.listen.as_deref().and_then(|a| a.parse().ok());
+    if let (Some(want), Some(have)) = (wanted.listen, listen) {
+        if want.ip() != have.ip() || (want.port() != 0 && want.port() != have.port()) {
+            return Some(format!("its controller listening on {have}, not {want}"));
+        }
+    }
+    if let (Some(want), Some(have)) = (&wanted.advertise, &health.advertise) {
+        let port = listen.map(|a| a.port()).unwrap_or_default();
+        if have != want && *have != format!("{want}:{port}") && *have != format!("[{want}]:{port}") {
+            return Some(format!("workers told to dial {have}, not {want}"));
+        }
+    }
+    if wanted.tls == Some(crew_core::controller::TlsMode::Always) && health.tls_sha256.is_none() {
+        return Some("worker connections in plaintext (it listens on loopback), not --tls always".to_owned());
+    }
+    None
 }
 
 /// Whether the store a user asked for (`wanted`: a URL or an absolute

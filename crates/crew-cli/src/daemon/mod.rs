@@ -41,6 +41,17 @@ pub(crate) struct DaemonArgs {
     /// `CREW_STORE`.
     #[arg(long, value_name = "URL")]
     pub(crate) store: Option<String>,
+    /// Where the controller listens for workers, over `[daemon] listen`
+    /// and `CREW_LISTEN`.
+    #[arg(long, value_name = "IP:PORT")]
+    pub(crate) listen: Option<std::net::SocketAddr>,
+    /// The address workers dial, over `[daemon] advertise` and
+    /// `CREW_ADVERTISE`.
+    #[arg(long, value_name = "HOST[:PORT]")]
+    pub(crate) advertise: Option<String>,
+    /// When worker connections use TLS, over `[daemon] tls` and `CREW_TLS`.
+    #[arg(long, value_name = "MODE")]
+    pub(crate) tls: Option<crew_core::controller::TlsMode>,
 }
 
 /// File names inside the project folder.
@@ -68,6 +79,15 @@ pub(crate) fn main(args: DaemonArgs) -> Result<u8, Failure> {
     let mut config = crate::config::Config::load(&dir).map_err(Failure::internal)?;
     if let Some(store) = args.store {
         config.daemon.store = Some(store);
+    }
+    if let Some(listen) = args.listen {
+        config.daemon.listen = Some(listen);
+    }
+    if let Some(advertise) = args.advertise {
+        config.daemon.advertise = Some(advertise);
+    }
+    if let Some(tls) = args.tls {
+        config.daemon.tls = Some(tls);
     }
     // Held (open) for the daemon's whole life; the kernel drops the lock
     // when the process exits, however it exits.

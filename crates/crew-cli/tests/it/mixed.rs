@@ -127,8 +127,12 @@ fn mixed_aws_batch_and_local_workers_share_an_s3_store_and_down_leaves_no_batch_
     let store = format!("s3://{bucket}/mixed");
     // Beyond loopback, advertising an address the emulator's "containers"
     // reach (the bound port is added).
-    let mut up = aws_crew(d, &mark, &endpoint, &["up", "--store", &store, "--json"]);
-    up.env("CREW_LISTEN", "0.0.0.0:0").env("CREW_ADVERTISE", "127.0.0.1");
+    let up = aws_crew(
+        d,
+        &mark,
+        &endpoint,
+        &["up", "--store", &store, "--listen", "0.0.0.0:0", "--advertise", "127.0.0.1", "--json"],
+    );
     let up = run(up, None, DEADLINE);
     assert_eq!(up.code(), Some(0), "{up}");
     let health: serde_json::Value = serde_json::from_str(up.stdout.trim()).expect("up --json");

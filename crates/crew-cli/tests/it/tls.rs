@@ -15,7 +15,7 @@ use crew_worker_local::LocalWorker;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::controller::{attack, capture_logs, env_of, eventually, hello, logs};
-use crate::support::{MARK_VAR, Reaper, assert_none_marked, crew_bin, marked_pids, unique};
+use crate::support::{DEADLINE, MARK_VAR, Reaper, assert_none_marked, crew, crew_bin, marked_pids, run, unique};
 
 /// `crew worker` carrying `mark`.
 fn agent(mark: &str) -> AgentCommand {
@@ -249,4 +249,51 @@ async fn beyond_loopback_local_workers_keep_plaintext_on_loopback_and_other_peer
     }
     controller.close().await;
     assert_none_marked(&mark, Duration::from_secs(3));
+}
+
+#[test]
+fn crew_up_takes_the_workers_address_and_refuses_to_change_it_while_running() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let mark = unique("tls-up-");
+    let _reaper = Reaper::new(&mark);
+    let crew_in = |args: &[&str]| {
+        let mut c = crew(d, &mark, args);
+        c.env_remove("CREW_LISTEN").env_remove("CREW_ADVERTISE").env_remove("CREW_TLS");
+        run(c, None, DEADLINE)
+    };
+    let up = crew_in(&["up", "--listen", "0.0.0.0:0", "--advertise", "crew-host.example", "--json"]);
+    assert_eq!(up.code(), Some(0), "{up}");
+    let health: serde_json::Value = serde_json::from_str(up.stdout.trim()).expect("up --json");
+    let listen: SocketAddr = health["listen"].as_str().and_then(|a| a.parse().ok()).expect("listen");
+    assert!(listen.ip().is_unspecified() && listen.port() != 0, "{up}");
+    assert_eq!(health["advertise"], format!("crew-host.example:{}", listen.port()).as_str(), "{up}");
+    let fingerprint = health["tls_sha256"].as_str().expect("TLS beyond loopback");
+    assert_eq!(fingerprint.len(), 64, "{up}");
+
+    // The same again is fine; another address is refused, saying what runs.
+    assert_eq!(crew_in(&["up", "--listen", "0.0.0.0:0", "--advertise", "crew-host.example"]).code(), Some(0));
+    let other = crew_in(&["up", "--listen", "127.0.0.1:0"]);
+    assert_eq!(other.code(), Some(2), "{other}");
+    assert!(other.stderr.contains("listening on 0.0.0.0") && other.stderr.contains("crew down"), "{other}");
+    let other = crew_in(&["up", "--advertise", "elsewhere.example"]);
+    assert_eq!(other.code(), Some(2), "{other}");
+    assert!(other.stderr.contains("crew-host.example"), "{other}");
+    let bad = crew_in(&["up", "--tls", "sometimes"]);
+    assert_eq!(bad.code(), Some(2), "{bad}");
+    assert!(bad.stderr.contains("auto") && bad.stderr.contains("always"), "{bad}");
+
+    // Local workers still work (over loopback), and a loopback daemon
+    // refuses to be taken for one that encrypts.
+    assert_eq!(crew_in(&["recruit", "-w", "1", "--class", "local"]).code(), Some(0));
+    assert_eq!(crew_in(&["send", "--", "echo", "hi"]).code(), Some(0));
+    let got = crew_in(&["receive", "--wait", "--json"]);
+    assert_eq!(got.records().first().map(|r| r["stdout"]["text"].clone()), Some("hi\n".into()), "{got}");
+    assert_eq!(crew_in(&["down"]).code(), Some(0));
+    assert_eq!(crew_in(&["up"]).code(), Some(0));
+    let refused = crew_in(&["up", "--tls", "always"]);
+    assert_eq!(refused.code(), Some(2), "{refused}");
+    assert!(refused.stderr.contains("plaintext"), "{refused}");
+    assert_eq!(crew_in(&["down"]).code(), Some(0));
+    assert_none_marked(&mark, Duration::from_secs(5));
 }
