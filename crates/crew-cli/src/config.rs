@@ -50,6 +50,8 @@ pub(crate) struct DaemonSettings {
     pub(crate) seed: Option<u64>,
     /// The heartbeat interval.
     pub(crate) heartbeat: Option<Duration>,
+    /// The journal size past which the running daemon compacts it.
+    pub(crate) journal_compact_bytes: Option<u64>,
 }
 
 /// `[recruit]` and `[class.NAME]`: what a recruit request gets for the
@@ -114,6 +116,7 @@ impl Config {
                             "store" => d.store = Some(non_empty(string(v)).map_err(err)?),
                             "seed" => d.seed = Some(seed(v).map_err(err)?),
                             "heartbeat" => d.heartbeat = Some(duration(v).and_then(positive).map_err(err)?),
+                            "journal_compact" => d.journal_compact_bytes = Some(bytes(v).map_err(err)?),
                             _ => return Err(unknown(&file, &full, DAEMON_KEYS)),
                         }
                     }
@@ -183,6 +186,7 @@ impl Config {
         // daemon started from inside a job must not take it for the crew seed.
         set("CREW_PROJECT_SEED", var("CREW_PROJECT_SEED")?, parse_seed, &mut d.seed)?;
         set("CREW_HEARTBEAT", var("CREW_HEARTBEAT")?, pos, &mut d.heartbeat)?;
+        set("CREW_JOURNAL_COMPACT", var("CREW_JOURNAL_COMPACT")?, parse_bytes, &mut d.journal_compact_bytes)?;
         let r = &mut self.recruit;
         set("CREW_IDLE", var("CREW_IDLE")?, dur, &mut r.idle)?;
         set("CREW_WALL", var("CREW_WALL")?, dur, &mut r.wall)?;
@@ -227,7 +231,7 @@ impl Config {
     }
 }
 
-const DAEMON_KEYS: &[&str] = &["listen", "advertise", "tls", "store", "seed", "heartbeat"];
+const DAEMON_KEYS: &[&str] = &["listen", "advertise", "tls", "store", "seed", "heartbeat", "journal_compact"];
 const RECRUIT_KEYS: &[&str] = &["idle", "wall", "tasks_max", "launch_timeout", "launch_max", "prefetch"];
 
 fn unknown(file: &impl std::fmt::Display, key: &str, known: &[&str]) -> anyhow::Error {
@@ -300,6 +304,35 @@ fn parse_seed(s: &str) -> Result<u64, String> {
     s.trim().parse::<u64>().map_err(|_| format!("expected a seed from 0 to {}, got {s:?}", u64::MAX))
 }
 
+/// A size: a number of bytes, or a number with KiB, MiB or GiB.
+fn bytes(v: &Value) -> Result<u64, String> {
+    match v {
+        Value::Integer(i) => u64::try_from(*i).map_err(|_| format!("expected a size, got {i}")),
+        Value::String(s) => parse_bytes(s),
+        other => Err(format!("expected a size such as \"64MiB\", got a {}", other.type_str())),
+    }
+}
+
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (digits, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => t.split_at(i),
+        None => (t, ""),
+    };
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => return Err(format!("expected a size such as 64MiB (B, KiB, MiB or GiB), got {s:?}")),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .ok_or_else(|| format!("expected a size such as 64MiB (B, KiB, MiB or GiB), got {s:?}"))
+}
+
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     s.trim().parse::<SocketAddr>().map_err(|_| {
         format!(
@@ -326,6 +359,10 @@ mod tests {
         assert_eq!(c.daemon.listen, Some(SocketAddr::from(([0, 0, 0, 0], 7000))));
         assert_eq!(c.daemon.seed, Some(7));
         assert_eq!(c.daemon.tls, Some(TlsMode::Always));
+        assert_eq!(parse("[daemon]\njournal_compact = \"8MiB\"\n")?.daemon.journal_compact_bytes, Some(8 << 20));
+        assert_eq!(parse("[daemon]\njournal_compact = 4096\n")?.daemon.journal_compact_bytes, Some(4096));
+        let err = parse("[daemon]\njournal_compact = \"8MB\"\n").expect_err("MB is refused");
+        assert!(err.contains("daemon.journal_compact") && err.contains("MiB"), "{err}");
         let err = parse("[daemon]\ntls = \"off\"\n").expect_err("no such mode");
         assert!(err.contains("daemon.tls") && err.contains("auto"), "{err}");
         assert_eq!(c.recruit.idle, Some(Duration::from_secs(300)));

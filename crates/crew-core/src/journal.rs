@@ -17,7 +17,12 @@
 //! small, JSON lines can be inspected with standard tools, and it costs no
 //! dependency. The file is compacted when opened (the replay is written back
 //! as a fresh journal, atomically by rename), so it does not grow across
-//! restarts; a long-lived daemon may also call [`Journal::compact`].
+//! restarts, and by [`Journal::compact_if_grown`], which a long-lived daemon
+//! calls after its commits: once the file has grown past a threshold and to
+//! twice its size after the last compaction, it is read back and rewritten,
+//! so that its size stays within a constant factor of the live state (jobs
+//! not finished, outputs not received) and the cost of compacting is
+//! amortized over the records written since.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -93,6 +98,12 @@ pub enum Record {
         failures: u32,
         /// On a worker when the record was written.
         running: bool,
+    },
+    /// The id the next accepted job gets (written by compaction, so that a
+    /// journal whose jobs were all received still never reuses an id).
+    NextJob {
+        /// That id.
+        next: u64,
     },
 }
 
@@ -176,12 +187,13 @@ impl Replay {
                 self.next_job = self.next_job.max(id.0 + 1);
                 self.pending.insert(id, PendingJob { spec, history: History { attempts, crashes, failures }, running });
             }
+            Record::NextJob { next } => self.next_job = self.next_job.max(next),
         }
     }
 
     /// The records that rebuild this state (what compaction writes).
     pub fn records(&self) -> Vec<Record> {
-        let mut out = Vec::new();
+        let mut out = vec![Record::NextJob { next: self.next_job }];
         for r in &self.recruits {
             out.push(Record::Recruit {
                 class: r.class.clone(),
@@ -238,12 +250,20 @@ pub enum JournalError {
     },
 }
 
+/// The size a journal may reach before [`Journal::compact_if_grown`]
+/// compacts it, by default.
+pub const COMPACT_AFTER: u64 = 64 * 1024 * 1024;
+
 /// An open journal, appending.
 #[derive(Debug)]
 pub struct Journal {
     path: PathBuf,
     out: BufWriter<File>,
     dirty: bool,
+    /// The file's size after the last compaction.
+    base: u64,
+    /// The size below which the file is never compacted.
+    compact_after: u64,
 }
 
 impl Journal {
@@ -284,7 +304,39 @@ impl Journal {
             }
         }
         let file = OpenOptions::new().append(true).open(path).map_err(io)?;
-        Ok(Self { path: path.to_path_buf(), out: BufWriter::with_capacity(256 * 1024, file), dirty: false })
+        let base = file.metadata().map_err(io)?.len();
+        Ok(Self {
+            path: path.to_path_buf(),
+            out: BufWriter::with_capacity(256 * 1024, file),
+            dirty: false,
+            base,
+            compact_after: COMPACT_AFTER,
+        })
+    }
+
+    /// Sets the size below which [`Journal::compact_if_grown`] leaves the
+    /// file alone (default [`COMPACT_AFTER`]).
+    pub fn set_compact_after(&mut self, bytes: u64) {
+        self.compact_after = bytes;
+    }
+
+    /// Commits, then compacts the file if it is larger than the threshold
+    /// and than twice its size after the last compaction: reads it back and
+    /// writes what it describes (as a restart would). Returns whether it
+    /// compacted. Blocks for the time it takes to read and write the file.
+    pub fn compact_if_grown(&mut self) -> Result<bool, JournalError> {
+        self.commit()?;
+        let io = |source| JournalError::Io { path: self.path.clone(), source };
+        let size = self.out.get_ref().metadata().map_err(io)?.len();
+        if size < self.compact_after.max(self.base.saturating_mul(2)) {
+            return Ok(false);
+        }
+        let mut replay = Replay { next_job: 1, ..Replay::default() };
+        read_into(&self.path, File::open(&self.path).map_err(io)?, &mut replay)?;
+        let compact_after = self.compact_after;
+        *self = Self::rewrite(&self.path, &replay)?;
+        self.compact_after = compact_after;
+        Ok(true)
     }
 
     /// Appends a record (buffered; durable after [`Journal::commit`]).
@@ -308,7 +360,9 @@ impl Journal {
     /// Replaces the file with the records of `replay` (after committing).
     pub fn compact(&mut self, replay: &Replay) -> Result<(), JournalError> {
         self.commit()?;
+        let compact_after = self.compact_after;
         *self = Self::rewrite(&self.path, replay)?;
+        self.compact_after = compact_after;
         Ok(())
     }
 
@@ -406,6 +460,62 @@ mod tests {
     }
 
     #[test]
+    fn ids_are_never_reused_after_everything_was_received() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        {
+            let (mut j, _) = Journal::open(&path).unwrap();
+            j.append(&Record::Accepted { jobs: vec![(JobId(1), JobSpec::shell("true"))] }).unwrap();
+            j.append(&Record::Delivered { output: Box::new(output(1)) }).unwrap();
+            j.append(&Record::Received { ids: vec![JobId(1)] }).unwrap();
+            j.commit().unwrap();
+        }
+        // Compacted at every open: nothing is left but the counter.
+        for _ in 0..3 {
+            let (_j, r) = Journal::open(&path).unwrap();
+            assert!(r.pending.is_empty() && r.ready.is_empty());
+            assert_eq!(r.next_job, 2);
+        }
+    }
+
+    #[test]
+    fn a_long_lived_journal_stays_within_a_factor_of_its_live_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        let threshold = 64 * 1024;
+        let (mut j, _) = Journal::open(&path).unwrap();
+        j.set_compact_after(threshold);
+        j.append(&recruit()).unwrap();
+        let mut compactions = 0;
+        let mut largest = 0;
+        // 5,000 jobs go through; the last 10 stay pending, and the 10
+        // before them finished without being received.
+        for i in 1..=5_000u64 {
+            j.append(&Record::Accepted { jobs: vec![(JobId(i), JobSpec::shell(format!("echo {i}")))] }).unwrap();
+            j.append(&Record::Assigned { job: JobId(i), attempt: 1 }).unwrap();
+            if i <= 4_990 {
+                j.append(&Record::Delivered { output: Box::new(output(i)) }).unwrap();
+            }
+            if i <= 4_980 {
+                j.append(&Record::Received { ids: vec![JobId(i)] }).unwrap();
+            }
+            if j.compact_if_grown().unwrap() {
+                compactions += 1;
+            }
+            largest = largest.max(std::fs::metadata(&path).unwrap().len());
+        }
+        assert!(compactions >= 5, "only {compactions} compactions");
+        assert!(largest < 2 * threshold + 4096, "the file reached {largest} bytes");
+        drop(j);
+        let (_j, r) = Journal::open(&path).unwrap();
+        assert_eq!(r.recruits.len(), 1);
+        assert_eq!(r.next_job, 5_001);
+        assert_eq!(r.pending.keys().map(|id| id.0).collect::<Vec<_>>(), (4_991..=5_000).collect::<Vec<_>>());
+        assert!(r.pending.values().all(|p| p.running && p.history.attempts == 1));
+        assert_eq!(r.ready.iter().map(|o| o.id.0).collect::<Vec<_>>(), (4_981..=4_990).collect::<Vec<_>>());
+    }
+
+    #[test]
     fn a_torn_last_line_is_dropped_and_damage_is_reported() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("journal");
@@ -425,6 +535,7 @@ mod tests {
         f.write_all(b"{\"t\":\"received\",\"ids\":[]}\n").unwrap();
         drop(f);
         let err = Journal::open(&path).unwrap_err().to_string();
-        assert!(err.contains("line 2"), "{err}");
+        // Line 1 is the counter, line 2 the pending job.
+        assert!(err.contains("line 3"), "{err}");
     }
 }

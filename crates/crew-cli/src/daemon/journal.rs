@@ -56,6 +56,15 @@ impl JournalWriter {
         for (job, attempt) in assigned {
             j.append(&Record::Assigned { job, attempt })?;
         }
-        if commit { j.commit() } else { Ok(()) }
+        if !commit {
+            return Ok(());
+        }
+        // Commits, and keeps a long-lived daemon's journal within a factor
+        // of its live state.
+        let started = std::time::Instant::now();
+        if j.compact_if_grown()? {
+            tracing::info!(elapsed = ?started.elapsed(), "journal compacted");
+        }
+        Ok(())
     }
 }

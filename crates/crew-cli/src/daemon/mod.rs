@@ -161,16 +161,13 @@ fn take_lock(dir: &Path) -> Result<File, Failure> {
 async fn serve(dir: PathBuf, store: Arc<dyn Store>, settings: crate::config::Config) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("cannot find the crew executable")?;
     // The journal first: the controller continues its job numbering.
-    let (journal, replay) = Journal::open(dir.join(JOURNAL))?;
+    let (mut journal, replay) = Journal::open(dir.join(JOURNAL))?;
+    if let Some(bytes) = settings.daemon.journal_compact_bytes {
+        journal.set_compact_after(bytes);
+    }
     let assigned = Arc::new(journal::AssignedBuffer::default());
     let mut config = ControllerConfig::new(AgentCommand::crew(exe.to_string_lossy()));
     settings.apply(&mut config);
-    if !config.listen.ip().is_loopback() {
-        tracing::warn!(
-            listen = %config.listen,
-            "workers can connect from other machines: their connections are authenticated but not encrypted"
-        );
-    }
     config.store = Some(store.clone());
     config.first_job_id = replay.next_job;
     config.observer = Some(assigned.clone());

@@ -180,6 +180,8 @@ fn two_projects_do_not_interfere() {
 /// The scenario, through the CLI: kill the daemon with SIGKILL while
 /// 100 jobs are queued or running; the next `crew receive --all --wait`
 /// (which starts a new daemon) returns exactly 100 outputs, each job once.
+/// The daemon compacts its journal as it goes (a tiny threshold here), so
+/// the kill may land just before, during or after a compaction.
 #[test]
 fn sigkill_of_the_daemon_loses_no_job() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -187,7 +189,19 @@ fn sigkill_of_the_daemon_loses_no_job() {
     let mark = unique("sigkill-");
     let _reaper = Reaper::new(&mark);
     let _down = Down { dir: d, mark: &mark };
+    std::fs::create_dir_all(d.join(".crew")).expect("project folder");
+    std::fs::write(d.join(".crew/crew.toml"), "[daemon]\njournal_compact = 2048\n").expect("crew.toml");
     crew_ok(d, &mark, &["recruit", "--workers", "2", "--class", "local"]);
+    // Some jobs through first, received: the journal compacts.
+    let first: String = (0..30).map(|i| format!("{{\"name\": \"pre{i}\", \"builtin\": \"noop\"}}\n")).collect();
+    std::fs::write(d.join("first.txt"), first).expect("write");
+    crew_ok(d, &mark, &["send", "--file", "first.txt"]);
+    let pre = run(crew(d, &mark, &["receive", "--wait", "--all", "--json"]), None, DEADLINE);
+    assert_eq!(pre.records().len(), 30, "{pre}");
+    let log = std::fs::read_to_string(d.join(".crew/daemon.log")).unwrap_or_default();
+    assert!(log.contains("journal compacted"), "no compaction logged:\n{log}");
+    let journal = std::fs::metadata(d.join(".crew/journal.jsonl")).expect("the journal").len();
+    assert!(journal < 4 * 2048, "the journal was not kept small: {journal} bytes");
     let lines: String = (0..100).map(|i| format!("{{\"name\": \"j{i}\", \"shell\": \"sleep 0.1\"}}\n")).collect();
     std::fs::write(d.join("jobs.txt"), lines).expect("write");
     crew_ok(d, &mark, &["send", "--file", "jobs.txt"]);
