@@ -595,6 +595,12 @@ async fn receive(d: &Daemon, r: ReceiveReq) -> Answer {
     let mut last_chance = !r.wait;
     loop {
         changes.borrow_and_update();
+        // Outputs the controller has that the drain task has not taken yet
+        // (it may be a wake-up behind): what `status` counts as ready is
+        // receivable now.
+        for o in d.controller.receive_all() {
+            d.take(o).await;
+        }
         {
             let mut inner = d.lock();
             let ready_now = match &r.name {
