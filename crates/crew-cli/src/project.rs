@@ -43,6 +43,9 @@ pub(crate) struct Health {
     /// use TLS.
     #[serde(default)]
     pub(crate) tls_sha256: Option<String>,
+    /// The TLS mode (`auto`, `always`).
+    #[serde(default)]
+    pub(crate) tls: Option<String>,
 }
 
 /// The project folder, absolute: `--dir`, else `$CREW_DIR` (clap reads

@@ -61,14 +61,14 @@ pub(crate) struct RunArgs {
     /// Where the controller listens for workers, IP:PORT (default
     /// 127.0.0.1:0, loopback and any free port). Workers of classes that run
     /// elsewhere (aws-batch) need an address they can reach, e.g. 0.0.0.0:7000.
-    #[arg(long, value_name = "IP:PORT", env = "CREW_LISTEN")]
+    #[arg(long, value_name = "IP:PORT")]
     listen: Option<std::net::SocketAddr>,
     /// The address workers dial when it is not the listening one (a wildcard
     /// bind, NAT): HOST:PORT, or HOST for the listening port.
-    #[arg(long, value_name = "HOST[:PORT]", env = "CREW_ADVERTISE")]
+    #[arg(long, value_name = "HOST[:PORT]")]
     advertise: Option<String>,
     /// When worker connections use TLS: auto (beyond loopback) or always.
-    #[arg(long, value_name = "MODE", env = "CREW_TLS", default_value = "auto")]
+    #[arg(long, value_name = "MODE", default_value = "auto")]
     tls: TlsMode,
 }
 

@@ -212,6 +212,9 @@ pub enum ControllerError {
     /// TLS could not be set up.
     #[error(transparent)]
     Tls(#[from] crate::tls::TlsError),
+    /// The advertised address is not one agents can dial.
+    #[error("invalid advertised address: {0}")]
+    Advertise(String),
 }
 
 /// A recruit request: `count` slots of one class.
@@ -288,6 +291,39 @@ fn has_port(addr: &str) -> bool {
     match addr.rsplit_once(':') {
         Some((host, port)) => port.parse::<u16>().is_ok() && (addr.starts_with('[') || !host.contains(':')),
         None => false,
+    }
+}
+
+/// The host part of `host:port` (brackets of an IPv6 address removed).
+fn host_of(addr: &str) -> &str {
+    let host = if has_port(addr) { addr.rsplit_once(':').map_or(addr, |(h, _)| h) } else { addr };
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+/// The address agents are told, from an `advertise` setting (`host:port`,
+/// `[v6]:port`, or a bare host or IPv6 address, which gets `port`): checked,
+/// so that a typo fails at start and not when agents dial.
+pub fn advertised_address(advertise: &str, port: u16) -> Result<String, String> {
+    let a = advertise.trim();
+    let full = if has_port(a) {
+        a.to_owned()
+    } else if a.parse::<std::net::Ipv6Addr>().is_ok() {
+        format!("[{a}]:{port}")
+    } else {
+        format!("{a}:{port}")
+    };
+    let host = host_of(&full);
+    let port_ok = full.rsplit_once(':').and_then(|(_, p)| p.parse::<u16>().ok()).is_some_and(|p| p != 0);
+    let host_ok = !host.is_empty()
+        && (host.parse::<std::net::IpAddr>().is_ok()
+            || host.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_'));
+    if host_ok && port_ok && has_port(&full) {
+        Ok(full)
+    } else {
+        Err(format!(
+            "{advertise:?}: write HOST, HOST:PORT or [IPv6]:PORT with a port from 1 to 65535 (HOST alone takes the \
+             listening port)"
+        ))
     }
 }
 
@@ -463,20 +499,23 @@ impl Controller {
         let addr = listener.local_addr().map_err(|source| ControllerError::Listen { addr: config.listen, source })?;
         let advertise = match &config.advertise {
             None => addr.to_string(),
-            Some(a) if has_port(a) => a.clone(),
-            Some(host) if host.contains(':') && !host.starts_with('[') => format!("[{host}]:{}", addr.port()),
-            Some(host) => format!("{host}:{}", addr.port()),
+            Some(a) => advertised_address(a, addr.port()).map_err(ControllerError::Advertise)?,
         };
+        // Encrypted as soon as anything may cross a network: a listener
+        // beyond loopback, or agents told to dial elsewhere (a proxy or a
+        // port forward in front of a loopback listener).
         let tls = match config.tls {
             TlsMode::Always => true,
-            TlsMode::Auto => !addr.ip().is_loopback(),
+            TlsMode::Auto => !addr.ip().is_loopback() || !dials_loopback(&advertise),
         };
         let tls = if tls { Some(ControllerTls::generate()?) } else { None };
+        // A wildcard listener takes loopback connections too; for `[::]`,
+        // 127.0.0.1 (Linux binds it dual-stack by default, and loopback
+        // often has no IPv6 in containers).
         let loopback = match (config.tls, addr.ip()) {
             (TlsMode::Always, _) => None,
             (_, ip) if ip.is_loopback() => Some(addr.to_string()),
-            (_, std::net::IpAddr::V4(ip)) if ip.is_unspecified() => Some(format!("127.0.0.1:{}", addr.port())),
-            (_, std::net::IpAddr::V6(ip)) if ip.is_unspecified() => Some(format!("[::1]:{}", addr.port())),
+            (_, ip) if ip.is_unspecified() => Some(format!("127.0.0.1:{}", addr.port())),
             _ => None,
         };
         if let Some(tls) = &tls {
@@ -529,19 +568,33 @@ impl Controller {
         self.shared.tls.as_ref().map(ControllerTls::fingerprint)
     }
 
+    /// The TLS mode the controller was started with.
+    pub fn tls_mode(&self) -> TlsMode {
+        self.shared.config.tls
+    }
+
     /// What is wrong with recruiting `class` here, if something is: its
     /// workers run elsewhere but would be told a loopback address. The
     /// recruit goes ahead (the address may be tunnelled); callers show the
     /// warning to the user.
     pub fn reach_warning(&self, class: &dyn Worker) -> Option<String> {
-        (!class.capabilities().reaches_loopback && dials_loopback(&self.shared.advertise)).then(|| {
-            format!(
-                "workers of class {} run elsewhere and cannot dial {}, a loopback address: listen on an \
-                 address they reach and advertise it (crew.toml [daemon] listen/advertise, CREW_LISTEN/CREW_ADVERTISE)",
-                class.class(),
-                self.shared.advertise
-            )
-        })
+        if class.capabilities().reaches_loopback {
+            return None;
+        }
+        let address = &self.shared.advertise;
+        let what = if dials_loopback(address) {
+            "a loopback address"
+        } else if host_of(address).parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_unspecified()) {
+            "a wildcard address"
+        } else {
+            return None;
+        };
+        Some(format!(
+            "workers of class {} run elsewhere and cannot dial {address}, {what}: listen on an address they \
+             reach and advertise it (crew.toml [daemon] listen/advertise, CREW_LISTEN/CREW_ADVERTISE, crew up \
+             --listen/--advertise)",
+            class.class(),
+        ))
     }
 
     /// Adds slots (down until needed); returns their names.
@@ -982,17 +1035,17 @@ impl Shared {
                 core.next_launch += 1;
                 let secret = Secret::random();
                 let mut env = BTreeMap::new();
-                match (&self.loopback, class.capabilities().reaches_loopback) {
-                    (Some(loopback), true) => {
-                        env.insert(ENV_CONNECT.to_owned(), loopback.clone());
-                    }
-                    _ => {
-                        env.insert(ENV_CONNECT.to_owned(), self.advertise.clone());
-                        if let Some(tls) = &self.tls {
-                            env.insert(ENV_TLS_SHA256.to_owned(), tls.fingerprint().to_owned());
-                        }
-                    }
-                }
+                // The pin is always set, empty for plaintext, so that one in
+                // the controller's own environment never reaches an agent.
+                let (connect, pin) = match (&self.loopback, class.capabilities().reaches_loopback) {
+                    (Some(loopback), true) => (loopback.clone(), String::new()),
+                    _ => (
+                        self.advertise.clone(),
+                        self.tls.as_ref().map(|t| t.fingerprint().to_owned()).unwrap_or_default(),
+                    ),
+                };
+                env.insert(ENV_CONNECT.to_owned(), connect);
+                env.insert(ENV_TLS_SHA256.to_owned(), pin);
                 env.insert(ENV_LAUNCH.to_owned(), id.to_string());
                 env.insert(ENV_TOKEN.to_owned(), secret.expose().to_owned());
                 let members = chunk
@@ -1264,7 +1317,9 @@ async fn open_link(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) ->
     let Some(tls) = &shared.tls else { return Some(Link::Tcp(stream)) };
     let mut first = [0u8; 1];
     let limit = shared.config.hello_timeout;
-    match tokio::time::timeout(limit, stream.peek(&mut first)).await {
+    // One budget for the first byte and the TLS handshake.
+    let deadline = tokio::time::Instant::now() + limit;
+    match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
         Ok(Ok(1)) => {}
         Ok(Ok(_)) => return None,
         Ok(Err(e)) => {
@@ -1277,7 +1332,7 @@ async fn open_link(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) ->
         }
     }
     if first[0] != TLS_HANDSHAKE_RECORD {
-        if shared.loopback.is_some() && peer.ip().is_loopback() {
+        if shared.loopback.is_some() && peer.ip().to_canonical().is_loopback() {
             return Some(Link::Tcp(stream));
         }
         let reason = "this controller takes TLS connections only from there; the agent needs the \
@@ -1289,7 +1344,7 @@ async fn open_link(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) ->
         }
         return None;
     }
-    let tls_stream = match tokio::time::timeout(limit, tls.acceptor().accept(stream)).await {
+    let tls_stream = match tokio::time::timeout_at(deadline, tls.acceptor().accept(stream)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             warn!(%peer, "rejected a worker connection: TLS handshake failed: {e}");
@@ -1311,16 +1366,43 @@ async fn open_link(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) ->
     Some(Link::Unix(theirs))
 }
 
-/// Moves bytes between a TLS connection and its plaintext socket until
-/// either side closes.
-async fn relay(mut tls: tokio_rustls::server::TlsStream<TcpStream>, mut plain: UnixStream, stop: CancellationToken) {
-    tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut tls, &mut plain) => {
-            if let Err(e) = r {
-                debug!("TLS relay ended: {e}");
+/// Moves bytes between a TLS connection and its plaintext socket. It ends
+/// when the controller's side closes (the agent is then told, by a TLS
+/// close, and dropped whatever it does), when the connection fails, or when
+/// the controller stops; an agent that half-closes only ends the way in.
+async fn relay(tls: tokio_rustls::server::TlsStream<TcpStream>, plain: UnixStream, stop: CancellationToken) {
+    use tokio::io::AsyncWriteExt;
+    let (mut tls_r, mut tls_w) = tokio::io::split(tls);
+    let (mut plain_r, mut plain_w) = plain.into_split();
+    let inbound = async {
+        let r = tokio::io::copy(&mut tls_r, &mut plain_w).await;
+        let _ = plain_w.shutdown().await;
+        r
+    };
+    let outbound = async {
+        let r = tokio::io::copy(&mut plain_r, &mut tls_w).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), tls_w.shutdown()).await;
+        r
+    };
+    tokio::pin!(inbound, outbound);
+    let mut inbound_done = false;
+    loop {
+        tokio::select! {
+            r = &mut outbound => {
+                if let Err(e) = r {
+                    debug!("TLS relay ended: {e}");
+                }
+                return;
             }
+            r = &mut inbound, if !inbound_done => {
+                inbound_done = true;
+                if let Err(e) = r {
+                    debug!("TLS relay ended: {e}");
+                    return;
+                }
+            }
+            _ = stop.cancelled() => return,
         }
-        _ = stop.cancelled() => {}
     }
 }
 
@@ -1651,6 +1733,20 @@ impl Shared {
 #[cfg(test)]
 mod tests {
     use super::{dials_loopback, has_port};
+
+    #[test]
+    fn advertise_settings_are_completed_and_checked() {
+        use super::advertised_address as a;
+        assert_eq!(a("h", 7000).as_deref(), Ok("h:7000"));
+        assert_eq!(a("h:80", 7000).as_deref(), Ok("h:80"));
+        assert_eq!(a("10.0.0.5", 7000).as_deref(), Ok("10.0.0.5:7000"));
+        assert_eq!(a("2001:db8::1", 7000).as_deref(), Ok("[2001:db8::1]:7000"));
+        assert_eq!(a("[::1]", 7000).as_deref(), Ok("[::1]:7000"));
+        assert_eq!(a("[::1]:80", 7000).as_deref(), Ok("[::1]:80"));
+        for bad in ["", "h:", "h:0", "h:70000", "h:port", "bad host", "h/x"] {
+            assert!(a(bad, 7000).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn advertised_addresses_with_and_without_a_port() {

@@ -287,15 +287,18 @@ impl Journal {
     fn rewrite(path: &Path, replay: &Replay) -> Result<Self, JournalError> {
         let io = |source| JournalError::Io { path: path.to_path_buf(), source };
         let tmp = path.with_extension("compacting");
-        {
-            let file = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).map_err(io)?;
-            let mut w = BufWriter::new(file);
-            for r in replay.records() {
-                write_record(&mut w, &r).map_err(io)?;
-            }
-            w.flush().map_err(io)?;
-            w.get_ref().sync_data().map_err(io)?;
+        // The file written is the one appended to after the rename (its
+        // descriptor follows it): nothing can fail between the rename and
+        // the switch, which would leave appends going to the replaced file.
+        let file = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).map_err(io)?;
+        let mut w = BufWriter::new(file);
+        for r in replay.records() {
+            write_record(&mut w, &r).map_err(io)?;
         }
+        w.flush().map_err(io)?;
+        let file = w.into_inner().map_err(|e| io(e.into_error()))?;
+        file.sync_data().map_err(io)?;
+        let base = file.metadata().map_err(io)?.len();
         std::fs::rename(&tmp, path).map_err(io)?;
         if let Some(dir) = path.parent() {
             // Make the rename itself durable.
@@ -303,8 +306,6 @@ impl Journal {
                 let _ = d.sync_all();
             }
         }
-        let file = OpenOptions::new().append(true).open(path).map_err(io)?;
-        let base = file.metadata().map_err(io)?.len();
         Ok(Self {
             path: path.to_path_buf(),
             out: BufWriter::with_capacity(256 * 1024, file),
@@ -331,12 +332,24 @@ impl Journal {
         if size < self.compact_after.max(self.base.saturating_mul(2)) {
             return Ok(false);
         }
-        let mut replay = Replay { next_job: 1, ..Replay::default() };
-        read_into(&self.path, File::open(&self.path).map_err(io)?, &mut replay)?;
-        let compact_after = self.compact_after;
-        *self = Self::rewrite(&self.path, &replay)?;
-        self.compact_after = compact_after;
-        Ok(true)
+        let compacted = (|| {
+            let mut replay = Replay { next_job: 1, ..Replay::default() };
+            read_into(&self.path, File::open(&self.path).map_err(io)?, &mut replay)?;
+            Self::rewrite(&self.path, &replay)
+        })();
+        match compacted {
+            Ok(mut fresh) => {
+                fresh.compact_after = self.compact_after;
+                *self = fresh;
+                Ok(true)
+            }
+            Err(e) => {
+                // Keep appending to the file as it is; try again once it
+                // doubled, not at every commit.
+                self.base = size;
+                Err(e)
+            }
+        }
     }
 
     /// Appends a record (buffered; durable after [`Journal::commit`]).

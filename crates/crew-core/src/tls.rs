@@ -61,9 +61,9 @@ pub fn fingerprint(cert_der: &[u8]) -> String {
 /// Parses a fingerprint as given in `CREW_TLS_SHA256` (case-insensitive,
 /// `:` separators allowed, as tools print them).
 pub fn parse_fingerprint(text: &str) -> Result<[u8; 32], TlsError> {
-    let digits: String = text.chars().filter(|c| *c != ':').collect();
+    let digits: String = text.trim().chars().filter(|c| *c != ':').collect();
     let bad = || TlsError::Fingerprint(text.to_owned());
-    if digits.len() != 64 {
+    if digits.len() != 64 || !digits.chars().all(|c| c.is_ascii_hexdigit()) {
         return Err(bad());
     }
     let mut out = [0u8; 32];
@@ -117,7 +117,7 @@ impl ControllerTls {
 
 /// The agent's side: a connector that accepts only the certificate whose
 /// SHA-256 is `pin`.
-pub(crate) fn connector(pin: [u8; 32]) -> Result<tokio_rustls::TlsConnector, TlsError> {
+pub fn connector(pin: [u8; 32]) -> Result<tokio_rustls::TlsConnector, TlsError> {
     let provider = provider();
     let verifier = Arc::new(Pinned { pin, provider: provider.clone() });
     let config = rustls::ClientConfig::builder_with_provider(provider)
@@ -129,7 +129,7 @@ pub(crate) fn connector(pin: [u8; 32]) -> Result<tokio_rustls::TlsConnector, Tls
 }
 
 /// The server name agents send.
-pub(crate) fn server_name() -> ServerName<'static> {
+pub fn server_name() -> ServerName<'static> {
     ServerName::try_from(SERVER_NAME).expect("a valid DNS name")
 }
 
@@ -194,7 +194,7 @@ mod tests {
         assert_eq!(parse_fingerprint(&hex.to_uppercase()).expect("upper case"), bytes);
         let colons: Vec<String> = bytes.iter().map(|b| format!("{b:02X}")).collect();
         assert_eq!(parse_fingerprint(&colons.join(":")).expect("colons"), bytes);
-        for bad in ["", "abc", &hex[..62], &format!("{}zz", &hex[..62])] {
+        for bad in ["", "abc", &hex[..62], &format!("{}zz", &hex[..62]), &format!("+{}", &hex[..63])] {
             assert!(parse_fingerprint(bad).is_err(), "{bad:?}");
         }
     }

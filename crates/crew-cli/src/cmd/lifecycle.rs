@@ -95,12 +95,15 @@ fn workers_setting_differs(wanted: &project::DaemonOverrides, health: &project::
     }
     if let (Some(want), Some(have)) = (&wanted.advertise, &health.advertise) {
         let port = listen.map(|a| a.port()).unwrap_or_default();
-        if have != want && *have != format!("{want}:{port}") && *have != format!("[{want}]:{port}") {
+        if crew_core::controller::advertised_address(want, port).ok().as_ref() != Some(have) {
             return Some(format!("workers told to dial {have}, not {want}"));
         }
     }
-    if wanted.tls == Some(crew_core::controller::TlsMode::Always) && health.tls_sha256.is_none() {
-        return Some("worker connections in plaintext (it listens on loopback), not --tls always".to_owned());
+    if let (Some(want), Some(have)) = (wanted.tls, &health.tls) {
+        if want.as_str() != have {
+            let now = if health.tls_sha256.is_some() { "encrypted beyond loopback" } else { "in plaintext" };
+            return Some(format!("--tls {have} (worker connections {now}), not --tls {}", want.as_str()));
+        }
     }
     None
 }

@@ -398,6 +398,7 @@ fn health(d: &Daemon) -> Value {
         "store": d.store.url(),
         "listen": d.controller.addr().to_string(),
         "advertise": d.controller.advertised(),
+        "tls": d.controller.tls_mode().as_str(),
         "tls_sha256": d.controller.tls_fingerprint(),
     })
 }

@@ -59,11 +59,15 @@ impl JournalWriter {
         if !commit {
             return Ok(());
         }
-        // Commits, and keeps a long-lived daemon's journal within a factor
-        // of its live state.
+        j.commit()?;
+        // Keeps a long-lived daemon's journal within a factor of its live
+        // state. The records are durable already: a failure here is the
+        // compaction's only, and the request stands.
         let started = std::time::Instant::now();
-        if j.compact_if_grown()? {
-            tracing::info!(elapsed = ?started.elapsed(), "journal compacted");
+        match j.compact_if_grown() {
+            Ok(true) => tracing::info!(elapsed = ?started.elapsed(), "journal compacted"),
+            Ok(false) => {}
+            Err(e) => tracing::warn!("could not compact the journal (it keeps growing; retried later): {e}"),
         }
         Ok(())
     }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use crew_core::controller::{AgentCommand, Controller, ControllerConfig, Recruit, TlsMode};
 use crew_core::protocol::ControllerMsg;
+use crew_core::scheduler::SlotFilter;
 use crew_core::{JobSpec, Status};
 use crew_worker_local::LocalWorker;
 use tokio::net::{TcpListener, TcpStream};
@@ -92,6 +93,10 @@ async fn with_tls_always_the_wire_is_encrypted_agents_pin_the_certificate_and_pl
     let wire = record_relay(relay, controller.addr());
 
     controller.recruit(Recruit::new(Arc::new(LocalWorker::new()), 2)).expect("recruit");
+    // Both workers up before the jobs, so that both connections carry some.
+    assert_eq!(controller.launch(&SlotFilter::default(), 2), 2);
+    let up = eventually(Duration::from_secs(20), || controller.status().slots.iter().all(|s| s.state == "idle")).await;
+    assert!(up, "the workers did not connect: {:?}", controller.status());
     let payload = unique("plain-payload-");
     let mut ids = Vec::new();
     for i in 0..10 {
@@ -116,7 +121,7 @@ async fn with_tls_always_the_wire_is_encrypted_agents_pin_the_certificate_and_pl
     // neither the jobs' commands, their output nor a secret crossed in clear.
     let seen = wire.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
     assert!(seen.len() >= 2, "expected a connection per agent, saw {}", seen.len());
-    for bytes in &seen {
+    for bytes in seen.iter().filter(|b| !b.is_empty()) {
         assert_eq!(bytes.first(), Some(&0x16), "a connection did not start with a TLS handshake");
         assert!(!contains(bytes, payload.as_bytes()), "job data crossed the wire in clear");
         assert!(!contains(bytes, b"echo"), "a job's command crossed the wire in clear");
@@ -162,6 +167,32 @@ async fn with_tls_always_the_wire_is_encrypted_agents_pin_the_certificate_and_pl
     let logged = eventually(Duration::from_secs(2), || logs().contains("TLS handshake failed")).await;
     assert!(logged, "no log line for the failed handshake:\n{}", logs());
     assert!(!logs().contains(&"0".repeat(64)), "a token reached the log");
+
+    // A peer that completes the TLS handshake, then says nothing and keeps
+    // its end open, is dropped after the hello timeout: it holds no task or
+    // descriptor of the controller's beyond that.
+    let pin = crew_core::tls::parse_fingerprint(&fingerprint).expect("pin");
+    let fds = || std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count);
+    let baseline = fds();
+    let tcp = TcpStream::connect(controller.addr()).await.expect("connect");
+    let mut silent = crew_core::tls::connector(pin)
+        .expect("connector")
+        .connect(crew_core::tls::server_name(), tcp)
+        .await
+        .expect("the handshake");
+    let mut sink = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        use tokio::io::AsyncReadExt;
+        silent.read_to_end(&mut sink).await
+    })
+    .await;
+    assert!(ended.is_ok(), "a silent TLS peer was kept beyond the hello timeout");
+    // Its connection, relay and socket pair are gone on the controller's
+    // side while the peer still holds its own socket (this process's one
+    // extra descriptor).
+    let released = eventually(Duration::from_secs(5), || fds() <= baseline + 1).await;
+    assert!(released, "the controller still holds {} descriptors for the silent peer", fds() - baseline - 1);
+    drop(silent);
 
     // The controller keeps serving its agents.
     let id = controller.send(JobSpec::shell("echo still")).expect("send");
@@ -222,7 +253,7 @@ async fn beyond_loopback_local_workers_keep_plaintext_on_loopback_and_other_peer
     assert!(!agents.is_empty(), "no agent found");
     for pid in &agents {
         assert_eq!(env_of(*pid, "CREW_CONNECT"), Some(format!("127.0.0.1:{port}")));
-        assert_eq!(env_of(*pid, "CREW_TLS_SHA256"), None);
+        assert_eq!(env_of(*pid, "CREW_TLS_SHA256").as_deref(), Some(""), "plaintext, whatever the environment says");
     }
 
     // A plaintext hello from loopback reaches the hello check (and fails it
@@ -249,6 +280,18 @@ async fn beyond_loopback_local_workers_keep_plaintext_on_loopback_and_other_peer
     }
     controller.close().await;
     assert_none_marked(&mark, Duration::from_secs(3));
+
+    // A loopback listener whose agents are told another address (a proxy,
+    // a port forward) encrypts too; a malformed address stops the start.
+    let mut config = ControllerConfig::new(agent(&mark));
+    config.advertise = Some("crew-host.example:7000".to_owned());
+    let proxied = Controller::start(config).await.expect("the controller starts");
+    assert!(proxied.tls_fingerprint().is_some(), "agents dial beyond loopback: TLS");
+    proxied.close().await;
+    let mut config = ControllerConfig::new(agent(&mark));
+    config.advertise = Some("crew-host.example:0".to_owned());
+    let err = Controller::start(config).await.expect_err("port 0 cannot be dialled");
+    assert!(err.to_string().contains("invalid advertised address"), "{err}");
 }
 
 #[test]
