@@ -19,8 +19,9 @@
 //! as a fresh journal, atomically by rename), so it does not grow across
 //! restarts, and by [`Journal::compact_if_grown`], which a long-lived daemon
 //! calls after its commits: once the file has grown past a threshold and to
-//! twice its size after the last compaction, it is read back and rewritten,
-//! so that its size stays within a constant factor of the live state (jobs
+//! twice its size after the last compaction, it is read back and rewritten
+//! on a thread of its own, so that its size stays within a constant factor
+//! of the live state (jobs
 //! not finished, outputs not received) and the cost of compacting is
 //! amortized over the records written since.
 
@@ -264,6 +265,38 @@ pub struct Journal {
     base: u64,
     /// The size below which the file is never compacted.
     compact_after: u64,
+    /// A compaction in progress on a thread of its own.
+    compaction: Option<Compaction>,
+}
+
+/// A compaction in progress: a thread reads the journal up to `offset`
+/// (whole, committed lines) and writes what it describes to the
+/// `.compacting` file; records appended meanwhile are copied after it when
+/// it is installed.
+#[derive(Debug)]
+struct Compaction {
+    offset: u64,
+    done: std::sync::mpsc::Receiver<Result<File, JournalError>>,
+}
+
+/// Where a compacted journal is written before it replaces the journal.
+fn compacting_path(path: &Path) -> PathBuf {
+    path.with_extension("compacting")
+}
+
+/// Writes the records of `replay` to the `.compacting` file next to `path`,
+/// durably; returns it, open for appending at its end.
+fn write_compacted(path: &Path, replay: &Replay) -> Result<File, JournalError> {
+    let io = |source| JournalError::Io { path: path.to_path_buf(), source };
+    let file = OpenOptions::new().write(true).create(true).truncate(true).open(compacting_path(path)).map_err(io)?;
+    let mut w = BufWriter::new(file);
+    for r in replay.records() {
+        write_record(&mut w, &r).map_err(io)?;
+    }
+    w.flush().map_err(io)?;
+    let file = w.into_inner().map_err(|e| io(e.into_error()))?;
+    file.sync_data().map_err(io)?;
+    Ok(file)
 }
 
 impl Journal {
@@ -285,21 +318,18 @@ impl Journal {
     /// Writes `replay` as a fresh journal next to `path` and renames it over
     /// `path` (atomic), then opens it for appending.
     fn rewrite(path: &Path, replay: &Replay) -> Result<Self, JournalError> {
+        let file = write_compacted(path, replay)?;
+        Self::install(path, file)
+    }
+
+    /// Renames the compacted file `file` (at [`compacting_path`]) over
+    /// `path` and appends to it from now on. The descriptor follows the
+    /// file, so nothing can fail between the rename and the switch (which
+    /// would leave appends going to the replaced file).
+    fn install(path: &Path, file: File) -> Result<Self, JournalError> {
         let io = |source| JournalError::Io { path: path.to_path_buf(), source };
-        let tmp = path.with_extension("compacting");
-        // The file written is the one appended to after the rename (its
-        // descriptor follows it): nothing can fail between the rename and
-        // the switch, which would leave appends going to the replaced file.
-        let file = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).map_err(io)?;
-        let mut w = BufWriter::new(file);
-        for r in replay.records() {
-            write_record(&mut w, &r).map_err(io)?;
-        }
-        w.flush().map_err(io)?;
-        let file = w.into_inner().map_err(|e| io(e.into_error()))?;
-        file.sync_data().map_err(io)?;
         let base = file.metadata().map_err(io)?.len();
-        std::fs::rename(&tmp, path).map_err(io)?;
+        std::fs::rename(compacting_path(path), path).map_err(io)?;
         if let Some(dir) = path.parent() {
             // Make the rename itself durable.
             if let Ok(d) = File::open(dir) {
@@ -312,6 +342,7 @@ impl Journal {
             dirty: false,
             base,
             compact_after: COMPACT_AFTER,
+            compaction: None,
         })
     }
 
@@ -321,35 +352,98 @@ impl Journal {
         self.compact_after = bytes;
     }
 
-    /// Commits, then compacts the file if it is larger than the threshold
-    /// and than twice its size after the last compaction: reads it back and
-    /// writes what it describes (as a restart would). Returns whether it
-    /// compacted. Blocks for the time it takes to read and write the file.
+    /// Commits, then keeps the file within a factor of what it describes:
+    /// once it is larger than the threshold and than twice its size after
+    /// the last compaction, a thread reads it back and writes what it
+    /// describes (as a restart would) to a new file; a later call, when
+    /// that is done, copies the records appended meanwhile after it and
+    /// puts it in the journal's place. Only that copy and the rename happen
+    /// in the caller, so a daemon is not held up by a large journal. Returns
+    /// whether a compaction was installed. On an error the journal goes on
+    /// as it is (appending works) and the next attempt waits until the file
+    /// doubled again.
     pub fn compact_if_grown(&mut self) -> Result<bool, JournalError> {
         self.commit()?;
         let io = |source| JournalError::Io { path: self.path.clone(), source };
         let size = self.out.get_ref().metadata().map_err(io)?.len();
+        if let Some(c) = &self.compaction {
+            let result = match c.done.try_recv() {
+                Err(std::sync::mpsc::TryRecvError::Empty) => return Ok(false),
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    Err(io(std::io::Error::other("the compaction thread ended without an answer")))
+                }
+                Ok(compacted) => compacted.and_then(|file| self.install_compacted(file, c.offset)),
+            };
+            self.compaction = None;
+            return match result {
+                Ok(mut fresh) => {
+                    fresh.compact_after = self.compact_after;
+                    *self = fresh;
+                    Ok(true)
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(compacting_path(&self.path));
+                    self.base = size;
+                    Err(e)
+                }
+            };
+        }
         if size < self.compact_after.max(self.base.saturating_mul(2)) {
             return Ok(false);
         }
-        let compacted = (|| {
-            let mut replay = Replay { next_job: 1, ..Replay::default() };
-            read_into(&self.path, File::open(&self.path).map_err(io)?, &mut replay)?;
-            Self::rewrite(&self.path, &replay)
-        })();
-        match compacted {
-            Ok(mut fresh) => {
-                fresh.compact_after = self.compact_after;
-                *self = fresh;
-                Ok(true)
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = self.path.clone();
+        let spawned = std::thread::Builder::new().name("crew-journal-compaction".into()).spawn(move || {
+            let compacted = (|| {
+                let io = |source| JournalError::Io { path: path.clone(), source };
+                let mut replay = Replay { next_job: 1, ..Replay::default() };
+                // Only what was committed when it started: whole lines.
+                let prefix = std::io::Read::take(File::open(&path).map_err(io)?, size);
+                read_into(&path, prefix, &mut replay)?;
+                write_compacted(&path, &replay)
+            })();
+            let _ = tx.send(compacted);
+        });
+        match spawned {
+            Ok(_) => {
+                self.compaction = Some(Compaction { offset: size, done: rx });
+                Ok(false)
             }
             Err(e) => {
-                // Keep appending to the file as it is; try again once it
-                // doubled, not at every commit.
                 self.base = size;
-                Err(e)
+                Err(io(e))
             }
         }
+    }
+
+    /// Copies what was appended after `offset` to the compacted `file`,
+    /// makes it durable and puts it in the journal's place.
+    fn install_compacted(&self, mut file: File, offset: u64) -> Result<Self, JournalError> {
+        use std::io::{Seek, SeekFrom};
+        let io = |source| JournalError::Io { path: self.path.clone(), source };
+        let mut old = File::open(&self.path).map_err(io)?;
+        old.seek(SeekFrom::Start(offset)).map_err(io)?;
+        std::io::copy(&mut old, &mut file).map_err(io)?;
+        file.sync_data().map_err(io)?;
+        Self::install(&self.path, file)
+    }
+
+    /// Waits for a compaction in progress and installs it (tests, and a
+    /// daemon that wants a small journal before it stops).
+    pub fn finish_compaction(&mut self) -> Result<bool, JournalError> {
+        if let Some(c) = &self.compaction {
+            // Block until the thread answered; the answer stays in the
+            // channel for compact_if_grown.
+            let answer = c.done.recv();
+            let (tx, rx) = std::sync::mpsc::channel();
+            if let Ok(a) = answer {
+                let _ = tx.send(a);
+            }
+            let offset = c.offset;
+            self.compaction = Some(Compaction { offset, done: rx });
+            return self.compact_if_grown();
+        }
+        Ok(false)
     }
 
     /// Appends a record (buffered; durable after [`Journal::commit`]).
@@ -390,7 +484,7 @@ fn write_record(w: &mut impl Write, record: &Record) -> std::io::Result<()> {
     w.write_all(b"\n")
 }
 
-fn read_into(path: &Path, file: File, replay: &mut Replay) -> Result<(), JournalError> {
+fn read_into(path: &Path, file: impl std::io::Read, replay: &mut Replay) -> Result<(), JournalError> {
     let mut reader = BufReader::with_capacity(256 * 1024, file);
     let mut line = Vec::new();
     let mut n = 0;
@@ -517,9 +611,12 @@ mod tests {
             }
             largest = largest.max(std::fs::metadata(&path).unwrap().len());
         }
-        assert!(compactions >= 5, "only {compactions} compactions");
-        assert!(largest < 2 * threshold + 4096, "the file reached {largest} bytes");
+        j.finish_compaction().unwrap();
+        assert!(compactions >= 3, "only {compactions} compactions");
+        // Records keep coming while a compaction runs on its thread.
+        assert!(largest < 8 * threshold, "the file reached {largest} bytes");
         drop(j);
+        assert!(!compacting_path(&path).exists(), "a compaction was left half-done");
         let (_j, r) = Journal::open(&path).unwrap();
         assert_eq!(r.recruits.len(), 1);
         assert_eq!(r.next_job, 5_001);
