@@ -612,8 +612,9 @@ impl Controller {
             return Err(ControllerError::Recruit("the launch timeout must be greater than zero".into()));
         }
         req.class.check_options(&req.options).map_err(|e| ControllerError::Recruit(e.to_string()))?;
+        // Callers show it to the user (`reach_warning`); the log keeps it.
         if let Some(warning) = self.reach_warning(req.class.as_ref()) {
-            warn!("{warning}");
+            info!("{warning}");
         }
         let shared = &self.shared;
         let mut core = lock(&shared.core);

@@ -124,3 +124,64 @@ fn recruit_aws_batch_workers_and_run_jobs_on_them() {
     let out = crew_in(d, &mark, &["down"]);
     assert_eq!(out.code(), Some(0), "{out}");
 }
+
+/// `crew run` on Batch workers, the controller listening beyond loopback as
+/// it must for them: the workers are given the certificate's fingerprint
+/// and connect with TLS; every job ends succeeded on a Batch array child.
+#[test]
+fn crew_run_on_aws_batch_workers_over_tls() {
+    let Some(endpoint) = endpoint("crew_run_on_aws_batch_workers_over_tls") else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let mark = unique("aws-batch-run-");
+    let _reaper = Reaper::new(&mark);
+    let def = unique("crew-run-def-");
+    let register = ["aws-batch", "register-definition", "--image", "crew", "--name", &def, "--memory", "512MiB"];
+    assert_eq!(run(aws_crew(d, &mark, &endpoint, &register), None, DEADLINE).code(), Some(0));
+    // Each job tells which Batch job it runs in, that it does not see the
+    // pin, and whether its worker (the shell's parent) was given one.
+    let lines: String = (0..6)
+        .map(|i| {
+            format!(
+                "echo {i} $AWS_BATCH_JOB_ID ${{CREW_TLS_SHA256:-hidden}} \
+                 $(tr '\\0' '\\n' < /proc/$PPID/environ | grep -c '^CREW_TLS_SHA256=[0-9a-f]\\{{64\\}}$')\n"
+            )
+        })
+        .collect();
+    std::fs::write(d.join("jobs.txt"), lines).expect("jobs file");
+    let mut cmd = aws_crew(
+        d,
+        &mark,
+        &endpoint,
+        &[
+            "run",
+            "--class",
+            "aws-batch",
+            "--workers",
+            "2",
+            "--listen",
+            "0.0.0.0:0",
+            "--advertise",
+            "127.0.0.1",
+            "--json",
+            "jobs.txt",
+        ],
+    );
+    cmd.env("CREW_AWS_JOB_QUEUE", "crew-q1").env("CREW_AWS_JOB_DEFINITION", &def).env("CREW_AWS_ENDPOINT", &endpoint);
+    let out = run(cmd, None, DEADLINE * 3);
+    assert_eq!(out.code(), Some(0), "{out}");
+    let records = out.records();
+    assert_eq!(records.len(), 6, "{out}");
+    for r in &records {
+        assert_eq!(r["status"], "succeeded", "{out}");
+        assert_eq!(r["class"], "aws-batch", "{out}");
+        let text = r["stdout"]["text"].as_str().unwrap_or_default();
+        let words: Vec<&str> = text.split_whitespace().collect();
+        assert_eq!(words.len(), 4, "not in a Batch job: {out}");
+        assert_eq!(words[2], "hidden", "the pin reached a job: {out}");
+        assert_eq!(words[3], "1", "the worker was not given the pin: {out}");
+    }
+    // Said once, as a line of crew's, not also as a log line.
+    assert_eq!(out.stderr.matches("cannot dial 127.0.0.1").count(), 1, "{out}");
+    assert!(out.stderr.contains("crew: warning:"), "{out}");
+}
