@@ -1385,25 +1385,32 @@ async fn relay(tls: tokio_rustls::server::TlsStream<TcpStream>, plain: UnixStrea
         let _ = tokio::time::timeout(Duration::from_secs(1), tls_w.shutdown()).await;
         r
     };
-    tokio::pin!(inbound, outbound);
-    let mut inbound_done = false;
-    loop {
-        tokio::select! {
-            r = &mut outbound => {
-                if let Err(e) = r {
-                    debug!("TLS relay ended: {e}");
+    let stopped = {
+        tokio::pin!(inbound, outbound);
+        let mut inbound_done = false;
+        loop {
+            tokio::select! {
+                r = &mut outbound => {
+                    if let Err(e) = r {
+                        debug!("TLS relay ended: {e}");
+                    }
+                    break false;
                 }
-                return;
-            }
-            r = &mut inbound, if !inbound_done => {
-                inbound_done = true;
-                if let Err(e) = r {
-                    debug!("TLS relay ended: {e}");
-                    return;
+                r = &mut inbound, if !inbound_done => {
+                    inbound_done = true;
+                    if let Err(e) = r {
+                        debug!("TLS relay ended: {e}");
+                        break false;
+                    }
                 }
+                _ = stop.cancelled() => break true,
             }
-            _ = stop.cancelled() => return,
         }
+    };
+    if stopped {
+        // The controller is gone: a TLS close, so that the agent reads an
+        // end and not a broken connection.
+        let _ = tokio::time::timeout(Duration::from_millis(200), tls_w.shutdown()).await;
     }
 }
 
