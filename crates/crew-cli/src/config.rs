@@ -52,6 +52,8 @@ pub(crate) struct DaemonSettings {
     pub(crate) heartbeat: Option<Duration>,
     /// The journal size past which the running daemon compacts it.
     pub(crate) journal_compact_bytes: Option<u64>,
+    /// How many of the newest outputs `crew logs` keeps.
+    pub(crate) logs_keep: Option<u32>,
 }
 
 /// `[recruit]` and `[class.NAME]`: what a recruit request gets for the
@@ -117,6 +119,7 @@ impl Config {
                             "seed" => d.seed = Some(seed(v).map_err(err)?),
                             "heartbeat" => d.heartbeat = Some(duration(v).and_then(positive).map_err(err)?),
                             "journal_compact" => d.journal_compact_bytes = Some(bytes(v).map_err(err)?),
+                            "logs_keep" => d.logs_keep = Some(count(v, 1).map_err(err)?),
                             _ => return Err(unknown(&file, &full, DAEMON_KEYS)),
                         }
                     }
@@ -187,6 +190,7 @@ impl Config {
         set("CREW_PROJECT_SEED", var("CREW_PROJECT_SEED")?, parse_seed, &mut d.seed)?;
         set("CREW_HEARTBEAT", var("CREW_HEARTBEAT")?, pos, &mut d.heartbeat)?;
         set("CREW_JOURNAL_COMPACT", var("CREW_JOURNAL_COMPACT")?, parse_bytes, &mut d.journal_compact_bytes)?;
+        set("CREW_LOGS_KEEP", var("CREW_LOGS_KEEP")?, |s| parse_count(s, 1), &mut d.logs_keep)?;
         let r = &mut self.recruit;
         set("CREW_IDLE", var("CREW_IDLE")?, dur, &mut r.idle)?;
         set("CREW_WALL", var("CREW_WALL")?, dur, &mut r.wall)?;
@@ -231,7 +235,8 @@ impl Config {
     }
 }
 
-const DAEMON_KEYS: &[&str] = &["listen", "advertise", "tls", "store", "seed", "heartbeat", "journal_compact"];
+const DAEMON_KEYS: &[&str] =
+    &["listen", "advertise", "tls", "store", "seed", "heartbeat", "journal_compact", "logs_keep"];
 const RECRUIT_KEYS: &[&str] = &["idle", "wall", "tasks_max", "launch_timeout", "launch_max", "prefetch"];
 
 fn unknown(file: &impl std::fmt::Display, key: &str, known: &[&str]) -> anyhow::Error {
@@ -361,6 +366,8 @@ mod tests {
         assert_eq!(c.daemon.tls, Some(TlsMode::Always));
         assert_eq!(parse("[daemon]\njournal_compact = \"8MiB\"\n")?.daemon.journal_compact_bytes, Some(8 << 20));
         assert_eq!(parse("[daemon]\njournal_compact = 4096\n")?.daemon.journal_compact_bytes, Some(4096));
+        assert_eq!(parse("[daemon]\nlogs_keep = 5\n")?.daemon.logs_keep, Some(5));
+        assert!(parse("[daemon]\nlogs_keep = 0\n").is_err(), "at least one output is kept");
         let err = parse("[daemon]\njournal_compact = \"8MB\"\n").expect_err("MB is refused");
         assert!(err.contains("daemon.journal_compact") && err.contains("MiB"), "{err}");
         let err = parse("[daemon]\ntls = \"off\"\n").expect_err("no such mode");

@@ -742,7 +742,7 @@ async fn logs(d: &Daemon, id: &str) -> Answer {
         Some(o) => o,
         None => {
             let found = d.outputs_log().get(JobId(id)).map_err(|e| ApiError::internal(e.to_string()))?;
-            found.ok_or_else(|| ApiError::not_found(format!("job {id} has no output yet (unknown or not finished)")))?
+            found.ok_or_else(|| ApiError::not_found(format!("job {id} has no output yet (unknown, not finished, or older than the outputs kept for logs: [daemon] logs_keep)")))?
         }
     };
     let stdout = whole(d, &output.stdout).await?;
@@ -775,7 +775,7 @@ fn objects(d: &Daemon, job: &str) -> Answer {
                 None => None,
             };
             found
-                .ok_or_else(|| ApiError::not_found(format!("job {job} has no output yet (unknown or not finished)")))?
+                .ok_or_else(|| ApiError::not_found(format!("job {job} has no output yet (unknown, not finished, or older than the outputs kept: [daemon] logs_keep)")))?
         }
     };
     Ok(json!({

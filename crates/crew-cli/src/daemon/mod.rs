@@ -186,8 +186,11 @@ async fn serve(dir: PathBuf, store: Arc<dyn Store>, settings: crate::config::Con
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("cannot chmod {}", sock.display()))?;
 
-    let outputs = outputs::OutputsLog::open(&dir.join(OUTPUTS))
+    let mut outputs = outputs::OutputsLog::open(&dir.join(OUTPUTS))
         .with_context(|| format!("cannot open {}", dir.join(OUTPUTS).display()))?;
+    if let Some(keep) = settings.daemon.logs_keep {
+        outputs.set_keep(keep as usize);
+    }
     let state = Arc::new(api::Daemon::new(
         controller.clone(),
         store,

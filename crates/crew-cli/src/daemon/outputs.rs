@@ -8,6 +8,11 @@
 //! The file is not the record of truth — the journal is — so it is not
 //! synced: after a crash, `logs` may not know a job whose output the
 //! journal re-delivers, and the line is written again then.
+//!
+//! It keeps the newest outputs only (`[daemon] logs_keep`, 100,000 by
+//! default): once it indexes twice that many, the older lines are cut off
+//! (the newest are copied to a new file, a byte copy without parsing), so
+//! that a daemon that runs millions of jobs keeps a bounded file and index.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -17,9 +22,14 @@ use std::path::{Path, PathBuf};
 
 use crew_core::{JobId, Output};
 
+/// How many of the newest outputs `logs` keeps, by default.
+pub(crate) const KEEP: usize = 100_000;
+
 /// The outputs file and its index.
 #[derive(Debug)]
 pub(crate) struct OutputsLog {
+    /// Outputs kept (at most twice as many between two trims).
+    keep: usize,
     path: PathBuf,
     out: BufWriter<File>,
     reader: File,
@@ -67,6 +77,7 @@ impl OutputsLog {
         file.set_len(end)?;
         let reader = File::open(path)?;
         Ok(Self {
+            keep: KEEP,
             path: path.to_path_buf(),
             out: BufWriter::with_capacity(256 * 1024, file),
             reader,
@@ -86,6 +97,42 @@ impl OutputsLog {
             self.names.insert(name.clone(), output.id);
         }
         self.end += line.len() as u64 + 1;
+        if self.index.len() > self.keep.saturating_mul(2) {
+            self.trim()?;
+        }
+        Ok(())
+    }
+
+    /// Sets how many of the newest outputs are kept (at least 1).
+    pub(crate) fn set_keep(&mut self, keep: usize) {
+        self.keep = keep.max(1);
+    }
+
+    /// Keeps the newest `keep` outputs: the file from the first of their
+    /// lines on is copied to a new file that replaces it.
+    fn trim(&mut self) -> std::io::Result<()> {
+        let mut offsets: Vec<u64> = self.index.values().map(|&(offset, _)| offset).collect();
+        offsets.sort_unstable();
+        let Some(&cut) = offsets.len().checked_sub(self.keep).and_then(|i| offsets.get(i)) else { return Ok(()) };
+        self.out.flush()?;
+        let tmp = self.path.with_extension("trimming");
+        {
+            let mut from = File::open(&self.path)?;
+            from.seek(SeekFrom::Start(cut))?;
+            let mut to = File::create(&tmp)?;
+            std::io::copy(&mut from, &mut to)?;
+        }
+        std::fs::rename(&tmp, &self.path)?;
+        let file = OpenOptions::new().read(true).append(true).open(&self.path)?;
+        self.out = BufWriter::with_capacity(256 * 1024, file);
+        self.reader = File::open(&self.path)?;
+        self.index.retain(|_, &mut (offset, _)| offset >= cut);
+        for (offset, _) in self.index.values_mut() {
+            *offset -= cut;
+        }
+        let index = &self.index;
+        self.names.retain(|_, id| index.contains_key(id));
+        self.end -= cut;
         Ok(())
     }
 
@@ -132,5 +179,34 @@ mod tests {
         log.append(&out(5)).unwrap();
         assert_eq!(log.get(JobId(5)).unwrap().unwrap().error.as_deref(), Some("job 5"));
         assert_eq!(log.get(JobId(1)).unwrap().unwrap().error.as_deref(), Some("job 1"));
+    }
+
+    #[test]
+    fn only_the_newest_outputs_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outputs.jsonl");
+        let out = |id: u64| {
+            let mut o = Output::without_run(JobId(id), None, Tags::new(), 0, Status::Succeeded, format!("job {id}"));
+            o.name = Some(format!("n{id}"));
+            o
+        };
+        let mut log = OutputsLog::open(&path).unwrap();
+        log.set_keep(10);
+        for id in 1..=100 {
+            log.append(&out(id)).unwrap();
+            assert!(log.index.len() <= 20, "{} indexed", log.index.len());
+        }
+        assert_eq!(log.get(JobId(100)).unwrap().unwrap().error.as_deref(), Some("job 100"));
+        assert_eq!(log.get(JobId(91)).unwrap().unwrap().error.as_deref(), Some("job 91"));
+        assert!(log.get(JobId(1)).unwrap().is_none());
+        assert_eq!(log.id_of("n95"), Some(JobId(95)));
+        assert_eq!(log.id_of("n1"), None);
+        drop(log);
+        let lines = std::fs::read_to_string(&path).unwrap().lines().count();
+        assert!((10..=20).contains(&lines), "{lines} lines kept");
+        // What is left reads back whole.
+        let mut log = OutputsLog::open(&path).unwrap();
+        assert_eq!(log.index.len(), lines);
+        assert_eq!(log.get(JobId(100)).unwrap().unwrap().id, JobId(100));
     }
 }
