@@ -626,6 +626,31 @@ mod tests {
     }
 
     #[test]
+    fn a_compaction_cut_short_leaves_the_journal_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        let (mut j, _) = Journal::open(&path).unwrap();
+        j.set_compact_after(1024);
+        for i in 1..=200u64 {
+            j.append(&Record::Accepted { jobs: vec![(JobId(i), JobSpec::shell(format!("echo {i}")))] }).unwrap();
+        }
+        // A compaction starts; more records come; the process "dies" before
+        // the next commit installs it (the thread's file is left behind).
+        assert!(!j.compact_if_grown().unwrap(), "started, not installed");
+        for i in 1..=150u64 {
+            j.append(&Record::Delivered { output: Box::new(output(i)) }).unwrap();
+        }
+        j.commit().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        drop(j);
+        std::fs::write(compacting_path(&path), b"{\"t\":\"received\",\"ids\":[1]}\ntorn").unwrap();
+        let (_j, r) = Journal::open(&path).unwrap();
+        assert_eq!(r.pending.keys().map(|id| id.0).collect::<Vec<_>>(), (151..=200).collect::<Vec<_>>());
+        assert_eq!(r.ready.len(), 150, "what the half-done compaction file said is not taken");
+        assert_eq!(r.next_job, 201);
+    }
+
+    #[test]
     fn a_torn_last_line_is_dropped_and_damage_is_reported() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("journal");
