@@ -40,6 +40,15 @@ struct Status {
     slots: Vec<Slot>,
     #[serde(default)]
     jobs: JobCounts,
+    #[serde(default)]
+    workers: Option<Workers>,
+}
+
+/// Where workers connect (an older daemon does not say).
+#[derive(Debug, Deserialize)]
+struct Workers {
+    advertise: String,
+    tls_sha256: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -80,6 +89,12 @@ pub(crate) fn status(ctx: &Ctx, args: StatusArgs) -> Result<u8, Failure> {
         }
     }
     println!("jobs: {} queued, {} running, {} ready", s.jobs.queued, s.jobs.running, s.jobs.ready);
+    if let Some(w) = &s.workers {
+        match &w.tls_sha256 {
+            Some(pin) => println!("workers dial {} (TLS, certificate sha256 {pin})", w.advertise),
+            None => println!("workers dial {} (loopback, plaintext)", w.advertise),
+        }
+    }
     Ok(EXIT_OK)
 }
 

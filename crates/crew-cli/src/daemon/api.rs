@@ -411,6 +411,12 @@ fn status(d: &Daemon) -> Value {
         "dir": d.dir,
         "slots": report.slots,
         "jobs": {"queued": report.queued, "running": report.running, "ready": ready},
+        "workers": {
+            "listen": d.controller.addr().to_string(),
+            "advertise": d.controller.advertised(),
+            "tls": d.controller.tls_mode().as_str(),
+            "tls_sha256": d.controller.tls_fingerprint(),
+        },
     })
 }
 

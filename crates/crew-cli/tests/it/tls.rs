@@ -313,6 +313,9 @@ fn crew_up_takes_the_workers_address_and_refuses_to_change_it_while_running() {
     assert_eq!(health["advertise"], format!("crew-host.example:{}", listen.port()).as_str(), "{up}");
     let fingerprint = health["tls_sha256"].as_str().expect("TLS beyond loopback");
     assert_eq!(fingerprint.len(), 64, "{up}");
+    let status = crew_in(&["status"]);
+    let line = format!("workers dial crew-host.example:{} (TLS, certificate sha256 {fingerprint})", listen.port());
+    assert!(status.stdout.contains(&line), "{status}");
 
     // The same again is fine; another address is refused, saying what runs.
     assert_eq!(crew_in(&["up", "--listen", "0.0.0.0:0", "--advertise", "crew-host.example"]).code(), Some(0));
@@ -334,6 +337,8 @@ fn crew_up_takes_the_workers_address_and_refuses_to_change_it_while_running() {
     assert_eq!(got.records().first().map(|r| r["stdout"]["text"].clone()), Some("hi\n".into()), "{got}");
     assert_eq!(crew_in(&["down"]).code(), Some(0));
     assert_eq!(crew_in(&["up"]).code(), Some(0));
+    let status = crew_in(&["status"]);
+    assert!(status.stdout.contains("(loopback, plaintext)"), "{status}");
     let refused = crew_in(&["up", "--tls", "always"]);
     assert_eq!(refused.code(), Some(2), "{refused}");
     assert!(refused.stderr.contains("plaintext"), "{refused}");
