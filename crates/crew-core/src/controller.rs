@@ -60,18 +60,32 @@ pub struct AgentCommand {
     pub program: String,
     /// Its arguments.
     pub args: Vec<String>,
+    /// The program's name where classes start agents on other machines
+    /// from their own `PATH` (an image), never the path it has here; `None`:
+    /// the file name of `program`. [`AgentCommand::crew`] sets `crew`.
+    pub name: Option<String>,
 }
 
 impl AgentCommand {
     /// `crew worker` from a given `crew` binary.
     pub fn crew(program: impl Into<String>) -> Self {
-        Self { program: program.into(), args: vec!["worker".to_owned()] }
+        Self { program: program.into(), args: vec!["worker".to_owned()], name: Some("crew".to_owned()) }
+    }
+
+    /// The program's name on other machines: [`AgentCommand::name`], else
+    /// the file name of the program.
+    pub fn portable_name(&self) -> String {
+        self.name.clone().unwrap_or_else(|| {
+            std::path::Path::new(&self.program)
+                .file_name()
+                .map_or_else(|| self.program.clone(), |n| n.to_string_lossy().into_owned())
+        })
     }
 
     /// The running executable itself, which must call
     /// [`crate::agent::run_if_agent`] first thing in `main` (embedders).
     pub fn current_exe() -> std::io::Result<Self> {
-        Ok(Self { program: std::env::current_exe()?.to_string_lossy().into_owned(), args: Vec::new() })
+        Ok(Self { program: std::env::current_exe()?.to_string_lossy().into_owned(), args: Vec::new(), name: None })
     }
 }
 
@@ -1057,6 +1071,7 @@ impl Shared {
                 let wall_time = core.sched.slot_config(chunk[0]).limits.wall_time;
                 let spec = LaunchSpec {
                     program: self.config.agent.program.clone(),
+                    program_name: self.config.agent.portable_name(),
                     args: self.config.agent.args.clone(),
                     env,
                     members,
@@ -1741,6 +1756,14 @@ impl Shared {
 #[cfg(test)]
 mod tests {
     use super::{dials_loopback, has_port};
+
+    #[test]
+    fn agents_elsewhere_run_the_program_by_its_portable_name() {
+        use super::AgentCommand;
+        assert_eq!(AgentCommand::crew("/home/me/dl/crew-x86_64-linux").portable_name(), "crew");
+        let own = AgentCommand { program: "/opt/app/bin/pipeline".into(), args: Vec::new(), name: None };
+        assert_eq!(own.portable_name(), "pipeline");
+    }
 
     #[test]
     fn advertise_settings_are_completed_and_checked() {

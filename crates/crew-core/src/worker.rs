@@ -98,6 +98,10 @@ pub struct LaunchMember {
 pub struct LaunchSpec {
     /// The agent program to run (the `crew` binary, or an embedder's own).
     pub program: String,
+    /// Its name for classes that run it elsewhere from their own `PATH` (an
+    /// image), where the controller's path means nothing: `crew` for the
+    /// stock binary.
+    pub program_name: String,
     /// Its arguments (e.g. `["worker"]`). Never contains a secret.
     pub args: Vec<String>,
     /// Environment common to every member: the controller address

@@ -641,16 +641,13 @@ impl Worker for AwsBatchWorker {
 }
 
 /// The container command of the agent: the `agent-command` option, else
-/// the controller's agent program by its file name (the image has its own
+/// the agent program by its portable name (`crew`: the image has its own
 /// copy on its `PATH`, not at the controller's path) and its arguments.
 fn agent_command(opts: &BatchOptions, spec: &LaunchSpec) -> Vec<String> {
     if let Some(words) = &opts.agent_command {
         return words.clone();
     }
-    let program = std::path::Path::new(&spec.program)
-        .file_name()
-        .map_or_else(|| spec.program.clone(), |n| n.to_string_lossy().into_owned());
-    std::iter::once(program).chain(spec.args.iter().cloned()).collect()
+    std::iter::once(spec.program_name.clone()).chain(spec.args.iter().cloned()).collect()
 }
 
 #[cfg(test)]

@@ -71,6 +71,7 @@ async fn controller(mark: &str, delay_2: Duration) -> Controller {
     let agent = AgentCommand {
         program: "/usr/bin/env".to_owned(),
         args: vec![format!("{MARK_VAR}={mark}"), "sh".to_owned(), "-c".to_owned(), script, crew_bin().to_owned()],
+        name: None,
     };
     let mut config = ControllerConfig::new(agent);
     config.hello_timeout = Duration::from_millis(500);

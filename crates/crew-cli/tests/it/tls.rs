@@ -23,6 +23,7 @@ fn agent(mark: &str) -> AgentCommand {
     AgentCommand {
         program: "/usr/bin/env".to_owned(),
         args: vec![format!("{MARK_VAR}={mark}"), crew_bin().to_owned(), "worker".to_owned()],
+        name: None,
     }
 }
 

@@ -175,7 +175,7 @@ async fn a_killed_worker_is_replaced(class: Arc<dyn Worker>, kit: &WorkerKit) {
 
 async fn a_failing_launch_ends_launch_failed(class: Arc<dyn Worker>, kit: &WorkerKit) {
     let mut bad = kit.clone();
-    bad.agent = AgentCommand { program: "/nonexistent/crew-conformance-agent".into(), args: vec![] };
+    bad.agent = AgentCommand { program: "/nonexistent/crew-conformance-agent".into(), args: vec![], name: None };
     let controller = start(&bad).await;
     let mut recruit = Recruit::new(class, 1);
     recruit.limits = SlotLimits { launch_max: 2, launch_timeout: kit.launch_timeout, ..SlotLimits::default() };

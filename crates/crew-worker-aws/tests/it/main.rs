@@ -57,6 +57,7 @@ fn agent() -> AgentCommand {
         args: ["--exact", "agent_entry", "--include-ignored", "--nocapture", "--test-threads=1", "-q"]
             .map(String::from)
             .to_vec(),
+        name: None,
     }
 }
 
@@ -323,7 +324,8 @@ async fn launches_aws_refuses_or_cannot_start_end_launch_failed_with_the_reason(
     controller.close().await;
 
     // Submitted, but the container cannot start: a program that does not exist.
-    let mut config = ControllerConfig::new(AgentCommand { program: "/nonexistent/crew-agent".into(), args: vec![] });
+    let mut config =
+        ControllerConfig::new(AgentCommand { program: "/nonexistent/crew-agent".into(), args: vec![], name: None });
     config.stop_grace = Duration::from_secs(1);
     let controller = Controller::start(config).await.expect("start");
     let mut recruit = Recruit::new(class.clone(), 1);
@@ -428,6 +430,7 @@ async fn submitted_jobs_carry_command_environment_index_timeout_and_tags() {
         .collect();
     let spec = |members: Vec<LaunchMember>| LaunchSpec {
         program: "/bin/true".into(),
+        program_name: "true".into(),
         args: vec!["worker".into()],
         env: env.clone(),
         members,

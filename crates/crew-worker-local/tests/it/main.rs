@@ -27,6 +27,7 @@ fn agent() -> AgentCommand {
         args: ["--exact", "agent_entry", "--include-ignored", "--nocapture", "--test-threads=1", "-q"]
             .map(String::from)
             .to_vec(),
+        name: None,
     }
 }
 
