@@ -14,7 +14,7 @@ const DOWN_DEADLINE: Duration = Duration::from_secs(30);
 #[derive(Args, Debug)]
 pub(crate) struct UpArgs {
     /// Print the daemon's health object (`{"ok", "pid", "version", "dir",
-    /// "store", "listen", "advertise", "tls_sha256"}`).
+    /// "store", "listen", "advertise", "tls", "tls_sha256"}`).
     #[arg(long)]
     json: bool,
     /// The store of the daemon started now: a folder (relative to the
