@@ -328,7 +328,10 @@ where
     if let Some(url) = store_url {
         match crate::store::open_store(&url) {
             Ok(store) => ctx.store = Some(store),
-            Err(e) => warn!("cannot open the store {url}: {e}; large outputs will be truncated"),
+            Err(e) => {
+                warn!("cannot open the store {url}: {e}; large outputs will be truncated");
+                ctx.store_problem = Some(format!("this worker could not open the store {url}: {e}"));
+            }
         }
     }
     let ctx = Arc::new(ctx);

@@ -135,6 +135,11 @@ pub struct ExecContext {
     /// Where streams longer than `inline_cap` are uploaded whole; when
     /// `None`, they are only truncated.
     pub store: Option<Arc<dyn Store>>,
+    /// Why the controller's store could not be opened here, when it could
+    /// not: said in the error of every job that needs it and noted on
+    /// streams that are truncated for want of it, so that the user sees the
+    /// cause in the output records, not only in the worker's log.
+    pub store_problem: Option<String>,
     /// The functions `Command::Builtin` jobs can call.
     pub builtins: Builtins,
     /// Time between SIGTERM and SIGKILL when a job times out or is cancelled;
@@ -151,6 +156,7 @@ impl ExecContext {
             scratch: scratch.into(),
             inline_cap: INLINE_CAP,
             store: None,
+            store_problem: None,
             builtins: Builtins::standard(),
             kill_grace: DEFAULT_KILL_GRACE,
         }
@@ -250,7 +256,11 @@ async fn run_with_data(
     let clock = Instant::now();
     let job = Job { ctx, id, attempt, seed, spec, started, clock };
     let Some(store) = ctx.store.clone() else {
-        return job.ended(Outcome::failed("the job has inputs or outputs but this worker has no store"));
+        let why = match &ctx.store_problem {
+            Some(problem) => format!("the job has inputs or outputs but this worker has no store: {problem}"),
+            None => "the job has inputs or outputs but this worker has no store".to_owned(),
+        };
+        return job.ended(Outcome::failed(why));
     };
     let work = match &spec.cwd {
         Some(cwd) => WorkDir { path: cwd.clone(), owned: false },
@@ -484,7 +494,12 @@ impl Job<'_> {
     /// The store and key for a stream that is too long to inline, or `None`
     /// without a store.
     fn spill_target(&self, stream: &str, outcome: &mut Outcome) -> Option<(&Arc<dyn Store>, StoreKey)> {
-        let store = self.ctx.store.as_ref()?;
+        let Some(store) = self.ctx.store.as_ref() else {
+            if let Some(problem) = &self.ctx.store_problem {
+                outcome.note(format!("{stream} was truncated, not stored: {problem}"));
+            }
+            return None;
+        };
         match self.stream_key(stream) {
             Ok(key) => Some((store, key)),
             Err(e) => {
@@ -1550,6 +1565,18 @@ mod tests {
         let r = run(&ctx, &spec).await;
         assert_eq!(r.status, Status::Failed);
         assert!(r.error.unwrap().contains("no store"));
+        // A worker that could not open the controller's store says why.
+        let (_d, mut ctx) = context();
+        ctx.store_problem = Some("could not open the store nosuch://x: unsupported".into());
+        let r = run(&ctx, &spec).await;
+        assert_eq!(r.status, Status::Failed);
+        let error = r.error.unwrap_or_default();
+        assert!(error.contains("no store: could not open the store nosuch://x"), "{error}");
+        let long = JobSpec::shell(format!("head -c {} /dev/zero", INLINE_CAP + 10));
+        let r = run(&ctx, &long).await;
+        assert_eq!(r.status, Status::Succeeded, "{r:?}");
+        assert!(r.stdout.truncated);
+        assert!(r.error.unwrap_or_default().contains("stdout was truncated, not stored: could not open"));
     }
 
     #[tokio::test]
