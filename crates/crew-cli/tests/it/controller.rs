@@ -337,3 +337,29 @@ async fn send_refuses_unstaged_inputs_and_data_without_a_store() {
     assert_eq!(o.stdout.text, "abc");
     controller.close().await;
 }
+
+/// A worker that cannot open the controller's store (here: its folder's
+/// parent became a file after the controller opened it) says why in the
+/// output record of a job that needs the store, not only in its own log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_without_the_store_says_why_in_the_record() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let parent = dir.path().join("parent");
+    let store: Arc<dyn crew_core::store::Store> =
+        Arc::new(crew_core::store::LocalStore::new(parent.join("store")).expect("store"));
+    let url = store.url();
+    let mut config = ControllerConfig::new(AgentCommand::crew(crew_bin()));
+    config.store = Some(store);
+    let controller = Controller::start(config).await.expect("start");
+    controller.recruit(Recruit::new(Arc::new(LocalWorker::new()), 1)).expect("recruit");
+    std::fs::remove_dir_all(&parent).expect("remove the store's folder");
+    std::fs::write(&parent, b"not a folder").expect("a file in its place");
+    let mut job = JobSpec::shell("echo x > x.txt");
+    job.outputs.push("x.txt".into());
+    controller.send(job).expect("send");
+    let o = controller.receive_wait(Some(Duration::from_secs(20))).await.expect("an output");
+    assert_eq!(o.status, Status::Failed, "{o:?}");
+    let error = o.error.unwrap_or_default();
+    assert!(error.contains(&format!("this worker could not open the store {url}")), "{error}");
+    controller.close().await;
+}
