@@ -28,19 +28,32 @@ fn crew_in(dir: &Path, mark: &str, args: &[&str]) -> Finished {
     run(crew(dir, mark, args), None, DEADLINE)
 }
 
+/// A project folder, a mark for the test's processes (reaped at the end),
+/// and a job definition registered as a user makes it: with the helper.
+struct Setup {
+    dir: tempfile::TempDir,
+    mark: String,
+    _reaper: Reaper,
+    def: String,
+}
+
+fn setup(endpoint: &str, what: &str) -> Setup {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mark = unique(&format!("{what}-"));
+    let reaper = Reaper::new(&mark);
+    let def = unique(&format!("crew-{what}-def-"));
+    let register = ["aws-batch", "register-definition", "--image", "crew", "--name", &def, "--memory", "512MiB"];
+    let out = run(aws_crew(dir.path(), &mark, endpoint, &register), None, DEADLINE);
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(out.stdout.contains(&format!("--opt job-definition={def}")), "{out}");
+    Setup { dir, mark, _reaper: reaper, def }
+}
+
 #[test]
 fn recruit_aws_batch_workers_and_run_jobs_on_them() {
     let Some(endpoint) = endpoint("recruit_aws_batch_workers_and_run_jobs_on_them") else { return };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let d = dir.path();
-    let mark = unique("aws-batch-");
-    let _reaper = Reaper::new(&mark);
-    // The definition, as a user makes it: the helper command.
-    let def = unique("crew-cli-def-");
-    let register = ["aws-batch", "register-definition", "--image", "crew", "--name", &def, "--memory", "512MiB"];
-    let out = run(aws_crew(d, &mark, &endpoint, &register), None, DEADLINE);
-    assert_eq!(out.code(), Some(0), "{out}");
-    assert!(out.stdout.contains(&format!("--opt job-definition={def}")), "{out}");
+    let setup = setup(&endpoint, "aws-batch");
+    let (d, mark, def) = (setup.dir.path(), setup.mark.clone(), setup.def.clone());
     let opt_def = format!("job-definition={def}");
     let opt_endpoint = format!("endpoint={endpoint}");
 
@@ -131,13 +144,8 @@ fn recruit_aws_batch_workers_and_run_jobs_on_them() {
 #[test]
 fn crew_run_on_aws_batch_workers_over_tls() {
     let Some(endpoint) = endpoint("crew_run_on_aws_batch_workers_over_tls") else { return };
-    let dir = tempfile::tempdir().expect("tempdir");
-    let d = dir.path();
-    let mark = unique("aws-batch-run-");
-    let _reaper = Reaper::new(&mark);
-    let def = unique("crew-run-def-");
-    let register = ["aws-batch", "register-definition", "--image", "crew", "--name", &def, "--memory", "512MiB"];
-    assert_eq!(run(aws_crew(d, &mark, &endpoint, &register), None, DEADLINE).code(), Some(0));
+    let setup = setup(&endpoint, "aws-batch-run");
+    let (d, mark, def) = (setup.dir.path(), setup.mark.clone(), setup.def.clone());
     // Each job tells which Batch job it runs in, that it does not see the
     // pin, and whether its worker (the shell's parent) was given one.
     let lines: String = (0..6)
