@@ -195,6 +195,33 @@ async fn with_tls_always_the_wire_is_encrypted_agents_pin_the_certificate_and_pl
     assert!(released, "the controller still holds {} descriptors for the silent peer", fds() - baseline - 1);
     drop(silent);
 
+    // Garbage inside TLS meets the same decoder as in plaintext: closed and
+    // logged, the connection's relay gone with it.
+    let tcp = TcpStream::connect(controller.addr()).await.expect("connect");
+    let peer_port = tcp.local_addr().expect("local address").port();
+    let mut garbage = crew_core::tls::connector(pin)
+        .expect("connector")
+        .connect(crew_core::tls::server_name(), tcp)
+        .await
+        .expect("the handshake");
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        garbage.write_all(b"\x00\x00\x00\x06\xc1\xc1\xc1\xc1\xc1\xc1").await.expect("send garbage");
+        garbage.flush().await.expect("flush");
+        let mut sink = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(10), garbage.read_to_end(&mut sink)).await;
+        assert!(closed.is_ok(), "the controller kept a connection that sent garbage");
+    }
+    let peer = format!("peer=127.0.0.1:{peer_port}");
+    let logged = eventually(Duration::from_secs(2), || {
+        logs()
+            .lines()
+            .any(|l| l.contains(&peer) && l.contains("rejected a worker connection") && l.contains("malformed"))
+    })
+    .await;
+    assert!(logged, "no log line for the garbage from {peer}:\n{}", logs());
+    drop(garbage);
+
     // The controller keeps serving its agents.
     let id = controller.send(JobSpec::shell("echo still")).expect("send");
     let out = controller.receive_wait(Some(Duration::from_secs(30))).await.expect("an output");
