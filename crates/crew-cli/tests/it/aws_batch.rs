@@ -49,6 +49,22 @@ fn setup(endpoint: &str, what: &str) -> Setup {
     Setup { dir, mark, _reaper: reaper, def }
 }
 
+/// The stdout of the `n` output records `out` printed, after checking that
+/// the command exited 0 and every job succeeded on an aws-batch worker.
+fn succeeded_on_batch(out: &Finished, n: usize) -> Vec<String> {
+    assert_eq!(out.code(), Some(0), "{out}");
+    let records = out.records();
+    assert_eq!(records.len(), n, "{out}");
+    records
+        .iter()
+        .map(|r| {
+            assert_eq!(r["status"], "succeeded", "{out}");
+            assert_eq!(r["class"], "aws-batch", "{out}");
+            r["stdout"]["text"].as_str().unwrap_or_default().to_owned()
+        })
+        .collect()
+}
+
 #[test]
 fn recruit_aws_batch_workers_and_run_jobs_on_them() {
     let Some(endpoint) = endpoint("recruit_aws_batch_workers_and_run_jobs_on_them") else { return };
@@ -118,13 +134,7 @@ fn recruit_aws_batch_workers_and_run_jobs_on_them() {
         assert_eq!(out.code(), Some(0), "{out}");
     }
     let out = run(crew(d, &mark, &["receive", "--wait", "--all", "--json"]), None, DEADLINE * 3);
-    assert_eq!(out.code(), Some(0), "{out}");
-    let records = out.records();
-    assert_eq!(records.len(), 6, "{out}");
-    for r in &records {
-        assert_eq!(r["status"], "succeeded", "{out}");
-        assert_eq!(r["class"], "aws-batch", "{out}");
-        let text = r["stdout"]["text"].as_str().unwrap_or_default();
+    for text in succeeded_on_batch(&out, 6) {
         assert!(text.split_whitespace().nth(1).is_some_and(|id| id.contains(':')), "not on a Batch array child: {out}");
     }
     let out = crew_in(d, &mark, &["status", "--json"]);
@@ -177,13 +187,7 @@ fn crew_run_on_aws_batch_workers_over_tls() {
     );
     cmd.env("CREW_AWS_JOB_QUEUE", "crew-q1").env("CREW_AWS_JOB_DEFINITION", &def).env("CREW_AWS_ENDPOINT", &endpoint);
     let out = run(cmd, None, DEADLINE * 3);
-    assert_eq!(out.code(), Some(0), "{out}");
-    let records = out.records();
-    assert_eq!(records.len(), 6, "{out}");
-    for r in &records {
-        assert_eq!(r["status"], "succeeded", "{out}");
-        assert_eq!(r["class"], "aws-batch", "{out}");
-        let text = r["stdout"]["text"].as_str().unwrap_or_default();
+    for text in succeeded_on_batch(&out, 6) {
         let words: Vec<&str> = text.split_whitespace().collect();
         assert_eq!(words.len(), 4, "not in a Batch job: {out}");
         assert_eq!(words[2], "hidden", "the pin reached a job: {out}");
