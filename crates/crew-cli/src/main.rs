@@ -14,6 +14,8 @@ mod client;
 mod cmd;
 mod config;
 mod daemon;
+mod make;
+mod make_daemon;
 mod project;
 mod registry;
 mod run;
@@ -59,6 +61,20 @@ enum Command {
     Daemon(daemon::DaemonArgs),
     #[command(flatten)]
     Client(cmd::ClientCommand),
+    /// Build a pipeline's targets (pipeline.toml) that are not up to date,
+    /// on fresh workers or the daemon's (--daemon).
+    Make(make::MakeArgs),
+    /// List the targets `crew make` would run, and why (exit 1 if any).
+    Outdated(make::OutdatedArgs),
+    /// Say what changed for one target: which input, env var, command or
+    /// upstream.
+    Why(make::WhyArgs),
+    /// Print the pipeline's graph with each target's state (dot or mermaid).
+    Graph(make::GraphArgs),
+    /// Forget targets' records (they build again); deletes no output.
+    Clean(make::CleanArgs),
+    /// Delete store objects that no current record references.
+    Gc(make::GcArgs),
     /// Set up AWS Batch for the `aws-batch` class (e.g. register a job
     /// definition for crew workers).
     AwsBatch(aws_batch::AwsBatchArgs),
@@ -113,6 +129,30 @@ fn main() -> ExitCode {
             daemon::main(args)
         }
         Command::Client(command) => cmd::main(cli.dir, command),
+        Command::Make(args) => {
+            init_logging("warn");
+            make::make(cli.dir, args)
+        }
+        Command::Outdated(args) => {
+            init_logging("warn");
+            make::outdated(args)
+        }
+        Command::Why(args) => {
+            init_logging("warn");
+            make::why(args)
+        }
+        Command::Graph(args) => {
+            init_logging("warn");
+            make::graph(args)
+        }
+        Command::Clean(args) => {
+            init_logging("warn");
+            make::clean(args)
+        }
+        Command::Gc(args) => {
+            init_logging("warn");
+            make::gc(args)
+        }
         Command::AwsBatch(args) => {
             init_logging("warn");
             aws_batch::main(args)

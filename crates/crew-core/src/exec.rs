@@ -314,6 +314,7 @@ async fn store_outputs(store: &dyn Store, id: JobId, attempt: u32, dir: &Path, s
     let mut objects = Vec::new();
     // Walking a large folder blocks: off the agent's runtime, whose
     // heartbeats must go on.
+    let prefix = staging::attempts_prefix(spec, id);
     let (owned_dir, patterns) = (dir.to_path_buf(), spec.outputs.clone());
     let expanded = tokio::task::spawn_blocking(move || staging::expand_outputs(&owned_dir, &patterns))
         .await
@@ -326,7 +327,7 @@ async fn store_outputs(store: &dyn Store, id: JobId, attempt: u32, dir: &Path, s
                 }
             }
             for name in found {
-                let uploaded = match staging::output_key(id, attempt, &name) {
+                let uploaded = match staging::output_key_in(&prefix, attempt, &name) {
                     Ok(key) => staging::upload_hashed(store, &key, &dir.join(&name)).await,
                     Err(e) => Err(e.into()),
                 };
@@ -353,7 +354,7 @@ async fn store_outputs(store: &dyn Store, id: JobId, attempt: u32, dir: &Path, s
     }
     let manifest =
         staging::Manifest { v: staging::MANIFEST_FORMAT, id, attempt, status: result.status, objects: objects.clone() };
-    let written = match (staging::manifest_key(id, attempt), serde_json::to_vec_pretty(&manifest)) {
+    let written = match (staging::manifest_key_in(&prefix, attempt), serde_json::to_vec_pretty(&manifest)) {
         (Ok(key), Ok(bytes)) => store.put_bytes(&key, Bytes::from(bytes)).await.map(drop).map_err(|e| e.to_string()),
         (Err(e), _) => Err(e.to_string()),
         (_, Err(e)) => Err(e.to_string()),

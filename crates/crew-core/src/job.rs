@@ -118,6 +118,12 @@ pub struct JobSpec {
     /// segment, `**` for any number of segments).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outputs: Vec<String>,
+    /// Where the outputs go in the store instead of `jobs/<id>`: an
+    /// attempt's files are then `<prefix>/<attempt>/outputs/<name>` and its
+    /// manifest `<prefix>/<attempt>/manifest.json`. Pipelines use it to keep
+    /// outputs under keys that no other controller's job ids can reuse.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_prefix: Option<String>,
 }
 
 /// A file a job reads: where it comes from, and the relative path it gets in
@@ -242,6 +248,7 @@ impl JobSpec {
             priority: 0,
             inputs: Vec::new(),
             outputs: Vec::new(),
+            output_prefix: None,
         }
     }
 
@@ -354,6 +361,10 @@ impl JobSpec {
         for pattern in &self.outputs {
             check_relative_path(pattern).map_err(|e| JobError::new(format!("output {pattern:?}: {e}")))?;
         }
+        if let Some(prefix) = &self.output_prefix {
+            crate::store::StoreKey::new(prefix.as_str())
+                .map_err(|e| JobError::new(format!("output_prefix {prefix:?}: {e}")))?;
+        }
         Ok(())
     }
 
@@ -426,6 +437,7 @@ struct JobLine {
     inputs: Vec<serde_json::Value>,
     #[serde(default)]
     outputs: Vec<String>,
+    output_prefix: Option<String>,
 }
 
 /// An input in a job line: `"PATH[=NAME]"`, `{"path", "name"?}`, or a
@@ -554,6 +566,7 @@ fn from_json(l: JobLine, defaults: &LineDefaults) -> Result<JobSpec, JobError> {
         priority: l.priority.unwrap_or(0),
         inputs,
         outputs: l.outputs,
+        output_prefix: l.output_prefix,
     })
 }
 

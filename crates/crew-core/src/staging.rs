@@ -162,6 +162,25 @@ pub fn output_key(id: JobId, attempt: u32, name: &str) -> Result<StoreKey, Store
     StoreKey::new(format!("jobs/{id}/{attempt}/outputs/{name}"))
 }
 
+/// The key prefix of a job's attempts: its `output_prefix`, else `jobs/<id>`.
+pub fn attempts_prefix(spec: &JobSpec, id: JobId) -> String {
+    match &spec.output_prefix {
+        Some(prefix) => prefix.clone(),
+        None => format!("jobs/{id}"),
+    }
+}
+
+/// The key of output `name` of an attempt under `prefix` (see
+/// [`attempts_prefix`]): `<prefix>/<attempt>/outputs/<name>`.
+pub fn output_key_in(prefix: &str, attempt: u32, name: &str) -> Result<StoreKey, StoreError> {
+    StoreKey::new(format!("{prefix}/{attempt}/outputs/{name}"))
+}
+
+/// The key of an attempt's manifest under `prefix`: `<prefix>/<attempt>/manifest.json`.
+pub fn manifest_key_in(prefix: &str, attempt: u32) -> Result<StoreKey, StoreError> {
+    StoreKey::new(format!("{prefix}/{attempt}/{MANIFEST_FILE}"))
+}
+
 /// The key of an attempt's manifest: `jobs/<id>/<attempt>/manifest.json`.
 pub fn manifest_key(id: JobId, attempt: u32) -> Result<StoreKey, StoreError> {
     StoreKey::new(format!("jobs/{id}/{attempt}/{MANIFEST_FILE}"))

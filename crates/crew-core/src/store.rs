@@ -98,6 +98,9 @@ pub struct ObjectMeta {
     pub size: u64,
     /// An opaque version tag (ETag or equivalent) when the backend has one.
     pub e_tag: Option<String>,
+    /// When the object was last written, when the backend says (`list`,
+    /// `head` and `get_file` do; puts do not).
+    pub last_modified: Option<std::time::SystemTime>,
 }
 
 /// A stream of object bytes, as returned by [`Store::get`].
@@ -494,7 +497,7 @@ impl LocalStore {
             writer.put(chunk);
         }
         let done = writer.finish().await.map_err(|e| backend_error("put", key, e))?;
-        Ok(ObjectMeta { key: key.clone(), size, e_tag: done.e_tag })
+        Ok(ObjectMeta { key: key.clone(), size, e_tag: done.e_tag, last_modified: None })
     }
 }
 
@@ -525,7 +528,7 @@ impl Store for LocalStore {
         let location = self.location(key, true).await?;
         let size = data.len() as u64;
         let done = self.inner.put(&location, PutPayload::from(data)).await.map_err(|e| backend_error("put", key, e))?;
-        Ok(ObjectMeta { key: key.clone(), size, e_tag: done.e_tag })
+        Ok(ObjectMeta { key: key.clone(), size, e_tag: done.e_tag, last_modified: None })
     }
 
     async fn get(&self, key: &StoreKey) -> Result<ByteStream, StoreError> {
@@ -540,7 +543,12 @@ impl Store for LocalStore {
         // Open the object before touching the destination, so that a missing
         // object leaves an existing file alone.
         let found = self.inner.get(&location).await.map_err(|e| backend_error("get", key, e))?;
-        let meta = ObjectMeta { key: key.clone(), size: found.meta.size, e_tag: found.meta.e_tag.clone() };
+        let meta = ObjectMeta {
+            key: key.clone(),
+            size: found.meta.size,
+            e_tag: found.meta.e_tag.clone(),
+            last_modified: Some(found.meta.last_modified.into()),
+        };
         let stream = found.into_stream().map_err(|e| backend_error("read", key, e));
         write_file(key, stream, path).await?;
         Ok(meta)
@@ -549,7 +557,12 @@ impl Store for LocalStore {
     async fn head(&self, key: &StoreKey) -> Result<ObjectMeta, StoreError> {
         let location = self.location(key, true).await?;
         let meta = self.inner.head(&location).await.map_err(|e| backend_error("head", key, e))?;
-        Ok(ObjectMeta { key: key.clone(), size: meta.size, e_tag: meta.e_tag })
+        Ok(ObjectMeta {
+            key: key.clone(),
+            size: meta.size,
+            e_tag: meta.e_tag,
+            last_modified: Some(meta.last_modified.into()),
+        })
     }
 
     async fn list(&self, prefix: &StoreKey) -> Result<Vec<ObjectMeta>, StoreError> {
@@ -579,7 +592,12 @@ impl Store for LocalStore {
                     tracing::warn!(%key, error = %e, "skipping a listed object");
                     continue;
                 }
-                found.push(ObjectMeta { key, size: meta.size, e_tag: meta.e_tag });
+                found.push(ObjectMeta {
+                    key,
+                    size: meta.size,
+                    e_tag: meta.e_tag,
+                    last_modified: Some(meta.last_modified.into()),
+                });
             }
             found
         })

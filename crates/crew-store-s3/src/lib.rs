@@ -309,7 +309,7 @@ impl S3Store {
                         .put(&location, PutPayload::from(first.freeze()))
                         .await
                         .map_err(|e| self.err("put", key, e))?;
-                    return Ok(ObjectMeta { key: key.clone(), size, e_tag: done.e_tag });
+                    return Ok(ObjectMeta { key: key.clone(), size, e_tag: done.e_tag, last_modified: None });
                 }
             }
         }
@@ -334,7 +334,7 @@ impl S3Store {
             writer.put(chunk);
         }
         let done = writer.finish().await.map_err(|e| self.err("put", key, e))?;
-        Ok(ObjectMeta { key: key.clone(), size, e_tag: done.e_tag })
+        Ok(ObjectMeta { key: key.clone(), size, e_tag: done.e_tag, last_modified: None })
     }
 }
 
@@ -407,7 +407,7 @@ impl Store for S3Store {
         }
         let done =
             self.client.put(&self.location(key), PutPayload::from(data)).await.map_err(|e| self.err("put", key, e))?;
-        Ok(ObjectMeta { key: key.clone(), size, e_tag: done.e_tag })
+        Ok(ObjectMeta { key: key.clone(), size, e_tag: done.e_tag, last_modified: None })
     }
 
     async fn get(&self, key: &StoreKey) -> Result<ByteStream, StoreError> {
@@ -425,7 +425,12 @@ impl Store for S3Store {
     async fn get_file(&self, key: &StoreKey, path: &Path) -> Result<ObjectMeta, StoreError> {
         // The object first, so that a missing one leaves the file alone.
         let found = self.client.get(&self.location(key)).await.map_err(|e| self.err("get", key, e))?;
-        let meta = ObjectMeta { key: key.clone(), size: found.meta.size, e_tag: found.meta.e_tag.clone() };
+        let meta = ObjectMeta {
+            key: key.clone(),
+            size: found.meta.size,
+            e_tag: found.meta.e_tag.clone(),
+            last_modified: Some(found.meta.last_modified.into()),
+        };
         let stream = found.into_stream().map_err(|e| self.err("read", key, e));
         crew_core::store::write_file(key, stream, path).await?;
         Ok(meta)
@@ -433,7 +438,12 @@ impl Store for S3Store {
 
     async fn head(&self, key: &StoreKey) -> Result<ObjectMeta, StoreError> {
         let meta = self.client.head(&self.location(key)).await.map_err(|e| self.err("head", key, e))?;
-        Ok(ObjectMeta { key: key.clone(), size: meta.size, e_tag: meta.e_tag })
+        Ok(ObjectMeta {
+            key: key.clone(),
+            size: meta.size,
+            e_tag: meta.e_tag,
+            last_modified: Some(meta.last_modified.into()),
+        })
     }
 
     async fn list(&self, prefix: &StoreKey) -> Result<Vec<ObjectMeta>, StoreError> {
@@ -444,7 +454,12 @@ impl Store for S3Store {
         let mut found = Vec::with_capacity(listed.len());
         for meta in listed {
             match self.key_of(&meta.location) {
-                Some(key) => found.push(ObjectMeta { key, size: meta.size, e_tag: meta.e_tag }),
+                Some(key) => found.push(ObjectMeta {
+                    key,
+                    size: meta.size,
+                    e_tag: meta.e_tag,
+                    last_modified: Some(meta.last_modified.into()),
+                }),
                 None => tracing::debug!(location = %meta.location, "skipping an object no store key names"),
             }
         }

@@ -591,6 +591,9 @@ struct ReceiveReq {
     all: bool,
     #[serde(default)]
     name: Option<String>,
+    /// Only outputs of these jobs: every one of them ready now.
+    #[serde(default)]
+    ids: Option<Vec<JobId>>,
 }
 
 async fn receive(d: &Daemon, r: ReceiveReq) -> Answer {
@@ -610,19 +613,30 @@ async fn receive(d: &Daemon, r: ReceiveReq) -> Answer {
         }
         {
             let mut inner = d.lock();
-            let ready_now = match &r.name {
-                Some(n) => inner.ready.iter().any(|o| o.name.as_ref() == Some(n)) || !inner.names.contains(n),
-                None if r.all => awaited.is_none_or(|last| inner.unfinished.range(..=last).next().is_none()),
-                None => !inner.ready.is_empty() || inner.unreceived.is_empty(),
+            let ready_now = match (&r.ids, &r.name) {
+                (Some(ids), _) => {
+                    inner.ready.iter().any(|o| ids.contains(&o.id))
+                        || !ids.iter().any(|id| inner.unreceived.contains_key(id))
+                }
+                (None, Some(n)) => inner.ready.iter().any(|o| o.name.as_ref() == Some(n)) || !inner.names.contains(n),
+                (None, None) if r.all => awaited.is_none_or(|last| inner.unfinished.range(..=last).next().is_none()),
+                (None, None) => !inner.ready.is_empty() || inner.unreceived.is_empty(),
             };
             if ready_now || last_chance || d.stopping() {
-                let outputs: Vec<Output> = match &r.name {
-                    Some(n) => match inner.ready.iter().position(|o| o.name.as_ref() == Some(n)) {
+                let outputs: Vec<Output> = match (&r.ids, &r.name) {
+                    (Some(ids), _) => {
+                        let wanted: std::collections::HashSet<JobId> = ids.iter().copied().collect();
+                        let (mine, rest): (Vec<Output>, Vec<Output>) =
+                            inner.ready.drain(..).partition(|o| wanted.contains(&o.id));
+                        inner.ready.extend(rest);
+                        mine
+                    }
+                    (None, Some(n)) => match inner.ready.iter().position(|o| o.name.as_ref() == Some(n)) {
                         Some(i) => inner.ready.remove(i).into_iter().collect(),
                         None => Vec::new(),
                     },
-                    None if r.all => inner.ready.drain(..).collect(),
-                    None => inner.ready.pop_front().into_iter().collect(),
+                    (None, None) if r.all => inner.ready.drain(..).collect(),
+                    (None, None) => inner.ready.pop_front().into_iter().collect(),
                 };
                 if !outputs.is_empty() {
                     if let Err(e) = d.journal(&[Record::Received { ids: outputs.iter().map(|o| o.id).collect() }], true)
