@@ -164,7 +164,14 @@ fn wanted(plan: &Plan, names: &[String]) -> Result<Vec<usize>, Failure> {
     }
     let mut out = Vec::new();
     for n in names {
-        match plan.find(n) {
+        // A branch of a dynamic target is known only once the target that
+        // lists the values has run: build the whole target then.
+        let dynamic_group = n
+            .split_once('[')
+            .filter(|_| n.ends_with(']'))
+            .and_then(|(base, _)| plan.find(base))
+            .filter(|&g| matches!(plan.nodes[g].kind, NodeKind::Group { expanded: false, .. }));
+        match plan.find(n).or(dynamic_group) {
             Some(id) => out.push(id),
             None => {
                 let known: Vec<&str> = plan.file.targets.iter().map(|t| t.name.as_str()).collect();
@@ -242,6 +249,11 @@ impl Executor for LocalExecutor {
         if let Some(c) = &self.controller {
             c.cancel_all();
         }
+    }
+
+    fn capacity(&self) -> usize {
+        // Each worker runs one job and holds one more (prefetch 1).
+        self.workers as usize * 2
     }
 }
 

@@ -46,6 +46,11 @@ pub trait Executor: Send {
     /// Cancels every job sent here that has not ended (each still ends in
     /// an output, `cancelled`).
     async fn cancel_all(&mut self);
+    /// How many jobs may be sent and not ended at once: beyond it, jobs
+    /// wait in the engine, so that after a failure nothing new starts.
+    fn capacity(&self) -> usize {
+        usize::MAX
+    }
 }
 
 /// How a build goes.
@@ -383,16 +388,22 @@ impl Engine<'_> {
         on_event: &mut dyn FnMut(Event<'_>),
     ) -> Result<(), BuildError> {
         let mut stop_seen = false;
+        let capacity = executor.as_deref().map_or(usize::MAX, |e| e.capacity()).max(1);
+        let mut queued: VecDeque<(NodeId, Identity, JobSpec, Vec<String>)> = VecDeque::new();
         loop {
-            let mut batch: Vec<(NodeId, Identity, JobSpec, Vec<String>)> = Vec::new();
             while let Some(id) = self.ready.pop_front() {
                 if self.stopping {
                     continue;
                 }
                 if let Some(job) = self.visit(id, on_event).await? {
-                    batch.push(job);
+                    queued.push_back(job);
                 }
             }
+            if self.stopping {
+                queued.clear();
+            }
+            let room = capacity.saturating_sub(self.running.len());
+            let batch: Vec<_> = queued.drain(..room.min(queued.len())).collect();
             if !batch.is_empty() {
                 let Some(exec) = executor.as_deref_mut() else {
                     return Err(BuildError::Send("no executor for a build".into()));

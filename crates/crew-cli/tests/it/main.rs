@@ -12,6 +12,7 @@ mod config;
 mod controller;
 mod daemon_api;
 mod mixed;
+mod pipeline;
 mod run;
 mod s3;
 mod s3_faults;
