@@ -418,13 +418,19 @@ pub(crate) fn make(global_dir: Option<PathBuf>, args: MakeArgs) -> Result<u8, Fa
     drop(rt);
     crew_worker_local::kill_orphans();
     let report = result.map_err(build_failure)?;
-    Ok(summarize(&report, &l.root))
+    Ok(summarize(&report, &l.plan))
 }
 
 /// Prints the end of a build on stderr and picks the exit status.
-fn summarize(report: &Report, _root: &Path) -> u8 {
+fn summarize(report: &Report, plan: &Plan) -> u8 {
     let mut counts = std::collections::BTreeMap::<&str, usize>::new();
-    for (label, state) in &report.states {
+    let mut jobs = 0;
+    for (i, (label, state)) in report.states.iter().enumerate() {
+        // A mapped target is counted by its branches.
+        if matches!(plan.nodes.get(i).map(|n| &n.kind), Some(NodeKind::Group { .. })) {
+            continue;
+        }
+        jobs += 1;
         *counts.entry(state.name()).or_default() += 1;
         match state {
             State::Failed { error } => eprintln!("crew: target {label} failed: {error}"),
@@ -435,7 +441,7 @@ fn summarize(report: &Report, _root: &Path) -> u8 {
     let built = counts.get("built").copied().unwrap_or(0);
     let fresh = counts.get("up_to_date").copied().unwrap_or(0);
     let failed = counts.get("failed").copied().unwrap_or(0);
-    let other = report.states.len() - built - fresh - failed - counts.get("pending").copied().unwrap_or(0);
+    let other = jobs - built - fresh - failed - counts.get("pending").copied().unwrap_or(0);
     eprintln!(
         "crew: {} job(s) ran; {built} built, {fresh} up to date, {failed} failed{}",
         report.ran,

@@ -94,6 +94,10 @@ pub(super) fn run(opts: Options) -> anyhow::Result<()> {
     if opts.wants(6) {
         rows.extend(bench.large_output()?);
     }
+    if opts.wants(7) {
+        let chains = if opts.quick { 10 } else { 100 };
+        rows.extend(super::pipeline::pipeline(&bench.crew, &bench.dir, chains, bench.runs)?);
+    }
     if opts.json {
         println!("{}", report::json(&rows, opts));
     } else {

@@ -269,7 +269,7 @@ fn read_all(child: &mut Child) -> (String, String) {
 }
 
 /// `VmHWM` of `pid` in KiB, when the process still exists.
-fn vm_hwm_kib(pid: u32) -> Option<u64> {
+pub(super) fn vm_hwm_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
