@@ -58,6 +58,11 @@ pub(crate) struct RunArgs {
     /// relative to its working folder, e.g. 'fit/*' (repeatable).
     #[arg(long, value_name = "GLOB")]
     output: Vec<String>,
+    /// A variable every job takes from its worker's environment when set
+    /// there (repeatable); jobs otherwise see only PATH, HOME, USER,
+    /// LOGNAME, TMPDIR, LANG, their `env` and the CREW_* job variables.
+    #[arg(long = "env-inherit", value_name = "NAME")]
+    env_inherit: Vec<String>,
     /// Where the controller listens for workers, IP:PORT (default
     /// 127.0.0.1:0, loopback and any free port). Workers of classes that run
     /// elsewhere (aws-batch) need an address they can reach, e.g. 0.0.0.0:7000.
@@ -84,7 +89,14 @@ pub(crate) fn main(args: RunArgs) -> Result<u8, Failure> {
     let class = Registry::stock().get(&args.class).map_err(Failure::usage)?;
     let (label, text) = read_jobs(&args.file).map_err(Failure::usage)?;
     let inputs = crate::cmd::input_flags(&args.input)?;
-    let defaults = LineDefaults { tags: Tags::new(), timeout, retries: args.retries, inputs, outputs: args.output };
+    let defaults = LineDefaults {
+        tags: Tags::new(),
+        timeout,
+        retries: args.retries,
+        inputs,
+        outputs: args.output,
+        env_inherit: args.env_inherit,
+    };
     let mut jobs = match parse_job_file(&text, &defaults) {
         Ok(jobs) => jobs,
         Err(errors) => {

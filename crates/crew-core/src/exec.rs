@@ -44,7 +44,8 @@
 //! returns a result: a job that cannot start is a `failed` job, not an agent
 //! error.
 
-use std::ffi::OsStr;
+use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::future::Future;
 use std::io;
@@ -114,6 +115,47 @@ pub const SHELL: &str = "/bin/sh";
 /// removed from every job's environment: the launch secret must never reach
 /// a job.
 pub const AGENT_ONLY_ENV: [&str; 6] = [ENV_TOKEN, ENV_LAUNCH, ENV_CONNECT, ENV_INDEX, ENV_PARENT_PID, ENV_TLS_SHA256];
+
+/// The variables every job takes from its agent's environment, when set
+/// there: the few a program commonly needs to run at all. Nothing else of
+/// the agent's environment reaches a job unless the job names it in
+/// [`JobSpec::env_inherit`], so that what ran a worker (a shell, the
+/// daemon, a container) does not leak into jobs.
+pub const BASE_ENV: [&str; 6] = ["PATH", "HOME", "USER", "LOGNAME", "TMPDIR", "LANG"];
+
+/// The environment of one attempt of a job, built from `agent` (a lookup
+/// in the agent's own environment): [`BASE_ENV`] and the job's
+/// `env_inherit` names where `agent` has them (never an
+/// [`AGENT_ONLY_ENV`] name), then `spec.env`, then `CREW_JOB_ID`,
+/// `CREW_JOB_NAME`, `CREW_SEED`, `CREW_WORKER` and `CREW_ATTEMPT`, which
+/// win. Nothing else.
+pub fn job_env(
+    spec: &JobSpec,
+    id: JobId,
+    attempt: u32,
+    seed: u64,
+    worker: &str,
+    agent: impl Fn(&str) -> Option<OsString>,
+) -> BTreeMap<OsString, OsString> {
+    let mut env = BTreeMap::new();
+    for name in BASE_ENV.iter().copied().chain(spec.env_inherit.iter().map(String::as_str)) {
+        if AGENT_ONLY_ENV.contains(&name) {
+            continue;
+        }
+        if let Some(value) = agent(name) {
+            env.insert(OsString::from(name), value);
+        }
+    }
+    for (k, v) in &spec.env {
+        env.insert(OsString::from(k), OsString::from(v));
+    }
+    env.insert("CREW_JOB_ID".into(), id.to_string().into());
+    env.insert("CREW_JOB_NAME".into(), spec.name.as_deref().unwrap_or("").into());
+    env.insert("CREW_SEED".into(), seed.to_string().into());
+    env.insert("CREW_WORKER".into(), worker.into());
+    env.insert("CREW_ATTEMPT".into(), attempt.to_string().into());
+    env
+}
 
 /// Names of the capture files in the scratch folder.
 const STDOUT_FILE: &str = "stdout";
@@ -191,10 +233,12 @@ impl ExecContext {
 ///
 /// - `Command::Argv` executes the program directly, `Command::Shell` runs
 ///   [`SHELL`]` -c line`, `Command::Builtin` calls `ctx.builtins`.
-/// - The job's environment is the agent's, minus [`AGENT_ONLY_ENV`], plus
-///   `spec.env`, plus `CREW_JOB_ID`, `CREW_JOB_NAME` (empty when unnamed),
-///   `CREW_SEED`, `CREW_WORKER` and `CREW_ATTEMPT` (these five win over
-///   `spec.env`).
+/// - The job's environment is [`job_env`]: [`BASE_ENV`] and the names in
+///   `spec.env_inherit` taken from the agent's environment (never
+///   [`AGENT_ONLY_ENV`]), plus `spec.env`, plus `CREW_JOB_ID`,
+///   `CREW_JOB_NAME` (empty when unnamed), `CREW_SEED`, `CREW_WORKER` and
+///   `CREW_ATTEMPT` (these five win over `spec.env`). Nothing else of the
+///   agent's environment reaches the job.
 /// - Anything that keeps the job from starting (program not found or not
 ///   executable, bad working folder, unusable scratch folder) makes it
 ///   `failed` with `exit_code: None` and an error saying why.
@@ -755,15 +799,9 @@ fn configure(job: &Job<'_>, cmd: &mut std::process::Command, files: &CaptureFile
     };
     cmd.stdin(stdin.try_clone()?);
 
-    for name in AGENT_ONLY_ENV {
-        cmd.env_remove(name);
-    }
-    cmd.envs(&job.spec.env);
-    cmd.env("CREW_JOB_ID", job.id.to_string());
-    cmd.env("CREW_JOB_NAME", job.spec.name.as_deref().unwrap_or(""));
-    cmd.env("CREW_SEED", job.seed.to_string());
-    cmd.env("CREW_WORKER", OsStr::new(&job.ctx.worker));
-    cmd.env("CREW_ATTEMPT", job.attempt.to_string());
+    // The whole environment, not changes to the agent's (see `job_env`).
+    cmd.env_clear();
+    cmd.envs(job_env(job.spec, job.id, job.attempt, job.seed, &job.ctx.worker, |name| std::env::var_os(name)));
 
     if let Some(cwd) = &job.spec.cwd {
         cmd.current_dir(cwd);
@@ -1310,7 +1348,13 @@ mod tests {
         assert_eq!(std::env::var("CREW_TOKEN").unwrap(), "s3cret");
         let (_d, ctx) = context();
         let line = "echo \"${CREW_TOKEN-none}|${CREW_LAUNCH-none}|${CREW_CONNECT-none}|${CREW_INDEX-none}|$CREW_EXEC_TEST_CHILD\"";
-        let r = run(&ctx, &JobSpec::shell(line)).await;
+        // Named in env_inherit (which validation refuses), the agent's own
+        // variables are still skipped; the other name is inherited.
+        let mut spec = JobSpec::shell(line);
+        spec.env_inherit = ["CREW_EXEC_TEST_CHILD", "CREW_TOKEN", "CREW_LAUNCH", "CREW_CONNECT", "CREW_INDEX"]
+            .map(str::to_owned)
+            .to_vec();
+        let r = run(&ctx, &spec).await;
         assert_eq!(r.stdout.text, "none|none|none|none|1\n");
     }
 
@@ -1825,6 +1869,67 @@ mod tests {
             assert!(t.elapsed() < Duration::from_secs(10), "the builtin's token was not cancelled");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    #[test]
+    fn job_environment_is_the_base_the_inherited_names_the_job_env_and_crew_variables() {
+        let agent = |name: &str| -> Option<OsString> {
+            match name {
+                "PATH" => Some("/bin".into()),
+                "HOME" => Some("/home/w".into()),
+                "FOO" => Some("from-worker".into()),
+                "SECRET" => Some("not for jobs".into()),
+                "CREW_TOKEN" => Some("0".repeat(64).into()),
+                "CREW_JOB_ID" => Some("999".into()),
+                "K" => Some("worker's".into()),
+                _ => None,
+            }
+        };
+        let mut spec = JobSpec::shell("env");
+        spec.name = Some("n".into());
+        spec.env_inherit = vec!["FOO".into(), "MISSING".into(), "CREW_TOKEN".into(), "K".into()];
+        spec.env.insert("K".into(), "job's".into());
+        spec.env.insert("CREW_SEED".into(), "the job cannot set this".into());
+        let env = job_env(&spec, JobId(5), 2, 77, "local-3", agent);
+        let env: Vec<(String, String)> =
+            env.into_iter().map(|(k, v)| (k.into_string().unwrap(), v.into_string().unwrap())).collect();
+        let want: Vec<(String, String)> = [
+            ("CREW_ATTEMPT", "2"),
+            ("CREW_JOB_ID", "5"),
+            ("CREW_JOB_NAME", "n"),
+            ("CREW_SEED", "77"),
+            ("CREW_WORKER", "local-3"),
+            ("FOO", "from-worker"),
+            ("HOME", "/home/w"),
+            ("K", "job's"),
+            ("PATH", "/bin"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+        assert_eq!(env, want);
+        // Nothing at all from an empty agent environment but the job's own.
+        let env = job_env(&JobSpec::shell("env"), JobId(1), 1, 1, "w", |_| None);
+        assert_eq!(env.len(), 5, "{env:?}");
+    }
+
+    #[tokio::test]
+    async fn a_process_job_sees_only_its_environment() {
+        let (_d, ctx) = context();
+        // Cargo sets this in the environment of every test process.
+        let ambient = "CARGO_MANIFEST_DIR";
+        assert!(std::env::var_os(ambient).is_some(), "run under cargo");
+        let r = run(&ctx, &argv(&["/usr/bin/env"])).await;
+        assert_eq!(r.status, Status::Succeeded, "{r:?}");
+        let names: Vec<&str> = r.stdout.text.lines().filter_map(|l| l.split_once('=').map(|(k, _)| k)).collect();
+        assert!(!names.contains(&ambient), "{names:?}");
+        assert!(names.contains(&"PATH") && names.contains(&"CREW_JOB_ID"), "{names:?}");
+        assert!(names.iter().all(|n| BASE_ENV.contains(n) || n.starts_with("CREW_")), "{names:?}");
+        let mut spec = argv(&["/usr/bin/env"]);
+        spec.env_inherit.push(ambient.to_owned());
+        let r = run(&ctx, &spec).await;
+        let want = format!("{ambient}={}", std::env::var(ambient).unwrap());
+        assert!(r.stdout.text.lines().any(|l| l == want), "{}", r.stdout.text);
     }
 
     #[test]

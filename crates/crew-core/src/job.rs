@@ -88,6 +88,13 @@ pub struct JobSpec {
     /// Extra environment variables for the job's processes.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Names of variables the job takes from its worker's environment
+    /// (when set there), on top of [`crate::exec::BASE_ENV`]. Only names
+    /// travel: the agent reads the values where the job runs, so an
+    /// inherited secret is never sent or journaled. The agent-only
+    /// variables ([`crate::exec::AGENT_ONLY_ENV`]) are refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env_inherit: Vec<String>,
     /// Working folder on the worker; the agent's own when absent.
     #[serde(default)]
     pub cwd: Option<PathBuf>,
@@ -223,6 +230,16 @@ pub fn check_relative_path(path: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks an environment variable name: non-empty, without `=` or NUL.
+fn check_env_name(name: &str) -> Result<(), JobError> {
+    if name.is_empty() || name.contains('=') || name.contains('\0') {
+        return Err(JobError::new(format!(
+            "invalid environment variable name {name:?}: it must be non-empty, without '=' or NUL"
+        )));
+    }
+    Ok(())
+}
+
 /// True for a lowercase hex SHA-256 (64 characters).
 pub fn is_sha256_hex(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
@@ -240,6 +257,7 @@ impl JobSpec {
             tags: Tags::new(),
             command,
             env: BTreeMap::new(),
+            env_inherit: Vec::new(),
             cwd: None,
             stdin: None,
             timeout: None,
@@ -318,13 +336,18 @@ impl JobSpec {
             }
         }
         for (k, v) in &self.env {
-            if k.is_empty() || k.contains('=') || k.contains('\0') {
-                return Err(JobError::new(format!(
-                    "invalid environment variable name {k:?}: it must be non-empty, without '=' or NUL"
-                )));
-            }
+            check_env_name(k)?;
             if v.contains('\0') {
                 return Err(JobError::new(format!("the value of environment variable {k} contains a NUL byte")));
+            }
+        }
+        for name in &self.env_inherit {
+            check_env_name(name).map_err(|e| JobError::new(format!("env_inherit: {e}")))?;
+            if crate::exec::AGENT_ONLY_ENV.contains(&name.as_str()) {
+                return Err(JobError::new(format!(
+                    "env_inherit: {name} belongs to the worker's agent (its connection to the controller) and is \
+                     never passed to jobs; remove it, or pass a value with env"
+                )));
             }
         }
         if let Some(t) = self.timeout {
@@ -427,6 +450,8 @@ struct JobLine {
     args: Option<serde_json::Value>,
     #[serde(default)]
     env: BTreeMap<String, String>,
+    #[serde(default)]
+    env_inherit: Vec<String>,
     cwd: Option<PathBuf>,
     stdin: Option<String>,
     timeout: Option<DurationField>,
@@ -501,6 +526,8 @@ pub struct LineDefaults {
     pub inputs: Vec<Input>,
     /// Output patterns added to every job (after its own).
     pub outputs: Vec<String>,
+    /// Variables every job inherits from its worker (after its own).
+    pub env_inherit: Vec<String>,
 }
 
 /// Parses a job given as a JSON value of the job-line form (an object with
@@ -558,6 +585,7 @@ fn from_json(l: JobLine, defaults: &LineDefaults) -> Result<JobSpec, JobError> {
         tags,
         command,
         env: l.env,
+        env_inherit: l.env_inherit,
         cwd: l.cwd,
         stdin: l.stdin,
         timeout,
@@ -579,6 +607,11 @@ fn finish(mut spec: JobSpec, defaults: &LineDefaults) -> Result<JobSpec, JobErro
     for pattern in &defaults.outputs {
         if !spec.outputs.contains(pattern) {
             spec.outputs.push(pattern.clone());
+        }
+    }
+    for name in &defaults.env_inherit {
+        if !spec.env_inherit.contains(name) {
+            spec.env_inherit.push(name.clone());
         }
     }
     if !defaults.tags.is_empty() {
@@ -746,6 +779,26 @@ mod tests {
         ] {
             assert!(parse_job_value(bad.clone(), &d).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn env_inherit_names_are_checked_and_agent_variables_refused() {
+        let d = LineDefaults { env_inherit: vec!["HOME".into(), "FOO".into()], ..LineDefaults::default() };
+        let j = parse_job_line(r#"{"shell":"x","env_inherit":["FOO","AWS_PROFILE"]}"#, &d).unwrap();
+        assert_eq!(j.env_inherit, ["FOO", "AWS_PROFILE", "HOME"]);
+        let plain = parse_job_line("env", &d).unwrap();
+        assert_eq!(plain.env_inherit, ["HOME", "FOO"]);
+        for agent_only in crate::exec::AGENT_ONLY_ENV {
+            let err = parse_job_value(serde_json::json!({"shell": "x", "env_inherit": [agent_only]}), &d).unwrap_err();
+            assert!(err.0.starts_with(&format!("env_inherit: {agent_only} belongs to the worker's agent")), "{err}");
+        }
+        for bad in ["", "A=B", "A\0B"] {
+            assert!(parse_job_value(serde_json::json!({"shell": "x", "env_inherit": [bad]}), &d).is_err(), "{bad:?}");
+        }
+        assert!(parse_job_value(serde_json::json!({"shell": "x", "env_inherit": "FOO"}), &d).is_err());
+        // Names only, in the serde form (journal, wire).
+        let back: JobSpec = serde_json::from_value(serde_json::to_value(&j).unwrap()).unwrap();
+        assert_eq!(back, j);
     }
 
     #[test]

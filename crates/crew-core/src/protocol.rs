@@ -32,8 +32,10 @@ use crate::worker::Secret;
 
 /// The protocol version this build speaks. Version 2 added job inputs and
 /// outputs (`JobSpec::inputs`/`outputs`, `JobResult::objects`): an agent of
-/// version 1 would silently run such a job without its data.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// version 1 would silently run such a job without its data. Version 3
+/// gives jobs a clean environment (`JobSpec::env_inherit`): an agent of
+/// version 2 would ignore the list and give the job its whole environment.
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest frame accepted, in bytes. Outputs carry at most the inline caps of
 /// stdout and stderr, so real frames are far smaller.

@@ -71,13 +71,10 @@ fn resolve(program: &std::ffi::OsStr, env: &BTreeMap<OsString, OsString>) -> io:
 }
 
 fn prepare(cmd: &std::process::Command) -> io::Result<Prepared> {
-    let mut env: BTreeMap<OsString, OsString> = std::env::vars_os().collect();
-    for (k, v) in cmd.get_envs() {
-        match v {
-            Some(v) => env.insert(k.to_owned(), v.to_owned()),
-            None => env.remove(k),
-        };
-    }
+    // Exactly the variables set on `cmd`: nothing of this process's own
+    // environment (jobs get a clean one, see `exec::job_env`).
+    let env: BTreeMap<OsString, OsString> =
+        cmd.get_envs().filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned()))).collect();
     let path = resolve(cmd.get_program(), &env)?;
     let mut argv = vec![cstring(cmd.get_program().as_bytes().to_vec())?];
     for a in cmd.get_args() {
@@ -156,8 +153,10 @@ extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
     }
 }
 
-/// Starts `cmd` (program, arguments, environment changes and folder are
-/// read from it) in a new process group, with `stdio` as its stdin, stdout
+/// Starts `cmd` (program, arguments, environment and folder are read from
+/// it; the environment is exactly the variables set on `cmd`, as after
+/// `env_clear`: nothing is inherited from this process) in a new process
+/// group, with `stdio` as its stdin, stdout
 /// and stderr and a SIGKILL parent-death signal. Returns its pid. Errors
 /// are those of starting it (`NotFound` for a program that is not there).
 pub(crate) fn spawn(cmd: &std::process::Command, stdio: [RawFd; 3]) -> io::Result<libc::pid_t> {
@@ -248,6 +247,7 @@ mod tests {
         cmd.arg("-c")
             .arg("echo $$ $(cut -d' ' -f5 /proc/$$/stat) $CREW_SPAWN_TEST; pwd; trap")
             .env("CREW_SPAWN_TEST", "hello")
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .current_dir(dir.path());
         let pid = spawn(&cmd, [null.as_raw_fd(), out.as_raw_fd(), out.as_raw_fd()]).unwrap();
         assert_eq!(wait(pid), 0);
@@ -259,6 +259,18 @@ mod tests {
         assert_eq!(first[2], "hello");
         assert_eq!(lines.next().unwrap(), dir.path().canonicalize().unwrap().to_str().unwrap());
         assert_eq!(lines.next(), None, "no trap inherited");
+    }
+
+    #[test]
+    fn the_environment_is_only_what_the_command_sets() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::fs::File::create(dir.path().join("out")).unwrap();
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let mut cmd = std::process::Command::new("/usr/bin/env");
+        cmd.env_clear().env("ONLY", "this");
+        let pid = spawn(&cmd, [null.as_raw_fd(), out.as_raw_fd(), out.as_raw_fd()]).unwrap();
+        assert_eq!(wait(pid), 0);
+        assert_eq!(std::fs::read_to_string(dir.path().join("out")).unwrap(), "ONLY=this\n");
     }
 
     #[test]

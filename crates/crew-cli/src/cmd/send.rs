@@ -40,6 +40,12 @@ pub(crate) struct SendArgs {
     /// An environment variable of the job, `KEY=VALUE` (repeatable).
     #[arg(long, value_name = "KEY=VALUE")]
     env: Vec<String>,
+    /// A variable the job takes from its worker's environment when set
+    /// there (repeatable; with --file: added to every job). Jobs otherwise
+    /// see only PATH, HOME, USER, LOGNAME, TMPDIR, LANG, their --env and the
+    /// CREW_* job variables.
+    #[arg(long = "env-inherit", value_name = "NAME")]
+    env_inherit: Vec<String>,
     /// Working folder of the job on the worker.
     #[arg(long, value_name = "DIR")]
     cwd: Option<PathBuf>,
@@ -76,7 +82,14 @@ pub(crate) fn send(ctx: &Ctx, args: SendArgs) -> Result<u8, Failure> {
     let inputs = super::input_flags(&args.input)?;
     let body = match &args.file {
         Some(file) => {
-            let defaults = LineDefaults { tags, timeout, retries: args.retries, inputs, outputs: args.output.clone() };
+            let defaults = LineDefaults {
+                tags,
+                timeout,
+                retries: args.retries,
+                inputs,
+                outputs: args.output.clone(),
+                env_inherit: args.env_inherit.clone(),
+            };
             match file_body(file, &defaults)? {
                 Some(body) => body,
                 None => return Ok(EXIT_USAGE),
@@ -115,6 +128,7 @@ fn one_job_body(
     spec.name = args.name.clone();
     spec.tags = tags;
     spec.env = env;
+    spec.env_inherit = args.env_inherit.clone();
     spec.cwd = args.cwd.clone();
     spec.timeout = timeout;
     spec.retries = args.retries.unwrap_or(0);
@@ -195,6 +209,8 @@ struct WireJob<'a> {
     args: Option<&'a serde_json::Value>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     env: &'a BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    env_inherit: &'a [String],
     #[serde(skip_serializing_if = "Option::is_none")]
     cwd: Option<&'a Path>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -259,6 +275,7 @@ impl<'a> From<&'a JobSpec> for WireJob<'a> {
             builtin,
             args,
             env: &s.env,
+            env_inherit: &s.env_inherit,
             cwd: s.cwd.as_deref(),
             stdin: s.stdin.as_deref(),
             timeout: s.timeout.map(|d| d.as_secs_f64()),
@@ -280,7 +297,7 @@ mod tests {
     fn the_wire_form_parses_back_to_the_same_job() {
         let text = concat!(
             "echo plain words\n",
-            r#"{"name":"a","tags":["gpu","big"],"command":["x","y z"],"env":{"K":"V"},"cwd":"/tmp","stdin":"in","timeout":"1m30s","retries":2,"crashes_max":5,"priority":-3}"#,
+            r#"{"name":"a","tags":["gpu","big"],"command":["x","y z"],"env":{"K":"V"},"env_inherit":["HOME","FOO"],"cwd":"/tmp","stdin":"in","timeout":"1m30s","retries":2,"crashes_max":5,"priority":-3}"#,
             "\n",
             r#"{"builtin":"sleep","args":{"seconds":0.5},"timeout":0.25}"#,
             "\n",

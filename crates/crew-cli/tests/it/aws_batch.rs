@@ -129,8 +129,21 @@ fn recruit_aws_batch_workers_and_run_jobs_on_them() {
     let out = crew_in(d, &mark, &["launch", "--tags", "cloud", "--workers", "3"]);
     assert_eq!(out.code(), Some(0), "{out}");
     for i in 0..6 {
-        let out =
-            crew_in(d, &mark, &["send", "--tags", "cloud", "--", "sh", "-c", &format!("echo {i} $AWS_BATCH_JOB_ID")]);
+        let out = crew_in(
+            d,
+            &mark,
+            &[
+                "send",
+                "--tags",
+                "cloud",
+                "--env-inherit",
+                "AWS_BATCH_JOB_ID",
+                "--",
+                "sh",
+                "-c",
+                &format!("echo {i} $AWS_BATCH_JOB_ID"),
+            ],
+        );
         assert_eq!(out.code(), Some(0), "{out}");
     }
     let out = run(crew(d, &mark, &["receive", "--wait", "--all", "--json"]), None, DEADLINE * 3);
@@ -181,6 +194,8 @@ fn crew_run_on_aws_batch_workers_over_tls() {
             "0.0.0.0:0",
             "--advertise",
             "127.0.0.1",
+            "--env-inherit",
+            "AWS_BATCH_JOB_ID",
             "--json",
             "jobs.txt",
         ],

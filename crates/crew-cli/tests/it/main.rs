@@ -11,6 +11,7 @@ mod cli;
 mod config;
 mod controller;
 mod daemon_api;
+mod environment;
 mod mixed;
 mod pipeline;
 mod run;

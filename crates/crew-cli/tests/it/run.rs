@@ -255,7 +255,7 @@ fn stopped_by(sig: libc::c_int) {
     let sleepers = || pids_with_exact_arg(&secs);
     assert!(poll_until(Duration::from_secs(5), || sleepers().len() == 2), "{}", describe(&sleepers()));
     let marked = marked_pids(&mark);
-    assert!(sleepers().iter().all(|p| marked.contains(p)), "jobs inherit the mark");
+    assert!(sleepers().iter().all(|p| marked.contains(p)), "jobs inherit the mark (the helper passes --env-inherit)");
     signal(running.pid, sig);
     let out = running.wait(DEADLINE);
     assert_eq!(out.code(), Some(1), "{out}");

@@ -212,11 +212,20 @@ impl Drop for OnDrop<'_> {
     }
 }
 
-/// `crew ARGS` in `dir`, its processes marked with `mark`.
+/// `crew ARGS` in `dir`, its processes marked with `mark`. The jobs of
+/// `crew run` and `crew send` carry the mark too (`--env-inherit`, since
+/// jobs no longer inherit their worker's environment), so that the checks
+/// for leftover processes see them.
 pub(crate) fn crew(dir: &Path, mark: &str, args: &[&str]) -> Command {
     let mut cmd = Command::new(crew_bin());
-    cmd.args(args)
-        .current_dir(dir)
+    // The command comes first, or after the global `--dir DIR`.
+    let at = if args.first() == Some(&"--dir") { 2 } else { 0 };
+    if args.get(at).is_some_and(|c| *c == "run" || *c == "send") {
+        cmd.args(&args[..=at]).args(["--env-inherit", MARK_VAR]).args(&args[at + 1..]);
+    } else {
+        cmd.args(args);
+    }
+    cmd.current_dir(dir)
         .env(MARK_VAR, mark)
         .env_remove("CREW_LOG")
         .stdin(Stdio::null())

@@ -139,7 +139,15 @@ async fn workers_run_on_a_definition_registered_by_the_helper() {
     recruit.limits = limits();
     controller.recruit(recruit).expect("recruit");
     controller
-        .send_many((0..4).map(|i| JobSpec::shell(format!("echo {i} $AWS_BATCH_JOB_ID"))).collect())
+        .send_many(
+            (0..4)
+                .map(|i| {
+                    let mut job = JobSpec::shell(format!("echo {i} $AWS_BATCH_JOB_ID"));
+                    job.env_inherit.push("AWS_BATCH_JOB_ID".to_owned());
+                    job
+                })
+                .collect(),
+        )
         .expect("send");
     for _ in 0..4 {
         let o = controller.receive_wait(Some(Duration::from_secs(60))).await.expect("an output");

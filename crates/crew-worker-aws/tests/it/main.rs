@@ -282,7 +282,9 @@ async fn a_batch_job_terminated_mid_job_has_its_crew_job_rerun() {
         r#"if [ "$CREW_ATTEMPT" = 1 ]; then echo "$AWS_BATCH_JOB_ID" > {m}.tmp && mv {m}.tmp {m}; sleep 60; fi; echo "$AWS_BATCH_JOB_ID""#,
         m = marker.display()
     );
-    let id = controller.send(JobSpec::shell(line)).expect("send");
+    let mut job = JobSpec::shell(line);
+    job.env_inherit.push("AWS_BATCH_JOB_ID".to_owned());
+    let id = controller.send(job).expect("send");
     let deadline = Instant::now() + Duration::from_secs(60);
     let batch_job = loop {
         if let Ok(s) = std::fs::read_to_string(&marker) {
