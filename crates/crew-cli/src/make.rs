@@ -138,7 +138,6 @@ struct Loaded {
     plan: Plan,
     store: Arc<dyn Store>,
     state_dir: PathBuf,
-    root: PathBuf,
 }
 
 fn load(args: &PipelineArgs, store_override: Option<String>) -> Result<Loaded, Failure> {
@@ -154,7 +153,7 @@ fn load(args: &PipelineArgs, store_override: Option<String>) -> Result<Loaded, F
     let store = crew_core::store::open_store(&url)
         .with_context(|| format!("cannot open the store {url:?}"))
         .map_err(Failure::usage)?;
-    Ok(Loaded { plan, store, state_dir: root.join(".crew/pipeline"), root })
+    Ok(Loaded { plan, store, state_dir: root.join(".crew/pipeline") })
 }
 
 /// The nodes named on the command line (default: every target).

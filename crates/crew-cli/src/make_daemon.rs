@@ -92,7 +92,7 @@ impl DaemonExecutor {
 /// A job as a job line of the daemon's API.
 fn job_line(spec: &JobSpec) -> Value {
     let mut line = json!({"name": spec.name, "tags": spec.tags.iter().collect::<Vec<_>>(), "env": spec.env,
-        "retries": spec.retries, "outputs": spec.outputs, "output_prefix": spec.output_prefix});
+        "env_inherit": spec.env_inherit, "retries": spec.retries, "outputs": spec.outputs, "output_prefix": spec.output_prefix});
     match &spec.command {
         Command::Argv(argv) => line["command"] = json!(argv),
         Command::Shell(s) => line["shell"] = json!(s),

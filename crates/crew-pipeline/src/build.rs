@@ -634,6 +634,7 @@ impl Engine<'_> {
         spec.name = Some(label.clone());
         spec.tags = def.tags.clone();
         spec.env = job.env.clone();
+        spec.env_inherit = def.env_inherit.clone();
         spec.timeout = def.timeout;
         spec.retries = def.retries;
         spec.inputs = inputs
