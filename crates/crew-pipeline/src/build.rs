@@ -598,7 +598,7 @@ impl Engine<'_> {
                 if missing.is_empty() {
                     let outs = r.outputs.clone();
                     if !self.opts.dry_run && def.fetch {
-                        self.materialize(&outs, on_event).await;
+                        self.materialize(&outs, true, on_event).await;
                     }
                     self.outputs[id] = outs;
                     on_event(Event::UpToDate(&label));
@@ -767,7 +767,7 @@ impl Engine<'_> {
             self.objects.insert(o.key.clone());
         }
         if def.fetch {
-            self.materialize(&output.objects, on_event).await;
+            self.materialize(&output.objects, false, on_event).await;
         }
         self.outputs[id] = output.objects;
         self.records.insert(label, record);
@@ -776,12 +776,15 @@ impl Engine<'_> {
     }
 
     /// Copies outputs into the working tree, each verified; files already
-    /// there with the same content are left alone.
-    async fn materialize(&mut self, objects: &[StoredObject], on_event: &mut dyn FnMut(Event<'_>)) {
+    /// there with the same content are left alone. With `warn_replaced`
+    /// (the target was up to date), replacing a file that differs is said:
+    /// someone edited a built output.
+    async fn materialize(&mut self, objects: &[StoredObject], warn_replaced: bool, on_event: &mut dyn FnMut(Event<'_>)) {
         for o in objects {
             if self.hashes.matches(&o.name, &o.sha256) {
                 continue;
             }
+            let replaced = warn_replaced && self.plan.file.root.join(&o.name).exists();
             let done = async {
                 let key = StoreKey::new(o.key.as_str())?;
                 let dest = staging::prepare_dest(&self.plan.file.root, &o.name)?;
@@ -789,7 +792,15 @@ impl Engine<'_> {
             }
             .await;
             match done {
-                Ok(()) => self.hashes.remember(&o.name, &o.sha256),
+                Ok(()) => {
+                    self.hashes.remember(&o.name, &o.sha256);
+                    if replaced {
+                        on_event(Event::Warning(format!(
+                            "{} in the working tree differed from the built output: replaced by it",
+                            o.name
+                        )));
+                    }
+                }
                 Err(e) => on_event(Event::Warning(format!("cannot copy output {} into the working tree: {e}", o.name))),
             }
         }

@@ -87,6 +87,12 @@ fn the_example_builds_then_is_a_no_op_then_rebuilds_only_what_changed() {
     let out = make(dir.path(), &mark, &[]);
     assert!(ran(&out).is_empty(), "{out}");
     assert!(dir.path().join("raw.txt").is_file());
+    // An edited output is put back as built, and the user is told.
+    std::fs::write(dir.path().join("total.txt"), "edited\n").expect("edit output");
+    let out = make(dir.path(), &mark, &[]);
+    assert!(ran(&out).is_empty(), "{out}");
+    assert!(out.stderr.contains("total.txt in the working tree differed from the built output"), "{out}");
+    assert_eq!(std::fs::read_to_string(dir.path().join("total.txt")).expect("total.txt"), "8055\n");
 
     let g = run(crew(dir.path(), &mark, &["graph"]), None, DEADLINE);
     assert!(g.stdout.starts_with("digraph pipeline {") && g.stdout.contains("n0 -> n1"), "{g}");
