@@ -830,7 +830,8 @@ fn configure(job: &Job<'_>, cmd: &mut std::process::Command, files: &CaptureFile
 
 /// Starts the prepared command: on Linux through [`crate::spawn`] (a vfork
 /// that also arms the leader's parent-death signal and sets the job's
-/// rlimits), elsewhere through std (without the limits).
+/// rlimits), elsewhere through std, refusing a job with limits (which it
+/// could not apply).
 fn start(
     cmd: &mut std::process::Command,
     stdin: &File,
@@ -845,7 +846,10 @@ fn start(
     }
     #[cfg(not(target_os = "linux"))]
     {
-        let _ = (stdin, files, spec);
+        let _ = (stdin, files);
+        if spec.cpu.is_some() || spec.memory.is_some() {
+            return Err(io::Error::other("cpu and memory limits are applied on Linux workers only"));
+        }
         let child = cmd.spawn()?;
         libc::pid_t::try_from(child.id()).map_err(|_| io::Error::other("the job's process id does not fit a pid_t"))
     }
