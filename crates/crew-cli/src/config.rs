@@ -318,24 +318,10 @@ fn bytes(v: &Value) -> Result<u64, String> {
     }
 }
 
+/// A size (`64MiB`, `1G`, bytes), by the rule every size of crew follows
+/// (`crew_core::job::parse_size`).
 fn parse_bytes(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (digits, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => t.split_at(i),
-        None => (t, ""),
-    };
-    let scale: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        _ => return Err(format!("expected a size such as 64MiB (B, KiB, MiB or GiB), got {s:?}")),
-    };
-    digits
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(scale))
-        .ok_or_else(|| format!("expected a size such as 64MiB (B, KiB, MiB or GiB), got {s:?}"))
+    crew_core::job::parse_size(s).map_err(|e| e.to_string())
 }
 
 fn parse_addr(s: &str) -> Result<SocketAddr, String> {

@@ -37,6 +37,14 @@ pub(crate) struct RunArgs {
     /// Default re-runs after a failure exit; a job's own `retries` wins.
     #[arg(long, value_name = "N")]
     retries: Option<u32>,
+    /// Default CPU-time limit of a job's processes (e.g. 10m); a job's own
+    /// `cpu` wins. Past it a job ends `cpu_limit`.
+    #[arg(long, value_name = "D")]
+    cpu: Option<String>,
+    /// Default memory limit of a job's processes (e.g. 2GiB, 512M); a
+    /// job's own `memory` wins.
+    #[arg(long, value_name = "SIZE")]
+    memory: Option<String>,
     /// Print JSON Lines (one output record per line) instead of a table.
     #[arg(long)]
     json: bool,
@@ -81,6 +89,8 @@ pub(crate) fn main(args: RunArgs) -> Result<u8, Failure> {
     // Validate everything before anything runs.
     let tags: Tags = args.tags.parse().map_err(Failure::usage)?;
     let timeout = crate::cmd::duration_flag("--timeout", args.timeout.as_deref())?;
+    let cpu = crate::cmd::duration_flag("--cpu", args.cpu.as_deref())?;
+    let memory = crate::cmd::size_flag("--memory", args.memory.as_deref())?;
     let workers = match args.workers {
         Some(0) => return Err(Failure::usage(anyhow::anyhow!("--workers must be at least 1"))),
         Some(n) => n,
@@ -93,6 +103,8 @@ pub(crate) fn main(args: RunArgs) -> Result<u8, Failure> {
         tags: Tags::new(),
         timeout,
         retries: args.retries,
+        cpu,
+        memory,
         inputs,
         outputs: args.output,
         env_inherit: args.env_inherit,

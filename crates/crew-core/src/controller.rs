@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::job::{JobError, JobId, JobSpec};
-use crate::output::{OUTPUT_FORMAT, Output};
+use crate::output::{OUTPUT_FORMAT, Output, Status};
 use crate::protocol::{self, AgentMsg, ControllerMsg, PROTOCOL_VERSION, RunJob};
 use crate::scheduler::{Action, Counts, Scheduler, SlotConfig, SlotFilter, SlotId, SlotLimits, SlotState, SubmitError};
 use crate::seed::job_seed;
@@ -1242,6 +1242,10 @@ impl Shared {
                         wall_seconds: r.wall_seconds,
                         cpu_seconds: r.cpu_seconds,
                         peak_rss_bytes: r.peak_rss_bytes,
+                        cpu_limit_seconds: (r.status == Status::CpuLimit)
+                            .then(|| spec.cpu.map(|c| crate::exec::cpu_limit_seconds(c) as f64))
+                            .flatten(),
+                        memory_limit_bytes: (r.status == Status::MemoryLimit).then_some(spec.memory).flatten(),
                         slot: Some(cfg.name.clone()),
                         class: Some(cfg.class.clone()),
                         attempt,

@@ -37,6 +37,13 @@
 //!   the id. Nothing else in the agent may reap children (no
 //!   `SIGCHLD` set to `SIG_IGN`, no `waitpid(-1)`).
 //!
+//! - **CPU and memory limits are rlimits** (`RLIMIT_CPU`, `RLIMIT_DATA`),
+//!   set by [`crate::spawn`] in the child before it executes: per process,
+//!   inherited by every process the job starts. The outcome is read back
+//!   from how the main process ended (SIGXCPU, SIGKILL past the CPU time)
+//!   and, for memory, from the job's failure and its stderr, since a
+//!   memory rlimit makes allocations fail rather than kill.
+//!
 //! Builtins ([`crate::builtins`]) run in the agent itself; timeouts and
 //! cancellation drop their future.
 //!
@@ -244,13 +251,21 @@ impl ExecContext {
 ///   `failed` with `exit_code: None` and an error saying why.
 /// - `spec.timeout` and `cancel` stop the job: SIGTERM to its process group,
 ///   SIGKILL after `ctx.kill_grace`; it ends `timed_out` or `cancelled`.
+/// - `spec.cpu` and `spec.memory` are rlimits of every process of the job
+///   (`RLIMIT_CPU`, `RLIMIT_DATA`; per process, not for the tree): it ends
+///   `cpu_limit` when its main process was killed by SIGXCPU (or by SIGKILL,
+///   or exited 128 + either, past the limit's CPU time), `memory_limit`
+///   when it failed and its stderr says an allocation failed; another
+///   failure of a job with a memory limit names the limit in its error.
+///   Builtins are not limited.
 ///
 /// - A job with inputs or outputs ([`JobSpec::has_data`]) runs in its `cwd`
 ///   or, without one, in a fresh folder `work/<id>-<attempt>` of the scratch
 ///   folder, removed after the attempt. Its inputs are downloaded there
 ///   first (each checked against its size and SHA-256; a failure ends the
 ///   attempt `failed` before the job runs); when it ends `succeeded`,
-///   `failed` or `timed_out`, the files matching its output patterns are
+///   `failed`, `timed_out`, `cpu_limit` or `memory_limit`, the files
+///   matching its output patterns are
 ///   uploaded to `jobs/<id>/<attempt>/outputs/` with a manifest (see
 ///   [`crate::staging`]). A cancelled job uploads nothing: whoever cancelled
 ///   it does not want its results, and cancelling must be prompt.
@@ -329,7 +344,10 @@ async fn run_with_data(
     let mut local = spec.clone();
     local.cwd = Some(work.path.clone());
     let mut result = run_command(ctx, id, attempt, seed, &local, cancel).await;
-    if matches!(result.status, Status::Succeeded | Status::Failed | Status::TimedOut) {
+    if matches!(
+        result.status,
+        Status::Succeeded | Status::Failed | Status::TimedOut | Status::CpuLimit | Status::MemoryLimit
+    ) {
         store_outputs(store.as_ref(), id, attempt, &work.path, spec, &mut result).await;
     }
     drop(work);
@@ -714,7 +732,7 @@ async fn run_process(
         Err(e) => return job.ended(Outcome::failed(format!("could not prepare the job: {e}"))),
     };
 
-    let pid = match start(&mut cmd, &stdin, &files) {
+    let pid = match start(&mut cmd, &stdin, &files, job.spec) {
         Ok(pid) => pid,
         Err(e) => {
             let Some(mut shell) = fallback else {
@@ -724,7 +742,7 @@ async fn run_process(
                 Ok(stdin) => stdin,
                 Err(e) => return job.ended(Outcome::failed(format!("could not prepare the job: {e}"))),
             };
-            match start(&mut shell, &stdin, &files) {
+            match start(&mut shell, &stdin, &files, job.spec) {
                 Ok(pid) => pid,
                 Err(e) => return job.ended(Outcome::failed(start_error(SHELL, job.spec.cwd.as_deref(), &e))),
             }
@@ -785,6 +803,7 @@ async fn run_process(
 
     outcome.stdout = collect(job, STDOUT_FILE, &files.stdout, &mut outcome).await;
     outcome.stderr = collect(job, STDERR_FILE, &files.stderr, &mut outcome).await;
+    memory_verdict(job.spec, &mut outcome);
     job.ended_at(outcome, finished, wall)
 }
 
@@ -811,16 +830,27 @@ fn configure(job: &Job<'_>, cmd: &mut std::process::Command, files: &CaptureFile
 }
 
 /// Starts the prepared command: on Linux through [`crate::spawn`] (a vfork
-/// that also arms the leader's parent-death signal), elsewhere through std.
-fn start(cmd: &mut std::process::Command, stdin: &File, files: &CaptureFiles) -> io::Result<libc::pid_t> {
+/// that also arms the leader's parent-death signal and sets the job's
+/// rlimits), elsewhere through std, refusing a job with limits (which it
+/// could not apply).
+fn start(
+    cmd: &mut std::process::Command,
+    stdin: &File,
+    files: &CaptureFiles,
+    spec: &JobSpec,
+) -> io::Result<libc::pid_t> {
     #[cfg(target_os = "linux")]
     {
         use std::os::fd::AsRawFd;
-        crate::spawn::spawn(cmd, [stdin.as_raw_fd(), files.stdout.as_raw_fd(), files.stderr.as_raw_fd()])
+        let limits = crate::spawn::Limits { cpu_seconds: spec.cpu.map(cpu_limit_seconds), data_bytes: spec.memory };
+        crate::spawn::spawn(cmd, [stdin.as_raw_fd(), files.stdout.as_raw_fd(), files.stderr.as_raw_fd()], limits)
     }
     #[cfg(not(target_os = "linux"))]
     {
         let _ = (stdin, files);
+        if spec.cpu.is_some() || spec.memory.is_some() {
+            return Err(io::Error::other("cpu and memory limits are applied on Linux workers only"));
+        }
         let child = cmd.spawn()?;
         libc::pid_t::try_from(child.id()).map_err(|_| io::Error::other("the job's process id does not fit a pid_t"))
     }
@@ -1124,10 +1154,91 @@ fn exit_outcome(stop: Option<Stop>, exit: &Exit, spec: &JobSpec) -> Outcome {
     }
     let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     o.cpu_seconds = seconds(exit.usage.ru_utime) + seconds(exit.usage.ru_stime);
+    if stop.is_none() && o.status == Status::Failed {
+        if let Some(limit) = spec.cpu.map(cpu_limit_seconds) {
+            // The leader killed by the limit's signals, or a shell whose
+            // child was (128 + signal); the CPU time of the leader and of
+            // the children it waited for says the limit was reached.
+            let by = |sig: libc::c_int| o.signal == Some(sig) || o.exit_code == Some(128 + sig);
+            // SIGKILL comes at the hard limit, CPU_KILL_AFTER seconds past
+            // the soft one: plenty of margin for sampled CPU times.
+            let reached = o.cpu_seconds >= limit as f64;
+            if by(libc::SIGXCPU) || (by(libc::SIGKILL) && reached) {
+                o.status = Status::CpuLimit;
+                o.error = Some(format!(
+                    "CPU time limit of {} reached ({})",
+                    format_secs(limit),
+                    o.error.take().unwrap_or_default()
+                ));
+            }
+        }
+    }
     let maxrss = u64::try_from(exit.usage.ru_maxrss).unwrap_or(0);
     // Linux reports KiB; macOS and the BSDs differ (bytes on macOS).
     o.peak_rss_bytes = if cfg!(target_os = "macos") { maxrss } else { maxrss.saturating_mul(1024) };
     o
+}
+
+/// A CPU limit as `RLIMIT_CPU` takes it: whole seconds, rounded up, at
+/// least 1.
+pub fn cpu_limit_seconds(limit: Duration) -> u64 {
+    let secs = limit.as_secs() + u64::from(limit.subsec_nanos() > 0);
+    secs.max(1)
+}
+
+fn format_secs(secs: u64) -> String {
+    humantime::format_duration(Duration::from_secs(secs)).to_string()
+}
+
+/// A size as users write it: `64MiB`, `2GiB`, or bytes when not a whole
+/// number of KiB.
+pub fn format_size(bytes: u64) -> String {
+    for (unit, shift) in [("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)] {
+        if bytes >= 1 << shift && bytes % (1 << shift) == 0 {
+            return format!("{}{unit}", bytes >> shift);
+        }
+    }
+    format!("{bytes}B")
+}
+
+/// What programs write to stderr when an allocation failed (Python, GNU
+/// tools, C and C++ runtimes, R, Java), looked for in the first 64 KiB of
+/// a failed job's stderr when it had a memory limit: with an rlimit, a
+/// failed allocation is the only trace of the limit.
+const ALLOCATION_FAILED: &[&str] = &[
+    "MemoryError",
+    "memory exhausted",
+    "Cannot allocate memory",
+    "cannot allocate memory",
+    "out of memory",
+    "Out of memory",
+    "std::bad_alloc",
+    "cannot allocate vector",
+    "OutOfMemoryError",
+];
+
+/// With a memory limit, a failed job whose stderr says an allocation failed
+/// ends `memory_limit`; any other failed job names the limit in its error.
+fn memory_verdict(spec: &JobSpec, outcome: &mut Outcome) {
+    let Some(limit) = spec.memory else { return };
+    if outcome.status != Status::Failed {
+        return;
+    }
+    let said = ALLOCATION_FAILED.iter().find(|needle| outcome.stderr.text.contains(*needle));
+    match said {
+        Some(needle) => {
+            let why = outcome.error.take().unwrap_or_default();
+            outcome.status = Status::MemoryLimit;
+            outcome.error = Some(format!(
+                "memory limit of {} reached: an allocation failed (stderr says {needle:?}; {why})",
+                format_size(limit)
+            ));
+        }
+        None => outcome.note(format!(
+            "the job had a memory limit of {} per process; if it ran out, raise `memory`",
+            format_size(limit)
+        )),
+    }
 }
 
 /// The name of a signal, for error messages.
@@ -1930,6 +2041,94 @@ mod tests {
         let r = run(&ctx, &spec).await;
         let want = format!("{ambient}={}", std::env::var(ambient).unwrap());
         assert!(r.stdout.text.lines().any(|l| l == want), "{}", r.stdout.text);
+    }
+
+    #[tokio::test]
+    async fn a_process_past_its_cpu_limit_ends_cpu_limit() {
+        let (_d, ctx) = context();
+        // The job's leader spins: killed by SIGXCPU after 1 s of CPU.
+        let mut spin = JobSpec::shell("while :; do :; done");
+        spin.cpu = Some(Duration::from_millis(500));
+        let t = Instant::now();
+        let r = run(&ctx, &spin).await;
+        assert_eq!((r.status, r.signal), (Status::CpuLimit, Some(libc::SIGXCPU)), "{r:?}");
+        let error = r.error.unwrap_or_default();
+        assert!(error.starts_with("CPU time limit of 1s reached (killed by signal"), "{error}");
+        assert!(r.cpu_seconds > 0.5, "{}", r.cpu_seconds);
+        assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+        // A child of the leader spins; the shell reports 128 + SIGXCPU.
+        let mut child = JobSpec::shell("sh -c 'while :; do :; done'; exit $?");
+        child.cpu = Some(Duration::from_secs(1));
+        let r = run(&ctx, &child).await;
+        assert_eq!((r.status, r.exit_code), (Status::CpuLimit, Some(128 + libc::SIGXCPU)), "{r:?}");
+        // SIGXCPU ignored: SIGKILL at the hard limit, 2 s of CPU later.
+        let mut deaf = JobSpec::shell("trap '' XCPU; while :; do :; done");
+        deaf.cpu = Some(Duration::from_secs(1));
+        let r = run(&ctx, &deaf).await;
+        assert_eq!((r.status, r.signal), (Status::CpuLimit, Some(libc::SIGKILL)), "{r:?}");
+        // An rlimit is per process: a shell that goes on after its child
+        // was killed decides the job's status itself.
+        let mut goes_on = JobSpec::shell("sh -c 'while :; do :; done'; echo after");
+        goes_on.cpu = Some(Duration::from_secs(1));
+        let r = run(&ctx, &goes_on).await;
+        assert_eq!((r.status, r.stdout.text.as_str()), (Status::Succeeded, "after\n"), "{r:?}");
+    }
+
+    #[tokio::test]
+    async fn an_allocation_past_the_memory_limit_ends_memory_limit() {
+        let (_d, ctx) = context();
+        for line in ["python3 -c 'bytearray(512 * 1024 * 1024)'", "head -c 500M /dev/zero | tail"] {
+            let mut spec = JobSpec::shell(line);
+            spec.memory = Some(64 << 20);
+            let r = run(&ctx, &spec).await;
+            assert_eq!(r.status, Status::MemoryLimit, "{line}: {r:?}");
+            let error = r.error.unwrap_or_default();
+            assert!(error.starts_with("memory limit of 64MiB reached: an allocation failed"), "{line}: {error}");
+            assert!(r.peak_rss_bytes < 128 << 20, "{line}: {}", r.peak_rss_bytes);
+        }
+        // Another failure names the limit, in case it was the cause.
+        let mut spec = JobSpec::shell("exit 3");
+        spec.memory = Some(64 << 20);
+        let r = run(&ctx, &spec).await;
+        assert_eq!(r.status, Status::Failed);
+        assert_eq!(
+            r.error.as_deref(),
+            Some(
+                "exited with status 3; the job had a memory limit of 64MiB per process; if it ran out, raise `memory`"
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn a_job_stopped_by_a_limit_still_uploads_its_outputs() {
+        let (d, ctx, store) = data_context();
+        let mut spec = staged(d.path(), &store, "echo partial > log.txt; while :; do :; done", &["log.txt"]).await;
+        spec.cpu = Some(Duration::from_secs(1));
+        let r = run(&ctx, &spec).await;
+        assert_eq!(r.status, Status::CpuLimit, "{r:?}");
+        let names: Vec<&str> = r.objects.iter().map(|o| o.name.as_str()).collect();
+        assert_eq!(names, ["log.txt"]);
+    }
+
+    #[tokio::test]
+    async fn a_job_within_its_limits_succeeds() {
+        let (_d, ctx) = context();
+        let mut spec = JobSpec::shell("python3 -c 'b = bytearray(16 * 1024 * 1024); print(len(b))'");
+        spec.memory = Some(256 << 20);
+        spec.cpu = Some(Duration::from_secs(30));
+        let r = run(&ctx, &spec).await;
+        assert_eq!((r.status, r.stdout.text.as_str(), r.error), (Status::Succeeded, "16777216\n", None));
+    }
+
+    #[test]
+    fn limit_formats() {
+        assert_eq!(cpu_limit_seconds(Duration::from_millis(1)), 1);
+        assert_eq!(cpu_limit_seconds(Duration::from_millis(1500)), 2);
+        assert_eq!(cpu_limit_seconds(Duration::from_secs(600)), 600);
+        assert_eq!(format_size(64 << 20), "64MiB");
+        assert_eq!(format_size(3 << 29), "1536MiB");
+        assert_eq!(format_size(1000), "1000B");
+        assert_eq!(format_size(2 << 30), "2GiB");
     }
 
     #[test]

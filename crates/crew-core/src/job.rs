@@ -105,6 +105,16 @@ pub struct JobSpec {
     /// process group, and the job ends `timed_out`.
     #[serde(default)]
     pub timeout: Option<Duration>,
+    /// CPU time (user + system) one process of the job may use: past it,
+    /// the process gets SIGXCPU (SIGKILL a little later) and the job ends
+    /// `cpu_limit`. Enforced per process with `RLIMIT_CPU`, in whole
+    /// seconds (rounded up); see [`crate::exec`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<Duration>,
+    /// Memory in bytes one process of the job may allocate (`RLIMIT_DATA`:
+    /// heap and private writable mappings); see [`crate::exec`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<u64>,
     /// Re-runs after a failure exit (status `failed`); 0 by default.
     #[serde(default)]
     pub retries: u32,
@@ -261,6 +271,8 @@ impl JobSpec {
             cwd: None,
             stdin: None,
             timeout: None,
+            cpu: None,
+            memory: None,
             retries: 0,
             crashes_max: DEFAULT_CRASHES_MAX,
             priority: 0,
@@ -355,6 +367,24 @@ impl JobSpec {
                 return Err(JobError::new("the timeout must be greater than zero"));
             }
         }
+        if let Some(cpu) = self.cpu {
+            if cpu.is_zero() {
+                return Err(JobError::new("the cpu limit must be greater than zero"));
+            }
+            if cpu > CPU_LIMIT_MAX {
+                return Err(JobError::new(format!(
+                    "the cpu limit must be at most {} days; leave it out for no limit",
+                    CPU_LIMIT_MAX.as_secs() / 86_400
+                )));
+            }
+        }
+        if let Some(memory) = self.memory {
+            if !(MEMORY_LIMIT_MIN..=SIZE_MAX).contains(&memory) {
+                return Err(JobError::new(format!(
+                    "the memory limit must be between 1MiB and 1PiB (got {memory} bytes); leave it out for no limit"
+                )));
+            }
+        }
         if self.crashes_max == 0 {
             return Err(JobError::new("crashes_max must be at least 1"));
         }
@@ -422,6 +452,54 @@ impl JobError {
     }
 }
 
+/// Smallest memory limit accepted: below it, no program could even start.
+pub const MEMORY_LIMIT_MIN: u64 = 1 << 20;
+
+/// Largest size [`parse_size`] accepts (1 PiB): anything larger is a typo.
+pub const SIZE_MAX: u64 = 1 << 50;
+
+/// Largest CPU limit accepted (a year of CPU time).
+pub const CPU_LIMIT_MAX: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// Parses a size as users write it: a plain number of bytes (`1048576`), or
+/// a number and a binary unit: `K`/`KiB`, `M`/`MiB`, `G`/`GiB`, `T`/`TiB`
+/// (powers of 1024, any case; `B` for bytes). Decimal units (`KB`, `MB`, `GB`) are
+/// refused rather than guessed. Fractions are taken (`1.5GiB`) and rounded
+/// down to whole bytes; the result is at most [`SIZE_MAX`].
+pub fn parse_size(s: &str) -> Result<u64, JobError> {
+    let t = s.trim();
+    let bad = || {
+        JobError::new(format!(
+            "invalid size {s:?}: write a number of bytes or a number with a unit, e.g. 512MiB, 2GiB, 64M (units \
+             B, K/KiB, M/MiB, G/GiB, T/TiB)"
+        ))
+    };
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let scale: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "ki" | "kib" => 1 << 10,
+        "m" | "mi" | "mib" => 1 << 20,
+        "g" | "gi" | "gib" => 1 << 30,
+        "t" | "ti" | "tib" => 1 << 40,
+        _ => return Err(bad()),
+    };
+    let bytes = if number.contains('.') {
+        let n: f64 = number.parse().map_err(|_| bad())?;
+        let b = n * scale as f64;
+        if !b.is_finite() || b > SIZE_MAX as f64 {
+            return Err(JobError::new(format!("invalid size {s:?}: more than 1PiB")));
+        }
+        b as u64
+    } else {
+        let n: u64 = number.parse().map_err(|_| bad())?;
+        n.checked_mul(scale)
+            .filter(|b| *b <= SIZE_MAX)
+            .ok_or_else(|| JobError::new(format!("invalid size {s:?}: more than 1PiB")))?
+    };
+    Ok(bytes)
+}
+
 /// Parses a duration as users write it: `30s`, `1m30s`, `500ms`, `2h`, or a
 /// plain number of seconds (`1.5`).
 pub fn parse_duration(s: &str) -> Result<Duration, JobError> {
@@ -455,6 +533,8 @@ struct JobLine {
     cwd: Option<PathBuf>,
     stdin: Option<String>,
     timeout: Option<DurationField>,
+    cpu: Option<DurationField>,
+    memory: Option<SizeField>,
     retries: Option<u32>,
     crashes_max: Option<u32>,
     priority: Option<i32>,
@@ -513,6 +593,33 @@ enum DurationField {
     Text(String),
 }
 
+impl DurationField {
+    fn parse(self) -> Result<Duration, JobError> {
+        match self {
+            DurationField::Seconds(s) => parse_duration(&s.to_string()),
+            DurationField::Text(t) => parse_duration(&t),
+        }
+    }
+}
+
+/// A size in a job line: a number of bytes or a string such as `"2GiB"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum SizeField {
+    Bytes(u64),
+    Text(String),
+}
+
+impl SizeField {
+    fn parse(self) -> Result<u64, JobError> {
+        match self {
+            SizeField::Bytes(b) if b <= SIZE_MAX => Ok(b),
+            SizeField::Bytes(b) => Err(JobError::new(format!("invalid size {b}: more than 1PiB"))),
+            SizeField::Text(t) => parse_size(&t),
+        }
+    }
+}
+
 /// Defaults applied to job lines that do not set the field themselves.
 #[derive(Clone, Debug, Default)]
 pub struct LineDefaults {
@@ -522,6 +629,10 @@ pub struct LineDefaults {
     pub timeout: Option<Duration>,
     /// Retries for jobs without a `retries` field.
     pub retries: Option<u32>,
+    /// CPU limit for jobs without one.
+    pub cpu: Option<Duration>,
+    /// Memory limit for jobs without one.
+    pub memory: Option<u64>,
     /// Inputs added to every job (after its own).
     pub inputs: Vec<Input>,
     /// Output patterns added to every job (after its own).
@@ -574,11 +685,9 @@ fn from_json(l: JobLine, defaults: &LineDefaults) -> Result<JobSpec, JobError> {
         return Err(JobError::new("\"args\" goes only with \"builtin\""));
     }
     let tags = Tags::try_from_iter(l.tags).map_err(|e| JobError::new(e.to_string()))?;
-    let timeout = match l.timeout {
-        None => None,
-        Some(DurationField::Seconds(s)) => Some(parse_duration(&s.to_string())?),
-        Some(DurationField::Text(t)) => Some(parse_duration(&t)?),
-    };
+    let timeout = l.timeout.map(DurationField::parse).transpose()?;
+    let cpu = l.cpu.map(DurationField::parse).transpose().map_err(|e| JobError::new(format!("cpu: {e}")))?;
+    let memory = l.memory.map(SizeField::parse).transpose().map_err(|e| JobError::new(format!("memory: {e}")))?;
     let inputs = l.inputs.into_iter().map(input_from_json).collect::<Result<Vec<_>, _>>()?;
     Ok(JobSpec {
         name: l.name,
@@ -589,6 +698,8 @@ fn from_json(l: JobLine, defaults: &LineDefaults) -> Result<JobSpec, JobError> {
         cwd: l.cwd,
         stdin: l.stdin,
         timeout,
+        cpu,
+        memory,
         retries: l.retries.or(defaults.retries).unwrap_or(0),
         crashes_max: l.crashes_max.unwrap_or(DEFAULT_CRASHES_MAX),
         priority: l.priority.unwrap_or(0),
@@ -602,6 +713,12 @@ fn from_json(l: JobLine, defaults: &LineDefaults) -> Result<JobSpec, JobError> {
 fn finish(mut spec: JobSpec, defaults: &LineDefaults) -> Result<JobSpec, JobError> {
     if spec.timeout.is_none() {
         spec.timeout = defaults.timeout;
+    }
+    if spec.cpu.is_none() {
+        spec.cpu = defaults.cpu;
+    }
+    if spec.memory.is_none() {
+        spec.memory = defaults.memory;
     }
     spec.inputs.extend(defaults.inputs.iter().cloned());
     for pattern in &defaults.outputs {
@@ -797,6 +914,55 @@ mod tests {
         }
         assert!(parse_job_value(serde_json::json!({"shell": "x", "env_inherit": "FOO"}), &d).is_err());
         // Names only, in the serde form (journal, wire).
+        let back: JobSpec = serde_json::from_value(serde_json::to_value(&j).unwrap()).unwrap();
+        assert_eq!(back, j);
+    }
+
+    #[test]
+    fn sizes() {
+        for (text, bytes) in [
+            ("1048576", 1 << 20),
+            ("64MiB", 64 << 20),
+            ("64M", 64 << 20),
+            ("2GiB", 2 << 30),
+            ("2 G", 2 << 30),
+            ("4g", 4 << 30),
+            ("1.5GiB", 3 << 29),
+            ("512KiB", 512 << 10),
+            ("100B", 100),
+            ("1TiB", 1 << 40),
+            ("1024TiB", 1 << 50),
+        ] {
+            assert_eq!(parse_size(text), Ok(bytes), "{text}");
+        }
+        for bad in ["", "GiB", "2GB", "2MB", "-1", "1e9", "2 gigs", "1.2.3M", "1025TiB", "99999999999999999999"] {
+            let err = parse_size(bad).unwrap_err();
+            assert!(err.0.starts_with(&format!("invalid size {bad:?}")), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn cpu_and_memory_limits() {
+        let d = LineDefaults { cpu: Some(Duration::from_secs(60)), memory: Some(1 << 30), ..LineDefaults::default() };
+        let j = parse_job_line(r#"{"shell":"x","cpu":"10m","memory":"2GiB"}"#, &d).unwrap();
+        assert_eq!((j.cpu, j.memory), (Some(Duration::from_secs(600)), Some(2 << 30)));
+        let j = parse_job_line(r#"{"shell":"x","cpu":1.5,"memory":67108864}"#, &d).unwrap();
+        assert_eq!((j.cpu, j.memory), (Some(Duration::from_millis(1500)), Some(64 << 20)));
+        let j = parse_job_line("true", &d).unwrap();
+        assert_eq!((j.cpu, j.memory), (Some(Duration::from_secs(60)), Some(1 << 30)));
+        for (bad, says) in [
+            (r#"{"shell":"x","cpu":"soon"}"#, "cpu: invalid duration"),
+            (r#"{"shell":"x","cpu":0}"#, "the cpu limit must be greater than zero"),
+            (r#"{"shell":"x","cpu":"400days"}"#, "the cpu limit must be at most 366 days"),
+            (r#"{"shell":"x","memory":"2GB"}"#, "memory: invalid size \"2GB\""),
+            (r#"{"shell":"x","memory":"5PiB"}"#, "memory: invalid size"),
+            (r#"{"shell":"x","memory":100}"#, "the memory limit must be between 1MiB and 1PiB"),
+            (r#"{"shell":"x","memory":-1}"#, "invalid JSON job"),
+        ] {
+            let err = parse_job_line(bad, &LineDefaults::default()).unwrap_err();
+            assert!(err.0.starts_with(says), "{bad}: {err}");
+        }
+        // The serde form (journal, wire) round-trips.
         let back: JobSpec = serde_json::from_value(serde_json::to_value(&j).unwrap()).unwrap();
         assert_eq!(back, j);
     }

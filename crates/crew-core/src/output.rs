@@ -20,6 +20,7 @@ pub const OUTPUT_FORMAT: u32 = 1;
 /// How a job ended. Every accepted job ends in exactly one of these.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum Status {
     /// Exit status 0 (or the builtin returned Ok).
     Succeeded,
@@ -28,6 +29,13 @@ pub enum Status {
     Failed,
     /// Ran past its timeout and was killed.
     TimedOut,
+    /// A process of the job used up its CPU-time limit (`JobSpec::cpu`)
+    /// and was killed. Final: not retried.
+    CpuLimit,
+    /// The job went past its memory limit (`JobSpec::memory`) and was
+    /// killed, as far as the worker could tell (see `crate::exec`). Final:
+    /// not retried.
+    MemoryLimit,
     /// Its worker died under it `crashes_max` times.
     Crashed,
     /// Cancelled by the user (or because the run was stopped).
@@ -44,6 +52,8 @@ impl Status {
             Status::Succeeded => "succeeded",
             Status::Failed => "failed",
             Status::TimedOut => "timed_out",
+            Status::CpuLimit => "cpu_limit",
+            Status::MemoryLimit => "memory_limit",
             Status::Crashed => "crashed",
             Status::Cancelled => "cancelled",
             Status::LaunchFailed => "launch_failed",
@@ -156,6 +166,14 @@ pub struct Output {
     pub cpu_seconds: f64,
     /// Peak resident set size of the job's largest process, in bytes.
     pub peak_rss_bytes: u64,
+    /// The CPU limit that was reached, in seconds (status `cpu_limit`
+    /// only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_limit_seconds: Option<f64>,
+    /// The memory limit that was reached, in bytes (status `memory_limit`
+    /// only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_limit_bytes: Option<u64>,
     /// The slot the last attempt ran on.
     pub slot: Option<String>,
     /// The class of that slot.
@@ -192,6 +210,8 @@ impl Output {
             wall_seconds: 0.0,
             cpu_seconds: 0.0,
             peak_rss_bytes: 0,
+            cpu_limit_seconds: None,
+            memory_limit_bytes: None,
             slot: None,
             class: None,
             attempt: 0,

@@ -34,7 +34,8 @@ use crate::worker::Secret;
 /// outputs (`JobSpec::inputs`/`outputs`, `JobResult::objects`): an agent of
 /// version 1 would silently run such a job without its data. Version 3
 /// gives jobs a clean environment (`JobSpec::env_inherit`): an agent of
-/// version 2 would ignore the list and give the job its whole environment.
+/// version 2 would ignore the list and give the job its whole environment,
+/// and its CPU and memory limits (`JobSpec::cpu`/`memory`).
 pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest frame accepted, in bytes. Outputs carry at most the inline caps of

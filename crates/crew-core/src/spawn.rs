@@ -11,6 +11,10 @@
 //! it, caught signals reset to their defaults in the child — plus that one
 //! `prctl`.
 //!
+//! The job's resource limits ([`Limits`]: `RLIMIT_CPU`, `RLIMIT_DATA`) are
+//! set in the child too, with `setrlimit`, a plain system call, so that the
+//! job's first instruction already runs under them.
+//!
 //! The child runs in the parent's memory: it only reads what was prepared
 //! before (C strings, file descriptors) and makes system calls; it never
 //! allocates, locks or unwinds. A failure before `execve` is reported
@@ -31,6 +35,34 @@ struct Prepared {
     cwd: Option<CString>,
 }
 
+/// Resource limits of a job's leader, inherited by the processes it
+/// starts (each one gets its own allowance: an rlimit is per process).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Limits {
+    /// `RLIMIT_CPU` soft limit in seconds: SIGXCPU when reached, then
+    /// SIGKILL [`CPU_KILL_AFTER`] seconds of CPU later (the hard limit).
+    pub(crate) cpu_seconds: Option<u64>,
+    /// `RLIMIT_DATA` in bytes (soft and hard): heap and private writable
+    /// mappings; an allocation beyond it fails.
+    pub(crate) data_bytes: Option<u64>,
+}
+
+/// Seconds of CPU time between SIGXCPU (the soft limit) and SIGKILL (the
+/// hard one), for a process that catches or ignores SIGXCPU.
+pub(crate) const CPU_KILL_AFTER: u64 = 2;
+
+impl Limits {
+    /// The `rlimit`s to set: CPU, then data; `None` for no limit.
+    fn rlimits(&self) -> (Option<libc::rlimit>, Option<libc::rlimit>) {
+        let cpu = self.cpu_seconds.map(|s| libc::rlimit {
+            rlim_cur: s as libc::rlim_t,
+            rlim_max: s.saturating_add(CPU_KILL_AFTER) as libc::rlim_t,
+        });
+        let data = self.data_bytes.map(|b| libc::rlimit { rlim_cur: b as libc::rlim_t, rlim_max: b as libc::rlim_t });
+        (cpu, data)
+    }
+}
+
 struct ChildArgs {
     path: *const libc::c_char,
     argv: *const *const libc::c_char,
@@ -39,6 +71,8 @@ struct ChildArgs {
     stdio: [RawFd; 3],
     parent: libc::pid_t,
     mask: libc::sigset_t,
+    cpu: Option<libc::rlimit>,
+    data: Option<libc::rlimit>,
     error: libc::c_int,
 }
 
@@ -145,6 +179,16 @@ extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
         if !a.cwd.is_null() && libc::chdir(a.cwd) == -1 {
             fail(a);
         }
+        if let Some(cpu) = &a.cpu {
+            if libc::setrlimit(libc::RLIMIT_CPU, cpu) == -1 {
+                fail(a);
+            }
+        }
+        if let Some(data) = &a.data {
+            if libc::setrlimit(libc::RLIMIT_DATA, data) == -1 {
+                fail(a);
+            }
+        }
         if libc::pthread_sigmask(libc::SIG_SETMASK, &a.mask, std::ptr::null_mut()) != 0 {
             fail(a);
         }
@@ -157,10 +201,12 @@ extern "C" fn child(arg: *mut libc::c_void) -> libc::c_int {
 /// it; the environment is exactly the variables set on `cmd`, as after
 /// `env_clear`: nothing is inherited from this process) in a new process
 /// group, with `stdio` as its stdin, stdout
-/// and stderr and a SIGKILL parent-death signal. Returns its pid. Errors
-/// are those of starting it (`NotFound` for a program that is not there).
-pub(crate) fn spawn(cmd: &std::process::Command, stdio: [RawFd; 3]) -> io::Result<libc::pid_t> {
+/// and stderr, a SIGKILL parent-death signal and `limits`. Returns its pid.
+/// Errors are those of starting it (`NotFound` for a program that is not
+/// there).
+pub(crate) fn spawn(cmd: &std::process::Command, stdio: [RawFd; 3], limits: Limits) -> io::Result<libc::pid_t> {
     let p = prepare(cmd)?;
+    let (cpu, data) = limits.rlimits();
     let argv: Vec<*const libc::c_char> =
         p.argv.iter().map(|c| c.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
     let envp: Vec<*const libc::c_char> =
@@ -190,6 +236,8 @@ pub(crate) fn spawn(cmd: &std::process::Command, stdio: [RawFd; 3]) -> io::Resul
         // SAFETY: getpid has no preconditions.
         parent: unsafe { libc::getpid() },
         mask: old,
+        cpu,
+        data,
         error: 0,
     };
     // SAFETY: `child` only reads `args` and the prepared strings, which all
@@ -249,7 +297,7 @@ mod tests {
             .env("CREW_SPAWN_TEST", "hello")
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .current_dir(dir.path());
-        let pid = spawn(&cmd, [null.as_raw_fd(), out.as_raw_fd(), out.as_raw_fd()]).unwrap();
+        let pid = spawn(&cmd, [null.as_raw_fd(), out.as_raw_fd(), out.as_raw_fd()], Limits::default()).unwrap();
         assert_eq!(wait(pid), 0);
         let text = std::fs::read_to_string(dir.path().join("out")).unwrap();
         let mut lines = text.lines();
@@ -268,26 +316,40 @@ mod tests {
         let null = std::fs::File::open("/dev/null").unwrap();
         let mut cmd = std::process::Command::new("/usr/bin/env");
         cmd.env_clear().env("ONLY", "this");
-        let pid = spawn(&cmd, [null.as_raw_fd(), out.as_raw_fd(), out.as_raw_fd()]).unwrap();
+        let pid = spawn(&cmd, [null.as_raw_fd(), out.as_raw_fd(), out.as_raw_fd()], Limits::default()).unwrap();
         assert_eq!(wait(pid), 0);
         assert_eq!(std::fs::read_to_string(dir.path().join("out")).unwrap(), "ONLY=this\n");
+    }
+
+    #[test]
+    fn limits_are_set_before_the_program_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::fs::File::create(dir.path().join("out")).unwrap();
+        let null = std::fs::File::open("/dev/null").unwrap();
+        let mut cmd = std::process::Command::new("/bin/sh");
+        cmd.args(["-c", "ulimit -St; ulimit -Ht; ulimit -Sd; ulimit -Hd"]);
+        let limits = Limits { cpu_seconds: Some(7), data_bytes: Some(256 << 20) };
+        let pid = spawn(&cmd, [null.as_raw_fd(), out.as_raw_fd(), out.as_raw_fd()], limits).unwrap();
+        assert_eq!(wait(pid), 0);
+        let text = std::fs::read_to_string(dir.path().join("out")).unwrap();
+        assert_eq!(text, format!("7\n{}\n262144\n262144\n", 7 + CPU_KILL_AFTER));
     }
 
     #[test]
     fn a_missing_program_is_not_found_and_exit_codes_pass_through() {
         let null = std::fs::File::open("/dev/null").unwrap();
         let fds = [null.as_raw_fd(); 3];
-        let e = spawn(&std::process::Command::new("crew-no-such-program-xyz"), fds).unwrap_err();
+        let e = spawn(&std::process::Command::new("crew-no-such-program-xyz"), fds, Limits::default()).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::NotFound);
-        let e = spawn(&std::process::Command::new("/nonexistent/prog"), fds).unwrap_err();
+        let e = spawn(&std::process::Command::new("/nonexistent/prog"), fds, Limits::default()).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::NotFound);
         let mut cmd = std::process::Command::new("sh");
         cmd.args(["-c", "exit 3"]);
-        let status = wait(spawn(&cmd, fds).unwrap());
+        let status = wait(spawn(&cmd, fds, Limits::default()).unwrap());
         assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 3);
         // SIGPIPE is back to its default: a writer to a closed pipe dies.
         let mut cmd = std::process::Command::new("sh");
         cmd.args(["-c", "yes | head -c 1 >/dev/null; kill -0 $$"]);
-        assert_eq!(wait(spawn(&cmd, fds).unwrap()), 0);
+        assert_eq!(wait(spawn(&cmd, fds, Limits::default()).unwrap()), 0);
     }
 }

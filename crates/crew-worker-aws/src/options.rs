@@ -196,22 +196,30 @@ pub fn parse_memory(v: &str) -> Result<u64, WorkerError> {
 }
 
 /// The rule of [`parse_memory`] without its message (shared with job
-/// definitions, whose messages name flags, not options).
+/// definitions, whose messages name flags, not options): a plain number is
+/// MiB, anything else is a size by crew's rule (`crew_core::job::parse_size`,
+/// binary units), which must be a whole number of MiB.
 pub(crate) fn memory_mib(v: &str) -> Option<u64> {
-    let split = v.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(v.len());
-    let (number, unit) = v.split_at(split);
-    let number: f64 = number.parse().ok()?;
-    let factor = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "m" | "mi" | "mib" => 1.0,
-        "g" | "gi" | "gib" => 1024.0,
-        "t" | "ti" | "tib" => 1024.0 * 1024.0,
-        _ => return None,
+    let v = v.trim();
+    let mib = if v.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        let n: f64 = v.parse().ok()?;
+        if !n.is_finite() || n.fract() != 0.0 || n > u32::MAX as f64 {
+            return None;
+        }
+        n as u64
+    } else {
+        // Units only: a bare number of bytes would read as MiB above.
+        let lower = v.to_ascii_lowercase();
+        if lower.ends_with('b') && !lower.ends_with("ib") {
+            return None;
+        }
+        let bytes = crew_core::job::parse_size(v).ok()?;
+        if bytes % (1 << 20) != 0 {
+            return None;
+        }
+        bytes >> 20
     };
-    let mib = number * factor;
-    if !mib.is_finite() || mib < 1.0 || mib.fract() != 0.0 || mib > u32::MAX as f64 {
-        return None;
-    }
-    Some(mib as u64)
+    (1..=u64::from(u32::MAX)).contains(&mib).then_some(mib)
 }
 
 /// An endpoint URL as the SDK takes it: `http://` or `https://`.

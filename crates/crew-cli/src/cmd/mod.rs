@@ -127,6 +127,11 @@ pub(crate) fn duration_flag(flag: &str, text: Option<&str>) -> Result<Option<std
     text.map(|t| parse_duration(t).map_err(|e| Failure::usage(anyhow::anyhow!("{flag}: {e}")))).transpose()
 }
 
+/// A size flag (`2GiB`, `512M`, bytes), parsed.
+pub(crate) fn size_flag(flag: &str, text: Option<&str>) -> Result<Option<u64>, Failure> {
+    text.map(|t| crew_core::job::parse_size(t).map_err(|e| Failure::usage(anyhow::anyhow!("{flag}: {e}")))).transpose()
+}
+
 /// A duration flag, checked here and passed on as written.
 pub(crate) fn check_duration(flag: &str, text: Option<String>) -> Result<Option<String>, Failure> {
     if let Some(t) = &text {

@@ -37,6 +37,14 @@ pub(crate) struct SendArgs {
     /// Re-runs after a failure exit (with --file: for jobs without `retries`).
     #[arg(long, value_name = "N")]
     retries: Option<u32>,
+    /// CPU-time limit of the job's processes, e.g. 10m (with --file: for
+    /// jobs without `cpu`); past it the job ends `cpu_limit`.
+    #[arg(long, value_name = "D")]
+    cpu: Option<String>,
+    /// Memory limit of the job's processes, e.g. 2GiB or 512M (with --file:
+    /// for jobs without `memory`).
+    #[arg(long, value_name = "SIZE")]
+    memory: Option<String>,
     /// An environment variable of the job, `KEY=VALUE` (repeatable).
     #[arg(long, value_name = "KEY=VALUE")]
     env: Vec<String>,
@@ -75,6 +83,8 @@ struct Sent {
 
 pub(crate) fn send(ctx: &Ctx, args: SendArgs) -> Result<u8, Failure> {
     let timeout = super::duration_flag("--timeout", args.timeout.as_deref())?;
+    let cpu = super::duration_flag("--cpu", args.cpu.as_deref())?;
+    let memory = super::size_flag("--memory", args.memory.as_deref())?;
     let tags: Tags = match &args.tags {
         Some(t) => t.parse().map_err(|e| Failure::usage(anyhow::anyhow!("--tags: {e}")))?,
         None => Tags::new(),
@@ -86,6 +96,8 @@ pub(crate) fn send(ctx: &Ctx, args: SendArgs) -> Result<u8, Failure> {
                 tags,
                 timeout,
                 retries: args.retries,
+                cpu,
+                memory,
                 inputs,
                 outputs: args.output.clone(),
                 env_inherit: args.env_inherit.clone(),
@@ -95,7 +107,7 @@ pub(crate) fn send(ctx: &Ctx, args: SendArgs) -> Result<u8, Failure> {
                 None => return Ok(EXIT_USAGE),
             }
         }
-        None => one_job_body(&args, tags, timeout, inputs)?,
+        None => one_job_body(&args, tags, (timeout, cpu, memory), inputs)?,
     };
     let sent: Sent = ctx.client()?.post_raw("/v1/jobs", body).map_err(api)?;
     if args.json {
@@ -114,7 +126,7 @@ pub(crate) fn send(ctx: &Ctx, args: SendArgs) -> Result<u8, Failure> {
 fn one_job_body(
     args: &SendArgs,
     tags: Tags,
-    timeout: Option<std::time::Duration>,
+    (timeout, cpu, memory): (Option<std::time::Duration>, Option<std::time::Duration>, Option<u64>),
     inputs: Vec<Input>,
 ) -> Result<Vec<u8>, Failure> {
     let mut env = BTreeMap::new();
@@ -131,6 +143,8 @@ fn one_job_body(
     spec.env_inherit = args.env_inherit.clone();
     spec.cwd = args.cwd.clone();
     spec.timeout = timeout;
+    spec.cpu = cpu;
+    spec.memory = memory;
     spec.retries = args.retries.unwrap_or(0);
     spec.inputs = inputs;
     spec.outputs = args.output.clone();
@@ -218,6 +232,12 @@ struct WireJob<'a> {
     /// Seconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     timeout: Option<f64>,
+    /// Seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpu: Option<f64>,
+    /// Bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    memory: Option<u64>,
     #[serde(skip_serializing_if = "is_zero")]
     retries: u32,
     #[serde(skip_serializing_if = "is_default_crashes")]
@@ -279,6 +299,8 @@ impl<'a> From<&'a JobSpec> for WireJob<'a> {
             cwd: s.cwd.as_deref(),
             stdin: s.stdin.as_deref(),
             timeout: s.timeout.map(|d| d.as_secs_f64()),
+            cpu: s.cpu.map(|d| d.as_secs_f64()),
+            memory: s.memory,
             retries: s.retries,
             crashes_max: s.crashes_max,
             priority: s.priority,
@@ -297,7 +319,7 @@ mod tests {
     fn the_wire_form_parses_back_to_the_same_job() {
         let text = concat!(
             "echo plain words\n",
-            r#"{"name":"a","tags":["gpu","big"],"command":["x","y z"],"env":{"K":"V"},"env_inherit":["HOME","FOO"],"cwd":"/tmp","stdin":"in","timeout":"1m30s","retries":2,"crashes_max":5,"priority":-3}"#,
+            r#"{"name":"a","tags":["gpu","big"],"command":["x","y z"],"env":{"K":"V"},"env_inherit":["HOME","FOO"],"cwd":"/tmp","stdin":"in","timeout":"1m30s","cpu":"10m","memory":"2GiB","retries":2,"crashes_max":5,"priority":-3}"#,
             "\n",
             r#"{"builtin":"sleep","args":{"seconds":0.5},"timeout":0.25}"#,
             "\n",

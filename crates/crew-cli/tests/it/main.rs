@@ -12,6 +12,7 @@ mod config;
 mod controller;
 mod daemon_api;
 mod environment;
+mod limits;
 mod mixed;
 mod pipeline;
 mod run;
