@@ -544,6 +544,8 @@ pub(crate) fn clean(args: CleanArgs) -> Result<u8, Failure> {
             for k in &keys {
                 l.store.delete(k).await?;
             }
+            // Every index cached elsewhere is stale now.
+            crew_pipeline::index::bump(l.store.as_ref()).await?;
             Ok::<_, crew_core::store::StoreError>(keys.len())
         })
         .map_err(|e| crate::registry::store_failure(&l.store.url(), e))?;
@@ -560,12 +562,12 @@ pub(crate) fn gc(args: GcArgs) -> Result<u8, Failure> {
     let (deleted, bytes, young) = rt
         .block_on(async move {
             let records =
-                crew_pipeline::build::load_records(store.as_ref(), None).await.map_err(|e| anyhow::anyhow!("{e}"))?;
+                crew_pipeline::index::read_all_records(store.as_ref()).await.map_err(|e| anyhow::anyhow!("{e}"))?;
             // What records reference: their builds' folders and the staged
             // sources of their inputs.
             let mut keep_prefixes = HashSet::new();
             let mut keep_keys = HashSet::new();
-            for r in records.values() {
+            for r in &records {
                 for o in &r.outputs {
                     if let Some((folder, _)) = o.key.split_once("/outputs/") {
                         keep_prefixes.insert(format!("{folder}/"));
@@ -597,6 +599,9 @@ pub(crate) fn gc(args: GcArgs) -> Result<u8, Failure> {
                     deleted += 1;
                     bytes += m.size;
                 }
+            }
+            if deleted > 0 && !args.dry_run {
+                crew_pipeline::index::bump(store.as_ref()).await?;
             }
             Ok::<_, anyhow::Error>((deleted, bytes, young))
         })

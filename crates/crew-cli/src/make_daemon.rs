@@ -104,6 +104,12 @@ fn job_line(spec: &JobSpec) -> Value {
     if let Some(t) = spec.timeout {
         line["timeout"] = json!(t.as_secs_f64());
     }
+    if let Some(c) = spec.cpu {
+        line["cpu"] = json!(c.as_secs_f64());
+    }
+    if let Some(m) = spec.memory {
+        line["memory"] = json!(m);
+    }
     let inputs: Vec<Value> = spec
         .inputs
         .iter()

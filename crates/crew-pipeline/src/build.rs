@@ -16,21 +16,19 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use bytes::Bytes;
 use crew_core::job::{Input, InputSource};
 use crew_core::output::{Output, Status, StoredObject, Timestamp};
 use crew_core::staging::{self, StageError};
 use crew_core::store::{Store, StoreError, StoreKey};
 use crew_core::{Command, JobId, JobSpec};
-use futures::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 
 use crate::file::CommandDef;
 use crate::hashes::HashCache;
+use crate::index::StoreIndex;
 use crate::plan::{JobInput, NodeId, NodeKind, Plan};
 use crate::record::{
-    BuildInfo, CAS_PREFIX, Identity, OBJECTS_PREFIX, RECORD_FORMAT, RECORDS_PREFIX, Record, cas_key, differences,
-    record_key,
+    BuildInfo, CAS_PREFIX, Identity, OBJECTS_PREFIX, RECORD_FORMAT, Record, cas_key, differences, record_key,
 };
 
 /// Largest record read back, and largest `lines` file of a dynamic map.
@@ -175,68 +173,6 @@ pub struct Report {
     pub all_done: bool,
 }
 
-/// The records of a store, by label, read with a local cache keyed by each
-/// record object's tag, so that a no-op build reads few objects.
-pub async fn load_records(
-    store: &dyn Store,
-    cache_file: Option<&std::path::Path>,
-) -> Result<HashMap<String, Record>, BuildError> {
-    #[derive(Serialize, Deserialize)]
-    struct Cached {
-        tag: String,
-        record: Record,
-    }
-    let prefix = StoreKey::new(RECORDS_PREFIX)?;
-    let listed = store.list(&prefix).await?;
-    let mut cache: HashMap<String, Cached> = cache_file
-        .and_then(|f| std::fs::read(f).ok())
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default();
-    let mut fresh: HashMap<String, Cached> = HashMap::with_capacity(listed.len());
-    let mut to_read = Vec::new();
-    for meta in listed {
-        let tag = format!("{}:{}", meta.size, meta.e_tag.as_deref().unwrap_or(""));
-        let key = meta.key.as_str().to_owned();
-        match cache.remove(&key) {
-            Some(c) if c.tag == tag && meta.e_tag.is_some() => {
-                fresh.insert(key, c);
-            }
-            _ => to_read.push((meta.key, tag)),
-        }
-    }
-    let changed = !to_read.is_empty() || !cache.is_empty();
-    let read: Vec<Option<(String, Cached)>> = futures::stream::iter(to_read)
-        .map(|(key, tag)| async move {
-            let bytes = staging::read_small(store, &key, SMALL_MAX).await?;
-            match serde_json::from_slice::<Record>(&bytes) {
-                Ok(record) => Ok(Some((key.as_str().to_owned(), Cached { tag, record }))),
-                Err(e) => {
-                    tracing::warn!(%key, error = %e, "ignoring a record that does not parse (the target will be built again)");
-                    Ok::<_, BuildError>(None)
-                }
-            }
-        })
-        .buffer_unordered(16)
-        .try_collect()
-        .await?;
-    fresh.extend(read.into_iter().flatten());
-    if changed {
-        if let Some(f) = cache_file {
-            let _ = f.parent().map(std::fs::create_dir_all);
-            let tmp = f.with_extension("json.tmp");
-            if serde_json::to_vec(&fresh)
-                .map_err(std::io::Error::other)
-                .and_then(|b| std::fs::write(&tmp, b))
-                .and_then(|()| std::fs::rename(&tmp, f))
-                .is_err()
-            {
-                tracing::debug!("cannot write the record cache");
-            }
-        }
-    }
-    Ok(fresh.into_values().map(|c| (c.record.target.clone(), c.record)).collect())
-}
-
 /// The keys of every object under `prefix`.
 async fn keys_under(store: &dyn Store, prefix: &str) -> Result<HashSet<String>, BuildError> {
     let listed = store.list(&StoreKey::new(prefix)?).await?;
@@ -245,6 +181,11 @@ async fn keys_under(store: &dyn Store, prefix: &str) -> Result<HashSet<String>, 
 
 /// A random name for this run's output prefix.
 fn run_id() -> String {
+    random_name()
+}
+
+/// A name no other process draws: the time and a random number.
+pub(crate) fn random_name() -> String {
     let r = getrandom_u64();
     let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     format!("{secs}-{r:016x}")
@@ -264,8 +205,9 @@ struct Engine<'a> {
     store: Arc<dyn Store>,
     opts: &'a Options,
     hashes: HashCache,
-    records: HashMap<String, Record>,
-    objects: HashSet<String>,
+    index: StoreIndex,
+    /// Staged source inputs known to be in the store (listed on first need).
+    cas: Option<HashSet<String>>,
     run: String,
     states: Vec<State>,
     needed: Vec<bool>,
@@ -299,11 +241,7 @@ pub async fn build(
     on_event: &mut dyn FnMut(Event<'_>),
 ) -> Result<Report, BuildError> {
     let state_dir = opts.state_dir.clone();
-    let records = load_records(store.as_ref(), state_dir.as_ref().map(|d| d.join("records.json")).as_deref()).await?;
-    let mut objects = keys_under(store.as_ref(), OBJECTS_PREFIX).await?;
-    if !opts.dry_run {
-        objects.extend(keys_under(store.as_ref(), CAS_PREFIX).await?);
-    }
+    let index = StoreIndex::load(store.as_ref(), state_dir.as_ref().map(|d| d.join("index.json"))).await?;
     let hashes = HashCache::open(&plan.file.root, state_dir.as_ref().map(|d| d.join("hashes.json")));
     let n = plan.nodes.len();
     let needed = plan.closure(wanted);
@@ -313,8 +251,8 @@ pub async fn build(
         store,
         opts,
         hashes,
-        records,
-        objects,
+        index,
+        cas: None,
         run: run_id(),
         states: vec![State::Pending; n],
         needed,
@@ -331,6 +269,9 @@ pub async fn build(
     on_event(Event::Total(engine.needed.iter().filter(|&&b| b).count()));
     let result = engine.drive(executor, stop, on_event).await;
     engine.hashes.save();
+    if !opts.dry_run {
+        engine.index.finish(engine.store.as_ref()).await;
+    }
     result?;
     let all_done = wanted.iter().all(|&w| engine.states[w].is_done());
     let states = engine.plan.nodes.iter().map(|n| n.label.clone()).zip(engine.states).collect();
@@ -472,7 +413,7 @@ impl Engine<'_> {
         if let Some(&up) = deps.iter().find(|&&d| matches!(self.states[d], State::Outdated { .. })) {
             let label = self.plan.nodes[id].label.clone();
             let mut reasons = Vec::new();
-            if matches!(self.plan.nodes[id].kind, NodeKind::Job(_)) && !self.records.contains_key(&label) {
+            if matches!(self.plan.nodes[id].kind, NodeKind::Job(_)) && !self.index.records.contains_key(&label) {
                 reasons.push("never built".to_owned());
             }
             reasons.push(format!("upstream {} will run", self.plan.nodes[up].label));
@@ -582,17 +523,20 @@ impl Engine<'_> {
         };
         let hash = ident.hash();
         self.idents[id] = Some(hash.clone());
-        let reasons = match self.records.get(&label) {
+        let reasons = match self.index.records.get(&label) {
             None => vec!["never built".to_owned()],
-            Some(r) if r.hash != hash => {
-                let d = differences(&r.identity, &ident);
-                if d.is_empty() { vec!["its identity changed".to_owned()] } else { d }
-            }
+            Some(r) if r.hash != hash => match self.index.full_record(self.store.as_ref(), &label).await? {
+                Some(full) => {
+                    let d = differences(&full.identity, &ident);
+                    if d.is_empty() { vec!["its identity changed".to_owned()] } else { d }
+                }
+                None => vec!["its record is gone".to_owned()],
+            },
             Some(r) => {
                 let missing: Vec<String> = r
                     .outputs
                     .iter()
-                    .filter(|o| !self.objects.contains(&o.key))
+                    .filter(|o| !self.index.objects.contains(&o.key))
                     .map(|o| format!("output {} is missing from the store", o.name))
                     .collect();
                 if missing.is_empty() {
@@ -613,9 +557,12 @@ impl Engine<'_> {
             return Ok(None);
         }
         // Stage the source inputs the store does not have yet.
+        if self.cas.is_none() && !sources.is_empty() {
+            self.cas = Some(keys_under(self.store.as_ref(), CAS_PREFIX).await?);
+        }
         for (path, sha) in &sources {
             let key = cas_key(sha)?;
-            if self.objects.contains(key.as_str()) {
+            if self.cas.as_ref().is_some_and(|c| c.contains(key.as_str())) {
                 continue;
             }
             let uploaded = staging::upload_hashed(self.store.as_ref(), &key, &self.plan.file.root.join(path)).await?;
@@ -625,7 +572,9 @@ impl Engine<'_> {
                 self.fail(id, error);
                 return Ok(None);
             }
-            self.objects.insert(key.as_str().to_owned());
+            if let Some(c) = self.cas.as_mut() {
+                c.insert(key.as_str().to_owned());
+            }
         }
         let mut spec = JobSpec::new(match &job.command {
             CommandDef::Argv(argv) => Command::Argv(argv.clone()),
@@ -637,6 +586,8 @@ impl Engine<'_> {
         spec.env_inherit = def.env_inherit.clone();
         spec.timeout = def.timeout;
         spec.retries = def.retries;
+        spec.cpu = def.cpu;
+        spec.memory = def.memory;
         spec.inputs = inputs
             .into_values()
             .map(|o| Input { name: o.name, source: InputSource::Object { key: o.key, size: o.size, sha256: o.sha256 } })
@@ -758,19 +709,14 @@ impl Engine<'_> {
             },
         };
         let key = record_key(&def.name, &label)?;
-        let bytes = serde_json::to_vec_pretty(&record).map_err(|e| StageError::Invalid(e.to_string()))?;
-        if let Err(e) = self.store.put_bytes(&key, Bytes::from(bytes)).await {
+        if let Err(e) = self.index.write(self.store.as_ref(), &key, &record).await {
             self.fail(id, format!("built, but its record could not be written: {e}"));
             return Ok(());
-        }
-        for o in &output.objects {
-            self.objects.insert(o.key.clone());
         }
         if def.fetch {
             self.materialize(&output.objects, false, on_event).await;
         }
         self.outputs[id] = output.objects;
-        self.records.insert(label, record);
         self.finish(id, State::Built);
         Ok(())
     }
@@ -779,7 +725,12 @@ impl Engine<'_> {
     /// there with the same content are left alone. With `warn_replaced`
     /// (the target was up to date), replacing a file that differs is said:
     /// someone edited a built output.
-    async fn materialize(&mut self, objects: &[StoredObject], warn_replaced: bool, on_event: &mut dyn FnMut(Event<'_>)) {
+    async fn materialize(
+        &mut self,
+        objects: &[StoredObject],
+        warn_replaced: bool,
+        on_event: &mut dyn FnMut(Event<'_>),
+    ) {
         for o in objects {
             if self.hashes.matches(&o.name, &o.sha256) {
                 continue;

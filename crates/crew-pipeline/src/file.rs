@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crew_core::Tags;
-use crew_core::job::{check_relative_path, parse_duration};
+use crew_core::job::{check_relative_path, parse_duration, parse_size};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -34,13 +34,26 @@ impl fmt::Display for Loc {
     }
 }
 
-impl Loc {
-    fn at(file: &str, text: &str, offset: usize) -> Self {
-        let offset = offset.min(text.len());
-        let before = &text[..offset];
-        let line = before.matches('\n').count() + 1;
-        let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
-        Self { file: file.to_owned(), line, col }
+/// Where each line of a text starts, to turn byte offsets into lines and
+/// columns without rescanning the text each time.
+struct LineIndex<'a> {
+    file: &'a str,
+    text: &'a str,
+    starts: Vec<usize>,
+}
+
+impl<'a> LineIndex<'a> {
+    fn new(file: &'a str, text: &'a str) -> Self {
+        let starts = std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1)).collect();
+        Self { file, text, starts }
+    }
+
+    fn loc(&self, offset: usize) -> Loc {
+        let offset = offset.min(self.text.len());
+        let line = self.starts.partition_point(|&s| s <= offset);
+        let start = self.starts[line.saturating_sub(1)];
+        let col = self.text.get(start..offset).map_or(0, |l| l.chars().count()) + 1;
+        Loc { file: self.file.to_owned(), line, col }
     }
 }
 
@@ -117,8 +130,8 @@ pub struct TargetDef {
     pub retries: u32,
     /// CPU-time limit of one attempt.
     pub cpu: Option<Duration>,
-    /// Memory limit, as written (`2GiB`).
-    pub memory: Option<String>,
+    /// Memory limit in bytes (`memory = "2GiB"`).
+    pub memory: Option<u64>,
     /// Whether its outputs are copied into the working tree after a build.
     pub fetch: bool,
     /// Branching: variables and their values (sorted by variable name).
@@ -261,14 +274,15 @@ pub fn load(path: &Path) -> Result<PipelineFile, FileError> {
 /// # Errors
 /// The first problem found, located.
 pub fn parse(file: &str, text: &str, root: PathBuf) -> Result<PipelineFile, FileError> {
+    let lines = LineIndex::new(file, text);
     let raw: RawFile = toml::from_str(text).map_err(|e| FileError {
-        loc: Loc::at(file, text, e.span().map_or(0, |s| s.start)),
+        loc: lines.loc(e.span().map_or(0, |s| s.start)),
         message: e.message().trim().to_owned(),
     })?;
     let mut targets = Vec::with_capacity(raw.targets.len());
     for (name, spanned) in raw.targets {
-        let loc = Loc::at(file, text, spanned.span().start);
-        let at = |span: std::ops::Range<usize>| Loc::at(file, text, span.start);
+        let loc = lines.loc(spanned.span().start);
+        let at = |span: std::ops::Range<usize>| lines.loc(span.start);
         let err = |loc: Loc, message: String| FileError { loc, message: format!("target {name}: {message}") };
         check_target_name(&name).map_err(|m| FileError { loc: loc.clone(), message: m })?;
         let t = spanned.into_inner();
@@ -379,7 +393,13 @@ pub fn parse(file: &str, text: &str, root: PathBuf) -> Result<PipelineFile, File
         };
         let timeout = duration(t.timeout, "timeout")?;
         let cpu = duration(t.cpu, "cpu")?;
-        let memory = t.memory.map(Spanned::into_inner);
+        let memory = match t.memory {
+            None => None,
+            Some(m) => {
+                let mloc = at(m.span());
+                Some(parse_size(m.get_ref()).map_err(|e| err(mloc, format!("memory: {e}")))?)
+            }
+        };
         targets.push(TargetDef {
             name,
             loc,

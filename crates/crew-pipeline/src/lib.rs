@@ -23,6 +23,7 @@ pub mod build;
 pub mod file;
 pub mod graph;
 pub mod hashes;
+pub mod index;
 pub mod plan;
 pub mod record;
 

@@ -63,10 +63,45 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// The SHA-256 (hex) of the identity's canonical JSON.
+    /// The SHA-256 (hex) of the identity's canonical encoding: every
+    /// field in order, each string and list length-prefixed, so that no two
+    /// identities encode alike.
     pub fn hash(&self) -> String {
-        let bytes = serde_json::to_vec(self).unwrap_or_default();
-        hex(&Sha256::digest(&bytes))
+        fn put(h: &mut Sha256, s: &str) {
+            h.update((s.len() as u64).to_le_bytes());
+            h.update(s.as_bytes());
+        }
+        fn count(h: &mut Sha256, n: usize) {
+            h.update((n as u64).to_le_bytes());
+        }
+        let mut h = Sha256::new();
+        h.update(b"crew-identity");
+        h.update(self.v.to_le_bytes());
+        put(&mut h, &self.name);
+        match &self.command {
+            CommandDef::Argv(argv) => {
+                h.update(b"a");
+                count(&mut h, argv.len());
+                argv.iter().for_each(|a| put(&mut h, a));
+            }
+            CommandDef::Shell(line) => {
+                h.update(b"s");
+                put(&mut h, line);
+            }
+        }
+        for map in [&self.env, &self.inputs, &self.after] {
+            count(&mut h, map.len());
+            for (k, v) in map {
+                put(&mut h, k);
+                put(&mut h, v);
+            }
+        }
+        for list in [&self.env_inherit, &self.outputs] {
+            count(&mut h, list.len());
+            list.iter().for_each(|x| put(&mut h, x));
+        }
+        h.update(self.seed.to_le_bytes());
+        hex(&h.finalize())
     }
 }
 
@@ -119,10 +154,11 @@ pub fn cas_key(sha256: &str) -> Result<StoreKey, StoreError> {
 
 /// Lowercase hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
-        let _ = write!(s, "{b:02x}");
+        s.push(DIGITS[usize::from(b >> 4)] as char);
+        s.push(DIGITS[usize::from(b & 15)] as char);
     }
     s
 }
@@ -212,7 +248,7 @@ mod tests {
     fn the_hash_is_pinned_and_differences_are_named() {
         let a = identity();
         // Pinned: a change here invalidates every user's cache.
-        assert_eq!(a.hash().len(), 64);
+        assert_eq!(a.hash(), "ae61325b1275846a85b270072275d5934cb9a404a7b3c81d2a9dcafd69690637");
         assert_eq!(a.hash(), identity().hash());
         let mut b = a.clone();
         b.env.insert("LC_ALL".into(), "en_US".into());

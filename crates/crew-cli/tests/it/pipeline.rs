@@ -354,3 +354,23 @@ fn a_second_checkout_on_the_same_bucket_runs_nothing() {
     assert_eq!(std::fs::read_to_string(second.path().join("total.txt")).expect("materialized"), "8050\n");
     assert_eq!(std::fs::read_to_string(second.path().join("raw.txt")).expect("materialized").lines().count(), 100);
 }
+
+#[test]
+fn target_limits_reach_the_job() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mark = unique("make-limits-");
+    let _reaper = Reaper::new(&mark);
+    std::fs::write(
+        dir.path().join("pipeline.toml"),
+        "[targets.spin]\ncommand = \"while :; do :; done\"\ncpu = \"1s\"\nmemory = \"512MiB\"\ntimeout = \"60s\"\n",
+    )
+    .expect("write");
+    let out = run(crew(dir.path(), &mark, &["make", "--json"]), None, DEADLINE);
+    assert_eq!(out.code(), Some(1), "{out}");
+    assert_eq!(out.records()[0]["status"], "cpu_limit", "{out}");
+    std::fs::write(dir.path().join("pipeline.toml"), "[targets.a]\ncommand = \"true\"\nmemory = \"lots\"\n")
+        .expect("write");
+    let out = run(crew(dir.path(), &mark, &["make"]), None, DEADLINE);
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains("pipeline.toml:3:10: target a: memory"), "{out}");
+}
