@@ -414,8 +414,14 @@ async fn store_outputs(store: &dyn Store, id: JobId, attempt: u32, dir: &Path, s
             None => text,
         });
     }
-    let manifest =
-        staging::Manifest { v: staging::MANIFEST_FORMAT, id, attempt, status: result.status, objects: objects.clone() };
+    let manifest = staging::Manifest {
+        v: staging::MANIFEST_FORMAT,
+        id,
+        name: spec.name.clone(),
+        attempt,
+        status: result.status,
+        objects: objects.clone(),
+    };
     let written = match (staging::manifest_key_in(&prefix, attempt), serde_json::to_vec_pretty(&manifest)) {
         (Ok(key), Ok(bytes)) => store.put_bytes(&key, Bytes::from(bytes)).await.map(drop).map_err(|e| e.to_string()),
         (Err(e), _) => Err(e.to_string()),

@@ -72,6 +72,10 @@ pub struct Manifest {
     pub v: u32,
     /// The job's id.
     pub id: JobId,
+    /// The job's name, when it has one (absent in manifests written before
+    /// names were recorded): how `crew fetch --store URL NAME` finds a job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// The attempt.
     pub attempt: u32,
     /// How the attempt ended.
@@ -689,6 +693,54 @@ pub async fn read_small(store: &dyn Store, key: &StoreKey, limit: usize) -> Resu
     Ok(out)
 }
 
+/// Manifests read at once by [`latest_manifest_named`].
+const MANIFEST_READS: usize = 16;
+
+/// The manifest of the highest attempt of the job named `name` with the
+/// highest id (the last sent, as the daemon means a name), or `None` when
+/// no manifest in the store names it. Lists every object under `jobs/`
+/// and reads the latest manifest of each job: a cost that grows with the
+/// store, for a command run by hand.
+pub async fn latest_manifest_named(store: &dyn Store, name: &str) -> Result<Option<Manifest>, StageError> {
+    let prefix = StoreKey::new("jobs")?;
+    let listed = match store.list(&prefix).await {
+        Ok(l) => l,
+        Err(StoreError::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    // The highest attempt of every job that wrote a manifest.
+    let mut latest: HashMap<u64, u32> = HashMap::new();
+    for meta in &listed {
+        let Some(rest) = meta.key.as_str().strip_prefix("jobs/") else { continue };
+        let mut parts = rest.split('/');
+        let (Some(id), Some(attempt), Some(MANIFEST_FILE), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        if let (Ok(id), Ok(attempt)) = (id.parse::<u64>(), attempt.parse::<u32>()) {
+            let best = latest.entry(id).or_insert(attempt);
+            *best = (*best).max(attempt);
+        }
+    }
+    let reads = futures::stream::iter(latest.into_iter().map(|(id, attempt)| async move {
+        let key = manifest_key(JobId(id), attempt)?;
+        let bytes = read_small(store, &key, MANIFEST_MAX).await?;
+        serde_json::from_slice::<Manifest>(&bytes)
+            .map_err(|e| StageError::Invalid(format!("the manifest of job {id} attempt {attempt} is unreadable: {e}")))
+    }))
+    .buffer_unordered(MANIFEST_READS);
+    let mut reads = std::pin::pin!(reads);
+    let mut found: Option<Manifest> = None;
+    while let Some(read) = reads.next().await {
+        let manifest = read?;
+        if manifest.name.as_deref() == Some(name) && found.as_ref().is_none_or(|f| f.id.0 < manifest.id.0) {
+            found = Some(manifest);
+        }
+    }
+    Ok(found)
+}
+
 /// The manifest of the highest attempt of job `id` found in the store, or
 /// `None` when no attempt of it wrote one.
 pub async fn latest_manifest(store: &dyn Store, id: JobId) -> Result<Option<Manifest>, StageError> {
@@ -857,5 +909,47 @@ mod tests {
         for bad in ["../x", "/abs", "a/../../b", "up/x", ""] {
             assert!(prepare_dest(&root, bad).is_err(), "{bad}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_name_finds_the_latest_manifest_of_the_last_job_so_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        let write = |id: u64, attempt: u32, name: Option<&str>| {
+            let store = Arc::clone(&store);
+            let manifest = Manifest {
+                v: MANIFEST_FORMAT,
+                id: JobId(id),
+                name: name.map(str::to_owned),
+                attempt,
+                status: Status::Succeeded,
+                objects: Vec::new(),
+            };
+            async move {
+                let bytes = serde_json::to_vec(&manifest).unwrap();
+                store.put_bytes(&manifest_key(JobId(id), attempt).unwrap(), bytes.into()).await.unwrap();
+            }
+        };
+        assert!(latest_manifest_named(store.as_ref(), "fit").await.unwrap().is_none());
+        write(1, 1, Some("fit")).await;
+        write(2, 1, Some("plot")).await;
+        write(2, 2, Some("plot")).await;
+        write(3, 1, Some("fit")).await;
+        write(4, 1, None).await;
+        // An older manifest, without a name, still parses.
+        store
+            .put_bytes(
+                &manifest_key(JobId(5), 1).unwrap(),
+                Bytes::from_static(br#"{"v":1,"id":5,"attempt":1,"status":"succeeded","objects":[]}"#),
+            )
+            .await
+            .unwrap();
+        store.put_bytes(&StoreKey::new("jobs/3/1/outputs/manifest.json").unwrap(), Bytes::new()).await.unwrap();
+        let fit = latest_manifest_named(store.as_ref(), "fit").await.unwrap().unwrap();
+        assert_eq!((fit.id, fit.attempt), (JobId(3), 1));
+        let plot = latest_manifest_named(store.as_ref(), "plot").await.unwrap().unwrap();
+        assert_eq!((plot.id, plot.attempt), (JobId(2), 2));
+        assert!(latest_manifest_named(store.as_ref(), "other").await.unwrap().is_none());
+        assert_eq!(latest_manifest(store.as_ref(), JobId(5)).await.unwrap().unwrap().name, None);
     }
 }

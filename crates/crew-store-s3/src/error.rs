@@ -6,8 +6,11 @@
 //! decides how the error reads and whether a caller may try again later:
 //! `NotFound` keeps its meaning unless S3 said the *bucket* is missing;
 //! 401/403 and a credential chain that found nothing are
-//! `Unauthenticated`; 5xx, 429 and transport failures are retryable backend
-//! errors; the rest are permanent.
+//! `Unauthenticated`; 5xx, 429, transport failures and a body damaged on
+//! the way (400 `BadDigest`, `XAmzContentSHA256Mismatch`) are retryable
+//! backend errors; a wrong region (a 301 without `Location`, a 400
+//! `AuthorizationHeaderMalformed`) is a configuration error that names the
+//! bucket's region; the rest are permanent.
 
 use crew_core::store::StoreError;
 use object_store::client::{HttpError, HttpErrorKind};
@@ -25,6 +28,83 @@ pub(crate) struct Context<'a> {
     pub(crate) bucket: &'a str,
     /// The endpoint as the user would recognise it.
     pub(crate) endpoint: &'a str,
+    /// The region requests are signed for.
+    pub(crate) region: &'a str,
+}
+
+/// S3 error codes of a 400 that is transient: the body was damaged on the
+/// way (its checksum or SHA-256 does not match), or it came too slowly.
+const TRANSIENT_400: &[&str] =
+    &["<Code>BadDigest</Code>", "<Code>XAmzContentSHA256Mismatch</Code>", "<Code>RequestTimeout</Code>"];
+
+/// Whether an operation that failed with `error` is worth running again
+/// (see the `retry` module): what [`map`] calls retryable.
+pub(crate) fn worth_another_try(error: &object_store::Error) -> bool {
+    if wrong_region(error).is_some() || find::<crate::credentials::NoCredentials>(error).is_some() {
+        return false;
+    }
+    let text = chain_text(error);
+    if TRANSIENT_400.iter().any(|code| text.contains(code)) {
+        return true;
+    }
+    if text.contains("NoSuchBucket") || matches!(error, object_store::Error::NotFound { .. }) {
+        return false;
+    }
+    if let Some(kind) = transport_kind(error) {
+        return !matches!(kind, HttpErrorKind::Decode);
+    }
+    matches!(status_in(&text), Some(408 | 429 | 500..=599)) || text.contains("SlowDown")
+}
+
+/// `Some` when `error` says the request went to the wrong region: with the
+/// bucket's region when the answer names it (a 400
+/// `AuthorizationHeaderMalformed` has `<Region>`), `None` inside when it
+/// does not (`object_store` drops the body and headers of a 301).
+pub(crate) fn wrong_region(error: &object_store::Error) -> Option<Option<String>> {
+    let text = chain_text(error);
+    if text.contains("redirect without LOCATION") || text.contains("<Code>PermanentRedirect</Code>") {
+        return Some(None);
+    }
+    if !text.contains("AuthorizationHeaderMalformed") {
+        return None;
+    }
+    let named = between(&text, "<Region>", "</Region>").or_else(|| between(&text, "expecting '", "'"));
+    Some(named.filter(|r| crate::url::plausible_region(r)).map(str::to_owned))
+}
+
+/// The text between the first `start` and the next `end`.
+fn between<'a>(text: &'a str, start: &str, end: &str) -> Option<&'a str> {
+    let (_, after) = text.split_once(start)?;
+    Some(after.split_once(end)?.0)
+}
+
+/// The error for requests signed for the wrong region: the bucket is in
+/// `found` (when known).
+pub(crate) fn wrong_region_error(cx: &Context<'_>, found: Option<&str>) -> StoreError {
+    StoreError::Config(match found {
+        Some(found) => format!(
+            "bucket {} is in region {found}, not {}: add ?region={found} to the store URL, or set \
+             AWS_REGION={found} when the URL has no region",
+            cx.bucket, cx.region
+        ),
+        None => format!(
+            "bucket {} is not in region {} (S3 redirected the request without saying where): add \
+             ?region=REGION to the store URL, or set AWS_REGION when the URL has no region \
+             (`aws s3api get-bucket-location --bucket {}` tells the bucket's region)",
+            cx.bucket, cx.region, cx.bucket
+        ),
+    })
+}
+
+/// `error` with `note` appended to its message (backend errors only: the
+/// others' messages say all there is).
+pub(crate) fn with_note(error: StoreError, note: &str) -> StoreError {
+    match error {
+        StoreError::Backend { backend, message, retryable } => {
+            StoreError::Backend { backend, message: format!("{message} {note}"), retryable }
+        }
+        other => other,
+    }
 }
 
 /// Maps `error`, raised by `cx.op` on `cx.key`.
@@ -76,7 +156,9 @@ pub(crate) fn map(cx: &Context<'_>, error: object_store::Error) -> StoreError {
     {
         return unauthenticated(cx, &text);
     }
-    let retryable = matches!(status, Some(429 | 500..=599)) || text.contains("SlowDown");
+    let retryable = matches!(status, Some(408 | 429 | 500..=599))
+        || text.contains("SlowDown")
+        || TRANSIENT_400.iter().any(|code| text.contains(code));
     StoreError::Backend { backend: BACKEND, message: format!("{} {}: {text}", cx.op, cx.key), retryable }
 }
 
@@ -149,7 +231,7 @@ mod tests {
     use super::*;
 
     fn cx() -> Context<'static> {
-        Context { op: "put", key: "jobs/1/stdout", bucket: "bkt", endpoint: "http://127.0.0.1:9" }
+        Context { op: "put", key: "jobs/1/stdout", bucket: "bkt", endpoint: "http://127.0.0.1:9", region: "us-east-1" }
     }
 
     fn source(text: &str) -> Box<dyn std::error::Error + Send + Sync> {
@@ -196,6 +278,44 @@ mod tests {
             },
         );
         assert!(!bad.is_retryable(), "{bad:?}");
+        let damaged = object_store::Error::Generic {
+            store: "S3",
+            source: source(
+                "Server returned non-2xx status code: 400 Bad Request: <Error><Code>XAmzContentSHA256Mismatch</Code></Error>",
+            ),
+        };
+        assert!(worth_another_try(&damaged));
+        assert!(map(&cx(), damaged).is_retryable());
+    }
+
+    #[test]
+    fn a_wrong_region_names_the_bucket_region_and_the_fix() {
+        let malformed = object_store::Error::Generic {
+            store: "S3",
+            source: source(
+                "Server returned non-2xx status code: 400 Bad Request: <Error><Code>AuthorizationHeaderMalformed</Code>\
+                 <Message>The authorization header is malformed; the region 'us-east-1' is wrong; expecting \
+                 'eu-west-1'</Message><Region>eu-west-1</Region></Error>",
+            ),
+        };
+        assert_eq!(wrong_region(&malformed), Some(Some("eu-west-1".to_owned())));
+        assert!(!worth_another_try(&malformed));
+        let text = wrong_region_error(&cx(), Some("eu-west-1")).to_string();
+        assert!(text.contains("bucket bkt is in region eu-west-1, not us-east-1"), "{text}");
+        assert!(text.contains("?region=eu-west-1") && text.contains("AWS_REGION=eu-west-1"), "{text}");
+        let redirect = object_store::Error::Generic {
+            store: "S3",
+            source: source(
+                "Received redirect without LOCATION, this normally indicates an incorrectly configured region",
+            ),
+        };
+        assert_eq!(wrong_region(&redirect), Some(None));
+        // A region that is not one is not repeated.
+        let odd = object_store::Error::Generic {
+            store: "S3",
+            source: source("AuthorizationHeaderMalformed <Region>eu west; rm -rf</Region>"),
+        };
+        assert_eq!(wrong_region(&odd), Some(None));
     }
 
     #[test]

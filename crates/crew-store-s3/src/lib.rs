@@ -13,28 +13,42 @@
 //! of any cloud SDK.
 //!
 //! # URLs
-//! `s3://BUCKET[/PREFIX][?region=R&endpoint=URL&profile=P]`: every store key
-//! lives under `PREFIX/`. [`Store::url`] writes the resolved region and
-//! endpoint into the URL, so that an agent opening it reaches the same
-//! bucket; credentials are never part of it.
+//! `s3://BUCKET[/PREFIX][?region=R&endpoint=URL&profile=P&retry_timeout=D&retry_init=D]`:
+//! every store key lives under `PREFIX/`. [`Store::url`] writes the
+//! resolved region and endpoint (and the retry settings) into the URL, so
+//! that an agent opening it reaches the same bucket the same way;
+//! credentials are never part of it.
+//!
+//! # Keys
+//! The object key of a store key is `PREFIX/KEY`, byte for byte: UTF-8
+//! names such as `ü.txt` or `a#b.txt` are stored as they are (S3 allows any
+//! UTF-8 key), so that other tools find `s3://BUCKET/PREFIX/jobs/1/1/outputs/ü.txt`.
+//! [`StoreKey`] already refuses what could escape the prefix or that S3
+//! keys should not hold (empty, `.` and `..` segments, control characters,
+//! backslashes), so no character needs a mapping. Objects listed that are
+//! not valid store keys are skipped.
 //!
 //! # Memory, retries, integrity
 //! Uploads of up to [`PART_SIZE`] go up in one PUT; longer ones as a
 //! multipart upload of [`PART_SIZE`] parts with at most
 //! [`PARTS_IN_FLIGHT`] parts uploading at once, so one upload holds at most
 //! `(PARTS_IN_FLIGHT + 1) × PART_SIZE` (24 MiB) plus one chunk of its
-//! source, whatever the object's size. Every request is retried with
-//! exponential backoff on throttling, 5xx and dropped connections (PUTs and
-//! parts included: their bodies are replayable), within [`RETRY_TIMEOUT`];
-//! a part whose retries are exhausted is started again a few times. Every
-//! upload carries a SHA-256 checksum that S3 verifies before it accepts the
-//! object, so a body corrupted on the way is refused, never stored.
+//! source, whatever the object's size. Every operation is retried with
+//! exponential backoff and jitter on throttling, 5xx, dropped connections
+//! and bodies damaged on the way, for the store's retry timeout
+//! ([`RETRY_TIMEOUT`] unless the URL says `retry_timeout=`; see the `retry`
+//! module). Every upload carries a SHA-256 checksum that S3 verifies before
+//! it accepts the object, so a body corrupted on the way is refused (and
+//! sent again), never stored.
 
 mod credentials;
 mod error;
+mod retry;
 #[cfg(feature = "test-support")]
 pub mod testing;
 mod url;
+
+pub use retry::{RETRY_INIT, RETRY_TIMEOUT};
 
 use std::fmt;
 use std::path::Path;
@@ -48,15 +62,12 @@ use bytes::{Bytes, BytesMut};
 use crew_core::store::{ByteStream, ObjectMeta, Store, StoreError, StoreKey};
 use futures::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder};
-use object_store::client::HttpErrorKind;
+use object_store::client::{HttpConnector, HttpRequestBody, ReqwestConnector};
 use object_store::path::Path as ObjPath;
-use object_store::retry::{RetryFailure, RetryPolicy};
-use object_store::{
-    BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, PutMultipartOptions, PutPayload, RetryConfig,
-    WriteMultipart,
-};
+use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, PutMultipartOptions, PutPayload, WriteMultipart};
 
 use crate::error::Context;
+use crate::retry::{PartRestarts, Retry};
 use crate::url::S3Url;
 
 /// The URL scheme of this store.
@@ -70,17 +81,6 @@ pub const PART_SIZE: usize = 8 * 1024 * 1024;
 /// Parts of one upload in flight at once.
 pub const PARTS_IN_FLIGHT: usize = 2;
 
-/// How long one request may be retried before its error is returned.
-/// Credentials are refreshed well before they expire (5 minutes), so a
-/// retried request never outlives them.
-pub const RETRY_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// How many times a request is retried at most.
-const MAX_RETRIES: usize = 10;
-
-/// How many times a part whose own retries are exhausted is started again.
-const PART_RESTARTS: usize = 3;
-
 /// Timeout of one whole request (a part of [`PART_SIZE`] included).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -90,6 +90,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// [`Store::check`] gives up on an unreachable endpoint after about this
 /// long, instead of the minutes the normal retries allow.
 pub const CHECK_RETRY_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The first pause of the retries of [`Store::check`].
+const CHECK_RETRY_INIT: Duration = Duration::from_millis(100);
+
+/// How long the question "which region is this bucket in?" may take.
+const REGION_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A crew store in an S3 bucket (or an S3-compatible service), under an
 /// optional key prefix.
@@ -120,6 +126,8 @@ pub struct S3Store {
     endpoint_text: String,
     /// Requests with the normal retries.
     client: Arc<AmazonS3>,
+    /// The retries of `client`.
+    retry: Retry,
     /// The same bucket with short retries, for [`Store::check`].
     check_client: Arc<AmazonS3>,
 }
@@ -171,12 +179,12 @@ impl S3Store {
         let credentials = Arc::new(credentials::ChainCredentials::new(chain));
         let resolved = S3Url { region: Some(region.clone()), endpoint: endpoint.clone(), ..given };
         let endpoint_text = endpoint.clone().unwrap_or_else(|| format!("AWS S3 in {region}"));
-        let build = |retry: RetryConfig| -> Result<Arc<AmazonS3>, StoreError> {
+        let build = |retry: Retry| -> Result<Arc<AmazonS3>, StoreError> {
             let mut builder = AmazonS3Builder::new()
                 .with_bucket_name(&resolved.bucket)
                 .with_region(&region)
                 .with_credentials(credentials.clone())
-                .with_retry(retry)
+                .with_retry(retry.request_config())
                 .with_checksum_algorithm(object_store::aws::Checksum::SHA256)
                 .with_client_options(
                     ClientOptions::new().with_timeout(REQUEST_TIMEOUT).with_connect_timeout(CONNECT_TIMEOUT),
@@ -192,21 +200,10 @@ impl S3Store {
                 .map(Arc::new)
                 .map_err(|e| StoreError::Config(format!("cannot set up the S3 client for {url}: {e}")))
         };
-        let client = build(RetryConfig {
-            backoff: BackoffConfig::default(),
-            max_retries: MAX_RETRIES,
-            retry_timeout: RETRY_TIMEOUT,
-        })?;
-        let check_client = build(RetryConfig {
-            backoff: BackoffConfig {
-                init_backoff: Duration::from_millis(100),
-                max_backoff: Duration::from_secs(1),
-                base: 2.0,
-            },
-            max_retries: 3,
-            retry_timeout: CHECK_RETRY_TIMEOUT,
-        })?;
-        Ok(Self { url: resolved, endpoint_text, client, check_client })
+        let retry = Retry::new(resolved.retry_timeout, resolved.retry_init);
+        let client = build(retry)?;
+        let check_client = build(Retry::new(Some(CHECK_RETRY_TIMEOUT), Some(CHECK_RETRY_INIT)))?;
+        Ok(Self { url: resolved, endpoint_text, client, retry, check_client })
     }
 
     /// [`S3Store::open`] for synchronous callers (store constructors of a
@@ -253,41 +250,97 @@ impl S3Store {
         self.url.region.as_deref().unwrap_or_default()
     }
 
-    /// The object location of `key`: `prefix/key`, each segment a path part
-    /// (`object_store` percent-encodes the few characters it does not allow
-    /// in a part, so every key has exactly one location and back).
-    fn location(&self, key: &StoreKey) -> ObjPath {
-        match &self.url.prefix {
-            Some(prefix) => ObjPath::from(format!("{prefix}/{key}").as_str()),
-            None => ObjPath::from(key.as_str()),
-        }
+    /// The object location of `key`: the object key `prefix/key`, as it is
+    /// (`ObjPath::parse` keeps the text; `ObjPath::from` would
+    /// percent-encode non-ASCII and a few other characters into the key).
+    fn location(&self, key: &StoreKey) -> Result<ObjPath, StoreError> {
+        let parsed = match &self.url.prefix {
+            Some(prefix) => ObjPath::parse(format!("{prefix}/{key}")),
+            None => ObjPath::parse(key.as_str()),
+        };
+        // StoreKey refuses all that `parse` refuses; kept as an error, not
+        // a panic, should the two ever drift apart.
+        parsed
+            .map_err(|e| StoreError::InvalidKey { key: key.to_string(), reason: format!("not an S3 object key: {e}") })
     }
 
     /// The key of a listed location, or `None` when it is outside the
-    /// prefix or no key maps to it (written by something other than crew).
+    /// prefix or not a valid store key (written by something other than
+    /// crew).
     fn key_of(&self, location: &ObjPath) -> Option<StoreKey> {
-        let mut parts = location.parts();
-        if let Some(prefix) = &self.url.prefix {
-            for segment in prefix.as_str().split('/') {
-                if parts.next()?.as_ref() != ObjPath::from(segment).as_ref() {
-                    return None;
-                }
-            }
-        }
-        let mut segments = Vec::new();
-        for part in parts {
-            segments.push(String::from_utf8(percent_decode(part.as_ref())?).ok()?);
-        }
-        let key = StoreKey::new(segments.join("/")).ok()?;
-        (self.location(&key) == *location).then_some(key)
+        let raw: &str = location.as_ref();
+        let rest = match &self.url.prefix {
+            Some(prefix) => raw.strip_prefix(prefix.as_str())?.strip_prefix('/')?,
+            None => raw,
+        };
+        StoreKey::new(rest).ok()
     }
 
     fn cx<'a>(&'a self, op: &'a str, key: &'a StoreKey) -> Context<'a> {
-        Context { op, key: key.as_str(), bucket: &self.url.bucket, endpoint: &self.endpoint_text }
+        Context {
+            op,
+            key: key.as_str(),
+            bucket: &self.url.bucket,
+            endpoint: &self.endpoint_text,
+            region: self.region(),
+        }
     }
 
-    fn err(&self, op: &str, key: &StoreKey, e: object_store::Error) -> StoreError {
-        error::map(&self.cx(op, key), e)
+    /// Maps an error of `op` on `key`, which was tried for `tried`: a wrong
+    /// region names the bucket's region (asking S3 for it when the error
+    /// does not say), an error that outlived the retries says so.
+    async fn fail(&self, op: &str, key: &StoreKey, e: object_store::Error, tried: Duration) -> StoreError {
+        if let Some(said) = error::wrong_region(&e) {
+            let found = match said {
+                Some(region) => Some(region),
+                None => self.bucket_region().await,
+            };
+            return error::wrong_region_error(&self.cx(op, key), found.as_deref());
+        }
+        let mapped = error::map(&self.cx(op, key), e);
+        if mapped.is_retryable() { error::with_note(mapped, &self.retry.gave_up(tried)) } else { mapped }
+    }
+
+    /// Runs `call` (one store operation on `key`) with the operation
+    /// retries of the `retry` module, and maps its final error.
+    async fn call<T, F, Fut>(&self, op: &str, key: &StoreKey, call: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, object_store::Error>>,
+    {
+        match self.retry.run(op, error::worth_another_try, call).await {
+            Ok(done) => Ok(done),
+            Err((e, tried)) => Err(self.fail(op, key, e, tried).await),
+        }
+    }
+
+    /// The region S3 says the bucket is in (the `x-amz-bucket-region` header
+    /// of an unsigned HEAD of the bucket, which AWS answers in every region
+    /// whatever the status), or `None` when it does not say.
+    async fn bucket_region(&self) -> Option<String> {
+        let base = match &self.url.endpoint {
+            Some(endpoint) => endpoint.trim_end_matches('/').to_owned(),
+            None => format!("https://s3.{}.amazonaws.com", self.region()),
+        };
+        let options = ClientOptions::new()
+            .with_allow_http(base.starts_with("http://"))
+            .with_timeout(REGION_PROBE_TIMEOUT)
+            .with_connect_timeout(CONNECT_TIMEOUT);
+        let client = ReqwestConnector::default().connect(&options).ok()?;
+        let request = http::Request::builder()
+            .method(http::Method::HEAD)
+            .uri(format!("{base}/{}", self.url.bucket))
+            .body(HttpRequestBody::empty())
+            .ok()?;
+        let answer = match client.execute(request).await {
+            Ok(answer) => answer,
+            Err(e) => {
+                tracing::debug!(error = %e, "could not ask S3 for the bucket's region");
+                return None;
+            }
+        };
+        let region = answer.headers().get("x-amz-bucket-region")?.to_str().ok()?.trim().to_owned();
+        url::plausible_region(&region).then_some(region)
     }
 
     /// Uploads `data`: one PUT when it ends within [`PART_SIZE`], else a
@@ -296,7 +349,7 @@ impl S3Store {
     where
         S: futures::Stream<Item = Result<Bytes, StoreError>> + Send,
     {
-        let location = self.location(key);
+        let location = self.location(key)?;
         let mut data = std::pin::pin!(data);
         let mut first = BytesMut::new();
         while first.len() < PART_SIZE {
@@ -304,17 +357,20 @@ impl S3Store {
                 Some(chunk) => first.extend_from_slice(&chunk?),
                 None => {
                     let size = first.len() as u64;
-                    let done = self
-                        .client
-                        .put(&location, PutPayload::from(first.freeze()))
-                        .await
-                        .map_err(|e| self.err("put", key, e))?;
+                    let payload = PutPayload::from(first.freeze());
+                    let done = self.call("put", key, || self.client.put(&location, payload.clone())).await?;
                     return Ok(ObjectMeta { key: key.clone(), size, e_tag: done.e_tag, last_modified: None });
                 }
             }
         }
-        let options = PutMultipartOptions::default().with_retry_policy(Arc::new(PartRestarts));
-        let upload = self.client.put_multipart_opts(&location, options).await.map_err(|e| self.err("put", key, e))?;
+        let restarts = Arc::new(PartRestarts(self.retry));
+        let upload = self
+            .call("put", key, || {
+                let options = PutMultipartOptions::default().with_retry_policy(restarts.clone());
+                self.client.put_multipart_opts(&location, options)
+            })
+            .await?;
+        let started = std::time::Instant::now();
         let mut writer = WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
         let mut size = first.len() as u64;
         writer.put(first.freeze());
@@ -328,12 +384,15 @@ impl S3Store {
             };
             if let Err(e) = writer.wait_for_capacity(PARTS_IN_FLIGHT).await {
                 abort_upload(writer, key).await;
-                return Err(self.err("put", key, e));
+                return Err(self.fail("put", key, e, started.elapsed()).await);
             }
             size += chunk.len() as u64;
             writer.put(chunk);
         }
-        let done = writer.finish().await.map_err(|e| self.err("put", key, e))?;
+        let done = match writer.finish().await {
+            Ok(done) => done,
+            Err(e) => return Err(self.fail("put", key, e, started.elapsed()).await),
+        };
         Ok(ObjectMeta { key: key.clone(), size, e_tag: done.e_tag, last_modified: None })
     }
 }
@@ -343,46 +402,6 @@ async fn abort_upload(writer: WriteMultipart, key: &StoreKey) {
     if let Err(e) = writer.abort().await {
         tracing::warn!(%key, error = %e, "could not abort a failed multipart upload (a bucket lifecycle rule removes it)");
     }
-}
-
-/// Starts a part again, with a growing pause, when its request retries are
-/// exhausted by throttling, 5xx or a transport failure.
-#[derive(Debug, Default)]
-struct PartRestarts;
-
-#[async_trait]
-impl RetryPolicy for PartRestarts {
-    async fn retry(&self, context: object_store::retry::RetryContext) -> bool {
-        let transient = match context.failure {
-            RetryFailure::Status(status) => status.is_server_error() || status.as_u16() == 429,
-            RetryFailure::Transport(kind) => !matches!(kind, HttpErrorKind::Decode),
-            _ => false,
-        };
-        if !transient || context.attempt > PART_RESTARTS {
-            return false;
-        }
-        tracing::info!(attempt = context.attempt, failure = ?context.failure, "starting an upload part again");
-        tokio::time::sleep(Duration::from_secs(1) * u32::try_from(context.attempt).unwrap_or(1)).await;
-        true
-    }
-}
-
-/// Decodes `%XX` escapes; `None` when malformed.
-fn percent_decode(text: &str) -> Option<Vec<u8>> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    Some(out)
 }
 
 #[async_trait]
@@ -405,39 +424,43 @@ impl Store for S3Store {
         if data.len() > PART_SIZE {
             return self.upload(key, futures::stream::iter([Ok(data)])).await;
         }
-        let done =
-            self.client.put(&self.location(key), PutPayload::from(data)).await.map_err(|e| self.err("put", key, e))?;
+        let location = self.location(key)?;
+        let payload = PutPayload::from(data);
+        let done = self.call("put", key, || self.client.put(&location, payload.clone())).await?;
         Ok(ObjectMeta { key: key.clone(), size, e_tag: done.e_tag, last_modified: None })
     }
 
     async fn get(&self, key: &StoreKey) -> Result<ByteStream, StoreError> {
-        let found = self.client.get(&self.location(key)).await.map_err(|e| self.err("get", key, e))?;
-        let cx = (self.url.bucket.clone(), self.endpoint_text.clone(), key.clone());
+        let location = self.location(key)?;
+        let found = self.call("get", key, || self.client.get(&location)).await?;
+        let cx = (self.url.bucket.clone(), self.endpoint_text.clone(), key.clone(), self.region().to_owned());
         Ok(found
             .into_stream()
             .map_err(move |e| {
-                let (bucket, endpoint, key) = &cx;
-                error::map(&Context { op: "read", key: key.as_str(), bucket, endpoint }, e)
+                let (bucket, endpoint, key, region) = &cx;
+                error::map(&Context { op: "read", key: key.as_str(), bucket, endpoint, region }, e)
             })
             .boxed())
     }
 
     async fn get_file(&self, key: &StoreKey, path: &Path) -> Result<ObjectMeta, StoreError> {
         // The object first, so that a missing one leaves the file alone.
-        let found = self.client.get(&self.location(key)).await.map_err(|e| self.err("get", key, e))?;
+        let location = self.location(key)?;
+        let found = self.call("get", key, || self.client.get(&location)).await?;
         let meta = ObjectMeta {
             key: key.clone(),
             size: found.meta.size,
             e_tag: found.meta.e_tag.clone(),
             last_modified: Some(found.meta.last_modified.into()),
         };
-        let stream = found.into_stream().map_err(|e| self.err("read", key, e));
+        let stream = found.into_stream().map_err(|e| error::map(&self.cx("read", key), e));
         crew_core::store::write_file(key, stream, path).await?;
         Ok(meta)
     }
 
     async fn head(&self, key: &StoreKey) -> Result<ObjectMeta, StoreError> {
-        let meta = self.client.head(&self.location(key)).await.map_err(|e| self.err("head", key, e))?;
+        let location = self.location(key)?;
+        let meta = self.call("head", key, || self.client.head(&location)).await?;
         Ok(ObjectMeta {
             key: key.clone(),
             size: meta.size,
@@ -448,9 +471,9 @@ impl Store for S3Store {
 
     async fn list(&self, prefix: &StoreKey) -> Result<Vec<ObjectMeta>, StoreError> {
         // `object_store` lists under `location/`: whole segments.
-        let location = self.location(prefix);
+        let location = self.location(prefix)?;
         let listed: Vec<object_store::ObjectMeta> =
-            self.client.list(Some(&location)).try_collect().await.map_err(|e| self.err("list", prefix, e))?;
+            self.call("list", prefix, || self.client.list(Some(&location)).try_collect()).await?;
         let mut found = Vec::with_capacity(listed.len());
         for meta in listed {
             match self.key_of(&meta.location) {
@@ -467,10 +490,14 @@ impl Store for S3Store {
     }
 
     async fn delete(&self, key: &StoreKey) -> Result<(), StoreError> {
-        match self.client.delete(&self.location(key)).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(self.err("delete", key, e)),
-        }
+        let location = self.location(key)?;
+        self.call("delete", key, || async {
+            match self.client.delete(&location).await {
+                Err(object_store::Error::NotFound { .. }) => Ok(()),
+                other => other,
+            }
+        })
+        .await
     }
 
     /// Writes, reads back and deletes a probe object like the default
@@ -479,7 +506,11 @@ impl Store for S3Store {
     /// credentials or a wrong region with what to fix.
     async fn check(&self) -> Result<(), StoreError> {
         // The same store through the client with short retries.
-        let checker = Self { client: Arc::clone(&self.check_client), ..self.clone() };
+        let checker = Self {
+            client: Arc::clone(&self.check_client),
+            retry: Retry::new(Some(CHECK_RETRY_TIMEOUT), Some(CHECK_RETRY_INIT)),
+            ..self.clone()
+        };
         crew_core::store::check_by_probe(&checker).await
     }
 }

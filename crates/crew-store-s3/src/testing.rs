@@ -6,7 +6,9 @@
 //! (`CI` set) it fails, so that a broken setup cannot pass as green.
 //!
 //! [`FaultProxy`] sits between a store (or the `crew` binary) and the
-//! emulator and injects 503s and dropped connections.
+//! emulator and injects 503s and dropped connections, outages that last,
+//! damaged uploads and wrong-region answers. [`list_keys`] reads a
+//! bucket's raw object keys, as any other S3 client sees them.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -15,7 +17,7 @@ use std::time::{Duration, SystemTime};
 
 mod proxy;
 
-pub use proxy::{Fault, FaultCounts, FaultProxy, mix};
+pub use proxy::{Fault, FaultCounts, FaultProxy, Outage, WrongRegion, mix};
 
 /// The variable `cargo xtask ci` and `cargo xtask emu env` set to the
 /// emulator's URL.
@@ -67,6 +69,50 @@ pub fn create_bucket(endpoint: &str, bucket: &str) -> Result<(), String> {
     } else {
         Err(format!("creating bucket {bucket} failed: {}", answer.lines().next().unwrap_or("no answer")))
     }
+}
+
+/// The raw object keys under `prefix` in `bucket` at the emulator
+/// `endpoint`, from a plain, unsigned ListObjectsV2 (`GET
+/// /bucket?list-type=2&prefix=...`; at most 1000 keys), XML entities
+/// decoded: what `aws s3 ls` or any other S3 client sees.
+///
+/// # Errors
+/// The emulator's answer when it is not `200`, or the I/O error.
+pub fn list_keys(endpoint: &str, bucket: &str, prefix: &str) -> Result<Vec<String>, String> {
+    let host = endpoint.strip_prefix("http://").ok_or("the emulator endpoint must be http://")?.trim_end_matches('/');
+    let mut stream = TcpStream::connect(host).map_err(|e| format!("cannot connect to {host}: {e}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    let mut query = String::new();
+    for b in prefix.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            query.push(char::from(b));
+        } else {
+            query.push_str(&format!("%{b:02X}"));
+        }
+    }
+    // HTTP/1.0: the answer comes whole, never chunked.
+    let request = format!("GET /{bucket}?list-type=2&prefix={query} HTTP/1.0\r\nHost: {host}\r\n\r\n");
+    stream.write_all(request.as_bytes()).map_err(|e| format!("cannot send to {host}: {e}"))?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).map_err(|e| format!("cannot read the answer of {host}: {e}"))?;
+    let answer = String::from_utf8(answer).map_err(|e| format!("the listing is not UTF-8: {e}"))?;
+    let (head, body) = answer.split_once("\r\n\r\n").ok_or("the listing has no body")?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return Err(format!("listing {bucket} failed: {}", head.lines().next().unwrap_or("no answer")));
+    }
+    let mut keys = Vec::new();
+    for piece in body.split("<Key>").skip(1) {
+        let raw = piece.split_once("</Key>").ok_or("a <Key> without its end")?.0;
+        keys.push(
+            raw.replace("&lt;", "<")
+                .replace("&gt;", ">")
+                .replace("&quot;", "\"")
+                .replace("&apos;", "'")
+                .replace("&#x27;", "'")
+                .replace("&amp;", "&"),
+        );
+    }
+    Ok(keys)
 }
 
 /// The store URL of `prefix` in `bucket` at `endpoint`, with the

@@ -71,6 +71,21 @@ fn run_with_a_missing_bucket_fails_before_running_anything() {
 }
 
 #[test]
+fn fetch_from_a_missing_bucket_is_exit_2_as_for_run() {
+    let Some(endpoint) = endpoint("fetch_from_a_missing_bucket_is_exit_2_as_for_run") else { return };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mark = unique("s3-fetch-missing-");
+    let _reaper = Reaper::new(&mark);
+    let bucket = unique_bucket("crew-missing");
+    let store = format!("s3://{bucket}/x");
+    for job in ["1", "by-name"] {
+        let out = run(aws_crew(dir.path(), &mark, &endpoint, &["fetch", "--store", &store, job]), None, DEADLINE);
+        assert_eq!(out.code(), Some(2), "{job}: {out}");
+        assert!(out.stderr.contains(&format!("bucket {bucket} does not exist")), "{job}: {out}");
+    }
+}
+
+#[test]
 fn run_without_a_region_says_how_to_set_one() {
     // No emulator needed: the region is resolved before any request.
     let dir = tempfile::tempdir().expect("tempdir");

@@ -4,14 +4,22 @@
 //! inputs and the agents fetch them and upload outputs through the faults;
 //! every job still succeeds, and every output comes back byte-identical,
 //! fetched directly from the emulator and through the proxy.
+//!
+//! Then the scripted faults: an output upload that meets 20 s of 503
+//! SlowDown and a 10 s outage still succeeds with the defaults; an outage
+//! that lasts fails the job within the store URL's `retry_timeout`; AWS's
+//! answers to a wrong region end `crew run` and `crew fetch` with exit 2
+//! and the bucket's region.
 
 use std::time::Duration;
 
 use crew_store_s3::PART_SIZE;
-use crew_store_s3::testing::{Fault, FaultProxy, create_bucket, endpoint, mix, store_url, unique_bucket};
+use crew_store_s3::testing::{
+    Fault, FaultProxy, Outage, WrongRegion, create_bucket, endpoint, list_keys, mix, store_url, unique_bucket,
+};
 use sha2::{Digest, Sha256};
 
-use crate::support::{Reaper, aws_crew, run, unique};
+use crate::support::{DEADLINE, Reaper, aws_crew, run, unique};
 
 const JOBS: usize = 20;
 /// Jobs whose output includes a copy of the shared input (a multipart upload).
@@ -134,4 +142,134 @@ fn jobs_through_a_faulty_s3_endpoint_all_succeed_and_outputs_fetch_back_identica
     for kind in Fault::ALL {
         assert!(after.of(kind) > 0, "no {kind:?} in the whole test: {after:?}");
     }
+}
+
+#[test]
+fn an_output_upload_rides_out_20s_of_slowdown_and_a_10s_outage_and_fetches_back_by_name() {
+    let test = "an_output_upload_rides_out_20s_of_slowdown_and_a_10s_outage_and_fetches_back_by_name";
+    let Some(endpoint) = endpoint(test) else { return };
+    let bucket = unique_bucket("crew-cli-outage");
+    create_bucket(&endpoint, &bucket).unwrap_or_else(|e| panic!("{e}"));
+    let proxy = FaultProxy::start(&endpoint, 0, &[], 1).unwrap_or_else(|e| panic!("{e}"));
+    // Once the second part of the output's multipart upload is sent: 20 s
+    // of 503 SlowDown to everything, then 10 s with every connection
+    // dropped; the store URL has the default retries.
+    let slow = Duration::from_secs(20);
+    let down = Duration::from_secs(10);
+    proxy.schedule("partNumber=2", &[(Outage::SlowDown, slow), (Outage::Down, down)]);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let mark = unique("s3-outage-");
+    let _reaper = Reaper::new(&mark);
+    let data = random(0x07a6e, 2 * PART_SIZE + 54_321);
+    std::fs::write(d.join("data.bin"), &data).expect("write input");
+    let job = serde_json::json!({
+        "name": "copy-ü",
+        "shell": "cp data.bin big.bin && printf umlaut > ü.txt && printf hash > 'a#b.txt'",
+        "inputs": ["data.bin"],
+        "outputs": ["big.bin", "ü.txt", "a#b.txt"],
+    });
+    let through_proxy = store_url(proxy.url(), &bucket, "run");
+    let out = run(
+        aws_crew(d, &mark, proxy.url(), &["run", "--json", "--store", &through_proxy, "-"]),
+        Some(&format!("{job}\n")),
+        Duration::from_secs(150),
+    );
+    let seen = proxy.counts();
+    eprintln!("fault proxy after the run: {seen:?} ({:?})", out.elapsed);
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(seen.outage_slow_downs >= 3, "the upload did not meet the 503s: {seen:?}");
+    assert!(seen.outage_drops >= 1, "the upload did not meet the outage: {seen:?}");
+    assert!(out.elapsed >= slow + down, "the run ended before the outage did: {:?}", out.elapsed);
+    let record = &out.records()[0];
+    let id = record["id"].as_u64().unwrap_or_else(|| panic!("{record}"));
+
+    // Fetched back by name, directly and through the proxy, byte for byte.
+    let want: [(&str, &[u8]); 3] = [("big.bin", &data), ("ü.txt", b"umlaut"), ("a#b.txt", b"hash")];
+    for (how, store, via) in [
+        ("direct", store_url(&endpoint, &bucket, "run"), endpoint.as_str()),
+        ("proxy", through_proxy.clone(), proxy.url()),
+    ] {
+        let to = d.join(format!("fetched-{how}"));
+        let to_arg = to.to_string_lossy().into_owned();
+        let out =
+            run(aws_crew(d, &mark, via, &["fetch", "--store", &store, "copy-ü", "--to", &to_arg]), None, DEADLINE);
+        assert_eq!(out.code(), Some(0), "fetch by name ({how}): {out}");
+        assert!(out.stderr.contains(&format!("of job {id} into")), "{out}");
+        for (file, bytes) in want {
+            let got = std::fs::read(to.join(file)).unwrap_or_else(|e| panic!("{file} ({how}): {e}"));
+            assert_eq!(sha256_hex(&got), sha256_hex(bytes), "{file} ({how})");
+        }
+    }
+    // Other S3 clients find the outputs under their own names.
+    let keys = list_keys(&endpoint, &bucket, &format!("run/jobs/{id}/")).unwrap_or_else(|e| panic!("{e}"));
+    for file in ["big.bin", "ü.txt", "a#b.txt"] {
+        let key = format!("run/jobs/{id}/1/outputs/{file}");
+        assert!(keys.contains(&key), "no object {key}: {keys:?}");
+    }
+}
+
+#[test]
+fn a_lasting_outage_fails_the_upload_within_the_store_urls_retry_timeout() {
+    let test = "a_lasting_outage_fails_the_upload_within_the_store_urls_retry_timeout";
+    let Some(endpoint) = endpoint(test) else { return };
+    let bucket = unique_bucket("crew-cli-down");
+    create_bucket(&endpoint, &bucket).unwrap_or_else(|e| panic!("{e}"));
+    let proxy = FaultProxy::start(&endpoint, 0, &[], 1).unwrap_or_else(|e| panic!("{e}"));
+    proxy.schedule("/outputs/", &[(Outage::Down, Duration::MAX)]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mark = unique("s3-down-");
+    let _reaper = Reaper::new(&mark);
+    // 3 s of retries, which the agent gets with the store URL.
+    let store = format!("{}&retry_timeout=3s", store_url(proxy.url(), &bucket, "run"));
+    let out = run(
+        aws_crew(dir.path(), &mark, proxy.url(), &["run", "--json", "--store", &store, "--output", "out.txt", "-"]),
+        Some("echo done > out.txt\n"),
+        Duration::from_secs(120),
+    );
+    eprintln!("fault proxy: {:?} ({:?})", proxy.counts(), out.elapsed);
+    assert_eq!(out.code(), Some(1), "{out}");
+    let record = &out.records()[0];
+    assert_eq!(record["status"], "failed", "{record}");
+    let error = record["error"].as_str().unwrap_or_else(|| panic!("no error: {record}"));
+    assert!(error.contains("could not upload output out.txt"), "{error}");
+    assert!(error.contains("gave up after retrying for") && error.contains("retry_timeout=3s"), "{error}");
+    // The upload and the manifest each gave up after about 3 s, not the
+    // default two minutes each.
+    assert!(out.elapsed < Duration::from_secs(60), "took {:?}", out.elapsed);
+    assert!(proxy.counts().outage_drops >= 4, "{:?}", proxy.counts());
+}
+
+#[test]
+fn a_wrong_region_ends_run_and_fetch_with_exit_2_naming_the_buckets_region() {
+    let test = "a_wrong_region_ends_run_and_fetch_with_exit_2_naming_the_buckets_region";
+    let Some(endpoint) = endpoint(test) else { return };
+    let bucket = unique_bucket("crew-cli-region");
+    create_bucket(&endpoint, &bucket).unwrap_or_else(|e| panic!("{e}"));
+    let proxy = FaultProxy::start(&endpoint, 0, &[], 1).unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mark = unique("s3-region-");
+    let _reaper = Reaper::new(&mark);
+    let store = store_url(proxy.url(), &bucket, "run");
+    let touched = dir.path().join("touched");
+    for how in [WrongRegion::Redirect, WrongRegion::AuthorizationHeaderMalformed] {
+        proxy.wrong_region(Some(("eu-west-1", how)));
+        let jobs = format!("touch {}\n", touched.display());
+        let out =
+            run(aws_crew(dir.path(), &mark, proxy.url(), &["run", "--store", &store, "-"]), Some(&jobs), DEADLINE);
+        assert_eq!(out.code(), Some(2), "{how:?}: {out}");
+        let lines: Vec<&str> = out.stderr.lines().collect();
+        assert_eq!(lines.len(), 1, "{how:?}: one line: {out}");
+        assert!(lines[0].contains(&format!("bucket {bucket} is in region eu-west-1, not us-east-1")), "{how:?}: {out}");
+        assert!(
+            lines[0].contains("add ?region=eu-west-1 to the store URL") && lines[0].contains("AWS_REGION"),
+            "{out}"
+        );
+        assert!(!touched.exists(), "a job ran although the store is unusable");
+        let out = run(aws_crew(dir.path(), &mark, proxy.url(), &["fetch", "--store", &store, "1"]), None, DEADLINE);
+        assert_eq!(out.code(), Some(2), "{how:?}: {out}");
+        assert!(out.stderr.contains("is in region eu-west-1"), "{how:?}: {out}");
+    }
+    assert!(proxy.counts().wrong_region >= 4, "{:?}", proxy.counts());
 }

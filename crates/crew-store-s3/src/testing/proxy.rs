@@ -11,14 +11,23 @@
 //! so a dropped answer to a request moto has carried out would test moto,
 //! not the store.
 //!
+//! Besides those random faults it plays scripted ones:
+//! [`FaultProxy::schedule`] starts outages that last ([`Outage`]: every
+//! request answered `503 SlowDown`, or every connection dropped) when a
+//! request names a given path, one after another;
+//! [`FaultProxy::damage_uploads`] answers uploads with the 400 S3 gives a
+//! body damaged on the way; [`FaultProxy::wrong_region`] answers every
+//! request as AWS answers one signed for another region than the bucket's.
+//!
 //! The proxy runs on a thread of its own with its own tokio runtime, so
 //! that plain `#[test]`s (which spawn the `crew` binary) and async tests
 //! can both use it; it stops when the [`FaultProxy`] is dropped.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
@@ -51,6 +60,72 @@ impl Fault {
         [Fault::SlowDown, Fault::DropBeforeAnswer, Fault::DropMidRequest, Fault::DropMidResponse];
 }
 
+/// A fault that lasts: while it does, it is what every request meets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Outage {
+    /// Every request answered `503 SlowDown`, not forwarded (throttling).
+    SlowDown,
+    /// Every connection closed without an answer, new ones as soon as they
+    /// are accepted (the endpoint is down).
+    Down,
+}
+
+/// How AWS answers a request signed for a region that is not the bucket's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WrongRegion {
+    /// `301 PermanentRedirect` without `Location` (the bucket's region in
+    /// the `x-amz-bucket-region` header and an `<Endpoint>` in the body), as
+    /// the regions older than 2019 answer.
+    Redirect,
+    /// `400 AuthorizationHeaderMalformed` with `<Region>` in the body and
+    /// the header, as the newer regions (and some requests) answer.
+    AuthorizationHeaderMalformed,
+}
+
+/// The scripted faults: outages from a trigger on, damaged uploads, a
+/// wrong region.
+#[derive(Debug, Default)]
+struct Script {
+    /// A request whose URI contains this starts the outages.
+    trigger: String,
+    /// The outages, one after another, each for its duration.
+    outages: Vec<(Outage, Duration)>,
+    /// When the first outage began.
+    started: Option<Instant>,
+    /// Uploads whose URI contains this get a damaged-body 400...
+    damage_trigger: String,
+    /// ... this many more times.
+    damage_left: u64,
+    /// Every request answered as if signed for the wrong region: the
+    /// bucket's region and how.
+    wrong_region: Option<(String, WrongRegion)>,
+}
+
+impl Script {
+    /// The outage now, if any; a request with `uri` may start them.
+    fn outage(&mut self, uri: Option<&str>) -> Option<Outage> {
+        if self.outages.is_empty() {
+            return None;
+        }
+        let now = Instant::now();
+        let started = match self.started {
+            Some(at) => at,
+            None if uri.is_some_and(|u| u.contains(self.trigger.as_str())) => *self.started.insert(now),
+            None => return None,
+        };
+        let mut end = started;
+        for (outage, lasting) in &self.outages {
+            match end.checked_add(*lasting) {
+                Some(at) if now >= at => end = at,
+                _ => return Some(*outage),
+            }
+        }
+        None
+    }
+}
+
 /// What the proxy has seen and done so far.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FaultCounts {
@@ -68,6 +143,14 @@ pub struct FaultCounts {
     pub uploads: u64,
     /// Forwarded uploads whose `x-amz-checksum-sha256` was missing or wrong.
     pub bad_checksums: u64,
+    /// Requests answered `503 SlowDown` by a scheduled outage.
+    pub outage_slow_downs: u64,
+    /// Requests and connections dropped by a scheduled outage.
+    pub outage_drops: u64,
+    /// Uploads answered with a damaged-body 400.
+    pub damaged: u64,
+    /// Requests answered as signed for the wrong region.
+    pub wrong_region: u64,
 }
 
 impl FaultCounts {
@@ -96,6 +179,10 @@ struct Stats {
     drops_mid_response: AtomicU64,
     uploads: AtomicU64,
     bad_checksums: AtomicU64,
+    outage_slow_downs: AtomicU64,
+    outage_drops: AtomicU64,
+    damaged: AtomicU64,
+    wrong_region: AtomicU64,
 }
 
 struct Inner {
@@ -107,6 +194,8 @@ struct Inner {
     seed: u64,
     /// Faults injected so far (which kind is next).
     faults: AtomicU64,
+    /// The scripted faults.
+    script: Mutex<Script>,
 }
 
 /// A running fault proxy; stops when dropped.
@@ -147,6 +236,7 @@ impl FaultProxy {
             stats: Stats::default(),
             seed,
             faults: AtomicU64::new(0),
+            script: Mutex::new(Script::default()),
         });
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -189,7 +279,38 @@ impl FaultProxy {
             drops_mid_response: load(&s.drops_mid_response),
             uploads: load(&s.uploads),
             bad_checksums: load(&s.bad_checksums),
+            outage_slow_downs: load(&s.outage_slow_downs),
+            outage_drops: load(&s.outage_drops),
+            damaged: load(&s.damaged),
+            wrong_region: load(&s.wrong_region),
         }
+    }
+
+    /// From the first request whose URI (path and query) contains
+    /// `trigger` on (that request included; `""`: the next request), every
+    /// request meets the `outages` one after another, each for its
+    /// duration (`Duration::MAX`: for good). Replaces an earlier schedule.
+    pub fn schedule(&self, trigger: &str, outages: &[(Outage, Duration)]) {
+        let mut script = self.inner.script();
+        script.trigger = trigger.to_owned();
+        script.outages = outages.to_vec();
+        script.started = None;
+    }
+
+    /// Answers the next `times` uploads (PUT with a body) whose URI
+    /// contains `trigger` as S3 answers a body damaged on the way: `400
+    /// XAmzContentSHA256Mismatch` and `400 BadDigest` in turns, the upload
+    /// not forwarded.
+    pub fn damage_uploads(&self, trigger: &str, times: u64) {
+        let mut script = self.inner.script();
+        script.damage_trigger = trigger.to_owned();
+        script.damage_left = times;
+    }
+
+    /// From now on, answers every request as AWS answers one signed for
+    /// another region than the bucket's, `region` (`None`: forward again).
+    pub fn wrong_region(&self, region: Option<(&str, WrongRegion)>) {
+        self.inner.script().wrong_region = region.map(|(r, how)| (r.to_owned(), how));
     }
 }
 
@@ -207,6 +328,11 @@ impl Drop for FaultProxy {
 async fn accept_loop(listener: TcpListener, proxy: Arc<Inner>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
+        if proxy.script().outage(None) == Some(Outage::Down) {
+            proxy.stats.outage_drops.fetch_add(1, Ordering::Relaxed);
+            drop(stream);
+            continue;
+        }
         let proxy = Arc::clone(&proxy);
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
@@ -235,7 +361,109 @@ fn full(bytes: Bytes) -> Body {
     Full::new(bytes).map_err(|never: Infallible| match never {}).boxed()
 }
 
+/// An S3 error answer: `status`, an XML body with `code`, `message` and
+/// `extra` elements, and `headers`.
+fn s3_error(
+    status: StatusCode,
+    code: &str,
+    message: &str,
+    extra: &str,
+    headers: &[(&str, &str)],
+) -> Result<Response<Body>, std::io::Error> {
+    let xml = format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code><Message>{message}</Message>\
+         {extra}<RequestId>FAULTPROXY0000001</RequestId><HostId>fault-proxy</HostId></Error>"
+    );
+    let mut answer = Response::builder().status(status).header("content-type", "application/xml");
+    for (name, value) in headers {
+        answer = answer.header(*name, *value);
+    }
+    answer.body(full(Bytes::from(xml))).map_err(|e| io_error(&e.to_string()))
+}
+
 impl Inner {
+    fn script(&self) -> std::sync::MutexGuard<'_, Script> {
+        // A panic while holding it cannot leave the script half-changed.
+        self.script.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The scripted answer to a request, if any: an outage, a wrong
+    /// region, a damaged upload.
+    fn scripted(
+        &self,
+        parts: &hyper::http::request::Parts,
+        declared: u64,
+    ) -> Option<Result<Response<Body>, std::io::Error>> {
+        let uri = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let mut script = self.script();
+        match script.outage(Some(uri)) {
+            Some(Outage::SlowDown) => {
+                self.stats.outage_slow_downs.fetch_add(1, Ordering::Relaxed);
+                return Some(s3_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "SlowDown",
+                    "Please reduce your request rate.",
+                    "",
+                    &[],
+                ));
+            }
+            Some(Outage::Down) => {
+                self.stats.outage_drops.fetch_add(1, Ordering::Relaxed);
+                return Some(Err(io_error("injected: the endpoint is down")));
+            }
+            None => {}
+        }
+        if let Some((region, how)) = &script.wrong_region {
+            self.stats.wrong_region.fetch_add(1, Ordering::Relaxed);
+            let bucket = uri.trim_start_matches('/').split(['/', '?']).next().unwrap_or("");
+            return Some(match how {
+                WrongRegion::Redirect => s3_error(
+                    StatusCode::MOVED_PERMANENTLY,
+                    "PermanentRedirect",
+                    "The bucket you are attempting to access must be addressed using the specified endpoint. \
+                     Please send all future requests to this endpoint.",
+                    &format!("<Endpoint>{bucket}.s3.{region}.amazonaws.com</Endpoint><Bucket>{bucket}</Bucket>"),
+                    &[("x-amz-bucket-region", region)],
+                ),
+                WrongRegion::AuthorizationHeaderMalformed => s3_error(
+                    StatusCode::BAD_REQUEST,
+                    "AuthorizationHeaderMalformed",
+                    &format!(
+                        "The authorization header is malformed; the region 'us-east-1' is wrong; expecting '{region}'"
+                    ),
+                    &format!("<Region>{region}</Region>"),
+                    &[("x-amz-bucket-region", region)],
+                ),
+            });
+        }
+        if parts.method == hyper::Method::PUT
+            && declared > 0
+            && script.damage_left > 0
+            && uri.contains(script.damage_trigger.as_str())
+        {
+            script.damage_left -= 1;
+            let n = self.stats.damaged.fetch_add(1, Ordering::Relaxed);
+            return Some(if n % 2 == 0 {
+                s3_error(
+                    StatusCode::BAD_REQUEST,
+                    "XAmzContentSHA256Mismatch",
+                    "The provided 'x-amz-content-sha256' header does not match what was computed.",
+                    "",
+                    &[],
+                )
+            } else {
+                s3_error(
+                    StatusCode::BAD_REQUEST,
+                    "BadDigest",
+                    "The Content-MD5 or checksum value that you specified did not match what the server received.",
+                    "",
+                    &[],
+                )
+            });
+        }
+        None
+    }
+
     async fn handle(&self, req: Request<Incoming>) -> Result<Response<Body>, std::io::Error> {
         let n = self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let (parts, body) = req.into_parts();
@@ -268,6 +496,9 @@ impl Inner {
             return Err(io_error("injected: dropped mid-request"));
         }
         let body = body.collect().await.map_err(|e| io_error(&e.to_string()))?.to_bytes();
+        if let Some(answer) = self.scripted(&parts, declared) {
+            return answer;
+        }
         match fault {
             Some(Fault::SlowDown) => {
                 self.stats.slow_downs.fetch_add(1, Ordering::Relaxed);

@@ -3,11 +3,19 @@
 //! dropped before answering, mid-request and mid-response. Everything put
 //! and got through it must still succeed and read back byte-identical; and
 //! every upload it sees must carry a correct `x-amz-checksum-sha256`.
+//! Then the scripted faults: damaged uploads (400 BadDigest and
+//! XAmzContentSHA256Mismatch), throttling and outages that last, and the
+//! answers of AWS to a request signed for the wrong region (moto never
+//! gives those).
+
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use crew_core::store::{Store, StoreKey};
+use crew_core::store::{Store, StoreError, StoreKey};
 use crew_store_s3::S3Store;
-use crew_store_s3::testing::{Fault, FaultProxy, create_bucket, endpoint, mix, store_url, unique_bucket};
+use crew_store_s3::testing::{
+    Fault, FaultProxy, Outage, WrongRegion, create_bucket, endpoint, mix, store_url, unique_bucket,
+};
 use futures::StreamExt;
 
 use crate::support::{content, key, sha256, sha256_of};
@@ -83,4 +91,86 @@ async fn puts_and_gets_through_faults_all_succeed_byte_exact_with_checksums() {
     }
     assert!(s.uploads >= objects.len() as u64, "{s:?}");
     assert_eq!(s.bad_checksums, 0, "uploads without a correct x-amz-checksum-sha256: {s:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_upload_is_sent_again_whole_or_as_a_part() {
+    let Some(endpoint) = endpoint("a_damaged_upload_is_sent_again_whole_or_as_a_part") else { return };
+    let bucket = unique_bucket("crew-damaged");
+    create_bucket(&endpoint, &bucket).unwrap();
+    let proxy = FaultProxy::start(&endpoint, 0, &[], 1).unwrap();
+    let store = S3Store::open(&store_url(proxy.url(), &bucket, "damaged")).await.unwrap();
+    let direct = S3Store::open(&store_url(&endpoint, &bucket, "damaged")).await.unwrap();
+
+    // One PUT: its first two tries are answered 400 XAmzContentSHA256Mismatch
+    // and 400 BadDigest, as S3 answers a body damaged on the way.
+    proxy.damage_uploads("/small", 2);
+    let body = Bytes::from_static(b"a body that got damaged twice on the way");
+    store.put_bytes(&key("small"), body.clone()).await.unwrap();
+    assert_eq!(proxy.counts().damaged, 2);
+    assert_eq!(sha256_of(&direct, &key("small")).await, (sha256(&body), body.len() as u64));
+
+    // A part of a multipart upload.
+    proxy.damage_uploads("partNumber=2", 1);
+    const LARGE: usize = 2 * crew_store_s3::PART_SIZE + 4_321;
+    let (stream, digest) = content(0xdada, LARGE, 1 << 20);
+    store.put_stream(&key("large"), stream).await.unwrap();
+    assert_eq!(proxy.counts().damaged, 3);
+    assert_eq!(sha256_of(&direct, &key("large")).await, (digest, LARGE as u64));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttling_and_an_outage_are_ridden_out_and_a_lasting_outage_ends_in_a_clear_error() {
+    let test = "throttling_and_an_outage_are_ridden_out_and_a_lasting_outage_ends_in_a_clear_error";
+    let Some(endpoint) = endpoint(test) else { return };
+    let bucket = unique_bucket("crew-outage");
+    create_bucket(&endpoint, &bucket).unwrap();
+    let proxy = FaultProxy::start(&endpoint, 0, &[], 1).unwrap();
+    // The default retries: 4 s of 503s, then 3 s down.
+    let store = S3Store::open(&store_url(proxy.url(), &bucket, "outage")).await.unwrap();
+    proxy.schedule("", &[(Outage::SlowDown, Duration::from_secs(4)), (Outage::Down, Duration::from_secs(3))]);
+    let body = Bytes::from(vec![7u8; 100_000]);
+    store.put_bytes(&key("through"), body.clone()).await.unwrap();
+    let seen = proxy.counts();
+    assert!(seen.outage_slow_downs >= 2 && seen.outage_drops >= 1, "{seen:?}");
+    assert_eq!(sha256_of(&store, &key("through")).await, (sha256(&body), body.len() as u64));
+
+    // Down for good, with a retry timeout of 2 s (which the URL carries).
+    let url = format!("{}&retry_timeout=2s&retry_init=50ms", store_url(proxy.url(), &bucket, "outage"));
+    let short = S3Store::open(&url).await.unwrap();
+    assert!(short.url().ends_with("&retry_timeout=2s&retry_init=50ms"), "{}", short.url());
+    proxy.schedule("", &[(Outage::Down, Duration::MAX)]);
+    let start = Instant::now();
+    let err = short.put_bytes(&key("never"), body.clone()).await.unwrap_err();
+    let took = start.elapsed();
+    let text = err.to_string();
+    assert!(err.is_retryable(), "{err:?}");
+    assert!(
+        text.contains("gave up after retrying for") && text.contains("retry_timeout=2s in the store URL"),
+        "{text}"
+    );
+    // Retried for the retry timeout, not the default two minutes.
+    assert!(took >= Duration::from_secs(1) && took < Duration::from_secs(30), "{took:?}");
+    assert!(proxy.counts().outage_drops > seen.outage_drops + 3, "{:?}", proxy.counts());
+}
+
+#[tokio::test]
+async fn a_wrong_region_names_the_bucket_region_and_the_fix() {
+    let Some(endpoint) = endpoint("a_wrong_region_names_the_bucket_region_and_the_fix") else { return };
+    let bucket = unique_bucket("crew-region");
+    create_bucket(&endpoint, &bucket).unwrap();
+    let proxy = FaultProxy::start(&endpoint, 0, &[], 1).unwrap();
+    let store = S3Store::open(&store_url(proxy.url(), &bucket, "region")).await.unwrap();
+    for how in [WrongRegion::Redirect, WrongRegion::AuthorizationHeaderMalformed] {
+        proxy.wrong_region(Some(("eu-west-1", how)));
+        let err = store.check().await.unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, StoreError::Config(_)), "{how:?}: {err:?}");
+        assert!(text.contains(&format!("bucket {bucket} is in region eu-west-1, not us-east-1")), "{how:?}: {text}");
+        assert!(text.contains("?region=eu-west-1") && text.contains("AWS_REGION=eu-west-1"), "{how:?}: {text}");
+        let err = store.get(&key("any")).await.err().unwrap();
+        assert!(err.to_string().contains("is in region eu-west-1"), "{how:?}: {err}");
+    }
+    proxy.wrong_region(None);
+    store.check().await.unwrap();
 }

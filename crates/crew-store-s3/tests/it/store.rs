@@ -139,3 +139,30 @@ async fn bad_urls_are_refused_before_any_request() {
         assert!(err.contains(want), "{url}: {err}");
     }
 }
+
+#[tokio::test]
+async fn utf8_and_odd_names_are_stored_under_their_own_object_keys() {
+    let Some(endpoint) = endpoint("utf8_and_odd_names_are_stored_under_their_own_object_keys") else { return };
+    let (bucket, store) = fresh_store(&endpoint, "runs/ä b").await;
+    let names = ["ü.txt", "a#b.txt", "100%.csv", "x?y=1&z", "[brackets] {braces} <angles> \"quotes\"", "日本/語.txt"];
+    for (i, name) in names.iter().enumerate() {
+        store.put_bytes(&key(&format!("jobs/1/1/outputs/{name}")), Bytes::from(vec![b'a'; i + 1])).await.unwrap();
+    }
+    // Any S3 client sees the names themselves, under the prefix.
+    let mut raw = crew_store_s3::testing::list_keys(&endpoint, &bucket, "runs/").unwrap();
+    raw.sort();
+    let mut want: Vec<String> = names.iter().map(|n| format!("runs/ä b/jobs/1/1/outputs/{n}")).collect();
+    want.sort();
+    assert_eq!(raw, want);
+    // And the store lists and reads them back by their keys.
+    let mut listed: Vec<String> =
+        store.list(&key("jobs/1")).await.unwrap().into_iter().map(|m| m.key.as_str().to_owned()).collect();
+    listed.sort();
+    let mut want: Vec<String> = names.iter().map(|n| format!("jobs/1/1/outputs/{n}")).collect();
+    want.sort();
+    assert_eq!(listed, want);
+    for (i, name) in names.iter().enumerate() {
+        let (_, len) = sha256_of(&store, &key(&format!("jobs/1/1/outputs/{name}"))).await;
+        assert_eq!(len, i as u64 + 1, "{name}");
+    }
+}
