@@ -368,7 +368,7 @@ where
     let mut last_recv = Instant::now();
     let mut last_sent = Instant::now();
     let mut idle_since = Some(Instant::now());
-    let silent_limit = heartbeat * 5;
+    let silent_limit = heartbeat.saturating_mul(5);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
     // Set when the agent must leave: the job in hand is cancelled first.
@@ -497,7 +497,7 @@ where
         let now = Instant::now();
         let mut wake = (last_sent + heartbeat).min(last_recv + silent_limit);
         if let (Some(idle), Some(since)) = (idle_timeout, idle_since) {
-            wake = wake.min(since + idle);
+            wake = wake.min(crate::clock::after(since, idle));
         }
         let wake = tokio::time::Instant::from_std(wake.max(now));
         tokio::select! {
@@ -520,7 +520,7 @@ where
                         "no word from the controller for {}", humantime::format_duration(silent_limit)
                     )));
                 } else if let (Some(idle), Some(since)) = (idle_timeout, idle_since) {
-                    if fut.is_none() && queue.is_empty() && now >= since + idle {
+                    if fut.is_none() && queue.is_empty() && now >= crate::clock::after(since, idle) {
                         push(&mut out, &AgentMsg::Bye { reason: "idle timeout".into() });
                         leaving.get_or_insert(AgentExit::Idle);
                     }

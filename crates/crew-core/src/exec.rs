@@ -48,7 +48,7 @@ use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::future::Future;
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -791,7 +791,13 @@ fn start(cmd: &mut std::process::Command, stdin: &File, files: &CaptureFiles) ->
 /// rather than a pipe, so that no task has to feed it and a job that never
 /// reads its stdin cannot block anything.
 fn stdin_file(scratch: &Path, data: &[u8]) -> io::Result<File> {
-    let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(scratch.join(STDIN_FILE))?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(scratch.join(STDIN_FILE))?;
     // Positional write: the offset the job reads from stays at 0.
     file.write_all_at(data, 0)?;
     Ok(file)
@@ -822,7 +828,10 @@ struct CaptureFiles {
 impl CaptureFiles {
     fn open(scratch: &Path) -> io::Result<Self> {
         let open =
-            |name: &str| OpenOptions::new().read(true).write(true).create(true).truncate(true).open(scratch.join(name));
+            // Private: a job's output is nobody else's business.
+            |name: &str| {
+                OpenOptions::new().read(true).write(true).create(true).truncate(true).mode(0o600).open(scratch.join(name))
+            };
         Ok(Self { stdout: open(STDOUT_FILE)?, stderr: open(STDERR_FILE)? })
     }
 }

@@ -11,6 +11,8 @@ mod cli;
 mod config;
 mod controller;
 mod daemon_api;
+mod durability;
+mod limits;
 mod mixed;
 mod run;
 mod s3;

@@ -39,6 +39,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::clock::after;
 use crate::job::{JobId, JobSpec};
 use crate::output::{Output, Status};
 use crate::tags::Tags;
@@ -414,16 +415,16 @@ impl Scheduler {
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
         for s in &self.slots {
             match s.state {
-                SlotState::Launching => consider(s.since + s.cfg.limits.launch_timeout),
+                SlotState::Launching => consider(after(s.since, s.cfg.limits.launch_timeout)),
                 SlotState::Up => {
                     if let (Some(idle), Some(since)) = (s.cfg.limits.idle_timeout, s.idle_since) {
                         if s.jobs.is_empty() {
-                            consider(since + idle);
+                            consider(after(since, idle));
                         }
                     }
                     if let Some(wall) = s.cfg.limits.wall_time {
                         if !s.retiring {
-                            consider(s.since + wall);
+                            consider(after(s.since, wall));
                         }
                     }
                 }
@@ -652,7 +653,7 @@ impl Scheduler {
             let slot = SlotId(i as u32);
             let s = &self.slots[i];
             match s.state {
-                SlotState::Launching if now >= s.since + s.cfg.limits.launch_timeout => {
+                SlotState::Launching if now >= after(s.since, s.cfg.limits.launch_timeout) => {
                     let reason = format!(
                         "the worker did not connect within {}",
                         humantime::format_duration(s.cfg.limits.launch_timeout)
@@ -662,7 +663,7 @@ impl Scheduler {
                 }
                 SlotState::Up => {
                     if let Some(wall) = s.cfg.limits.wall_time {
-                        if !s.retiring && now >= s.since + wall {
+                        if !s.retiring && now >= after(s.since, wall) {
                             self.unindex_ready(slot);
                             self.slots[i].retiring = true;
                             self.after_slot_change(slot, now);
@@ -670,7 +671,7 @@ impl Scheduler {
                     }
                     let s = &self.slots[i];
                     if let (Some(idle), Some(since)) = (s.cfg.limits.idle_timeout, s.idle_since) {
-                        if s.state == SlotState::Up && s.jobs.is_empty() && now >= since + idle {
+                        if s.state == SlotState::Up && s.jobs.is_empty() && now >= after(since, idle) {
                             let reason = format!("idle for {}", humantime::format_duration(idle));
                             self.stop(slot, reason);
                         }
