@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::job::{JobError, JobId, JobSpec};
-use crate::output::{OUTPUT_FORMAT, Output};
+use crate::output::{OUTPUT_FORMAT, Output, Status};
 use crate::protocol::{self, AgentMsg, ControllerMsg, PROTOCOL_VERSION, RunJob};
 use crate::scheduler::{Action, Counts, Scheduler, SlotConfig, SlotFilter, SlotId, SlotLimits, SlotState, SubmitError};
 use crate::seed::job_seed;
@@ -451,7 +451,19 @@ struct Conn {
     /// The writer task owns the buffer's head until it drained it (the
     /// socket was full); direct writes wait meanwhile, to keep frame order.
     pending_write: AtomicBool,
+    /// Object lists of results in parts ([`AgentMsg::Objects`]), by job
+    /// and attempt, until their `Done`; `true` when the list passed
+    /// [`MAX_RESULT_OBJECTS`].
+    objects: Mutex<HashMap<(JobId, u32), ObjectParts>>,
 }
+
+/// The parts of one result's object list received so far, and whether it
+/// passed [`MAX_RESULT_OBJECTS`].
+type ObjectParts = (Vec<crate::staging::StoredObject>, bool);
+
+/// The most output objects one result may list; a job that uploaded more
+/// ends `failed` with a reason (the controller's memory is the bound).
+pub const MAX_RESULT_OBJECTS: usize = 1_000_000;
 
 impl Conn {
     /// Queues a frame and writes as much as the socket takes now.
@@ -1259,10 +1271,33 @@ impl Shared {
         let now = Instant::now();
         for msg in msgs {
             match msg {
+                AgentMsg::Objects { job, attempt, objects } => {
+                    let mut parts = lock(&conn.objects);
+                    let (list, overflow) = parts.entry((job, attempt)).or_default();
+                    if list.len() + objects.len() > MAX_RESULT_OBJECTS {
+                        *overflow = true;
+                    } else {
+                        list.extend(objects);
+                    }
+                }
                 AgentMsg::Done { job, attempt, result } => {
+                    let parts = lock(&conn.objects).remove(&(job, attempt));
                     let Some(spec) = core.sched.job(job).cloned() else { continue };
                     let cfg = core.sched.slot_config(slot);
-                    let r = *result;
+                    let mut r = *result;
+                    if let Some((mut objects, overflow)) = parts {
+                        if overflow || objects.len() + r.objects.len() > MAX_RESULT_OBJECTS {
+                            r.status = Status::Failed;
+                            r.error = Some(format!(
+                                "the job uploaded more than {MAX_RESULT_OBJECTS} output files, more than one \
+                                 record may list; narrow its output patterns, or archive the files into fewer"
+                            ));
+                            objects.clear();
+                            r.objects.clear();
+                        }
+                        objects.append(&mut r.objects);
+                        r.objects = objects;
+                    }
                     let output = Output {
                         v: OUTPUT_FORMAT,
                         id: job,
@@ -1573,6 +1608,7 @@ async fn serve_connection(shared: Arc<Shared>, stream: Link, peer: SocketAddr) {
             last_sent_ms: AtomicU64::new(now_ms),
             broken: AtomicBool::new(false),
             pending_write: AtomicBool::new(false),
+            objects: Mutex::new(HashMap::new()),
         });
         let now = Instant::now();
         if !core.sched.connected(slot, now) {

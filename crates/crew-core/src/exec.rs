@@ -238,7 +238,20 @@ struct WorkDir {
 impl Drop for WorkDir {
     fn drop(&mut self) {
         if self.owned {
-            let _ = std::fs::remove_dir_all(&self.path);
+            // Off the agent's loop: removing tens of thousands of output
+            // files takes seconds (more on a loaded machine), and the
+            // agent's heartbeats must go on meanwhile.
+            let path = std::mem::take(&mut self.path);
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn_blocking(move || {
+                        let _ = std::fs::remove_dir_all(&path);
+                    });
+                }
+                Err(_) => {
+                    let _ = std::fs::remove_dir_all(&path);
+                }
+            }
         }
     }
 }
@@ -303,6 +316,8 @@ async fn fetch_inputs(store: &dyn Store, dir: &Path, spec: &JobSpec) -> Result<(
         let key = StoreKey::new(key.as_str()).map_err(|e| fail(e.to_string()))?;
         let dest = staging::prepare_dest(dir, &input.name).map_err(|e| fail(e.to_string()))?;
         staging::download_verified(store, &key, sha256, *size, &dest).await.map_err(|e| fail(e.to_string()))?;
+        // As between uploads (see store_outputs).
+        tokio::task::yield_now().await;
     }
     Ok(())
 }
@@ -337,6 +352,11 @@ async fn store_outputs(store: &dyn Store, id: JobId, attempt: u32, dir: &Path, s
                     }
                     Err(e) => problems.push(format!("could not upload output {name}: {e}")),
                 }
+                // A local store may complete an upload without ever
+                // waiting: give the agent's loop its turn (heartbeats,
+                // cancel, signals) between files, or tens of thousands of
+                // outputs silence it until the controller counts it lost.
+                tokio::task::yield_now().await;
             }
         }
         Err(e) => problems.push(format!("could not collect the outputs: {e}")),
@@ -1498,6 +1518,11 @@ mod tests {
         // It ran in a folder of its own, removed after.
         let workdir = PathBuf::from(r.stdout.text.trim());
         assert!(workdir.starts_with(&ctx.scratch), "{workdir:?}");
+        // Removed off the agent's loop, so a moment later.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while workdir.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         assert!(!workdir.exists());
     }
 

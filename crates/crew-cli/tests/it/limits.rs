@@ -161,3 +161,41 @@ fn the_project_folder_and_the_daemons_files_are_private() {
     assert_eq!(mode(&fresh.path().join(".crew")), 0o700);
     assert_eq!(mode(&fresh.path().join(".crew/journal.jsonl")), 0o600);
 }
+
+/// A job that writes 40,000 output files with long names: its result's
+/// object list (about 16 MiB on the wire) does not fit one frame, so the
+/// agent sends it in parts. The job succeeds, its record lists every file,
+/// and `crew fetch` gets them all.
+#[test]
+fn a_result_listing_forty_thousand_outputs_is_delivered_and_fetched() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let mark = unique("limits-many-");
+    let _reaper = Reaper::new(&mark);
+    let _down = Down { dir: d, mark: &mark };
+    let long = "n".repeat(150);
+    let script =
+        format!("mkdir out && cd out && i=0; while [ $i -lt 40000 ]; do echo $i > {long}-$i; i=$((i+1)); done");
+    crew_ok(d, &mark, &["recruit", "--workers", "1", "--class", "local"]);
+    crew_ok(d, &mark, &["send", "--name", "many", "--output", "out/*", "--", "sh", "-c", &script]);
+    let out = run(crew(d, &mark, &["receive", "--wait", "--json"]), None, Duration::from_secs(600));
+    assert_eq!(out.code(), Some(0), "{}", &out.stderr);
+    let records = out.records();
+    assert_eq!(records.len(), 1, "{}", &out.stderr);
+    let r = &records[0];
+    assert_eq!(r["status"], "succeeded", "{}", r["error"]);
+    let objects = r["objects"].as_array().expect("objects");
+    assert_eq!(objects.len(), 40_000);
+    let mut names: Vec<&str> = objects.iter().map(|o| o["name"].as_str().expect("a name")).collect();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), 40_000, "every file listed once");
+    let to = d.join("fetched");
+    let out =
+        run(crew(d, &mark, &["fetch", "many", "--to", to.to_str().expect("utf-8")]), None, Duration::from_secs(600));
+    assert_eq!(out.code(), Some(0), "{}", &out.stderr);
+    let fetched = std::fs::read_dir(to.join("out")).expect("out/").count();
+    assert_eq!(fetched, 40_000);
+    let one = std::fs::read_to_string(to.join(format!("out/{long}-39999"))).expect("a fetched file");
+    assert_eq!(one, "39999\n");
+}

@@ -684,8 +684,12 @@ impl Scheduler {
     }
 
     /// Cancels a job: a queued one ends at once, a running one is killed by
-    /// its worker (which then reports it `cancelled`). Returns false when the
-    /// job is unknown (never sent, or already delivered).
+    /// its worker (which then reports it `cancelled`). Cancelling again a
+    /// job whose worker has not ended it yet (a worker stuck, or not
+    /// answering) ends it at once, `cancelled`, and stops that worker (its
+    /// other jobs go back to the queue): whatever state a job is stuck in, a
+    /// second cancel ends it. Returns false when the job is unknown (never
+    /// sent, or already delivered).
     pub fn cancel(&mut self, job: JobId, now: Instant) -> bool {
         let Some(e) = self.jobs.get_mut(&job) else {
             return false;
@@ -696,7 +700,12 @@ impl Scheduler {
                 self.deliver_without_run(job, Status::Cancelled, "cancelled by the user".to_owned());
             }
             JobState::Assigned(slot) => {
-                if !e.cancel_requested {
+                if e.cancel_requested {
+                    let s = &self.slots[slot.0 as usize];
+                    if s.state == SlotState::Up && s.jobs.contains(&job) {
+                        self.stop(slot, format!("its worker did not end the cancelled job {job}: stopped"));
+                    }
+                } else {
                     e.cancel_requested = true;
                     self.actions.push(Action::Cancel { slot, job });
                 }
