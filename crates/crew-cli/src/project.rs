@@ -109,6 +109,9 @@ pub(crate) fn ensure_daemon_with(dir: &Path, overrides: &DaemonOverrides) -> Res
         .create(dir)
         .with_context(|| format!("cannot create the project folder {}", dir.display()))
         .map_err(Failure::usage)?;
+    // A bad crew.toml or CREW_* variable is bad input (exit 2), said here
+    // at once; the daemon, which reads the same, would exit 3.
+    crate::config::Config::load(dir).map_err(Failure::usage)?;
     let log_path = dir.join("daemon.log");
     let log = std::fs::OpenOptions::new()
         .create(true)

@@ -368,7 +368,7 @@ where
     let mut last_recv = Instant::now();
     let mut last_sent = Instant::now();
     let mut idle_since = Some(Instant::now());
-    let silent_limit = heartbeat * 5;
+    let silent_limit = heartbeat.saturating_mul(5);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
     // Set when the agent must leave: the job in hand is cancelled first.
@@ -495,9 +495,9 @@ where
         }
         // Wait for the next thing to happen.
         let now = Instant::now();
-        let mut wake = (last_sent + heartbeat).min(last_recv + silent_limit);
+        let mut wake = crate::clock::after(last_sent, heartbeat).min(crate::clock::after(last_recv, silent_limit));
         if let (Some(idle), Some(since)) = (idle_timeout, idle_since) {
-            wake = wake.min(since + idle);
+            wake = wake.min(crate::clock::after(since, idle));
         }
         let wake = tokio::time::Instant::from_std(wake.max(now));
         tokio::select! {
@@ -515,17 +515,17 @@ where
             }
             _ = tokio::time::sleep_until(wake) => {
                 let now = Instant::now();
-                if now >= last_recv + silent_limit {
+                if now >= crate::clock::after(last_recv, silent_limit) {
                     leaving.get_or_insert(AgentExit::ControllerLost(format!(
                         "no word from the controller for {}", humantime::format_duration(silent_limit)
                     )));
                 } else if let (Some(idle), Some(since)) = (idle_timeout, idle_since) {
-                    if fut.is_none() && queue.is_empty() && now >= since + idle {
+                    if fut.is_none() && queue.is_empty() && now >= crate::clock::after(since, idle) {
                         push(&mut out, &AgentMsg::Bye { reason: "idle timeout".into() });
                         leaving.get_or_insert(AgentExit::Idle);
                     }
                 }
-                if now >= last_sent + heartbeat && out.is_empty() {
+                if now >= crate::clock::after(last_sent, heartbeat) && out.is_empty() {
                     push(&mut out, &AgentMsg::Heartbeat);
                 }
             }
@@ -554,20 +554,59 @@ fn push(out: &mut BytesMut, msg: &AgentMsg) {
     }
 }
 
-fn push_done(out: &mut BytesMut, job: JobId, attempt: u32, result: JobResult) {
-    let msg = AgentMsg::Done { job, attempt, result: Box::new(result) };
-    if let Err(e) = protocol::encode(&msg, out) {
-        // The only way a result does not encode is that it is too large;
-        // send a smaller one that says so rather than losing the job.
-        warn!(%job, "result too large for a frame: {e}");
-        if let AgentMsg::Done { result, .. } = msg {
-            let mut r = *result;
-            truncate_utf8(&mut r.stdout.text, 1024);
-            truncate_utf8(&mut r.stderr.text, 1024);
-            r.error = Some(format!("the job's result did not fit in a frame: {e}"));
-            let _ = protocol::encode(&AgentMsg::Done { job, attempt, result: Box::new(r) }, out);
+/// The longest error message a result carries whole; the rest is cut (an
+/// error can quote a job's own output).
+const ERROR_MAX: usize = 64 * 1024;
+
+/// The bytes of object list (estimated) per [`AgentMsg::Objects`] frame:
+/// half a frame, so that the estimate's error never matters.
+const OBJECTS_PER_FRAME_BYTES: usize = protocol::MAX_FRAME / 2;
+
+/// Sends a result. A result always reaches the controller: an error
+/// message is capped; an object list too long for one frame goes ahead in
+/// [`AgentMsg::Objects`] frames; and should the rest still not fit, the
+/// job is reported `failed` with the reason, never dropped (which would
+/// leave it running forever in the controller's eyes).
+fn push_done(out: &mut BytesMut, job: JobId, attempt: u32, mut result: JobResult) {
+    if let Some(e) = &mut result.error {
+        if e.len() > ERROR_MAX {
+            let total = e.len();
+            truncate_utf8(e, ERROR_MAX);
+            e.push_str(&format!(" ... (cut: {total} bytes in all)"));
         }
     }
+    let msg = AgentMsg::Done { job, attempt, result: Box::new(result) };
+    let Err(e) = protocol::encode(&msg, out) else { return };
+    let AgentMsg::Done { result, .. } = msg else { return };
+    let mut r = *result;
+    debug!(%job, objects = r.objects.len(), "result too large for one frame ({e}): sending its objects ahead");
+    let mut chunk = Vec::new();
+    let mut bytes = 0;
+    for o in std::mem::take(&mut r.objects) {
+        let size = o.name.len() + o.key.len() + o.sha256.len() + 64;
+        if bytes + size > OBJECTS_PER_FRAME_BYTES && !chunk.is_empty() {
+            push(out, &AgentMsg::Objects { job, attempt, objects: std::mem::take(&mut chunk) });
+            bytes = 0;
+        }
+        bytes += size;
+        chunk.push(o);
+    }
+    if !chunk.is_empty() {
+        push(out, &AgentMsg::Objects { job, attempt, objects: chunk });
+    }
+    let msg = AgentMsg::Done { job, attempt, result: Box::new(r) };
+    let Err(e) = protocol::encode(&msg, out) else { return };
+    let AgentMsg::Done { result, .. } = msg else { return };
+    let mut r = *result;
+    warn!(%job, "result too large for a frame even without its objects: {e}");
+    truncate_utf8(&mut r.stdout.text, 1024);
+    truncate_utf8(&mut r.stderr.text, 1024);
+    if let Some(error) = &mut r.error {
+        truncate_utf8(error, 1024);
+    }
+    r.status = crate::output::Status::Failed;
+    r.error = Some(format!("the job's result could not be sent to the controller: {e}"));
+    push(out, &AgentMsg::Done { job, attempt, result: Box::new(r) });
 }
 
 /// When started by a class that set `CREW_PARENT_PID`, exit (by SIGTERM, so
@@ -613,5 +652,86 @@ fn truncate_utf8(s: &mut String, max: usize) {
             end -= 1;
         }
         s.truncate(end);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::output::{Captured, Status, Timestamp};
+
+    fn result(objects: usize, error: Option<String>) -> JobResult {
+        let t = Timestamp(std::time::SystemTime::UNIX_EPOCH);
+        let long = "n".repeat(150);
+        JobResult {
+            status: Status::Succeeded,
+            exit_code: Some(0),
+            signal: None,
+            error,
+            stdout: Captured::default(),
+            stderr: Captured::default(),
+            started: t,
+            finished: t,
+            wall_seconds: 0.0,
+            cpu_seconds: 0.0,
+            peak_rss_bytes: 0,
+            objects: (0..objects)
+                .map(|i| crate::staging::StoredObject {
+                    name: format!("out/{long}-{i}"),
+                    key: format!("jobs/1/1/outputs/out/{long}-{i}"),
+                    size: 6,
+                    sha256: "ab".repeat(32),
+                })
+                .collect(),
+        }
+    }
+
+    /// Decodes every frame of `out`, as the controller would.
+    fn frames(mut out: BytesMut) -> Vec<AgentMsg> {
+        let mut msgs = Vec::new();
+        while let Some(m) = protocol::decode::<AgentMsg>(&mut out).expect("every frame decodes") {
+            msgs.push(m);
+        }
+        assert!(out.is_empty());
+        msgs
+    }
+
+    #[test]
+    fn a_result_with_forty_thousand_objects_goes_in_parts_and_whole() {
+        let started = std::time::Instant::now();
+        let mut out = BytesMut::new();
+        push_done(&mut out, JobId(1), 1, result(40_000, None));
+        let encoded = started.elapsed();
+        assert!(out.len() > protocol::MAX_FRAME, "the list must not fit one frame for this test");
+        let msgs = frames(out);
+        eprintln!("encoded in {encoded:?}, decoded in {:?}", started.elapsed() - encoded);
+        assert!(msgs.len() >= 3, "{} frames", msgs.len());
+        let mut names = Vec::new();
+        for m in &msgs[..msgs.len() - 1] {
+            let AgentMsg::Objects { job, attempt, objects } = m else { panic!("objects first: {m:?}") };
+            assert_eq!((*job, *attempt), (JobId(1), 1));
+            names.extend(objects.iter().map(|o| o.name.clone()));
+        }
+        let Some(AgentMsg::Done { result, .. }) = msgs.last() else { panic!("done last") };
+        assert_eq!(result.status, Status::Succeeded);
+        names.extend(result.objects.iter().map(|o| o.name.clone()));
+        let want: Vec<String> = result_names(40_000);
+        assert_eq!(names, want, "every object, in order");
+    }
+
+    fn result_names(n: usize) -> Vec<String> {
+        result(n, None).objects.into_iter().map(|o| o.name).collect()
+    }
+
+    #[test]
+    fn a_huge_error_message_is_cut_and_the_result_still_goes() {
+        let mut out = BytesMut::new();
+        push_done(&mut out, JobId(2), 1, result(1, Some("e".repeat(20 << 20))));
+        let msgs = frames(out);
+        assert_eq!(msgs.len(), 1);
+        let AgentMsg::Done { result, .. } = &msgs[0] else { panic!("done") };
+        let error = result.error.as_deref().expect("the error");
+        assert!(error.len() < ERROR_MAX + 100 && error.ends_with(&format!("(cut: {} bytes in all)", 20 << 20)));
+        assert_eq!(result.objects.len(), 1);
     }
 }

@@ -451,7 +451,19 @@ struct Conn {
     /// The writer task owns the buffer's head until it drained it (the
     /// socket was full); direct writes wait meanwhile, to keep frame order.
     pending_write: AtomicBool,
+    /// Object lists of results in parts ([`AgentMsg::Objects`]), by job
+    /// and attempt, until their `Done`; `true` when the list passed
+    /// [`MAX_RESULT_OBJECTS`].
+    objects: Mutex<HashMap<(JobId, u32), ObjectParts>>,
 }
+
+/// The parts of one result's object list received so far, and whether it
+/// passed [`MAX_RESULT_OBJECTS`].
+type ObjectParts = (Vec<crate::staging::StoredObject>, bool);
+
+/// The most output objects one result may list; a job that uploaded more
+/// ends `failed` with a reason (the controller's memory is the bound).
+pub const MAX_RESULT_OBJECTS: usize = 1_000_000;
 
 impl Conn {
     /// Queues a frame and writes as much as the socket takes now.
@@ -666,9 +678,38 @@ impl Controller {
     /// Sends many jobs at once, all or nothing: if one is refused, none is
     /// accepted.
     pub fn send_many(&self, specs: Vec<JobSpec>) -> Result<Vec<JobId>, ControllerError> {
+        self.check_jobs(&specs)?;
+        let shared = &self.shared;
+        let mut core = lock(&shared.core);
+        if core.closing {
+            return Err(ControllerError::Closed);
+        }
+        Self::check_locked(&core, &specs)?;
+        let now = Instant::now();
+        let ids = Self::take_ids(&mut core, specs.len())?;
+        for (id, spec) in ids.iter().copied().zip(specs) {
+            let seed = job_seed(shared.config.seed, &spec.seed_key(id));
+            if let Some(name) = &spec.name {
+                core.names.insert(name.clone(), id);
+            }
+            core.sched.submit(id, Arc::new(spec), seed, now)?;
+            if core.sched.has_actions() {
+                shared.apply(&mut core);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Checks jobs as [`Controller::send_many`] would, accepting nothing:
+    /// for a program that records jobs durably before it hands them over
+    /// (with ids from [`Controller::reserve_ids`], then
+    /// [`Controller::restore`]), so that what it records is what the
+    /// controller takes.
+    pub fn check_jobs(&self, specs: &[JobSpec]) -> Result<(), ControllerError> {
         let mut seen = HashSet::new();
-        for spec in &specs {
+        for spec in specs {
             spec.validate()?;
+            spec.check_size()?;
             self.check_data(spec)?;
             if let Some(name) = &spec.name {
                 if !seen.insert(name.as_str()) {
@@ -676,12 +717,30 @@ impl Controller {
                 }
             }
         }
-        let shared = &self.shared;
-        let mut core = lock(&shared.core);
+        let core = lock(&self.shared.core);
         if core.closing {
             return Err(ControllerError::Closed);
         }
-        for spec in &specs {
+        Self::check_locked(&core, specs)
+    }
+
+    /// Takes `n` job ids that no other job gets, for jobs handed over later
+    /// with [`Controller::restore`].
+    pub fn reserve_ids(&self, n: usize) -> Result<Vec<JobId>, ControllerError> {
+        Self::take_ids(&mut lock(&self.shared.core), n)
+    }
+
+    fn take_ids(core: &mut Core, n: usize) -> Result<Vec<JobId>, ControllerError> {
+        let first = core.next_job;
+        let end = u64::try_from(n).ok().and_then(|n| first.checked_add(n)).ok_or_else(|| {
+            ControllerError::InvalidJob(JobError("the job ids are used up (the journal holds an id near 2^64)".into()))
+        })?;
+        core.next_job = end;
+        Ok((first..end).map(JobId).collect())
+    }
+
+    fn check_locked(core: &Core, specs: &[JobSpec]) -> Result<(), ControllerError> {
+        for spec in specs {
             if let Some(name) = &spec.name {
                 if core.names.contains_key(name) {
                     return Err(ControllerError::DuplicateName(name.clone()));
@@ -689,22 +748,7 @@ impl Controller {
             }
             core.sched.check_tags(&spec.tags)?;
         }
-        let now = Instant::now();
-        let mut ids = Vec::with_capacity(specs.len());
-        for spec in specs {
-            let id = JobId(core.next_job);
-            core.next_job += 1;
-            let seed = job_seed(shared.config.seed, &spec.seed_key(id));
-            if let Some(name) = &spec.name {
-                core.names.insert(name.clone(), id);
-            }
-            core.sched.submit(id, Arc::new(spec), seed, now)?;
-            ids.push(id);
-            if core.sched.has_actions() {
-                shared.apply(&mut core);
-            }
-        }
-        Ok(ids)
+        Ok(())
     }
 
     /// Refuses a job whose data the workers could not get: inputs or outputs
@@ -733,6 +777,7 @@ impl Controller {
     pub fn restore(&self, jobs: Vec<RestoredJob>) -> Result<(), ControllerError> {
         for job in &jobs {
             job.spec.validate()?;
+            job.spec.check_size()?;
             self.check_data(&job.spec)?;
         }
         let shared = &self.shared;
@@ -750,7 +795,7 @@ impl Controller {
         }
         let now = Instant::now();
         for job in jobs {
-            core.next_job = core.next_job.max(job.id.0 + 1);
+            core.next_job = core.next_job.max(job.id.0.saturating_add(1));
             let seed = job_seed(shared.config.seed, &job.spec.seed_key(job.id));
             if let Some(name) = &job.spec.name {
                 core.names.insert(name.clone(), job.id);
@@ -775,7 +820,7 @@ impl Controller {
     /// Waits for the next output. Returns `None` when no job is pending (so
     /// none will come), or when `timeout` passes first.
     pub async fn receive_wait(&self, timeout: Option<Duration>) -> Option<Output> {
-        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        let deadline = timeout.map(|t| crate::clock::after_tokio(tokio::time::Instant::now(), t));
         loop {
             let notified = self.shared.outputs_ready.notified();
             tokio::pin!(notified);
@@ -913,7 +958,7 @@ impl Controller {
             core.launches.clear();
         }
         // Give agents the grace to leave by themselves.
-        let deadline = tokio::time::Instant::now() + shared.config.stop_grace;
+        let deadline = crate::clock::after_tokio(tokio::time::Instant::now(), shared.config.stop_grace);
         for c in &conns {
             let _ = tokio::time::timeout_at(deadline, c.closed.cancelled()).await;
         }
@@ -1205,7 +1250,10 @@ impl Shared {
             // The controller stops idle workers itself; the agent's own
             // limit only guards against a controller that vanished without
             // closing the connection.
-            idle_timeout: cfg.limits.idle_timeout.map(|d| d + self.config.heartbeat * self.config.heartbeat_misses),
+            idle_timeout: cfg
+                .limits
+                .idle_timeout
+                .map(|d| d.saturating_add(self.config.heartbeat.saturating_mul(self.config.heartbeat_misses))),
             tasks_max: cfg.limits.tasks_max,
             heartbeat: self.config.heartbeat,
             store: self.config.store.as_ref().map(|s| s.url()),
@@ -1223,10 +1271,33 @@ impl Shared {
         let now = Instant::now();
         for msg in msgs {
             match msg {
+                AgentMsg::Objects { job, attempt, objects } => {
+                    let mut parts = lock(&conn.objects);
+                    let (list, overflow) = parts.entry((job, attempt)).or_default();
+                    if list.len() + objects.len() > MAX_RESULT_OBJECTS {
+                        *overflow = true;
+                    } else {
+                        list.extend(objects);
+                    }
+                }
                 AgentMsg::Done { job, attempt, result } => {
+                    let parts = lock(&conn.objects).remove(&(job, attempt));
                     let Some(spec) = core.sched.job(job).cloned() else { continue };
                     let cfg = core.sched.slot_config(slot);
-                    let r = *result;
+                    let mut r = *result;
+                    if let Some((mut objects, overflow)) = parts {
+                        if overflow || objects.len() + r.objects.len() > MAX_RESULT_OBJECTS {
+                            r.status = Status::Failed;
+                            r.error = Some(format!(
+                                "the job uploaded more than {MAX_RESULT_OBJECTS} output files, more than one \
+                                 record may list; narrow its output patterns, or archive the files into fewer"
+                            ));
+                            objects.clear();
+                            r.objects.clear();
+                        }
+                        objects.append(&mut r.objects);
+                        r.objects = objects;
+                    }
                     let output = Output {
                         v: OUTPUT_FORMAT,
                         id: job,
@@ -1338,7 +1409,7 @@ async fn open_link(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) ->
     let mut first = [0u8; 1];
     let limit = shared.config.hello_timeout;
     // One budget for the first byte and the TLS handshake.
-    let deadline = tokio::time::Instant::now() + limit;
+    let deadline = crate::clock::after_tokio(tokio::time::Instant::now(), limit);
     match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
         Ok(Ok(1)) => {}
         Ok(Ok(_)) => return None,
@@ -1541,6 +1612,7 @@ async fn serve_connection(shared: Arc<Shared>, stream: Link, peer: SocketAddr) {
             last_sent_ms: AtomicU64::new(now_ms),
             broken: AtomicBool::new(false),
             pending_write: AtomicBool::new(false),
+            objects: Mutex::new(HashMap::new()),
         });
         let now = Instant::now();
         if !core.sched.connected(slot, now) {
@@ -1638,7 +1710,7 @@ async fn writer_loop(conn: Arc<Conn>) {
 async fn timer_loop(shared: Arc<Shared>) {
     let hb = shared.config.heartbeat;
     let hb_ms = hb.as_millis() as u64;
-    let lost_ms = hb_ms * u64::from(shared.config.heartbeat_misses.max(1));
+    let lost_ms = hb_ms.saturating_mul(u64::from(shared.config.heartbeat_misses.max(1)));
     loop {
         let deadline = {
             let core = lock(&shared.core);

@@ -56,7 +56,7 @@ use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
 use std::future::Future;
 use std::io;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -297,7 +297,20 @@ struct WorkDir {
 impl Drop for WorkDir {
     fn drop(&mut self) {
         if self.owned {
-            let _ = std::fs::remove_dir_all(&self.path);
+            // Off the agent's loop: removing tens of thousands of output
+            // files takes seconds (more on a loaded machine), and the
+            // agent's heartbeats must go on meanwhile.
+            let path = std::mem::take(&mut self.path);
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn_blocking(move || {
+                        let _ = std::fs::remove_dir_all(&path);
+                    });
+                }
+                Err(_) => {
+                    let _ = std::fs::remove_dir_all(&path);
+                }
+            }
         }
     }
 }
@@ -365,6 +378,8 @@ async fn fetch_inputs(store: &dyn Store, dir: &Path, spec: &JobSpec) -> Result<(
         let key = StoreKey::new(key.as_str()).map_err(|e| fail(e.to_string()))?;
         let dest = staging::prepare_dest(dir, &input.name).map_err(|e| fail(e.to_string()))?;
         staging::download_verified(store, &key, sha256, *size, &dest).await.map_err(|e| fail(e.to_string()))?;
+        // As between uploads (see store_outputs).
+        tokio::task::yield_now().await;
     }
     Ok(())
 }
@@ -400,6 +415,11 @@ async fn store_outputs(store: &dyn Store, id: JobId, attempt: u32, dir: &Path, s
                     }
                     Err(e) => problems.push(format!("could not upload output {name}: {e}")),
                 }
+                // A local store may complete an upload without ever
+                // waiting: give the agent's loop its turn (heartbeats,
+                // cancel, signals) between files, or tens of thousands of
+                // outputs silence it until the controller counts it lost.
+                tokio::task::yield_now().await;
             }
         }
         Err(e) => problems.push(format!("could not collect the outputs: {e}")),
@@ -866,7 +886,13 @@ fn start(
 /// rather than a pipe, so that no task has to feed it and a job that never
 /// reads its stdin cannot block anything.
 fn stdin_file(scratch: &Path, data: &[u8]) -> io::Result<File> {
-    let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(scratch.join(STDIN_FILE))?;
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(scratch.join(STDIN_FILE))?;
     // Positional write: the offset the job reads from stays at 0.
     file.write_all_at(data, 0)?;
     Ok(file)
@@ -897,7 +923,10 @@ struct CaptureFiles {
 impl CaptureFiles {
     fn open(scratch: &Path) -> io::Result<Self> {
         let open =
-            |name: &str| OpenOptions::new().read(true).write(true).create(true).truncate(true).open(scratch.join(name));
+            // Private: a job's output is nobody else's business.
+            |name: &str| {
+                OpenOptions::new().read(true).write(true).create(true).truncate(true).mode(0o600).open(scratch.join(name))
+            };
         Ok(Self { stdout: open(STDOUT_FILE)?, stderr: open(STDERR_FILE)? })
     }
 }
@@ -1651,6 +1680,11 @@ mod tests {
         // It ran in a folder of its own, removed after.
         let workdir = PathBuf::from(r.stdout.text.trim());
         assert!(workdir.starts_with(&ctx.scratch), "{workdir:?}");
+        // Removed off the agent's loop, so a moment later.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while workdir.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         assert!(!workdir.exists());
     }
 

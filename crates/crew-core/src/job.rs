@@ -499,20 +499,94 @@ pub fn parse_size(s: &str) -> Result<u64, JobError> {
     };
     Ok(bytes)
 }
+/// The longest duration crew accepts anywhere it parses one (timeouts,
+/// idle and wall limits, grace periods): 10 years. Longer is surely a
+/// mistake, and would overflow the clock arithmetic of deadlines.
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// Parses a duration as users write it: `30s`, `1m30s`, `500ms`, `2h`, or a
-/// plain number of seconds (`1.5`).
+/// plain number of seconds (`1.5`); at most [`MAX_DURATION`].
 pub fn parse_duration(s: &str) -> Result<Duration, JobError> {
     let s = s.trim();
+    let too_long = || JobError::new(format!("invalid duration {s:?}: longer than the limit of 10 years (3650d)"));
     if let Ok(secs) = s.parse::<f64>() {
-        if (0.0..1e12).contains(&secs) {
-            return Ok(Duration::from_secs_f64(secs));
+        if !(secs >= 0.0 && secs.is_finite()) {
+            return Err(JobError::new(format!(
+                "invalid duration {s:?}: write a positive number of seconds or e.g. 30s"
+            )));
         }
-        return Err(JobError::new(format!("invalid duration {s:?}: out of range")));
+        if secs > MAX_DURATION.as_secs_f64() {
+            return Err(too_long());
+        }
+        return Ok(Duration::from_secs_f64(secs));
     }
-    humantime::parse_duration(s).map_err(|e| {
-        JobError::new(format!("invalid duration {s:?} ({e}); write e.g. 30s, 1m30s, 500ms or a number of seconds"))
-    })
+    let d = humantime::parse_duration(s).map_err(|e| {
+        let e = e.to_string();
+        if e.contains("overflow") {
+            too_long()
+        } else {
+            JobError::new(format!("invalid duration {s:?} ({e}); write e.g. 30s, 1m30s, 500ms or a number of seconds"))
+        }
+    })?;
+    if d > MAX_DURATION {
+        return Err(too_long());
+    }
+    Ok(d)
+}
+
+/// The largest a job may be on the wire (MessagePack, as the controller
+/// sends it to an agent): a frame ([`crate::protocol::MAX_FRAME`]) less
+/// room for the frame's other fields. A job over it is refused when it is
+/// sent (a huge argv, environment or stdin): large data goes through the
+/// store as an input file.
+pub const MAX_JOB_BYTES: usize = crate::protocol::MAX_FRAME - 64 * 1024;
+
+/// Counts the bytes written to it.
+struct Counter(usize);
+
+impl std::io::Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl JobSpec {
+    /// The job's size on the wire, in bytes.
+    pub fn wire_size(&self) -> usize {
+        let mut c = Counter(0);
+        // Serializing a JobSpec does not fail (string keys, no maps with
+        // other keys); a failure would count as too large.
+        match rmp_serde::encode::write_named(&mut c, self) {
+            Ok(()) => c.0,
+            Err(_) => usize::MAX,
+        }
+    }
+
+    /// Refuses a job too large to be sent to an agent in one frame
+    /// ([`MAX_JOB_BYTES`]), with an error that says what to do.
+    pub fn check_size(&self) -> Result<(), JobError> {
+        let size = self.wire_size();
+        if size > MAX_JOB_BYTES {
+            return Err(JobError::new(format!(
+                "the job is too large: {} on the wire (command line, environment and stdin), over the limit of {}; \
+                 pass large data as an input file (--input, \"inputs\") instead",
+                human_bytes(size),
+                human_bytes(MAX_JOB_BYTES)
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn human_bytes(n: usize) -> String {
+    if n == usize::MAX {
+        return "more than can be counted".to_owned();
+    }
+    format!("{n} bytes ({:.1} MiB)", n as f64 / (1024.0 * 1024.0))
 }
 
 /// One job line in the JSON form (see README, "Job lines").
@@ -762,7 +836,7 @@ pub fn parse_job_file(text: &str, defaults: &LineDefaults) -> Result<Vec<JobSpec
         if t.is_empty() || t.starts_with('#') {
             continue;
         }
-        match parse_job_line(t, defaults) {
+        match parse_job_line(t, defaults).and_then(|spec| spec.check_size().map(|()| spec)) {
             Ok(spec) => {
                 if let Some(name) = &spec.name {
                     if let Some(first) = names.insert(name.clone(), i + 1) {

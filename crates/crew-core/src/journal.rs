@@ -3,14 +3,17 @@
 //!
 //! It is an append-only file of JSON lines, one [`Record`] per line. Lines
 //! are written in batches and made durable with `fdatasync` by
-//! [`Journal::commit`], which a daemon calls before it acknowledges a
-//! request: a job whose id a client saw is on disk. Reading it back
-//! ([`Journal::open`]) folds the records into a [`Replay`]: the slots
-//! recruited, the jobs accepted and not finished (with their history), the
-//! outputs finished and not received, and the next job id. A torn last line
-//! (a crash in the middle of a write) is dropped; damage anywhere else is an
-//! error that names the line, since silently skipping records could lose or
-//! duplicate work.
+//! [`Journal::commit`], or by [`Journal::flush`] and an `fdatasync` of the
+//! [`SyncHandle`] it returns, outside any lock (the daemon's group commit:
+//! one `fdatasync` covers every record appended meanwhile). A daemon
+//! acknowledges a request only once its records are durable: a job whose id
+//! a client saw is on disk. Reading it back ([`Journal::open`]) folds the
+//! records into a [`Replay`]: the slots recruited, the jobs accepted and not
+//! finished (with their history), the outputs finished and not received,
+//! and the next job id. Replaying never panics: a torn last line (a crash in
+//! the middle of a write) is dropped; a line that does not parse, or is
+//! longer than [`MAX_RECORD`], is skipped and reported in
+//! [`Replay::skipped`] (by line number), and the rest is recovered.
 //!
 //! Why an append-only log and not an embedded database: the access pattern
 //! is exactly "append, and read everything once at start", records are
@@ -28,6 +31,7 @@
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -67,8 +71,9 @@ pub enum Record {
         /// The jobs, with their ids.
         jobs: Vec<(JobId, JobSpec)>,
     },
-    /// A job was sent to a worker (not made durable by itself: losing one
-    /// only means a job that was running is not counted a crash).
+    /// A job was sent to a worker (made durable by the next group commit,
+    /// not before the job goes out: losing one only means a job that was
+    /// running is not counted a crash).
     Assigned {
         /// The job.
         job: JobId,
@@ -82,6 +87,19 @@ pub enum Record {
     },
     /// Outputs were received by a client (each is delivered once).
     Received {
+        /// Their job ids.
+        ids: Vec<JobId>,
+    },
+    /// A client asked to cancel these jobs (journaled before the
+    /// controller acts): a restarted controller ends those not finished as
+    /// cancelled instead of running them again.
+    Cancel {
+        /// Their job ids.
+        ids: Vec<JobId>,
+    },
+    /// Jobs journaled as accepted that the controller then refused (it
+    /// closed, or their tags became unsatisfiable in between): forgotten.
+    Withdrawn {
         /// Their job ids.
         ids: Vec<JobId>,
     },
@@ -99,6 +117,9 @@ pub enum Record {
         failures: u32,
         /// On a worker when the record was written.
         running: bool,
+        /// A client asked to cancel it.
+        #[serde(default)]
+        cancelled: bool,
     },
     /// The id the next accepted job gets (written by compaction, so that a
     /// journal whose jobs were all received still never reuses an id).
@@ -134,6 +155,9 @@ pub struct PendingJob {
     /// when the controller stopped, and a restarted controller counts that
     /// attempt as a crash.
     pub running: bool,
+    /// A client asked to cancel it ([`Record::Cancel`]): a restarted
+    /// controller ends it as cancelled.
+    pub cancelled: bool,
 }
 
 /// The state a journal describes.
@@ -150,6 +174,9 @@ pub struct Replay {
     pub ready: Vec<Output>,
     /// The id the next accepted job gets.
     pub next_job: u64,
+    /// Lines that were skipped (damaged, or longer than [`MAX_RECORD`]):
+    /// `line N: reason`, for the log. Empty for a sound journal.
+    pub skipped: Vec<String>,
 }
 
 impl Replay {
@@ -162,8 +189,9 @@ impl Replay {
             Record::Dismiss { tags, slot } => self.dismissed.push(SlotFilter { tags, slot }),
             Record::Accepted { jobs } => {
                 for (id, spec) in jobs {
-                    self.next_job = self.next_job.max(id.0 + 1);
-                    self.pending.insert(id, PendingJob { spec, history: History::default(), running: false });
+                    self.next_job = self.next_job.max(id.0.saturating_add(1));
+                    let job = PendingJob { spec, history: History::default(), running: false, cancelled: false };
+                    self.pending.insert(id, job);
                 }
             }
             Record::Assigned { job, attempt } => {
@@ -177,16 +205,29 @@ impl Replay {
             }
             Record::Delivered { output } => {
                 self.pending.remove(&output.id);
-                self.next_job = self.next_job.max(output.id.0 + 1);
+                self.next_job = self.next_job.max(output.id.0.saturating_add(1));
                 self.ready.push(*output);
             }
             Record::Received { ids } => {
                 let ids: std::collections::HashSet<JobId> = ids.into_iter().collect();
                 self.ready.retain(|o| !ids.contains(&o.id));
             }
-            Record::Pending { id, spec, attempts, crashes, failures, running } => {
-                self.next_job = self.next_job.max(id.0 + 1);
-                self.pending.insert(id, PendingJob { spec, history: History { attempts, crashes, failures }, running });
+            Record::Cancel { ids } => {
+                for id in ids {
+                    if let Some(p) = self.pending.get_mut(&id) {
+                        p.cancelled = true;
+                    }
+                }
+            }
+            Record::Withdrawn { ids } => {
+                for id in ids {
+                    self.pending.remove(&id);
+                }
+            }
+            Record::Pending { id, spec, attempts, crashes, failures, running, cancelled } => {
+                self.next_job = self.next_job.max(id.0.saturating_add(1));
+                let history = History { attempts, crashes, failures };
+                self.pending.insert(id, PendingJob { spec, history, running, cancelled });
             }
             Record::NextJob { next } => self.next_job = self.next_job.max(next),
         }
@@ -215,6 +256,7 @@ impl Replay {
                 crashes: p.history.crashes,
                 failures: p.history.failures,
                 running: p.running,
+                cancelled: p.cancelled,
             });
         }
         for o in &self.ready {
@@ -237,19 +279,17 @@ pub enum JournalError {
         #[source]
         source: std::io::Error,
     },
-    /// A line in the middle of the file does not parse.
-    #[error(
-        "journal {path}, line {line}: {message} (the file is damaged; move it aside to start afresh, losing its jobs)"
-    )]
-    Damaged {
-        /// The file.
-        path: PathBuf,
-        /// The 1-based line number.
-        line: usize,
-        /// The parse error.
-        message: String,
-    },
 }
+
+/// The longest line replay reads as a record; a longer one is skipped
+/// (and reported) without being held in memory. Records are far smaller:
+/// the largest, an `accepted` batch, is bounded by the daemon's request
+/// body limit (64 MiB) and its JSON.
+pub const MAX_RECORD: usize = 256 * 1024 * 1024;
+
+/// A descriptor of the journal's current file, for an `fdatasync` outside
+/// the journal's lock (see [`Journal::flush`]).
+pub type SyncHandle = std::sync::Arc<File>;
 
 /// The size a journal may reach before [`Journal::compact_if_grown`]
 /// compacts it, by default.
@@ -260,7 +300,17 @@ pub const COMPACT_AFTER: u64 = 64 * 1024 * 1024;
 pub struct Journal {
     path: PathBuf,
     out: BufWriter<File>,
+    /// The same file, for `fdatasync` without the journal's lock.
+    sync: SyncHandle,
+    /// Records appended since the last commit or flush.
     dirty: bool,
+    /// Records flushed to the file but perhaps not synced (a flush whose
+    /// sync failed, or is in progress elsewhere).
+    unsynced: bool,
+    /// The file's size, counting buffered records.
+    size: u64,
+    /// A reused serialization buffer.
+    line: Vec<u8>,
     /// The file's size after the last compaction.
     base: u64,
     /// The size below which the file is never compacted.
@@ -288,7 +338,17 @@ fn compacting_path(path: &Path) -> PathBuf {
 /// durably; returns it, open for appending at its end.
 fn write_compacted(path: &Path, replay: &Replay) -> Result<File, JournalError> {
     let io = |source| JournalError::Io { path: path.to_path_buf(), source };
-    let file = OpenOptions::new().write(true).create(true).truncate(true).open(compacting_path(path)).map_err(io)?;
+    // Private (0600): jobs' command lines and environments are in it. The
+    // mode is set explicitly too, since a file left by an older version
+    // keeps its own on open.
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(compacting_path(path))
+        .map_err(io)?;
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600)).map_err(io)?;
     let mut w = BufWriter::new(file);
     for r in replay.records() {
         write_record(&mut w, &r).map_err(io)?;
@@ -336,10 +396,15 @@ impl Journal {
                 let _ = d.sync_all();
             }
         }
+        let sync = std::sync::Arc::new(file.try_clone().map_err(io)?);
         Ok(Self {
             path: path.to_path_buf(),
             out: BufWriter::with_capacity(256 * 1024, file),
+            sync,
             dirty: false,
+            unsynced: false,
+            size: base,
+            line: Vec::new(),
             base,
             compact_after: COMPACT_AFTER,
             compaction: None,
@@ -446,22 +511,54 @@ impl Journal {
         Ok(false)
     }
 
-    /// Appends a record (buffered; durable after [`Journal::commit`]).
+    /// Appends a record (buffered; durable after [`Journal::commit`], or
+    /// after [`Journal::flush`] and a sync of its handle).
     pub fn append(&mut self, record: &Record) -> Result<(), JournalError> {
+        self.line.clear();
+        write_record(&mut self.line, record).map_err(|source| JournalError::Io { path: self.path.clone(), source })?;
         self.dirty = true;
-        write_record(&mut self.out, record).map_err(|source| JournalError::Io { path: self.path.clone(), source })
+        self.size += self.line.len() as u64;
+        self.out.write_all(&self.line).map_err(|source| JournalError::Io { path: self.path.clone(), source })
     }
 
     /// Makes every appended record durable (write + fdatasync).
     pub fn commit(&mut self) -> Result<(), JournalError> {
-        if !self.dirty {
-            return Ok(());
+        if let Some(handle) = self.flush()? {
+            handle.sync_data().map_err(|source| JournalError::Io { path: self.path.clone(), source })?;
+            self.unsynced = false;
         }
-        let io = |source| JournalError::Io { path: self.path.clone(), source };
-        self.out.flush().map_err(io)?;
-        self.out.get_ref().sync_data().map_err(io)?;
-        self.dirty = false;
         Ok(())
+    }
+
+    /// Writes the appended records to the file (no sync) and returns a
+    /// handle whose `sync_data` makes them durable, or `None` when there is
+    /// nothing to sync. The caller syncs outside its lock (a group commit:
+    /// records appended meanwhile wait for the next one), then calls
+    /// [`Journal::synced`] if that sync succeeded. Should the journal's
+    /// file be replaced in between (compaction), the records were copied to
+    /// the new file and made durable there first.
+    pub fn flush(&mut self) -> Result<Option<SyncHandle>, JournalError> {
+        if !self.dirty && !self.unsynced {
+            return Ok(None);
+        }
+        self.unsynced = true;
+        self.out.flush().map_err(|source| JournalError::Io { path: self.path.clone(), source })?;
+        self.dirty = false;
+        Ok(Some(self.sync.clone()))
+    }
+
+    /// Records that a sync of the handle [`Journal::flush`] returned
+    /// succeeded, and no record was appended since that flush.
+    pub fn synced(&mut self) {
+        if !self.dirty {
+            self.unsynced = false;
+        }
+    }
+
+    /// Whether [`Journal::compact_if_grown`] has work: a compaction to
+    /// install, or a file past its threshold. Cheap (no system call).
+    pub fn compaction_due(&self) -> bool {
+        self.compaction.is_some() || self.size >= self.compact_after.max(self.base.saturating_mul(2))
     }
 
     /// Replaces the file with the records of `replay` (after committing).
@@ -485,27 +582,67 @@ fn write_record(w: &mut impl Write, record: &Record) -> std::io::Result<()> {
 }
 
 fn read_into(path: &Path, file: impl std::io::Read, replay: &mut Replay) -> Result<(), JournalError> {
+    read_into_limited(path, file, replay, MAX_RECORD)
+}
+
+/// Folds the whole lines of `file` into `replay`. A line that does not
+/// parse or is longer than `limit` is skipped and noted in
+/// `replay.skipped`; a last line without its newline (a torn write) is
+/// dropped silently. Only I/O errors fail.
+fn read_into_limited(
+    path: &Path,
+    file: impl std::io::Read,
+    replay: &mut Replay,
+    limit: usize,
+) -> Result<(), JournalError> {
+    let io = |source| JournalError::Io { path: path.to_path_buf(), source };
     let mut reader = BufReader::with_capacity(256 * 1024, file);
     let mut line = Vec::new();
-    let mut n = 0;
+    let mut n: u64 = 0;
     loop {
         line.clear();
-        let read = reader
-            .read_until(b'\n', &mut line)
-            .map_err(|source| JournalError::Io { path: path.to_path_buf(), source })?;
-        if read == 0 {
+        n += 1;
+        // Reads one line, keeping at most `limit` bytes of it.
+        let mut too_long = false;
+        let mut ended = false;
+        loop {
+            let buf = reader.fill_buf().map_err(io)?;
+            if buf.is_empty() {
+                break;
+            }
+            let (take, found) = match buf.iter().position(|&b| b == b'\n') {
+                Some(i) => (i + 1, true),
+                None => (buf.len(), false),
+            };
+            if !too_long {
+                if line.len() + take > limit.saturating_add(1) {
+                    too_long = true;
+                    line.clear();
+                } else {
+                    line.extend_from_slice(&buf[..take]);
+                }
+            }
+            reader.consume(take);
+            if found {
+                ended = true;
+                break;
+            }
+        }
+        if !ended {
+            // End of file: nothing more, or a torn last line (the write
+            // that a crash cut short), dropped.
+            if too_long || !line.is_empty() {
+                tracing::debug!(path = %path.display(), line = n, "journal: a torn last line was dropped");
+            }
             return Ok(());
         }
-        n += 1;
-        if line.last() != Some(&b'\n') {
-            // A torn last line: the write that was cut short by a crash.
-            return Ok(());
+        if too_long {
+            replay.skipped.push(format!("line {n}: longer than {limit} bytes"));
+            continue;
         }
         match serde_json::from_slice::<Record>(&line) {
             Ok(record) => replay.apply(record),
-            Err(e) => {
-                return Err(JournalError::Damaged { path: path.to_path_buf(), line: n, message: e.to_string() });
-            }
+            Err(e) => replay.skipped.push(format!("line {n}: {e}")),
         }
     }
 }
@@ -651,7 +788,7 @@ mod tests {
     }
 
     #[test]
-    fn a_torn_last_line_is_dropped_and_damage_is_reported() {
+    fn a_torn_last_line_is_dropped_and_damage_is_skipped_and_reported() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("journal");
         {
@@ -664,13 +801,90 @@ mod tests {
         drop(f);
         let (_j, r) = Journal::open(&path).unwrap();
         assert_eq!(r.pending.keys().copied().collect::<Vec<_>>(), vec![JobId(1)]);
+        assert!(r.skipped.is_empty(), "a torn last line is not damage: {:?}", r.skipped);
 
+        // Garbage, a torn record, binary junk, an id at the top of the
+        // range and a record over the size limit, each in the middle: each
+        // skipped (and named), everything around it recovered.
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(b"not json\n").unwrap();
-        f.write_all(b"{\"t\":\"received\",\"ids\":[]}\n").unwrap();
+        f.write_all(br#"{"t":"accepted","jobs":[[2,{"comm"#).unwrap();
+        f.write_all(b"\n").unwrap();
+        f.write_all(b"\xff\xfe\x00\x01{}\n").unwrap();
+        f.write_all(b"{\"t\":\"delivered\",\"output\":{\"nope\":1}}\n").unwrap();
+        writeln!(f, r#"{{"t":"next_job","next":18446744073709551615}}"#).unwrap();
+        writeln!(f, r#"{{"t":"accepted","jobs":[[18446744073709551615,{{"command":{{"argv":["true"]}}}}]]}}"#).unwrap();
+        f.write_all(&vec![b'x'; 5000]).unwrap();
+        f.write_all(b"\n").unwrap();
         drop(f);
-        let err = Journal::open(&path).unwrap_err().to_string();
-        // Line 1 is the counter, line 2 the pending job.
-        assert!(err.contains("line 3"), "{err}");
+        {
+            let (mut j, _) = Journal::open(&path).unwrap();
+            // A sound record after the damage (the open compacted the file,
+            // so write the damage again below, after it).
+            j.append(&Record::Accepted { jobs: vec![(JobId(3), JobSpec::shell("true"))] }).unwrap();
+            j.commit().unwrap();
+        }
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&vec![b'{'; 5000]).unwrap();
+        f.write_all(b"\n").unwrap();
+        f.write_all(b"[1,2\n").unwrap();
+        writeln!(f, r#"{{"t":"received","ids":[]}}"#).unwrap();
+        drop(f);
+        let mut replay = Replay { next_job: 1, ..Replay::default() };
+        read_into_limited(&path, File::open(&path).unwrap(), &mut replay, 1000).unwrap();
+        assert_eq!(
+            replay.pending.keys().copied().collect::<Vec<_>>(),
+            vec![JobId(1), JobId(3), JobId(u64::MAX)],
+            "the sound records around the damage are recovered"
+        );
+        assert_eq!(replay.next_job, u64::MAX);
+        assert_eq!(replay.skipped.len(), 2, "{:?}", replay.skipped);
+        assert!(replay.skipped[0].contains("longer than 1000 bytes"), "{:?}", replay.skipped);
+        // And the real open (its limit far above these lines) skips the rest.
+        let (_j, r) = Journal::open(&path).unwrap();
+        assert_eq!(r.pending.len(), 3);
+        assert_eq!(r.skipped.len(), 2, "{:?}", r.skipped);
+    }
+
+    #[test]
+    fn damage_in_the_middle_is_reported_by_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        let mut f = File::create(&path).unwrap();
+        writeln!(f, r#"{{"t":"accepted","jobs":[[1,{{"command":{{"argv":["true"]}}}}]]}}"#).unwrap();
+        f.write_all(b"not json\n").unwrap();
+        f.write_all(b"\xff\xfe{\n").unwrap();
+        writeln!(f, r#"{{"t":"accepted","jobs":[[2,{{"command":{{"argv":["true"]}}}}]]}}"#).unwrap();
+        drop(f);
+        let (_j, r) = Journal::open(&path).unwrap();
+        assert_eq!(r.pending.keys().copied().collect::<Vec<_>>(), vec![JobId(1), JobId(2)]);
+        assert_eq!(r.skipped.len(), 2, "{:?}", r.skipped);
+        assert!(r.skipped[0].starts_with("line 2:") && r.skipped[1].starts_with("line 3:"), "{:?}", r.skipped);
+    }
+
+    #[test]
+    fn a_group_commit_syncs_outside_the_lock_and_cancels_survive() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        {
+            let (mut j, _) = Journal::open(&path).unwrap();
+            let jobs = (1..=3).map(|i| (JobId(i), JobSpec::shell("true"))).collect();
+            j.append(&Record::Accepted { jobs }).unwrap();
+            j.append(&Record::Cancel { ids: vec![JobId(2), JobId(9)] }).unwrap();
+            j.append(&Record::Withdrawn { ids: vec![JobId(3)] }).unwrap();
+            let handle = j.flush().unwrap().expect("something to sync");
+            handle.sync_data().unwrap();
+            j.synced();
+            assert!(j.flush().unwrap().is_none(), "nothing left to sync");
+        }
+        for _ in 0..2 {
+            let (_j, r) = Journal::open(&path).unwrap();
+            assert_eq!(r.pending.keys().copied().collect::<Vec<_>>(), vec![JobId(1), JobId(2)]);
+            assert!(!r.pending[&JobId(1)].cancelled);
+            assert!(r.pending[&JobId(2)].cancelled, "kept through compaction");
+            assert_eq!(r.next_job, 4);
+        }
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o600);
     }
 }

@@ -25,6 +25,7 @@
 
 pub mod agent;
 pub mod builtins;
+pub mod clock;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 pub mod controller;

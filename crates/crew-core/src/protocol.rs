@@ -36,10 +36,15 @@ use crate::worker::Secret;
 /// gives jobs a clean environment (`JobSpec::env_inherit`): an agent of
 /// version 2 would ignore the list and give the job its whole environment,
 /// and its CPU and memory limits (`JobSpec::cpu`/`memory`).
+/// It also added [`AgentMsg::Objects`] (a result's object list in several frames):
+/// a controller of version 2 would drop those frames and the objects.
 pub const PROTOCOL_VERSION: u32 = 3;
 
-/// Largest frame accepted, in bytes. Outputs carry at most the inline caps of
-/// stdout and stderr, so real frames are far smaller.
+/// Largest frame accepted, in bytes. Results carry at most the inline caps
+/// of stdout and stderr and a capped error message; a list of output
+/// objects too long for one frame goes ahead in [`AgentMsg::Objects`]
+/// frames. Jobs larger than a frame are refused when sent
+/// ([`crate::job::MAX_JOB_BYTES`]).
 pub const MAX_FRAME: usize = 8 * 1024 * 1024;
 
 /// Messages from an agent to the controller.
@@ -69,6 +74,18 @@ pub enum AgentMsg {
         attempt: u32,
         /// What happened.
         result: Box<JobResult>,
+    },
+    /// Part of the object list of the result of `job`'s `attempt`, sent
+    /// before its [`AgentMsg::Done`] when the whole list would not fit one
+    /// frame (tens of thousands of output files). The controller puts the
+    /// parts together, in order, ahead of the `Done`'s own objects.
+    Objects {
+        /// The job.
+        job: JobId,
+        /// The attempt.
+        attempt: u32,
+        /// The next objects of the list.
+        objects: Vec<crate::staging::StoredObject>,
     },
     /// Answer to [`ControllerMsg::Revoke`]: `ok` when the job was given back
     /// unstarted, false when it had already started (its `Done` follows or

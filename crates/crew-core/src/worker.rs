@@ -34,7 +34,7 @@ pub const ENV_PARENT_PID: &str = "CREW_PARENT_PID";
 /// certificate ([`crate::tls`]).
 pub const ENV_TLS_SHA256: &str = "CREW_TLS_SHA256";
 
-/// A secret, redacted in `Debug` and `Display` so that it never reaches a log.
+/// A secret, redacted in `Debug` (and not `Display` at all) so that it never reaches a log.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Secret(String);
@@ -94,7 +94,11 @@ pub struct LaunchMember {
 
 /// Everything a class needs to start agents: one launch is one call to
 /// [`Worker::launch`] and may start many agents at once (an array).
-#[derive(Clone, Debug)]
+///
+/// Its `Debug` redacts the values of secret variables in `env`
+/// ([`ENV_TOKEN`], and any whose name says token, secret, password or
+/// credential), so that a launch can be logged.
+#[derive(Clone)]
 pub struct LaunchSpec {
     /// The agent program to run (the `crew` binary, or an embedder's own).
     pub program: String,
@@ -117,6 +121,31 @@ pub struct LaunchSpec {
     /// How long the agent may run in all (its slot's soft wall time), if set;
     /// platforms with a hard limit use it plus a grace period.
     pub wall_time: Option<Duration>,
+}
+
+/// Whether an environment variable's value is a secret, by its name.
+pub fn is_secret_var(name: &str) -> bool {
+    let upper = name.to_ascii_uppercase();
+    name == ENV_TOKEN || ["TOKEN", "SECRET", "PASSWORD", "CREDENTIAL"].iter().any(|w| upper.contains(w))
+}
+
+impl fmt::Debug for LaunchSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let env: BTreeMap<&str, &str> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), if is_secret_var(k) { "<redacted>" } else { v.as_str() }))
+            .collect();
+        f.debug_struct("LaunchSpec")
+            .field("program", &self.program)
+            .field("program_name", &self.program_name)
+            .field("args", &self.args)
+            .field("env", &env)
+            .field("members", &self.members)
+            .field("options", &self.options)
+            .field("wall_time", &self.wall_time)
+            .finish()
+    }
 }
 
 /// A class's reference to one started agent (a pid, a Batch job id, ...).
@@ -290,5 +319,61 @@ mod tests {
         assert!(s.matches(s.expose()));
         assert!(!s.matches("nope"));
         assert_ne!(Secret::random(), s);
+    }
+
+    /// Every type that holds a launch secret, formatted with `{:?}` (and
+    /// `{:#?}`), never shows it.
+    #[test]
+    fn every_type_holding_a_token_redacts_it_in_debug() {
+        use std::collections::BTreeMap;
+
+        use super::{ENV_CONNECT, ENV_TOKEN, LaunchMember, LaunchSpec};
+        use crate::agent::AgentConfig;
+        use crate::protocol::AgentMsg;
+
+        let secret = Secret::random();
+        let token = secret.expose().to_owned();
+        let spec = LaunchSpec {
+            program: "/usr/bin/crew".into(),
+            program_name: "crew".into(),
+            args: vec!["worker".into()],
+            env: BTreeMap::from([
+                (ENV_TOKEN.to_owned(), token.clone()),
+                (ENV_CONNECT.to_owned(), "127.0.0.1:7000".to_owned()),
+                ("MY_API_TOKEN".to_owned(), "embedder-secret".to_owned()),
+            ]),
+            members: vec![LaunchMember { slot: "local-1".into(), index: 0 }],
+            options: BTreeMap::new(),
+            wall_time: None,
+        };
+        let config = AgentConfig {
+            connect: "127.0.0.1:7000".into(),
+            launch: "1".into(),
+            index: 0,
+            token: secret.clone(),
+            tls_sha256: None,
+            builtins: crate::builtins::Builtins::default(),
+        };
+        let hello = AgentMsg::Hello {
+            version: crate::protocol::PROTOCOL_VERSION,
+            launch: "1".into(),
+            index: 0,
+            token: secret.clone(),
+            pid: 1,
+            host: "h".into(),
+        };
+        let shown = [
+            format!("{spec:?}"),
+            format!("{spec:#?}"),
+            format!("{config:?}"),
+            format!("{config:#?}"),
+            format!("{hello:?}"),
+            format!("{secret:?}"),
+        ];
+        for text in &shown {
+            assert!(!text.contains(&token), "the secret shows in {text}");
+            assert!(!text.contains("embedder-secret"), "a secret variable shows in {text}");
+        }
+        assert!(shown[0].contains("127.0.0.1:7000") && shown[0].contains("<redacted>"), "{}", shown[0]);
     }
 }

@@ -83,7 +83,7 @@ struct StatusJobs {
 
 pub(crate) fn wait(ctx: &Ctx, args: WaitArgs) -> Result<u8, Failure> {
     let timeout = super::duration_flag("--timeout", args.timeout.as_deref())?;
-    let deadline = timeout.map(|t| Instant::now() + t);
+    let deadline = timeout.map(|t| crew_core::clock::after(Instant::now(), t));
     let mut client = ctx.client()?;
     let mut bar = std::io::stderr().is_terminal().then(Bar::default);
     let code = loop {

@@ -129,18 +129,26 @@ impl Daemon {
         self.stopping.load(Ordering::SeqCst)
     }
 
-    /// Journals `records`, durably when `commit`; a journal that cannot be
-    /// written fails the request (nothing may be acknowledged that a restart
-    /// would lose).
-    fn journal(&self, records: &[Record], commit: bool) -> Result<(), ApiError> {
-        self.journal.write(records, commit).map_err(|e| ApiError::internal(format!("cannot write the journal: {e}")))
+    /// Journals `records` and waits until they are durable (one group
+    /// commit); a journal that cannot be written fails the request (nothing
+    /// may be acknowledged that a restart would lose).
+    async fn journal(&self, records: &[Record]) -> Result<(), ApiError> {
+        self.journal.write(records).await.map_err(|e| ApiError::internal(e.to_string()))
+    }
+
+    /// Makes what was journaled durable and stops the committer (a clean
+    /// stop).
+    pub(crate) async fn close_journal(&self) {
+        if let Err(e) = self.journal.close().await {
+            tracing::error!("{e}");
+        }
     }
 
     /// Rebuilds the state a journal described: slots, dismissals, jobs not
     /// finished (a job that was running counts a crash), outputs not yet
-    /// received. Jobs that can no longer run end with an output that says
-    /// why.
-    pub(crate) fn restore(&self, replay: Replay) {
+    /// received. Jobs that can no longer run, or that a client asked to
+    /// cancel, end with an output that says why.
+    pub(crate) async fn restore(&self, replay: Replay) {
         let registry = Registry::stock();
         for r in &replay.recruits {
             let class = match registry.get(&r.class) {
@@ -164,49 +172,61 @@ impl Daemon {
         for f in &replay.dismissed {
             self.controller.dismiss(f);
         }
-        let mut inner = self.lock();
-        let mut ended = Vec::new();
-        for (id, p) in replay.pending {
-            let name = p.spec.name.clone();
-            let tags = p.spec.tags.clone();
-            let mut history = p.history;
-            if p.running {
-                history.crashes += 1;
+        // Served before any request: nothing sees these before the
+        // journal has them.
+        let ended = {
+            let mut inner = self.lock();
+            let mut ended = Vec::new();
+            for (id, p) in replay.pending {
+                let name = p.spec.name.clone();
+                let tags = p.spec.tags.clone();
+                let mut history = p.history;
+                if p.running {
+                    history.crashes += 1;
+                }
+                let job = RestoredJob { id, spec: p.spec, history };
+                let restored = if p.cancelled {
+                    Err("it was cancelled by the user".to_owned())
+                } else {
+                    self.controller.restore(vec![job]).map_err(|e| e.to_string())
+                };
+                if restored.is_ok() {
+                    inner.unfinished.insert(id);
+                }
+                if let Err(e) = restored {
+                    let seed = crew_core::seed::job_seed(0, &name.clone().unwrap_or_else(|| id.to_string()));
+                    let mut o = Output::without_run(
+                        id,
+                        name.clone(),
+                        tags,
+                        seed,
+                        crew_core::Status::Cancelled,
+                        if p.cancelled {
+                            "cancelled by the user".to_owned()
+                        } else {
+                            format!("the job could not be resumed after the daemon restarted: {e}")
+                        },
+                    );
+                    o.attempt = history.attempts;
+                    ended.push(o);
+                }
+                if let Some(n) = &name {
+                    inner.names.insert(n.clone());
+                }
+                inner.unreceived.insert(id, name);
             }
-            let job = RestoredJob { id, spec: p.spec, history };
-            let restored = self.controller.restore(vec![job]);
-            if restored.is_ok() {
-                inner.unfinished.insert(id);
+            for o in replay.ready.into_iter().chain(ended.iter().cloned()) {
+                if let Some(n) = &o.name {
+                    inner.names.insert(n.clone());
+                }
+                inner.unreceived.insert(o.id, o.name.clone());
+                inner.ready.push_back(o);
             }
-            if let Err(e) = restored {
-                let seed = crew_core::seed::job_seed(0, &name.clone().unwrap_or_else(|| id.to_string()));
-                let mut o = Output::without_run(
-                    id,
-                    name.clone(),
-                    tags,
-                    seed,
-                    crew_core::Status::Cancelled,
-                    format!("the job could not be resumed after the daemon restarted: {e}"),
-                );
-                o.attempt = history.attempts;
-                ended.push(o);
-            }
-            if let Some(n) = &name {
-                inner.names.insert(n.clone());
-            }
-            inner.unreceived.insert(id, name);
-        }
-        for o in replay.ready.into_iter().chain(ended.iter().cloned()) {
-            if let Some(n) = &o.name {
-                inner.names.insert(n.clone());
-            }
-            inner.unreceived.insert(o.id, o.name.clone());
-            inner.ready.push_back(o);
-        }
-        drop(inner);
+            ended
+        };
         if !ended.is_empty() {
             let records: Vec<Record> = ended.into_iter().map(|o| Record::Delivered { output: Box::new(o) }).collect();
-            if let Err(e) = self.journal(&records, true) {
+            if let Err(e) = self.journal(&records).await {
                 tracing::error!("{}", e.message);
             }
         }
@@ -214,18 +234,34 @@ impl Daemon {
         self.changed.send_modify(|n| *n += 1);
     }
 
-    /// Records an output taken from the controller: store, then ready list.
-    async fn take(&self, output: Output) {
-        if let Err(e) = self.outputs_log().append(&output) {
-            tracing::warn!(job = %output.id, "cannot record the output for `logs`: {e}");
+    /// Records outputs taken from the controller: the outputs log, the
+    /// journal (durably: one group commit for the batch), then the ready
+    /// list. Only then does the daemon count their jobs as finished, so
+    /// that no one (`status`, `wait`, `receive`) is told a job ended before
+    /// a restart would know it too.
+    async fn take(&self, outputs: Vec<Output>) {
+        if outputs.is_empty() {
+            return;
         }
-        // Journaled before it can be received (see daemon/journal.rs).
-        if let Err(e) = self.journal(&[Record::Delivered { output: Box::new(output.clone()) }], false) {
-            tracing::error!(job = %output.id, "{}", e.message);
+        {
+            let mut log = self.outputs_log();
+            for output in &outputs {
+                if let Err(e) = log.append(output) {
+                    tracing::warn!(job = %output.id, "cannot record the output for `logs`: {e}");
+                }
+            }
+        }
+        let records: Vec<Record> = outputs.iter().map(|o| Record::Delivered { output: Box::new(o.clone()) }).collect();
+        if let Err(e) = self.journal(&records).await {
+            // A poisoned journal: every request that needs it fails, and
+            // `receive` cannot hand these out.
+            tracing::error!(jobs = outputs.len(), "{}", e.message);
         }
         let mut inner = self.lock();
-        inner.unfinished.remove(&output.id);
-        inner.ready.push_back(output);
+        for output in outputs {
+            inner.unfinished.remove(&output.id);
+            inner.ready.push_back(output);
+        }
         drop(inner);
         self.changed.send_modify(|n| *n += 1);
     }
@@ -253,10 +289,10 @@ pub(crate) async fn drain(d: Arc<Daemon>) {
     loop {
         match d.controller.receive_wait(None).await {
             Some(o) => {
-                d.take(o).await;
-                for o in d.controller.receive_all() {
-                    d.take(o).await;
-                }
+                // Everything delivered meanwhile goes in the same commit.
+                let mut batch = vec![o];
+                batch.extend(d.controller.receive_all());
+                d.take(batch).await;
             }
             // Nothing pending: sleep until the next send (a send made since
             // left a permit, so none is missed).
@@ -348,19 +384,19 @@ async fn route(d: &Arc<Daemon>, req: Request<Incoming>) -> Answer {
     match (&method, segments.as_slice()) {
         (&Method::GET, ["v1", "health"]) => Ok(health(d)),
         (&Method::GET, ["v1", "status"]) => Ok(status(d)),
-        (&Method::POST, ["v1", "recruit"]) => recruit(d, body(req).await?),
+        (&Method::POST, ["v1", "recruit"]) => recruit(d, body(req).await?).await,
         (&Method::POST, ["v1", "launch"]) => launch(d, body(req).await?),
         (&Method::POST, ["v1", "jobs"]) => send(d, body(req).await?).await,
         (&Method::POST, ["v1", "receive"]) => receive(d, body(req).await?).await,
         (&Method::GET, ["v1", "sendable"]) => sendable(d, &query),
         (&Method::GET, ["v1", "receivable"]) => Ok(receivable(d)),
         (&Method::POST, ["v1", "shutdown"]) => shutdown(d, body(req).await?),
-        (&Method::POST, ["v1", "dismiss"]) => dismiss(d, body(req).await?),
+        (&Method::POST, ["v1", "dismiss"]) => dismiss(d, body(req).await?).await,
         (&Method::POST, ["v1", "restart"]) => {
             let _: Empty = body(req).await?;
             Ok(json!({"restarted": d.controller.restart()}))
         }
-        (&Method::POST, ["v1", "cancel"]) => cancel(d, body(req).await?),
+        (&Method::POST, ["v1", "cancel"]) => cancel(d, body(req).await?).await,
         (&Method::GET, ["v1", "jobs", id, "logs"]) => logs(d, id).await,
         (&Method::GET, ["v1", "jobs", job, "objects"]) => objects(d, job),
         (&Method::POST, ["v1", "down"]) => {
@@ -378,7 +414,17 @@ async fn body<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError
     let bytes = Limited::new(req.into_body(), MAX_BODY)
         .collect()
         .await
-        .map_err(|e| ApiError::bad_request(format!("cannot read the request body (at most {MAX_BODY} bytes): {e}")))?
+        .map_err(|e| {
+            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "body_too_large",
+                    format!("the request body is larger than {MAX_BODY} bytes: send the jobs in smaller batches"),
+                )
+            } else {
+                ApiError::bad_request(format!("cannot read the request body: {e}"))
+            }
+        })?
         .to_bytes();
     let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &bytes };
     serde_json::from_slice(bytes).map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
@@ -405,12 +451,18 @@ fn health(d: &Daemon) -> Value {
 
 fn status(d: &Daemon) -> Value {
     let report = d.controller.status();
-    let ready = d.lock().ready.len() + report.ready;
+    let (ready, unfinished) = {
+        let inner = d.lock();
+        (inner.ready.len(), inner.unfinished.len())
+    };
+    // A job the controller finished counts as running until its output is
+    // durable in the journal (it would run again after a crash before).
+    let running = report.running.max(unfinished.saturating_sub(report.queued));
     json!({
         "pid": std::process::id(),
         "dir": d.dir,
         "slots": report.slots,
-        "jobs": {"queued": report.queued, "running": report.running, "ready": ready},
+        "jobs": {"queued": report.queued, "running": running, "ready": ready},
         "workers": {
             "listen": d.controller.addr().to_string(),
             "advertise": d.controller.advertised(),
@@ -461,7 +513,7 @@ struct RecruitReq {
     options: Option<std::collections::BTreeMap<String, String>>,
 }
 
-fn recruit(d: &Daemon, r: RecruitReq) -> Answer {
+async fn recruit(d: &Daemon, r: RecruitReq) -> Answer {
     let class = Registry::stock()
         .get(&r.class)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "unknown_class", e.to_string()))?;
@@ -499,7 +551,7 @@ fn recruit(d: &Daemon, r: RecruitReq) -> Answer {
         options: req.options.clone(),
     };
     let slots = d.controller.recruit(req).map_err(ApiError::from_controller)?;
-    d.journal(&[record], true)?;
+    d.journal(&[record]).await?;
     Ok(json!({"slots": slots, "warnings": warnings}))
 }
 
@@ -529,6 +581,8 @@ async fn send(d: &Daemon, r: JobsReq) -> Answer {
     for (i, v) in r.jobs.into_iter().enumerate() {
         let invalid = |e: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_job", format!("job {i}: {e}"));
         let spec = parse_job_value(v, &defaults).map_err(|e| invalid(e.to_string()))?;
+        spec.check_size()
+            .map_err(|e| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "job_too_large", format!("job {i}: {e}")))?;
         for input in &spec.inputs {
             if let InputSource::Path(p) = &input.source {
                 if !p.is_absolute() {
@@ -553,29 +607,60 @@ async fn send(d: &Daemon, r: JobsReq) -> Answer {
         });
     }
     let names: Vec<Option<String>> = specs.iter().map(|s| s.name.clone()).collect();
-    // The controller forgets a name once the job finished; the contract
-    // keeps it taken until a client received the output.
-    let mut inner = d.lock();
-    for name in names.iter().flatten() {
-        if inner.names.contains(name) {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "duplicate_name",
-                format!("a job named {name:?} is already pending; names must be unique among jobs not yet received"),
-            ));
+    // Checked, numbered and journaled durably before the controller (hence
+    // any agent) sees them: the answer, and every run, follow the commit.
+    let ids = {
+        // The controller forgets a name once the job finished; the contract
+        // keeps it taken until a client received the output. Names are
+        // taken here, under the lock, so two sends cannot both pass.
+        let mut inner = d.lock();
+        for name in names.iter().flatten() {
+            if inner.names.contains(name) {
+                return Err(ApiError::new(
+                    StatusCode::CONFLICT,
+                    "duplicate_name",
+                    format!(
+                        "a job named {name:?} is already pending; names must be unique among jobs not yet received"
+                    ),
+                ));
+            }
         }
-    }
-    let journaled = specs.clone();
-    let ids = d.controller.send_many(specs).map_err(ApiError::from_controller)?;
-    d.journal(&[Record::Accepted { jobs: ids.iter().copied().zip(journaled).collect() }], true)?;
-    for (id, name) in ids.iter().zip(names) {
-        if let Some(n) = &name {
-            inner.names.insert(n.clone());
+        d.controller.check_jobs(&specs).map_err(ApiError::from_controller)?;
+        let ids = d.controller.reserve_ids(specs.len()).map_err(ApiError::from_controller)?;
+        for (id, name) in ids.iter().zip(&names) {
+            if let Some(n) = name {
+                inner.names.insert(n.clone());
+            }
+            inner.unreceived.insert(*id, name.clone());
+            inner.unfinished.insert(*id);
         }
-        inner.unreceived.insert(*id, name);
-        inner.unfinished.insert(*id);
+        ids
+    };
+    let forget = |why: ApiError| {
+        let mut inner = d.lock();
+        for id in &ids {
+            if let Some(Some(name)) = inner.unreceived.remove(id) {
+                inner.names.remove(&name);
+            }
+            inner.unfinished.remove(id);
+        }
+        why
+    };
+    let accepted = Record::Accepted { jobs: ids.iter().copied().zip(specs.iter().cloned()).collect() };
+    if let Err(e) = d.journal(&[accepted]).await {
+        return Err(forget(e));
     }
-    drop(inner);
+    let jobs = ids.iter().zip(specs).map(|(id, spec)| RestoredJob { id: *id, spec, history: Default::default() });
+    if let Err(e) = d.controller.restore(jobs.collect()) {
+        // Refused after all (the controller closed, or the slots for the
+        // tags went in between): journaled as withdrawn, so that a restart
+        // does not run them.
+        let withdrawn = d.journal(&[Record::Withdrawn { ids: ids.clone() }]).await;
+        if let Err(w) = withdrawn {
+            tracing::error!("jobs {ids:?} were refused but may run after a restart: {}", w.message);
+        }
+        return Err(forget(ApiError::from_controller(e)));
+    }
     d.sent.notify_one();
     Ok(json!({"ids": ids}))
 }
@@ -598,7 +683,7 @@ struct ReceiveReq {
 
 async fn receive(d: &Daemon, r: ReceiveReq) -> Answer {
     let timeout = duration("timeout", &r.timeout)?;
-    let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+    let deadline = timeout.map(|t| crew_core::clock::after_tokio(tokio::time::Instant::now(), t));
     let mut changes = d.changed.subscribe();
     // With `all` and `wait`: the jobs sent so far, which must all be ready.
     let awaited: Option<JobId> = if r.all && r.wait { d.lock().unfinished.last().copied() } else { None };
@@ -608,10 +693,8 @@ async fn receive(d: &Daemon, r: ReceiveReq) -> Answer {
         // Outputs the controller has that the drain task has not taken yet
         // (it may be a wake-up behind): what `status` counts as ready is
         // receivable now.
-        for o in d.controller.receive_all() {
-            d.take(o).await;
-        }
-        {
+        d.take(d.controller.receive_all()).await;
+        let taken = {
             let mut inner = d.lock();
             let ready_now = match (&r.ids, &r.name) {
                 (Some(ids), _) => {
@@ -638,24 +721,30 @@ async fn receive(d: &Daemon, r: ReceiveReq) -> Answer {
                     (None, None) if r.all => inner.ready.drain(..).collect(),
                     (None, None) => inner.ready.pop_front().into_iter().collect(),
                 };
-                if !outputs.is_empty() {
-                    if let Err(e) = d.journal(&[Record::Received { ids: outputs.iter().map(|o| o.id).collect() }], true)
-                    {
-                        // Not received after all: put them back, in order.
-                        for o in outputs.into_iter().rev() {
-                            inner.ready.push_front(o);
-                        }
-                        return Err(e);
-                    }
-                }
-                for o in &outputs {
-                    if let Some(Some(name)) = inner.unreceived.remove(&o.id) {
-                        inner.names.remove(&name);
-                    }
-                }
-                let pending = inner.unreceived.len();
-                return Ok(json!({"outputs": outputs, "pending": pending}));
+                Some(outputs)
+            } else {
+                None
             }
+        };
+        if let Some(outputs) = taken {
+            if !outputs.is_empty() {
+                if let Err(e) = d.journal(&[Record::Received { ids: outputs.iter().map(|o| o.id).collect() }]).await {
+                    // Not received after all: put them back, in order.
+                    let mut inner = d.lock();
+                    for o in outputs.into_iter().rev() {
+                        inner.ready.push_front(o);
+                    }
+                    return Err(e);
+                }
+            }
+            let mut inner = d.lock();
+            for o in &outputs {
+                if let Some(Some(name)) = inner.unreceived.remove(&o.id) {
+                    inner.names.remove(&name);
+                }
+            }
+            let pending = inner.unreceived.len();
+            return Ok(json!({"outputs": outputs, "pending": pending}));
         }
         let changed = changes.changed();
         match deadline {
@@ -732,10 +821,10 @@ struct DismissReq {
     slot: Option<String>,
 }
 
-fn dismiss(d: &Daemon, r: DismissReq) -> Answer {
+async fn dismiss(d: &Daemon, r: DismissReq) -> Answer {
     let filter = SlotFilter { tags: tags("tags", r.tags)?, slot: r.slot };
     let n = d.controller.dismiss(&filter);
-    d.journal(&[Record::Dismiss { tags: filter.tags, slot: filter.slot }], true)?;
+    d.journal(&[Record::Dismiss { tags: filter.tags, slot: filter.slot }]).await?;
     Ok(json!({"dismissed": n}))
 }
 
@@ -745,7 +834,16 @@ struct CancelReq {
     ids: Vec<u64>,
 }
 
-fn cancel(d: &Daemon, r: CancelReq) -> Answer {
+async fn cancel(d: &Daemon, r: CancelReq) -> Answer {
+    // Journaled before the controller acts: a restart ends these jobs as
+    // cancelled rather than running them again.
+    let known: Vec<JobId> = {
+        let inner = d.lock();
+        r.ids.iter().map(|&id| JobId(id)).filter(|id| inner.unfinished.contains(id)).collect()
+    };
+    if !known.is_empty() {
+        d.journal(&[Record::Cancel { ids: known }]).await?;
+    }
     let (mut cancelled, mut unknown) = (Vec::new(), Vec::new());
     for id in r.ids {
         if d.controller.cancel(JobId(id)) { cancelled.push(id) } else { unknown.push(id) }

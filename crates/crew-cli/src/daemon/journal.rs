@@ -1,38 +1,98 @@
 //! The daemon's side of the journal (`crew_core::journal`): what is written
-//! when, and how a restarted daemon rebuilds its state.
+//! when, the group commit, and how a restarted daemon rebuilds its state.
 //!
-//! **Invariant:** a request that accepted something (recruit, send, dismiss)
-//! or handed outputs to a client (receive) is answered only after its record
-//! is durable (`commit`). Outputs taken from the controller are appended
-//! before they can be received, so the commit of a `Received` record also
-//! makes their `Delivered` records durable: an output is never received
-//! without being journaled as delivered, hence never delivered twice.
-//! Assignments are appended without a commit of their own: losing the last
-//! few only means a job that was running is not counted a crash.
+//! **Invariant:** every state change is durable before anyone outside is
+//! told it happened. A request that accepted something (recruit, send,
+//! dismiss, cancel) or handed outputs to a client (receive) is answered
+//! only after its record is durable ([`JournalWriter::durable`]); a send's
+//! jobs reach the controller (hence an agent) only after their `Accepted`
+//! record is durable, and a cancel is journaled before the controller acts.
+//! An output the controller delivered is journaled (`Delivered`) and made
+//! durable by the next group commit before the daemon counts the job as
+//! finished (`status`, `wait`) or lets a client receive it: a job whose end
+//! a client could have seen never runs again after a crash. The window that
+//! remains is a result that arrived less than one group commit before a
+//! SIGKILL: that job runs again, counted as a crash.
+//!
+//! `Assigned` records are not waited for: the controller reports them under
+//! its lock ([`AssignedBuffer`], which never touches the journal, so the
+//! two locks never nest) and the next group commit writes them. Losing the
+//! last few only means a job that was running is not counted a crash.
+//!
+//! Group commit: a committer thread flushes what was appended, syncs it
+//! (`fdatasync`) outside the journal's lock, then releases every waiter
+//! whose records that sync covered, so that one sync serves every record
+//! appended meanwhile, however many requests and outputs they came from.
+//! A failed write or sync poisons the journal: every later commit fails
+//! (the daemon refuses work with a clear error) until it is restarted,
+//! since after a failed `fdatasync` the kernel may have dropped the pages
+//! it could not write.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crew_core::JobId;
 use crew_core::controller::Observer;
-use crew_core::journal::{Journal, JournalError, Record};
+use crew_core::journal::{Journal, Record};
+use tokio::sync::watch;
 
-/// The journal, shared by the routes, the output drain and the observer.
+/// A position in the journal: the records of one append, durable once the
+/// committed sequence reaches it.
+pub(crate) type Ticket = u64;
+
+/// How far the journal is durable, published by the committer.
+#[derive(Clone, Debug, Default)]
+struct Progress {
+    /// Appends up to this one are durable.
+    durable: Ticket,
+    /// Set when a write or sync failed: nothing is durable from then on.
+    poisoned: Option<String>,
+}
+
+/// The journal, shared by the routes, the output drain, the observer and
+/// the committer thread.
 #[derive(Debug)]
 pub(crate) struct JournalWriter {
-    journal: Mutex<Journal>,
-    /// Assignments reported by the controller (under its lock), appended at
-    /// the next write.
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    journal: Mutex<Appending>,
+    /// Assignments reported by the controller, appended by the committer.
     assigned: Arc<AssignedBuffer>,
+    progress: watch::Sender<Progress>,
+}
+
+#[derive(Debug)]
+struct Appending {
+    journal: Journal,
+    /// Appends so far (the last ticket handed out).
+    appended: Ticket,
 }
 
 /// The controller's observer: buffers assignments without touching the
-/// journal, so that the controller's lock and the journal's never nest.
+/// journal, and wakes the committer.
 #[derive(Debug, Default)]
-pub(crate) struct AssignedBuffer(Mutex<Vec<(JobId, u32)>>);
+pub(crate) struct AssignedBuffer {
+    jobs: Mutex<Vec<(JobId, u32)>>,
+    /// Work for the committer: something was appended or buffered.
+    work: Mutex<bool>,
+    wake: Condvar,
+    stop: AtomicBool,
+}
+
+impl AssignedBuffer {
+    fn poke(&self) {
+        *lock(&self.work) = true;
+        self.wake.notify_one();
+    }
+}
 
 impl Observer for AssignedBuffer {
     fn assigned(&self, job: JobId, attempt: u32) {
-        lock(&self.0).push((job, attempt));
+        lock(&self.jobs).push((job, attempt));
+        self.poke();
     }
 }
 
@@ -40,35 +100,158 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Why records could not be made durable (a request that needed them
+/// fails with this).
+#[derive(Debug)]
+pub(crate) struct CommitError(String);
+
+impl std::fmt::Display for CommitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cannot write the journal: {}", self.0)
+    }
+}
+
 impl JournalWriter {
-    pub(crate) fn new(journal: Journal, assigned: Arc<AssignedBuffer>) -> Self {
-        Self { journal: Mutex::new(journal), assigned }
+    /// Starts the committer thread over `journal`.
+    pub(crate) fn new(journal: Journal, assigned: Arc<AssignedBuffer>) -> std::io::Result<Self> {
+        let shared = Arc::new(Shared {
+            journal: Mutex::new(Appending { journal, appended: 0 }),
+            assigned,
+            progress: watch::channel(Progress::default()).0,
+        });
+        let committer = shared.clone();
+        std::thread::Builder::new().name("crew-journal-commit".into()).spawn(move || committer.run())?;
+        Ok(Self { shared })
     }
 
-    /// Appends records (after the buffered assignments), optionally making
-    /// everything durable.
-    pub(crate) fn write(&self, records: &[Record], commit: bool) -> Result<(), JournalError> {
-        let assigned: Vec<(JobId, u32)> = std::mem::take(&mut *lock(&self.assigned.0));
-        let mut j = lock(&self.journal);
-        for r in records {
-            j.append(r)?;
-        }
-        for (job, attempt) in assigned {
-            j.append(&Record::Assigned { job, attempt })?;
-        }
-        if !commit {
+    /// Appends records (after the buffered assignments); they become
+    /// durable with the next group commit. Returns the ticket to wait for.
+    pub(crate) fn append(&self, records: &[Record]) -> Result<Ticket, CommitError> {
+        let ticket = {
+            let mut a = lock(&self.shared.journal);
+            if let Some(why) = &self.shared.progress.borrow().poisoned {
+                return Err(CommitError(why.clone()));
+            }
+            self.shared.append_assigned(&mut a)?;
+            for r in records {
+                if let Err(e) = a.journal.append(r) {
+                    let why = format!("{e} (restart the daemon once the cause is fixed: crew down)");
+                    self.shared.progress.send_modify(|p| p.poisoned = Some(why.clone()));
+                    return Err(CommitError(why));
+                }
+            }
+            a.appended += 1;
+            a.appended
+        };
+        self.shared.assigned.poke();
+        Ok(ticket)
+    }
+
+    /// Waits until the records of `ticket` are durable.
+    pub(crate) async fn durable(&self, ticket: Ticket) -> Result<(), CommitError> {
+        let mut rx = self.shared.progress.subscribe();
+        let p = rx
+            .wait_for(|p| p.durable >= ticket || p.poisoned.is_some())
+            .await
+            .map_err(|_| CommitError("the journal's committer stopped".into()))?
+            .clone();
+        if p.durable >= ticket {
             return Ok(());
         }
-        j.commit()?;
-        // Keeps a long-lived daemon's journal within a factor of its live
-        // state. The records are durable already: a failure here is the
-        // compaction's only, and the request stands.
-        let started = std::time::Instant::now();
-        match j.compact_if_grown() {
-            Ok(true) => tracing::info!(elapsed = ?started.elapsed(), "journal compacted"),
-            Ok(false) => {}
-            Err(e) => tracing::warn!("could not compact the journal (it keeps growing; retried later): {e}"),
+        Err(CommitError(p.poisoned.unwrap_or_default()))
+    }
+
+    /// Appends records and waits until they are durable.
+    pub(crate) async fn write(&self, records: &[Record]) -> Result<(), CommitError> {
+        let ticket = self.append(records)?;
+        self.durable(ticket).await
+    }
+
+    /// Makes everything appended so far durable and stops the committer.
+    pub(crate) async fn close(&self) -> Result<(), CommitError> {
+        let result = self.write(&[]).await;
+        self.shared.assigned.stop.store(true, Ordering::SeqCst);
+        self.shared.assigned.poke();
+        result
+    }
+}
+
+impl Shared {
+    fn append_assigned(&self, a: &mut Appending) -> Result<(), CommitError> {
+        let assigned: Vec<(JobId, u32)> = std::mem::take(&mut *lock(&self.assigned.jobs));
+        for (job, attempt) in assigned {
+            if let Err(e) = a.journal.append(&Record::Assigned { job, attempt }) {
+                let why = format!("{e} (restart the daemon once the cause is fixed: crew down)");
+                self.progress.send_modify(|p| p.poisoned = Some(why.clone()));
+                return Err(CommitError(why));
+            }
         }
         Ok(())
+    }
+
+    /// The committer: waits for work, flushes under the lock, syncs outside
+    /// it, publishes how far the journal is durable; compacts now and then.
+    fn run(&self) {
+        loop {
+            {
+                let mut work = lock(&self.assigned.work);
+                while !*work && !self.assigned.stop.load(Ordering::SeqCst) {
+                    work = self.assigned.wake.wait(work).unwrap_or_else(std::sync::PoisonError::into_inner);
+                }
+                if !*work {
+                    return;
+                }
+                *work = false;
+            }
+            if self.progress.borrow().poisoned.is_some() {
+                continue;
+            }
+            let flushed = {
+                let mut a = lock(&self.journal);
+                let assigned = self.append_assigned(&mut a);
+                let ticket = a.appended;
+                assigned.and_then(|()| a.journal.flush().map(|h| (ticket, h)).map_err(|e| CommitError(e.to_string())))
+            };
+            let (ticket, handle) = match flushed {
+                Ok(f) => f,
+                Err(e) => {
+                    self.poison(&e.0);
+                    continue;
+                }
+            };
+            if let Some(handle) = handle {
+                if let Err(e) = handle.sync_data() {
+                    self.poison(&format!("cannot sync the journal: {e}"));
+                    continue;
+                }
+            }
+            let compact = {
+                let mut a = lock(&self.journal);
+                if a.appended == ticket {
+                    a.journal.synced();
+                }
+                a.journal.compaction_due()
+            };
+            self.progress.send_modify(|p| p.durable = p.durable.max(ticket));
+            if compact {
+                // Keeps a long-lived daemon's journal within a factor of
+                // its live state. The records are durable already: a
+                // failure here is the compaction's only.
+                let started = std::time::Instant::now();
+                match lock(&self.journal).journal.compact_if_grown() {
+                    Ok(true) => tracing::info!(elapsed = ?started.elapsed(), "journal compacted"),
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!("could not compact the journal (it keeps growing; retried later): {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    fn poison(&self, why: &str) {
+        let why = format!("{why} (nothing more can be made durable: restart the daemon once the cause is fixed)");
+        tracing::error!("{why}");
+        self.progress.send_modify(|p| p.poisoned = Some(why));
     }
 }

@@ -74,6 +74,20 @@ pub(crate) fn main(args: DaemonArgs) -> Result<u8, Failure> {
             .with_context(|| format!("cannot create the project folder {}", dir.display()))
             .map_err(Failure::internal)?;
     }
+    // Private, also when it was made by hand (or by an older crew) with the
+    // usual 0755: the journal holds jobs' command lines and environments.
+    // daemon.log is created 0600 by the command that starts the daemon.
+    for (path, mode) in [(dir.clone(), 0o700), (dir.join("daemon.log"), 0o600)] {
+        match std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(Failure::internal(
+                    anyhow::Error::new(e).context(format!("cannot make {} private", path.display())),
+                ));
+            }
+        }
+    }
     // A bad configuration exits 3, not 2: `ensure_daemon` reads status 2 as
     // "another daemon holds the lock" and would wait for it to answer.
     let mut config = crate::config::Config::load(&dir).map_err(Failure::internal)?;
@@ -162,6 +176,12 @@ async fn serve(dir: PathBuf, store: Arc<dyn Store>, settings: crate::config::Con
     let exe = std::env::current_exe().context("cannot find the crew executable")?;
     // The journal first: the controller continues its job numbering.
     let (mut journal, replay) = Journal::open(dir.join(JOURNAL))?;
+    for skipped in &replay.skipped {
+        tracing::error!(
+            "journal {}: {skipped}: the record was skipped (damaged); the rest was recovered",
+            dir.join(JOURNAL).display()
+        );
+    }
     if let Some(bytes) = settings.daemon.journal_compact_bytes {
         journal.set_compact_after(bytes);
     }
@@ -182,7 +202,16 @@ async fn serve(dir: PathBuf, store: Arc<dyn Store>, settings: crate::config::Con
             return Err(anyhow::Error::new(e).context(format!("cannot remove the stale socket {}", sock.display())));
         }
     }
-    let listener = UnixListener::bind(&sock).with_context(|| format!("cannot listen on {}", sock.display()))?;
+    // Created 0600 by the kernel (under a 0177 umask), so that no other
+    // user can connect between bind and chmod. The umask is the process's:
+    // restored at once (a file another thread creates meanwhile is only
+    // more private).
+    // SAFETY: umask only swaps the process's file mode mask.
+    let previous = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(&sock);
+    // SAFETY: as above.
+    unsafe { libc::umask(previous) };
+    let listener = bound.with_context(|| format!("cannot listen on {}", sock.display()))?;
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("cannot chmod {}", sock.display()))?;
 
@@ -195,12 +224,12 @@ async fn serve(dir: PathBuf, store: Arc<dyn Store>, settings: crate::config::Con
         controller.clone(),
         store,
         dir.clone(),
-        journal::JournalWriter::new(journal, assigned),
+        journal::JournalWriter::new(journal, assigned).context("cannot start the journal's committer")?,
         outputs,
         settings.recruit,
     ));
     let (jobs, ready) = (replay.pending.len(), replay.ready.len());
-    state.restore(replay);
+    state.restore(replay).await;
     if jobs + ready > 0 {
         tracing::info!(jobs, outputs = ready, "resumed from the journal");
     }
@@ -249,6 +278,7 @@ async fn serve(dir: PathBuf, store: Arc<dyn Store>, settings: crate::config::Con
             .await;
     conns.abort_all();
     drain.abort();
+    state.close_journal().await;
     let _ = std::fs::remove_file(&sock);
     tracing::info!("crew daemon stopped");
     Ok(())

@@ -17,7 +17,7 @@
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, BufWriter, Seek, SeekFrom, Write};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crew_core::{JobId, Output};
@@ -45,7 +45,9 @@ impl OutputsLog {
     /// Opens (or creates) the file and indexes the lines already in it; a
     /// torn last line is cut off.
     pub(crate) fn open(path: &Path) -> std::io::Result<Self> {
-        let file = OpenOptions::new().read(true).append(true).create(true).open(path)?;
+        let file = OpenOptions::new().read(true).append(true).create(true).mode(0o600).open(path)?;
+        // Private even when an older daemon created it with another mode.
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
         let mut index = HashMap::new();
         let mut names = HashMap::new();
         let mut end = 0u64;
@@ -119,7 +121,7 @@ impl OutputsLog {
         {
             let mut from = File::open(&self.path)?;
             from.seek(SeekFrom::Start(cut))?;
-            let mut to = File::create(&tmp)?;
+            let mut to = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
             std::io::copy(&mut from, &mut to)?;
         }
         std::fs::rename(&tmp, &self.path)?;

@@ -7,10 +7,12 @@
 
 mod aws_batch;
 mod aws_batch_definition;
+mod bounds;
 mod cli;
 mod config;
 mod controller;
 mod daemon_api;
+mod durability;
 mod environment;
 mod limits;
 mod mixed;

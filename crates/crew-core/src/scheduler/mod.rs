@@ -39,6 +39,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::clock::after;
 use crate::job::{JobId, JobSpec};
 use crate::output::{Output, Status};
 use crate::tags::Tags;
@@ -414,16 +415,16 @@ impl Scheduler {
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
         for s in &self.slots {
             match s.state {
-                SlotState::Launching => consider(s.since + s.cfg.limits.launch_timeout),
+                SlotState::Launching => consider(after(s.since, s.cfg.limits.launch_timeout)),
                 SlotState::Up => {
                     if let (Some(idle), Some(since)) = (s.cfg.limits.idle_timeout, s.idle_since) {
                         if s.jobs.is_empty() {
-                            consider(since + idle);
+                            consider(after(since, idle));
                         }
                     }
                     if let Some(wall) = s.cfg.limits.wall_time {
                         if !s.retiring {
-                            consider(s.since + wall);
+                            consider(after(s.since, wall));
                         }
                     }
                 }
@@ -652,7 +653,7 @@ impl Scheduler {
             let slot = SlotId(i as u32);
             let s = &self.slots[i];
             match s.state {
-                SlotState::Launching if now >= s.since + s.cfg.limits.launch_timeout => {
+                SlotState::Launching if now >= after(s.since, s.cfg.limits.launch_timeout) => {
                     let reason = format!(
                         "the worker did not connect within {}",
                         humantime::format_duration(s.cfg.limits.launch_timeout)
@@ -662,7 +663,7 @@ impl Scheduler {
                 }
                 SlotState::Up => {
                     if let Some(wall) = s.cfg.limits.wall_time {
-                        if !s.retiring && now >= s.since + wall {
+                        if !s.retiring && now >= after(s.since, wall) {
                             self.unindex_ready(slot);
                             self.slots[i].retiring = true;
                             self.after_slot_change(slot, now);
@@ -670,7 +671,7 @@ impl Scheduler {
                     }
                     let s = &self.slots[i];
                     if let (Some(idle), Some(since)) = (s.cfg.limits.idle_timeout, s.idle_since) {
-                        if s.state == SlotState::Up && s.jobs.is_empty() && now >= since + idle {
+                        if s.state == SlotState::Up && s.jobs.is_empty() && now >= after(since, idle) {
                             let reason = format!("idle for {}", humantime::format_duration(idle));
                             self.stop(slot, reason);
                         }
@@ -683,8 +684,12 @@ impl Scheduler {
     }
 
     /// Cancels a job: a queued one ends at once, a running one is killed by
-    /// its worker (which then reports it `cancelled`). Returns false when the
-    /// job is unknown (never sent, or already delivered).
+    /// its worker (which then reports it `cancelled`). Cancelling again a
+    /// job whose worker has not ended it yet (a worker stuck, or not
+    /// answering) ends it at once, `cancelled`, and stops that worker (its
+    /// other jobs go back to the queue): whatever state a job is stuck in, a
+    /// second cancel ends it. Returns false when the job is unknown (never
+    /// sent, or already delivered).
     pub fn cancel(&mut self, job: JobId, now: Instant) -> bool {
         let Some(e) = self.jobs.get_mut(&job) else {
             return false;
@@ -695,7 +700,12 @@ impl Scheduler {
                 self.deliver_without_run(job, Status::Cancelled, "cancelled by the user".to_owned());
             }
             JobState::Assigned(slot) => {
-                if !e.cancel_requested {
+                if e.cancel_requested {
+                    let s = &self.slots[slot.0 as usize];
+                    if s.state == SlotState::Up && s.jobs.contains(&job) {
+                        self.stop(slot, format!("its worker did not end the cancelled job {job}: stopped"));
+                    }
+                } else {
                     e.cancel_requested = true;
                     self.actions.push(Action::Cancel { slot, job });
                 }

@@ -1422,12 +1422,37 @@ fn cancel_queued_and_running_jobs() {
     env.auto_per_mille = 0;
     assert!(env.cancel(running));
     assert_eq!(env.take_log(), vec![Ev::Cancel(s, running)]);
-    assert!(env.cancel(running), "still pending");
-    assert_eq!(env.take_log(), vec![], "asked only once");
     env.deliver_mail(s);
     assert_eq!(env.take_log(), vec![Ev::Deliver(running, Status::Cancelled)]);
     assert_eq!(env.delivered[&running].attempt, 1);
     assert!(!env.cancel(running));
+    env.assert_all_delivered();
+}
+
+/// A worker that does not end a cancelled job (stuck, or not answering):
+/// the second cancel ends the job at once and stops that worker; the
+/// worker's late answer changes nothing.
+#[test]
+fn a_second_cancel_ends_a_job_its_worker_does_not_end() {
+    let mut env = TestEnv::new();
+    let s = env.recruit("w", "", prefetch(0));
+    let stuck = env.job("");
+    env.connect(s);
+    env.auto_per_mille = 0;
+    env.deliver_mail(s);
+    assert_eq!(env.held(s), vec![stuck]);
+    env.take_log();
+    assert!(env.cancel(stuck));
+    assert_eq!(env.take_log(), vec![Ev::Cancel(s, stuck)]);
+    assert_eq!(env.status_of(stuck), None, "asked, not ended yet");
+    assert!(env.cancel(stuck), "still pending");
+    let log = env.take_log();
+    assert!(log.contains(&Ev::Deliver(stuck, Status::Cancelled)), "{log:?}");
+    assert!(log.iter().any(|e| matches!(e, Ev::Terminate(slot, _) if *slot == s)), "{log:?}");
+    assert_eq!(env.status_of(stuck), Some(Status::Cancelled));
+    assert!(!env.cancel(stuck), "already delivered");
+    env.gone_all();
+    assert_eq!(env.status_of(stuck), Some(Status::Cancelled), "delivered once");
     env.assert_all_delivered();
 }
 
