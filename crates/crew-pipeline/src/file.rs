@@ -157,8 +157,9 @@ pub struct PipelineFile {
     pub file: String,
     /// The folder relative paths are resolved against: the file's folder.
     pub root: PathBuf,
-    /// The targets, by name order.
-    pub targets: Vec<TargetDef>,
+    /// The targets, by name order (shared: the plan and the engine hold
+    /// them without copying).
+    pub targets: Vec<std::sync::Arc<TargetDef>>,
 }
 
 #[derive(Deserialize)]
@@ -400,7 +401,7 @@ pub fn parse(file: &str, text: &str, root: PathBuf) -> Result<PipelineFile, File
                 Some(parse_size(m.get_ref()).map_err(|e| err(mloc, format!("memory: {e}")))?)
             }
         };
-        targets.push(TargetDef {
+        targets.push(std::sync::Arc::new(TargetDef {
             name,
             loc,
             command,
@@ -416,7 +417,7 @@ pub fn parse(file: &str, text: &str, root: PathBuf) -> Result<PipelineFile, File
             memory,
             fetch: t.fetch.unwrap_or(true),
             map,
-        });
+        }));
     }
     Ok(PipelineFile { file: file.to_owned(), root, targets })
 }

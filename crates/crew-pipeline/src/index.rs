@@ -65,6 +65,8 @@ pub struct StoreIndex {
     seen: Option<String>,
     /// The generation this process wrote first, once it changes records.
     wrote: Option<String>,
+    /// True when the index came from the cache as it is.
+    cached: bool,
     cache_file: Option<PathBuf>,
 }
 
@@ -106,6 +108,7 @@ impl StoreIndex {
                 objects: cache.objects.into_iter().collect(),
                 seen,
                 wrote: None,
+                cached: true,
                 cache_file,
             });
         }
@@ -137,7 +140,7 @@ impl StoreIndex {
         records.extend(read.into_iter().flatten());
         let objects =
             store.list(&StoreKey::new(OBJECTS_PREFIX)?).await?.into_iter().map(|m| m.key.as_str().to_owned()).collect();
-        let index = Self { records, objects, seen, wrote: None, cache_file };
+        let index = Self { records, objects, seen, wrote: None, cached: false, cache_file };
         index.save(index.seen.clone());
         Ok(index)
     }
@@ -181,6 +184,8 @@ impl StoreIndex {
     /// cache saved under it, unless another writer changed it meanwhile.
     pub async fn finish(&mut self, store: &dyn Store) {
         let generation = match &self.wrote {
+            // Read from the cache and unchanged: nothing to save.
+            None if self.cached => return,
             None => self.seen.clone(),
             Some(first) => match generation(store).await {
                 Ok(Some(now)) if &now == first => bump(store).await.ok().flatten(),

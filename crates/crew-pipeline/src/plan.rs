@@ -54,7 +54,7 @@ pub struct JobNode {
 #[derive(Clone, Debug)]
 pub enum NodeKind {
     /// Runs a job.
-    Job(Box<JobNode>),
+    Job(std::sync::Arc<JobNode>),
     /// The branches of a mapped target.
     Group {
         /// Index of its target.
@@ -259,7 +259,7 @@ impl Plan {
         let outputs = t.outputs.iter().map(|o| substitute(o, &branch)).collect();
         let env = t.env.iter().map(|(k, v)| (k.clone(), substitute(v, &branch))).collect();
         let job = JobNode { target: ti, branch, command, inputs, outputs, env };
-        self.push(Node { label, kind: NodeKind::Job(Box::new(job)), deps: Vec::new(), after: Vec::new() })
+        self.push(Node { label, kind: NodeKind::Job(std::sync::Arc::new(job)), deps: Vec::new(), after: Vec::new() })
     }
 
     fn error(&self, id: NodeId, message: String) -> FileError {
@@ -277,7 +277,7 @@ impl Plan {
     }
 
     /// The target definition of a node.
-    pub fn def(&self, id: NodeId) -> &TargetDef {
+    pub fn def(&self, id: NodeId) -> &std::sync::Arc<TargetDef> {
         &self.file.targets[self.target_of(id)]
     }
 
@@ -449,7 +449,7 @@ impl Plan {
             }
             NodeKind::Job(job) => {
                 let mut inputs = Vec::with_capacity(job.inputs.len());
-                for (name, input) in job.inputs {
+                for (name, input) in job.inputs.iter().cloned() {
                     let JobInput::Source(path) = input else {
                         inputs.push((name, input));
                         continue;
@@ -487,7 +487,7 @@ impl Plan {
                     }
                 }
                 if let NodeKind::Job(j) = &mut self.nodes[id].kind {
-                    j.inputs = inputs;
+                    std::sync::Arc::make_mut(j).inputs = inputs;
                 }
             }
         }
@@ -578,7 +578,7 @@ impl Plan {
             let list = match v {
                 MapValues::List(l) => l.clone(),
                 MapValues::Glob(_) => {
-                    self.static_values(&TargetDef { map: vec![(var.clone(), v.clone())], ..t.clone() })
+                    self.static_values(&TargetDef { map: vec![(var.clone(), v.clone())], ..(*t).clone() })
                         .map_err(|e| e.message)?
                         .remove(0)
                         .1
