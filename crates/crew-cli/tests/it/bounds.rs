@@ -8,25 +8,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::support::{DEADLINE, Finished, Reaper, crew, run, unique};
-
-fn crew_ok(dir: &Path, mark: &str, args: &[&str]) -> Finished {
-    let out = run(crew(dir, mark, args), None, DEADLINE);
-    assert_eq!(out.code(), Some(0), "crew {}\n{out}", args.join(" "));
-    out
-}
-
-/// Stops the daemon of `dir` when dropped (a failing test leaves nothing).
-struct Down<'a> {
-    dir: &'a Path,
-    mark: &'a str,
-}
-
-impl Drop for Down<'_> {
-    fn drop(&mut self) {
-        let _ = run(crew(self.dir, self.mark, &["down"]), None, DEADLINE);
-    }
-}
+use crate::support::{DEADLINE, Down, Reaper, crew, crew_ok, run, unique};
 
 fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).permissions().mode() & 0o777

@@ -7,24 +7,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::support::{DEADLINE, Finished, Reaper, crew, poll_until, run, signal, unique};
+use crate::support::{DEADLINE, Down, Finished, Reaper, crew, poll_until, run, signal, unique};
 
 fn crew_ok(dir: &Path, mark: &str, args: &[&str]) -> Finished {
-    let out = run(crew(dir, mark, args), None, Duration::from_secs(120));
-    assert_eq!(out.code(), Some(0), "crew {}\n{out}", args.join(" "));
-    out
-}
-
-/// Stops the daemon of `dir` when dropped (a failing test leaves nothing).
-struct Down<'a> {
-    dir: &'a Path,
-    mark: &'a str,
-}
-
-impl Drop for Down<'_> {
-    fn drop(&mut self) {
-        let _ = run(crew(self.dir, self.mark, &["down"]), None, DEADLINE);
-    }
+    crate::support::crew_ok_within(dir, mark, args, Duration::from_secs(120))
 }
 
 /// SIGKILLs the daemon of `dir` (its pid from `crew up --json`) and waits

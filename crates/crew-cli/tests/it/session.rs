@@ -5,27 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::support::{DEADLINE, Finished, Reaper, assert_none_marked, crew, run, unique};
-
-/// `crew ARGS` in `dir` (its project folder: `dir/.crew`), to its end.
-fn crew_ok(dir: &Path, mark: &str, args: &[&str]) -> Finished {
-    let out = run(crew(dir, mark, args), None, DEADLINE);
-    assert_eq!(out.code(), Some(0), "crew {}\n{out}", args.join(" "));
-    out
-}
-
-/// Stops the daemon of `dir` when dropped, so a failing test does not leave
-/// it running (the [`Reaper`] kills whatever is left after that).
-struct Down<'a> {
-    dir: &'a Path,
-    mark: &'a str,
-}
-
-impl Drop for Down<'_> {
-    fn drop(&mut self) {
-        let _ = run(crew(self.dir, self.mark, &["down"]), None, DEADLINE);
-    }
-}
+use crate::support::{DEADLINE, Down, Reaper, assert_none_marked, crew, crew_ok, run, unique};
 
 #[test]
 fn a_scripted_session() {

@@ -287,3 +287,29 @@ pub(crate) fn run(cmd: Command, stdin: Option<&str>, deadline: Duration) -> Fini
 
 /// The default deadline of one `crew` command.
 pub(crate) const DEADLINE: Duration = Duration::from_secs(30);
+
+/// `crew ARGS` in `dir` (its project folder: `dir/.crew`), to its end,
+/// which must be a success.
+pub(crate) fn crew_ok(dir: &Path, mark: &str, args: &[&str]) -> Finished {
+    crew_ok_within(dir, mark, args, DEADLINE)
+}
+
+/// [`crew_ok`] with another deadline.
+pub(crate) fn crew_ok_within(dir: &Path, mark: &str, args: &[&str], deadline: Duration) -> Finished {
+    let out = run(crew(dir, mark, args), None, deadline);
+    assert_eq!(out.code(), Some(0), "crew {}\n{out}", args.join(" "));
+    out
+}
+
+/// Stops the daemon of `dir` when dropped, so a failing test does not leave
+/// it running (the [`Reaper`] kills whatever is left after that).
+pub(crate) struct Down<'a> {
+    pub(crate) dir: &'a Path,
+    pub(crate) mark: &'a str,
+}
+
+impl Drop for Down<'_> {
+    fn drop(&mut self) {
+        let _ = run(crew(self.dir, self.mark, &["down"]), None, DEADLINE);
+    }
+}
