@@ -107,8 +107,8 @@ pub enum Record {
     Pending {
         /// The job.
         id: JobId,
-        /// What it runs.
-        spec: JobSpec,
+        /// What it runs (boxed: the other records are small).
+        spec: Box<JobSpec>,
         /// Attempts started.
         attempts: u32,
         /// Crashes suffered.
@@ -227,7 +227,7 @@ impl Replay {
             Record::Pending { id, spec, attempts, crashes, failures, running, cancelled } => {
                 self.next_job = self.next_job.max(id.0.saturating_add(1));
                 let history = History { attempts, crashes, failures };
-                self.pending.insert(id, PendingJob { spec, history, running, cancelled });
+                self.pending.insert(id, PendingJob { spec: *spec, history, running, cancelled });
             }
             Record::NextJob { next } => self.next_job = self.next_job.max(next),
         }
@@ -251,7 +251,7 @@ impl Replay {
         for (id, p) in &self.pending {
             out.push(Record::Pending {
                 id: *id,
-                spec: p.spec.clone(),
+                spec: Box::new(p.spec.clone()),
                 attempts: p.history.attempts,
                 crashes: p.history.crashes,
                 failures: p.history.failures,
