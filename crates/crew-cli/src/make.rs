@@ -190,7 +190,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
 }
 
 fn build_failure(e: crew_pipeline::build::BuildError) -> Failure {
-    if e.is_store_failure() { Failure::internal(e) } else { Failure::internal(anyhow::anyhow!("{e}")) }
+    Failure::internal(e)
 }
 
 /// Evaluates without running anything.
@@ -416,7 +416,8 @@ pub(crate) fn make(global_dir: Option<PathBuf>, args: MakeArgs) -> Result<u8, Fa
     });
     drop(rt);
     crew_worker_local::kill_orphans();
-    let report = result.map_err(build_failure)?;
+    let refused = remote.as_ref().is_some_and(|r| r.refused);
+    let report = result.map_err(|e| if refused { Failure::usage(e) } else { build_failure(e) })?;
     Ok(summarize(&report, &l.plan))
 }
 

@@ -26,12 +26,15 @@ pub(crate) struct DaemonExecutor {
     rx: tokio::sync::mpsc::UnboundedReceiver<Result<Output, String>>,
     tx: tokio::sync::mpsc::UnboundedSender<Result<Output, String>>,
     receiving: bool,
+    /// The daemon refused jobs as bad input (a 4xx answer: no slot with a
+    /// target's tags, ...), rather than failing.
+    pub(crate) refused: bool,
 }
 
 impl DaemonExecutor {
     pub(crate) fn new(dir: PathBuf) -> Self {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        Self { dir, pending: Arc::new(Mutex::new(HashSet::new())), rx, tx, receiving: false }
+        Self { dir, pending: Arc::new(Mutex::new(HashSet::new())), rx, tx, receiving: false, refused: false }
     }
 
     /// Starts the receiving thread once: it long-polls for outputs of the
@@ -138,10 +141,19 @@ impl Executor for DaemonExecutor {
             let r = Client::connect(&project::socket(&dir))
                 .and_then(|mut c| c.post::<_, Ids>("/v1/jobs", &body))
                 .map(|a| a.ids)
-                .map_err(|e| e.to_string());
+                .map_err(|e| {
+                    let refused = matches!(&e, crate::client::ClientError::Api(a) if a.is_client_error());
+                    (e.to_string(), refused)
+                });
             let _ = done.send(r);
         });
-        let ids = answer.await.map_err(|_| "the request thread died".to_owned())??;
+        let ids = match answer.await.map_err(|_| "the request thread died".to_owned())? {
+            Ok(ids) => ids,
+            Err((message, refused)) => {
+                self.refused |= refused;
+                return Err(message);
+            }
+        };
         if let Ok(mut p) = self.pending.lock() {
             p.extend(ids.iter().copied());
         }

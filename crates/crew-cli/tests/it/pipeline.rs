@@ -165,6 +165,16 @@ fn up_to_date_does_not_depend_on_the_shell_the_folder_or_the_daemon() {
     assert_eq!(std::fs::read_to_string(dir.path().join("total.txt")).expect("total"), "5051\n");
     let out = make(dir.path(), &mark, &[]);
     assert!(ran(&out).is_empty(), "built by the daemon, up to date without it\n{out}");
+    // A target no recruited slot can run is bad input, said by the daemon.
+    let text = std::fs::read_to_string(dir.path().join("pipeline.toml")).expect("read");
+    std::fs::write(
+        dir.path().join("pipeline.toml"),
+        format!("{text}\n[targets.gpu]\ncommand = \"true\"\ntags = [\"gpu\"]\n"),
+    )
+    .expect("write");
+    let out = run(crew(dir.path(), &mark, &["make", "--daemon"]), None, DEADLINE);
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains("gpu"), "{out}");
 }
 
 #[test]
