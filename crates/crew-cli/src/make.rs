@@ -196,7 +196,7 @@ fn build_failure(e: crew_pipeline::build::BuildError) -> Failure {
 /// Evaluates without running anything.
 fn evaluate(l: &mut Loaded, wanted: &[usize], seed: u64) -> Result<Report, Failure> {
     let rt = runtime()?;
-    let opts = Options { dry_run: true, seed, state_dir: Some(l.state_dir.clone()), keep_going: true };
+    let opts = Options { dry_run: true, seed, state_dir: Some(l.state_dir.clone()), keep_going: true, memo_key: None };
     let store = Arc::clone(&l.store);
     rt.block_on(async {
         let stop = std::pin::pin!(std::future::pending::<()>());
@@ -303,6 +303,14 @@ pub(crate) fn make(global_dir: Option<PathBuf>, args: MakeArgs) -> Result<u8, Fa
         // An unknown class is bad input, before anything is read.
         Registry::stock().get(&args.class).map_err(Failure::usage)?;
     }
+    if args.daemon && args.pipeline.seed != 0 {
+        // The daemon derives every job's CREW_SEED from crew seed 0; a
+        // target's identity must name the seed its job really got.
+        return Err(Failure::usage(anyhow::anyhow!(
+            "--seed {} cannot be used with --daemon: the daemon's jobs get crew seed 0 (leave --seed out, or build without --daemon)",
+            args.pipeline.seed
+        )));
+    }
     // With --daemon the daemon's store holds the cache: its agents upload there.
     let (daemon, store_override) = if args.daemon {
         let dir = match global_dir {
@@ -326,6 +334,15 @@ pub(crate) fn make(global_dir: Option<PathBuf>, args: MakeArgs) -> Result<u8, Fa
     } else {
         (None, None)
     };
+    let rt = runtime()?;
+    let memo_key = noop_memo_key(&args, store_override.as_deref());
+    if let Some((key, root, store)) = &memo_key {
+        let state_dir = root.join(".crew/pipeline");
+        if let Some(n) = rt.block_on(crew_pipeline::memo::check(&state_dir, root, key, store.as_ref())) {
+            eprintln!("crew: 0 job(s) ran; 0 built, {n} up to date, 0 failed");
+            return Ok(EXIT_OK);
+        }
+    }
     let mut l = load(&args.pipeline, store_override)?;
     let wanted = wanted(&l.plan, &args.targets)?;
     let needed_tags: Tags = {
@@ -350,13 +367,13 @@ pub(crate) fn make(global_dir: Option<PathBuf>, args: MakeArgs) -> Result<u8, Fa
         None => needed_tags,
     };
     let _ = crew_worker_local::become_subreaper();
-    let rt = runtime()?;
     rt.block_on(l.store.check()).map_err(|e| crate::registry::store_failure(&l.store.url(), e))?;
     let opts = Options {
         keep_going: args.keep_going,
         dry_run: false,
         seed: args.pipeline.seed,
         state_dir: Some(l.state_dir.clone()),
+        memo_key: memo_key.map(|(key, ..)| key),
     };
     let json = args.json;
     let mut local = LocalExecutor {
@@ -419,6 +436,30 @@ pub(crate) fn make(global_dir: Option<PathBuf>, args: MakeArgs) -> Result<u8, Fa
     let refused = remote.as_ref().is_some_and(|r| r.refused);
     let report = result.map_err(|e| if refused { Failure::usage(e) } else { build_failure(e) })?;
     Ok(summarize(&report, &l.plan))
+}
+
+/// The key of the no-op memo of this `crew make` (with the pipeline's
+/// folder and its store), or `None` when the file or the store cannot be
+/// reached (the full run then says why).
+fn noop_memo_key(args: &MakeArgs, store_override: Option<&str>) -> Option<(String, PathBuf, Arc<dyn Store>)> {
+    let text = std::fs::read(&args.pipeline.file).ok()?;
+    let parent = args.pipeline.file.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let root = std::fs::canonicalize(parent).ok()?;
+    let url = match store_override.or(args.pipeline.store.as_deref()) {
+        Some(s) => s.to_owned(),
+        None => root.join(".crew/store").to_string_lossy().into_owned(),
+    };
+    let store = crew_core::store::open_store(&url).ok()?;
+    let key = crew_pipeline::memo::MemoKey {
+        text: &text,
+        root: &root,
+        store: &store.url(),
+        seed: args.pipeline.seed,
+        targets: &args.targets,
+        extra: args.tags.as_deref().unwrap_or(""),
+    }
+    .digest();
+    Some((key, root, store))
 }
 
 /// Prints the end of a build on stderr and picks the exit status.

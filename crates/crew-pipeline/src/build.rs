@@ -12,7 +12,7 @@
 //! process's environment or current folder for anything that decides.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -63,6 +63,9 @@ pub struct Options {
     pub seed: u64,
     /// Folder for local caches (`.crew/pipeline`); none: no cache.
     pub state_dir: Option<PathBuf>,
+    /// The no-op memo's key ([`crate::memo::MemoKey::digest`]): a run that
+    /// ends in a no-op writes the memo under it (with `state_dir`).
+    pub memo_key: Option<String>,
 }
 
 /// Where a node ended up.
@@ -266,6 +269,11 @@ pub async fn build(
         ran: 0,
     };
     engine.link_from(0);
+    let mut warned = false;
+    let on_event = &mut |e: Event<'_>| {
+        warned |= matches!(e, Event::Warning(_));
+        on_event(e);
+    };
     on_event(Event::Total(engine.needed.iter().filter(|&&b| b).count()));
     let result = engine.drive(executor, stop, on_event).await;
     engine.hashes.save();
@@ -274,11 +282,44 @@ pub async fn build(
     }
     result?;
     let all_done = wanted.iter().all(|&w| engine.states[w].is_done());
+    if let (false, Some(dir), Some(key)) = (opts.dry_run, &opts.state_dir, &opts.memo_key) {
+        engine.memoise(dir, key, warned).await;
+    }
     let states = engine.plan.nodes.iter().map(|n| n.label.clone()).zip(engine.states).collect();
     Ok(Report { states, ran: engine.ran, wanted: wanted_labels, all_done })
 }
 
 impl Engine<'_> {
+    /// Writes the no-op memo when this run was one (nothing ran, every
+    /// needed node up to date, nothing to warn about, the store unchanged),
+    /// else removes it.
+    async fn memoise(&self, dir: &Path, key: &str, warned: bool) {
+        let noop = !warned
+            && self.ran == 0
+            && self.index.unchanged()
+            && crate::memo::eligible(self.plan)
+            && (0..self.states.len()).all(|i| !self.needed[i] || matches!(self.states[i], State::UpToDate));
+        // The generation must be the one the run started from: a writer
+        // that changed the store meanwhile spends the memo at once.
+        let generation = match noop {
+            true => crate::index::generation(self.store.as_ref())
+                .await
+                .ok()
+                .flatten()
+                .filter(|now| self.index.seen() == Some(now.as_str())),
+            false => None,
+        };
+        match generation {
+            Some(g) => {
+                let fresh = (0..self.states.len())
+                    .filter(|&i| self.needed[i] && matches!(self.plan.nodes[i].kind, NodeKind::Job(_)))
+                    .count();
+                crate::memo::write(dir, key, &g, self.hashes.seen(), fresh);
+            }
+            None => crate::memo::forget(dir),
+        }
+    }
+
     /// Counts the dependencies of nodes `from..` and queues those ready.
     fn link_from(&mut self, from: usize) {
         let n = self.plan.nodes.len();

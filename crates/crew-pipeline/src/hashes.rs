@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 use crate::record::hex;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-struct Stat {
+pub(crate) struct Stat {
     size: u64,
     mtime: (i64, i64),
     ctime: (i64, i64),
@@ -30,7 +30,7 @@ struct Stat {
 }
 
 impl Stat {
-    fn of(meta: &std::fs::Metadata) -> Self {
+    pub(crate) fn of(meta: &std::fs::Metadata) -> Self {
         Self {
             size: meta.size(),
             mtime: (meta.mtime(), meta.mtime_nsec()),
@@ -54,6 +54,9 @@ pub struct HashCache {
     file: Option<PathBuf>,
     entries: HashMap<String, Entry>,
     dirty: bool,
+    /// Every file this run hashed or wrote, with its `stat` then (what a
+    /// no-op memo must find unchanged).
+    seen: HashMap<String, Stat>,
 }
 
 impl HashCache {
@@ -65,7 +68,7 @@ impl HashCache {
             .and_then(|f| std::fs::read(f).ok())
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
             .unwrap_or_default();
-        Self { root: root.to_path_buf(), file, entries, dirty: false }
+        Self { root: root.to_path_buf(), file, entries, dirty: false, seen: HashMap::new() }
     }
 
     /// The SHA-256 and size of the regular file `rel` (relative to the
@@ -80,6 +83,7 @@ impl HashCache {
             return Err(std::io::Error::other("not a regular file"));
         }
         let stat = Stat::of(&meta);
+        self.seen.insert(rel.to_owned(), stat.clone());
         if let Some(e) = self.entries.get(rel) {
             if e.stat == stat {
                 return Ok((e.sha256.clone(), stat.size));
@@ -99,6 +103,7 @@ impl HashCache {
     /// download), so that it is not read again to be hashed.
     pub fn remember(&mut self, rel: &str, sha256: &str) {
         if let Ok(meta) = std::fs::metadata(self.root.join(rel)) {
+            self.seen.insert(rel.to_owned(), Stat::of(&meta));
             self.entries.insert(rel.to_owned(), Entry { stat: Stat::of(&meta), sha256: sha256.to_owned() });
             self.dirty = true;
         }
@@ -107,6 +112,11 @@ impl HashCache {
     /// True when `rel` exists and its content has SHA-256 `sha256`.
     pub fn matches(&mut self, rel: &str, sha256: &str) -> bool {
         self.hash(rel).is_ok_and(|(s, _)| s == sha256)
+    }
+
+    /// The files this run looked at (relative to the root) and their `stat`.
+    pub(crate) fn seen(&self) -> &HashMap<String, Stat> {
+        &self.seen
     }
 
     /// Writes the cache back if it changed (best effort: a cache that cannot

@@ -74,7 +74,7 @@ fn tag_of(meta: &crew_core::store::ObjectMeta) -> Option<String> {
     meta.e_tag.as_ref().map(|e| format!("{}:{e}", meta.size))
 }
 
-async fn generation(store: &dyn Store) -> Result<Option<String>, StoreError> {
+pub(crate) async fn generation(store: &dyn Store) -> Result<Option<String>, StoreError> {
     match store.head(&StoreKey::new(GENERATION_KEY)?).await {
         Ok(meta) => Ok(tag_of(&meta)),
         Err(StoreError::NotFound { .. }) => Ok(None),
@@ -143,6 +143,16 @@ impl StoreIndex {
         let index = Self { records, objects, seen, wrote: None, cached: false, cache_file };
         index.save(index.seen.clone());
         Ok(index)
+    }
+
+    /// True when this process has written no record.
+    pub fn unchanged(&self) -> bool {
+        self.wrote.is_none()
+    }
+
+    /// The store's generation when the index was loaded.
+    pub fn seen(&self) -> Option<&str> {
+        self.seen.as_deref()
     }
 
     /// The whole record of `label` (for `crew why`), from the store.

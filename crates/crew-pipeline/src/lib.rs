@@ -24,6 +24,7 @@ pub mod file;
 pub mod graph;
 pub mod hashes;
 pub mod index;
+pub mod memo;
 pub mod plan;
 pub mod record;
 

@@ -165,6 +165,10 @@ fn up_to_date_does_not_depend_on_the_shell_the_folder_or_the_daemon() {
     assert_eq!(std::fs::read_to_string(dir.path().join("total.txt")).expect("total"), "5051\n");
     let out = make(dir.path(), &mark, &[]);
     assert!(ran(&out).is_empty(), "built by the daemon, up to date without it\n{out}");
+    // The daemon's jobs get crew seed 0: another seed would be a lie in the records.
+    let out = run(crew(dir.path(), &mark, &["make", "--daemon", "--seed", "3"]), None, DEADLINE);
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains("--seed 3 cannot be used with --daemon"), "{out}");
     // A target no recruited slot can run is bad input, said by the daemon.
     let text = std::fs::read_to_string(dir.path().join("pipeline.toml")).expect("read");
     std::fs::write(
@@ -383,4 +387,55 @@ fn target_limits_reach_the_job() {
     let out = run(crew(dir.path(), &mark, &["make"]), None, DEADLINE);
     assert_eq!(out.code(), Some(2), "{out}");
     assert!(out.stderr.contains("pipeline.toml:3:10: target a: memory"), "{out}");
+}
+
+#[test]
+fn the_no_op_memo_never_hides_a_change() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let other = tempfile::tempdir().expect("tempdir");
+    let store = tempfile::tempdir().expect("tempdir");
+    let store_arg = store.path().to_string_lossy().into_owned();
+    let mark = unique("make-memo-");
+    let _reaper = Reaper::new(&mark);
+    example(dir.path());
+    let with_store = |extra: &[&'static str]| -> Vec<&str> {
+        let mut args = vec!["--store", store_arg.as_str()];
+        args.extend_from_slice(extra);
+        args
+    };
+    let out = make(dir.path(), &mark, &with_store(&[]));
+    assert_eq!(ran(&out), ["raw", "total"], "{out}");
+    let out = make(dir.path(), &mark, &with_store(&[]));
+    assert!(ran(&out).is_empty(), "{out}");
+    let memo = dir.path().join(".crew/pipeline/noop.json");
+    assert!(memo.is_file(), "a no-op leaves its memo");
+    // The memo's answer, then each thing it rests on changed in turn.
+    let out = make(dir.path(), &mark, &with_store(&[]));
+    assert!(ran(&out).is_empty() && out.stderr.contains("2 up to date"), "{out}");
+    // A working-tree output lost after the memo: copied back.
+    std::fs::remove_file(dir.path().join("total.txt")).expect("rm");
+    let out = make(dir.path(), &mark, &with_store(&[]));
+    assert!(ran(&out).is_empty(), "{out}");
+    assert_eq!(std::fs::read_to_string(dir.path().join("total.txt")).expect("total.txt"), "8050\n");
+    // Another checkout writes the same store (other data): this one's
+    // memo is spent by the store's new generation, and total runs again.
+    example(other.path());
+    std::fs::write(other.path().join("data.csv"), "1\n").expect("other data");
+    let out = make(other.path(), &mark, &with_store(&[]));
+    assert_eq!(ran(&out), ["total"], "{out}");
+    let out = make(dir.path(), &mark, &with_store(&[]));
+    assert_eq!(ran(&out), ["total"], "{out}");
+    assert_eq!(std::fs::read_to_string(dir.path().join("total.txt")).expect("total.txt"), "8050\n");
+    // Another seed, or only some targets asked for: another key.
+    let out = make(dir.path(), &mark, &with_store(&[]));
+    assert!(ran(&out).is_empty(), "{out}");
+    let out = make(dir.path(), &mark, &with_store(&["--seed", "7", "raw"]));
+    assert_eq!(ran(&out), ["raw"], "{out}");
+    // A source edited in place to the same size and time still counts.
+    let out = make(dir.path(), &mark, &with_store(&[]));
+    assert_eq!(ran(&out), ["raw"], "{out}");
+    std::fs::write(dir.path().join("data.csv"), "1000\n2001\n").expect("edit");
+    let out = make(dir.path(), &mark, &with_store(&[]));
+    assert_eq!(ran(&out), ["total"], "{out}");
+    assert!(!memo.is_file() || out.code() == Some(0), "{out}");
 }
