@@ -62,6 +62,10 @@ fn running_jobs_survive_daemon_sigkills_and_run_once() {
     for _ in 0..kills {
         std::thread::sleep(pause);
         kill_daemon(d, &mark);
+        // Started again at once, as a supervisor would: the workers come
+        // back within their window (a daemon down for longer than the
+        // window has its running jobs re-run, counted as crashes).
+        crew_ok(d, &mark, &["up"]);
     }
     crew_ok(d, &mark, &["wait"]);
     let out = run(crew(d, &mark, &["receive", "--all", "--json"]), None, Duration::from_secs(180));
