@@ -5,8 +5,9 @@
 //! appending their name to a file.
 //!
 //! The default run is a short drill (120 jobs, 5 kills);
-//! `CREW_DRILL_JOBS=500 CREW_DRILL_KILLS=20` runs the full drill
-//! (`cargo xtask drill` does).
+//! `CREW_DRILL_JOBS=500 CREW_DRILL_KILLS=20 cargo nextest run -p crew-cli -E
+//! 'test(running_jobs_survive)'` runs the full drill (about 15 s),
+//! and `CREW_DRILL_LOG=FILE` keeps the daemon's log.
 
 use std::collections::BTreeMap;
 use std::path::Path;

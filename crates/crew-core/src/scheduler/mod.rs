@@ -100,6 +100,7 @@ pub struct SlotConfig {
 
 /// The state of a slot, as shown by `status`.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SlotState {
     /// Not running; launched when a job needs it.
     Down,
