@@ -32,7 +32,8 @@ use crate::job::{Command, JobId};
 use crate::output::{Captured, Status, Timestamp};
 use crate::protocol::{self, AgentMsg, ControllerMsg, PROTOCOL_VERSION, RunJob};
 use crate::worker::{
-    ENV_CONNECT, ENV_INDEX, ENV_INDEX_BASE, ENV_LAUNCH, ENV_PARENT_PID, ENV_TLS_SHA256, ENV_TOKEN, Secret,
+    ENV_CONNECT, ENV_INDEX, ENV_INDEX_BASE, ENV_LAUNCH, ENV_PARENT_PID, ENV_RESUME_FILE, ENV_TLS_SHA256, ENV_TOKEN,
+    Secret,
 };
 
 /// Exit code of an agent that stopped normally.
@@ -184,6 +185,85 @@ struct Running {
     cancel: CancellationToken,
 }
 
+/// What outlives one connection: the job in hand and the results the
+/// controller may not have recorded yet.
+struct Session {
+    running: Option<Running>,
+    fut: Option<JobFuture<'static>>,
+    tasks_done: u32,
+    /// Results sent (or to send) lately, as encoded frames: re-sent after
+    /// coming back to a restarted controller, which may have lost them
+    /// (it ignores those it has).
+    recent: VecDeque<Recent>,
+    /// This agent may come back to a restarted controller.
+    resumable: bool,
+}
+
+struct Recent {
+    job: JobId,
+    attempt: u32,
+    /// When it was last written (None: not written yet).
+    written: Option<Instant>,
+    frames: BytesMut,
+}
+
+/// How long a written result is kept for a restarted controller: far
+/// longer than the daemon takes to make a result durable (one group
+/// commit).
+const RECENT_KEEP: Duration = Duration::from_secs(2);
+/// At most this many results, and this many bytes, are kept.
+const RECENT_MAX: usize = 256;
+const RECENT_MAX_BYTES: usize = 32 << 20;
+
+/// How a connection ended.
+enum Outcome {
+    Exit(AgentExit),
+    /// The controller went away; the job in hand still runs.
+    Lost(String),
+}
+
+fn lost_reason(leaving: &Option<AgentExit>, resumable: bool, signalled: bool) -> Option<String> {
+    match leaving {
+        Some(AgentExit::ControllerLost(r)) if resumable && !signalled => Some(r.clone()),
+        _ => None,
+    }
+}
+
+/// Encodes a result into `out`, keeping a copy for a restarted controller.
+fn done(
+    out: &mut BytesMut,
+    recent: &mut VecDeque<Recent>,
+    resumable: bool,
+    job: JobId,
+    attempt: u32,
+    result: JobResult,
+) {
+    if !resumable {
+        push_done(out, job, attempt, result);
+        return;
+    }
+    let mut frames = BytesMut::new();
+    push_done(&mut frames, job, attempt, result);
+    out.extend_from_slice(&frames);
+    recent.push_back(Recent { job, attempt, written: None, frames });
+}
+
+/// Marks kept results written at `now` and forgets those written long ago.
+fn prune_recent(recent: &mut VecDeque<Recent>, now: Instant) {
+    for r in recent.iter_mut() {
+        r.written.get_or_insert(now);
+    }
+    let mut bytes: usize = recent.iter().map(|r| r.frames.len()).sum();
+    while let Some(r) = recent.front() {
+        let old = r.written.is_some_and(|t| now.saturating_duration_since(t) > RECENT_KEEP);
+        if !(old || recent.len() > RECENT_MAX || bytes > RECENT_MAX_BYTES) || r.written.is_none() {
+            break;
+        }
+        bytes -= r.frames.len();
+        recent.pop_front();
+    }
+}
+
 /// A private scratch folder, removed when dropped.
 struct Scratch(PathBuf);
 
@@ -246,7 +326,12 @@ fn cancelled_result(why: &str) -> JobResult {
 /// Runs the agent until it is told to stop, runs out of work limits, or
 /// loses its controller.
 pub async fn run(cfg: AgentConfig) -> Result<AgentExit, AgentError> {
-    die_with_parent()?;
+    // An agent that may come back to a restarted controller must outlive
+    // it: no parent-death signal (it stops by itself when no controller
+    // comes back within its window).
+    if resume_file().is_none() || cfg.tls_sha256.is_some() {
+        die_with_parent()?;
+    }
     let mut stream = connect(&cfg.connect).await?;
     let _ = stream.set_nodelay(true);
     match cfg.tls_sha256 {
@@ -281,7 +366,6 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut out = BytesMut::with_capacity(16 * 1024);
     let hello = AgentMsg::Hello {
         version: PROTOCOL_VERSION,
         launch: cfg.launch.clone(),
@@ -290,9 +374,68 @@ where
         pid: std::process::id(),
         host: hostname(),
     };
-    protocol::encode(&hello, &mut out).map_err(|e| AgentError::Handshake(e.to_string()))?;
-    write_out(&mut wr, &out).await.map_err(|e| AgentError::Handshake(e.to_string()))?;
-    out.clear();
+    let (welcome, inbuf) = handshake(&mut rd, &mut wr, &hello).await?;
+    let (slot, idle_timeout, tasks_max, heartbeat, store_url, grant) = welcome;
+    info!(%slot, "agent connected");
+    let scratch =
+        Scratch::create().map_err(|e| AgentError::Config(format!("could not create a scratch folder: {e}")))?;
+    let mut ctx = ExecContext::new(slot.clone(), scratch.0.clone()).with_builtins(cfg.builtins.clone());
+    if let Some(url) = store_url {
+        match crate::store::open_store(&url) {
+            Ok(store) => ctx.store = Some(store),
+            Err(e) => {
+                warn!("cannot open the store {url}: {e}; large outputs will be truncated");
+                ctx.store_problem = Some(format!("this worker could not open the store {url}: {e}"));
+            }
+        }
+    }
+    let ctx = Arc::new(ctx);
+    let mut grant = grant.filter(|_| cfg.tls_sha256.is_none() && resume_file().is_some());
+    let mut session =
+        Session { running: None, fut: None, tasks_done: 0, recent: VecDeque::new(), resumable: grant.is_some() };
+    let mut outcome =
+        serve(&mut rd, &mut wr, inbuf, BytesMut::new(), &mut session, &ctx, idle_timeout, tasks_max, heartbeat).await;
+    drop((rd, wr));
+    let exit = loop {
+        let lost = match outcome {
+            Outcome::Exit(exit) => break exit,
+            Outcome::Lost(lost) => lost,
+        };
+        let Some(g) = grant.clone() else { break AgentExit::ControllerLost(lost) };
+        warn!(%slot, "lost the controller ({lost}); keeping the job in hand and trying to come back for {:?}", g.window);
+        match reconnect(cfg, &slot, &g, &mut session, &lost).await {
+            Ok((stream, welcome, inbuf)) => {
+                let (_, idle_timeout, tasks_max, heartbeat, _, new_grant) = welcome;
+                info!(%slot, "came back to a restarted controller");
+                if new_grant.is_some() {
+                    grant = new_grant;
+                }
+                let out: BytesMut = session.recent.iter().flat_map(|r| r.frames.iter().copied()).collect();
+                let (mut rd, mut wr) = stream.into_split();
+                outcome =
+                    serve(&mut rd, &mut wr, inbuf, out, &mut session, &ctx, idle_timeout, tasks_max, heartbeat).await;
+            }
+            Err(exit) => break exit,
+        }
+    };
+    info!(%slot, ?exit, "agent exiting");
+    drop(scratch);
+    Ok(exit)
+}
+
+/// The settings of a welcome: slot, idle timeout, task limit, heartbeat,
+/// store, resume grant.
+type Welcome = (String, Option<Duration>, Option<u32>, Duration, Option<String>, Option<protocol::ResumeGrant>);
+
+/// Sends the first message and reads the controller's answer.
+async fn handshake<R, W>(rd: &mut R, wr: &mut W, hello: &AgentMsg) -> Result<(Welcome, BytesMut), AgentError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut out = BytesMut::with_capacity(16 * 1024);
+    protocol::encode(hello, &mut out).map_err(|e| AgentError::Handshake(e.to_string()))?;
+    write_out(wr, &out).await.map_err(|e| AgentError::Handshake(e.to_string()))?;
     let mut inbuf = BytesMut::with_capacity(64 * 1024);
     let welcome = tokio::time::timeout(HANDSHAKE_LIMIT, async {
         loop {
@@ -309,35 +452,122 @@ where
     })
     .await
     .map_err(|_| AgentError::Handshake(format!("no answer from the controller within {HANDSHAKE_LIMIT:?}")))??;
-    let (slot, idle_timeout, tasks_max, heartbeat, store_url) = match welcome {
-        ControllerMsg::Welcome { version, slot, idle_timeout, tasks_max, heartbeat, store } => {
+    match welcome {
+        ControllerMsg::Welcome { version, slot, idle_timeout, tasks_max, heartbeat, store, resume } => {
             if version != PROTOCOL_VERSION {
                 return Err(AgentError::Handshake(format!(
                     "protocol version mismatch: the controller speaks {version}, this agent {PROTOCOL_VERSION}"
                 )));
             }
-            (slot, idle_timeout, tasks_max, heartbeat, store)
+            Ok(((slot, idle_timeout, tasks_max, heartbeat, store, resume), inbuf))
         }
-        ControllerMsg::Reject { reason } => return Err(AgentError::Rejected(reason)),
-        other => return Err(AgentError::Handshake(format!("unexpected first message {other:?}"))),
-    };
-    info!(%slot, "agent connected");
-    let scratch =
-        Scratch::create().map_err(|e| AgentError::Config(format!("could not create a scratch folder: {e}")))?;
-    let mut ctx = ExecContext::new(slot.clone(), scratch.0.clone()).with_builtins(cfg.builtins.clone());
-    if let Some(url) = store_url {
-        match crate::store::open_store(&url) {
-            Ok(store) => ctx.store = Some(store),
-            Err(e) => {
-                warn!("cannot open the store {url}: {e}; large outputs will be truncated");
-                ctx.store_problem = Some(format!("this worker could not open the store {url}: {e}"));
-            }
-        }
+        ControllerMsg::Reject { reason } => Err(AgentError::Rejected(reason)),
+        other => Err(AgentError::Handshake(format!("unexpected first message {other:?}"))),
     }
-    let ctx = Arc::new(ctx);
-    let exit = serve(&mut rd, &mut wr, inbuf, &ctx, idle_timeout, tasks_max, heartbeat).await;
-    info!(%slot, ?exit, "agent exiting");
-    Ok(exit)
+}
+
+/// The file naming the controller to come back to, when set.
+fn resume_file() -> Option<PathBuf> {
+    std::env::var_os(ENV_RESUME_FILE).filter(|v| !v.is_empty()).map(PathBuf::from)
+}
+
+/// Comes back to a restarted controller within the grant's window, while
+/// the job in hand keeps running (its result is kept). When no controller
+/// takes this agent back in time, or a signal asks it to stop, the job is
+/// killed and the agent leaves.
+async fn reconnect(
+    cfg: &AgentConfig,
+    slot: &str,
+    grant: &protocol::ResumeGrant,
+    session: &mut Session,
+    lost: &str,
+) -> Result<(TcpStream, Welcome, BytesMut), AgentExit> {
+    let deadline = tokio::time::Instant::from_std(crate::clock::after(Instant::now(), grant.window));
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
+    let mut delay = Duration::from_millis(20);
+    let mut stopped = false;
+    loop {
+        if tokio::time::Instant::now() >= deadline || stopped {
+            break;
+        }
+        let attempt = async {
+            let addr = resume_file()
+                .and_then(|f| std::fs::read_to_string(f).ok())
+                .map(|a| a.trim().to_owned())
+                .filter(|a| !a.is_empty())
+                .unwrap_or_else(|| cfg.connect.clone());
+            let mut stream = tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(&addr))
+                .await
+                .map_err(|_| format!("no answer from {addr}"))?
+                .map_err(|e| format!("{addr}: {e}"))?;
+            let _ = stream.set_nodelay(true);
+            let mut jobs: Vec<(JobId, u32)> = session.recent.iter().map(|r| (r.job, r.attempt)).collect();
+            if let Some(r) = &session.running {
+                jobs.push((r.job, r.attempt));
+            }
+            let hello = AgentMsg::Resume {
+                version: PROTOCOL_VERSION,
+                slot: slot.to_owned(),
+                token: grant.token.clone(),
+                pid: std::process::id(),
+                host: hostname(),
+                jobs,
+            };
+            let (rd, wr) = stream.split();
+            let (mut rd, mut wr) = (rd, wr);
+            let answer = tokio::time::timeout(Duration::from_secs(5), handshake(&mut rd, &mut wr, &hello))
+                .await
+                .map_err(|_| format!("no welcome from {addr}"))?
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>((stream, answer.0, answer.1))
+        };
+        tokio::select! {
+            r = attempt => match r {
+                Ok(x) => return Ok(x),
+                Err(e) => debug!("coming back failed: {e}; retrying"),
+            },
+            result = async { match session.fut.as_mut() { Some(f) => f.await, None => std::future::pending().await } } => {
+                session.fut = None;
+                if let Some(r) = session.running.take() {
+                    let mut sink = BytesMut::new();
+                    done(&mut sink, &mut session.recent, true, r.job, r.attempt, result);
+                    session.tasks_done += 1;
+                }
+                continue;
+            }
+            _ = recv_signal(&mut sigterm) => { stopped = true; continue; }
+            _ = recv_signal(&mut sigint) => { stopped = true; continue; }
+        }
+        let pause = tokio::time::sleep(delay);
+        tokio::pin!(pause);
+        tokio::select! {
+            () = &mut pause => {}
+            result = async { match session.fut.as_mut() { Some(f) => f.await, None => std::future::pending().await } } => {
+                session.fut = None;
+                if let Some(r) = session.running.take() {
+                    let mut sink = BytesMut::new();
+                    done(&mut sink, &mut session.recent, true, r.job, r.attempt, result);
+                    session.tasks_done += 1;
+                }
+            }
+            _ = recv_signal(&mut sigterm) => stopped = true,
+            _ = recv_signal(&mut sigint) => stopped = true,
+        }
+        delay = (delay * 2).min(Duration::from_millis(250));
+    }
+    // Nobody took us back: the job must not outlive its controller.
+    if let (Some(r), Some(f)) = (session.running.take(), session.fut.take()) {
+        r.cancel.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(30), f).await;
+    }
+    if stopped {
+        return Err(AgentExit::Stopped);
+    }
+    Err(AgentExit::ControllerLost(format!(
+        "{lost}, and no controller took this worker back within {}",
+        humantime::format_duration(grant.window)
+    )))
 }
 
 /// Writes `out` whole and flushes it (a TLS stream holds written data until
@@ -347,24 +577,25 @@ async fn write_out<W: AsyncWrite + Unpin>(wr: &mut W, out: &[u8]) -> std::io::Re
     wr.flush().await
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve<R, W>(
     rd: &mut R,
     wr: &mut W,
     mut inbuf: BytesMut,
+    mut out: BytesMut,
+    session: &mut Session,
     ctx: &Arc<ExecContext>,
     idle_timeout: Option<Duration>,
     tasks_max: Option<u32>,
     heartbeat: Duration,
-) -> AgentExit
+) -> Outcome
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut out = BytesMut::with_capacity(16 * 1024);
     let mut queue: VecDeque<Box<RunJob>> = VecDeque::new();
-    let mut running: Option<Running> = None;
-    let mut fut: Option<JobFuture<'static>> = None;
-    let mut tasks_done: u32 = 0;
+    let Session { running, fut, tasks_done, recent, resumable } = session;
+    let resumable = *resumable;
     let mut last_recv = Instant::now();
     let mut last_sent = Instant::now();
     let mut idle_since = Some(Instant::now());
@@ -397,14 +628,16 @@ where
                     ControllerMsg::Cancel { job } => {
                         if let Some(pos) = queue.iter().position(|r| r.job == job) {
                             if let Some(run) = queue.remove(pos) {
-                                push_done(
+                                done(
                                     &mut out,
+                                    recent,
+                                    resumable,
                                     run.job,
                                     run.attempt,
                                     cancelled_result("cancelled before it started"),
                                 );
                             }
-                        } else if let Some(r) = &running {
+                        } else if let Some(r) = &*running {
                             if r.job == job {
                                 r.cancel.cancel();
                             }
@@ -425,8 +658,11 @@ where
                 }
             }
         }
+        if let Some(lost) = lost_reason(&leaving, resumable, signalled) {
+            return Outcome::Lost(lost);
+        }
         if leaving.is_some() {
-            if let Some(r) = &running {
+            if let Some(r) = &*running {
                 r.cancel.cancel();
             }
             queue.clear();
@@ -459,12 +695,12 @@ where
             idle_since = None;
             match (&mut f).now_or_never() {
                 Some(result) => {
-                    push_done(&mut out, job, attempt, result);
-                    tasks_done += 1;
+                    done(&mut out, recent, resumable, job, attempt, result);
+                    *tasks_done += 1;
                 }
                 None => {
-                    fut = Some(f);
-                    running = Some(Running { job, attempt, cancel });
+                    *fut = Some(f);
+                    *running = Some(Running { job, attempt, cancel });
                 }
             }
         }
@@ -472,16 +708,19 @@ where
             if idle_since.is_none() {
                 idle_since = Some(Instant::now());
             }
-            if tasks_max.is_some_and(|m| tasks_done >= m) {
+            if tasks_max.is_some_and(|m| *tasks_done >= m) {
                 push(&mut out, &AgentMsg::Bye { reason: format!("task limit {tasks_done} reached") });
                 leaving = Some(AgentExit::TasksDone);
             }
+        }
+        if let Some(lost) = lost_reason(&leaving, resumable, signalled) {
+            return Outcome::Lost(lost);
         }
         if fut.is_none() {
             if let Some(exit) = leaving.take() {
                 let _ = write_out(wr, &out).await;
                 let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
-                return exit;
+                return Outcome::Exit(exit);
             }
         }
         if !out.is_empty() {
@@ -492,6 +731,7 @@ where
             }
             out.clear();
             last_sent = Instant::now();
+            prune_recent(recent, last_sent);
         }
         // Wait for the next thing to happen.
         let now = Instant::now();
@@ -507,10 +747,10 @@ where
                 Err(e) => leaving = Some(AgentExit::ControllerLost(format!("read failed: {e}"))),
             },
             result = async { match fut.as_mut() { Some(f) => f.await, None => std::future::pending().await } } => {
-                fut = None;
+                *fut = None;
                 if let Some(r) = running.take().filter(|_| !signalled) {
-                    push_done(&mut out, r.job, r.attempt, result);
-                    tasks_done += 1;
+                    done(&mut out, recent, resumable, r.job, r.attempt, result);
+                    *tasks_done += 1;
                 }
             }
             _ = tokio::time::sleep_until(wake) => {
@@ -532,7 +772,10 @@ where
             _ = recv_signal(&mut sigterm) => { leaving.get_or_insert(AgentExit::Stopped); signalled = true; }
             _ = recv_signal(&mut sigint) => { leaving.get_or_insert(AgentExit::Stopped); signalled = true; }
         }
-        if let (Some(exit), Some(r)) = (&leaving, &running) {
+        if let Some(lost) = lost_reason(&leaving, resumable, signalled) {
+            return Outcome::Lost(lost);
+        }
+        if let (Some(exit), Some(r)) = (&leaving, &*running) {
             debug!(?exit, job = %r.job, "cancelling the running job before leaving");
             r.cancel.cancel();
         }

@@ -49,7 +49,8 @@ use crate::store::Store;
 use crate::tags::Tags;
 use crate::tls::ControllerTls;
 use crate::worker::{
-    ENV_CONNECT, ENV_LAUNCH, ENV_TLS_SHA256, ENV_TOKEN, Handle, LaunchMember, LaunchSpec, Liveness, Secret, Worker,
+    ENV_CONNECT, ENV_LAUNCH, ENV_RESUME_FILE, ENV_TLS_SHA256, ENV_TOKEN, Handle, LaunchMember, LaunchSpec, Liveness,
+    Secret, Worker,
 };
 
 /// How the controller starts an agent: a program and its arguments. The
@@ -122,6 +123,54 @@ pub struct ControllerConfig {
     /// controller's lock held, so it must be quick and must not call back
     /// into the controller.
     pub observer: Option<Arc<dyn Observer>>,
+    /// When set, agents that dial loopback in plaintext may outlive this
+    /// controller and come back to the next one (see [`ResumeConfig`]).
+    pub resume: Option<ResumeConfig>,
+}
+
+/// How agents survive a restart of their controller (the daemon's).
+///
+/// Each slot's reconnect credential is an HMAC-SHA256 of its name under
+/// `key`, so that a restarted controller with the same key recognises the
+/// slot without any per-slot secret on disk; agents get it in their
+/// `Welcome` (never in their environment or command line) and keep it in
+/// memory. Agents find the restarted controller through `address_file`
+/// (the path is in their environment, [`crate::worker::ENV_RESUME_FILE`]),
+/// which [`Controller::publish_address`] writes.
+#[derive(Clone, Debug)]
+pub struct ResumeConfig {
+    /// The key slot credentials derive from (kept private by the caller).
+    pub key: Secret,
+    /// Where the address agents dial is published.
+    pub address_file: std::path::PathBuf,
+    /// How long an agent whose controller went away keeps trying to come
+    /// back (its job running) before it stops.
+    pub window: Duration,
+}
+
+impl ResumeConfig {
+    /// The reconnect credential of the slot `name`.
+    pub fn slot_token(&self, name: &str) -> Secret {
+        Secret::new(hmac_sha256_hex(self.key.expose().as_bytes(), format!("crew-resume-v1\0{name}").as_bytes()))
+    }
+}
+
+/// HMAC-SHA256 (RFC 2104) as lowercase hex.
+fn hmac_sha256_hex(key: &[u8], msg: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut k = [0u8; 64];
+    if key.len() > 64 {
+        k[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        k[..key.len()].copy_from_slice(key);
+    }
+    let mut inner = Sha256::new();
+    inner.update(k.map(|b| b ^ 0x36));
+    inner.update(msg);
+    let mut outer = Sha256::new();
+    outer.update(k.map(|b| b ^ 0x5c));
+    outer.update(inner.finalize());
+    outer.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// When agent connections use TLS.
@@ -160,8 +209,14 @@ impl std::str::FromStr for TlsMode {
 /// Hooks for a program that keeps its own record of the controller's work
 /// (the daemon's journal).
 pub trait Observer: Send + Sync + fmt::Debug {
-    /// The job was sent to a worker for its attempt `attempt`.
-    fn assigned(&self, job: JobId, attempt: u32);
+    /// The job was sent to the worker of slot `slot` for its attempt
+    /// `attempt`.
+    fn assigned(&self, job: JobId, attempt: u32, slot: &str);
+    /// A worker connected (or came back) for the slot `slot`: a restarted
+    /// controller expects it back ([`Controller::await_workers`]).
+    fn connected(&self, _slot: &str) {}
+    /// The slot's worker went away.
+    fn disconnected(&self, _slot: &str) {}
 }
 
 /// A job a previous controller accepted, for [`Controller::restore`].
@@ -173,6 +228,10 @@ pub struct RestoredJob {
     pub spec: JobSpec,
     /// Its past: attempts started, crashes, failures retried.
     pub history: crate::scheduler::History,
+    /// The slot whose worker ran it (attempt `history.attempts`) when the
+    /// previous controller stopped: with [`ControllerConfig::resume`], the
+    /// job is held for that slot's worker to come back with it.
+    pub slot: Option<String>,
 }
 
 impl ControllerConfig {
@@ -191,6 +250,7 @@ impl ControllerConfig {
             hello_timeout: Duration::from_secs(10),
             first_job_id: 1,
             observer: None,
+            resume: None,
         }
     }
 }
@@ -794,14 +854,28 @@ impl Controller {
             core.sched.check_tags(&job.spec.tags)?;
         }
         let now = Instant::now();
-        for job in jobs {
+        // Slots whose workers may come back with their jobs wait for them
+        // first, so that nothing is dispatched meanwhile.
+        let mut held = |name: &Option<String>| -> Option<SlotId> {
+            let resume = shared.config.resume.as_ref()?;
+            let slot = core.sched.slot_by_name(name.as_deref()?)?;
+            let until = crate::clock::after(now, resume.window.saturating_add(shared.config.heartbeat * 2));
+            core.sched.await_resume(slot, until);
+            (core.sched.slot_state(slot) == SlotState::Resuming).then_some(slot)
+        };
+        let slots: Vec<Option<SlotId>> = jobs.iter().map(|j| held(&j.slot)).collect();
+        for (job, slot) in jobs.into_iter().zip(slots) {
             core.next_job = core.next_job.max(job.id.0.saturating_add(1));
             let seed = job_seed(shared.config.seed, &job.spec.seed_key(job.id));
             if let Some(name) = &job.spec.name {
                 core.names.insert(name.clone(), job.id);
             }
-            core.sched.restore(job.id, Arc::new(job.spec), seed, job.history, now)?;
+            match slot {
+                Some(slot) => core.sched.restore_held(job.id, Arc::new(job.spec), seed, job.history, slot, now)?,
+                None => core.sched.restore(job.id, Arc::new(job.spec), seed, job.history, now)?,
+            }
         }
+        self.shared.timer_wake.notify_one();
         shared.apply(&mut core);
         Ok(())
     }
@@ -871,6 +945,7 @@ impl Controller {
                     SlotState::Up => "busy",
                     SlotState::Stopping => "stopping",
                     SlotState::Broken => "broken",
+                    SlotState::Resuming => "resuming",
                 };
                 SlotStatus {
                     name: v.config.name.clone(),
@@ -932,6 +1007,47 @@ impl Controller {
         self.shared.apply(&mut core);
         self.shared.timer_wake.notify_one();
         r
+    }
+
+    /// After a restart: expects the workers of these slots (up when the
+    /// previous controller stopped) back for the reconnect window, before
+    /// any queued job is dispatched, so that a job one of them runs, whose
+    /// assignment the journal lost, does not start twice. Call it before
+    /// [`Controller::restore`]. Does nothing without
+    /// [`ControllerConfig::resume`].
+    pub fn await_workers(&self, slots: &[String]) {
+        let Some(resume) = &self.shared.config.resume else { return };
+        let mut core = lock(&self.shared.core);
+        let until = crate::clock::after(Instant::now(), resume.window.saturating_add(self.shared.config.heartbeat * 2));
+        for name in slots {
+            if let Some(slot) = core.sched.slot_by_name(name) {
+                core.sched.await_resume(slot, until);
+            }
+        }
+        drop(core);
+        self.shared.timer_wake.notify_one();
+    }
+
+    /// True when agents may outlive this controller ([`ControllerConfig::resume`]).
+    pub fn resumes(&self) -> bool {
+        self.shared.config.resume.is_some()
+    }
+
+    /// Writes the address local agents dial to [`ResumeConfig::address_file`]
+    /// (mode 0600, replaced atomically), so that agents that outlived the
+    /// previous controller find this one. Call it once the jobs of the
+    /// previous controller are restored: an agent that comes back earlier
+    /// would find its slot unknown.
+    pub fn publish_address(&self) -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let Some(resume) = &self.shared.config.resume else { return Ok(()) };
+        let addr = self.shared.loopback.clone().unwrap_or_else(|| self.shared.advertise.clone());
+        let tmp = resume.address_file.with_extension("tmp");
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        f.write_all(format!("{addr}\n").as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &resume.address_file)
     }
 
     /// Stops every worker and the controller's tasks, and waits (up to the
@@ -1032,7 +1148,7 @@ impl Shared {
                 Action::Assign { slot, job, attempt } => {
                     tracing::trace!(%job, attempt, slot = slot.0, "assign");
                     if let Some(observer) = &self.config.observer {
-                        observer.assigned(job, attempt);
+                        observer.assigned(job, attempt, &core.sched.slot_config(slot).name);
                     }
                     let (Some(spec), Some(seed)) = (core.sched.job(job).cloned(), core.sched.job_seed(job)) else {
                         continue;
@@ -1104,6 +1220,9 @@ impl Shared {
                         self.tls.as_ref().map(|t| t.fingerprint().to_owned()).unwrap_or_default(),
                     ),
                 };
+                if let (Some(resume), true) = (&self.config.resume, pin.is_empty()) {
+                    env.insert(ENV_RESUME_FILE.to_owned(), resume.address_file.to_string_lossy().into_owned());
+                }
                 env.insert(ENV_CONNECT.to_owned(), connect);
                 env.insert(ENV_TLS_SHA256.to_owned(), pin);
                 env.insert(ENV_LAUNCH.to_owned(), id.to_string());
@@ -1257,6 +1376,53 @@ impl Shared {
             tasks_max: cfg.limits.tasks_max,
             heartbeat: self.config.heartbeat,
             store: self.config.store.as_ref().map(|s| s.url()),
+            resume: self
+                .config
+                .resume
+                .as_ref()
+                .map(|r| protocol::ResumeGrant { token: r.slot_token(&cfg.name), window: r.window }),
+        };
+        Ok((slot, welcome))
+    }
+
+    /// Validates the hello of an agent that comes back after a controller
+    /// restart; returns the slot and its welcome.
+    fn admit_resume(
+        self: &Arc<Self>,
+        core: &mut Core,
+        name: &str,
+        token: &Secret,
+        version: u32,
+        jobs: &[(JobId, u32)],
+    ) -> Result<(SlotId, ControllerMsg), String> {
+        if version != PROTOCOL_VERSION {
+            return Err(format!(
+                "protocol version mismatch: the agent speaks {version}, the controller {PROTOCOL_VERSION}"
+            ));
+        }
+        let resume = self.config.resume.as_ref().ok_or("this controller takes no workers back")?;
+        let slot = core.sched.slot_by_name(name).ok_or("unknown slot")?;
+        if !resume.slot_token(name).matches(token.expose()) {
+            return Err("invalid reconnect credential".into());
+        }
+        if core.slots[slot.0 as usize].conn.is_some() || !core.sched.resumed(slot, jobs, Instant::now()) {
+            return Err("the slot does not wait for its worker to come back".into());
+        }
+        let rt = &mut core.slots[slot.0 as usize];
+        rt.launch = None;
+        rt.handle = None;
+        let cfg = core.sched.slot_config(slot);
+        let welcome = ControllerMsg::Welcome {
+            version: PROTOCOL_VERSION,
+            slot: cfg.name.clone(),
+            idle_timeout: cfg
+                .limits
+                .idle_timeout
+                .map(|d| d.saturating_add(self.config.heartbeat.saturating_mul(self.config.heartbeat_misses))),
+            tasks_max: cfg.limits.tasks_max,
+            heartbeat: self.config.heartbeat,
+            store: self.config.store.as_ref().map(|s| s.url()),
+            resume: Some(protocol::ResumeGrant { token: resume.slot_token(&cfg.name), window: resume.window }),
         };
         Ok((slot, welcome))
     }
@@ -1334,7 +1500,7 @@ impl Shared {
                 AgentMsg::Bye { reason } => {
                     debug!(slot = %core.sched.slot_config(slot).name, reason, "agent leaving");
                 }
-                AgentMsg::Hello { .. } => {
+                AgentMsg::Hello { .. } | AgentMsg::Resume { .. } => {
                     warn!(slot = %core.sched.slot_config(slot).name, "second hello on a connection; closing it");
                     conn.closed.cancel();
                 }
@@ -1355,6 +1521,9 @@ impl Shared {
         // The handle stays until the slot launches again, so that `close`
         // can still terminate a process on its way out.
         rt.conn = None;
+        if let Some(observer) = &self.config.observer {
+            observer.disconnected(&conn.name);
+        }
         // A worker that stopped answering may still be running its job (a
         // stopped or partitioned agent): make sure it is gone before the
         // job runs elsewhere. Terminating an exited worker is a no-op.
@@ -1573,17 +1742,34 @@ async fn serve_connection(shared: Arc<Shared>, stream: Link, peer: SocketAddr) {
             return;
         }
     };
-    let AgentMsg::Hello { version, launch, index, token, pid, host } = hello else {
-        warn!(%peer, "rejected a worker connection: the first frame was not a hello");
-        return;
+    let (pid, host, resuming) = match &hello {
+        AgentMsg::Hello { pid, host, .. } => (*pid, host.clone(), false),
+        AgentMsg::Resume { pid, host, .. } => (*pid, host.clone(), true),
+        _ => {
+            warn!(%peer, "rejected a worker connection: the first frame was not a hello");
+            return;
+        }
     };
     let conn;
     {
         let mut core = lock(&shared.core);
+        let (launch, index) = match &hello {
+            AgentMsg::Hello { launch, index, .. } => (launch.clone(), *index),
+            AgentMsg::Resume { slot, .. } => (format!("resume of {slot}"), 0),
+            _ => return,
+        };
         let admitted = if core.closing {
             Err("the controller is closing".to_owned())
         } else {
-            shared.admit(&mut core, &launch, index, &token, version)
+            match &hello {
+                AgentMsg::Hello { version, launch, index, token, .. } => {
+                    shared.admit(&mut core, launch, *index, token, *version)
+                }
+                AgentMsg::Resume { version, slot, token, jobs, .. } => {
+                    shared.admit_resume(&mut core, slot, token, *version, jobs)
+                }
+                _ => return,
+            }
         };
         let (slot, welcome) = match admitted {
             Ok(x) => x,
@@ -1615,12 +1801,19 @@ async fn serve_connection(shared: Arc<Shared>, stream: Link, peer: SocketAddr) {
             objects: Mutex::new(HashMap::new()),
         });
         let now = Instant::now();
-        if !core.sched.connected(slot, now) {
+        if !resuming && !core.sched.connected(slot, now) {
             drop(core);
             warn!(%peer, "rejected a worker connection: its slot is not waiting for a worker");
             return;
         }
-        info!(slot = %core.sched.slot_config(slot).name, pid, host, "worker connected");
+        if let Some(observer) = &shared.config.observer {
+            observer.connected(&core.sched.slot_config(slot).name);
+        }
+        if resuming {
+            info!(slot = %core.sched.slot_config(slot).name, pid, host, "worker came back after a controller restart");
+        } else {
+            info!(slot = %core.sched.slot_config(slot).name, pid, host, "worker connected");
+        }
         let rt = &mut core.slots[slot.0 as usize];
         // `launch` stays set: the launch call may not have returned its
         // handles yet, and must still recognise this slot as its own.

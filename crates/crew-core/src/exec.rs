@@ -72,7 +72,7 @@ use crate::job::{Command, JobId, JobSpec};
 use crate::output::{Captured, Status, Timestamp};
 use crate::staging::{self, StoredObject};
 use crate::store::{Store, StoreKey};
-use crate::worker::{ENV_CONNECT, ENV_INDEX, ENV_LAUNCH, ENV_PARENT_PID, ENV_TLS_SHA256, ENV_TOKEN};
+use crate::worker::{ENV_CONNECT, ENV_INDEX, ENV_LAUNCH, ENV_PARENT_PID, ENV_RESUME_FILE, ENV_TLS_SHA256, ENV_TOKEN};
 
 /// What the agent reports for one attempt of a job. The controller adds the
 /// job's identity, slot, class, attempt and seed to make an
@@ -121,7 +121,8 @@ pub const SHELL: &str = "/bin/sh";
 /// Variables the agent itself receives to connect to its controller. They are
 /// removed from every job's environment: the launch secret must never reach
 /// a job.
-pub const AGENT_ONLY_ENV: [&str; 6] = [ENV_TOKEN, ENV_LAUNCH, ENV_CONNECT, ENV_INDEX, ENV_PARENT_PID, ENV_TLS_SHA256];
+pub const AGENT_ONLY_ENV: [&str; 7] =
+    [ENV_TOKEN, ENV_LAUNCH, ENV_CONNECT, ENV_INDEX, ENV_PARENT_PID, ENV_TLS_SHA256, ENV_RESUME_FILE];
 
 /// The variables every job takes from its agent's environment, when set
 /// there: the few a program commonly needs to run at all. Nothing else of

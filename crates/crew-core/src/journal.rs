@@ -79,6 +79,9 @@ pub enum Record {
         job: JobId,
         /// Its attempt number.
         attempt: u32,
+        /// The slot it went to (absent in journals of older versions).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        slot: Option<String>,
     },
     /// A job finished; its output waits to be received.
     Delivered {
@@ -120,6 +123,22 @@ pub enum Record {
         /// A client asked to cancel it.
         #[serde(default)]
         cancelled: bool,
+        /// The slot it was on, when `running`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        slot: Option<String>,
+    },
+    /// A worker connected for this slot (made durable with the next group
+    /// commit): a restarted controller expects it back.
+    Up {
+        /// The slot.
+        slot: String,
+    },
+    /// The slot's worker went away; without `slot`, every worker (a clean
+    /// stop).
+    Down {
+        /// The slot, or all.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        slot: Option<String>,
     },
     /// The id the next accepted job gets (written by compaction, so that a
     /// journal whose jobs were all received still never reuses an id).
@@ -158,6 +177,9 @@ pub struct PendingJob {
     /// A client asked to cancel it ([`Record::Cancel`]): a restarted
     /// controller ends it as cancelled.
     pub cancelled: bool,
+    /// The slot it was last sent to (with `running`): a restarted
+    /// controller holds it for that slot's worker to come back with it.
+    pub slot: Option<String>,
 }
 
 /// The state a journal describes.
@@ -174,6 +196,8 @@ pub struct Replay {
     pub ready: Vec<Output>,
     /// The id the next accepted job gets.
     pub next_job: u64,
+    /// Slots whose worker was connected when the journal ends.
+    pub up: std::collections::BTreeSet<String>,
     /// Lines that were skipped (damaged, or longer than [`MAX_RECORD`]):
     /// `line N: reason`, for the log. Empty for a sound journal.
     pub skipped: Vec<String>,
@@ -190,15 +214,19 @@ impl Replay {
             Record::Accepted { jobs } => {
                 for (id, spec) in jobs {
                     self.next_job = self.next_job.max(id.0.saturating_add(1));
-                    let job = PendingJob { spec, history: History::default(), running: false, cancelled: false };
+                    let job =
+                        PendingJob { spec, history: History::default(), running: false, cancelled: false, slot: None };
                     self.pending.insert(id, job);
                 }
             }
-            Record::Assigned { job, attempt } => {
+            Record::Assigned { job, attempt, slot } => {
                 // Crashes in between are not inferred (a retry after a
                 // failure looks the same); the restart itself counts one for
                 // a job left running (see `PendingJob::running`).
                 if let Some(p) = self.pending.get_mut(&job) {
+                    if attempt >= p.history.attempts {
+                        p.slot = slot;
+                    }
                     p.history.attempts = p.history.attempts.max(attempt);
                     p.running = true;
                 }
@@ -224,12 +252,19 @@ impl Replay {
                     self.pending.remove(&id);
                 }
             }
-            Record::Pending { id, spec, attempts, crashes, failures, running, cancelled } => {
+            Record::Pending { id, spec, attempts, crashes, failures, running, cancelled, slot } => {
                 self.next_job = self.next_job.max(id.0.saturating_add(1));
                 let history = History { attempts, crashes, failures };
-                self.pending.insert(id, PendingJob { spec: *spec, history, running, cancelled });
+                self.pending.insert(id, PendingJob { spec: *spec, history, running, cancelled, slot });
             }
             Record::NextJob { next } => self.next_job = self.next_job.max(next),
+            Record::Up { slot } => {
+                self.up.insert(slot);
+            }
+            Record::Down { slot: Some(slot) } => {
+                self.up.remove(&slot);
+            }
+            Record::Down { slot: None } => self.up.clear(),
         }
     }
 
@@ -257,10 +292,14 @@ impl Replay {
                 failures: p.history.failures,
                 running: p.running,
                 cancelled: p.cancelled,
+                slot: p.slot.clone(),
             });
         }
         for o in &self.ready {
             out.push(Record::Delivered { output: Box::new(o.clone()) });
+        }
+        for slot in &self.up {
+            out.push(Record::Up { slot: slot.clone() });
         }
         out
     }
@@ -679,13 +718,13 @@ mod tests {
             j.append(&recruit()).unwrap();
             let jobs = (1..=4).map(|i| (JobId(i), JobSpec::shell(format!("echo {i}")))).collect();
             j.append(&Record::Accepted { jobs }).unwrap();
-            j.append(&Record::Assigned { job: JobId(1), attempt: 1 }).unwrap();
-            j.append(&Record::Assigned { job: JobId(2), attempt: 1 }).unwrap();
+            j.append(&Record::Assigned { job: JobId(1), attempt: 1, slot: None }).unwrap();
+            j.append(&Record::Assigned { job: JobId(2), attempt: 1, slot: None }).unwrap();
             j.append(&Record::Delivered { output: Box::new(output(1)) }).unwrap();
             j.append(&Record::Delivered { output: Box::new(output(3)) }).unwrap();
             j.append(&Record::Received { ids: vec![JobId(3)] }).unwrap();
             // Job 2 runs again (after a crash or a failure).
-            j.append(&Record::Assigned { job: JobId(2), attempt: 2 }).unwrap();
+            j.append(&Record::Assigned { job: JobId(2), attempt: 2, slot: Some("local-1".into()) }).unwrap();
             j.commit().unwrap();
         }
         for _ in 0..2 {
@@ -736,7 +775,7 @@ mod tests {
         // before them finished without being received.
         for i in 1..=5_000u64 {
             j.append(&Record::Accepted { jobs: vec![(JobId(i), JobSpec::shell(format!("echo {i}")))] }).unwrap();
-            j.append(&Record::Assigned { job: JobId(i), attempt: 1 }).unwrap();
+            j.append(&Record::Assigned { job: JobId(i), attempt: 1, slot: None }).unwrap();
             if i <= 4_990 {
                 j.append(&Record::Delivered { output: Box::new(output(i)) }).unwrap();
             }

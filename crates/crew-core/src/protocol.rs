@@ -66,6 +66,25 @@ pub enum AgentMsg {
         /// Its host name.
         host: String,
     },
+    /// First message of an agent that outlived its controller and comes
+    /// back to the restarted one: the slot it is, the credential the
+    /// previous controller gave it in [`ControllerMsg::Welcome`], and the
+    /// jobs it holds (running, or finished with a result it will send
+    /// next), each with its attempt.
+    Resume {
+        /// Protocol version the agent speaks.
+        version: u32,
+        /// The slot's name.
+        slot: String,
+        /// The slot's reconnect credential.
+        token: Secret,
+        /// Its process id on its host.
+        pid: u32,
+        /// Its host name.
+        host: String,
+        /// Jobs it holds: running, or finished and not known to be recorded.
+        jobs: Vec<(JobId, u32)>,
+    },
     /// A job attempt ended.
     Done {
         /// The job.
@@ -118,6 +137,15 @@ pub struct RunJob {
     pub spec: Arc<JobSpec>,
 }
 
+/// What an agent needs to come back to a restarted controller.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResumeGrant {
+    /// The slot's reconnect credential (never logged: `Secret` redacts).
+    pub token: Secret,
+    /// How long the agent keeps trying before it stops (killing its job).
+    pub window: Duration,
+}
+
 /// Messages from the controller to an agent.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
@@ -138,6 +166,12 @@ pub enum ControllerMsg {
         heartbeat: Duration,
         /// The store URL for large stdout/stderr and job data.
         store: Option<String>,
+        /// When set, the agent may outlive this controller: if the
+        /// connection drops, it keeps its running job and comes back with
+        /// [`AgentMsg::Resume`] within the window (absent for older
+        /// controllers: the agent then leaves when the connection drops).
+        #[serde(default)]
+        resume: Option<ResumeGrant>,
     },
     /// The handshake failed; the connection closes.
     Reject {

@@ -33,6 +33,12 @@ pub const ENV_PARENT_PID: &str = "CREW_PARENT_PID";
 /// certificate: when set, the agent connects with TLS and accepts only that
 /// certificate ([`crate::tls`]).
 pub const ENV_TLS_SHA256: &str = "CREW_TLS_SHA256";
+/// The file holding the address of the controller an agent may come back
+/// to after that controller restarted (set for local agents of a daemon;
+/// see `crew_core::controller::ResumeConfig`). An agent started with it
+/// does not arm its parent-death signal: it outlives its controller for
+/// the reconnect window.
+pub const ENV_RESUME_FILE: &str = "CREW_RESUME_FILE";
 
 /// A secret, redacted in `Debug` (and not `Display` at all) so that it never reaches a log.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]

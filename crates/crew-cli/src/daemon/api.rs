@@ -139,6 +139,10 @@ impl Daemon {
     /// Makes what was journaled durable and stops the committer (a clean
     /// stop).
     pub(crate) async fn close_journal(&self) {
+        // Every worker was stopped: none is to be expected back.
+        if let Err(e) = self.journal.append(&[Record::Down { slot: None }]) {
+            tracing::error!("{e}");
+        }
         if let Err(e) = self.journal.close().await {
             tracing::error!("{e}");
         }
@@ -172,6 +176,8 @@ impl Daemon {
         for f in &replay.dismissed {
             self.controller.dismiss(f);
         }
+        // Workers that were up may come back (with the jobs they run).
+        self.controller.await_workers(&replay.up.iter().cloned().collect::<Vec<_>>());
         // Served before any request: nothing sees these before the
         // journal has them.
         let ended = {
@@ -181,10 +187,15 @@ impl Daemon {
                 let name = p.spec.name.clone();
                 let tags = p.spec.tags.clone();
                 let mut history = p.history;
-                if p.running {
+                // A job left running is held for its slot's worker, which
+                // may come back with it (no crash then); only a journal
+                // that does not name the slot counts the crash now.
+                let slot = if p.running { p.slot.clone() } else { None };
+                if p.running && (slot.is_none() || !self.controller.resumes()) {
                     history.crashes += 1;
                 }
-                let job = RestoredJob { id, spec: p.spec, history };
+                let slot = slot.filter(|_| self.controller.resumes());
+                let job = RestoredJob { id, spec: p.spec, history, slot };
                 let restored = if p.cancelled {
                     Err("it was cancelled by the user".to_owned())
                 } else {
@@ -650,7 +661,8 @@ async fn send(d: &Daemon, r: JobsReq) -> Answer {
     if let Err(e) = d.journal(&[accepted]).await {
         return Err(forget(e));
     }
-    let jobs = ids.iter().zip(specs).map(|(id, spec)| RestoredJob { id: *id, spec, history: Default::default() });
+    let jobs =
+        ids.iter().zip(specs).map(|(id, spec)| RestoredJob { id: *id, spec, history: Default::default(), slot: None });
     if let Err(e) = d.controller.restore(jobs.collect()) {
         // Refused after all (the controller closed, or the slots for the
         // tags went in between): journaled as withdrawn, so that a restart

@@ -75,7 +75,7 @@ struct Appending {
 /// journal, and wakes the committer.
 #[derive(Debug, Default)]
 pub(crate) struct AssignedBuffer {
-    jobs: Mutex<Vec<(JobId, u32)>>,
+    jobs: Mutex<Vec<Record>>,
     /// Work for the committer: something was appended or buffered.
     work: Mutex<bool>,
     wake: Condvar,
@@ -90,8 +90,18 @@ impl AssignedBuffer {
 }
 
 impl Observer for AssignedBuffer {
-    fn assigned(&self, job: JobId, attempt: u32) {
-        lock(&self.jobs).push((job, attempt));
+    fn assigned(&self, job: JobId, attempt: u32, slot: &str) {
+        lock(&self.jobs).push(Record::Assigned { job, attempt, slot: Some(slot.to_owned()) });
+        self.poke();
+    }
+
+    fn connected(&self, slot: &str) {
+        lock(&self.jobs).push(Record::Up { slot: slot.to_owned() });
+        self.poke();
+    }
+
+    fn disconnected(&self, slot: &str) {
+        lock(&self.jobs).push(Record::Down { slot: Some(slot.to_owned()) });
         self.poke();
     }
 }
@@ -178,9 +188,9 @@ impl JournalWriter {
 
 impl Shared {
     fn append_assigned(&self, a: &mut Appending) -> Result<(), CommitError> {
-        let assigned: Vec<(JobId, u32)> = std::mem::take(&mut *lock(&self.assigned.jobs));
-        for (job, attempt) in assigned {
-            if let Err(e) = a.journal.append(&Record::Assigned { job, attempt }) {
+        let assigned: Vec<Record> = std::mem::take(&mut *lock(&self.assigned.jobs));
+        for record in assigned {
+            if let Err(e) = a.journal.append(&record) {
                 let why = format!("{e} (restart the daemon once the cause is fixed: crew down)");
                 self.progress.send_modify(|p| p.poisoned = Some(why.clone()));
                 return Err(CommitError(why));

@@ -60,6 +60,10 @@ const LOCK: &str = "daemon.lock";
 const PID: &str = "daemon.pid";
 const JOURNAL: &str = "journal.jsonl";
 const OUTPUTS: &str = "outputs.jsonl";
+/// The key slot reconnect credentials derive from (0600, made once).
+const AGENT_KEY: &str = "agent.key";
+/// The address local agents dial, for those that outlived a daemon.
+const WORKERS_ADDR: &str = "workers.addr";
 
 pub(crate) fn main(args: DaemonArgs) -> Result<u8, Failure> {
     let dir = args.dir.clone();
@@ -170,6 +174,28 @@ fn take_lock(dir: &Path) -> Result<File, Failure> {
     Ok(file)
 }
 
+/// Reads the folder's agent key, making it (random, 0600) on first use.
+fn agent_key(path: &Path) -> anyhow::Result<crew_core::worker::Secret> {
+    match std::fs::read_to_string(path) {
+        Ok(key) if key.trim().len() >= 32 => return Ok(crew_core::worker::Secret::new(key.trim())),
+        Ok(_) => tracing::warn!("{} is too short; making a new key", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("cannot read {}", path.display()))),
+    }
+    let key = crew_core::worker::Secret::random();
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(key.expose().as_bytes())
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(key)
+}
+
 /// Starts the controller, serves the socket until told to stop, then
 /// closes the controller and removes the socket.
 async fn serve(dir: PathBuf, store: Arc<dyn Store>, settings: crate::config::Config) -> anyhow::Result<()> {
@@ -191,6 +217,21 @@ async fn serve(dir: PathBuf, store: Arc<dyn Store>, settings: crate::config::Con
     config.store = Some(store.clone());
     config.first_job_id = replay.next_job;
     config.observer = Some(assigned.clone());
+    // Local agents outlive a daemon that dies (SIGKILL, a crash) for one
+    // heartbeat window and come back to the next one with their jobs. The
+    // stale address goes first, so that none comes back before this
+    // daemon restored its jobs.
+    let addr_file = dir.join(WORKERS_ADDR);
+    match std::fs::remove_file(&addr_file) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(anyhow::Error::new(e).context(format!("cannot remove {}", addr_file.display()))),
+    }
+    config.resume = Some(crew_core::controller::ResumeConfig {
+        key: agent_key(&dir.join(AGENT_KEY))?,
+        address_file: addr_file,
+        window: config.heartbeat.saturating_mul(config.heartbeat_misses.max(1)),
+    });
     let controller = Controller::start(config).await?;
 
     let sock = dir.join(SOCKET);
@@ -230,6 +271,7 @@ async fn serve(dir: PathBuf, store: Arc<dyn Store>, settings: crate::config::Con
     ));
     let (jobs, ready) = (replay.pending.len(), replay.ready.len());
     state.restore(replay).await;
+    controller.publish_address().context("cannot publish the workers' address")?;
     if jobs + ready > 0 {
         tracing::info!(jobs, outputs = ready, "resumed from the journal");
     }

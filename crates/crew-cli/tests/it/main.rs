@@ -17,6 +17,7 @@ mod environment;
 mod limits;
 mod mixed;
 mod pipeline;
+mod restart;
 mod run;
 mod s3;
 mod s3_faults;

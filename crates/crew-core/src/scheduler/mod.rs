@@ -100,6 +100,7 @@ pub struct SlotConfig {
 
 /// The state of a slot, as shown by `status`.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SlotState {
     /// Not running; launched when a job needs it.
     Down,
@@ -111,6 +112,11 @@ pub enum SlotState {
     Stopping,
     /// Its launch budget is spent; `restart` makes it usable again.
     Broken,
+    /// After a controller restart: its worker may have outlived the old
+    /// controller and is expected back (with the jobs it held) until a
+    /// deadline; until then no queued job is dispatched to anyone, so that
+    /// a job that worker still runs is not started twice.
+    Resuming,
 }
 
 /// What the controller must do.
@@ -253,6 +259,11 @@ struct Slot {
     dismissed: bool,
     /// A job being revoked from this slot (at most one at a time).
     revoking: Option<JobId>,
+    /// While resuming: the deadline for its worker to come back.
+    resume_until: Option<Instant>,
+    /// Its worker came back holding more jobs than its capacity (results
+    /// it re-sends); cleared once it holds no job.
+    over: bool,
 }
 
 impl Slot {
@@ -317,6 +328,8 @@ pub struct Scheduler {
     /// Jobs assigned beyond the first on some slot (revocation is skipped
     /// when zero).
     prefetched: usize,
+    /// Slots resuming: while any is, nothing is dispatched.
+    resuming: usize,
 }
 
 impl Scheduler {
@@ -416,6 +429,11 @@ impl Scheduler {
         for s in &self.slots {
             match s.state {
                 SlotState::Launching => consider(after(s.since, s.cfg.limits.launch_timeout)),
+                SlotState::Resuming => {
+                    if let Some(t) = s.resume_until {
+                        consider(t);
+                    }
+                }
                 SlotState::Up => {
                     if let (Some(idle), Some(since)) = (s.cfg.limits.idle_timeout, s.idle_since) {
                         if s.jobs.is_empty() {
@@ -454,6 +472,8 @@ impl Scheduler {
                 retiring: false,
                 dismissed: false,
                 revoking: None,
+                resume_until: None,
+                over: false,
             });
             self.down += 1;
             ids.push(id);
@@ -530,6 +550,7 @@ impl Scheduler {
         }
         s.state = SlotState::Up;
         self.launching -= 1;
+        s.over = false;
         s.since = now;
         s.idle_since = Some(now);
         s.tasks_done = 0;
@@ -559,6 +580,7 @@ impl Scheduler {
         s.jobs_done += 1;
         if s.jobs.is_empty() {
             s.idle_since = Some(now);
+            s.over = false;
         }
         if let Some(max) = s.cfg.limits.tasks_max {
             if s.tasks_done >= max {
@@ -642,7 +664,7 @@ impl Scheduler {
                 }
                 self.set_down(slot);
             }
-            SlotState::Down | SlotState::Broken => {}
+            SlotState::Down | SlotState::Broken | SlotState::Resuming => {}
         }
         self.settle(now);
     }
@@ -660,6 +682,9 @@ impl Scheduler {
                     );
                     self.actions.push(Action::Terminate { slot, reason: reason.clone() });
                     self.record_launch_failure(slot, reason, now);
+                }
+                SlotState::Resuming if s.resume_until.is_none_or(|t| now >= t) => {
+                    self.give_up_resume(slot, "its worker did not come back after the controller restarted");
                 }
                 SlotState::Up => {
                     if let Some(wall) = s.cfg.limits.wall_time {
@@ -772,6 +797,9 @@ impl Scheduler {
             if matches!(self.slots[i].state, SlotState::Up | SlotState::Launching) {
                 self.stop(slot, "dismissed by the user".to_owned());
             }
+            if self.slots[i].state == SlotState::Resuming {
+                self.give_up_resume(slot, "dismissed by the user while its worker was expected back");
+            }
             if self.slots[i].state == SlotState::Down {
                 self.down -= 1;
             }
@@ -809,7 +837,160 @@ impl Scheduler {
         n
     }
 
+    /// After a controller restart: expects the worker of a down slot back
+    /// until `until` (its jobs are added with [`Scheduler::restore_held`]).
+    /// Until it comes back ([`Scheduler::resumed`]) or the deadline passes
+    /// (its first job then counts a crash, as if its worker was lost), no
+    /// queued job is dispatched. Returns false when the slot is not down.
+    pub fn await_resume(&mut self, slot: SlotId, until: Instant) -> bool {
+        let s = &mut self.slots[slot.0 as usize];
+        if s.state != SlotState::Down || s.dismissed {
+            return false;
+        }
+        s.state = SlotState::Resuming;
+        s.resume_until = Some(until);
+        self.down -= 1;
+        self.resuming += 1;
+        true
+    }
+
+    /// Like [`Scheduler::restore`], for a job that was on `slot`'s worker
+    /// when the controller stopped (attempt `history.attempts`): it is held
+    /// for that slot, which must be resuming, instead of being queued.
+    pub fn restore_held(
+        &mut self,
+        id: JobId,
+        spec: Arc<JobSpec>,
+        seed: u64,
+        history: History,
+        slot: SlotId,
+        now: Instant,
+    ) -> Result<(), SubmitError> {
+        if self.slots[slot.0 as usize].state != SlotState::Resuming {
+            return self.restore(id, spec, seed, history, now);
+        }
+        if self.jobs.contains_key(&id) {
+            return Err(SubmitError::Duplicate(id));
+        }
+        let s = &mut self.slots[slot.0 as usize];
+        if !s.jobs.is_empty() {
+            self.prefetched += 1;
+        }
+        if s.jobs.len() > s.cfg.limits.prefetch as usize {
+            s.over = true;
+        }
+        s.jobs.push_back(id);
+        self.jobs.insert(
+            id,
+            JobEntry {
+                spec,
+                seed,
+                state: JobState::Assigned(slot),
+                attempt: history.attempts,
+                crashes: history.crashes,
+                failures: history.failures,
+                cancel_requested: false,
+                last_slot: Some(slot),
+            },
+        );
+        Ok(())
+    }
+
+    /// A worker that outlived the previous controller came back for `slot`
+    /// (resuming, or down), holding `jobs` (running, or finished with a
+    /// result it sends next), each with its attempt. Jobs held for the slot
+    /// that it does not hold go back to the queue (never started: no
+    /// attempt counted); queued jobs it holds, whose assignment the
+    /// journal had not kept, are taken back from the queue. Returns false
+    /// when the slot cannot take a worker now (the controller rejects it).
+    pub fn resumed(&mut self, slot: SlotId, jobs: &[(JobId, u32)], now: Instant) -> bool {
+        let idx = slot.0 as usize;
+        match self.slots[idx].state {
+            SlotState::Resuming => self.resuming -= 1,
+            SlotState::Down if !self.slots[idx].dismissed => self.down -= 1,
+            _ => return false,
+        }
+        let held: Vec<JobId> = std::mem::take(&mut self.slots[idx].jobs).into();
+        self.prefetched -= held.len().saturating_sub(1);
+        let s = &mut self.slots[idx];
+        s.state = SlotState::Up;
+        s.resume_until = None;
+        s.over = false;
+        s.since = now;
+        s.tasks_done = 0;
+        s.launch_failures = 0;
+        s.retiring = false;
+        s.revoking = None;
+        let mut keep: VecDeque<JobId> = VecDeque::new();
+        for &(job, attempt) in jobs {
+            let Some(e) = self.jobs.get(&job) else { continue };
+            match e.state {
+                JobState::Assigned(x) if x == slot && held.contains(&job) && e.attempt == attempt => {}
+                // Its assignment never reached the journal: the attempt is
+                // newer than any the journal knows.
+                // or the controller gave up on this worker while it still
+                // ran the job (its crash is counted; it is not run twice).
+                JobState::Queued(key) if attempt > e.attempt || (attempt == e.attempt && e.last_slot == Some(slot)) => {
+                    self.remove_from_queue(job, key)
+                }
+                _ => continue,
+            }
+            if let Some(e) = self.jobs.get_mut(&job) {
+                e.attempt = attempt;
+                e.state = JobState::Assigned(slot);
+                e.last_slot = Some(slot);
+            }
+            if !keep.contains(&job) {
+                keep.push_back(job);
+            }
+        }
+        for job in held.into_iter().rev() {
+            if !keep.contains(&job) {
+                self.unstart(job);
+                self.requeue_front(job);
+            }
+        }
+        self.prefetched += keep.len().saturating_sub(1);
+        let cancels: Vec<JobId> =
+            keep.iter().copied().filter(|j| self.jobs.get(j).is_some_and(|e| e.cancel_requested)).collect();
+        for job in cancels {
+            self.actions.push(Action::Cancel { slot, job });
+        }
+        let s = &mut self.slots[idx];
+        s.over = keep.len() > 1 + s.cfg.limits.prefetch as usize;
+        s.idle_since = keep.is_empty().then_some(now);
+        s.jobs = keep;
+        self.index_ready(slot);
+        self.settle(now);
+        true
+    }
+
     // ----- internals -----------------------------------------------------
+
+    /// A resuming slot's worker will not come back: as if it was lost
+    /// while up (its first job crashed, the others never started).
+    fn give_up_resume(&mut self, slot: SlotId, reason: &str) {
+        let idx = slot.0 as usize;
+        let jobs: Vec<JobId> = self.slots[idx].jobs.drain(..).collect();
+        self.prefetched -= jobs.len().saturating_sub(1);
+        self.resuming -= 1;
+        let s = &mut self.slots[idx];
+        s.state = SlotState::Down;
+        s.resume_until = None;
+        s.over = false;
+        s.last_reason = Some(reason.to_owned());
+        if !s.dismissed {
+            self.down += 1;
+        }
+        for (i, job) in jobs.into_iter().enumerate().rev() {
+            if i == 0 {
+                self.crash(job, slot, reason);
+            } else {
+                self.unstart(job);
+                self.requeue_front(job);
+            }
+        }
+    }
 
     fn back_key(&mut self, priority: i32) -> QueueKey {
         self.seq_back += 1;
@@ -1073,7 +1254,7 @@ impl Scheduler {
 
     /// Assigns queued jobs to ready workers, highest priority first.
     fn dispatch(&mut self, _now: Instant) {
-        if self.queue.is_empty() || self.ready.is_empty() {
+        if self.queue.is_empty() || self.ready.is_empty() || self.resuming > 0 {
             return;
         }
         let mut blocked: BTreeSet<Tags> = BTreeSet::new();
@@ -1279,14 +1460,14 @@ impl Scheduler {
         assert_eq!(launching, self.launching, "launching count");
         for (i, s) in self.slots.iter().enumerate() {
             let slot = SlotId(i as u32);
-            if s.state != SlotState::Up {
+            if !matches!(s.state, SlotState::Up | SlotState::Resuming) {
                 assert!(s.jobs.is_empty(), "slot {} is {:?} with jobs", s.cfg.name, s.state);
             }
             if s.state == SlotState::Down && !s.dismissed {
                 down += 1;
             }
             prefetched += s.jobs.len().saturating_sub(1);
-            assert!(s.jobs.len() <= 1 + s.cfg.limits.prefetch as usize, "slot {} over capacity", s.cfg.name);
+            assert!(s.over || s.jobs.len() <= 1 + s.cfg.limits.prefetch as usize, "slot {} over capacity", s.cfg.name);
             for job in &s.jobs {
                 let e = self.jobs.get(job).unwrap_or_else(|| panic!("assigned job {job} unknown"));
                 assert!(matches!(e.state, JobState::Assigned(x) if x == slot), "job {job} slot mismatch");
@@ -1301,5 +1482,7 @@ impl Scheduler {
         assert_eq!(seen.len(), self.jobs.len(), "a job is neither queued nor assigned");
         assert_eq!(prefetched, self.prefetched, "prefetched count");
         assert_eq!(down, self.down, "down count");
+        let resuming = self.slots.iter().filter(|s| s.state == SlotState::Resuming).count();
+        assert_eq!(resuming, self.resuming, "resuming count");
     }
 }

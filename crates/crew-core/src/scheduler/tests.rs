@@ -1904,3 +1904,90 @@ fn restored_jobs_keep_their_history() {
     assert_eq!(s.restore(JobId(7), spec(3), 1, History::default(), now), Err(SubmitError::Duplicate(JobId(7))));
     s.sanity_check();
 }
+
+fn two_slots(s: &mut Scheduler, now: Instant) -> (SlotId, SlotId) {
+    let cfg = |n: &str| SlotConfig { name: n.into(), class: "local".into(), tags: Tags::new(), limits: prefetch(1) };
+    let ids = s.recruit(vec![cfg("a"), cfg("b")], now);
+    (ids[0], ids[1])
+}
+
+fn output_of(job: JobId, attempt: u32) -> Output {
+    let mut o = Output::without_run(job, None, Tags::new(), 0, Status::Succeeded, String::new());
+    o.attempt = attempt;
+    o.error = None;
+    o
+}
+
+#[test]
+fn a_held_job_is_delivered_once_when_its_worker_comes_back() {
+    let now = Instant::now();
+    let mut s = Scheduler::new();
+    let (a, b) = two_slots(&mut s, now);
+    assert!(s.await_resume(a, now + secs(10)));
+    let spec = Arc::new(JobSpec::shell("true"));
+    let history = History { attempts: 1, crashes: 0, failures: 0 };
+    s.restore_held(JobId(1), spec.clone(), 1, history, a, now).unwrap();
+    s.restore_held(JobId(2), spec.clone(), 1, history, a, now).unwrap();
+    // A queued job whose assignment to `a` the journal lost (attempt 0).
+    s.restore(JobId(3), spec.clone(), 1, History::default(), now).unwrap();
+    s.sanity_check();
+    // `b` is launched and connects, but nothing is dispatched while `a` may
+    // come back with job 3.
+    let _ = s.take_actions();
+    s.connected(b, now);
+    assert!(!s.take_actions().iter().any(|a| matches!(a, Action::Assign { .. })), "dispatched during the barrier");
+    // `a` comes back running job 1 and with job 3's result; job 2 it never
+    // started.
+    assert!(s.resumed(a, &[(JobId(1), 1), (JobId(3), 1)], now));
+    s.sanity_check();
+    s.finished(a, JobId(3), output_of(JobId(3), 1), now);
+    s.finished(a, JobId(1), output_of(JobId(1), 1), now);
+    s.sanity_check();
+    let actions = s.take_actions();
+    let delivered: Vec<JobId> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Deliver(o) => Some(o.id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(delivered, vec![JobId(3), JobId(1)]);
+    // Job 2 went back to the queue unstarted: its next attempt is 1.
+    let assigned: Vec<(JobId, u32)> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Assign { job, attempt, .. } => Some((*job, *attempt)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(assigned, vec![(JobId(2), 1)]);
+}
+
+#[test]
+fn a_worker_that_does_not_come_back_in_time_crashes_its_job() {
+    let now = Instant::now();
+    let mut s = Scheduler::new();
+    let (a, _b) = two_slots(&mut s, now);
+    assert!(s.await_resume(a, now + secs(10)));
+    let spec = Arc::new(JobSpec::shell("true"));
+    s.restore_held(JobId(1), spec, 1, History { attempts: 1, crashes: 0, failures: 0 }, a, now).unwrap();
+    assert_eq!(s.next_deadline(), Some(now + secs(10)));
+    s.tick(now + secs(9));
+    assert_eq!(s.slot_state(a), SlotState::Resuming);
+    s.tick(now + secs(10));
+    s.sanity_check();
+    assert_eq!(s.slot_state(a), SlotState::Launching, "relaunched for its job");
+    // A late worker is refused: the slot waits for a new launch.
+    assert!(!s.resumed(a, &[(JobId(1), 1)], now + secs(11)));
+    assert!(s.connected(a, now + secs(11)));
+    let assigned: Vec<(JobId, u32)> = s
+        .take_actions()
+        .iter()
+        .filter_map(|x| match x {
+            Action::Assign { job, attempt, .. } => Some((*job, *attempt)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(assigned, vec![(JobId(1), 2)], "a crash: a new attempt");
+    s.sanity_check();
+}

@@ -41,7 +41,7 @@ async fn local_class_passes_the_worker_conformance_kit() {
 struct Assignments(std::sync::Mutex<Vec<(crew_core::JobId, u32)>>);
 
 impl crew_core::controller::Observer for Assignments {
-    fn assigned(&self, job: crew_core::JobId, attempt: u32) {
+    fn assigned(&self, job: crew_core::JobId, attempt: u32, _slot: &str) {
         self.0.lock().expect("not poisoned").push((job, attempt));
     }
 }
@@ -63,6 +63,7 @@ async fn restored_jobs_keep_ids_seeds_and_attempts() {
         id: JobId(41),
         spec: JobSpec::shell("echo $CREW_SEED $CREW_ATTEMPT").with_name("fit"),
         history: History { attempts: 1, crashes: 1, failures: 0 },
+        slot: None,
     };
     controller.restore(vec![restored]).expect("restore");
     let o = controller.receive_wait(Some(std::time::Duration::from_secs(20))).await.expect("an output");
