@@ -56,6 +56,8 @@ pub(crate) struct Daemon {
     changed: watch::Sender<u64>,
     /// Told after each accepted send: wakes [`drain`] when it idles.
     sent: Notify,
+    /// Told when outputs were held back (`Inner::held`): wakes [`drain`].
+    retry: Notify,
     /// Told by `POST /v1/down`.
     down: Notify,
     stopping: AtomicBool,
@@ -76,6 +78,10 @@ struct Inner {
     unfinished: BTreeSet<JobId>,
     /// The names among `unreceived`.
     names: HashSet<String>,
+    /// Outputs taken from the controller whose `Delivered` record could
+    /// not be written (a full disk): their jobs still count as unfinished,
+    /// and [`drain`] journals them again until it works.
+    held: Vec<Output>,
 }
 
 impl Daemon {
@@ -98,6 +104,7 @@ impl Daemon {
             inner: Mutex::new(Inner::default()),
             changed: watch::channel(0).0,
             sent: Notify::new(),
+            retry: Notify::new(),
             down: Notify::new(),
             stopping: AtomicBool::new(false),
             tmp_counter: AtomicU64::new(0),
@@ -133,7 +140,24 @@ impl Daemon {
     /// commit); a journal that cannot be written fails the request (nothing
     /// may be acknowledged that a restart would lose).
     async fn journal(&self, records: &[Record]) -> Result<(), ApiError> {
-        self.journal.write(records).await.map_err(|e| ApiError::internal(e.to_string()))
+        self.journal.write(records).await.map_err(|e| self.commit_error(&e))
+    }
+
+    /// The answer to a request whose records could not be made durable.
+    fn commit_error(&self, e: &super::journal::CommitError) -> ApiError {
+        if e.is_disk_full() {
+            ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "disk_full",
+                format!(
+                    "the disk of the project folder {} is full: nothing was done; free some space (the daemon takes \
+                     work again by itself once it can write its journal)",
+                    self.dir.display()
+                ),
+            )
+        } else {
+            ApiError::internal(e.to_string())
+        }
     }
 
     /// Makes what was journaled durable and stops the committer (a clean
@@ -243,6 +267,23 @@ impl Daemon {
         if outputs.is_empty() {
             return;
         }
+        let records: Vec<Record> = outputs.iter().map(|o| Record::Delivered { output: Box::new(o.clone()) }).collect();
+        match self.journal.write(&records).await {
+            Ok(()) => {}
+            Err(e) if e.is_disk_full() => {
+                // Held back, not lost: counted unfinished until [`drain`]
+                // can journal them (and only then receivable).
+                tracing::warn!(jobs = outputs.len(), "outputs held until the journal can be written: {e}");
+                self.lock().held.extend(outputs);
+                self.retry.notify_one();
+                return;
+            }
+            Err(e) => {
+                // A poisoned journal: every request that needs it fails, and
+                // `receive` cannot hand these out.
+                tracing::error!(jobs = outputs.len(), "{e}");
+            }
+        }
         {
             let mut log = self.outputs_log();
             for output in &outputs {
@@ -250,12 +291,6 @@ impl Daemon {
                     tracing::warn!(job = %output.id, "cannot record the output for `logs`: {e}");
                 }
             }
-        }
-        let records: Vec<Record> = outputs.iter().map(|o| Record::Delivered { output: Box::new(o.clone()) }).collect();
-        if let Err(e) = self.journal(&records).await {
-            // A poisoned journal: every request that needs it fails, and
-            // `receive` cannot hand these out.
-            tracing::error!(jobs = outputs.len(), "{}", e.message);
         }
         let mut inner = self.lock();
         for output in outputs {
@@ -287,19 +322,40 @@ impl Daemon {
 /// for the daemon's whole life.
 pub(crate) async fn drain(d: Arc<Daemon>) {
     loop {
-        match d.controller.receive_wait(None).await {
-            Some(o) => {
-                // Everything delivered meanwhile goes in the same commit.
-                let mut batch = vec![o];
-                batch.extend(d.controller.receive_all());
-                d.take(batch).await;
+        let held = std::mem::take(&mut d.lock().held);
+        if !held.is_empty() {
+            // Outputs a full disk held back: tried again (with what came
+            // meanwhile) until their records are written.
+            let mut batch = held;
+            batch.extend(d.controller.receive_all());
+            d.take(batch).await;
+            if !d.lock().held.is_empty() {
+                tokio::time::sleep(HELD_RETRY).await;
             }
-            // Nothing pending: sleep until the next send (a send made since
-            // left a permit, so none is missed).
-            None => d.sent.notified().await,
+            continue;
+        }
+        tokio::select! {
+            received = d.controller.receive_wait(None) => match received {
+                Some(o) => {
+                    // Everything delivered meanwhile goes in the same commit.
+                    let mut batch = vec![o];
+                    batch.extend(d.controller.receive_all());
+                    d.take(batch).await;
+                }
+                // Nothing pending: sleep until the next send (a send made
+                // since left a permit, so none is missed).
+                None => tokio::select! {
+                    () = d.sent.notified() => {}
+                    () = d.retry.notified() => {}
+                },
+            },
+            () = d.retry.notified() => {}
         }
     }
 }
+
+/// How often outputs held back by a full disk are journaled again.
+const HELD_RETRY: Duration = Duration::from_millis(500);
 
 /// A failed request: status, stable code, message for people.
 #[derive(Debug)]

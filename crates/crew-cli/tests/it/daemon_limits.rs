@@ -1,0 +1,154 @@
+//! The daemon's limits, through the real binary: a full disk (a real
+//! tmpfs filled to the last byte) refuses new work with a clear error,
+//! loses no accepted job, and passes by itself once space is freed.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::support::{DEADLINE, Down, Reaper, crew, crew_ok, poll_until, run, unique};
+
+/// A tmpfs mounted for the test, unmounted when dropped (also when the
+/// test fails half-way).
+struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` on `at`; `Err(reason)` where mounting is
+    /// not allowed here (not root, or no permission), which skips the test.
+    fn mount(at: &Path, size: &str) -> Result<Self, String> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("not root: mounting a tmpfs is not allowed".to_owned());
+        }
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .arg(at)
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !out.status.success() {
+            let why = String::from_utf8_lossy(&out.stderr).into_owned();
+            if why.contains("ermission") || why.contains("not permitted") {
+                return Err(format!("mount refused: {why}"));
+            }
+            panic!("mount -t tmpfs failed: {why}");
+        }
+        Ok(Self(at.to_path_buf()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// Writes `path` until the file system is full; the bytes written.
+fn fill(path: &Path) -> u64 {
+    let mut f = std::fs::File::create(path).expect("create the filler");
+    let chunk = vec![0x55u8; 16 * 1024];
+    let mut n = 0u64;
+    loop {
+        match f.write(&chunk) {
+            Ok(0) => break,
+            Ok(k) => n += k as u64,
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+            Err(e) => panic!("filling the disk: {e}"),
+        }
+    }
+    // Smaller writes for the last bytes of a page.
+    for _ in 0..64 {
+        if f.write(&[0u8; 64]).is_err() {
+            break;
+        }
+    }
+    n
+}
+
+#[test]
+fn a_full_disk_refuses_new_work_loses_no_job_and_passes_by_itself() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let project = d.join(".crew");
+    std::fs::create_dir(&project).expect("mkdir .crew");
+    let _tmpfs = match Tmpfs::mount(&project, "2m") {
+        Ok(m) => m,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let mark = unique("disk-full-");
+    let _reaper = Reaper::new(&mark);
+    let _down = Down { dir: d, mark: &mark };
+    crew_ok(d, &mark, &["recruit", "--workers", "2", "--class", "local"]);
+    let mut accepted: Vec<u64> = Vec::new();
+    let mut send = |args: &[&str]| -> Option<u64> {
+        let mut all = vec!["send", "--"];
+        all.extend_from_slice(args);
+        let out = run(crew(d, &mark, &all), None, DEADLINE);
+        if out.code() == Some(0) {
+            let id = out.stdout.trim().parse().unwrap_or_else(|_| panic!("not an id: {out}"));
+            accepted.push(id);
+            return Some(id);
+        }
+        assert_eq!(out.code(), Some(3), "a refused send is exit 3\n{out}");
+        assert!(out.stderr.contains("disk") && out.stderr.contains("full"), "says the disk is full\n{out}");
+        None
+    };
+    for _ in 0..3 {
+        send(&["true"]).expect("accepted before the disk is full");
+    }
+    // This one ends while the disk is full: its output waits, not lost.
+    send(&["sleep", "2"]).expect("accepted before the disk is full");
+    crew_ok(d, &mark, &["status"]);
+
+    let filler = project.join("filler");
+    let filled = fill(&filler);
+    assert!(filled > 0, "the disk took nothing");
+    // The last pages of the files already there still take a few bytes:
+    // a send or two may fit in them, then the disk is full for good.
+    let mut refused = false;
+    for _ in 0..20 {
+        if send(&["true"]).is_none() {
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "a send on a full disk is refused");
+    for _ in 0..2 {
+        assert_eq!(send(&["true"]), None, "a send on a full disk is refused");
+    }
+    // The daemon is still up and answers.
+    crew_ok(d, &mark, &["status"]);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(send(&["true"]), None, "still refused while the disk is full");
+
+    std::fs::remove_file(&filler).expect("remove the filler");
+    // Passes by itself: the next send works.
+    let mut again = false;
+    assert!(
+        poll_until(Duration::from_secs(10), || {
+            again = send(&["true"]).is_some();
+            again
+        }),
+        "sends work again once space is freed"
+    );
+    for _ in 0..2 {
+        send(&["true"]).expect("accepted after space came back");
+    }
+    crew_ok(d, &mark, &["wait", "--timeout", "60s"]);
+    let out = crew_ok(d, &mark, &["receive", "--all", "--json"]);
+    let mut ids: Vec<u64> = out.records().iter().map(|r| r["id"].as_u64().expect("an id")).collect();
+    ids.sort_unstable();
+    accepted.sort_unstable();
+    assert_eq!(ids, accepted, "every accepted job ends in exactly one record\n{out}");
+
+    // The journal holds whole lines only.
+    let journal = std::fs::read(project.join("journal.jsonl")).expect("read the journal");
+    assert!(journal.is_empty() || journal.ends_with(b"\n"), "the journal ends with a whole line");
+    for line in journal.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        serde_json::from_slice::<serde_json::Value>(line)
+            .unwrap_or_else(|e| panic!("a damaged journal line ({e}): {}", String::from_utf8_lossy(line)));
+    }
+}
