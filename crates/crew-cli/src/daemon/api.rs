@@ -24,7 +24,9 @@ use crew_core::scheduler::{SlotFilter, SlotLimits, SubmitError};
 use crew_core::staging::Stager;
 use crew_core::store::{Store, StoreError, StoreKey};
 use crew_core::{JobId, Output, Tags};
-use http_body_util::{BodyExt, Full, Limited};
+use futures::TryStreamExt;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
@@ -403,18 +405,33 @@ impl ApiError {
 
 type Answer = Result<Value, ApiError>;
 
-fn respond(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
+/// A response body: a JSON answer whole, or a captured stream piece by
+/// piece.
+pub(crate) type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+
+fn respond(status: StatusCode, body: &Value) -> Response<Body> {
     let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
-    let mut res = Response::new(Full::new(Bytes::from(bytes)));
+    let mut res = Response::new(Full::new(Bytes::from(bytes)).map_err(|never| match never {}).boxed_unsync());
     *res.status_mut() = status;
     res.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
     res
 }
 
 /// Serves one request.
-pub(crate) async fn handle(d: Arc<Daemon>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+pub(crate) async fn handle(d: Arc<Daemon>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    if method == Method::GET {
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        if let ["v1", "jobs", id, "logs", which @ ("stdout" | "stderr")] = segments.as_slice() {
+            if !d.stopping() {
+                match stream_log(&d, id, which).await {
+                    Ok(res) => return Ok(res),
+                    Err(e) => return Ok(respond(e.status, &json!({"error": {"code": e.code, "message": e.message}}))),
+                }
+            }
+        }
+    }
     let answer = route(&d, req).await;
     Ok(match answer {
         Ok(body) => respond(StatusCode::OK, &body),
@@ -907,18 +924,70 @@ async fn cancel(d: &Daemon, r: CancelReq) -> Answer {
     Ok(json!({"cancelled": cancelled, "unknown": unknown}))
 }
 
-async fn logs(d: &Daemon, id: &str) -> Answer {
+/// The finished output of job `id` (ready, or in the outputs log).
+fn finished(d: &Daemon, id: &str) -> Result<Output, ApiError> {
     let Ok(id) = id.parse::<u64>() else {
         return Err(ApiError::not_found(format!("no job {id:?}: job ids are numbers")));
     };
     let ready = d.lock().ready.iter().find(|o| o.id.0 == id).cloned();
-    let output = match ready {
-        Some(o) => o,
+    match ready {
+        Some(o) => Ok(o),
         None => {
             let found = d.outputs_log().get(JobId(id)).map_err(|e| ApiError::internal(e.to_string()))?;
-            found.ok_or_else(|| ApiError::not_found(format!("job {id} has no output yet (unknown, not finished, or older than the outputs kept for logs: [daemon] logs_keep)")))?
+            found.ok_or_else(|| ApiError::not_found(format!("job {id} has no output yet (unknown, not finished, or older than the outputs kept for logs: [daemon] logs_keep)")))
         }
+    }
+}
+
+/// The largest spilled stream `GET /v1/jobs/{id}/logs` (one JSON answer)
+/// reads whole; larger ones are streamed by `logs/stdout`, `logs/stderr`.
+const MAX_LOGS_JSON: u64 = 64 * 1024 * 1024;
+
+/// `GET /v1/jobs/{id}/logs/{stdout,stderr}`: one captured stream, as raw
+/// bytes in a chunked body read from the store piece by piece (the store
+/// reads off the daemon's thread; hyper asks for the next piece only once
+/// the last one was written), so that a log of any size passes through a
+/// bounded buffer and the daemon keeps answering meanwhile.
+async fn stream_log(d: &Daemon, id: &str, which: &str) -> Result<Response<Body>, ApiError> {
+    let output = finished(d, id)?;
+    let c = if which == "stdout" { &output.stdout } else { &output.stderr };
+    let body: Body = match (&c.key, c.truncated) {
+        (Some(key), true) => {
+            let key = StoreKey::new(key.clone()).map_err(|e| ApiError::internal(format!("bad store key: {e}")))?;
+            let stream = match d.store.get(&key).await {
+                Ok(s) => s,
+                Err(StoreError::NotFound { .. }) => {
+                    return Err(ApiError::internal(format!("the stream {} is missing from the store", key.as_str())));
+                }
+                Err(e) => return Err(ApiError::internal(format!("cannot read {key:?} from the store: {e}"))),
+            };
+            let frames = stream.map_ok(hyper::body::Frame::data).map_err(|e| std::io::Error::other(e.to_string()));
+            StreamBody::new(frames).boxed_unsync()
+        }
+        _ => Full::new(Bytes::from(c.text.clone())).map_err(|never| match never {}).boxed_unsync(),
     };
+    let mut res = Response::new(body);
+    res.headers_mut()
+        .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/octet-stream"));
+    Ok(res)
+}
+
+async fn logs(d: &Daemon, id: &str) -> Answer {
+    let output = finished(d, id)?;
+    let id = output.id.0;
+    for (name, c) in [("stdout", &output.stdout), ("stderr", &output.stderr)] {
+        if c.truncated && c.bytes > MAX_LOGS_JSON {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "log_too_large",
+                format!(
+                    "the {name} of job {id} is {} bytes, more than one JSON answer carries ({MAX_LOGS_JSON}); read it \
+                     streamed: GET /v1/jobs/{id}/logs/{name} (crew logs without --json)",
+                    c.bytes
+                ),
+            ));
+        }
+    }
     let stdout = whole(d, &output.stdout).await?;
     let stderr = whole(d, &output.stderr).await?;
     Ok(json!({"id": id, "stdout": stdout, "stderr": stderr}))

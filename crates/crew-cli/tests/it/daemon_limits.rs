@@ -152,3 +152,68 @@ fn a_full_disk_refuses_new_work_loses_no_job_and_passes_by_itself() {
             .unwrap_or_else(|e| panic!("a damaged journal line ({e}): {}", String::from_utf8_lossy(line)));
     }
 }
+
+/// A process's resident memory in KiB (`VmRSS`), if it still runs.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+#[test]
+fn a_huge_log_streams_with_flat_memory_while_the_daemon_answers() {
+    use std::io::Read;
+    const SIZE: u64 = 200 * 1024 * 1024;
+    // Far below the log's size: the log is never held whole, neither by
+    // the daemon nor by `crew logs`.
+    const BOUND_KIB: u64 = 100 * 1024;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let mark = unique("big-log-");
+    let _reaper = Reaper::new(&mark);
+    let _down = Down { dir: d, mark: &mark };
+    crew_ok(d, &mark, &["recruit", "--workers", "1", "--class", "local"]);
+    let job = format!("head -c {SIZE} /dev/zero | tr '\\0' x");
+    let id = crew_ok(d, &mark, &["send", "--", "sh", "-c", &job]).stdout.trim().to_owned();
+    crate::support::crew_ok_within(d, &mark, &["wait", "--timeout", "120s"], Duration::from_secs(150));
+    let daemon: u32 =
+        std::fs::read_to_string(d.join(".crew/daemon.pid")).expect("daemon.pid").trim().parse().expect("a pid");
+
+    let mut logs = crew(d, &mark, &["logs", &id]).spawn().expect("start crew logs");
+    let client = logs.id();
+    let mut stdout = logs.stdout.take().expect("piped");
+    let (mut total, mut buf) = (0u64, vec![0u8; 64 * 1024]);
+    let (mut peak_daemon, mut peak_client, mut statuses) = (0u64, 0u64, 0);
+    let mut wrong = None;
+    loop {
+        let n = stdout.read(&mut buf).expect("read crew logs");
+        if n == 0 {
+            break;
+        }
+        if let Some(i) = buf[..n].iter().position(|&b| b != b'x') {
+            wrong.get_or_insert(total + i as u64);
+        }
+        total += n as u64;
+        // Every ~16 MiB: memory samples, and the daemon still answers.
+        if total / (16 << 20) != (total - n as u64) / (16 << 20) {
+            peak_daemon = peak_daemon.max(rss_kib(daemon).unwrap_or(0));
+            peak_client = peak_client.max(rss_kib(client).unwrap_or(0));
+            if total < SIZE {
+                let status = run(crew(d, &mark, &["status", "--json"]), None, DEADLINE);
+                assert_eq!(status.code(), Some(0), "status answers during the stream\n{status}");
+                statuses += 1;
+            }
+        }
+    }
+    let end = logs.wait().expect("wait for crew logs");
+    assert!(end.success(), "crew logs: {end}");
+    assert_eq!(total, SIZE, "the whole log, byte for byte");
+    assert_eq!(wrong, None, "the log's content");
+    assert!(statuses >= 3, "status was asked during the stream ({statuses} times)");
+    assert!(peak_daemon > 0 && peak_client > 0, "memory was sampled");
+    assert!(peak_daemon < BOUND_KIB, "the daemon's memory stays flat: {peak_daemon} KiB during a {SIZE}-byte log");
+    assert!(peak_client < BOUND_KIB, "crew logs' memory stays flat: {peak_client} KiB");
+    eprintln!("streamed {total} bytes; peak RSS: daemon {peak_daemon} KiB, crew logs {peak_client} KiB");
+}
