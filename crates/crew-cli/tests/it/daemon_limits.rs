@@ -217,3 +217,91 @@ fn a_huge_log_streams_with_flat_memory_while_the_daemon_answers() {
     assert!(peak_client < BOUND_KIB, "crew logs' memory stays flat: {peak_client} KiB");
     eprintln!("streamed {total} bytes; peak RSS: daemon {peak_daemon} KiB, crew logs {peak_client} KiB");
 }
+
+/// The number of open file descriptors of a process.
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+#[test]
+fn silent_and_oversized_worker_connections_are_capped_and_logged_short() {
+    use std::io::Read;
+    const OPENED: usize = 200;
+    const CAP: usize = 64; // crew_core::controller::MAX_HANDSHAKES
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let mark = unique("conn-cap-");
+    let _reaper = Reaper::new(&mark);
+    let _down = Down { dir: d, mark: &mark };
+    crew_ok(d, &mark, &["recruit", "--workers", "1", "--class", "local"]);
+    let status: serde_json::Value =
+        serde_json::from_str(&crew_ok(d, &mark, &["status", "--json"]).stdout).expect("status json");
+    let listen = status["workers"]["listen"].as_str().expect("the worker port").to_owned();
+    let daemon: u32 = std::fs::read_to_string(d.join(".crew/daemon.pid")).expect("pid").trim().parse().expect("a pid");
+    let before = fds(daemon);
+
+    // Many connections that never say hello.
+    let silent: Vec<std::net::TcpStream> =
+        (0..OPENED).map(|_| std::net::TcpStream::connect(&listen).expect("connect")).collect();
+    let closed = |conns: &[std::net::TcpStream]| {
+        conns
+            .iter()
+            .filter(|c| {
+                c.set_nonblocking(true).expect("nonblocking");
+                match (&**c).read(&mut [0u8; 1]) {
+                    Ok(0) => true,
+                    Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+                    Ok(_) => false,
+                }
+            })
+            .count()
+    };
+    assert!(
+        // Well within the hello timeout (10 s), which would close them all.
+        poll_until(Duration::from_secs(4), || closed(&silent) >= OPENED - CAP),
+        "the daemon closes silent connections past the cap ({} of {OPENED} closed)",
+        closed(&silent)
+    );
+    let held = fds(daemon);
+    assert!(held <= before + CAP + 8, "the daemon holds at most the cap: {held} fds (before: {before})");
+    // It still answers, and a real agent still gets in and runs a job.
+    crew_ok(d, &mark, &["status"]);
+    let ran = d.join("ran");
+    crew_ok(d, &mark, &["send", "--", "touch", &ran.display().to_string()]);
+    crew_ok(d, &mark, &["wait", "--timeout", "30s"]);
+    assert!(ran.exists(), "the job ran on a real agent while silent connections were open");
+    drop(silent);
+
+    // A hello over the limit is dropped on its length; the log line quotes
+    // a short prefix only.
+    let mut big = std::net::TcpStream::connect(&listen).expect("connect");
+    let body = vec![b'A'; 1024 * 1024];
+    big.write_all(&(body.len() as u32).to_be_bytes()).expect("write the length");
+    let _ = big.write_all(&body);
+    big.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    let mut rest = Vec::new();
+    let _ = big.read_to_end(&mut rest);
+    assert!(rest.is_empty(), "nothing answered to an oversized hello");
+    // One under the limit that does not decode: refused, logged short.
+    let mut bad = std::net::TcpStream::connect(&listen).expect("connect");
+    let junk = vec![b'B'; 60 * 1024];
+    bad.write_all(&(junk.len() as u32).to_be_bytes()).expect("write the length");
+    bad.write_all(&junk).expect("write the junk");
+    bad.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    let _ = bad.read_to_end(&mut Vec::new());
+
+    let log = d.join(".crew/daemon.log");
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        poll_until(Duration::from_secs(5), || text().contains("larger than the limit")),
+        "the oversized hello is logged\n{}",
+        text()
+    );
+    let text = text();
+    let lines: Vec<&str> = text.lines().filter(|l| l.contains("rejected a worker connection")).collect();
+    assert!(lines.iter().any(|l| l.contains("larger than the limit")), "{text}");
+    for l in &lines {
+        assert!(l.len() < 600, "a rejection line is short: {} bytes: {l}", l.len());
+        assert!(!l.contains(&"A".repeat(40)) && !l.contains(&"B".repeat(40)), "no long quote: {l}");
+    }
+}
