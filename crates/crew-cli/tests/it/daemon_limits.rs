@@ -305,3 +305,46 @@ fn silent_and_oversized_worker_connections_are_capped_and_logged_short() {
         assert!(!l.contains(&"A".repeat(40)) && !l.contains(&"B".repeat(40)), "no long quote: {l}");
     }
 }
+
+#[test]
+fn daemon_log_rotates_by_size_and_keeps_the_configured_files() {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let mark = unique("log-rotate-");
+    let _reaper = Reaper::new(&mark);
+    let _down = Down { dir: d, mark: &mark };
+    std::fs::create_dir(d.join(".crew")).expect("mkdir");
+    std::fs::write(d.join(".crew/crew.toml"), "[daemon]\nlog_size = 4096\nlog_files = 2\n").expect("crew.toml");
+    crew_ok(d, &mark, &["up"]);
+    let status: serde_json::Value =
+        serde_json::from_str(&crew_ok(d, &mark, &["status", "--json"]).stdout).expect("status json");
+    let listen = status["workers"]["listen"].as_str().expect("the worker port").to_owned();
+    // Each rejected connection is one warning line in daemon.log.
+    for _ in 0..100 {
+        let mut c = std::net::TcpStream::connect(&listen).expect("connect");
+        c.write_all(&[0, 0, 0, 4, 0xc1, 0xc1, 0xc1, 0xc1]).expect("write");
+        c.set_read_timeout(Some(DEADLINE)).expect("timeout");
+        let _ = c.read_to_end(&mut Vec::new());
+    }
+    let log = d.join(".crew/daemon.log");
+    let rotated = |i: u32| d.join(format!(".crew/daemon.log.{i}"));
+    assert!(poll_until(Duration::from_secs(5), || rotated(2).exists()), "daemon.log rotated twice or more");
+    assert!(!rotated(3).exists(), "only log_files = 2 rotated files are kept");
+    crew_ok(d, &mark, &["status"]);
+    for p in [log.clone(), rotated(1), rotated(2)] {
+        let meta = std::fs::metadata(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600, "{} is private", p.display());
+        assert!(meta.len() < 4096 + 1024, "{} is about the size limit: {} bytes", p.display(), meta.len());
+    }
+    // Logging goes on in the fresh file.
+    let mut c = std::net::TcpStream::connect(&listen).expect("connect");
+    c.write_all(&[0, 0, 0, 4, 0xc1, 0xc1, 0xc1, 0xc1]).expect("write");
+    let _ = c.read_to_end(&mut Vec::new());
+    assert!(
+        poll_until(Duration::from_secs(5), || std::fs::read_to_string(&log)
+            .is_ok_and(|t| t.contains("rejected a worker connection"))),
+        "the current daemon.log is written"
+    );
+}
