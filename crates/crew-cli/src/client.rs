@@ -49,6 +49,8 @@ pub(crate) enum ClientError {
     Decode { path: String, source: serde_json::Error },
     /// The local runtime could not start.
     Runtime(std::io::Error),
+    /// A streamed answer could not be written out (a closed pipe).
+    Output(std::io::Error),
 }
 
 impl fmt::Display for ClientError {
@@ -66,6 +68,7 @@ impl fmt::Display for ClientError {
                 )
             }
             ClientError::Runtime(e) => write!(f, "cannot start the I/O runtime: {e}"),
+            ClientError::Output(e) => write!(f, "cannot write the daemon's answer out: {e}"),
         }
     }
 }
@@ -76,7 +79,7 @@ impl std::error::Error for ClientError {
             ClientError::Connect { source, .. } => Some(source),
             ClientError::Http { source, .. } => Some(source),
             ClientError::Decode { source, .. } => Some(source),
-            ClientError::Runtime(e) => Some(e),
+            ClientError::Runtime(e) | ClientError::Output(e) => Some(e),
             ClientError::Api(_) => None,
         }
     }
@@ -134,6 +137,45 @@ impl Client {
     pub(crate) fn post_raw<T: DeserializeOwned>(&mut self, path: &str, body: Vec<u8>) -> Result<T, ClientError> {
         let answer = self.request(Method::POST, path, Some(body))?;
         decode(path, &answer)
+    }
+
+    /// `GET path`, writing the answer's body to `out` piece by piece as it
+    /// arrives (a streamed log: flat memory whatever its size). Returns the
+    /// bytes written.
+    pub(crate) fn get_stream(&mut self, path: &str, out: &mut dyn std::io::Write) -> Result<u64, ClientError> {
+        let http = |source| ClientError::Http { path: path.to_owned(), source };
+        let req = Request::builder()
+            .method(Method::GET)
+            .uri(path)
+            .header(hyper::header::HOST, "crew")
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| {
+                ClientError::Api(ApiError {
+                    status: 0,
+                    code: "bad_request".to_owned(),
+                    message: format!("cannot build the request {path}: {e}"),
+                })
+            })?;
+        let Self { rt, sender } = self;
+        rt.block_on(async {
+            sender.ready().await.map_err(http)?;
+            let resp = sender.send_request(req).await.map_err(http)?;
+            let status = resp.status();
+            let mut body = resp.into_body();
+            if !status.is_success() {
+                let bytes = body.collect().await.map_err(http)?.to_bytes();
+                return Err(ClientError::Api(api_error(status, &bytes)));
+            }
+            let mut n = 0u64;
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame.map_err(http)?.into_data() {
+                    out.write_all(&data).map_err(ClientError::Output)?;
+                    n += data.len() as u64;
+                }
+            }
+            out.flush().map_err(ClientError::Output)?;
+            Ok(n)
+        })
     }
 
     /// Sends one request; a success answer's body, or the error it maps to.

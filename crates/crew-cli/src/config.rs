@@ -54,6 +54,10 @@ pub(crate) struct DaemonSettings {
     pub(crate) journal_compact_bytes: Option<u64>,
     /// How many of the newest outputs `crew logs` keeps.
     pub(crate) logs_keep: Option<u32>,
+    /// The size past which `daemon.log` is rotated.
+    pub(crate) log_size: Option<u64>,
+    /// How many rotated `daemon.log.N` files are kept.
+    pub(crate) log_files: Option<u32>,
 }
 
 /// `[recruit]` and `[class.NAME]`: what a recruit request gets for the
@@ -120,6 +124,8 @@ impl Config {
                             "heartbeat" => d.heartbeat = Some(duration(v).and_then(positive).map_err(err)?),
                             "journal_compact" => d.journal_compact_bytes = Some(bytes(v).map_err(err)?),
                             "logs_keep" => d.logs_keep = Some(count(v, 1).map_err(err)?),
+                            "log_size" => d.log_size = Some(bytes(v).map_err(err)?),
+                            "log_files" => d.log_files = Some(count(v, 1).map_err(err)?),
                             _ => return Err(unknown(&file, &full, DAEMON_KEYS)),
                         }
                     }
@@ -191,6 +197,8 @@ impl Config {
         set("CREW_HEARTBEAT", var("CREW_HEARTBEAT")?, pos, &mut d.heartbeat)?;
         set("CREW_JOURNAL_COMPACT", var("CREW_JOURNAL_COMPACT")?, parse_bytes, &mut d.journal_compact_bytes)?;
         set("CREW_LOGS_KEEP", var("CREW_LOGS_KEEP")?, |s| parse_count(s, 1), &mut d.logs_keep)?;
+        set("CREW_LOG_SIZE", var("CREW_LOG_SIZE")?, parse_bytes, &mut d.log_size)?;
+        set("CREW_LOG_FILES", var("CREW_LOG_FILES")?, |s| parse_count(s, 1), &mut d.log_files)?;
         let r = &mut self.recruit;
         set("CREW_IDLE", var("CREW_IDLE")?, dur, &mut r.idle)?;
         set("CREW_WALL", var("CREW_WALL")?, dur, &mut r.wall)?;
@@ -235,8 +243,18 @@ impl Config {
     }
 }
 
-const DAEMON_KEYS: &[&str] =
-    &["listen", "advertise", "tls", "store", "seed", "heartbeat", "journal_compact", "logs_keep"];
+const DAEMON_KEYS: &[&str] = &[
+    "listen",
+    "advertise",
+    "tls",
+    "store",
+    "seed",
+    "heartbeat",
+    "journal_compact",
+    "logs_keep",
+    "log_size",
+    "log_files",
+];
 const RECRUIT_KEYS: &[&str] = &["idle", "wall", "tasks_max", "launch_timeout", "launch_max", "prefetch"];
 
 fn unknown(file: &impl std::fmt::Display, key: &str, known: &[&str]) -> anyhow::Error {
@@ -353,6 +371,9 @@ mod tests {
         assert_eq!(parse("[daemon]\njournal_compact = \"8MiB\"\n")?.daemon.journal_compact_bytes, Some(8 << 20));
         assert_eq!(parse("[daemon]\njournal_compact = 4096\n")?.daemon.journal_compact_bytes, Some(4096));
         assert_eq!(parse("[daemon]\nlogs_keep = 5\n")?.daemon.logs_keep, Some(5));
+        assert_eq!(parse("[daemon]\nlog_size = \"1MiB\"\n")?.daemon.log_size, Some(1 << 20));
+        assert_eq!(parse("[daemon]\nlog_files = 2\n")?.daemon.log_files, Some(2));
+        assert!(parse("[daemon]\nlog_files = 0\n").is_err(), "at least one rotated file");
         assert!(parse("[daemon]\nlogs_keep = 0\n").is_err(), "at least one output is kept");
         let err = parse("[daemon]\njournal_compact = \"8MB\"\n").expect_err("MB is refused");
         assert!(err.contains("daemon.journal_compact") && err.contains("MiB"), "{err}");

@@ -98,6 +98,13 @@ impl Failure {
 }
 
 fn init_logging(default: &str) {
+    init_logging_to(default, std::io::stderr);
+}
+
+fn init_logging_to<W>(default: &str, writer: W)
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     // aws-config warns about every credential provider of the chain that
     // found nothing; the store's own error says what matters, in one line.
     let filter = tracing_subscriber::EnvFilter::try_from_env("CREW_LOG")
@@ -106,7 +113,7 @@ fn init_logging(default: &str) {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_target(false)
         .with_ansi(ansi)
         .try_init();
@@ -125,7 +132,7 @@ fn main() -> ExitCode {
             worker::main(args)
         }
         Command::Daemon(args) => {
-            init_logging("info");
+            init_logging_to("info", || daemon::logfile::Writer);
             daemon::main(args)
         }
         Command::Client(command) => cmd::main(cli.dir, command),

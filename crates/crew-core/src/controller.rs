@@ -116,6 +116,11 @@ pub struct ControllerConfig {
     pub stop_grace: Duration,
     /// Time an agent has to send its hello after connecting.
     pub hello_timeout: Duration,
+    /// Connections that may wait for their hello (or TLS handshake) at
+    /// once; past it, the oldest waiting one is closed. Authenticated
+    /// connections are bounded by the slots (one per launch member), so
+    /// the worker port holds at most slots + this many connections.
+    pub max_handshakes: usize,
     /// The id of the first job sent (a restarted controller continues its
     /// numbering).
     pub first_job_id: u64,
@@ -248,6 +253,7 @@ impl ControllerConfig {
             heartbeat_misses: 5,
             stop_grace: Duration::from_secs(3),
             hello_timeout: Duration::from_secs(10),
+            max_handshakes: MAX_HANDSHAKES,
             first_job_id: 1,
             observer: None,
             resume: None,
@@ -1542,7 +1548,53 @@ impl Shared {
     }
 }
 
+/// Connections waiting for their hello, by default
+/// ([`ControllerConfig::max_handshakes`]).
+pub const MAX_HANDSHAKES: usize = 64;
+
+/// The largest hello frame read: a hello is a few short fields, and
+/// nothing bigger is read from a peer that has not authenticated.
+pub const MAX_HELLO: usize = 64 * 1024;
+
+/// How much of what a rejected peer sent a log line may carry.
+const LOGGED_PREFIX: usize = 32;
+
+/// Connections waiting for their hello: the oldest is closed to make
+/// room past the cap, so that a flood of silent connections cannot keep
+/// a real agent out.
+#[derive(Default)]
+struct Handshakes {
+    next: u64,
+    waiting: BTreeMap<u64, (SocketAddr, CancellationToken)>,
+}
+
+/// One connection's place in [`Handshakes`]; dropped once its hello was
+/// read (or it failed), which frees the place.
+struct Waiting {
+    all: Arc<Mutex<Handshakes>>,
+    id: u64,
+    cancelled: CancellationToken,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        lock(&self.all).waiting.remove(&self.id);
+    }
+}
+
+/// At most `max` characters of `text` (a reason that may quote what a
+/// peer sent), marked when cut.
+fn short(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_owned();
+    }
+    let cut: String = text.chars().take(max).collect();
+    format!("{cut}… (cut)")
+}
+
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+    let handshakes = Arc::new(Mutex::new(Handshakes::default()));
+    let cap = shared.config.max_handshakes.max(1);
     loop {
         let accepted = tokio::select! {
             _ = shared.stop.cancelled() => return,
@@ -1550,11 +1602,33 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
         };
         match accepted {
             Ok((stream, peer)) => {
+                let waiting = {
+                    let mut h = lock(&handshakes);
+                    while h.waiting.len() >= cap {
+                        let Some((_, (oldest, token))) = h.waiting.pop_first() else { break };
+                        token.cancel();
+                        warn!(
+                            peer = %oldest,
+                            "closed a worker connection: {cap} connections were waiting for their hello \
+                             (the oldest makes room)"
+                        );
+                    }
+                    let id = h.next;
+                    h.next += 1;
+                    let cancelled = CancellationToken::new();
+                    h.waiting.insert(id, (peer, cancelled.clone()));
+                    Waiting { all: handshakes.clone(), id, cancelled }
+                };
                 let shared = shared.clone();
                 tokio::spawn(async move {
                     let _ = stream.set_nodelay(true);
-                    if let Some(link) = open_link(&shared, stream, peer).await {
-                        serve_connection(shared, link, peer).await;
+                    let token = waiting.cancelled.clone();
+                    let link = tokio::select! {
+                        () = token.cancelled() => return,
+                        link = open_link(&shared, stream, peer) => link,
+                    };
+                    if let Some(link) = link {
+                        serve_connection(shared, link, peer, waiting).await;
                     }
                 });
             }
@@ -1710,18 +1784,37 @@ impl Link {
     }
 }
 
-async fn serve_connection(shared: Arc<Shared>, stream: Link, peer: SocketAddr) {
+async fn serve_connection(shared: Arc<Shared>, stream: Link, peer: SocketAddr, waiting: Waiting) {
     let stream = Arc::new(stream);
-    let mut buf = BytesMut::with_capacity(64 * 1024);
-    // The handshake: one hello within the timeout.
+    let mut buf = BytesMut::with_capacity(4 * 1024);
+    // The handshake: one hello within the timeout, of at most MAX_HELLO
+    // bytes (checked on its length, before its bytes are read); closed
+    // at once when too many others wait.
+    let token = waiting.cancelled.clone();
     let hello = tokio::time::timeout(shared.config.hello_timeout, async {
         loop {
+            if buf.len() >= 4 {
+                let len = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+                if len > MAX_HELLO {
+                    let prefix = &buf[..buf.len().min(LOGGED_PREFIX)];
+                    return Err(format!(
+                        "a hello of {len} bytes is larger than the limit of {MAX_HELLO} (it began {:?})",
+                        String::from_utf8_lossy(prefix)
+                    ));
+                }
+            }
+            if token.is_cancelled() {
+                return Err("too many connections were waiting for their hello".to_owned());
+            }
             match protocol::decode::<AgentMsg>(&mut buf) {
                 Ok(Some(msg)) => return Ok(msg),
                 Ok(None) => {}
                 Err(e) => return Err(e.to_string()),
             }
-            stream.readable().await.map_err(|e| e.to_string())?;
+            tokio::select! {
+                r = stream.readable() => r.map_err(|e| e.to_string())?,
+                () = token.cancelled() => {}
+            }
             match stream.try_read_buf(&mut buf) {
                 Ok(0) => return Err("connection closed before the hello".to_owned()),
                 Ok(_) => {}
@@ -1731,10 +1824,12 @@ async fn serve_connection(shared: Arc<Shared>, stream: Link, peer: SocketAddr) {
         }
     })
     .await;
+    drop(waiting);
     let hello = match hello {
         Ok(Ok(m)) => m,
         Ok(Err(reason)) => {
-            warn!(%peer, "rejected a worker connection: {reason}");
+            // The reason may quote what the peer sent: a short prefix only.
+            warn!(%peer, "rejected a worker connection: {}", short(&reason, 200));
             return;
         }
         Err(_) => {
@@ -1775,7 +1870,7 @@ async fn serve_connection(shared: Arc<Shared>, stream: Link, peer: SocketAddr) {
             Ok(x) => x,
             Err(reason) => {
                 drop(core);
-                warn!(%peer, launch, index, "rejected a worker connection: {reason}");
+                warn!(%peer, launch = %short(&launch, LOGGED_PREFIX), index, "rejected a worker connection: {reason}");
                 let mut out = BytesMut::new();
                 if protocol::encode(&ControllerMsg::Reject { reason }, &mut out).is_ok() {
                     let _ = stream.try_write(&out);

@@ -7,7 +7,11 @@
 //! [`SyncHandle`] it returns, outside any lock (the daemon's group commit:
 //! one `fdatasync` covers every record appended meanwhile). A daemon
 //! acknowledges a request only once its records are durable: a job whose id
-//! a client saw is on disk. Reading it back ([`Journal::open`]) folds the
+//! a client saw is on disk. A write is all or nothing: when one fails (a
+//! full disk), what of it reached the file is cut off at once
+//! ([`Journal::flush`]), so the file always ends with a whole record and
+//! appending goes on once there is space again. Reading it back
+//! ([`Journal::open`]) folds the
 //! records into a [`Replay`]: the slots recruited, the jobs accepted and not
 //! finished (with their history), the outputs finished and not received,
 //! and the next job id. Replaying never panics: a torn last line (a crash in
@@ -31,7 +35,7 @@
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, BufWriter, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -320,6 +324,22 @@ pub enum JournalError {
     },
 }
 
+impl JournalError {
+    /// True when the write failed for want of space (`ENOSPC`, or a
+    /// quota): the records were cut back and the journal goes on; freeing
+    /// space is the fix.
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            JournalError::Io { source, .. } => is_disk_full(source),
+        }
+    }
+}
+
+/// Whether an I/O error means the file system (or the user's quota) is full.
+pub fn is_disk_full(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
+}
+
 /// The longest line replay reads as a record; a longer one is skipped
 /// (and reported) without being held in memory. Records are far smaller:
 /// the largest, an `accepted` batch, is bounded by the daemon's request
@@ -338,7 +358,13 @@ pub const COMPACT_AFTER: u64 = 64 * 1024 * 1024;
 #[derive(Debug)]
 pub struct Journal {
     path: PathBuf,
-    out: BufWriter<File>,
+    /// The file, written at explicit offsets (never past `written`).
+    file: File,
+    /// Records appended and not yet written to the file.
+    pending: Vec<u8>,
+    /// The length of the file's whole records: where the next write goes,
+    /// and where a failed one is cut back to.
+    written: u64,
     /// The same file, for `fdatasync` without the journal's lock.
     sync: SyncHandle,
     /// Records appended since the last commit or flush.
@@ -376,6 +402,15 @@ fn compacting_path(path: &Path) -> PathBuf {
 /// Writes the records of `replay` to the `.compacting` file next to `path`,
 /// durably; returns it, open for appending at its end.
 fn write_compacted(path: &Path, replay: &Replay) -> Result<File, JournalError> {
+    let written = write_compacted_file(path, replay);
+    if written.is_err() {
+        // A part-written copy must not keep the space (a full disk).
+        let _ = std::fs::remove_file(compacting_path(path));
+    }
+    written
+}
+
+fn write_compacted_file(path: &Path, replay: &Replay) -> Result<File, JournalError> {
     let io = |source| JournalError::Io { path: path.to_path_buf(), source };
     // Private (0600): jobs' command lines and environments are in it. The
     // mode is set explicitly too, since a file left by an older version
@@ -438,7 +473,9 @@ impl Journal {
         let sync = std::sync::Arc::new(file.try_clone().map_err(io)?);
         Ok(Self {
             path: path.to_path_buf(),
-            out: BufWriter::with_capacity(256 * 1024, file),
+            file,
+            pending: Vec::new(),
+            written: base,
             sync,
             dirty: false,
             unsynced: false,
@@ -469,7 +506,7 @@ impl Journal {
     pub fn compact_if_grown(&mut self) -> Result<bool, JournalError> {
         self.commit()?;
         let io = |source| JournalError::Io { path: self.path.clone(), source };
-        let size = self.out.get_ref().metadata().map_err(io)?.len();
+        let size = self.file.metadata().map_err(io)?.len();
         if let Some(c) = &self.compaction {
             let result = match c.done.try_recv() {
                 Err(std::sync::mpsc::TryRecvError::Empty) => return Ok(false),
@@ -550,14 +587,17 @@ impl Journal {
         Ok(false)
     }
 
-    /// Appends a record (buffered; durable after [`Journal::commit`], or
-    /// after [`Journal::flush`] and a sync of its handle).
+    /// Appends a record (buffered in memory: no I/O; durable after
+    /// [`Journal::commit`], or after [`Journal::flush`] and a sync of its
+    /// handle). Fails only if the record cannot be serialized, and then
+    /// appends nothing.
     pub fn append(&mut self, record: &Record) -> Result<(), JournalError> {
         self.line.clear();
         write_record(&mut self.line, record).map_err(|source| JournalError::Io { path: self.path.clone(), source })?;
         self.dirty = true;
         self.size += self.line.len() as u64;
-        self.out.write_all(&self.line).map_err(|source| JournalError::Io { path: self.path.clone(), source })
+        self.pending.extend_from_slice(&self.line);
+        Ok(())
     }
 
     /// Makes every appended record durable (write + fdatasync).
@@ -576,14 +616,42 @@ impl Journal {
     /// [`Journal::synced`] if that sync succeeded. Should the journal's
     /// file be replaced in between (compaction), the records were copied to
     /// the new file and made durable there first.
+    ///
+    /// All or nothing: when the write fails (a full disk:
+    /// [`JournalError::is_disk_full`]), whatever part of it reached the
+    /// file is cut off again and every record appended since the last
+    /// flush is dropped, so the file ends with the last whole record
+    /// written before, and later appends go on from there.
     pub fn flush(&mut self) -> Result<Option<SyncHandle>, JournalError> {
         if !self.dirty && !self.unsynced {
             return Ok(None);
         }
+        if !self.pending.is_empty() {
+            if let Err(source) = self.file.write_all_at(&self.pending, self.written) {
+                self.pending.clear();
+                self.dirty = false;
+                self.size = self.written;
+                self.cut_back();
+                return Err(JournalError::Io { path: self.path.clone(), source });
+            }
+            self.written += self.pending.len() as u64;
+            self.pending.clear();
+        }
         self.unsynced = true;
-        self.out.flush().map_err(|source| JournalError::Io { path: self.path.clone(), source })?;
         self.dirty = false;
         Ok(Some(self.sync.clone()))
+    }
+
+    /// Cuts the file back to its whole records after a failed write (a
+    /// torn tail must not hold records nobody was told were kept, nor run
+    /// into the next line). Best effort: should it fail too, the next
+    /// write goes at the same offset and overwrites the tail, and replay
+    /// drops a torn last line.
+    fn cut_back(&mut self) {
+        let cut = self.file.set_len(self.written).and_then(|()| self.file.sync_data());
+        if let Err(e) = cut {
+            tracing::warn!(path = %self.path.display(), "cannot cut a failed write off the journal: {e}");
+        }
     }
 
     /// Records that a sync of the handle [`Journal::flush`] returned

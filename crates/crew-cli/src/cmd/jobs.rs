@@ -1,7 +1,5 @@
 //! `crew cancel` and `crew logs`: acting on jobs by id.
 
-use std::io::Write;
-
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
@@ -63,14 +61,14 @@ struct Logs {
 }
 
 pub(crate) fn logs(ctx: &Ctx, args: LogsArgs) -> Result<u8, Failure> {
-    let logs: Logs = ctx.client()?.get(&format!("/v1/jobs/{}/logs", args.id)).map_err(api)?;
+    let mut client = ctx.client()?;
     if args.json {
+        let logs: Logs = client.get(&format!("/v1/jobs/{}/logs", args.id)).map_err(api)?;
         print_json(&logs)?;
         return Ok(EXIT_OK);
     }
-    let mut out = std::io::stdout().lock();
-    out.write_all(logs.stdout.as_bytes()).and_then(|()| out.flush()).map_err(Failure::internal)?;
-    let mut err = std::io::stderr().lock();
-    err.write_all(logs.stderr.as_bytes()).and_then(|()| err.flush()).map_err(Failure::internal)?;
+    // Streamed, printed as it arrives: flat memory on both sides.
+    client.get_stream(&format!("/v1/jobs/{}/logs/stdout", args.id), &mut std::io::stdout().lock()).map_err(api)?;
+    client.get_stream(&format!("/v1/jobs/{}/logs/stderr", args.id), &mut std::io::stderr().lock()).map_err(api)?;
     Ok(EXIT_OK)
 }

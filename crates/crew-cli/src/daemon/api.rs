@@ -24,7 +24,9 @@ use crew_core::scheduler::{SlotFilter, SlotLimits, SubmitError};
 use crew_core::staging::Stager;
 use crew_core::store::{Store, StoreError, StoreKey};
 use crew_core::{JobId, Output, Tags};
-use http_body_util::{BodyExt, Full, Limited};
+use futures::TryStreamExt;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
@@ -56,6 +58,8 @@ pub(crate) struct Daemon {
     changed: watch::Sender<u64>,
     /// Told after each accepted send: wakes [`drain`] when it idles.
     sent: Notify,
+    /// Told when outputs were held back (`Inner::held`): wakes [`drain`].
+    retry: Notify,
     /// Told by `POST /v1/down`.
     down: Notify,
     stopping: AtomicBool,
@@ -76,6 +80,10 @@ struct Inner {
     unfinished: BTreeSet<JobId>,
     /// The names among `unreceived`.
     names: HashSet<String>,
+    /// Outputs taken from the controller whose `Delivered` record could
+    /// not be written (a full disk): their jobs still count as unfinished,
+    /// and [`drain`] journals them again until it works.
+    held: Vec<Output>,
 }
 
 impl Daemon {
@@ -98,6 +106,7 @@ impl Daemon {
             inner: Mutex::new(Inner::default()),
             changed: watch::channel(0).0,
             sent: Notify::new(),
+            retry: Notify::new(),
             down: Notify::new(),
             stopping: AtomicBool::new(false),
             tmp_counter: AtomicU64::new(0),
@@ -133,7 +142,24 @@ impl Daemon {
     /// commit); a journal that cannot be written fails the request (nothing
     /// may be acknowledged that a restart would lose).
     async fn journal(&self, records: &[Record]) -> Result<(), ApiError> {
-        self.journal.write(records).await.map_err(|e| ApiError::internal(e.to_string()))
+        self.journal.write(records).await.map_err(|e| self.commit_error(&e))
+    }
+
+    /// The answer to a request whose records could not be made durable.
+    fn commit_error(&self, e: &super::journal::CommitError) -> ApiError {
+        if e.is_disk_full() {
+            ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "disk_full",
+                format!(
+                    "the disk of the project folder {} is full: nothing was done; free some space (the daemon takes \
+                     work again by itself once it can write its journal)",
+                    self.dir.display()
+                ),
+            )
+        } else {
+            ApiError::internal(e.to_string())
+        }
     }
 
     /// Makes what was journaled durable and stops the committer (a clean
@@ -254,6 +280,23 @@ impl Daemon {
         if outputs.is_empty() {
             return;
         }
+        let records: Vec<Record> = outputs.iter().map(|o| Record::Delivered { output: Box::new(o.clone()) }).collect();
+        match self.journal.write(&records).await {
+            Ok(()) => {}
+            Err(e) if e.is_disk_full() => {
+                // Held back, not lost: counted unfinished until [`drain`]
+                // can journal them (and only then receivable).
+                tracing::warn!(jobs = outputs.len(), "outputs held until the journal can be written: {e}");
+                self.lock().held.extend(outputs);
+                self.retry.notify_one();
+                return;
+            }
+            Err(e) => {
+                // A poisoned journal: every request that needs it fails, and
+                // `receive` cannot hand these out.
+                tracing::error!(jobs = outputs.len(), "{e}");
+            }
+        }
         {
             let mut log = self.outputs_log();
             for output in &outputs {
@@ -261,12 +304,6 @@ impl Daemon {
                     tracing::warn!(job = %output.id, "cannot record the output for `logs`: {e}");
                 }
             }
-        }
-        let records: Vec<Record> = outputs.iter().map(|o| Record::Delivered { output: Box::new(o.clone()) }).collect();
-        if let Err(e) = self.journal(&records).await {
-            // A poisoned journal: every request that needs it fails, and
-            // `receive` cannot hand these out.
-            tracing::error!(jobs = outputs.len(), "{}", e.message);
         }
         let mut inner = self.lock();
         for output in outputs {
@@ -298,19 +335,40 @@ impl Daemon {
 /// for the daemon's whole life.
 pub(crate) async fn drain(d: Arc<Daemon>) {
     loop {
-        match d.controller.receive_wait(None).await {
-            Some(o) => {
-                // Everything delivered meanwhile goes in the same commit.
-                let mut batch = vec![o];
-                batch.extend(d.controller.receive_all());
-                d.take(batch).await;
+        let held = std::mem::take(&mut d.lock().held);
+        if !held.is_empty() {
+            // Outputs a full disk held back: tried again (with what came
+            // meanwhile) until their records are written.
+            let mut batch = held;
+            batch.extend(d.controller.receive_all());
+            d.take(batch).await;
+            if !d.lock().held.is_empty() {
+                tokio::time::sleep(HELD_RETRY).await;
             }
-            // Nothing pending: sleep until the next send (a send made since
-            // left a permit, so none is missed).
-            None => d.sent.notified().await,
+            continue;
+        }
+        tokio::select! {
+            received = d.controller.receive_wait(None) => match received {
+                Some(o) => {
+                    // Everything delivered meanwhile goes in the same commit.
+                    let mut batch = vec![o];
+                    batch.extend(d.controller.receive_all());
+                    d.take(batch).await;
+                }
+                // Nothing pending: sleep until the next send (a send made
+                // since left a permit, so none is missed).
+                None => tokio::select! {
+                    () = d.sent.notified() => {}
+                    () = d.retry.notified() => {}
+                },
+            },
+            () = d.retry.notified() => {}
         }
     }
 }
+
+/// How often outputs held back by a full disk are journaled again.
+const HELD_RETRY: Duration = Duration::from_millis(500);
 
 /// A failed request: status, stable code, message for people.
 #[derive(Debug)]
@@ -358,18 +416,33 @@ impl ApiError {
 
 type Answer = Result<Value, ApiError>;
 
-fn respond(status: StatusCode, body: &Value) -> Response<Full<Bytes>> {
+/// A response body: a JSON answer whole, or a captured stream piece by
+/// piece.
+pub(crate) type Body = UnsyncBoxBody<Bytes, std::io::Error>;
+
+fn respond(status: StatusCode, body: &Value) -> Response<Body> {
     let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
-    let mut res = Response::new(Full::new(Bytes::from(bytes)));
+    let mut res = Response::new(Full::new(Bytes::from(bytes)).map_err(|never| match never {}).boxed_unsync());
     *res.status_mut() = status;
     res.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
     res
 }
 
 /// Serves one request.
-pub(crate) async fn handle(d: Arc<Daemon>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+pub(crate) async fn handle(d: Arc<Daemon>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    if method == Method::GET {
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        if let ["v1", "jobs", id, "logs", which @ ("stdout" | "stderr")] = segments.as_slice() {
+            if !d.stopping() {
+                match stream_log(&d, id, which).await {
+                    Ok(res) => return Ok(res),
+                    Err(e) => return Ok(respond(e.status, &json!({"error": {"code": e.code, "message": e.message}}))),
+                }
+            }
+        }
+    }
     let answer = route(&d, req).await;
     Ok(match answer {
         Ok(body) => respond(StatusCode::OK, &body),
@@ -863,18 +936,70 @@ async fn cancel(d: &Daemon, r: CancelReq) -> Answer {
     Ok(json!({"cancelled": cancelled, "unknown": unknown}))
 }
 
-async fn logs(d: &Daemon, id: &str) -> Answer {
+/// The finished output of job `id` (ready, or in the outputs log).
+fn finished(d: &Daemon, id: &str) -> Result<Output, ApiError> {
     let Ok(id) = id.parse::<u64>() else {
         return Err(ApiError::not_found(format!("no job {id:?}: job ids are numbers")));
     };
     let ready = d.lock().ready.iter().find(|o| o.id.0 == id).cloned();
-    let output = match ready {
-        Some(o) => o,
+    match ready {
+        Some(o) => Ok(o),
         None => {
             let found = d.outputs_log().get(JobId(id)).map_err(|e| ApiError::internal(e.to_string()))?;
-            found.ok_or_else(|| ApiError::not_found(format!("job {id} has no output yet (unknown, not finished, or older than the outputs kept for logs: [daemon] logs_keep)")))?
+            found.ok_or_else(|| ApiError::not_found(format!("job {id} has no output yet (unknown, not finished, or older than the outputs kept for logs: [daemon] logs_keep)")))
         }
+    }
+}
+
+/// The largest spilled stream `GET /v1/jobs/{id}/logs` (one JSON answer)
+/// reads whole; larger ones are streamed by `logs/stdout`, `logs/stderr`.
+const MAX_LOGS_JSON: u64 = 64 * 1024 * 1024;
+
+/// `GET /v1/jobs/{id}/logs/{stdout,stderr}`: one captured stream, as raw
+/// bytes in a chunked body read from the store piece by piece (the store
+/// reads off the daemon's thread; hyper asks for the next piece only once
+/// the last one was written), so that a log of any size passes through a
+/// bounded buffer and the daemon keeps answering meanwhile.
+async fn stream_log(d: &Daemon, id: &str, which: &str) -> Result<Response<Body>, ApiError> {
+    let output = finished(d, id)?;
+    let c = if which == "stdout" { &output.stdout } else { &output.stderr };
+    let body: Body = match (&c.key, c.truncated) {
+        (Some(key), true) => {
+            let key = StoreKey::new(key.clone()).map_err(|e| ApiError::internal(format!("bad store key: {e}")))?;
+            let stream = match d.store.get(&key).await {
+                Ok(s) => s,
+                Err(StoreError::NotFound { .. }) => {
+                    return Err(ApiError::internal(format!("the stream {} is missing from the store", key.as_str())));
+                }
+                Err(e) => return Err(ApiError::internal(format!("cannot read {key:?} from the store: {e}"))),
+            };
+            let frames = stream.map_ok(hyper::body::Frame::data).map_err(|e| std::io::Error::other(e.to_string()));
+            StreamBody::new(frames).boxed_unsync()
+        }
+        _ => Full::new(Bytes::from(c.text.clone())).map_err(|never| match never {}).boxed_unsync(),
     };
+    let mut res = Response::new(body);
+    res.headers_mut()
+        .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/octet-stream"));
+    Ok(res)
+}
+
+async fn logs(d: &Daemon, id: &str) -> Answer {
+    let output = finished(d, id)?;
+    let id = output.id.0;
+    for (name, c) in [("stdout", &output.stdout), ("stderr", &output.stderr)] {
+        if c.truncated && c.bytes > MAX_LOGS_JSON {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "log_too_large",
+                format!(
+                    "the {name} of job {id} is {} bytes, more than one JSON answer carries ({MAX_LOGS_JSON}); read it \
+                     streamed: GET /v1/jobs/{id}/logs/{name} (crew logs without --json)",
+                    c.bytes
+                ),
+            ));
+        }
+    }
     let stdout = whole(d, &output.stdout).await?;
     let stderr = whole(d, &output.stderr).await?;
     Ok(json!({"id": id, "stdout": stdout, "stderr": stderr}))

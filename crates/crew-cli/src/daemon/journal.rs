@@ -23,11 +23,16 @@
 //! (`fdatasync`) outside the journal's lock, then releases every waiter
 //! whose records that sync covered, so that one sync serves every record
 //! appended meanwhile, however many requests and outputs they came from.
-//! A failed write or sync poisons the journal: every later commit fails
-//! (the daemon refuses work with a clear error) until it is restarted,
-//! since after a failed `fdatasync` the kernel may have dropped the pages
-//! it could not write.
+//! A failed write (a full disk) is all or nothing: the journal cuts off
+//! what reached the file, every request whose records were in that write
+//! fails ([`CommitError::is_disk_full`]: the daemon refuses the work with a
+//! clear error), and the next commit tries again, so the daemon takes work
+//! again by itself once there is space. A failed *sync* poisons the
+//! journal: every later commit fails until the daemon is restarted, since
+//! after a failed `fdatasync` the kernel may have dropped the pages it
+//! could not write.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -43,10 +48,30 @@ pub(crate) type Ticket = u64;
 /// How far the journal is durable, published by the committer.
 #[derive(Clone, Debug, Default)]
 struct Progress {
-    /// Appends up to this one are durable.
+    /// Appends up to this one are durable, but for those in `failed`.
     durable: Ticket,
-    /// Set when a write or sync failed: nothing is durable from then on.
+    /// Appends whose write failed (first, last ticket, why), the newest
+    /// last; the records were cut off the journal. A few thousand kept:
+    /// a waiter looks its ticket up right after its append.
+    failed: VecDeque<(Ticket, Ticket, CommitError)>,
+    /// Set when a sync failed: nothing is durable from then on.
     poisoned: Option<String>,
+}
+
+/// Failed writes remembered for their waiters.
+const FAILED_KEPT: usize = 4096;
+
+impl Progress {
+    /// What became of the append `ticket`, if it is decided.
+    fn outcome(&self, ticket: Ticket) -> Option<Result<(), CommitError>> {
+        if let Some((_, _, why)) = self.failed.iter().rev().find(|(lo, hi, _)| (*lo..=*hi).contains(&ticket)) {
+            return Some(Err(why.clone()));
+        }
+        if self.durable >= ticket {
+            return Some(Ok(()));
+        }
+        self.poisoned.as_ref().map(|p| Err(CommitError::other(p.clone())))
+    }
 }
 
 /// The journal, shared by the routes, the output drain, the observer and
@@ -112,12 +137,27 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Why records could not be made durable (a request that needed them
 /// fails with this).
-#[derive(Debug)]
-pub(crate) struct CommitError(String);
+#[derive(Clone, Debug)]
+pub(crate) struct CommitError {
+    why: String,
+    disk_full: bool,
+}
+
+impl CommitError {
+    fn other(why: impl Into<String>) -> Self {
+        Self { why: why.into(), disk_full: false }
+    }
+
+    /// The write failed for want of space: nothing of it was kept, and a
+    /// later write may succeed once space is freed.
+    pub(crate) fn is_disk_full(&self) -> bool {
+        self.disk_full
+    }
+}
 
 impl std::fmt::Display for CommitError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "cannot write the journal: {}", self.0)
+        write!(f, "cannot write the journal: {}", self.why)
     }
 }
 
@@ -140,15 +180,13 @@ impl JournalWriter {
         let ticket = {
             let mut a = lock(&self.shared.journal);
             if let Some(why) = &self.shared.progress.borrow().poisoned {
-                return Err(CommitError(why.clone()));
+                return Err(CommitError::other(why.clone()));
             }
-            self.shared.append_assigned(&mut a)?;
+            self.shared.append_assigned(&mut a);
             for r in records {
-                if let Err(e) = a.journal.append(r) {
-                    let why = format!("{e} (restart the daemon once the cause is fixed: crew down)");
-                    self.shared.progress.send_modify(|p| p.poisoned = Some(why.clone()));
-                    return Err(CommitError(why));
-                }
+                // Serializing is all that can fail here (no I/O), and
+                // then nothing of the record was appended.
+                a.journal.append(r).map_err(|e| CommitError::other(e.to_string()))?;
             }
             a.appended += 1;
             a.appended
@@ -161,14 +199,10 @@ impl JournalWriter {
     pub(crate) async fn durable(&self, ticket: Ticket) -> Result<(), CommitError> {
         let mut rx = self.shared.progress.subscribe();
         let p = rx
-            .wait_for(|p| p.durable >= ticket || p.poisoned.is_some())
+            .wait_for(|p| p.outcome(ticket).is_some())
             .await
-            .map_err(|_| CommitError("the journal's committer stopped".into()))?
-            .clone();
-        if p.durable >= ticket {
-            return Ok(());
-        }
-        Err(CommitError(p.poisoned.unwrap_or_default()))
+            .map_err(|_| CommitError::other("the journal's committer stopped"))?;
+        p.outcome(ticket).unwrap_or_else(|| Err(CommitError::other("the journal's committer stopped")))
     }
 
     /// Appends records and waits until they are durable.
@@ -187,21 +221,23 @@ impl JournalWriter {
 }
 
 impl Shared {
-    fn append_assigned(&self, a: &mut Appending) -> Result<(), CommitError> {
+    fn append_assigned(&self, a: &mut Appending) {
         let assigned: Vec<Record> = std::mem::take(&mut *lock(&self.assigned.jobs));
         for record in assigned {
             if let Err(e) = a.journal.append(&record) {
-                let why = format!("{e} (restart the daemon once the cause is fixed: crew down)");
-                self.progress.send_modify(|p| p.poisoned = Some(why.clone()));
-                return Err(CommitError(why));
+                // Cannot happen (a small record buffered in memory); losing
+                // it is covered by the dispatch barrier after a restart.
+                tracing::warn!("cannot journal an assignment: {e}");
             }
         }
-        Ok(())
     }
 
     /// The committer: waits for work, flushes under the lock, syncs outside
     /// it, publishes how far the journal is durable; compacts now and then.
     fn run(&self) {
+        // The last append whose write was tried: a failed write holds the
+        // appends after it up to the current one.
+        let mut tried: Ticket = 0;
         loop {
             {
                 let mut work = lock(&self.assigned.work);
@@ -218,17 +254,44 @@ impl Shared {
             }
             let flushed = {
                 let mut a = lock(&self.journal);
-                let assigned = self.append_assigned(&mut a);
+                self.append_assigned(&mut a);
                 let ticket = a.appended;
-                assigned.and_then(|()| a.journal.flush().map(|h| (ticket, h)).map_err(|e| CommitError(e.to_string())))
+                (ticket, a.journal.flush())
             };
             let (ticket, handle) = match flushed {
-                Ok(f) => f,
-                Err(e) => {
-                    self.poison(&e.0);
+                (ticket, Ok(h)) => (ticket, h),
+                (ticket, Err(e)) => {
+                    // Cut back already: these appends are refused, the
+                    // next ones are tried afresh.
+                    let error = CommitError { why: e.to_string(), disk_full: e.is_disk_full() };
+                    if error.disk_full {
+                        tracing::warn!("{error}; the work is refused until there is space again");
+                    } else {
+                        tracing::error!("{error}; the work is refused");
+                    }
+                    let first = tried + 1;
+                    tried = ticket;
+                    if first > ticket {
+                        // Only assignments were in it (they are lost: a
+                        // running job is then not counted a crash).
+                        continue;
+                    }
+                    self.progress.send_modify(|p| {
+                        match p.failed.back_mut() {
+                            Some((_, hi, why)) if *hi + 1 == first && why.disk_full == error.disk_full => {
+                                *hi = ticket;
+                                *why = error;
+                            }
+                            _ => p.failed.push_back((first, ticket, error)),
+                        }
+                        while p.failed.len() > FAILED_KEPT {
+                            p.failed.pop_front();
+                        }
+                    });
                     continue;
                 }
             };
+            tried = ticket;
             if let Some(handle) = handle {
                 if let Err(e) = handle.sync_data() {
                     self.poison(&format!("cannot sync the journal: {e}"));
@@ -247,8 +310,15 @@ impl Shared {
                 // Keeps a long-lived daemon's journal within a factor of
                 // its live state. The records are durable already: a
                 // failure here is the compaction's only.
+                // Only with nothing appended since the sync: a failed write
+                // inside it would drop records whose tickets this loop
+                // never saw fail.
                 let started = std::time::Instant::now();
-                match lock(&self.journal).journal.compact_if_grown() {
+                let mut a = lock(&self.journal);
+                if a.appended != ticket {
+                    continue;
+                }
+                match a.journal.compact_if_grown() {
                     Ok(true) => tracing::info!(elapsed = ?started.elapsed(), "journal compacted"),
                     Ok(false) => {}
                     Err(e) => {

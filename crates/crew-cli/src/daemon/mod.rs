@@ -10,6 +10,7 @@
 
 mod api;
 mod journal;
+pub(crate) mod logfile;
 mod outputs;
 
 use std::fs::{File, OpenOptions};
@@ -107,6 +108,11 @@ pub(crate) fn main(args: DaemonArgs) -> Result<u8, Failure> {
     if let Some(tls) = args.tls {
         config.daemon.tls = Some(tls);
     }
+    logfile::install(
+        dir.join("daemon.log"),
+        config.daemon.log_size.unwrap_or(logfile::LOG_SIZE),
+        config.daemon.log_files.unwrap_or(logfile::LOG_FILES),
+    );
     // Held (open) for the daemon's whole life; the kernel drops the lock
     // when the process exits, however it exits.
     let _lock = take_lock(&dir)?;

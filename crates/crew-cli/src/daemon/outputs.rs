@@ -89,11 +89,29 @@ impl OutputsLog {
         })
     }
 
-    /// Appends an output (buffered).
+    /// Appends an output (buffered), whole or not at all: a failed write
+    /// (a full disk) leaves no part of its line behind, so the index stays
+    /// true and later lines are whole.
     pub(crate) fn append(&mut self, output: &Output) -> std::io::Result<()> {
-        let line = serde_json::to_vec(output).map_err(std::io::Error::other)?;
-        self.out.write_all(&line)?;
-        self.out.write_all(b"\n")?;
+        let mut line = serde_json::to_vec(output).map_err(std::io::Error::other)?;
+        line.push(b'\n');
+        if self.out.buffer().len() + line.len() > self.out.capacity() {
+            // On failure the buffer keeps what was not written (whole
+            // lines but for the front of the first, whose start is in the
+            // file), and nothing of this line went anywhere.
+            self.out.flush()?;
+        }
+        if line.len() > self.out.capacity() {
+            // Straight to the file (the buffer is empty): cut back if cut short.
+            if let Err(e) = self.out.get_mut().write_all(&line) {
+                let _ = self.out.get_ref().set_len(self.end);
+                return Err(e);
+            }
+        } else {
+            // Fits in the buffer: no I/O.
+            self.out.write_all(&line)?;
+        }
+        line.pop();
         self.index.insert(output.id, (self.end, line.len()));
         if let Some(name) = &output.name {
             self.names.insert(name.clone(), output.id);

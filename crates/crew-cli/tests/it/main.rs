@@ -12,6 +12,7 @@ mod cli;
 mod config;
 mod controller;
 mod daemon_api;
+mod daemon_limits;
 mod durability;
 mod environment;
 mod limits;
