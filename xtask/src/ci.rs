@@ -4,9 +4,10 @@
 //! One command for CI and for people, so that "green locally" means "green in
 //! CI": formatting first (cheapest), then clippy with warnings as errors,
 //! then the tests of the whole workspace with every feature (the conformance
-//! kit included), then the embedding example. Tests run under `cargo
-//! nextest` when it is installed (faster, one process per test) and under
-//! `cargo test` otherwise.
+//! kit included), then the embedding example, then five seconds of
+//! coverage-guided fuzzing per target ([`crate::fuzz`]). Tests run under
+//! `cargo nextest` when it is installed (faster, one process per test) and
+//! under `cargo test` otherwise.
 //!
 //! The tests run against the local AWS emulator ([`crate::emu`]): CI
 //! installs it, starts it on a free port, runs the tests with its variables
@@ -58,6 +59,9 @@ pub(crate) fn run() -> anyhow::Result<()> {
     }
     drop(emulator);
     run_step(&EXAMPLE, &[])?;
+    // A short coverage-guided run of every fuzz target (the long runs are
+    // `cargo xtask fuzz --runs N` by hand).
+    crate::fuzz::run(&["--time".into(), "5".into()])?;
     eprintln!("xtask: ci passed");
     Ok(())
 }

@@ -14,6 +14,7 @@
 mod bench;
 mod ci;
 mod emu;
+mod fuzz;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -24,6 +25,7 @@ const SUBCOMMANDS: &[(&str, &str)] = &[
     ("ci", "run what CI runs: fmt check, clippy -D warnings, the tests against the AWS emulator"),
     ("bench", "measure crew against baselines (release build); `bench --help` for options"),
     ("emu", "the local AWS emulator of the tests: `emu install|start|stop|env`"),
+    ("fuzz", "coverage-guided fuzzing (libFuzzer): `fuzz [--time SECS | --runs N] [TARGET...]`"),
 ];
 
 fn main() -> ExitCode {
@@ -41,6 +43,7 @@ fn main() -> ExitCode {
         Some("ci") => no_arguments("ci", &rest).and_then(|()| ci::run()),
         Some("bench") => bench::run(&rest),
         Some("emu") => emu::run(&rest),
+        Some("fuzz") => fuzz::run(&rest),
         _ => {
             eprintln!("error: unknown subcommand {:?}\n\n{}", first.to_string_lossy(), usage());
             return ExitCode::from(2);

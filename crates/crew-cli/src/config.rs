@@ -103,7 +103,7 @@ impl Config {
     }
 
     /// Parses the text of a `crew.toml` at `path` (named in errors).
-    fn parse(path: &Path, text: &str) -> anyhow::Result<Self> {
+    pub(crate) fn parse(path: &Path, text: &str) -> anyhow::Result<Self> {
         let file = path.display();
         let table: Table = text.parse().with_context(|| format!("{file}: not valid TOML"))?;
         let mut config = Self::default();

@@ -4,6 +4,11 @@
 //! crew-core (the controller, the agent) and to the classes registered in
 //! [`registry`]. Exit codes are documented in README.md and mapped in one
 //! place, `main`.
+//!
+//! Built with `--cfg fuzzing` (`cargo xtask fuzz`), it is a libFuzzer
+//! binary over the targets of [`fuzz`] instead, with no `main` of its own.
+
+#![cfg_attr(fuzzing, no_main)]
 
 use std::process::ExitCode;
 
@@ -14,6 +19,8 @@ mod client;
 mod cmd;
 mod config;
 mod daemon;
+#[cfg(any(test, fuzzing))]
+mod fuzz;
 mod make;
 mod make_daemon;
 mod project;
@@ -119,6 +126,7 @@ where
         .try_init();
 }
 
+#[cfg(not(fuzzing))]
 fn main() -> ExitCode {
     registry::register_stores();
     let cli = Cli::parse();

@@ -5,13 +5,14 @@ use std::io::BufRead;
 use clap::Args;
 use crew_core::agent::{self, AgentConfig};
 use crew_core::builtins::Builtins;
-use crew_core::worker::Secret;
+use crew_core::worker::{ENV_TOKEN_REF, Secret};
 
 use crate::{EXIT_USAGE, Failure};
 
 #[derive(Args, Debug)]
 #[command(after_help = "The agent reads its connection from the environment its controller sets: \
-CREW_CONNECT (the address), CREW_LAUNCH and CREW_TOKEN (the launch and its one-time secret), \
+CREW_CONNECT (the address), CREW_LAUNCH and CREW_TOKEN (the launch and its one-time secret; \
+or CREW_TOKEN_REF=ssm:PREFIX, an SSM SecureString PREFIX<index> read once and deleted), \
 CREW_INDEX (or CREW_INDEX_BASE plus AWS_BATCH_JOB_ARRAY_INDEX), and CREW_TLS_SHA256: when set, \
 the connection uses TLS and accepts only the certificate with that SHA-256.")]
 pub(crate) struct WorkerArgs {
@@ -34,10 +35,26 @@ pub(crate) fn main(args: WorkerArgs) -> Result<u8, Failure> {
     } else {
         None
     };
-    let cfg = AgentConfig::from_env(args.connect, token, Builtins::standard()).map_err(Failure::usage)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(Failure::internal)?;
+    // A secret by reference (the aws-batch class): this member's own,
+    // taken once; the reference is useless after.
+    let token = match (token, std::env::var(ENV_TOKEN_REF).ok().filter(|v| !v.is_empty())) {
+        (Some(t), _) => Some(t),
+        (None, Some(reference)) => {
+            let index = agent::index_from_env().map_err(Failure::usage)?;
+            let taken = rt.block_on(crew_worker_aws::take_member_secret(&reference, index));
+            Some(taken.map_err(|e| Failure { code: start_failed(), error: e.into() })?)
+        }
+        (None, None) => None,
+    };
+    let cfg = AgentConfig::from_env(args.connect, token, Builtins::standard()).map_err(Failure::usage)?;
     match rt.block_on(agent::run(cfg)) {
         Ok(exit) => Ok(u8::try_from(exit.code()).unwrap_or(EXIT_USAGE)),
-        Err(e) => Err(Failure { code: u8::try_from(agent::EXIT_START_FAILED).unwrap_or(EXIT_USAGE), error: e.into() }),
+        Err(e) => Err(Failure { code: start_failed(), error: e.into() }),
     }
+}
+
+/// The exit code of an agent that could not start.
+fn start_failed() -> u8 {
+    u8::try_from(agent::EXIT_START_FAILED).unwrap_or(EXIT_USAGE)
 }

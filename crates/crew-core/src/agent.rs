@@ -128,13 +128,7 @@ impl AgentConfig {
         let token = token
             .or_else(|| var(ENV_TOKEN).map(Secret::new))
             .ok_or_else(|| AgentError::Config(format!("no token: set {ENV_TOKEN} or pass --token-stdin")))?;
-        let number = |k: &str| -> Result<u32, AgentError> {
-            var(k).map_or(Ok(0), |v| v.parse().map_err(|_| AgentError::Config(format!("{k} is not a number: {v:?}"))))
-        };
-        let index = match var(ENV_INDEX) {
-            Some(_) => number(ENV_INDEX)?,
-            None => number(ENV_INDEX_BASE)?.saturating_add(number("AWS_BATCH_JOB_ARRAY_INDEX")?),
-        };
+        let index = index_from_env()?;
         let tls_sha256 = match var(ENV_TLS_SHA256) {
             Some(pin) => Some(
                 crate::tls::parse_fingerprint(&pin)
@@ -143,6 +137,20 @@ impl AgentConfig {
             None => None,
         };
         Ok(Self { connect, launch, index, token, tls_sha256, builtins })
+    }
+}
+
+/// The agent's index within its launch, from the environment: `CREW_INDEX`,
+/// else `CREW_INDEX_BASE` + `AWS_BATCH_JOB_ARRAY_INDEX` (each 0 when unset).
+/// For agent binaries that resolve [`crate::worker::ENV_TOKEN_REF`].
+pub fn index_from_env() -> Result<u32, AgentError> {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let number = |k: &str| -> Result<u32, AgentError> {
+        var(k).map_or(Ok(0), |v| v.parse().map_err(|_| AgentError::Config(format!("{k} is not a number: {v:?}"))))
+    };
+    match var(ENV_INDEX) {
+        Some(_) => number(ENV_INDEX),
+        None => Ok(number(ENV_INDEX_BASE)?.saturating_add(number("AWS_BATCH_JOB_ARRAY_INDEX")?)),
     }
 }
 

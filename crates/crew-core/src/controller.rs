@@ -1353,7 +1353,9 @@ impl Shared {
         }
         let id: u64 = launch.parse().map_err(|_| "unknown launch".to_owned())?;
         let l = core.launches.get_mut(&id).ok_or("unknown or expired launch")?;
-        if !l.secret.matches(token.expose()) {
+        // The launch secret (classes that start their own processes), or
+        // the member's own secret: valid for that index only.
+        if !l.secret.matches(token.expose()) && !l.secret.member_secret(index).matches(token.expose()) {
             return Err("invalid token".into());
         }
         let member = l.members.get_mut(index as usize).ok_or("invalid member index")?;

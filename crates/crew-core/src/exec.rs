@@ -442,8 +442,9 @@ async fn store_outputs(store: &dyn Store, id: JobId, attempt: u32, dir: &Path, s
         attempt,
         status: result.status,
         objects: objects.clone(),
+        sha256: None,
     };
-    let written = match (staging::manifest_key_in(&prefix, attempt), serde_json::to_vec_pretty(&manifest)) {
+    let written = match (staging::manifest_key_in(&prefix, attempt), manifest.to_bytes()) {
         (Ok(key), Ok(bytes)) => store.put_bytes(&key, Bytes::from(bytes)).await.map(drop).map_err(|e| e.to_string()),
         (Err(e), _) => Err(e.to_string()),
         (_, Err(e)) => Err(e.to_string()),

@@ -208,6 +208,19 @@ pub struct Replay {
 }
 
 impl Replay {
+    /// The state that journal text rebuilds, read exactly as
+    /// [`Journal::open`] reads a journal file: damaged or over-long lines
+    /// are skipped and noted in [`Replay::skipped`], a torn last line is
+    /// dropped. For tools and the fuzz targets; never panics.
+    pub fn from_bytes(bytes: &[u8]) -> Replay {
+        let mut replay = Replay::default();
+        // Reading from memory has no I/O to fail.
+        if let Err(e) = read_into(Path::new("<memory>"), bytes, &mut replay) {
+            replay.skipped.push(e.to_string());
+        }
+        replay
+    }
+
     /// Folds one record into the state.
     pub fn apply(&mut self, record: Record) {
         match record {

@@ -42,8 +42,10 @@ pub const CAS_PREFIX: &str = "cas/sha256";
 /// The file name of an attempt's manifest: `jobs/<id>/<attempt>/manifest.json`.
 pub const MANIFEST_FILE: &str = "manifest.json";
 
-/// The version of the manifest format, written as `"v"`.
-pub const MANIFEST_FORMAT: u32 = 1;
+/// The version of the manifest format, written as `"v"`. Version 2 adds
+/// the manifest's own checksum ([`Manifest::sha256`]), required from it on;
+/// version 1 manifests (written before) are read with the other checks only.
+pub const MANIFEST_FORMAT: u32 = 2;
 
 /// Largest manifest read back, in bytes.
 const MANIFEST_MAX: usize = 64 * 1024 * 1024;
@@ -82,6 +84,69 @@ pub struct Manifest {
     pub status: Status,
     /// The uploaded outputs.
     pub objects: Vec<StoredObject>,
+    /// The SHA-256 (hex) of the manifest's compact JSON without this field:
+    /// set by [`Manifest::to_bytes`], checked by [`Manifest::from_bytes`],
+    /// so that a truncated or altered manifest is refused, not trusted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+impl Manifest {
+    /// The checksum of this manifest (its compact JSON, `sha256` left out).
+    fn checksum(&self) -> Result<String, serde_json::Error> {
+        let body = Manifest { sha256: None, ..self.clone() };
+        Ok(hex(&Sha256::digest(serde_json::to_vec(&body)?)))
+    }
+
+    /// The manifest as written to the store: pretty JSON carrying its own
+    /// checksum.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, serde_json::Error> {
+        let sealed = Manifest { sha256: Some(self.checksum()?), ..self.clone() };
+        serde_json::to_vec_pretty(&sealed)
+    }
+
+    /// Reads the manifest of attempt `attempt` of job `id` stored at `key`,
+    /// verified before it is trusted: it parses whole, its checksum matches
+    /// (required from format 2 on), it names that job and attempt, and each
+    /// of its objects has a sound relative name, a SHA-256 of 64 hex digits
+    /// and a key under the attempt's own `outputs/` folder.
+    pub fn from_bytes(bytes: &[u8], key: &StoreKey, id: JobId, attempt: u32) -> Result<Manifest, StageError> {
+        let bad = |why: String| {
+            StageError::Invalid(format!(
+                "the manifest {key} of job {id} attempt {attempt} cannot be trusted: {why}; it was damaged or altered \
+                 after the job wrote it: run the job again to write a sound one"
+            ))
+        };
+        let manifest: Manifest =
+            serde_json::from_slice(bytes).map_err(|e| bad(format!("it is not a whole manifest ({e})")))?;
+        match (&manifest.sha256, manifest.v) {
+            (_, v) if v == 0 || v > MANIFEST_FORMAT => {
+                return Err(bad(format!("its format {v} is not one this crew reads (1 to {MANIFEST_FORMAT})")));
+            }
+            (None, v) if v >= 2 => return Err(bad("it has no checksum".to_owned())),
+            (None, _) => {}
+            (Some(want), _) => {
+                let got = manifest.checksum().map_err(|e| bad(e.to_string()))?;
+                if &got != want {
+                    return Err(bad(format!("its checksum is {got}, it says {want}")));
+                }
+            }
+        }
+        if manifest.id != id || manifest.attempt != attempt {
+            return Err(bad(format!("it names job {} attempt {}", manifest.id, manifest.attempt)));
+        }
+        let folder = key.as_str().strip_suffix(MANIFEST_FILE).unwrap_or(key.as_str());
+        for o in &manifest.objects {
+            check_relative_path(&o.name).map_err(|e| bad(format!("object {:?}: {e}", o.name)))?;
+            if o.sha256.len() != 64 || !o.sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+                return Err(bad(format!("object {:?}: {:?} is not a SHA-256", o.name, o.sha256)));
+            }
+            if o.key != format!("{folder}outputs/{}", o.name) {
+                return Err(bad(format!("object {:?}: its key {} is not in {folder}outputs/", o.name, o.key)));
+            }
+        }
+        Ok(manifest)
+    }
 }
 
 /// Why staging, a transfer or an output could not be done.
@@ -434,7 +499,8 @@ struct FileId {
 
 /// Stages job inputs: hashes each input file (SHA-256), uploads it once to
 /// `cas/sha256/<hex>` (not at all when the store already has that object
-/// with that size), and turns the input into an [`InputSource::Object`].
+/// with that content: same size, then the same SHA-256 of the bytes read
+/// back), and turns the input into an [`InputSource::Object`].
 ///
 /// A cache keyed by (canonical path, device, inode, size, mtime) spares
 /// re-hashing a file sent again (the daemon keeps one `Stager` for its whole
@@ -509,12 +575,7 @@ impl Stager {
         };
         if !present.contains(&digest) {
             let key = cas_key(&digest)?;
-            let there = match self.store.head(&key).await {
-                Ok(m) => m.size == size,
-                Err(StoreError::NotFound { .. }) => false,
-                Err(e) => return Err(e.into()),
-            };
-            if !there {
+            if !holds(self.store.as_ref(), &key, &digest, size).await? {
                 tracing::debug!(path = %canonical.display(), %key, size, "uploading an input");
                 upload_checked(self.store.as_ref(), &key, &canonical, Some((&digest, size))).await?;
             }
@@ -523,6 +584,39 @@ impl Stager {
         self.cache.lock().unwrap_or_else(PoisonError::into_inner).insert(id, (digest.clone(), size));
         Ok((digest, size))
     }
+}
+
+/// Whether the store holds `key` with exactly the content `sha256` of
+/// `size` bytes. The size comes first (a `head`, cheap); an object of the
+/// right size is then read and hashed, so that one of the same size but
+/// other bytes (damaged, or written by someone else) is not taken for the
+/// input and is uploaded over.
+async fn holds(store: &dyn Store, key: &StoreKey, sha256: &str, size: u64) -> Result<bool, StageError> {
+    match store.head(key).await {
+        Ok(m) if m.size == size => {}
+        Ok(_) | Err(StoreError::NotFound { .. }) => return Ok(false),
+        Err(e) => return Err(e.into()),
+    }
+    let mut stream = match store.get(key).await {
+        Ok(s) => s,
+        Err(StoreError::NotFound { .. }) => return Ok(false),
+        Err(e) => return Err(e.into()),
+    };
+    let mut hasher = Sha256::new();
+    let mut got = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        got += chunk.len() as u64;
+        if got > size {
+            break;
+        }
+        hasher.update(&chunk);
+    }
+    let same = got == size && hex(&hasher.finalize()) == sha256;
+    if !same {
+        tracing::warn!(%key, "the store's object has the size of the input but other content: uploading the input over it");
+    }
+    Ok(same)
 }
 
 // ---------------------------------------------------------------------------
@@ -726,8 +820,7 @@ pub async fn latest_manifest_named(store: &dyn Store, name: &str) -> Result<Opti
     let reads = futures::stream::iter(latest.into_iter().map(|(id, attempt)| async move {
         let key = manifest_key(JobId(id), attempt)?;
         let bytes = read_small(store, &key, MANIFEST_MAX).await?;
-        serde_json::from_slice::<Manifest>(&bytes)
-            .map_err(|e| StageError::Invalid(format!("the manifest of job {id} attempt {attempt} is unreadable: {e}")))
+        Manifest::from_bytes(&bytes, &key, JobId(id), attempt)
     }))
     .buffer_unordered(MANIFEST_READS);
     let mut reads = std::pin::pin!(reads);
@@ -759,10 +852,9 @@ pub async fn latest_manifest(store: &dyn Store, id: JobId) -> Result<Option<Mani
         })
         .max();
     let Some(attempt) = attempt else { return Ok(None) };
-    let bytes = read_small(store, &manifest_key(id, attempt)?, MANIFEST_MAX).await?;
-    let manifest = serde_json::from_slice(&bytes)
-        .map_err(|e| StageError::Invalid(format!("the manifest of job {id} attempt {attempt} is unreadable: {e}")))?;
-    Ok(Some(manifest))
+    let key = manifest_key(id, attempt)?;
+    let bytes = read_small(store, &key, MANIFEST_MAX).await?;
+    Ok(Some(Manifest::from_bytes(&bytes, &key, id, attempt)?))
 }
 
 #[cfg(test)]
@@ -816,6 +908,87 @@ mod tests {
         let dest = dir.path().join("copy");
         download_verified(s.as_ref(), &cas_key(&digest).unwrap(), &digest, size, &dest).await.unwrap();
         assert_eq!(std::fs::read(&dest).unwrap(), std::fs::read(&data).unwrap());
+    }
+
+    #[tokio::test]
+    async fn an_object_of_the_same_size_but_other_content_is_not_taken_for_the_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let data = dir.path().join("data.bin");
+        std::fs::write(&data, b"the real input").unwrap();
+        let (digest, size) = hash_file(&data).await.unwrap();
+        let key = cas_key(&digest).unwrap();
+        // Same length, other bytes, already at the input's key.
+        s.put_bytes(&key, Bytes::from_static(b"a forged input")).await.unwrap();
+        assert_eq!(s.head(&key).await.unwrap().size, size);
+        assert!(!holds(s.as_ref(), &key, &digest, size).await.unwrap());
+        let mut jobs = vec![JobSpec::shell("true")];
+        jobs[0].inputs.push(Input::path("in", &data));
+        Stager::new(Arc::clone(&s)).stage(&mut jobs).await.unwrap();
+        assert_eq!(read_small(s.as_ref(), &key, 100).await.unwrap(), b"the real input");
+        assert!(holds(s.as_ref(), &key, &digest, size).await.unwrap());
+        // A shorter or missing object is not it either.
+        s.put_bytes(&key, Bytes::from_static(b"short")).await.unwrap();
+        assert!(!holds(s.as_ref(), &key, &digest, size).await.unwrap());
+        s.delete(&key).await.unwrap();
+        assert!(!holds(s.as_ref(), &key, &digest, size).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_truncated_or_tampered_manifest_is_refused_with_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        let id = JobId(9);
+        let key = manifest_key(id, 2).unwrap();
+        let manifest = Manifest {
+            v: MANIFEST_FORMAT,
+            id,
+            name: Some("fit".to_owned()),
+            attempt: 2,
+            status: Status::Succeeded,
+            objects: vec![StoredObject {
+                name: "out/a.txt".to_owned(),
+                key: "jobs/9/2/outputs/out/a.txt".to_owned(),
+                size: 3,
+                sha256: "ab".repeat(32),
+            }],
+            sha256: None,
+        };
+        let bytes = manifest.to_bytes().unwrap();
+        let read = Manifest::from_bytes(&bytes, &key, id, 2).unwrap();
+        assert_eq!(read.objects, manifest.objects);
+        s.put_bytes(&key, Bytes::from(bytes.clone())).await.unwrap();
+        assert_eq!(latest_manifest(s.as_ref(), id).await.unwrap().unwrap().objects, manifest.objects);
+        let refused = |b: &[u8], id: JobId, attempt: u32| match Manifest::from_bytes(b, &key, id, attempt) {
+            Err(e) => e.to_string(),
+            Ok(m) => panic!("a bad manifest was trusted: {m:?}"),
+        };
+        // Truncated: not a whole manifest.
+        let e = refused(&bytes[..bytes.len() / 2], id, 2);
+        assert!(e.contains("cannot be trusted") && e.contains("not a whole manifest"), "{e}");
+        // Tampered: a size changed, the checksum no longer matches.
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        let e = refused(text.replace("\"size\": 3", "\"size\": 4").as_bytes(), id, 2);
+        assert!(e.contains("checksum"), "{e}");
+        // The checksum removed from a current-format manifest.
+        let mut v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        v.as_object_mut().unwrap().remove("sha256");
+        assert!(refused(&serde_json::to_vec(&v).unwrap(), id, 2).contains("no checksum"));
+        // Another job's or attempt's manifest put in its place.
+        assert!(refused(&bytes, JobId(10), 2).contains("names job 9 attempt 2"));
+        assert!(refused(&bytes, id, 1).contains("names job 9 attempt 2"));
+        // Resealed, but with an object outside the attempt's folder.
+        let mut outside = manifest.clone();
+        outside.objects[0].key = "cas/sha256/x".to_owned();
+        assert!(refused(&outside.to_bytes().unwrap(), id, 2).contains("is not in jobs/9/2/outputs/"));
+        let mut escape = manifest.clone();
+        escape.objects[0].name = "../x".to_owned();
+        escape.objects[0].key = "jobs/9/2/outputs/../x".to_owned();
+        assert!(refused(&escape.to_bytes().unwrap(), id, 2).contains("object \"../x\""));
+        // Through the store: the reader says which manifest and why.
+        s.put_bytes(&key, Bytes::from(bytes[..bytes.len() - 5].to_vec())).await.unwrap();
+        let e = latest_manifest(s.as_ref(), id).await.unwrap_err().to_string();
+        assert!(e.contains("jobs/9/2/manifest.json") && e.contains("run the job again"), "{e}");
     }
 
     #[tokio::test]
@@ -924,9 +1097,10 @@ mod tests {
                 attempt,
                 status: Status::Succeeded,
                 objects: Vec::new(),
+                sha256: None,
             };
             async move {
-                let bytes = serde_json::to_vec(&manifest).unwrap();
+                let bytes = manifest.to_bytes().unwrap();
                 store.put_bytes(&manifest_key(JobId(id), attempt).unwrap(), bytes.into()).await.unwrap();
             }
         };

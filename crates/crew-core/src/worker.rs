@@ -18,6 +18,13 @@ pub const ENV_CONNECT: &str = "CREW_CONNECT";
 pub const ENV_LAUNCH: &str = "CREW_LAUNCH";
 /// Environment variable carrying the launch secret to the agent.
 pub const ENV_TOKEN: &str = "CREW_TOKEN";
+/// Environment variable a class may set instead of [`ENV_TOKEN`]: a
+/// reference to where the agent finds its member secret
+/// ([`member_secret`]), read once and removed. The reference is not the
+/// secret; resolving it is up to the agent binary (`crew worker` resolves
+/// `ssm:PREFIX`, an SSM SecureString named `PREFIX<index>`, through
+/// crew-worker-aws), so crew-core needs no cloud SDK.
+pub const ENV_TOKEN_REF: &str = "CREW_TOKEN_REF";
 /// Environment variable carrying the agent's index within its launch.
 pub const ENV_INDEX: &str = "CREW_INDEX";
 /// Environment variable a class that starts agents as platform array jobs
@@ -68,6 +75,24 @@ impl Secret {
     /// The secret itself. Call only to hand it to the process that needs it.
     pub fn expose(&self) -> &str {
         &self.0
+    }
+
+    /// The secret of member `index` of the launch whose secret this is: a
+    /// SHA-256 of the launch secret and the index. The controller accepts
+    /// either from member `index`; a class that hands each member its own
+    /// ([`ENV_TOKEN_REF`]) keeps one member from posing as another.
+    pub fn member_secret(&self, index: u32) -> Secret {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(b"crew member secret\0");
+        h.update(self.0.as_bytes());
+        h.update(b"\0");
+        h.update(index.to_be_bytes());
+        let mut s = String::with_capacity(64);
+        for b in h.finalize() {
+            s.push_str(&format!("{b:02x}"));
+        }
+        Self(s)
     }
 
     /// Constant-time comparison (no early exit on the first difference).

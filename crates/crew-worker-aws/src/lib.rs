@@ -7,8 +7,10 @@
 //!   (`arrayProperties.size = N`; Batch arrays hold 2 to 10,000 children),
 //!   a plain job for one member, and several arrays past 10,000. The
 //!   container command is the agent (`crew worker`), and the launch's
-//!   environment (controller address, launch id, one-time secret) goes in
-//!   as container environment overrides, never on the command line. Each
+//!   environment (controller address, launch id) goes in as container
+//!   environment overrides, never on the command line; the secret does
+//!   not: each member gets its own, by reference, in an SSM SecureString
+//!   read once by its agent ([`secrets`]). Each
 //!   child learns its member index from `AWS_BATCH_JOB_ARRAY_INDEX` (plus
 //!   `CREW_INDEX_BASE` for the arrays after the first); a plain job gets
 //!   `CREW_INDEX`. Handles are Batch job ids: `<arrayJobId>:<index>` for
@@ -43,15 +45,18 @@ use aws_sdk_batch::types::{
     ResourceType,
 };
 use crew_core::worker::{
-    Capabilities, ENV_INDEX, ENV_INDEX_BASE, Handle, LaunchMember, LaunchSpec, Liveness, Worker, WorkerError,
+    Capabilities, ENV_INDEX, ENV_INDEX_BASE, ENV_TOKEN, ENV_TOKEN_REF, Handle, LaunchMember, LaunchSpec, Liveness,
+    Secret, Worker, WorkerError,
 };
 use futures::StreamExt;
 use tracing::{debug, warn};
 
 pub mod definition;
 mod options;
+pub mod secrets;
 pub use definition::{DefinitionError, DefinitionRequest, register_definition};
 pub use options::{BatchOptions, DEFAULT_WALL_GRACE, ENV_PREFIX, KEYS, env_defaults, env_name, parse_memory};
+pub use secrets::{REF_SCHEME, SecretError, take_member_secret};
 
 /// The class name.
 pub const CLASS: &str = "aws-batch";
@@ -93,6 +98,10 @@ struct Inner {
     jobs: Mutex<HashMap<String, Known>>,
     /// Arrays this instance submitted: parent id → size.
     arrays: Mutex<HashMap<String, usize>>,
+    /// SSM clients (launch secrets), per (region, endpoint).
+    ssm: tokio::sync::Mutex<HashMap<ClientKey, aws_sdk_ssm::Client>>,
+    /// The launch-secret parameter of each member not yet ended, by handle.
+    secrets: Mutex<HashMap<String, (ClientKey, String)>>,
     /// One probe round at a time.
     round: tokio::sync::Mutex<()>,
     probe_interval: Duration,
@@ -148,6 +157,8 @@ impl AwsBatchWorker {
                 clients: tokio::sync::Mutex::new(HashMap::new()),
                 jobs: Mutex::new(HashMap::new()),
                 arrays: Mutex::new(HashMap::new()),
+                ssm: tokio::sync::Mutex::new(HashMap::new()),
+                secrets: Mutex::new(HashMap::new()),
                 round: tokio::sync::Mutex::new(()),
                 probe_interval: DEFAULT_PROBE_INTERVAL,
             }),
@@ -183,6 +194,43 @@ impl AwsBatchWorker {
         self.inner.arrays.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    fn secrets(&self) -> std::sync::MutexGuard<'_, HashMap<String, (ClientKey, String)>> {
+        self.inner.secrets.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The SSM client for `key` (launch secrets), built once.
+    async fn ssm(&self, key: &ClientKey) -> Result<aws_sdk_ssm::Client, WorkerError> {
+        let mut clients = self.inner.ssm.lock().await;
+        if let Some(c) = clients.get(key) {
+            return Ok(c.clone());
+        }
+        let client = secrets::client(key.0.as_deref(), key.1.as_deref()).await.ok_or_else(|| WorkerError::Options {
+            class: CLASS.to_owned(),
+            message: "no AWS region: pass --opt region=..., or set AWS_REGION or a profile's region".to_owned(),
+        })?;
+        clients.insert(key.clone(), client.clone());
+        Ok(client)
+    }
+
+    /// Deletes the launch-secret parameters left for `handles` (members
+    /// that ended or are being stopped before their agent took theirs).
+    async fn drop_secrets(&self, handles: impl Iterator<Item = &str>) {
+        let mut by_client: HashMap<ClientKey, Vec<String>> = HashMap::new();
+        {
+            let mut secrets = self.secrets();
+            for h in handles {
+                if let Some((key, name)) = secrets.remove(h) {
+                    by_client.entry(key).or_default().push(name);
+                }
+            }
+        }
+        for (key, names) in by_client {
+            if let Ok(client) = self.ssm(&key).await {
+                secrets::delete(&client, &names).await;
+            }
+        }
+    }
+
     /// The client for `key`, built once from aws-config's standard chain.
     async fn client(&self, key: &ClientKey) -> Result<Client, WorkerError> {
         if let Some(c) = &self.inner.fixed {
@@ -212,9 +260,19 @@ impl AwsBatchWorker {
         opts: &BatchOptions,
         spec: &LaunchSpec,
         run: &[(String, u32)],
+        secret: Option<(&ClientKey, &str)>,
     ) -> Result<Vec<Handle>, WorkerError> {
         let first = run[0].1;
-        let mut env: Vec<(String, String)> = spec.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        // Never the secret itself: a reference to each member's own.
+        let mut env: Vec<(String, String)> =
+            spec.env.iter().filter(|(k, _)| k.as_str() != ENV_TOKEN).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut parameters = Vec::new();
+        if let (Some((key, prefix)), Some(token)) = (secret, spec.env.get(ENV_TOKEN)) {
+            let ssm = self.ssm(key).await?;
+            let indices: Vec<u32> = run.iter().map(|m| m.1).collect();
+            parameters = secrets::put_member_secrets(&ssm, prefix, &Secret::new(token.clone()), &indices).await?;
+            env.push((ENV_TOKEN_REF.to_owned(), format!("{REF_SCHEME}{prefix}")));
+        }
         if run.len() == 1 {
             env.push((ENV_INDEX.to_owned(), first.to_string()));
         } else if first != 0 {
@@ -267,19 +325,38 @@ impl AwsBatchWorker {
         if let Some(secs) = opts.attempt_seconds(spec.wall_time) {
             req = req.timeout(JobTimeout::builder().attempt_duration_seconds(secs).build());
         }
-        let out = req.send().await.map_err(|e| platform("SubmitJob", e))?;
-        let id = out.job_id().map(str::to_owned).ok_or_else(|| WorkerError::Platform {
-            class: CLASS.to_owned(),
-            message: "SubmitJob: the answer has no job id".to_owned(),
-            retryable: false,
-        })?;
+        let submitted = req.send().await.map_err(|e| platform("SubmitJob", e)).and_then(|out| {
+            out.job_id().map(str::to_owned).ok_or_else(|| WorkerError::Platform {
+                class: CLASS.to_owned(),
+                message: "SubmitJob: the answer has no job id".to_owned(),
+                retryable: false,
+            })
+        });
+        let id = match submitted {
+            Ok(id) => id,
+            Err(e) => {
+                if let Some((key, _)) = secret {
+                    if let Ok(ssm) = self.ssm(key).await {
+                        secrets::delete(&ssm, &parameters).await;
+                    }
+                }
+                return Err(e);
+            }
+        };
         debug!(job = %id, members = run.len(), "submitted a Batch job");
-        Ok(if run.len() == 1 {
+        let handles: Vec<Handle> = if run.len() == 1 {
             vec![Handle { id }]
         } else {
             self.arrays().insert(id.clone(), run.len());
             (0..run.len()).map(|i| Handle { id: format!("{id}:{i}") }).collect()
-        })
+        };
+        if let Some((key, _)) = secret {
+            let mut secrets = self.secrets();
+            for (h, name) in handles.iter().zip(parameters) {
+                secrets.insert(h.id.clone(), (key.clone(), name));
+            }
+        }
+        Ok(handles)
     }
 
     /// Describes `ids` (all of one client), up to [`DESCRIBE_MAX`] per call,
@@ -411,6 +488,12 @@ fn exit_reason(job: &JobDetail) -> String {
 /// region is found. The class's clients and [`definition::connect`] are
 /// built here, so both read the same settings.
 pub(crate) async fn load_client(region: Option<&str>, endpoint: Option<&str>) -> Option<Client> {
+    sdk_config(region, endpoint).await.map(|c| Client::new(&c))
+}
+
+/// The SDK configuration behind [`load_client`] (and the SSM client of
+/// [`secrets`]); `None` when no region is found.
+pub(crate) async fn sdk_config(region: Option<&str>, endpoint: Option<&str>) -> Option<aws_config::SdkConfig> {
     // Bounded calls: a probe round holds the class's round lock.
     let timeouts = aws_config::timeout::TimeoutConfig::builder()
         .connect_timeout(Duration::from_secs(5))
@@ -426,7 +509,7 @@ pub(crate) async fn load_client(region: Option<&str>, endpoint: Option<&str>) ->
     }
     let config = loader.load().await;
     config.region()?;
-    Some(Client::new(&config))
+    Some(config)
 }
 
 /// A failed SDK call as a class error, retryable when the same call may
@@ -533,9 +616,12 @@ impl Worker for AwsBatchWorker {
         let key: ClientKey = (opts.region.clone(), opts.endpoint.clone());
         let client = self.client(&key).await?;
         let runs = runs(&spec.members);
+        let launch = spec.env.get(crew_core::worker::ENV_LAUNCH).map_or("", String::as_str);
+        let prefix = secrets::prefix(launch);
+        let secret = spec.env.contains_key(ENV_TOKEN).then_some((&key, prefix.as_str()));
         let mut handles = Vec::with_capacity(spec.members.len());
         for run in &runs {
-            match self.submit(&client, &opts, spec, run).await {
+            match self.submit(&client, &opts, spec, run, secret).await {
                 Ok(hs) => handles.extend(hs),
                 Err(e) => {
                     // All or nothing: stop what this launch already started.
@@ -595,8 +681,14 @@ impl Worker for AwsBatchWorker {
             ids.dedup();
             self.describe(&key, &ids).await?;
         }
-        let jobs = self.jobs();
-        Ok(handles.iter().map(|h| jobs.get(&h.id).map_or(Liveness::Unknown, |k| k.life.clone())).collect())
+        let lives: Vec<Liveness> = {
+            let jobs = self.jobs();
+            handles.iter().map(|h| jobs.get(&h.id).map_or(Liveness::Unknown, |k| k.life.clone())).collect()
+        };
+        // A member that ended no longer needs its secret, taken or not.
+        let ended = handles.iter().zip(&lives).filter(|(_, l)| matches!(l, Liveness::Exited { .. }));
+        self.drop_secrets(ended.map(|(h, _)| h.id.as_str())).await;
+        Ok(lives)
     }
 
     async fn terminate(&self, handles: &[Handle]) -> Result<(), WorkerError> {
@@ -630,6 +722,7 @@ impl Worker for AwsBatchWorker {
                 }
             }
         }
+        self.drop_secrets(handles.iter().map(|h| h.id.as_str())).await;
         let this = self;
         let results: Vec<Result<(), WorkerError>> = futures::stream::iter(ids)
             .map(|id| async move { this.terminate_one(&id).await })

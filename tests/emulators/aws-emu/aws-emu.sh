@@ -23,7 +23,9 @@ case "${1:-}" in
     [ -x "$VENV/bin/python" ] || { echo "no venv in $VENV: run install first"; exit 1; }
     echo "$PORT" >"$PORTF"
     # Jobs inherit the emulator's environment: dummy credentials and a
-    # region stand in for the job role real Batch containers get.
+    # region stand in for the job role real Batch containers get, and the
+    # endpoint for AWS itself (agents read their launch secret from SSM).
+    AWS_ENDPOINT_URL=${AWS_ENDPOINT_URL:-http://127.0.0.1:$PORT} AWS_ALLOW_HTTP=true \
     AWS_ACCESS_KEY_ID=${AWS_ACCESS_KEY_ID:-test} AWS_SECRET_ACCESS_KEY=${AWS_SECRET_ACCESS_KEY:-test} \
     AWS_REGION=${AWS_REGION:-us-east-1} AWS_EC2_METADATA_DISABLED=true \
     BATCH_LOCAL_WORKDIR=${BATCH_LOCAL_WORKDIR:-$ROOT/batch-jobs} \

@@ -510,7 +510,12 @@ async fn body<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError
             }
         })?
         .to_bytes();
-    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &bytes };
+    parse_body(&bytes)
+}
+
+/// Parses a JSON body already read; an empty body is `{}`.
+fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { bytes };
     serde_json::from_slice(bytes).map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
 }
 
@@ -660,27 +665,7 @@ struct JobsReq {
 }
 
 async fn send(d: &Daemon, r: JobsReq) -> Answer {
-    let defaults = LineDefaults::default();
-    let mut specs = Vec::with_capacity(r.jobs.len());
-    for (i, v) in r.jobs.into_iter().enumerate() {
-        let invalid = |e: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_job", format!("job {i}: {e}"));
-        let spec = parse_job_value(v, &defaults).map_err(|e| invalid(e.to_string()))?;
-        spec.check_size()
-            .map_err(|e| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "job_too_large", format!("job {i}: {e}")))?;
-        for input in &spec.inputs {
-            if let InputSource::Path(p) = &input.source {
-                if !p.is_absolute() {
-                    return Err(invalid(format!(
-                        "input {:?}: the path {} is relative; the API needs absolute paths (the daemon's folder is \
-                         not the sender's)",
-                        input.name,
-                        p.display()
-                    )));
-                }
-            }
-        }
-        specs.push(spec);
-    }
+    let mut specs = specs_of(r)?;
     // Inputs go to the store before the jobs are accepted, so that the
     // journal records staged jobs (a restart stages nothing again).
     if let Err(e) = d.stager.stage(&mut specs).await {
@@ -845,7 +830,40 @@ async fn receive(d: &Daemon, r: ReceiveReq) -> Answer {
     }
 }
 
+/// The jobs of a send, parsed and checked (size, absolute input paths).
+fn specs_of(r: JobsReq) -> Result<Vec<crew_core::JobSpec>, ApiError> {
+    let defaults = LineDefaults::default();
+    let mut specs = Vec::with_capacity(r.jobs.len());
+    for (i, v) in r.jobs.into_iter().enumerate() {
+        let invalid = |e: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_job", format!("job {i}: {e}"));
+        let spec = parse_job_value(v, &defaults).map_err(|e| invalid(e.to_string()))?;
+        spec.check_size()
+            .map_err(|e| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "job_too_large", format!("job {i}: {e}")))?;
+        for input in &spec.inputs {
+            if let InputSource::Path(p) = &input.source {
+                if !p.is_absolute() {
+                    return Err(invalid(format!(
+                        "input {:?}: the path {} is relative; the API needs absolute paths (the daemon's folder is \
+                         not the sender's)",
+                        input.name,
+                        p.display()
+                    )));
+                }
+            }
+        }
+        specs.push(spec);
+    }
+    Ok(specs)
+}
+
 fn sendable(d: &Daemon, query: &str) -> Answer {
+    let wanted = wanted_tags(query)?;
+    let ok = d.controller.status().slots.iter().any(|s| s.state != "broken" && s.tags.satisfies(&wanted));
+    Ok(json!({"sendable": ok}))
+}
+
+/// The tags of a `sendable` query (`tags=a,b`, percent-encoded).
+fn wanted_tags(query: &str) -> Result<Tags, ApiError> {
     let mut wanted = Tags::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -854,8 +872,7 @@ fn sendable(d: &Daemon, query: &str) -> Answer {
             wanted = v.parse().map_err(|e| ApiError::bad_request(format!("tags: {e}")))?;
         }
     }
-    let ok = d.controller.status().slots.iter().any(|s| s.state != "broken" && s.tags.satisfies(&wanted));
-    Ok(json!({"sendable": ok}))
+    Ok(wanted)
 }
 
 /// Decodes `%XX` escapes and `+` (a space) of a query value.
@@ -1055,5 +1072,45 @@ async fn whole(d: &Daemon, c: &crew_core::output::Captured) -> Result<String, Ap
             Ok(String::from_utf8_lossy(&bytes).into_owned())
         }
         _ => Ok(c.text.clone()),
+    }
+}
+
+/// The input side of one request, without a daemon: the route, the query,
+/// the body and every check of its fields that [`route`] makes before it
+/// touches the controller. What the `api` fuzz target drives (see
+/// `crate::fuzz`); an error is a refused request, a panic a bug.
+#[cfg(any(test, fuzzing))]
+pub(crate) fn check_request(method: &Method, path: &str, query: &str, body: &[u8]) -> Result<(), String> {
+    checked_request(method, path, query, body).map_err(|e| format!("{} {}", e.code, e.message))
+}
+
+#[cfg(any(test, fuzzing))]
+fn checked_request(method: &Method, path: &str, query: &str, body: &[u8]) -> Result<(), ApiError> {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (method, segments.as_slice()) {
+        (&Method::GET, ["v1", "health" | "status" | "receivable"]) => Ok(()),
+        (&Method::POST, ["v1", "recruit"]) => {
+            let r: RecruitReq = parse_body(body)?;
+            for (field, v) in [("idle", &r.idle), ("wall", &r.wall), ("launch_timeout", &r.launch_timeout)] {
+                duration(field, v)?;
+            }
+            tags("tags", r.tags)?;
+            Ok(())
+        }
+        (&Method::POST, ["v1", "launch"]) => tags("tags", parse_body::<LaunchReq>(body)?.tags).map(drop),
+        (&Method::POST, ["v1", "jobs"]) => specs_of(parse_body(body)?).map(drop),
+        (&Method::POST, ["v1", "receive"]) => duration("timeout", &parse_body::<ReceiveReq>(body)?.timeout).map(drop),
+        (&Method::GET, ["v1", "sendable"]) => wanted_tags(query).map(drop),
+        (&Method::POST, ["v1", "shutdown"]) => tags("tags", parse_body::<ShutdownReq>(body)?.tags).map(drop),
+        (&Method::POST, ["v1", "dismiss"]) => tags("tags", parse_body::<DismissReq>(body)?.tags).map(drop),
+        (&Method::POST, ["v1", "cancel"]) => parse_body::<CancelReq>(body).map(drop),
+        (&Method::POST, ["v1", "restart" | "down"]) => parse_body::<Empty>(body).map(drop),
+        (&Method::GET, ["v1", "jobs", id, "logs"]) => {
+            id.parse::<u64>().map(drop).map_err(|_| ApiError::not_found("job ids are numbers"))
+        }
+        (&Method::GET, ["v1", "jobs", job, "objects"]) => {
+            percent_decode(job).map(drop).ok_or_else(|| ApiError::bad_request("invalid percent-encoding"))
+        }
+        _ => Err(ApiError::not_found(format!("no route {method} {path}"))),
     }
 }

@@ -9,6 +9,8 @@
 //! and pid file removed, leftover processes killed as a child subreaper).
 
 mod api;
+#[cfg(any(test, fuzzing))]
+pub(crate) use api::check_request;
 mod journal;
 pub(crate) mod logfile;
 mod outputs;

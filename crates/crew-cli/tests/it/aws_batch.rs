@@ -212,3 +212,62 @@ fn crew_run_on_aws_batch_workers_over_tls() {
     assert_eq!(out.stderr.matches("cannot dial 127.0.0.1").count(), 1, "{out}");
     assert!(out.stderr.contains("crew: warning:"), "{out}");
 }
+
+/// The launch secret reaches Batch workers by reference only: each agent's
+/// environment holds `CREW_TOKEN_REF` (an SSM parameter prefix), never
+/// `CREW_TOKEN`; the jobs see neither, nor the worker's AWS credentials; the
+/// reference cannot be used a second time once its agent took its secret.
+/// (That no log line carries a secret, at trace level with the SDK's
+/// logging, is checked with a known secret in crew-worker-aws's
+/// `submitted_jobs_carry_command_environment_index_timeout_and_tags`.)
+#[test]
+fn batch_workers_get_the_launch_secret_by_reference_and_jobs_see_no_credentials() {
+    let test = "batch_workers_get_the_launch_secret_by_reference_and_jobs_see_no_credentials";
+    let Some(endpoint) = endpoint(test) else { return };
+    let setup = setup(&endpoint, "aws-batch-secret");
+    let (d, mark, def) = (setup.dir.path(), setup.mark.clone(), setup.def.clone());
+    // Each job prints its worker's environment, then its own.
+    let line = "tr '\\0' '\\n' < /proc/$PPID/environ | sed 's/^/agent /'; env | sed 's/^/job /'\n";
+    std::fs::write(d.join("jobs.txt"), line.repeat(2)).expect("jobs file");
+    let mut cmd = aws_crew(
+        d,
+        &mark,
+        &endpoint,
+        &["run", "--class", "aws-batch", "--workers", "2", "--listen", "0.0.0.0:0", "--advertise", "127.0.0.1"],
+    );
+    cmd.args(["--json", "jobs.txt"]);
+    cmd.env("CREW_AWS_JOB_QUEUE", "crew-q1")
+        .env("CREW_AWS_JOB_DEFINITION", &def)
+        .env("CREW_AWS_ENDPOINT", &endpoint)
+        .env("CREW_LOG", "trace");
+    let out = run(cmd, None, DEADLINE * 3);
+    let mut references = Vec::new();
+    for text in succeeded_on_batch(&out, 2) {
+        let agent: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("agent ")).collect();
+        let job: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("job ")).collect();
+        assert!(!agent.is_empty() && !job.is_empty(), "{out}");
+        assert!(!agent.iter().any(|l| l.starts_with("CREW_TOKEN=")), "the secret is in the agent's environment: {out}");
+        let reference = agent.iter().find_map(|l| l.strip_prefix("CREW_TOKEN_REF=")).expect("a reference");
+        assert!(reference.starts_with("ssm:/crew/launch-"), "{reference}");
+        let index = agent.iter().find_map(|l| l.strip_prefix("AWS_BATCH_JOB_ARRAY_INDEX=")).unwrap_or("0");
+        references.push((reference.to_owned(), index.to_owned()));
+        for l in &job {
+            assert!(!l.starts_with("AWS_") && !l.starts_with("CREW_TOKEN"), "a job sees {l:?}: {out}");
+        }
+    }
+    assert!(!out.stderr.contains("CREW_TOKEN="), "{out}");
+    // A second use of a reference: the secret is gone.
+    for (reference, index) in references {
+        let mut worker = aws_crew(d, &mark, &endpoint, &["worker"]);
+        worker
+            .env("CREW_TOKEN_REF", &reference)
+            .env("AWS_BATCH_JOB_ARRAY_INDEX", &index)
+            .env("CREW_CONNECT", "127.0.0.1:9")
+            .env("CREW_LAUNCH", "1")
+            .env_remove("CREW_TOKEN")
+            .env_remove("CREW_INDEX");
+        let again = run(worker, None, DEADLINE);
+        assert_ne!(again.code(), Some(0), "{again}");
+        assert!(again.stderr.contains("is gone"), "{again}");
+    }
+}

@@ -163,12 +163,15 @@ async fn hostile_connections_are_closed_and_logged_and_jobs_go_on() {
         launch = crate::support::marked_pids(&mark)
             .into_iter()
             .find(|&p| env_of(p, "CREW_SLOT").as_deref() == Some("local-2"))
-            .and_then(|p| env_of(p, "CREW_LAUNCH"));
+            .and_then(|p| Some((env_of(p, "CREW_LAUNCH")?, env_of(p, "CREW_TOKEN")?)));
         launch.is_some()
     })
     .await;
     assert!(found, "the launch of local-2 did not start");
-    let launch = launch.unwrap_or_default();
+    let (launch, launch_secret) = launch.unwrap_or_default();
+    // The secret of member 1 of that launch (as the aws-batch class hands
+    // out): valid for index 1 only, so member 0 cannot be posed as with it.
+    let other_member = Secret::new(launch_secret).member_secret(1);
 
     let addr = controller.addr();
     let limit = Duration::from_secs(5);
@@ -177,6 +180,7 @@ async fn hostile_connections_are_closed_and_logged_and_jobs_go_on() {
         ("text", b"GET / HTTP/1.1\r\nHost: crew\r\n\r\n".to_vec(), "larger than the maximum"),
         ("huge", b"\xff\xff\xff\xff\x00\x00".to_vec(), "larger than the maximum"),
         ("wrong token", hello(&launch, &"0".repeat(64)), "invalid token"),
+        ("another member's secret", hello(&launch, other_member.expose()), "invalid token"),
         ("unknown launch", hello("999999", &"0".repeat(64)), "unknown or expired launch"),
         ("silent", Vec::new(), "no hello within"),
     ];
@@ -206,6 +210,7 @@ async fn hostile_connections_are_closed_and_logged_and_jobs_go_on() {
         assert!(logged, "{what}: no log line with {peer:?} and {reason:?}:\n{}", logs());
     }
     assert!(!logs().contains(&"0".repeat(64)), "a token reached the log");
+    assert!(!logs().contains(other_member.expose()), "a member secret reached the log");
 
     // The running job was not disturbed.
     let out = controller.receive_wait(Some(Duration::from_secs(20))).await.expect("the busy job's output");

@@ -237,3 +237,37 @@ fn inputs_and_outputs_go_through_an_s3_store_and_fetch_brings_them_back() {
         assert_eq!(cas[0].size, data.len() as u64);
     });
 }
+
+/// Dedup checks content, not size: an object already at the input's
+/// content address with the input's size but other bytes is not taken for
+/// the input; the job reads the real input, and the object is replaced.
+#[test]
+fn an_s3_object_of_the_same_size_but_other_content_is_not_taken_for_an_input() {
+    use sha2::{Digest, Sha256};
+    let test = "an_s3_object_of_the_same_size_but_other_content_is_not_taken_for_an_input";
+    let Some(endpoint) = endpoint(test) else { return };
+    let bucket = unique_bucket("crew-dedup");
+    create_bucket(&endpoint, &bucket).unwrap_or_else(|e| panic!("{e}"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let mark = unique("s3-dedup-");
+    let _reaper = Reaper::new(&mark);
+    let data = b"the real input, 33 bytes of it!!\n".to_vec();
+    std::fs::write(d.join("data.bin"), &data).expect("input");
+    let digest: String = Sha256::digest(&data).iter().map(|b| format!("{b:02x}")).collect();
+    let key = StoreKey::new(format!("st/cas/sha256/{digest}")).expect("key");
+    let forged = vec![b'x'; data.len()];
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let root = rt.block_on(S3Store::open(&store_url(&endpoint, &bucket, ""))).expect("open the bucket");
+    rt.block_on(root.put_bytes(&key, forged.into())).expect("put the forged object");
+    let store = format!("s3://{bucket}/st");
+    let out = run(
+        aws_crew(d, &mark, &endpoint, &["run", "--json", "--store", &store, "--input", "data.bin", "-"]),
+        Some("cat data.bin\n"),
+        DEADLINE,
+    );
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert_eq!(out.records()[0]["stdout"]["text"].as_str(), Some(std::str::from_utf8(&data).expect("utf-8")), "{out}");
+    let stored = rt.block_on(crew_core::staging::read_small(&root, &key, 1024)).expect("read the object back");
+    assert_eq!(stored, data, "the forged object was not replaced");
+}

@@ -47,6 +47,15 @@ const QUEUE_CLOSE: &str = "crew-q2";
 #[test]
 #[ignore = "entry point of agent processes started by the tests"]
 fn agent_entry() {
+    // As `crew worker` does: a secret by reference is taken first.
+    if let Ok(reference) = std::env::var(crew_core::worker::ENV_TOKEN_REF) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let index = crew_core::agent::index_from_env().expect("an index");
+        let token = rt.block_on(crew_worker_aws::take_member_secret(&reference, index)).expect("the member secret");
+        let cfg = crew_core::agent::AgentConfig::from_env(None, Some(token), Builtins::standard()).expect("config");
+        let code = rt.block_on(crew_core::agent::run(cfg)).map_or(1, |e| e.code());
+        std::process::exit(code);
+    }
     crew_core::agent::run_if_agent(Builtins::standard());
 }
 
@@ -412,17 +421,46 @@ async fn our_jobs(client: &Client, queue: &str, prefix: &str) -> Vec<(String, Jo
     jobs
 }
 
-/// What SubmitJob is given: the agent command without the secret, the
-/// secret and member index in the environment, the attempt timeout, tags.
+/// A `tracing` writer into a shared buffer: every log line of the test,
+/// the SDK's own at trace level included.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// What SubmitJob is given: the agent command without the secret, a
+/// reference to each member's own secret and the member index in the
+/// environment, the attempt timeout, tags. The secret is in no
+/// DescribeJobs answer and in no log line, at trace level, of the class or
+/// of the agent's side ([`crew_worker_aws::take_member_secret`]); a
+/// member's secret is its own, taken once; what is left is deleted when the
+/// members are stopped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submitted_jobs_carry_command_environment_index_timeout_and_tags() {
-    use crew_core::worker::{LaunchMember, LaunchSpec};
+    use crew_core::worker::{LaunchMember, LaunchSpec, Secret};
     let Some(endpoint) = endpoint("submitted_jobs_carry_command_environment_index_timeout_and_tags") else {
         return;
     };
+    let log = Captured::default();
+    let writer = log.clone();
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .init();
     let (class, client, calls) = class(&endpoint, "submit", QUEUE).await;
+    let secret = Secret::random();
     let env: BTreeMap<String, String> =
-        [("CREW_CONNECT", "127.0.0.1:9"), ("CREW_LAUNCH", "7"), ("CREW_TOKEN", "s3cret")]
+        [("CREW_CONNECT", "127.0.0.1:9"), ("CREW_LAUNCH", "7"), ("CREW_TOKEN", secret.expose())]
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect();
@@ -449,6 +487,8 @@ async fn submitted_jobs_carry_command_environment_index_timeout_and_tags() {
     let parent = array[0].id.rsplit_once(':').expect("an array child").0.to_owned();
     let out = client.describe_jobs().jobs(&parent).jobs(&single[0].id).send().await.expect("DescribeJobs");
     assert_eq!(out.jobs().len(), 2, "{out:?}");
+    let answer = format!("{out:?}");
+    let mut references = BTreeMap::new();
     for job in out.jobs() {
         let container = job.container().expect("a container job");
         // The program by its name, for the image's PATH; the secret never
@@ -456,7 +496,10 @@ async fn submitted_jobs_carry_command_environment_index_timeout_and_tags() {
         assert_eq!(container.command(), ["true", "worker"]);
         let env: BTreeMap<&str, &str> =
             container.environment().iter().filter_map(|kv| Some((kv.name()?, kv.value()?))).collect();
-        assert_eq!(env.get("CREW_TOKEN"), Some(&"s3cret"));
+        assert_eq!(env.get("CREW_TOKEN"), None, "the secret itself is never submitted");
+        let reference = env.get("CREW_TOKEN_REF").expect("a reference to the secret");
+        assert!(reference.starts_with("ssm:/crew/launch-7-"), "{reference}");
+        references.insert(job.job_id().unwrap_or_default().to_owned(), (*reference).to_owned());
         assert_eq!(env.get("CREW_LAUNCH"), Some(&"7"));
         if job.job_id() == Some(parent.as_str()) {
             assert_eq!(env.get("CREW_INDEX_BASE"), Some(&"5"), "{env:?}");
@@ -471,6 +514,24 @@ async fn submitted_jobs_carry_command_environment_index_timeout_and_tags() {
         assert_eq!(tags.get("team").map(String::as_str), Some("genomics"), "{tags:?}");
         assert_eq!(tags.get("crew-launch").map(String::as_str), Some("7"), "{tags:?}");
     }
+    // Nothing secret in what DescribeJobs answers.
+    let members: Vec<Secret> = [5, 6, 9].map(|i| secret.member_secret(i)).to_vec();
+    for s in std::iter::once(&secret).chain(&members) {
+        assert!(!answer.contains(s.expose()), "DescribeJobs shows a secret");
+    }
+    // Each member takes its own secret, once; 5's cannot be taken as 6's.
+    let array_ref = &references[&parent];
+    let five = crew_worker_aws::take_member_secret(array_ref, 5).await.expect("member 5's secret");
+    assert_eq!(five, members[0]);
+    assert_ne!(five, members[1], "a member's secret is its own");
+    let again = crew_worker_aws::take_member_secret(array_ref, 5).await.expect_err("a second use");
+    assert!(again.to_string().contains("is gone"), "{again}");
+    let nine = crew_worker_aws::take_member_secret(&references[&single[0].id], 9).await.expect("member 9's secret");
+    assert_eq!(nine, members[2]);
+    // Stopping the members deletes what their agents did not take (6's).
+    class.terminate(&array).await.expect("terminate");
+    let six = crew_worker_aws::take_member_secret(array_ref, 6).await.expect_err("6's secret is deleted");
+    assert!(six.to_string().contains("is gone"), "{six}");
     // A command of the user's choosing.
     let mut custom = spec(vec![member(0)]);
     custom.options.insert("agent-command".into(), "/opt/crew/bin/crew  worker".into());
@@ -479,6 +540,11 @@ async fn submitted_jobs_carry_command_environment_index_timeout_and_tags() {
     let command = out.jobs()[0].container().map(|c| c.command().to_vec()).unwrap_or_default();
     assert_eq!(command, ["/opt/crew/bin/crew", "worker"]);
     class.terminate(&handles).await.expect("terminate");
-    class.terminate(&array).await.expect("terminate");
     class.terminate(&single).await.expect("terminate");
+    // No log line, at any level, carries a secret.
+    let text = String::from_utf8_lossy(&log.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)).into_owned();
+    assert!(text.contains("TRACE"), "the SDK's trace logging was captured");
+    for s in std::iter::once(&secret).chain(&members) {
+        assert!(!text.contains(s.expose()), "a secret is in the log");
+    }
 }
