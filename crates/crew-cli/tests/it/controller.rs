@@ -177,8 +177,8 @@ async fn hostile_connections_are_closed_and_logged_and_jobs_go_on() {
     let limit = Duration::from_secs(5);
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("garbage", b"\x00\x00\x00\x06\xc1\xc1\xc1\xc1\xc1\xc1".to_vec(), "malformed frame"),
-        ("text", b"GET / HTTP/1.1\r\nHost: crew\r\n\r\n".to_vec(), "larger than the maximum"),
-        ("huge", b"\xff\xff\xff\xff\x00\x00".to_vec(), "larger than the maximum"),
+        ("text", b"GET / HTTP/1.1\r\nHost: crew\r\n\r\n".to_vec(), "larger than the limit"),
+        ("huge", b"\xff\xff\xff\xff\x00\x00".to_vec(), "larger than the limit"),
         ("wrong token", hello(&launch, &"0".repeat(64)), "invalid token"),
         ("another member's secret", hello(&launch, other_member.expose()), "invalid token"),
         ("unknown launch", hello("999999", &"0".repeat(64)), "unknown or expired launch"),
