@@ -14,7 +14,10 @@ use crate::{EXIT_USAGE, Failure};
 CREW_CONNECT (the address), CREW_LAUNCH and CREW_TOKEN (the launch and its one-time secret; \
 or CREW_TOKEN_REF=ssm:PREFIX, an SSM SecureString PREFIX<index> read once and deleted), \
 CREW_INDEX (or CREW_INDEX_BASE plus AWS_BATCH_JOB_ARRAY_INDEX), and CREW_TLS_SHA256: when set, \
-the connection uses TLS and accepts only the certificate with that SHA-256.")]
+the connection uses TLS and accepts only the certificate with that SHA-256. \
+The agent runs under a warden process that kills every process its jobs started when the agent \
+ends, even by SIGKILL (in a cgroup v2 of its own where one can be created, else as a child \
+subreaper); CREW_WARDEN=no-cgroup keeps it to the subreaper, CREW_WARDEN=off runs without it.")]
 pub(crate) struct WorkerArgs {
     /// The controller's address (default: $CREW_CONNECT).
     #[arg(long, value_name = "ADDR")]
@@ -25,6 +28,10 @@ pub(crate) struct WorkerArgs {
 }
 
 pub(crate) fn main(args: WorkerArgs) -> Result<u8, Failure> {
+    // First, before any thread: the agent runs as the child of a warden
+    // that kills whatever its jobs leave behind when it dies (in the
+    // warden, this call does not return).
+    crew_core::warden::supervise().map_err(|e| Failure { code: start_failed(), error: e.into() })?;
     let token = if args.token_stdin {
         let mut line = String::new();
         std::io::stdin()

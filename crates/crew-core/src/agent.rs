@@ -337,7 +337,7 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentExit, AgentError> {
     // An agent that may come back to a restarted controller must outlive
     // it: no parent-death signal (it stops by itself when no controller
     // comes back within its window).
-    if resume_file().is_none() || cfg.tls_sha256.is_some() {
+    if !outlives_starter() || cfg.tls_sha256.is_some() {
         die_with_parent()?;
     }
     let mut stream = connect(&cfg.connect).await?;
@@ -472,6 +472,15 @@ where
         ControllerMsg::Reject { reason } => Err(AgentError::Rejected(reason)),
         other => Err(AgentError::Handshake(format!("unexpected first message {other:?}"))),
     }
+}
+
+/// Whether an agent started with this environment outlives the process
+/// that started it: one that may come back to a restarted controller (a
+/// resume file, no TLS). Otherwise it dies with its starter
+/// (`CREW_PARENT_PID`). Its [`crate::warden`] follows the same rule.
+#[must_use]
+pub fn outlives_starter() -> bool {
+    resume_file().is_some() && std::env::var_os(ENV_TLS_SHA256).is_none_or(|v| v.is_empty())
 }
 
 /// The file naming the controller to come back to, when set.

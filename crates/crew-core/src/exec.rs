@@ -13,7 +13,8 @@
 //!   whole tree the job started (`kill(-pgid, ...)`), grandchildren included.
 //!   A job never outlives its record: when the main process exits, whatever
 //!   is left in its group is killed. (A process that moves itself to another
-//!   group or session escapes this; only cgroups could follow it.)
+//!   group or session escapes this while the agent lives; the agent's
+//!   [`crate::warden`] kills it when the agent ends.)
 //! - **`PR_SET_PDEATHSIG(SIGKILL)`** on Linux, so that the job's main process
 //!   dies with the agent even when the agent is SIGKILLed. The kernel sends
 //!   it when the *thread* that forked the child exits; jobs are spawned from

@@ -42,6 +42,7 @@ pub mod staging;
 pub mod store;
 pub mod tags;
 pub mod tls;
+pub mod warden;
 pub mod worker;
 
 pub use job::{Command, JobId, JobSpec};

@@ -26,3 +26,4 @@ mod session;
 mod staging;
 mod support;
 mod tls;
+mod warden;
