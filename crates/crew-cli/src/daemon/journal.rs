@@ -170,7 +170,13 @@ impl JournalWriter {
             progress: watch::channel(Progress::default()).0,
         });
         let committer = shared.clone();
-        std::thread::Builder::new().name("crew-journal-commit".into()).spawn(move || committer.run())?;
+        std::thread::Builder::new().name("crew-journal-commit".into()).spawn(move || {
+            // A committer that died would leave every waiter waiting:
+            // poison instead, so that requests fail with the reason.
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| committer.run())).is_err() {
+                committer.poison("the journal's committer failed");
+            }
+        })?;
         Ok(Self { shared })
     }
 

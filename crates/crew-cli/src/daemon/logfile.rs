@@ -12,6 +12,7 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 /// Rotation at this size by default.
@@ -44,9 +45,31 @@ pub(crate) fn install(path: PathBuf, max: u64, keep: u32) {
 /// The daemon's log writer (stderr, rotated).
 pub(crate) struct Writer;
 
+/// Log lines that could not be written (a full disk), told in the log
+/// once writing works again.
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+
 impl Write for Writer {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = std::io::stderr().write(buf)?;
+        // A log line that cannot be written is dropped, never an error:
+        // the logging layer would report it with `eprintln!`, which
+        // panics (in whatever thread logged) when stderr is that same
+        // full file.
+        let mut err = std::io::stderr();
+        let dropped = DROPPED.load(Ordering::Relaxed);
+        if dropped > 0 {
+            let note = format!("[{dropped} log lines were lost: the disk was full]\n");
+            if err.write_all(note.as_bytes()).is_ok() {
+                DROPPED.fetch_sub(dropped, Ordering::Relaxed);
+            }
+        }
+        let n = match err.write(buf) {
+            Ok(n) => n,
+            Err(_) => {
+                DROPPED.fetch_add(1, Ordering::Relaxed);
+                return Ok(buf.len());
+            }
+        };
         if let Some(r) = ROTATION.get() {
             let mut r = r.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             r.size += n as u64;
@@ -62,7 +85,8 @@ impl Write for Writer {
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        std::io::stderr().flush()
+        let _ = std::io::stderr().flush();
+        Ok(())
     }
 }
 

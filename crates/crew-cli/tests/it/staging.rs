@@ -223,13 +223,24 @@ fn a_corrupted_store_object_fails_the_attempt_instead_of_running_on_wrong_data()
     let mut wrong = bytes.clone();
     wrong[100] ^= 1;
     std::fs::write(&object, &wrong).expect("corrupt");
-    // The next run finds the object there (same size) and does not upload
-    // it again; the agent's check catches the corruption.
-    let jobs = write_jobs(
-        d,
-        &[r#"{"name":"c","shell":"touch ran.txt","inputs":["data.bin"],"outputs":["ran.txt"],"retries":0}"#],
-    );
+    // The next sender checks the content, not the size: it puts the input
+    // back, and the job runs on the right data.
+    let jobs = write_jobs(d, &[r#"{"name":"c","shell":"touch ran.txt","inputs":["data.bin"],"outputs":["ran.txt"]}"#]);
     let out = crew_run(d, &mark, &store, &jobs);
+    assert_eq!(out.code(), Some(0), "{out}");
+    assert!(out.stderr.contains("other content"), "the repair is reported: {out}");
+    assert_eq!(std::fs::read(&object).expect("object"), bytes, "the object was put back");
+
+    // Corrupted after staging, before the agent fetches it (one worker:
+    // the first job corrupts the object, the second reads it): the agent's
+    // check catches it and the job never runs.
+    let corrupt = d.join("wrong.bin");
+    std::fs::write(&corrupt, &wrong).expect("write");
+    let first = serde_json::json!({"name": "corrupt", "command": ["cp", corrupt, object]}).to_string();
+    let second = r#"{"name":"c","shell":"touch ran.txt","inputs":["data.bin"],"outputs":["ran.txt"],"retries":0}"#;
+    let jobs = write_jobs(d, &[&first, second]);
+    let store_arg = store.to_string_lossy().into_owned();
+    let out = run(crew(d, &mark, &["run", "--json", "--workers", "1", "--store", &store_arg, &jobs]), None, DEADLINE);
     assert_eq!(out.code(), Some(1), "{out}");
     let c = by_name(&out.records(), "c");
     assert_eq!(c["status"], "failed", "{c}");
@@ -466,8 +477,10 @@ fn fetch_refuses_a_manifest_naming_files_outside_the_folder() {
         let to = d.join("a").join("b");
         let (store_arg, to_arg) = (store.to_string_lossy().into_owned(), to.to_string_lossy().into_owned());
         let out = run(crew(d, &mark, &["fetch", "--store", &store_arg, "5", "--to", &to_arg]), None, DEADLINE);
-        assert_eq!(out.code(), Some(2), "{out}");
-        assert!(out.stderr.contains("refusing output"), "{out}");
+        // A manifest read back is verified before it is trusted: one that
+        // names a file outside the folder is an altered store (exit 3).
+        assert_eq!(out.code(), Some(3), "{out}");
+        assert!(out.stderr.contains("cannot be trusted") && out.stderr.contains("working folder"), "{out}");
         assert!(!d.join("escaped").exists() && !d.join("a/escaped").exists() && !Path::new("/tmp/escaped").exists());
     }
 }
