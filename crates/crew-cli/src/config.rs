@@ -18,7 +18,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
-use crew_core::controller::{ControllerConfig, TlsMode};
+use crew_controller::{ControllerConfig, TlsMode};
 use crew_core::job::parse_duration;
 use toml::{Table, Value};
 

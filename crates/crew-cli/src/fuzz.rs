@@ -14,7 +14,7 @@
 //!   directions; a decoded message re-encodes and decodes to the same bytes.
 //! - `job_line`: a job file ([`crew_core::job::parse_job_file`]) and each of
 //!   its lines alone.
-//! - `journal`: [`crew_core::journal::Replay::from_bytes`]; the records of
+//! - `journal`: [`crew_controller::journal::Replay::from_bytes`]; the records of
 //!   the state it rebuilds (what compaction writes) replay with nothing
 //!   skipped.
 //! - `api`: `daemon::check_request` (route, query, body, field checks); the
@@ -22,8 +22,8 @@
 //! - `config`: `crew.toml` text through `config::Config::parse`.
 
 use bytes::BytesMut;
+use crew_controller::journal::Replay;
 use crew_core::job::{LineDefaults, parse_job_file, parse_job_line};
-use crew_core::journal::Replay;
 use crew_core::protocol::{AgentMsg, ControllerMsg, decode, encode};
 use serde::Serialize;
 use serde::de::DeserializeOwned;

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use clap::Args;
-use crew_core::controller::{AgentCommand, Controller, ControllerConfig, Recruit};
+use crew_controller::{AgentCommand, Controller, ControllerConfig, Recruit};
 use crew_core::store::{Store, StoreKey};
 use crew_core::{JobId, JobSpec, Output, Tags};
 use crew_pipeline::build::{Event, Executor, Options, Report, State};

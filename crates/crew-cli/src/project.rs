@@ -94,7 +94,7 @@ pub(crate) struct DaemonOverrides {
     /// The address workers dial.
     pub(crate) advertise: Option<String>,
     /// When worker connections use TLS.
-    pub(crate) tls: Option<crew_core::controller::TlsMode>,
+    pub(crate) tls: Option<crew_controller::TlsMode>,
 }
 
 /// [`ensure_daemon`], starting the daemon with `overrides` over its

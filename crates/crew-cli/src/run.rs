@@ -6,11 +6,11 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
-use crew_core::controller::{AgentCommand, Controller, ControllerConfig, Recruit, TlsMode};
+use crew_controller::{AgentCommand, Controller, ControllerConfig, Recruit, TlsMode};
 use crew_core::job::{LineDefaults, parse_job_file};
-use crew_core::scheduler::SlotLimits;
 use crew_core::staging::Stager;
 use crew_core::{Output, Tags};
+use crew_scheduler::SlotLimits;
 
 use crate::registry::Registry;
 use crate::table::Printer;

@@ -3,9 +3,9 @@
 use std::io::BufRead;
 
 use clap::Args;
-use crew_core::agent::{self, AgentConfig};
-use crew_core::builtins::Builtins;
+use crew_agent::AgentConfig;
 use crew_core::worker::{ENV_TOKEN_REF, Secret};
+use crew_exec::builtins::Builtins;
 
 use crate::{EXIT_USAGE, Failure};
 
@@ -31,7 +31,7 @@ pub(crate) fn main(args: WorkerArgs) -> Result<u8, Failure> {
     // First, before any thread: the agent runs as the child of a warden
     // that kills whatever its jobs leave behind when it dies (in the
     // warden, this call does not return).
-    crew_core::warden::supervise().map_err(|e| Failure { code: start_failed(), error: e.into() })?;
+    crew_exec::warden::supervise().map_err(|e| Failure { code: start_failed(), error: e.into() })?;
     let token = if args.token_stdin {
         let mut line = String::new();
         std::io::stdin()
@@ -48,14 +48,14 @@ pub(crate) fn main(args: WorkerArgs) -> Result<u8, Failure> {
     let token = match (token, std::env::var(ENV_TOKEN_REF).ok().filter(|v| !v.is_empty())) {
         (Some(t), _) => Some(t),
         (None, Some(reference)) => {
-            let index = agent::index_from_env().map_err(Failure::usage)?;
+            let index = crew_agent::index_from_env().map_err(Failure::usage)?;
             let taken = rt.block_on(crew_worker_aws::take_member_secret(&reference, index));
             Some(taken.map_err(|e| Failure { code: start_failed(), error: e.into() })?)
         }
         (None, None) => None,
     };
     let cfg = AgentConfig::from_env(args.connect, token, Builtins::standard()).map_err(Failure::usage)?;
-    match rt.block_on(agent::run(cfg)) {
+    match rt.block_on(crew_agent::run(cfg)) {
         Ok(exit) => Ok(u8::try_from(exit.code()).unwrap_or(EXIT_USAGE)),
         Err(e) => Err(Failure { code: start_failed(), error: e.into() }),
     }
@@ -63,5 +63,5 @@ pub(crate) fn main(args: WorkerArgs) -> Result<u8, Failure> {
 
 /// The exit code of an agent that could not start.
 fn start_failed() -> u8 {
-    u8::try_from(agent::EXIT_START_FAILED).unwrap_or(EXIT_USAGE)
+    u8::try_from(crew_agent::EXIT_START_FAILED).unwrap_or(EXIT_USAGE)
 }

@@ -44,7 +44,7 @@ pub enum Command {
     /// A line for `sh -c`.
     Shell(String),
     /// A function compiled into the agent, by name, with JSON arguments
-    /// (see [`crate::builtins`]).
+    /// (see the crew-exec crate's builtins).
     Builtin {
         /// The builtin's registered name (`noop`, `sleep`, `echo`, or one an
         /// embedder registered).
@@ -89,10 +89,10 @@ pub struct JobSpec {
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     /// Names of variables the job takes from its worker's environment
-    /// (when set there), on top of [`crate::exec::BASE_ENV`]. Only names
+    /// (when set there), on top of [`BASE_ENV`]. Only names
     /// travel: the agent reads the values where the job runs, so an
     /// inherited secret is never sent or journaled. The agent-only
-    /// variables ([`crate::exec::AGENT_ONLY_ENV`]) are refused.
+    /// variables ([`crate::worker::AGENT_ONLY_ENV`]) are refused.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub env_inherit: Vec<String>,
     /// Working folder on the worker; the agent's own when absent.
@@ -108,11 +108,11 @@ pub struct JobSpec {
     /// CPU time (user + system) one process of the job may use: past it,
     /// the process gets SIGXCPU (SIGKILL a little later) and the job ends
     /// `cpu_limit`. Enforced per process with `RLIMIT_CPU`, in whole
-    /// seconds (rounded up); see [`crate::exec`].
+    /// seconds (rounded up); see the crew-exec crate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu: Option<Duration>,
     /// Memory in bytes one process of the job may allocate (`RLIMIT_DATA`:
-    /// heap and private writable mappings); see [`crate::exec`].
+    /// heap and private writable mappings); see the crew-exec crate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<u64>,
     /// Re-runs after a failure exit (status `failed`); 0 by default.
@@ -355,7 +355,7 @@ impl JobSpec {
         }
         for name in &self.env_inherit {
             check_env_name(name).map_err(|e| JobError::new(format!("env_inherit: {e}")))?;
-            if crate::exec::AGENT_ONLY_ENV.contains(&name.as_str()) {
+            if crate::worker::AGENT_ONLY_ENV.contains(&name.as_str()) {
                 return Err(JobError::new(format!(
                     "env_inherit: {name} belongs to the worker's agent (its connection to the controller) and is \
                      never passed to jobs; remove it, or pass a value with env"
@@ -855,6 +855,20 @@ pub fn parse_job_file(text: &str, defaults: &LineDefaults) -> Result<Vec<JobSpec
     if errors.is_empty() { Ok(jobs) } else { Err(errors) }
 }
 
+/// The variables every job takes from its agent's environment, when set
+/// there: the few a program commonly needs to run at all. Nothing else of
+/// the agent's environment reaches a job unless the job names it in
+/// [`JobSpec::env_inherit`], so that what ran a worker (a shell, the
+/// daemon, a container) does not leak into jobs.
+pub const BASE_ENV: [&str; 6] = ["PATH", "HOME", "USER", "LOGNAME", "TMPDIR", "LANG"];
+
+/// A CPU limit as `RLIMIT_CPU` takes it: whole seconds, rounded up, at
+/// least 1.
+pub fn cpu_limit_seconds(limit: std::time::Duration) -> u64 {
+    let secs = limit.as_secs() + u64::from(limit.subsec_nanos() > 0);
+    secs.max(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -979,7 +993,7 @@ mod tests {
         assert_eq!(j.env_inherit, ["FOO", "AWS_PROFILE", "HOME"]);
         let plain = parse_job_line("env", &d).unwrap();
         assert_eq!(plain.env_inherit, ["HOME", "FOO"]);
-        for agent_only in crate::exec::AGENT_ONLY_ENV {
+        for agent_only in crate::worker::AGENT_ONLY_ENV {
             let err = parse_job_value(serde_json::json!({"shell": "x", "env_inherit": [agent_only]}), &d).unwrap_err();
             assert!(err.0.starts_with(&format!("env_inherit: {agent_only} belongs to the worker's agent")), "{err}");
         }

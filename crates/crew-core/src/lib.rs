@@ -1,48 +1,36 @@
-//! crew-core: the heart of crew.
+//! crew-core: the model and the contracts of crew.
 //!
 //! crew runs jobs on heterogeneous, semi-persistent workers from one central
-//! controller. This crate holds everything that does not depend on a
-//! particular backend:
+//! controller. This crate is what a backend author depends on — no
+//! controller, no agent, no TLS, no journal:
 //!
-//! - the job model ([`job`]), output records ([`output`]) and [`tags`];
-//! - the plugin traits: [`worker::Worker`] (a backend class) and
+//! - the job model ([`job`]), output records ([`output`]), [`tags`] and
+//!   [`seed`]s;
+//! - the plugin contracts: [`worker::Worker`] (a backend class) and
 //!   [`store::Store`] (where job data lives), with the local store;
-//! - the [`scheduler`], a pure state machine (events in, actions out);
-//! - the [`controller`], the async loop around the scheduler, and its library
-//!   API (`recruit`, `send`, `receive`, ...);
-//! - the wire [`protocol`] between controller and agents, and the [`agent`]
-//!   that runs on workers ([`exec`] runs one job; [`builtins`] are functions
-//!   compiled into the agent);
+//! - the wire [`protocol`] between controller and agents;
 //! - [`staging`]: job inputs and outputs through the store (content
 //!   addressing, verified transfers);
-//! - [`tls`]: encrypted agent connections beyond loopback (a pinned,
-//!   ephemeral certificate);
-//! - behind the `conformance` feature, the test suite every `Worker` and
-//!   `Store` implementation runs against itself.
+//! - behind the `conformance` feature, the store conformance kit (the
+//!   worker kit, which needs a controller, is the `crew-conformance`
+//!   crate).
 //!
-//! See ARCHITECTURE.md at the repository root for the code map and the
-//! invariants.
+//! The roles are crates of their own: `crew-scheduler` (the sans-I/O
+//! scheduler), `crew-controller` (the async loop, worker sessions, the
+//! journal), `crew-agent` (the worker-side loop), `crew-exec` (running one
+//! job: processes, builtins, limits, the warden) and `crew-tls`. See
+//! ARCHITECTURE.md at the repository root for the map and the glossary.
 
-pub mod agent;
-pub mod builtins;
 pub mod clock;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
-pub mod controller;
-pub mod exec;
 pub mod job;
-pub mod journal;
 pub mod output;
 pub mod protocol;
-pub mod scheduler;
 pub mod seed;
-#[cfg(target_os = "linux")]
-mod spawn;
 pub mod staging;
 pub mod store;
 pub mod tags;
-pub mod tls;
-pub mod warden;
 pub mod worker;
 
 pub use job::{Command, JobId, JobSpec};

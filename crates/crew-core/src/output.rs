@@ -33,7 +33,7 @@ pub enum Status {
     /// and was killed. Final: not retried.
     CpuLimit,
     /// The job went past its memory limit (`JobSpec::memory`) and was
-    /// killed, as far as the worker could tell (see `crate::exec`). Final:
+    /// killed, as far as the worker could tell (see the crew-exec crate). Final:
     /// not retried.
     MemoryLimit,
     /// Its worker died under it `crashes_max` times.
@@ -244,4 +244,37 @@ mod tests {
         let back: Output = serde_json::from_value(v).unwrap();
         assert_eq!(back, o);
     }
+}
+
+/// What the agent reports for one attempt of a job. The controller adds the
+/// job's identity, slot, class, attempt and seed to make an
+/// [`crate::Output`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobResult {
+    /// `Succeeded`, `Failed`, `TimedOut` or `Cancelled` (the agent never
+    /// reports `Crashed` or `LaunchFailed`; the controller decides those).
+    pub status: Status,
+    /// Exit code of the main process, when it exited.
+    pub exit_code: Option<i32>,
+    /// Signal that killed the main process, when it was killed.
+    pub signal: Option<i32>,
+    /// Why it did not succeed, in words.
+    pub error: Option<String>,
+    /// Captured standard output.
+    pub stdout: Captured,
+    /// Captured standard error.
+    pub stderr: Captured,
+    /// When the attempt started.
+    pub started: Timestamp,
+    /// When it ended.
+    pub finished: Timestamp,
+    /// Wall-clock seconds.
+    pub wall_seconds: f64,
+    /// User + system CPU seconds of the job's processes.
+    pub cpu_seconds: f64,
+    /// Peak resident set size of the largest process, in bytes.
+    pub peak_rss_bytes: u64,
+    /// The outputs uploaded to the store (see [`crate::staging`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub objects: Vec<StoredObject>,
 }

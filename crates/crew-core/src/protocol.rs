@@ -26,8 +26,8 @@ use std::time::Duration;
 use bytes::{Buf, BufMut, BytesMut};
 use serde::{Deserialize, Serialize};
 
-use crate::exec::JobResult;
 use crate::job::{JobId, JobSpec};
+use crate::output::JobResult;
 use crate::worker::Secret;
 
 /// The protocol version this build speaks. Version 2 added job inputs and

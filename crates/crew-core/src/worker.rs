@@ -38,7 +38,7 @@ pub const ENV_INDEX_BASE: &str = "CREW_INDEX_BASE";
 pub const ENV_PARENT_PID: &str = "CREW_PARENT_PID";
 /// Environment variable carrying the SHA-256 of the controller's TLS
 /// certificate: when set, the agent connects with TLS and accepts only that
-/// certificate ([`crate::tls`]).
+/// certificate (the crew-tls crate).
 pub const ENV_TLS_SHA256: &str = "CREW_TLS_SHA256";
 /// The file holding the address of the controller an agent may come back
 /// to after that controller restarted (set for local agents of a daemon;
@@ -338,6 +338,12 @@ pub trait Worker: Send + Sync + fmt::Debug + 'static {
     async fn terminate(&self, handles: &[Handle]) -> Result<(), WorkerError>;
 }
 
+/// Variables the agent itself receives to connect to its controller. They are
+/// removed from every job's environment: the launch secret must never reach
+/// a job.
+pub const AGENT_ONLY_ENV: [&str; 7] =
+    [ENV_TOKEN, ENV_LAUNCH, ENV_CONNECT, ENV_INDEX, ENV_PARENT_PID, ENV_TLS_SHA256, ENV_RESUME_FILE];
+
 #[cfg(test)]
 mod tests {
     use super::Secret;
@@ -359,7 +365,6 @@ mod tests {
         use std::collections::BTreeMap;
 
         use super::{ENV_CONNECT, ENV_TOKEN, LaunchMember, LaunchSpec};
-        use crate::agent::AgentConfig;
         use crate::protocol::AgentMsg;
 
         let secret = Secret::random();
@@ -377,14 +382,6 @@ mod tests {
             options: BTreeMap::new(),
             wall_time: None,
         };
-        let config = AgentConfig {
-            connect: "127.0.0.1:7000".into(),
-            launch: "1".into(),
-            index: 0,
-            token: secret.clone(),
-            tls_sha256: None,
-            builtins: crate::builtins::Builtins::default(),
-        };
         let hello = AgentMsg::Hello {
             version: crate::protocol::PROTOCOL_VERSION,
             launch: "1".into(),
@@ -393,14 +390,7 @@ mod tests {
             pid: 1,
             host: "h".into(),
         };
-        let shown = [
-            format!("{spec:?}"),
-            format!("{spec:#?}"),
-            format!("{config:?}"),
-            format!("{config:#?}"),
-            format!("{hello:?}"),
-            format!("{secret:?}"),
-        ];
+        let shown = [format!("{spec:?}"), format!("{spec:#?}"), format!("{hello:?}"), format!("{secret:?}")];
         for text in &shown {
             assert!(!text.contains(&token), "the secret shows in {text}");
             assert!(!text.contains("embedder-secret"), "a secret variable shows in {text}");

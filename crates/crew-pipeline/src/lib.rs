@@ -16,7 +16,7 @@
 //! declares counts.** The environment of the process that runs `crew make`,
 //! its current folder, the machine and the worker class never reach an
 //! identity, and a job sees only its declared environment (plus a small
-//! base, see `crew_core::exec`). A second checkout pointed at the same
+//! base, see `crew_exec`). A second checkout pointed at the same
 //! store finds the same targets up to date.
 
 pub mod build;

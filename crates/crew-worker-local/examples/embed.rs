@@ -8,9 +8,9 @@ use std::error::Error;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crew_core::builtins::{BuiltinError, BuiltinOutput, Builtins};
-use crew_core::controller::{AgentCommand, Controller, ControllerConfig, Recruit};
+use crew_controller::{AgentCommand, Controller, ControllerConfig, Recruit};
 use crew_core::{JobSpec, Status};
+use crew_exec::builtins::{BuiltinError, BuiltinOutput, Builtins};
 use crew_worker_local::LocalWorker;
 
 fn builtins() -> Builtins {
@@ -23,7 +23,7 @@ fn builtins() -> Builtins {
 fn main() -> Result<(), Box<dyn Error>> {
     // When the controller starts this executable as an agent, this call
     // runs the agent and never returns.
-    crew_core::agent::run_if_agent(builtins());
+    crew_agent::run_if_agent(builtins());
 
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {

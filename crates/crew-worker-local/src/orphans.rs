@@ -1,7 +1,7 @@
 //! Making sure no process of a run outlives it.
 //!
 //! Agents kill their jobs' process groups, and each agent has a warden
-//! ([`crew_core::warden`]) that kills what the agent's jobs leave behind
+//! ([`crew_exec::warden`]) that kills what the agent's jobs leave behind
 //! when the agent dies, even by SIGKILL. What is left is a warden killed
 //! with SIGKILL itself: a one-shot controller (`crew run`, `crew make`, the
 //! daemon) closes that by becoming a *child subreaper* (Linux): orphans of
@@ -29,5 +29,5 @@ pub fn become_subreaper() -> std::io::Result<()> {
 /// this process expects no live children (after its controller closed),
 /// since it also reaps children other code may wait for.
 pub fn kill_orphans() -> usize {
-    crew_core::warden::kill_children(std::time::Duration::from_secs(10))
+    crew_exec::warden::kill_children(std::time::Duration::from_secs(10))
 }

@@ -17,11 +17,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use bytes::BytesMut;
-use crew_core::exec::JobResult;
 use crew_core::job::JobId;
 use crew_core::output::{Captured, Timestamp};
 use crew_core::protocol::{self, AgentMsg, ControllerMsg, RunJob};
 use crew_core::{JobSpec, Status};
+use crew_exec::JobResult;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 

@@ -14,9 +14,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use crew_core::controller::{AgentCommand, Controller, ControllerConfig, Recruit, TlsMode};
-use crew_core::scheduler::{SlotFilter, SlotLimits};
+use crew_controller::{AgentCommand, Controller, ControllerConfig, Recruit, TlsMode};
 use crew_core::{JobSpec, Output};
+use crew_scheduler::{SlotFilter, SlotLimits};
 use crew_worker_local::LocalWorker;
 
 use super::report::{self, Row, Target, Unit};

@@ -37,7 +37,7 @@ pub(crate) struct UpArgs {
     /// When its worker connections use TLS: auto (beyond loopback) or
     /// always, over `[daemon] tls` and `CREW_TLS`.
     #[arg(long, value_name = "MODE")]
-    tls: Option<crew_core::controller::TlsMode>,
+    tls: Option<crew_controller::TlsMode>,
 }
 
 pub(crate) fn up(ctx: &Ctx, args: UpArgs) -> Result<u8, Failure> {
@@ -95,7 +95,7 @@ fn workers_setting_differs(wanted: &project::DaemonOverrides, health: &project::
     }
     if let (Some(want), Some(have)) = (&wanted.advertise, &health.advertise) {
         let port = listen.map(|a| a.port()).unwrap_or_default();
-        if crew_core::controller::advertised_address(want, port).ok().as_ref() != Some(have) {
+        if crew_controller::advertised_address(want, port).ok().as_ref() != Some(have) {
             return Some(format!("workers told to dial {have}, not {want}"));
         }
     }

@@ -16,14 +16,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
-use crew_core::controller::{Controller, ControllerError, Recruit, RestoredJob};
+use crew_controller::journal::{Record, Replay};
+use crew_controller::{Controller, ControllerError, Recruit, RestoredJob};
 use crew_core::job::InputSource;
 use crew_core::job::{LineDefaults, parse_duration, parse_job_value};
-use crew_core::journal::{Record, Replay};
-use crew_core::scheduler::{SlotFilter, SlotLimits, SubmitError};
 use crew_core::staging::Stager;
 use crew_core::store::{Store, StoreError, StoreKey};
 use crew_core::{JobId, Output, Tags};
+use crew_scheduler::{SlotFilter, SlotLimits, SubmitError};
 use futures::TryStreamExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited, StreamBody};

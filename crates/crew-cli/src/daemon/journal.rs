@@ -1,4 +1,4 @@
-//! The daemon's side of the journal (`crew_core::journal`): what is written
+//! The daemon's side of the journal (`crew_controller::journal`): what is written
 //! when, the group commit, and how a restarted daemon rebuilds its state.
 //!
 //! **Invariant:** every state change is durable before anyone outside is
@@ -36,9 +36,9 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
+use crew_controller::Observer;
+use crew_controller::journal::{Journal, Record};
 use crew_core::JobId;
-use crew_core::controller::Observer;
-use crew_core::journal::{Journal, Record};
 use tokio::sync::watch;
 
 /// A position in the journal: the records of one append, durable once the

@@ -24,8 +24,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
-use crew_core::controller::{AgentCommand, Controller, ControllerConfig};
-use crew_core::journal::Journal;
+use crew_controller::journal::Journal;
+use crew_controller::{AgentCommand, Controller, ControllerConfig};
 use crew_core::store::Store;
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixListener;
@@ -54,7 +54,7 @@ pub(crate) struct DaemonArgs {
     pub(crate) advertise: Option<String>,
     /// When worker connections use TLS, over `[daemon] tls` and `CREW_TLS`.
     #[arg(long, value_name = "MODE")]
-    pub(crate) tls: Option<crew_core::controller::TlsMode>,
+    pub(crate) tls: Option<crew_controller::TlsMode>,
 }
 
 /// File names inside the project folder.
@@ -235,7 +235,7 @@ async fn serve(dir: PathBuf, store: Arc<dyn Store>, settings: crate::config::Con
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(anyhow::Error::new(e).context(format!("cannot remove {}", addr_file.display()))),
     }
-    config.resume = Some(crew_core::controller::ResumeConfig {
+    config.resume = Some(crew_controller::ResumeConfig {
         key: agent_key(&dir.join(AGENT_KEY))?,
         address_file: addr_file,
         window: config.heartbeat.saturating_mul(config.heartbeat_misses.max(1)),

@@ -6,11 +6,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::BytesMut;
-use crew_core::controller::{AgentCommand, Controller, ControllerConfig, Recruit};
+use crew_controller::{AgentCommand, Controller, ControllerConfig, Recruit};
 use crew_core::protocol::{self, AgentMsg, ControllerMsg, PROTOCOL_VERSION};
-use crew_core::scheduler::SlotFilter;
 use crew_core::worker::Secret;
 use crew_core::{JobSpec, Status};
+use crew_scheduler::SlotFilter;
 use crew_worker_local::LocalWorker;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -227,7 +227,7 @@ fn fds(pid: u32) -> usize {
 fn silent_and_oversized_worker_connections_are_capped_and_logged_short() {
     use std::io::Read;
     const OPENED: usize = 200;
-    const CAP: usize = 64; // crew_core::controller::MAX_HANDSHAKES
+    const CAP: usize = 64; // crew_controller::MAX_HANDSHAKES
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let mark = unique("conn-cap-");

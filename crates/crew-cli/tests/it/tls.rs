@@ -8,10 +8,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crew_core::controller::{AgentCommand, Controller, ControllerConfig, Recruit, TlsMode};
+use crew_controller::{AgentCommand, Controller, ControllerConfig, Recruit, TlsMode};
 use crew_core::protocol::ControllerMsg;
-use crew_core::scheduler::SlotFilter;
 use crew_core::{JobSpec, Status};
+use crew_scheduler::SlotFilter;
 use crew_worker_local::LocalWorker;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -172,13 +172,13 @@ async fn with_tls_always_the_wire_is_encrypted_agents_pin_the_certificate_and_pl
     // A peer that completes the TLS handshake, then says nothing and keeps
     // its end open, is dropped after the hello timeout: it holds no task or
     // descriptor of the controller's beyond that.
-    let pin = crew_core::tls::parse_fingerprint(&fingerprint).expect("pin");
+    let pin = crew_tls::parse_fingerprint(&fingerprint).expect("pin");
     let fds = || std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count);
     let baseline = fds();
     let tcp = TcpStream::connect(controller.addr()).await.expect("connect");
-    let mut silent = crew_core::tls::connector(pin)
+    let mut silent = crew_tls::connector(pin)
         .expect("connector")
-        .connect(crew_core::tls::server_name(), tcp)
+        .connect(crew_tls::server_name(), tcp)
         .await
         .expect("the handshake");
     let mut sink = Vec::new();
@@ -199,9 +199,9 @@ async fn with_tls_always_the_wire_is_encrypted_agents_pin_the_certificate_and_pl
     // logged, the connection's relay gone with it.
     let tcp = TcpStream::connect(controller.addr()).await.expect("connect");
     let peer_port = tcp.local_addr().expect("local address").port();
-    let mut garbage = crew_core::tls::connector(pin)
+    let mut garbage = crew_tls::connector(pin)
         .expect("connector")
-        .connect(crew_core::tls::server_name(), tcp)
+        .connect(crew_tls::server_name(), tcp)
         .await
         .expect("the handshake");
     {

@@ -2,7 +2,8 @@
 //! itself.
 //!
 //! crew's plugin traits ([`Store`](crate::store::Store) and
-//! [`Worker`](crate::worker::Worker)) carry contracts that types cannot
+//! [`Worker`](crate::worker::Worker), whose kit is the `crew-conformance`
+//! crate) carry contracts that types cannot
 //! express: atomic uploads, `NotFound` for a missing key, segment-prefix
 //! listing, idempotent deletes. Each contract is written once, here, as
 //! executable checks, the way `object_store` runs one integration suite over
@@ -35,7 +36,5 @@
 //! `conformance` feature, so production builds do not carry it.
 
 pub mod store;
-pub mod worker;
 
 pub use self::store::store;
-pub use self::worker::{WorkerKit, worker};

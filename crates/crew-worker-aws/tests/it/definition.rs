@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use aws_sdk_batch::Client;
 use aws_sdk_batch::types::{AssignPublicIp, JobDefinition, PlatformCapability, ResourceType};
-use crew_core::controller::Recruit;
+use crew_controller::Recruit;
 use crew_core::{JobSpec, Status};
 use crew_worker_aws::definition::{self, DefinitionRequest, Platform};
 use crew_worker_aws::{AwsBatchWorker, register_definition};

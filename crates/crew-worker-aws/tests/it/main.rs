@@ -28,12 +28,12 @@ use aws_sdk_batch::error::BoxError;
 use aws_sdk_batch::types::{
     ContainerProperties, JobDefinitionType, JobStatus, KeyValuesPair, ResourceRequirement, ResourceType,
 };
-use crew_core::builtins::Builtins;
-use crew_core::conformance::{WorkerKit, worker};
-use crew_core::controller::{AgentCommand, Controller, ControllerConfig, Recruit};
-use crew_core::scheduler::{SlotFilter, SlotLimits};
+use crew_conformance::{WorkerKit, worker};
+use crew_controller::{AgentCommand, Controller, ControllerConfig, Recruit};
 use crew_core::worker::{Handle, Liveness, Worker};
 use crew_core::{JobSpec, Status, Tags};
+use crew_exec::builtins::Builtins;
+use crew_scheduler::{SlotFilter, SlotLimits};
 use crew_worker_aws::AwsBatchWorker;
 
 mod definition;
@@ -50,13 +50,13 @@ fn agent_entry() {
     // As `crew worker` does: a secret by reference is taken first.
     if let Ok(reference) = std::env::var(crew_core::worker::ENV_TOKEN_REF) {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-        let index = crew_core::agent::index_from_env().expect("an index");
+        let index = crew_agent::index_from_env().expect("an index");
         let token = rt.block_on(crew_worker_aws::take_member_secret(&reference, index)).expect("the member secret");
-        let cfg = crew_core::agent::AgentConfig::from_env(None, Some(token), Builtins::standard()).expect("config");
-        let code = rt.block_on(crew_core::agent::run(cfg)).map_or(1, |e| e.code());
+        let cfg = crew_agent::AgentConfig::from_env(None, Some(token), Builtins::standard()).expect("config");
+        let code = rt.block_on(crew_agent::run(cfg)).map_or(1, |e| e.code());
         std::process::exit(code);
     }
-    crew_core::agent::run_if_agent(Builtins::standard());
+    crew_agent::run_if_agent(Builtins::standard());
 }
 
 fn agent() -> AgentCommand {

@@ -4,20 +4,20 @@
 //! The agent is this very test binary: when the controller starts it with
 //! `--exact agent_entry`, libtest runs only [`agent_entry`], which turns
 //! the process into an agent (the embedding route of
-//! `crew_core::agent::run_if_agent`).
+//! `crew_agent::run_if_agent`).
 
 use std::sync::Arc;
 
-use crew_core::builtins::Builtins;
-use crew_core::conformance::{WorkerKit, worker};
-use crew_core::controller::AgentCommand;
+use crew_conformance::{WorkerKit, worker};
+use crew_controller::AgentCommand;
+use crew_exec::builtins::Builtins;
 use crew_worker_local::LocalWorker;
 
 /// Entry point of the agent processes; a no-op in a normal test run.
 #[test]
 #[ignore = "entry point of agent processes started by the tests"]
 fn agent_entry() {
-    crew_core::agent::run_if_agent(Builtins::standard());
+    crew_agent::run_if_agent(Builtins::standard());
 }
 
 fn agent() -> AgentCommand {
@@ -40,7 +40,7 @@ async fn local_class_passes_the_worker_conformance_kit() {
 #[derive(Debug, Default)]
 struct Assignments(std::sync::Mutex<Vec<(crew_core::JobId, u32)>>);
 
-impl crew_core::controller::Observer for Assignments {
+impl crew_controller::Observer for Assignments {
     fn assigned(&self, job: crew_core::JobId, attempt: u32, _slot: &str) {
         self.0.lock().expect("not poisoned").push((job, attempt));
     }
@@ -48,9 +48,9 @@ impl crew_core::controller::Observer for Assignments {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restored_jobs_keep_ids_seeds_and_attempts() {
-    use crew_core::controller::{Controller, ControllerConfig, Recruit, RestoredJob};
-    use crew_core::scheduler::History;
+    use crew_controller::{Controller, ControllerConfig, Recruit, RestoredJob};
     use crew_core::{JobId, JobSpec, Status};
+    use crew_scheduler::History;
 
     let observer = Arc::new(Assignments::default());
     let mut config = ControllerConfig::new(agent());
@@ -84,8 +84,8 @@ async fn restored_jobs_keep_ids_seeds_and_attempts() {
 /// the second recruit's workers were probed as unknown and dropped).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_of_a_class_keep_their_own_workers() {
-    use crew_core::controller::{Controller, ControllerConfig, Recruit};
-    use crew_core::scheduler::SlotFilter;
+    use crew_controller::{Controller, ControllerConfig, Recruit};
+    use crew_scheduler::SlotFilter;
 
     let controller = Controller::start(ControllerConfig::new(agent())).await.expect("start");
     controller.recruit(Recruit::new(Arc::new(LocalWorker::new()), 1)).expect("recruit a");

@@ -8,16 +8,16 @@
 //!
 //! It needs the agent command for the class's workers — for a class that
 //! starts processes on this machine, the `crew` binary (`crew worker`) or a
-//! test binary that calls [`crate::agent::run_if_agent`].
+//! test binary that calls [`crew_agent::run_if_agent`].
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::controller::{AgentCommand, Controller, ControllerConfig, Recruit};
-use crate::job::JobSpec;
-use crate::output::Status;
-use crate::scheduler::{SlotFilter, SlotLimits};
-use crate::worker::{Handle, Liveness, Worker};
+use crew_controller::{AgentCommand, Controller, ControllerConfig, Recruit};
+use crew_core::job::JobSpec;
+use crew_core::output::Status;
+use crew_core::worker::{Handle, Liveness, Worker};
+use crew_scheduler::{SlotFilter, SlotLimits};
 
 /// Options of the worker kit.
 #[derive(Clone, Debug)]

@@ -2,7 +2,7 @@
 //! so that nothing a job started outlives the agent.
 //!
 //! A job runs in its own process group, with a parent-death signal, and the
-//! agent kills the group when the job ends ([`crate::exec`]). That is not
+//! agent kills the group when the job ends ([`crate`]). That is not
 //! enough when the agent itself is killed with SIGKILL: a process of the job
 //! that left the group (`setsid`, a daemon that double-forks) is re-parented
 //! to init and lives on. The warden closes that gap, in two layers:
@@ -25,7 +25,7 @@
 //! the agent's status (re-raising the signal that killed it), and follows
 //! the agent's rule about its starter: when the agent must die with the
 //! process that started it (a one-shot controller, see
-//! [`crate::agent::outlives_starter`]), the warden arms the parent-death
+//! [`outlives_starter`]), the warden arms the parent-death
 //! signal and passes it on; an agent that may come back to a restarted
 //! controller outlives it, and so does its warden. The agent dies with its
 //! warden (SIGTERM, so it ends its job in order).
@@ -44,6 +44,16 @@ use std::time::{Duration, Instant};
 /// agent (`agent`), or turns the warden off (`off`), or keeps it from using
 /// a cgroup (`no-cgroup`).
 pub const ENV_WARDEN: &str = "CREW_WARDEN";
+
+/// Whether an agent started with this environment outlives the process
+/// that started it: one that may come back to a restarted controller (a
+/// resume file, no TLS). Otherwise it dies with its starter
+/// (`CREW_PARENT_PID`), and so does its warden.
+#[must_use]
+pub fn outlives_starter() -> bool {
+    let set = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty());
+    set(crew_core::worker::ENV_RESUME_FILE) && !set(crew_core::worker::ENV_TLS_SHA256)
+}
 
 /// How the warden keeps a job's processes from outliving the agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -227,7 +237,7 @@ mod linux {
             // agent still runs (as before there was a warden).
             return Ok(());
         }
-        let starter = if crate::agent::outlives_starter() { None } else { starter_pid() };
+        let starter = if outlives_starter() { None } else { starter_pid() };
         if let Some(parent) = starter {
             // SAFETY: prctl(PR_SET_PDEATHSIG) takes a signal number.
             unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong, 0, 0, 0) };
@@ -249,7 +259,7 @@ mod linux {
         cmd.args(std::env::args_os().skip(1)).env(ENV_WARDEN, "agent");
         if starter.is_some() {
             // The agent's starter is now the warden.
-            cmd.env(crate::worker::ENV_PARENT_PID, me.to_string());
+            cmd.env(crew_core::worker::ENV_PARENT_PID, me.to_string());
         }
         let warden_pid = libc::pid_t::try_from(me).unwrap_or(0);
         // SAFETY: the hook runs in the forked child before exec and only
@@ -291,7 +301,7 @@ mod linux {
 
     /// The starter's pid when the agent's rule says to die with it.
     fn starter_pid() -> Option<libc::pid_t> {
-        std::env::var(crate::worker::ENV_PARENT_PID).ok()?.parse().ok()
+        std::env::var(crew_core::worker::ENV_PARENT_PID).ok()?.parse().ok()
     }
 
     fn signal_set() -> libc::sigset_t {

@@ -40,10 +40,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::job::{JobId, JobSpec};
-use crate::output::Output;
-use crate::scheduler::{History, SlotFilter, SlotLimits};
-use crate::tags::Tags;
+use crew_core::job::{JobId, JobSpec};
+use crew_core::output::Output;
+use crew_core::tags::Tags;
+use crew_scheduler::{History, SlotFilter, SlotLimits};
 
 /// One line of the journal.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -770,7 +770,7 @@ fn read_into_limited(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::output::{OUTPUT_FORMAT, Status};
+    use crew_core::output::{OUTPUT_FORMAT, Status};
 
     fn output(id: u64) -> Output {
         let mut o = Output::without_run(JobId(id), None, Tags::new(), 0, Status::Succeeded, String::new());

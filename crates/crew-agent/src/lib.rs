@@ -26,15 +26,15 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::builtins::Builtins;
-use crate::exec::{self, ExecContext, JobResult};
-use crate::job::{Command, JobId};
-use crate::output::{Captured, Status, Timestamp};
-use crate::protocol::{self, AgentMsg, ControllerMsg, PROTOCOL_VERSION, RunJob};
-use crate::worker::{
+use crew_core::job::{Command, JobId};
+use crew_core::output::{Captured, Status, Timestamp};
+use crew_core::protocol::{self, AgentMsg, ControllerMsg, PROTOCOL_VERSION, RunJob};
+use crew_core::worker::{
     ENV_CONNECT, ENV_INDEX, ENV_INDEX_BASE, ENV_LAUNCH, ENV_PARENT_PID, ENV_RESUME_FILE, ENV_TLS_SHA256, ENV_TOKEN,
     Secret,
 };
+use crew_exec::builtins::Builtins;
+use crew_exec::{ExecContext, JobResult};
 
 /// Exit code of an agent that stopped normally.
 pub const EXIT_OK: i32 = 0;
@@ -131,8 +131,7 @@ impl AgentConfig {
         let index = index_from_env()?;
         let tls_sha256 = match var(ENV_TLS_SHA256) {
             Some(pin) => Some(
-                crate::tls::parse_fingerprint(&pin)
-                    .map_err(|e| AgentError::Config(format!("{ENV_TLS_SHA256}: {e}")))?,
+                crew_tls::parse_fingerprint(&pin).map_err(|e| AgentError::Config(format!("{ENV_TLS_SHA256}: {e}")))?,
             ),
             None => None,
         };
@@ -142,7 +141,7 @@ impl AgentConfig {
 
 /// The agent's index within its launch, from the environment: `CREW_INDEX`,
 /// else `CREW_INDEX_BASE` + `AWS_BATCH_JOB_ARRAY_INDEX` (each 0 when unset).
-/// For agent binaries that resolve [`crate::worker::ENV_TOKEN_REF`].
+/// For agent binaries that resolve [`crew_core::worker::ENV_TOKEN_REF`].
 pub fn index_from_env() -> Result<u32, AgentError> {
     let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     let number = |k: &str| -> Result<u32, AgentError> {
@@ -155,7 +154,7 @@ pub fn index_from_env() -> Result<u32, AgentError> {
 }
 
 /// For programs that embed crew and use themselves as the agent
-/// ([`crate::controller::AgentCommand::current_exe`]): call this first thing
+/// ([`crew_controller::AgentCommand::current_exe`]): call this first thing
 /// in `main`. When the process was started as an agent (`CREW_CONNECT` and
 /// `CREW_LAUNCH` are set), it runs the agent with `builtins` and exits the
 /// process; otherwise it returns at once.
@@ -337,7 +336,7 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentExit, AgentError> {
     // An agent that may come back to a restarted controller must outlive
     // it: no parent-death signal (it stops by itself when no controller
     // comes back within its window).
-    if !outlives_starter() || cfg.tls_sha256.is_some() {
+    if !crew_exec::warden::outlives_starter() || cfg.tls_sha256.is_some() {
         die_with_parent()?;
     }
     let mut stream = connect(&cfg.connect).await?;
@@ -348,8 +347,8 @@ pub async fn run(cfg: AgentConfig) -> Result<AgentExit, AgentError> {
             run_on(&cfg, rd, wr).await
         }
         Some(pin) => {
-            let connector = crate::tls::connector(pin).map_err(|e| AgentError::Handshake(e.to_string()))?;
-            let tls = tokio::time::timeout(HANDSHAKE_LIMIT, connector.connect(crate::tls::server_name(), stream))
+            let connector = crew_tls::connector(pin).map_err(|e| AgentError::Handshake(e.to_string()))?;
+            let tls = tokio::time::timeout(HANDSHAKE_LIMIT, connector.connect(crew_tls::server_name(), stream))
                 .await
                 .map_err(|_| AgentError::Handshake(format!("no TLS handshake within {HANDSHAKE_LIMIT:?}")))?
                 .map_err(|e| {
@@ -389,7 +388,7 @@ where
         Scratch::create().map_err(|e| AgentError::Config(format!("could not create a scratch folder: {e}")))?;
     let mut ctx = ExecContext::new(slot.clone(), scratch.0.clone()).with_builtins(cfg.builtins.clone());
     if let Some(url) = store_url {
-        match crate::store::open_store(&url) {
+        match crew_core::store::open_store(&url) {
             Ok(store) => ctx.store = Some(store),
             Err(e) => {
                 warn!("cannot open the store {url}: {e}; large outputs will be truncated");
@@ -474,15 +473,6 @@ where
     }
 }
 
-/// Whether an agent started with this environment outlives the process
-/// that started it: one that may come back to a restarted controller (a
-/// resume file, no TLS). Otherwise it dies with its starter
-/// (`CREW_PARENT_PID`). Its [`crate::warden`] follows the same rule.
-#[must_use]
-pub fn outlives_starter() -> bool {
-    resume_file().is_some() && std::env::var_os(ENV_TLS_SHA256).is_none_or(|v| v.is_empty())
-}
-
 /// The file naming the controller to come back to, when set.
 fn resume_file() -> Option<PathBuf> {
     std::env::var_os(ENV_RESUME_FILE).filter(|v| !v.is_empty()).map(PathBuf::from)
@@ -499,7 +489,7 @@ async fn reconnect(
     session: &mut Session,
     lost: &str,
 ) -> Result<(TcpStream, Welcome, BytesMut), AgentExit> {
-    let deadline = tokio::time::Instant::from_std(crate::clock::after(Instant::now(), grant.window));
+    let deadline = tokio::time::Instant::from_std(crew_core::clock::after(Instant::now(), grant.window));
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
     let mut delay = Duration::from_millis(20);
@@ -708,7 +698,9 @@ where
             let token = cancel.clone();
             let ctx = ctx.clone();
             let mut f: JobFuture<'static> =
-                Box::pin(async move { exec::run_job(&ctx, run.job, run.attempt, run.seed, &run.spec, token).await });
+                Box::pin(
+                    async move { crew_exec::run_job(&ctx, run.job, run.attempt, run.seed, &run.spec, token).await },
+                );
             idle_since = None;
             match (&mut f).now_or_never() {
                 Some(result) => {
@@ -752,9 +744,10 @@ where
         }
         // Wait for the next thing to happen.
         let now = Instant::now();
-        let mut wake = crate::clock::after(last_sent, heartbeat).min(crate::clock::after(last_recv, silent_limit));
+        let mut wake =
+            crew_core::clock::after(last_sent, heartbeat).min(crew_core::clock::after(last_recv, silent_limit));
         if let (Some(idle), Some(since)) = (idle_timeout, idle_since) {
-            wake = wake.min(crate::clock::after(since, idle));
+            wake = wake.min(crew_core::clock::after(since, idle));
         }
         let wake = tokio::time::Instant::from_std(wake.max(now));
         tokio::select! {
@@ -772,17 +765,17 @@ where
             }
             _ = tokio::time::sleep_until(wake) => {
                 let now = Instant::now();
-                if now >= crate::clock::after(last_recv, silent_limit) {
+                if now >= crew_core::clock::after(last_recv, silent_limit) {
                     leaving.get_or_insert(AgentExit::ControllerLost(format!(
                         "no word from the controller for {}", humantime::format_duration(silent_limit)
                     )));
                 } else if let (Some(idle), Some(since)) = (idle_timeout, idle_since) {
-                    if fut.is_none() && queue.is_empty() && now >= crate::clock::after(since, idle) {
+                    if fut.is_none() && queue.is_empty() && now >= crew_core::clock::after(since, idle) {
                         push(&mut out, &AgentMsg::Bye { reason: "idle timeout".into() });
                         leaving.get_or_insert(AgentExit::Idle);
                     }
                 }
-                if now >= crate::clock::after(last_sent, heartbeat) && out.is_empty() {
+                if now >= crew_core::clock::after(last_sent, heartbeat) && out.is_empty() {
                     push(&mut out, &AgentMsg::Heartbeat);
                 }
             }
@@ -864,7 +857,7 @@ fn push_done(out: &mut BytesMut, job: JobId, attempt: u32, mut result: JobResult
     if let Some(error) = &mut r.error {
         truncate_utf8(error, 1024);
     }
-    r.status = crate::output::Status::Failed;
+    r.status = crew_core::output::Status::Failed;
     r.error = Some(format!("the job's result could not be sent to the controller: {e}"));
     push(out, &AgentMsg::Done { job, attempt, result: Box::new(r) });
 }
@@ -918,7 +911,26 @@ fn truncate_utf8(s: &mut String, max: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::output::{Captured, Status, Timestamp};
+    use crew_core::output::{Captured, Status, Timestamp};
+
+    /// The agent's configuration holds its launch secret: `{:?}` (and
+    /// `{:#?}`) never shows it.
+    #[test]
+    fn the_config_redacts_its_token_in_debug() {
+        let secret = crew_core::worker::Secret::random();
+        let config = AgentConfig {
+            connect: "127.0.0.1:7000".into(),
+            launch: "1".into(),
+            index: 0,
+            token: secret.clone(),
+            tls_sha256: None,
+            builtins: crew_exec::builtins::Builtins::default(),
+        };
+        for text in [format!("{config:?}"), format!("{config:#?}")] {
+            assert!(!text.contains(secret.expose()), "the secret shows in {text}");
+            assert!(text.contains("127.0.0.1:7000"), "{text}");
+        }
+    }
 
     fn result(objects: usize, error: Option<String>) -> JobResult {
         let t = Timestamp(std::time::SystemTime::UNIX_EPOCH);
@@ -936,7 +948,7 @@ mod tests {
             cpu_seconds: 0.0,
             peak_rss_bytes: 0,
             objects: (0..objects)
-                .map(|i| crate::staging::StoredObject {
+                .map(|i| crew_core::staging::StoredObject {
                     name: format!("out/{long}-{i}"),
                     key: format!("jobs/1/1/outputs/out/{long}-{i}"),
                     size: 6,

@@ -52,6 +52,15 @@
 //! returns a result: a job that cannot start is a `failed` job, not an agent
 //! error.
 
+pub mod builtins;
+#[cfg(target_os = "linux")]
+mod spawn;
+pub mod warden;
+
+pub use crew_core::job::{BASE_ENV, cpu_limit_seconds};
+pub use crew_core::output::JobResult;
+pub use crew_core::worker::AGENT_ONLY_ENV;
+
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
@@ -65,48 +74,14 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use serde::{Deserialize, Serialize};
+
 use tokio_util::sync::CancellationToken;
 
 use crate::builtins::{Builtin, BuiltinContext, BuiltinOutput, Builtins, call_catching};
-use crate::job::{Command, JobId, JobSpec};
-use crate::output::{Captured, Status, Timestamp};
-use crate::staging::{self, StoredObject};
-use crate::store::{Store, StoreKey};
-use crate::worker::{ENV_CONNECT, ENV_INDEX, ENV_LAUNCH, ENV_PARENT_PID, ENV_RESUME_FILE, ENV_TLS_SHA256, ENV_TOKEN};
-
-/// What the agent reports for one attempt of a job. The controller adds the
-/// job's identity, slot, class, attempt and seed to make an
-/// [`crate::Output`].
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct JobResult {
-    /// `Succeeded`, `Failed`, `TimedOut` or `Cancelled` (the agent never
-    /// reports `Crashed` or `LaunchFailed`; the controller decides those).
-    pub status: Status,
-    /// Exit code of the main process, when it exited.
-    pub exit_code: Option<i32>,
-    /// Signal that killed the main process, when it was killed.
-    pub signal: Option<i32>,
-    /// Why it did not succeed, in words.
-    pub error: Option<String>,
-    /// Captured standard output.
-    pub stdout: Captured,
-    /// Captured standard error.
-    pub stderr: Captured,
-    /// When the attempt started.
-    pub started: Timestamp,
-    /// When it ended.
-    pub finished: Timestamp,
-    /// Wall-clock seconds.
-    pub wall_seconds: f64,
-    /// User + system CPU seconds of the job's processes.
-    pub cpu_seconds: f64,
-    /// Peak resident set size of the largest process, in bytes.
-    pub peak_rss_bytes: u64,
-    /// The outputs uploaded to the store (see [`crate::staging`]).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub objects: Vec<StoredObject>,
-}
+use crew_core::job::{Command, JobId, JobSpec};
+use crew_core::output::{Captured, Status, Timestamp};
+use crew_core::staging;
+use crew_core::store::{Store, StoreKey};
 
 /// Default number of bytes of stdout (and of stderr) sent inline in a
 /// [`JobResult`]: 64 KiB.
@@ -118,19 +93,6 @@ pub const DEFAULT_KILL_GRACE: Duration = Duration::from_secs(2);
 /// The shell that runs [`Command::Shell`] lines. An absolute path, so that
 /// starting a shell job costs one `execve` rather than a `PATH` search.
 pub const SHELL: &str = "/bin/sh";
-
-/// Variables the agent itself receives to connect to its controller. They are
-/// removed from every job's environment: the launch secret must never reach
-/// a job.
-pub const AGENT_ONLY_ENV: [&str; 7] =
-    [ENV_TOKEN, ENV_LAUNCH, ENV_CONNECT, ENV_INDEX, ENV_PARENT_PID, ENV_TLS_SHA256, ENV_RESUME_FILE];
-
-/// The variables every job takes from its agent's environment, when set
-/// there: the few a program commonly needs to run at all. Nothing else of
-/// the agent's environment reaches a job unless the job names it in
-/// [`JobSpec::env_inherit`], so that what ran a worker (a shell, the
-/// daemon, a container) does not leak into jobs.
-pub const BASE_ENV: [&str; 6] = ["PATH", "HOME", "USER", "LOGNAME", "TMPDIR", "LANG"];
 
 /// The environment of one attempt of a job, built from `agent` (a lookup
 /// in the agent's own environment): [`BASE_ENV`] and the job's
@@ -269,7 +231,7 @@ impl ExecContext {
 ///   `failed`, `timed_out`, `cpu_limit` or `memory_limit`, the files
 ///   matching its output patterns are
 ///   uploaded to `jobs/<id>/<attempt>/outputs/` with a manifest (see
-///   [`crate::staging`]). A cancelled job uploads nothing: whoever cancelled
+///   [`crew_core::staging`]). A cancelled job uploads nothing: whoever cancelled
 ///   it does not want its results, and cancelling must be prompt.
 ///
 /// # Cancellation
@@ -374,7 +336,7 @@ async fn run_with_data(
 async fn fetch_inputs(store: &dyn Store, dir: &Path, spec: &JobSpec) -> Result<(), String> {
     for input in &spec.inputs {
         let fail = |why: String| format!("could not fetch input {:?}: {why}", input.name);
-        let crate::job::InputSource::Object { key, size, sha256 } = &input.source else {
+        let crew_core::job::InputSource::Object { key, size, sha256 } = &input.source else {
             return Err(fail("it was not staged (a local path reached the worker)".to_owned()));
         };
         let key = StoreKey::new(key.as_str()).map_err(|e| fail(e.to_string()))?;
@@ -579,7 +541,7 @@ impl Job<'_> {
     }
 
     /// The store key of a whole stream: `jobs/<id>/<attempt>/<stream>`.
-    fn stream_key(&self, stream: &str) -> Result<StoreKey, crate::store::StoreError> {
+    fn stream_key(&self, stream: &str) -> Result<StoreKey, crew_core::store::StoreError> {
         StoreKey::new(format!("jobs/{}/{}/{stream}", self.id, self.attempt))
     }
 
@@ -708,7 +670,7 @@ async fn capture_text(job: &Job<'_>, stream: &str, text: String, outcome: &mut O
     captured
 }
 
-fn upload_failed(job: &Job<'_>, stream: &str, e: &crate::store::StoreError, outcome: &mut Outcome) {
+fn upload_failed(job: &Job<'_>, stream: &str, e: &crew_core::store::StoreError, outcome: &mut Outcome) {
     tracing::warn!(job = %job.id, attempt = job.attempt, stream, error = %e, "could not upload a job stream");
     outcome.note(format!("could not upload {stream} to the store: {e}"));
 }
@@ -1217,13 +1179,6 @@ fn exit_outcome(stop: Option<Stop>, exit: &Exit, spec: &JobSpec) -> Outcome {
     o
 }
 
-/// A CPU limit as `RLIMIT_CPU` takes it: whole seconds, rounded up, at
-/// least 1.
-pub fn cpu_limit_seconds(limit: Duration) -> u64 {
-    let secs = limit.as_secs() + u64::from(limit.subsec_nanos() > 0);
-    secs.max(1)
-}
-
 fn format_secs(secs: u64) -> String {
     humantime::format_duration(Duration::from_secs(secs)).to_string()
 }
@@ -1320,8 +1275,8 @@ fn signal_name(signal: libc::c_int) -> Option<&'static str> {
 mod tests {
     use super::*;
     use crate::builtins::BuiltinOutput;
-    use crate::store::{ByteStream, ObjectMeta, StoreError};
     use async_trait::async_trait;
+    use crew_core::store::{ByteStream, ObjectMeta, StoreError};
     use serde_json::json;
 
     fn context() -> (tempfile::TempDir, ExecContext) {
@@ -1639,19 +1594,19 @@ mod tests {
     }
 
     /// A context with a local store, and that store.
-    fn data_context() -> (tempfile::TempDir, ExecContext, Arc<crate::store::LocalStore>) {
+    fn data_context() -> (tempfile::TempDir, ExecContext, Arc<crew_core::store::LocalStore>) {
         let (dir, ctx) = context();
-        let store = Arc::new(crate::store::LocalStore::new(dir.path().join("store")).unwrap());
+        let store = Arc::new(crew_core::store::LocalStore::new(dir.path().join("store")).unwrap());
         let ctx = ctx.with_store(store.clone());
         (dir, ctx, store)
     }
 
     /// A job reading `data` as `in/data.bin`, staged.
-    async fn staged(dir: &Path, store: &Arc<crate::store::LocalStore>, line: &str, outputs: &[&str]) -> JobSpec {
+    async fn staged(dir: &Path, store: &Arc<crew_core::store::LocalStore>, line: &str, outputs: &[&str]) -> JobSpec {
         let data = dir.join("data.bin");
         std::fs::write(&data, b"twelve bytes").unwrap();
         let mut spec = JobSpec::shell(line);
-        spec.inputs.push(crate::job::Input::path("in/data.bin", &data));
+        spec.inputs.push(crew_core::job::Input::path("in/data.bin", &data));
         spec.outputs = outputs.iter().map(|s| (*s).to_owned()).collect();
         let stager = staging::Stager::new(store.clone());
         stager.stage(std::slice::from_mut(&mut spec)).await.unwrap();
@@ -1710,7 +1665,7 @@ mod tests {
     async fn a_corrupt_input_fails_the_attempt_before_the_job_runs() {
         let (d, ctx, store) = data_context();
         let spec = staged(d.path(), &store, "touch ran", &[]).await;
-        let crate::job::InputSource::Object { key, .. } = &spec.inputs[0].source else { panic!() };
+        let crew_core::job::InputSource::Object { key, .. } = &spec.inputs[0].source else { panic!() };
         std::fs::write(store.root().join(key), b"twelve bytez").unwrap();
         let mut spec = spec;
         spec.cwd = Some(d.path().join("cwd"));
@@ -1782,7 +1737,7 @@ mod tests {
     async fn long_streams_go_to_the_store() {
         let (_d, ctx) = context();
         let root = tempfile::tempdir().unwrap();
-        let store = Arc::new(crate::store::LocalStore::new(root.path()).unwrap());
+        let store = Arc::new(crew_core::store::LocalStore::new(root.path()).unwrap());
         let object = |key: &str| std::fs::read(store.root().join(key)).ok();
         let ctx = ctx.with_inline_cap(4).with_store(store.clone());
         let r =

@@ -21,11 +21,13 @@
 //! and only while its slot waits for exactly that launch. Secrets never
 //! appear in logs (`Secret` redacts itself) or on command lines. A
 //! controller that listens beyond loopback (or is told to, [`TlsMode`])
-//! speaks TLS with an ephemeral certificate its agents pin ([`crate::tls`]);
+//! speaks TLS with an ephemeral certificate its agents pin ([`crew_tls`]);
 //! plaintext is then accepted from loopback peers only, so that local
 //! workers keep the fast path. A TLS connection is unwrapped by a task of
 //! its own into one end of a socket pair, and the other end goes through
 //! the same non-blocking code as a plain TCP connection.
+
+pub mod journal;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
@@ -40,18 +42,18 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::job::{JobError, JobId, JobSpec};
-use crate::output::{OUTPUT_FORMAT, Output, Status};
-use crate::protocol::{self, AgentMsg, ControllerMsg, PROTOCOL_VERSION, RunJob};
-use crate::scheduler::{Action, Counts, Scheduler, SlotConfig, SlotFilter, SlotId, SlotLimits, SlotState, SubmitError};
-use crate::seed::job_seed;
-use crate::store::Store;
-use crate::tags::Tags;
-use crate::tls::ControllerTls;
-use crate::worker::{
+use crew_core::job::{JobError, JobId, JobSpec};
+use crew_core::output::{OUTPUT_FORMAT, Output, Status};
+use crew_core::protocol::{self, AgentMsg, ControllerMsg, PROTOCOL_VERSION, RunJob};
+use crew_core::seed::job_seed;
+use crew_core::store::Store;
+use crew_core::tags::Tags;
+use crew_core::worker::{
     ENV_CONNECT, ENV_LAUNCH, ENV_RESUME_FILE, ENV_TLS_SHA256, ENV_TOKEN, Handle, LaunchMember, LaunchSpec, Liveness,
     Secret, Worker,
 };
+use crew_scheduler::{Action, Counts, Scheduler, SlotConfig, SlotFilter, SlotId, SlotLimits, SlotState, SubmitError};
+use crew_tls::ControllerTls;
 
 /// How the controller starts an agent: a program and its arguments. The
 /// connection details and the secret are added to its environment.
@@ -84,7 +86,7 @@ impl AgentCommand {
     }
 
     /// The running executable itself, which must call
-    /// [`crate::agent::run_if_agent`] first thing in `main` (embedders).
+    /// `crew_agent::run_if_agent` first thing in `main` (embedders).
     pub fn current_exe() -> std::io::Result<Self> {
         Ok(Self { program: std::env::current_exe()?.to_string_lossy().into_owned(), args: Vec::new(), name: None })
     }
@@ -140,7 +142,7 @@ pub struct ControllerConfig {
 /// slot without any per-slot secret on disk; agents get it in their
 /// `Welcome` (never in their environment or command line) and keep it in
 /// memory. Agents find the restarted controller through `address_file`
-/// (the path is in their environment, [`crate::worker::ENV_RESUME_FILE`]),
+/// (the path is in their environment, [`crew_core::worker::ENV_RESUME_FILE`]),
 /// which [`Controller::publish_address`] writes.
 #[derive(Clone, Debug)]
 pub struct ResumeConfig {
@@ -232,7 +234,7 @@ pub struct RestoredJob {
     /// What it runs.
     pub spec: JobSpec,
     /// Its past: attempts started, crashes, failures retried.
-    pub history: crate::scheduler::History,
+    pub history: crew_scheduler::History,
     /// The slot whose worker ran it (attempt `history.attempts`) when the
     /// previous controller stopped: with [`ControllerConfig::resume`], the
     /// job is held for that slot's worker to come back with it.
@@ -267,7 +269,7 @@ impl ControllerConfig {
 pub enum ControllerError {
     /// The job is not acceptable.
     #[error("invalid job: {0}")]
-    InvalidJob(#[from] crate::job::JobError),
+    InvalidJob(#[from] crew_core::job::JobError),
     /// No slot can run the job.
     #[error(transparent)]
     Refused(#[from] SubmitError),
@@ -291,7 +293,7 @@ pub enum ControllerError {
     Recruit(String),
     /// TLS could not be set up.
     #[error(transparent)]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(#[from] crew_tls::TlsError),
     /// The advertised address is not one agents can dial.
     #[error("invalid advertised address: {0}")]
     Advertise(String),
@@ -525,7 +527,7 @@ struct Conn {
 
 /// The parts of one result's object list received so far, and whether it
 /// passed [`MAX_RESULT_OBJECTS`].
-type ObjectParts = (Vec<crate::staging::StoredObject>, bool);
+type ObjectParts = (Vec<crew_core::staging::StoredObject>, bool);
 
 /// The most output objects one result may list; a job that uploaded more
 /// ends `failed` with a reason (the controller's memory is the bound).
@@ -865,7 +867,7 @@ impl Controller {
         let mut held = |name: &Option<String>| -> Option<SlotId> {
             let resume = shared.config.resume.as_ref()?;
             let slot = core.sched.slot_by_name(name.as_deref()?)?;
-            let until = crate::clock::after(now, resume.window.saturating_add(shared.config.heartbeat * 2));
+            let until = crew_core::clock::after(now, resume.window.saturating_add(shared.config.heartbeat * 2));
             core.sched.await_resume(slot, until);
             (core.sched.slot_state(slot) == SlotState::Resuming).then_some(slot)
         };
@@ -900,7 +902,7 @@ impl Controller {
     /// Waits for the next output. Returns `None` when no job is pending (so
     /// none will come), or when `timeout` passes first.
     pub async fn receive_wait(&self, timeout: Option<Duration>) -> Option<Output> {
-        let deadline = timeout.map(|t| crate::clock::after_tokio(tokio::time::Instant::now(), t));
+        let deadline = timeout.map(|t| crew_core::clock::after_tokio(tokio::time::Instant::now(), t));
         loop {
             let notified = self.shared.outputs_ready.notified();
             tokio::pin!(notified);
@@ -952,6 +954,7 @@ impl Controller {
                     SlotState::Stopping => "stopping",
                     SlotState::Broken => "broken",
                     SlotState::Resuming => "resuming",
+                    _ => "unknown",
                 };
                 SlotStatus {
                     name: v.config.name.clone(),
@@ -1024,7 +1027,8 @@ impl Controller {
     pub fn await_workers(&self, slots: &[String]) {
         let Some(resume) = &self.shared.config.resume else { return };
         let mut core = lock(&self.shared.core);
-        let until = crate::clock::after(Instant::now(), resume.window.saturating_add(self.shared.config.heartbeat * 2));
+        let until =
+            crew_core::clock::after(Instant::now(), resume.window.saturating_add(self.shared.config.heartbeat * 2));
         for name in slots {
             if let Some(slot) = core.sched.slot_by_name(name) {
                 core.sched.await_resume(slot, until);
@@ -1080,7 +1084,7 @@ impl Controller {
             core.launches.clear();
         }
         // Give agents the grace to leave by themselves.
-        let deadline = crate::clock::after_tokio(tokio::time::Instant::now(), shared.config.stop_grace);
+        let deadline = crew_core::clock::after_tokio(tokio::time::Instant::now(), shared.config.stop_grace);
         for c in &conns {
             let _ = tokio::time::timeout_at(deadline, c.closed.cancelled()).await;
         }
@@ -1269,7 +1273,7 @@ impl Shared {
         self: &Arc<Self>,
         launch: u64,
         slots: &[SlotId],
-        result: Result<Vec<Handle>, crate::worker::WorkerError>,
+        result: Result<Vec<Handle>, crew_core::worker::WorkerError>,
     ) {
         let mut guard = lock(&self.core);
         let core = &mut *guard;
@@ -1488,7 +1492,7 @@ impl Shared {
                         cpu_seconds: r.cpu_seconds,
                         peak_rss_bytes: r.peak_rss_bytes,
                         cpu_limit_seconds: (r.status == Status::CpuLimit)
-                            .then(|| spec.cpu.map(|c| crate::exec::cpu_limit_seconds(c) as f64))
+                            .then(|| spec.cpu.map(|c| crew_core::job::cpu_limit_seconds(c) as f64))
                             .flatten(),
                         memory_limit_bytes: (r.status == Status::MemoryLimit).then_some(spec.memory).flatten(),
                         slot: Some(cfg.name.clone()),
@@ -1654,7 +1658,7 @@ async fn open_link(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) ->
     let mut first = [0u8; 1];
     let limit = shared.config.hello_timeout;
     // One budget for the first byte and the TLS handshake.
-    let deadline = crate::clock::after_tokio(tokio::time::Instant::now(), limit);
+    let deadline = crew_core::clock::after_tokio(tokio::time::Instant::now(), limit);
     match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
         Ok(Ok(1)) => {}
         Ok(Ok(_)) => return None,

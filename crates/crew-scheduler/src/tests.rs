@@ -18,9 +18,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{Action, History, Scheduler, SlotConfig, SlotFilter, SlotId, SlotLimits, SlotState, SubmitError};
-use crate::job::{JobId, JobSpec};
-use crate::output::{Output, Status};
-use crate::tags::Tags;
+use crew_core::job::{JobId, JobSpec};
+use crew_core::output::{Output, Status};
+use crew_core::tags::Tags;
 
 // ----- helpers -----------------------------------------------------------
 

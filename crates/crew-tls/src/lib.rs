@@ -110,7 +110,8 @@ impl ControllerTls {
         &self.fingerprint
     }
 
-    pub(crate) fn acceptor(&self) -> &tokio_rustls::TlsAcceptor {
+    /// The acceptor for agent connections (TLS 1.3, this certificate).
+    pub fn acceptor(&self) -> &tokio_rustls::TlsAcceptor {
         &self.acceptor
     }
 }

@@ -1,6 +1,6 @@
 //! Builtins: functions compiled into the agent, run as jobs without a process.
 //!
-//! A job whose command is [`crate::Command::Builtin`] calls a function of the
+//! A job whose command is [`crew_core::Command::Builtin`] calls a function of the
 //! agent's [`Builtins`] registry instead of starting a program. That serves
 //! three purposes:
 //!
@@ -31,7 +31,7 @@ use futures::future::BoxFuture;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::job::JobId;
+use crew_core::job::JobId;
 
 /// What a builtin receives besides its JSON arguments: the job's identity and
 /// environment, and a token cancelled when the job is timed out or cancelled.
@@ -244,7 +244,7 @@ impl Builtins {
     }
 
     /// Runs builtin `name` to completion, without the timeout and capture
-    /// handling of [`crate::exec::run_job`] (which is what the agent uses).
+    /// handling of [`crate::run_job`] (which is what the agent uses).
     /// A panic in the builtin is returned as an error.
     pub async fn call(&self, name: &str, args: Value, ctx: BuiltinContext) -> Result<BuiltinOutput, BuiltinError> {
         match self.lookup(name).map_err(BuiltinError::from)? {

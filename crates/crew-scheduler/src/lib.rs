@@ -39,10 +39,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::clock::after;
-use crate::job::{JobId, JobSpec};
-use crate::output::{Output, Status};
-use crate::tags::Tags;
+use crew_core::clock::after;
+use crew_core::job::{JobId, JobSpec};
+use crew_core::output::{Output, Status};
+use crew_core::tags::Tags;
 
 #[cfg(test)]
 mod tests;
@@ -1442,7 +1442,7 @@ impl Scheduler {
 
     /// Checks every internal invariant; panics with a description when one
     /// does not hold. For tests (the simulation calls it after every step).
-    #[cfg(any(test, feature = "conformance"))]
+    #[cfg(test)]
     pub fn sanity_check(&self) {
         let mut seen: HashMap<JobId, &str> = HashMap::new();
         for (tags, group) in &self.queue {
