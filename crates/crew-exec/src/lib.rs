@@ -1430,7 +1430,7 @@ mod tests {
     #[test]
     fn agent_secrets_do_not_reach_jobs() {
         let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["exec::tests::token_child", "--exact", "--ignored", "--test-threads=1"])
+            .args(["tests::token_child", "--exact", "--ignored", "--test-threads=1"])
             .env("CREW_EXEC_TEST_CHILD", "1")
             .env("CREW_TOKEN", "s3cret")
             .env("CREW_LAUNCH", "l")
