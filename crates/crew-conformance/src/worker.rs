@@ -103,7 +103,7 @@ async fn agents_connect_run_and_terminate(class: Arc<dyn Worker>, kit: &WorkerKi
     let names = controller.recruit(recruit).expect("worker conformance: recruit failed");
     assert_eq!(controller.launch(&SlotFilter::default(), 3), 3, "worker conformance: three slots should launch");
     until("three launched workers connect", kit.launch_timeout, || {
-        controller.status().slots.iter().filter(|s| s.state == "idle").count() == 3
+        controller.status().slots.iter().filter(|s| s.state == crew_controller::SlotCondition::Idle).count() == 3
     })
     .await;
     let handles: Vec<Handle> = controller

@@ -162,8 +162,53 @@ impl Recruit {
     }
 }
 
+/// What a slot is doing, as a status report shows it: the scheduler's
+/// [`SlotState`] with `up` told apart by whether the worker has a job.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum SlotCondition {
+    /// Not running; launched when a job needs it.
+    Down,
+    /// Launched, waiting for its agent to connect.
+    Launching,
+    /// Connected, without a job.
+    Idle,
+    /// Connected, running a job.
+    Busy,
+    /// Asked to stop; waiting for it to go.
+    Stopping,
+    /// Its launch budget is spent (`restart` makes it usable again).
+    Broken,
+    /// After a controller restart: its worker is expected back.
+    Resuming,
+}
+
+impl SlotCondition {
+    /// The word for it (as in JSON).
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Down => "down",
+            Self::Launching => "launching",
+            Self::Idle => "idle",
+            Self::Busy => "busy",
+            Self::Stopping => "stopping",
+            Self::Broken => "broken",
+            Self::Resuming => "resuming",
+        }
+    }
+}
+
+impl fmt::Display for SlotCondition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One slot in a status report.
 #[derive(Clone, Debug, serde::Serialize)]
+#[non_exhaustive]
 pub struct SlotStatus {
     /// Name.
     pub name: String,
@@ -171,8 +216,8 @@ pub struct SlotStatus {
     pub class: String,
     /// Tags.
     pub tags: Tags,
-    /// `down`, `launching`, `idle`, `busy`, `stopping`, `broken`.
-    pub state: &'static str,
+    /// What it is doing.
+    pub state: SlotCondition,
     /// The platform handle (pid for local workers), when launched.
     pub handle: Option<String>,
     /// Jobs assigned now.
@@ -655,14 +700,14 @@ impl Controller {
             .map(|v| {
                 let rt = &core.slots[v.id.0 as usize];
                 let state = match v.state {
-                    SlotState::Down => "down",
-                    SlotState::Launching => "launching",
-                    SlotState::Up if v.assigned == 0 => "idle",
-                    SlotState::Up => "busy",
-                    SlotState::Stopping => "stopping",
-                    SlotState::Broken => "broken",
-                    SlotState::Resuming => "resuming",
-                    _ => "unknown",
+                    SlotState::Down => SlotCondition::Down,
+                    SlotState::Launching => SlotCondition::Launching,
+                    SlotState::Up if v.assigned == 0 => SlotCondition::Idle,
+                    SlotState::Up => SlotCondition::Busy,
+                    SlotState::Stopping => SlotCondition::Stopping,
+                    SlotState::Broken => SlotCondition::Broken,
+                    // Resuming, and whatever the scheduler grows next.
+                    _ => SlotCondition::Resuming,
                 };
                 SlotStatus {
                     name: v.config.name.clone(),

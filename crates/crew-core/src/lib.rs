@@ -26,6 +26,7 @@ pub mod clock;
 pub mod conformance;
 pub mod job;
 pub mod output;
+pub mod percent;
 pub mod protocol;
 pub mod seed;
 pub mod staging;

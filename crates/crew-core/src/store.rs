@@ -678,30 +678,11 @@ fn key_to_location(key: &StoreKey) -> ObjPath {
 fn location_to_key(location: &ObjPath) -> Option<StoreKey> {
     let mut segments = Vec::new();
     for part in location.parts() {
-        let bytes = percent_decode_strict(part.as_ref())?;
+        let bytes = crate::percent::decode(part.as_ref())?;
         segments.push(String::from_utf8(bytes).ok()?);
     }
     let key = StoreKey::new(segments.join("/")).ok()?;
     (key_to_location(&key) == *location).then_some(key)
-}
-
-/// Decodes `%XX` escapes; `None` on a malformed escape.
-fn percent_decode_strict(s: &str) -> Option<Vec<u8>> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes.get(i + 1..i + 3)?;
-            let hex = std::str::from_utf8(hex).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    Some(out)
 }
 
 /// Whether `b` may appear unescaped in the path of a `file://` URL (RFC 3986
@@ -743,7 +724,7 @@ fn file_url_to_path(url: &str) -> Result<PathBuf, StoreError> {
     if path.contains(['?', '#']) {
         return Err(bad("it has a query or fragment (write ? as %3F, # as %23)"));
     }
-    let bytes = percent_decode_strict(path).ok_or_else(|| bad("malformed %-escape"))?;
+    let bytes = crate::percent::decode(path).ok_or_else(|| bad("malformed %-escape"))?;
     let path = String::from_utf8(bytes).map_err(|_| bad("the path is not valid UTF-8"))?;
     if path.contains('\0') {
         return Err(bad("the path contains a NUL byte"));

@@ -7,7 +7,6 @@
 //! holds a secret: credentials come from the AWS chain of the process that
 //! opens it, and an endpoint with `user:password@` is refused.
 
-use std::fmt::Write as _;
 use std::time::Duration;
 
 use crew_core::store::{StoreError, StoreKey};
@@ -73,7 +72,8 @@ impl S3Url {
         let prefix = if prefix.is_empty() {
             None
         } else {
-            let decoded = percent_decode(prefix).ok_or_else(|| bad("the prefix has a malformed %-escape".into()))?;
+            let decoded = crew_core::percent::decode_utf8(prefix)
+                .ok_or_else(|| bad("the prefix has a malformed %-escape".into()))?;
             Some(StoreKey::new(decoded).map_err(|e| bad(format!("bad prefix: {e}")))?)
         };
         let mut parsed = Self {
@@ -87,7 +87,8 @@ impl S3Url {
         };
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let value = percent_decode(value).ok_or_else(|| bad(format!("option {name}: malformed %-escape")))?;
+            let value = crew_core::percent::decode_utf8(value)
+                .ok_or_else(|| bad(format!("option {name}: malformed %-escape")))?;
             if value.is_empty() {
                 return Err(bad(format!("option {name} has no value")));
             }
@@ -141,7 +142,7 @@ impl S3Url {
         let mut url = format!("s3://{}", self.bucket);
         if let Some(prefix) = &self.prefix {
             url.push('/');
-            encode_into(&mut url, prefix.as_str(), |b| b == b'/');
+            crew_core::percent::encode_into(&mut url, prefix.as_str(), |b| b == b'/');
         }
         let mut sep = '?';
         for (name, value) in [("region", &self.region), ("endpoint", &self.endpoint), ("profile", &self.profile)] {
@@ -150,7 +151,7 @@ impl S3Url {
                 sep = '&';
                 url.push_str(name);
                 url.push('=');
-                encode_into(&mut url, value, |b| b"/:@".contains(&b));
+                crew_core::percent::encode_into(&mut url, value, |b| b"/:@".contains(&b));
             }
         }
         for (name, value) in [("retry_timeout", self.retry_timeout), ("retry_init", self.retry_init)] {
@@ -239,36 +240,6 @@ pub(crate) fn show_duration(d: Duration) -> String {
         _ if ms % 1_000 == 0 && ms > 0 => format!("{}s", ms / 1_000),
         _ => format!("{ms}ms"),
     }
-}
-
-/// Appends `text`, percent-encoding every byte but unreserved ones and those
-/// `keep` accepts.
-fn encode_into(out: &mut String, text: &str, keep: impl Fn(u8) -> bool) {
-    for b in text.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) || keep(b) {
-            out.push(char::from(b));
-        } else {
-            let _ = write!(out, "%{b:02X}");
-        }
-    }
-}
-
-/// Decodes `%XX` escapes into UTF-8 text; `None` when malformed.
-fn percent_decode(text: &str) -> Option<String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 #[cfg(test)]

@@ -182,7 +182,7 @@ impl Bench {
         controller.recruit(recruit)?;
         controller.launch(&SlotFilter::default(), count as usize);
         let deadline = Instant::now() + PATIENCE;
-        while !controller.status().slots.iter().all(|s| s.state == "idle") {
+        while !controller.status().slots.iter().all(|s| s.state == crew_controller::SlotCondition::Idle) {
             ensure!(Instant::now() < deadline, "the workers did not connect within {PATIENCE:?}");
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
@@ -498,16 +498,20 @@ impl Bench {
 /// needs.
 fn launch_once(controller: &Controller) -> anyhow::Result<Duration> {
     let state = || controller.status().slots.first().map(|s| s.state);
-    ensure!(state() == Some("down"), "the slot is {:?}, not down, before a launch", state());
+    ensure!(
+        state() == Some(crew_controller::SlotCondition::Down),
+        "the slot is {:?}, not down, before a launch",
+        state()
+    );
     let begin = Instant::now();
     ensure!(controller.launch(&SlotFilter::default(), 1) == 1, "the slot did not launch");
-    while state() != Some("idle") {
+    while state() != Some(crew_controller::SlotCondition::Idle) {
         ensure!(begin.elapsed() < PATIENCE, "the worker did not connect within {PATIENCE:?}");
         std::thread::sleep(Duration::from_micros(50));
     }
     let ready = begin.elapsed();
     controller.shutdown(&SlotFilter::default(), true);
-    while state() != Some("down") {
+    while state() != Some(crew_controller::SlotCondition::Down) {
         ensure!(begin.elapsed() < 2 * PATIENCE, "the worker did not stop within {PATIENCE:?}");
         std::thread::sleep(Duration::from_millis(1));
     }

@@ -64,7 +64,7 @@ pub(crate) fn fetch(ctx: &Ctx, args: FetchArgs) -> Result<u8, Failure> {
     let (daemon_id, url, objects) = match &args.store {
         Some(url) => (None, url.clone(), None),
         None => {
-            let job = percent_encode(&args.job);
+            let job = crew_core::percent::encode_component(&args.job);
             let answer: Objects = ctx.client()?.get(&format!("/v1/jobs/{job}/objects")).map_err(api)?;
             (Some(answer.id), answer.store, Some(answer.objects))
         }
@@ -143,17 +143,4 @@ async fn fetch_one(store: &dyn Store, dir: &std::path::Path, object: &StoredObje
         .await
         .map_err(|e| Failure::internal(anyhow!("cannot fetch {}: {e}", object.name)))?;
     Ok(dest)
-}
-
-/// Percent-encodes a job name for a URL path segment.
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }

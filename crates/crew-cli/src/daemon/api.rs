@@ -858,7 +858,12 @@ fn specs_of(r: JobsReq) -> Result<Vec<crew_core::JobSpec>, ApiError> {
 
 fn sendable(d: &Daemon, query: &str) -> Answer {
     let wanted = wanted_tags(query)?;
-    let ok = d.controller.status().slots.iter().any(|s| s.state != "broken" && s.tags.satisfies(&wanted));
+    let ok = d
+        .controller
+        .status()
+        .slots
+        .iter()
+        .any(|s| s.state != crew_controller::SlotCondition::Broken && s.tags.satisfies(&wanted));
     Ok(json!({"sendable": ok}))
 }
 
@@ -868,29 +873,12 @@ fn wanted_tags(query: &str) -> Result<Tags, ApiError> {
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         if k == "tags" {
-            let v = percent_decode(v).ok_or_else(|| ApiError::bad_request("tags: invalid percent-encoding"))?;
+            let v = crew_core::percent::decode_query(v)
+                .ok_or_else(|| ApiError::bad_request("tags: invalid percent-encoding"))?;
             wanted = v.parse().map_err(|e| ApiError::bad_request(format!("tags: {e}")))?;
         }
     }
     Ok(wanted)
-}
-
-/// Decodes `%XX` escapes and `+` (a space) of a query value.
-fn percent_decode(s: &str) -> Option<String> {
-    let mut out = Vec::with_capacity(s.len());
-    let mut bytes = s.bytes();
-    while let Some(b) = bytes.next() {
-        match b {
-            b'%' => {
-                let hi = (bytes.next()? as char).to_digit(16)?;
-                let lo = (bytes.next()? as char).to_digit(16)?;
-                out.push(u8::try_from(hi * 16 + lo).ok()?);
-            }
-            b'+' => out.push(b' '),
-            b => out.push(b),
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 fn receivable(d: &Daemon) -> Value {
@@ -1026,7 +1014,8 @@ async fn logs(d: &Daemon, id: &str) -> Answer {
 /// or name, and the store they are in (so that a client fetches them from
 /// the store itself, never through the daemon).
 fn objects(d: &Daemon, job: &str) -> Answer {
-    let job = percent_decode(job).ok_or_else(|| ApiError::bad_request("invalid percent-encoding in the job"))?;
+    let job = crew_core::percent::decode_utf8(job)
+        .ok_or_else(|| ApiError::bad_request("invalid percent-encoding in the job"))?;
     let id = job.parse::<u64>().ok().map(JobId);
     let ready = d
         .lock()
@@ -1108,9 +1097,9 @@ fn checked_request(method: &Method, path: &str, query: &str, body: &[u8]) -> Res
         (&Method::GET, ["v1", "jobs", id, "logs"]) => {
             id.parse::<u64>().map(drop).map_err(|_| ApiError::not_found("job ids are numbers"))
         }
-        (&Method::GET, ["v1", "jobs", job, "objects"]) => {
-            percent_decode(job).map(drop).ok_or_else(|| ApiError::bad_request("invalid percent-encoding"))
-        }
+        (&Method::GET, ["v1", "jobs", job, "objects"]) => crew_core::percent::decode_utf8(job)
+            .map(drop)
+            .ok_or_else(|| ApiError::bad_request("invalid percent-encoding")),
         _ => Err(ApiError::not_found(format!("no route {method} {path}"))),
     }
 }

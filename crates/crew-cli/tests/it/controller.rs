@@ -221,7 +221,10 @@ async fn hostile_connections_are_closed_and_logged_and_jobs_go_on() {
 
     // The wrong token did not use up local-2's launch: its agent connects.
     let up = eventually(Duration::from_secs(15), || {
-        controller.status().slots.iter().any(|s| s.name == "local-2" && (s.state == "idle" || s.state == "busy"))
+        controller.status().slots.iter().any(|s| {
+            s.name == "local-2"
+                && (s.state == crew_controller::SlotCondition::Idle || s.state == crew_controller::SlotCondition::Busy)
+        })
     })
     .await;
     assert!(up, "local-2 did not come up after the attacks: {:?}", controller.status());
@@ -259,7 +262,7 @@ async fn a_timeout_kills_the_whole_job_while_the_worker_stays() {
     .await;
     assert!(gone, "processes of the timed-out job survived: {}", describe(&left));
     let slots = controller.status().slots;
-    assert_eq!(slots[0].state, "idle", "the worker stays up after a timeout: {slots:?}");
+    assert_eq!(slots[0].state, crew_controller::SlotCondition::Idle, "the worker stays up after a timeout: {slots:?}");
     controller.close().await;
     assert_none_marked(&mark, Duration::from_secs(3));
 }
@@ -290,7 +293,8 @@ async fn workers_persist_between_jobs_and_stop_when_idle() {
     assert!(
         eventually(Duration::from_secs(10), || {
             let st = controller.status();
-            st.slots[0].state == "down" && st.slots[0].last_reason.as_deref().is_some_and(|r| r.contains("idle"))
+            st.slots[0].state == crew_controller::SlotCondition::Down
+                && st.slots[0].last_reason.as_deref().is_some_and(|r| r.contains("idle"))
         })
         .await,
         "the idle worker was not stopped: {:?}",

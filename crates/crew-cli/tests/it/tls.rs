@@ -96,7 +96,10 @@ async fn with_tls_always_the_wire_is_encrypted_agents_pin_the_certificate_and_pl
     controller.recruit(Recruit::new(Arc::new(LocalWorker::new()), 2)).expect("recruit");
     // Both workers up before the jobs, so that both connections carry some.
     assert_eq!(controller.launch(&SlotFilter::default(), 2), 2);
-    let up = eventually(Duration::from_secs(20), || controller.status().slots.iter().all(|s| s.state == "idle")).await;
+    let up = eventually(Duration::from_secs(20), || {
+        controller.status().slots.iter().all(|s| s.state == crew_controller::SlotCondition::Idle)
+    })
+    .await;
     assert!(up, "the workers did not connect: {:?}", controller.status());
     let payload = unique("plain-payload-");
     let mut ids = Vec::new();

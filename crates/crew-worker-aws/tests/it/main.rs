@@ -228,7 +228,7 @@ async fn twenty_workers_are_one_array_job_probed_in_one_call_per_round() {
     controller.recruit(recruit).expect("recruit");
     assert_eq!(controller.launch(&SlotFilter::default(), 20), 20);
     until("20 workers connect", Duration::from_secs(90), || {
-        controller.status().slots.iter().filter(|s| s.state == "idle").count() == 20
+        controller.status().slots.iter().filter(|s| s.state == crew_controller::SlotCondition::Idle).count() == 20
     })
     .await;
     assert_eq!(calls.submit.load(Ordering::SeqCst), 1, "20 workers must be one SubmitJob (one array job)");
@@ -369,7 +369,7 @@ async fn no_batch_job_runs_after_close() {
     controller.recruit(recruit).expect("recruit");
     assert_eq!(controller.launch(&SlotFilter::default(), 4), 4);
     until("4 workers connect", Duration::from_secs(60), || {
-        controller.status().slots.iter().filter(|s| s.state == "idle").count() == 4
+        controller.status().slots.iter().filter(|s| s.state == crew_controller::SlotCondition::Idle).count() == 4
     })
     .await;
     // One worker busy with a long job, three idle, and a launch in flight.

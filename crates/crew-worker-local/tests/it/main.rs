@@ -92,14 +92,14 @@ async fn two_instances_of_a_class_keep_their_own_workers() {
     controller.recruit(Recruit::new(Arc::new(LocalWorker::new()), 1)).expect("recruit b");
     assert_eq!(controller.launch(&SlotFilter::default(), 2), 2);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while controller.status().slots.iter().filter(|s| s.state == "idle").count() < 2 {
+    while controller.status().slots.iter().filter(|s| s.state == crew_controller::SlotCondition::Idle).count() < 2 {
         assert!(std::time::Instant::now() < deadline, "{:?}", controller.status());
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     // Several probe intervals later, both are still up.
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     let st = controller.status();
-    assert!(st.slots.iter().all(|s| s.state == "idle"), "a worker was dropped: {st:?}");
+    assert!(st.slots.iter().all(|s| s.state == crew_controller::SlotCondition::Idle), "a worker was dropped: {st:?}");
     controller.close().await;
     for s in &st.slots {
         let pid = s.handle.clone().expect("a pid");
