@@ -139,18 +139,15 @@ impl Shared {
                 let members = chunk
                     .iter()
                     .enumerate()
-                    .map(|(i, s)| LaunchMember { slot: core.sched.slot_config(*s).name.clone(), index: i as u32 })
+                    .map(|(i, s)| LaunchMember::new(core.sched.slot_config(*s).name.clone(), i as u32))
                     .collect();
                 let wall_time = core.sched.slot_config(chunk[0]).limits.wall_time;
-                let spec = LaunchSpec {
-                    program: self.config.agent.program.clone(),
-                    program_name: self.config.agent.portable_name(),
-                    args: self.config.agent.args.clone(),
-                    env,
-                    members,
-                    options: options.clone(),
-                    wall_time,
-                };
+                let spec =
+                    LaunchSpec::new(self.config.agent.program.clone(), self.config.agent.portable_name(), members)
+                        .with_args(self.config.agent.args.clone())
+                        .with_env(env)
+                        .with_options(options.clone())
+                        .with_wall_time(wall_time);
                 core.launches.insert(id, LaunchRt { secret, members: chunk.iter().map(|s| (*s, false)).collect() });
                 for s in chunk {
                     core.slots[s.0 as usize].launch = Some(id);

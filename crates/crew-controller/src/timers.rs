@@ -103,7 +103,9 @@ impl Shared {
                     // heartbeat decides then.
                     Liveness::Unknown if core.slots[slot.0 as usize].conn.is_some() => continue,
                     Liveness::Unknown => "the platform no longer knows this worker".to_owned(),
-                    Liveness::Starting | Liveness::Running => continue,
+                    // Starting, running, or a state a newer class reports:
+                    // nothing to do (the heartbeat still watches).
+                    _ => continue,
                 };
                 let rt = &mut core.slots[slot.0 as usize];
                 if rt.handle.as_ref() != Some(handle) {

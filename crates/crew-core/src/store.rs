@@ -89,8 +89,10 @@ impl StoreKey {
     }
 }
 
-/// What a store knows of one object.
+/// What a store knows of one object. Built with [`ObjectMeta::new`] and the
+/// `with_` methods (it may grow fields).
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ObjectMeta {
     /// The object's key.
     pub key: StoreKey,
@@ -101,6 +103,28 @@ pub struct ObjectMeta {
     /// When the object was last written, when the backend says (`list`,
     /// `head` and `get_file` do; puts do not).
     pub last_modified: Option<std::time::SystemTime>,
+}
+
+impl ObjectMeta {
+    /// An object of `size` bytes at `key`, with no version tag or time.
+    #[must_use]
+    pub fn new(key: StoreKey, size: u64) -> Self {
+        Self { key, size, e_tag: None, last_modified: None }
+    }
+
+    /// With its version tag (ETag), when the backend has one.
+    #[must_use]
+    pub fn with_e_tag(mut self, e_tag: Option<String>) -> Self {
+        self.e_tag = e_tag;
+        self
+    }
+
+    /// With the time it was last written, when the backend says.
+    #[must_use]
+    pub fn with_last_modified(mut self, at: Option<std::time::SystemTime>) -> Self {
+        self.last_modified = at;
+        self
+    }
 }
 
 /// A stream of object bytes, as returned by [`Store::get`].
@@ -497,7 +521,7 @@ impl LocalStore {
             writer.put(chunk);
         }
         let done = writer.finish().await.map_err(|e| backend_error("put", key, e))?;
-        Ok(ObjectMeta { key: key.clone(), size, e_tag: done.e_tag, last_modified: None })
+        Ok(ObjectMeta::new(key.clone(), size).with_e_tag(done.e_tag))
     }
 }
 
@@ -528,7 +552,7 @@ impl Store for LocalStore {
         let location = self.location(key, true).await?;
         let size = data.len() as u64;
         let done = self.inner.put(&location, PutPayload::from(data)).await.map_err(|e| backend_error("put", key, e))?;
-        Ok(ObjectMeta { key: key.clone(), size, e_tag: done.e_tag, last_modified: None })
+        Ok(ObjectMeta::new(key.clone(), size).with_e_tag(done.e_tag))
     }
 
     async fn get(&self, key: &StoreKey) -> Result<ByteStream, StoreError> {
@@ -543,12 +567,9 @@ impl Store for LocalStore {
         // Open the object before touching the destination, so that a missing
         // object leaves an existing file alone.
         let found = self.inner.get(&location).await.map_err(|e| backend_error("get", key, e))?;
-        let meta = ObjectMeta {
-            key: key.clone(),
-            size: found.meta.size,
-            e_tag: found.meta.e_tag.clone(),
-            last_modified: Some(found.meta.last_modified.into()),
-        };
+        let meta = ObjectMeta::new(key.clone(), found.meta.size)
+            .with_e_tag(found.meta.e_tag.clone())
+            .with_last_modified(Some(found.meta.last_modified.into()));
         let stream = found.into_stream().map_err(|e| backend_error("read", key, e));
         write_file(key, stream, path).await?;
         Ok(meta)
@@ -557,12 +578,9 @@ impl Store for LocalStore {
     async fn head(&self, key: &StoreKey) -> Result<ObjectMeta, StoreError> {
         let location = self.location(key, true).await?;
         let meta = self.inner.head(&location).await.map_err(|e| backend_error("head", key, e))?;
-        Ok(ObjectMeta {
-            key: key.clone(),
-            size: meta.size,
-            e_tag: meta.e_tag,
-            last_modified: Some(meta.last_modified.into()),
-        })
+        Ok(ObjectMeta::new(key.clone(), meta.size)
+            .with_e_tag(meta.e_tag)
+            .with_last_modified(Some(meta.last_modified.into())))
     }
 
     async fn list(&self, prefix: &StoreKey) -> Result<Vec<ObjectMeta>, StoreError> {
@@ -592,12 +610,11 @@ impl Store for LocalStore {
                     tracing::warn!(%key, error = %e, "skipping a listed object");
                     continue;
                 }
-                found.push(ObjectMeta {
-                    key,
-                    size: meta.size,
-                    e_tag: meta.e_tag,
-                    last_modified: Some(meta.last_modified.into()),
-                });
+                found.push(
+                    ObjectMeta::new(key, meta.size)
+                        .with_e_tag(meta.e_tag)
+                        .with_last_modified(Some(meta.last_modified.into())),
+                );
             }
             found
         })

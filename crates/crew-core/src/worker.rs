@@ -112,8 +112,9 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// One agent to start in a launch.
+/// One agent to start in a launch ([`LaunchMember::new`]).
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct LaunchMember {
     /// The slot's name, unique within the controller (`local-3`).
     pub slot: String,
@@ -129,7 +130,11 @@ pub struct LaunchMember {
 /// Its `Debug` redacts the values of secret variables in `env`
 /// ([`ENV_TOKEN`], and any whose name says token, secret, password or
 /// credential), so that a launch can be logged.
+///
+/// Classes read it; the controller builds it ([`LaunchSpec::new`] and the
+/// `with_` methods), so that it may grow fields without breaking a class.
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct LaunchSpec {
     /// The agent program to run (the `crew` binary, or an embedder's own).
     pub program: String,
@@ -152,6 +157,59 @@ pub struct LaunchSpec {
     /// How long the agent may run in all (its slot's soft wall time), if set;
     /// platforms with a hard limit use it plus a grace period.
     pub wall_time: Option<Duration>,
+}
+
+impl LaunchMember {
+    /// The agent of slot `slot`, member `index` of its launch.
+    #[must_use]
+    pub fn new(slot: impl Into<String>, index: u32) -> Self {
+        Self { slot: slot.into(), index }
+    }
+}
+
+impl LaunchSpec {
+    /// A launch of `program` (known as `program_name` elsewhere) for
+    /// `members`, with no arguments, environment, options or wall time yet.
+    #[must_use]
+    pub fn new(program: impl Into<String>, program_name: impl Into<String>, members: Vec<LaunchMember>) -> Self {
+        Self {
+            program: program.into(),
+            program_name: program_name.into(),
+            args: Vec::new(),
+            env: BTreeMap::new(),
+            members,
+            options: BTreeMap::new(),
+            wall_time: None,
+        }
+    }
+
+    /// With the agent's arguments.
+    #[must_use]
+    pub fn with_args(mut self, args: Vec<String>) -> Self {
+        self.args = args;
+        self
+    }
+
+    /// With the environment common to every member.
+    #[must_use]
+    pub fn with_env(mut self, env: BTreeMap<String, String>) -> Self {
+        self.env = env;
+        self
+    }
+
+    /// With the slots' class options.
+    #[must_use]
+    pub fn with_options(mut self, options: BTreeMap<String, String>) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// With the slots' wall time.
+    #[must_use]
+    pub fn with_wall_time(mut self, wall_time: Option<Duration>) -> Self {
+        self.wall_time = wall_time;
+        self
+    }
 }
 
 /// Whether an environment variable's value is a secret, by its name.
@@ -189,6 +247,7 @@ pub struct Handle {
 
 /// What a probe found.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Liveness {
     /// Submitted or starting; not running the agent yet.
     Starting,

@@ -359,7 +359,7 @@ impl S3Store {
                     let size = first.len() as u64;
                     let payload = PutPayload::from(first.freeze());
                     let done = self.call("put", key, || self.client.put(&location, payload.clone())).await?;
-                    return Ok(ObjectMeta { key: key.clone(), size, e_tag: done.e_tag, last_modified: None });
+                    return Ok(ObjectMeta::new(key.clone(), size).with_e_tag(done.e_tag));
                 }
             }
         }
@@ -393,7 +393,7 @@ impl S3Store {
             Ok(done) => done,
             Err(e) => return Err(self.fail("put", key, e, started.elapsed()).await),
         };
-        Ok(ObjectMeta { key: key.clone(), size, e_tag: done.e_tag, last_modified: None })
+        Ok(ObjectMeta::new(key.clone(), size).with_e_tag(done.e_tag))
     }
 }
 
@@ -427,7 +427,7 @@ impl Store for S3Store {
         let location = self.location(key)?;
         let payload = PutPayload::from(data);
         let done = self.call("put", key, || self.client.put(&location, payload.clone())).await?;
-        Ok(ObjectMeta { key: key.clone(), size, e_tag: done.e_tag, last_modified: None })
+        Ok(ObjectMeta::new(key.clone(), size).with_e_tag(done.e_tag))
     }
 
     async fn get(&self, key: &StoreKey) -> Result<ByteStream, StoreError> {
@@ -447,12 +447,9 @@ impl Store for S3Store {
         // The object first, so that a missing one leaves the file alone.
         let location = self.location(key)?;
         let found = self.call("get", key, || self.client.get(&location)).await?;
-        let meta = ObjectMeta {
-            key: key.clone(),
-            size: found.meta.size,
-            e_tag: found.meta.e_tag.clone(),
-            last_modified: Some(found.meta.last_modified.into()),
-        };
+        let meta = ObjectMeta::new(key.clone(), found.meta.size)
+            .with_e_tag(found.meta.e_tag.clone())
+            .with_last_modified(Some(found.meta.last_modified.into()));
         let stream = found.into_stream().map_err(|e| error::map(&self.cx("read", key), e));
         crew_core::store::write_file(key, stream, path).await?;
         Ok(meta)
@@ -461,12 +458,9 @@ impl Store for S3Store {
     async fn head(&self, key: &StoreKey) -> Result<ObjectMeta, StoreError> {
         let location = self.location(key)?;
         let meta = self.call("head", key, || self.client.head(&location)).await?;
-        Ok(ObjectMeta {
-            key: key.clone(),
-            size: meta.size,
-            e_tag: meta.e_tag,
-            last_modified: Some(meta.last_modified.into()),
-        })
+        Ok(ObjectMeta::new(key.clone(), meta.size)
+            .with_e_tag(meta.e_tag)
+            .with_last_modified(Some(meta.last_modified.into())))
     }
 
     async fn list(&self, prefix: &StoreKey) -> Result<Vec<ObjectMeta>, StoreError> {
@@ -477,12 +471,11 @@ impl Store for S3Store {
         let mut found = Vec::with_capacity(listed.len());
         for meta in listed {
             match self.key_of(&meta.location) {
-                Some(key) => found.push(ObjectMeta {
-                    key,
-                    size: meta.size,
-                    e_tag: meta.e_tag,
-                    last_modified: Some(meta.last_modified.into()),
-                }),
+                Some(key) => found.push(
+                    ObjectMeta::new(key, meta.size)
+                        .with_e_tag(meta.e_tag)
+                        .with_last_modified(Some(meta.last_modified.into())),
+                ),
                 None => tracing::debug!(location = %meta.location, "skipping an object no store key names"),
             }
         }

@@ -750,7 +750,7 @@ mod tests {
     #[test]
     fn launches_split_into_arrays_of_at_most_10000() {
         let members = |idx: &mut dyn Iterator<Item = u32>| -> Vec<LaunchMember> {
-            idx.map(|index| LaunchMember { slot: format!("aws-batch-{index}"), index }).collect()
+            idx.map(|index| LaunchMember::new(format!("aws-batch-{index}"), index)).collect()
         };
         let sizes = |m: &[LaunchMember]| runs(m).iter().map(|r| (r[0].1, r.len())).collect::<Vec<_>>();
         assert_eq!(sizes(&members(&mut (0..1))), vec![(0, 1)]);

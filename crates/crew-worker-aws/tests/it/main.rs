@@ -468,16 +468,14 @@ async fn submitted_jobs_carry_command_environment_index_timeout_and_tags() {
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
-    let spec = |members: Vec<LaunchMember>| LaunchSpec {
-        program: "/bin/true".into(),
-        program_name: "true".into(),
-        args: vec!["worker".into()],
-        env: env.clone(),
-        members,
-        options: options.clone(),
-        wall_time: Some(Duration::from_secs(60)),
+    let spec = |members: Vec<LaunchMember>| {
+        LaunchSpec::new("/bin/true", "true", members)
+            .with_args(vec!["worker".into()])
+            .with_env(env.clone())
+            .with_options(options.clone())
+            .with_wall_time(Some(Duration::from_secs(60)))
     };
-    let member = |index: u32| LaunchMember { slot: format!("aws-batch-{index}"), index };
+    let member = |index: u32| LaunchMember::new(format!("aws-batch-{index}"), index);
     // Members 5 and 6 of a launch: one array whose children add 5.
     let array = class.launch(&spec(vec![member(5), member(6)])).await.expect("launch");
     // Member 9 alone: a plain job told its index.
