@@ -126,8 +126,11 @@ async fn throttling_and_an_outage_are_ridden_out_and_a_lasting_outage_ends_in_a_
     let bucket = unique_bucket("crew-outage");
     create_bucket(&endpoint, &bucket).unwrap();
     let proxy = FaultProxy::start(&endpoint, 0, &[], 1).unwrap();
-    // The default retries: 4 s of 503s, then 3 s down.
-    let store = S3Store::open(&store_url(proxy.url(), &bucket, "outage")).await.unwrap();
+    // 4 s of 503s, then 3 s down, ridden out. A retry timeout of 20 s keeps
+    // every pause under 2.5 s (an eighth of it), so that some try falls in
+    // the 3 s down (the default's pauses, up to 15 s, may jump over it).
+    let riding = format!("{}&retry_timeout=20s&retry_init=50ms", store_url(proxy.url(), &bucket, "outage"));
+    let store = S3Store::open(&riding).await.unwrap();
     proxy.schedule("", &[(Outage::SlowDown, Duration::from_secs(4)), (Outage::Down, Duration::from_secs(3))]);
     let body = Bytes::from(vec![7u8; 100_000]);
     store.put_bytes(&key("through"), body.clone()).await.unwrap();
