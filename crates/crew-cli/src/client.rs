@@ -211,16 +211,7 @@ fn decode<T: DeserializeOwned>(path: &str, body: &[u8]) -> Result<T, ClientError
 /// Maps an error answer to an [`ApiError`]; a body that is not the
 /// documented error object still gives a readable message.
 fn api_error(status: StatusCode, body: &[u8]) -> ApiError {
-    #[derive(serde::Deserialize)]
-    struct Wrapper {
-        error: Inner,
-    }
-    #[derive(serde::Deserialize)]
-    struct Inner {
-        code: String,
-        message: String,
-    }
-    match serde_json::from_slice::<Wrapper>(body) {
+    match serde_json::from_slice::<crate::wire::ErrorAnswer>(body) {
         Ok(w) => ApiError { status: status.as_u16(), code: w.error.code, message: w.error.message },
         Err(_) => {
             let text = String::from_utf8_lossy(body);

@@ -27,6 +27,7 @@ mod project;
 mod registry;
 mod run;
 mod table;
+mod wire;
 mod worker;
 
 /// Exit status: every job succeeded / the command did what was asked.

@@ -13,7 +13,6 @@ use std::sync::{Arc, Mutex};
 use crew_core::job::InputSource;
 use crew_core::{Command, JobId, JobSpec, Output};
 use crew_pipeline::build::Executor;
-use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::client::Client;
@@ -66,12 +65,8 @@ impl DaemonExecutor {
                     }
                 }
                 let Some(c) = client.as_mut() else { return };
-                #[derive(Deserialize)]
-                struct Answer {
-                    outputs: Vec<Output>,
-                }
                 let body = json!({"ids": ids, "wait": true, "timeout": "2s"});
-                match c.post::<_, Answer>("/v1/receive", &body) {
+                match c.post::<_, crate::wire::Received>("/v1/receive", &body) {
                     Ok(a) => {
                         for o in a.outputs {
                             if let Ok(mut p) = pending.lock() {
@@ -134,13 +129,9 @@ impl Executor for DaemonExecutor {
         let dir = self.dir.clone();
         let (done, answer) = tokio::sync::oneshot::channel();
         std::thread::spawn(move || {
-            #[derive(Deserialize)]
-            struct Ids {
-                ids: Vec<JobId>,
-            }
             let r = Client::connect(&project::socket(&dir))
-                .and_then(|mut c| c.post::<_, Ids>("/v1/jobs", &body))
-                .map(|a| a.ids)
+                .and_then(|mut c| c.post::<_, crate::wire::Sent>("/v1/jobs", &body))
+                .map(|a| a.ids.into_iter().map(JobId).collect::<Vec<JobId>>())
                 .map_err(|e| {
                     let refused = matches!(&e, crate::client::ClientError::Api(a) if a.is_client_error());
                     (e.to_string(), refused)

@@ -21,32 +21,7 @@ use crate::client::Client;
 /// How long a started daemon has to answer its health route.
 const START_DEADLINE: Duration = Duration::from_secs(10);
 
-/// The daemon's answer to `GET /v1/health`.
-#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
-pub(crate) struct Health {
-    pub(crate) ok: bool,
-    pub(crate) pid: u32,
-    #[serde(default)]
-    pub(crate) version: String,
-    #[serde(default)]
-    pub(crate) dir: String,
-    /// The URL of the daemon's store.
-    #[serde(default)]
-    pub(crate) store: String,
-    /// Where the controller listens for workers.
-    #[serde(default)]
-    pub(crate) listen: Option<String>,
-    /// The address workers of classes that run elsewhere dial.
-    #[serde(default)]
-    pub(crate) advertise: Option<String>,
-    /// The SHA-256 of the certificate workers pin, when their connections
-    /// use TLS.
-    #[serde(default)]
-    pub(crate) tls_sha256: Option<String>,
-    /// The TLS mode (`auto`, `always`).
-    #[serde(default)]
-    pub(crate) tls: Option<String>,
-}
+pub(crate) use crate::wire::Health;
 
 /// The project folder, absolute: `--dir`, else `$CREW_DIR` (clap reads
 /// both into `flag`), else `./.crew`.

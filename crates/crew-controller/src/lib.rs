@@ -207,7 +207,7 @@ impl fmt::Display for SlotCondition {
 }
 
 /// One slot in a status report.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub struct SlotStatus {
     /// Name.

@@ -15,7 +15,7 @@ use clap::Args;
 use crew_core::JobId;
 use crew_core::staging::{self, StoredObject};
 use crew_core::store::{Store, StoreKey};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::{Ctx, api, print_json};
 use crate::{EXIT_OK, Failure};
@@ -42,14 +42,7 @@ pub(crate) struct FetchArgs {
     json: bool,
 }
 
-/// The daemon's answer to `GET /v1/jobs/{job}/objects`.
-#[derive(Deserialize)]
-struct Objects {
-    id: u64,
-    store: String,
-    #[serde(default)]
-    objects: Vec<StoredObject>,
-}
+use crate::wire::Objects;
 
 #[derive(Serialize)]
 struct Fetched<'a> {

@@ -1,7 +1,6 @@
 //! `crew cancel` and `crew logs`: acting on jobs by id.
 
 use clap::Args;
-use serde::{Deserialize, Serialize};
 
 use super::{Ctx, api, print_json};
 use crate::{EXIT_JOB_FAILED, EXIT_OK, Failure};
@@ -18,13 +17,7 @@ pub(crate) struct CancelArgs {
     json: bool,
 }
 
-#[derive(Serialize, Deserialize)]
-struct Cancelled {
-    #[serde(default)]
-    cancelled: Vec<u64>,
-    #[serde(default)]
-    unknown: Vec<u64>,
-}
+use crate::wire::Cancelled;
 
 pub(crate) fn cancel(ctx: &Ctx, args: CancelArgs) -> Result<u8, Failure> {
     let answer: Cancelled = ctx.client()?.post("/v1/cancel", &serde_json::json!({"ids": args.ids})).map_err(api)?;
@@ -51,14 +44,7 @@ pub(crate) struct LogsArgs {
     json: bool,
 }
 
-#[derive(Serialize, Deserialize)]
-struct Logs {
-    id: u64,
-    #[serde(default)]
-    stdout: String,
-    #[serde(default)]
-    stderr: String,
-}
+use crate::wire::Logs;
 
 pub(crate) fn logs(ctx: &Ctx, args: LogsArgs) -> Result<u8, Failure> {
     let mut client = ctx.client()?;

@@ -87,21 +87,21 @@ pub(crate) fn up(ctx: &Ctx, args: UpArgs) -> Result<u8, Failure> {
 /// What differs between the worker settings asked of `crew up` and those
 /// of the running daemon, if anything.
 fn workers_setting_differs(wanted: &project::DaemonOverrides, health: &project::Health) -> Option<String> {
-    let listen: Option<std::net::SocketAddr> = health.listen.as_deref().and_then(|a| a.parse().ok());
+    let listen: Option<std::net::SocketAddr> = health.workers.listen.parse().ok();
     if let (Some(want), Some(have)) = (wanted.listen, listen) {
         if want.ip() != have.ip() || (want.port() != 0 && want.port() != have.port()) {
             return Some(format!("its controller listening on {have}, not {want}"));
         }
     }
-    if let (Some(want), Some(have)) = (&wanted.advertise, &health.advertise) {
+    if let (Some(want), Some(have)) = (&wanted.advertise, Some(&health.workers.advertise)) {
         let port = listen.map(|a| a.port()).unwrap_or_default();
         if crew_controller::advertised_address(want, port).ok().as_ref() != Some(have) {
             return Some(format!("workers told to dial {have}, not {want}"));
         }
     }
-    if let (Some(want), Some(have)) = (wanted.tls, &health.tls) {
+    if let (Some(want), Some(have)) = (wanted.tls, Some(&health.workers.tls)) {
         if want.as_str() != have {
-            let now = if health.tls_sha256.is_some() { "encrypted beyond loopback" } else { "in plaintext" };
+            let now = if health.workers.tls_sha256.is_some() { "encrypted beyond loopback" } else { "in plaintext" };
             return Some(format!("--tls {have} (worker connections {now}), not --tls {}", want.as_str()));
         }
     }

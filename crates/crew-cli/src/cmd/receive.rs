@@ -5,8 +5,6 @@ use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use crew_core::Output;
-use serde::Deserialize;
 
 use super::status::JobCounts;
 use super::{Ctx, api, check_duration};
@@ -35,12 +33,7 @@ pub(crate) struct ReceiveArgs {
     json: bool,
 }
 
-#[derive(Deserialize)]
-struct Received {
-    outputs: Vec<Output>,
-    #[serde(default)]
-    pending: u64,
-}
+use crate::wire::Received;
 
 pub(crate) fn receive(ctx: &Ctx, args: ReceiveArgs) -> Result<u8, Failure> {
     let timeout = check_duration("--timeout", args.timeout)?;
@@ -76,18 +69,13 @@ pub(crate) struct WaitArgs {
     timeout: Option<String>,
 }
 
-#[derive(Deserialize)]
-struct StatusJobs {
-    jobs: JobCounts,
-}
-
 pub(crate) fn wait(ctx: &Ctx, args: WaitArgs) -> Result<u8, Failure> {
     let timeout = super::duration_flag("--timeout", args.timeout.as_deref())?;
     let deadline = timeout.map(|t| crew_core::clock::after(Instant::now(), t));
     let mut client = ctx.client()?;
     let mut bar = std::io::stderr().is_terminal().then(Bar::default);
     let code = loop {
-        let s: StatusJobs = client.get("/v1/status").map_err(api)?;
+        let s: crate::wire::Status = client.get("/v1/status").map_err(api)?;
         let j = s.jobs;
         if let Some(bar) = &mut bar {
             bar.draw(&j);

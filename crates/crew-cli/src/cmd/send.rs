@@ -12,7 +12,7 @@ use anyhow::Context;
 use clap::Args;
 use crew_core::job::{Input, InputSource, LineDefaults, parse_job_file, parse_job_value};
 use crew_core::{Command, JobSpec, Tags};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::{Ctx, api, print_json};
 use crate::{EXIT_OK, EXIT_USAGE, Failure};
@@ -76,10 +76,7 @@ pub(crate) struct SendArgs {
     command: Vec<String>,
 }
 
-#[derive(Serialize, Deserialize)]
-struct Sent {
-    ids: Vec<u64>,
-}
+use crate::wire::Sent;
 
 pub(crate) fn send(ctx: &Ctx, args: SendArgs) -> Result<u8, Failure> {
     let timeout = super::duration_flag("--timeout", args.timeout.as_deref())?;

@@ -1,55 +1,12 @@
 //! `crew status`, `crew sendable` and `crew receivable`.
 
 use clap::Args;
-use serde::Deserialize;
 
 use super::{Ctx, api, parse_tags, print_json};
 use crate::{EXIT_JOB_FAILED, EXIT_OK, Failure};
 
-/// `jobs` of the status object.
-#[derive(Debug, Default, Deserialize)]
-pub(crate) struct JobCounts {
-    #[serde(default)]
-    pub(crate) queued: u64,
-    #[serde(default)]
-    pub(crate) running: u64,
-    #[serde(default)]
-    pub(crate) ready: u64,
-}
-
-/// One slot of the status object.
-#[derive(Debug, Deserialize)]
-struct Slot {
-    name: String,
-    #[serde(default)]
-    class: String,
-    #[serde(default)]
-    tags: Vec<String>,
-    #[serde(default)]
-    state: String,
-    handle: Option<String>,
-    #[serde(default)]
-    jobs_done: u64,
-    idle_seconds: Option<f64>,
-    last_reason: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-struct Status {
-    #[serde(default)]
-    slots: Vec<Slot>,
-    #[serde(default)]
-    jobs: JobCounts,
-    #[serde(default)]
-    workers: Option<Workers>,
-}
-
-/// Where workers connect (an older daemon does not say).
-#[derive(Debug, Deserialize)]
-struct Workers {
-    advertise: String,
-    tls_sha256: Option<String>,
-}
+pub(crate) use crate::wire::JobCounts;
+use crate::wire::Status;
 
 #[derive(Args, Debug)]
 pub(crate) struct StatusArgs {
@@ -74,7 +31,7 @@ pub(crate) fn status(ctx: &Ctx, args: StatusArgs) -> Result<u8, Failure> {
             "SLOT", "CLASS", "TAGS", "STATE", "HANDLE", "DONE", "IDLE"
         );
         for slot in &s.slots {
-            let tags = if slot.tags.is_empty() { "-".to_owned() } else { slot.tags.join(",") };
+            let tags = if slot.tags.is_empty() { "-".to_owned() } else { slot.tags.to_string() };
             println!(
                 "{:<14}  {:<8}  {:<16}  {:<9}  {:>8}  {:>6}  {:>8}  {}",
                 slot.name,
@@ -89,11 +46,9 @@ pub(crate) fn status(ctx: &Ctx, args: StatusArgs) -> Result<u8, Failure> {
         }
     }
     println!("jobs: {} queued, {} running, {} ready", s.jobs.queued, s.jobs.running, s.jobs.ready);
-    if let Some(w) = &s.workers {
-        match &w.tls_sha256 {
-            Some(pin) => println!("workers dial {} (TLS, certificate sha256 {pin})", w.advertise),
-            None => println!("workers dial {} (loopback, plaintext)", w.advertise),
-        }
+    match &s.workers.tls_sha256 {
+        Some(pin) => println!("workers dial {} (TLS, certificate sha256 {pin})", s.workers.advertise),
+        None => println!("workers dial {} (loopback, plaintext)", s.workers.advertise),
     }
     Ok(EXIT_OK)
 }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use clap::Args;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::{Ctx, api, check_duration, opt_tags, parse_tags, print_json};
 use crate::{EXIT_OK, Failure};
@@ -55,13 +55,7 @@ struct RecruitBody {
     options: BTreeMap<String, String>,
 }
 
-#[derive(Serialize, Deserialize)]
-struct Recruited {
-    slots: Vec<String>,
-    /// What may keep the slots from working (an older daemon sends none).
-    #[serde(default)]
-    warnings: Vec<String>,
-}
+use crate::wire::Recruited;
 
 pub(crate) fn recruit(ctx: &Ctx, args: RecruitArgs) -> Result<u8, Failure> {
     if args.workers == 0 {

@@ -31,13 +31,14 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::{Notify, watch};
 
 use super::journal::JournalWriter;
 use super::outputs::OutputsLog;
 use crate::config::RecruitDefaults;
 use crate::registry::Registry;
+use crate::wire;
 
 /// Largest request body accepted.
 const MAX_BODY: usize = 64 * 1024 * 1024;
@@ -438,7 +439,14 @@ pub(crate) async fn handle(d: Arc<Daemon>, req: Request<Incoming>) -> Result<Res
             if !d.stopping() {
                 match stream_log(&d, id, which).await {
                     Ok(res) => return Ok(res),
-                    Err(e) => return Ok(respond(e.status, &json!({"error": {"code": e.code, "message": e.message}}))),
+                    Err(e) => {
+                        return Ok(respond(
+                            e.status,
+                            &reply(&wire::ErrorAnswer {
+                                error: wire::ErrorDetail { code: e.code.to_string(), message: e.message },
+                            }),
+                        ));
+                    }
                 }
             }
         }
@@ -452,7 +460,12 @@ pub(crate) async fn handle(d: Arc<Daemon>, req: Request<Incoming>) -> Result<Res
             } else {
                 tracing::debug!("{method} {path}: {} {}", e.code, e.message);
             }
-            respond(e.status, &json!({"error": {"code": e.code, "message": e.message}}))
+            respond(
+                e.status,
+                &reply(&wire::ErrorAnswer {
+                    error: wire::ErrorDetail { code: e.code.to_string(), message: e.message },
+                }),
+            )
         }
     })
 }
@@ -478,7 +491,7 @@ async fn route(d: &Arc<Daemon>, req: Request<Incoming>) -> Answer {
         (&Method::POST, ["v1", "dismiss"]) => dismiss(d, body(req).await?).await,
         (&Method::POST, ["v1", "restart"]) => {
             let _: Empty = body(req).await?;
-            Ok(json!({"restarted": d.controller.restart()}))
+            Ok(reply(&wire::Restarted { restarted: d.controller.restart() }))
         }
         (&Method::POST, ["v1", "cancel"]) => cancel(d, body(req).await?).await,
         (&Method::GET, ["v1", "jobs", id, "logs"]) => logs(d, id).await,
@@ -487,7 +500,7 @@ async fn route(d: &Arc<Daemon>, req: Request<Incoming>) -> Answer {
             let _: Empty = body(req).await?;
             d.begin_stop();
             d.down.notify_one();
-            Ok(json!({"ok": true}))
+            Ok(reply(&wire::Done { ok: true }))
         }
         _ => Err(ApiError::not_found(format!("no route {method} {path}; see docs/api.md"))),
     }
@@ -525,16 +538,13 @@ fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 struct Empty {}
 
 fn health(d: &Daemon) -> Value {
-    json!({
-        "ok": true,
-        "pid": std::process::id(),
-        "version": env!("CARGO_PKG_VERSION"),
-        "dir": d.dir,
-        "store": d.store.url(),
-        "listen": d.controller.addr().to_string(),
-        "advertise": d.controller.advertised(),
-        "tls": d.controller.tls_mode().as_str(),
-        "tls_sha256": d.controller.tls_fingerprint(),
+    reply(&wire::Health {
+        ok: true,
+        pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        dir: d.dir.clone(),
+        store: d.store.url(),
+        workers: workers(d),
     })
 }
 
@@ -547,18 +557,28 @@ fn status(d: &Daemon) -> Value {
     // A job the controller finished counts as running until its output is
     // durable in the journal (it would run again after a crash before).
     let running = report.running.max(unfinished.saturating_sub(report.queued));
-    json!({
-        "pid": std::process::id(),
-        "dir": d.dir,
-        "slots": report.slots,
-        "jobs": {"queued": report.queued, "running": running, "ready": ready},
-        "workers": {
-            "listen": d.controller.addr().to_string(),
-            "advertise": d.controller.advertised(),
-            "tls": d.controller.tls_mode().as_str(),
-            "tls_sha256": d.controller.tls_fingerprint(),
-        },
+    reply(&wire::Status {
+        pid: std::process::id(),
+        dir: d.dir.clone(),
+        slots: report.slots,
+        jobs: wire::JobCounts { queued: report.queued as u64, running: running as u64, ready: ready as u64 },
+        workers: workers(d),
     })
+}
+
+fn workers(d: &Daemon) -> wire::Workers {
+    wire::Workers {
+        listen: d.controller.addr().to_string(),
+        advertise: d.controller.advertised().to_owned(),
+        tls: d.controller.tls_mode().as_str().to_owned(),
+        tls_sha256: d.controller.tls_fingerprint().map(str::to_owned),
+    }
+}
+
+/// An answer as the JSON value the routes return.
+fn reply<T: serde::Serialize>(value: &T) -> Value {
+    // Serializing these plain types cannot fail; `null` would show a bug.
+    serde_json::to_value(value).unwrap_or(Value::Null)
 }
 
 /// A duration option: a string (`"30s"`) or a number of seconds; `null` is
@@ -641,7 +661,7 @@ async fn recruit(d: &Daemon, r: RecruitReq) -> Answer {
     };
     let slots = d.controller.recruit(req).map_err(ApiError::from_controller)?;
     d.journal(&[record]).await?;
-    Ok(json!({"slots": slots, "warnings": warnings}))
+    Ok(reply(&wire::Recruited { slots, warnings }))
 }
 
 #[derive(Deserialize)]
@@ -655,7 +675,7 @@ struct LaunchReq {
 
 fn launch(d: &Daemon, r: LaunchReq) -> Answer {
     let filter = SlotFilter { tags: tags("tags", r.tags)?, slot: None };
-    Ok(json!({"launched": d.controller.launch(&filter, r.workers.unwrap_or(usize::MAX))}))
+    Ok(reply(&wire::Launched { launched: d.controller.launch(&filter, r.workers.unwrap_or(usize::MAX)) }))
 }
 
 #[derive(Deserialize)]
@@ -732,7 +752,7 @@ async fn send(d: &Daemon, r: JobsReq) -> Answer {
         return Err(forget(ApiError::from_controller(e)));
     }
     d.sent.notify_one();
-    Ok(json!({"ids": ids}))
+    Ok(reply(&wire::Sent { ids: ids.iter().map(|i| i.0).collect() }))
 }
 
 #[derive(Deserialize, Default)]
@@ -814,7 +834,7 @@ async fn receive(d: &Daemon, r: ReceiveReq) -> Answer {
                 }
             }
             let pending = inner.unreceived.len();
-            return Ok(json!({"outputs": outputs, "pending": pending}));
+            return Ok(reply(&wire::Received { outputs, pending: pending as u64 }));
         }
         let changed = changes.changed();
         match deadline {
@@ -864,7 +884,7 @@ fn sendable(d: &Daemon, query: &str) -> Answer {
         .slots
         .iter()
         .any(|s| s.state != crew_controller::SlotCondition::Broken && s.tags.satisfies(&wanted));
-    Ok(json!({"sendable": ok}))
+    Ok(reply(&wire::Sendable { sendable: ok }))
 }
 
 /// The tags of a `sendable` query (`tags=a,b`, percent-encoded).
@@ -883,7 +903,7 @@ fn wanted_tags(query: &str) -> Result<Tags, ApiError> {
 
 fn receivable(d: &Daemon) -> Value {
     let ok = !d.lock().ready.is_empty() || d.controller.status().ready > 0;
-    json!({"receivable": ok})
+    reply(&wire::Receivable { receivable: ok })
 }
 
 #[derive(Deserialize)]
@@ -899,7 +919,7 @@ struct ShutdownReq {
 
 fn shutdown(d: &Daemon, r: ShutdownReq) -> Answer {
     let filter = SlotFilter { tags: tags("tags", r.tags)?, slot: r.slot };
-    Ok(json!({"stopped": d.controller.shutdown(&filter, r.all)}))
+    Ok(reply(&wire::Stopped { stopped: d.controller.shutdown(&filter, r.all) }))
 }
 
 #[derive(Deserialize)]
@@ -915,7 +935,7 @@ async fn dismiss(d: &Daemon, r: DismissReq) -> Answer {
     let filter = SlotFilter { tags: tags("tags", r.tags)?, slot: r.slot };
     let n = d.controller.dismiss(&filter);
     d.journal(&[Record::Dismiss { tags: filter.tags, slot: filter.slot }]).await?;
-    Ok(json!({"dismissed": n}))
+    Ok(reply(&wire::Dismissed { dismissed: n }))
 }
 
 #[derive(Deserialize)]
@@ -938,7 +958,7 @@ async fn cancel(d: &Daemon, r: CancelReq) -> Answer {
     for id in r.ids {
         if d.controller.cancel(JobId(id)) { cancelled.push(id) } else { unknown.push(id) }
     }
-    Ok(json!({"cancelled": cancelled, "unknown": unknown}))
+    Ok(reply(&wire::Cancelled { cancelled, unknown }))
 }
 
 /// The finished output of job `id` (ready, or in the outputs log).
@@ -1007,7 +1027,7 @@ async fn logs(d: &Daemon, id: &str) -> Answer {
     }
     let stdout = whole(d, &output.stdout).await?;
     let stderr = whole(d, &output.stderr).await?;
-    Ok(json!({"id": id, "stdout": stdout, "stderr": stderr}))
+    Ok(reply(&wire::Logs { id: output.id.0, stdout, stderr }))
 }
 
 /// `GET /v1/jobs/{job}/objects`: the outputs a finished job uploaded, by id
@@ -1039,13 +1059,13 @@ fn objects(d: &Daemon, job: &str) -> Answer {
                 .ok_or_else(|| ApiError::not_found(format!("job {job} has no output yet (unknown, not finished, or older than the outputs kept: [daemon] logs_keep)")))?
         }
     };
-    Ok(json!({
-        "id": output.id,
-        "name": output.name,
-        "status": output.status,
-        "attempt": output.attempt,
-        "store": d.store.url(),
-        "objects": output.objects,
+    Ok(reply(&wire::Objects {
+        id: output.id.0,
+        name: output.name,
+        status: output.status,
+        attempt: output.attempt,
+        store: d.store.url(),
+        objects: output.objects,
     }))
 }
 
