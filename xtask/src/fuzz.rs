@@ -7,7 +7,8 @@
 //! The build goes to its own folder (`<target dir>/fuzz`, with an explicit
 //! `--target` so that build scripts and proc macros are not instrumented),
 //! so it never disturbs the normal build. Each target keeps its corpus in
-//! `<target dir>/fuzz/corpus/<name>`; a crash or a hang leaves its input in
+//! `<target dir>/fuzz/corpus/<name>` (starting from the target's seeds,
+//! which the fuzz binary writes there); a crash or a hang leaves its input in
 //! `<target dir>/fuzz/artifacts/<name>/` and fails the run.
 //!
 //! `cargo xtask fuzz [--time SECS | --runs N] [TARGET...]`: every target by
@@ -26,6 +27,19 @@ const TARGETS: &[&str] = &["frame", "job_line", "journal", "api", "config"];
 const RUSTFLAGS: &str = "--cfg fuzzing -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
 -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
 -Cllvm-args=-sanitizer-coverage-trace-compares -Cdebug-assertions -Coverflow-checks -Awarnings";
+
+/// The longest input libFuzzer makes (`-max_len`, its own default when
+/// the corpus is empty, made explicit so that a corpus holding a longer
+/// file does not raise it). Every target's cost grows with the input (each
+/// line of a job file is a job to validate and size, each journal line a
+/// record to replay and compact), and 4 KiB already holds dozens of job
+/// lines, journal records or TOML tables: longer inputs add time per run,
+/// not new paths.
+const MAX_LEN: usize = 4096;
+
+/// How long one input may run before libFuzzer reports a hang (`-timeout`,
+/// seconds): the slowest input of a long run takes milliseconds.
+const TIMEOUT_SECS: u32 = 10;
 
 /// The host triple the instrumented build names explicitly.
 const HOST: &str = "x86_64-unknown-linux-gnu";
@@ -87,8 +101,10 @@ pub(crate) fn run(args: &[OsString]) -> anyhow::Result<()> {
         eprintln!("xtask: fuzzing {t} ({limit})");
         let status = std::process::Command::new(&binary)
             .env("CREW_FUZZ_TARGET", t)
+            .env("CREW_FUZZ_SEEDS", &corpus)
             .arg(limit)
-            .arg("-timeout=10")
+            .arg(format!("-max_len={MAX_LEN}"))
+            .arg(format!("-timeout={TIMEOUT_SECS}"))
             .arg("-rss_limit_mb=2048")
             .arg("-print_final_stats=1")
             .arg(format!("-artifact_prefix={}/", artifacts.display()))

@@ -12,8 +12,9 @@
 //! The targets:
 //! - `frame`: [`crew_core::protocol::decode`] over a byte stream, both
 //!   directions; a decoded message re-encodes and decodes to the same bytes.
-//! - `job_line`: a job file ([`crew_core::job::parse_job_file`]) and each of
-//!   its lines alone.
+//! - `job_line`: a job file ([`crew_core::job::parse_job_file`], which
+//!   parses each line with [`crew_core::job::parse_job_line`]), and the
+//!   whole text as one line.
 //! - `journal`: [`crew_controller::journal::Replay::from_bytes`]; the records of
 //!   the state it rebuilds (what compaction writes) replay with nothing
 //!   skipped.
@@ -70,13 +71,16 @@ fn frames<T: Serialize + DeserializeOwned>(data: &[u8]) {
     }
 }
 
+/// The file parser already runs [`parse_job_line`] on each of its lines;
+/// the whole text once more as one line adds what the file parser never
+/// passes it (a comment, surrounding blanks, a JSON object over several
+/// lines) at the cost of one job, where parsing every line a second time
+/// doubled the cost of the long many-line inputs the fuzzer grows.
 fn job_line(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else { return };
     let defaults = LineDefaults::default();
     let _ = parse_job_file(text, &defaults);
-    for line in text.lines() {
-        let _ = parse_job_line(line, &defaults);
-    }
+    let _ = parse_job_line(text, &defaults);
 }
 
 fn journal(data: &[u8]) {
@@ -112,9 +116,11 @@ fn config(data: &[u8]) {
     let _ = crate::config::Config::parse(std::path::Path::new("crew.toml"), text);
 }
 
-/// The libFuzzer entry: the target named by `CREW_FUZZ_TARGET`.
+/// The libFuzzer entry: the target named by `CREW_FUZZ_TARGET`. At start,
+/// the seeds of that target are written into the folder named by
+/// `CREW_FUZZ_SEEDS` (the corpus, set by `cargo xtask fuzz`) when missing.
 #[cfg(fuzzing)]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+libfuzzer_sys::fuzz_target!(init: write_seeds(), |data: &[u8]| {
     static TARGET: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     let name = TARGET.get_or_init(|| std::env::var("CREW_FUZZ_TARGET").unwrap_or_default());
     if !run(name, data) {
@@ -122,6 +128,25 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
         std::process::abort();
     }
 });
+
+/// Writes the seeds of `CREW_FUZZ_TARGET` as `seed-N` files into the
+/// folder `CREW_FUZZ_SEEDS`, keeping files already there (libFuzzer reads
+/// the corpus after this runs).
+#[cfg(fuzzing)]
+fn write_seeds() {
+    let (Ok(name), Some(dir)) = (std::env::var("CREW_FUZZ_TARGET"), std::env::var_os("CREW_FUZZ_SEEDS")) else {
+        return;
+    };
+    let dir = std::path::PathBuf::from(dir);
+    for (i, seed) in seeds(&name).iter().enumerate() {
+        let path = dir.join(format!("seed-{i}"));
+        if !path.exists() {
+            if let Err(e) = std::fs::write(&path, seed) {
+                eprintln!("cannot write the seed {}: {e}", path.display());
+            }
+        }
+    }
+}
 
 /// Seeds for each target (also written as the fuzzer's starting corpus by
 /// `cargo xtask fuzz`).

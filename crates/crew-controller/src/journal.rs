@@ -32,7 +32,7 @@
 //! not finished, outputs not received) and the cost of compacting is
 //! amortized over the records written since.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -197,7 +197,7 @@ pub struct Replay {
     /// Jobs accepted and not finished, by id.
     pub pending: BTreeMap<JobId, PendingJob>,
     /// Outputs finished and not yet received, in the order they finished.
-    pub ready: Vec<Output>,
+    pub ready: VecDeque<Output>,
     /// The id the next accepted job gets.
     pub next_job: u64,
     /// Slots whose worker was connected when the journal ends.
@@ -205,6 +205,17 @@ pub struct Replay {
     /// Lines that were skipped (damaged, or longer than [`MAX_RECORD`]):
     /// `line N: reason`, for the log. Empty for a sound journal.
     pub skipped: Vec<String>,
+    /// How many outputs of `ready` have each id, kept by [`Replay::apply`]
+    /// so that a [`Record::Received`] takes what it names without a pass
+    /// over every output waiting (see [`Replay::receive`]); rebuilt when
+    /// `ready` changed length behind its back.
+    ready_ids: HashMap<JobId, usize>,
+    /// The sum of `ready_ids`: `ready.len()` unless `ready` was changed
+    /// other than by [`Replay::apply`].
+    ready_counted: usize,
+    /// Outputs looked at by the passes of [`Replay::receive`] over `ready`.
+    #[cfg(test)]
+    scanned: usize,
 }
 
 impl Replay {
@@ -251,12 +262,12 @@ impl Replay {
             Record::Delivered { output } => {
                 self.pending.remove(&output.id);
                 self.next_job = self.next_job.max(output.id.0.saturating_add(1));
-                self.ready.push(*output);
+                self.index_ready();
+                *self.ready_ids.entry(output.id).or_default() += 1;
+                self.ready_counted += 1;
+                self.ready.push_back(*output);
             }
-            Record::Received { ids } => {
-                let ids: std::collections::HashSet<JobId> = ids.into_iter().collect();
-                self.ready.retain(|o| !ids.contains(&o.id));
-            }
+            Record::Received { ids } => self.receive(ids),
             Record::Cancel { ids } => {
                 for id in ids {
                     if let Some(p) = self.pending.get_mut(&id) {
@@ -282,6 +293,66 @@ impl Replay {
                 self.up.remove(&slot);
             }
             Record::Down { slot: None } => self.up.clear(),
+        }
+    }
+
+    /// Removes every ready output with one of `ids`. A client that takes
+    /// the oldest output (`crew receive`, one at a time) leaves a record per
+    /// output naming the front of `ready`: those come off the front, so that
+    /// replaying n of them costs O(n), not a pass over the outputs still
+    /// waiting for each (O(n²): minutes for a backlog of 10⁵ outputs). Only
+    /// ids still in `ready` after that (a client that chose outputs by id or
+    /// name) cost a pass, as they cost the daemon when it served them.
+    fn receive(&mut self, ids: Vec<JobId>) {
+        self.index_ready();
+        let ids: HashSet<JobId> = ids.into_iter().filter(|id| self.ready_ids.contains_key(id)).collect();
+        while let Some(front) = self.ready.front() {
+            if !ids.contains(&front.id) {
+                break;
+            }
+            let id = front.id;
+            self.ready.pop_front();
+            self.forget_ready(id);
+        }
+        if !ids.iter().any(|id| self.ready_ids.contains_key(id)) {
+            return;
+        }
+        #[cfg(test)]
+        {
+            self.scanned += self.ready.len();
+        }
+        let mut gone = Vec::new();
+        self.ready.retain(|o| {
+            let keep = !ids.contains(&o.id);
+            if !keep {
+                gone.push(o.id);
+            }
+            keep
+        });
+        for id in gone {
+            self.forget_ready(id);
+        }
+    }
+
+    /// Rebuilds the count of ready ids when `ready` was changed other than
+    /// by [`Replay::apply`] (its length no longer matches).
+    fn index_ready(&mut self) {
+        if self.ready_counted != self.ready.len() {
+            self.ready_ids.clear();
+            for o in &self.ready {
+                *self.ready_ids.entry(o.id).or_default() += 1;
+            }
+            self.ready_counted = self.ready.len();
+        }
+    }
+
+    fn forget_ready(&mut self, id: JobId) {
+        if let Some(n) = self.ready_ids.get_mut(&id) {
+            *n -= 1;
+            self.ready_counted -= 1;
+            if *n == 0 {
+                self.ready_ids.remove(&id);
+            }
         }
     }
 
@@ -964,6 +1035,74 @@ mod tests {
         let (_j, r) = Journal::open(&path).unwrap();
         assert_eq!(r.pending.len(), 3);
         assert_eq!(r.skipped.len(), 2, "{:?}", r.skipped);
+    }
+
+    #[test]
+    fn outputs_received_one_at_a_time_replay_without_a_pass_over_the_backlog() {
+        // A backlog of outputs, then `crew receive` taking the oldest one at
+        // a time: each record names the front of `ready`.
+        let n = 2_000;
+        let mut r = Replay::default();
+        for id in 1..=n {
+            r.apply(Record::Delivered { output: Box::new(output(id)) });
+        }
+        for id in 1..=n / 2 {
+            r.apply(Record::Received { ids: vec![JobId(id)] });
+        }
+        assert_eq!(r.scanned, 0, "no output was looked at beyond those received");
+        assert_eq!(r.ready.iter().map(|o| o.id.0).collect::<Vec<_>>(), (n / 2 + 1..=n).collect::<Vec<_>>());
+        // Ids that are not (or no longer) ready cost nothing either.
+        r.apply(Record::Received { ids: vec![JobId(1), JobId(n + 5)] });
+        assert_eq!(r.scanned, 0);
+        // One from the middle (chosen by id or name) costs one pass, as it
+        // cost the daemon.
+        r.apply(Record::Received { ids: vec![JobId(n)] });
+        assert_eq!(r.scanned, (n / 2) as usize);
+        assert_eq!(r.ready.len(), (n / 2) as usize - 1);
+    }
+
+    #[test]
+    fn received_removes_every_ready_output_it_names_like_a_full_pass() {
+        // Against the plain rule (remove every ready output whose id is
+        // named), over deliveries with repeated ids, receives from the
+        // front, the middle and of absent ids, and `ready` edited by hand
+        // in between.
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let mut r = Replay::default();
+        let mut model: Vec<JobId> = Vec::new();
+        for step in 0..5_000 {
+            match next(10) {
+                0..=4 => {
+                    let id = next(40);
+                    r.apply(Record::Delivered { output: Box::new(output(id)) });
+                    model.push(JobId(id));
+                }
+                5 | 6 => {
+                    let ids: Vec<JobId> = match model.first() {
+                        Some(front) if next(2) == 0 => vec![*front],
+                        _ => (0..next(4)).map(|_| JobId(next(45))).collect(),
+                    };
+                    r.apply(Record::Received { ids: ids.clone() });
+                    model.retain(|id| !ids.contains(id));
+                }
+                7 if step % 7 == 0 => {
+                    r.ready.pop_back();
+                    model.pop();
+                }
+                _ => {
+                    let ids = vec![JobId(next(40)), JobId(next(40))];
+                    r.apply(Record::Received { ids: ids.clone() });
+                    model.retain(|id| !ids.contains(id));
+                }
+            }
+            assert_eq!(r.ready.iter().map(|o| o.id).collect::<Vec<_>>(), model, "step {step}");
+        }
     }
 
     #[test]
