@@ -31,7 +31,7 @@ use crew_core::output::{Captured, Status, Timestamp};
 use crew_core::protocol::{self, AgentMsg, ControllerMsg, PROTOCOL_VERSION, RunJob};
 use crew_core::worker::{
     ENV_CONNECT, ENV_INDEX, ENV_INDEX_BASE, ENV_LAUNCH, ENV_PARENT_PID, ENV_RESUME_FILE, ENV_TLS_SHA256, ENV_TOKEN,
-    Secret,
+    ENV_TOKEN_STDIN, Secret,
 };
 use crew_exec::builtins::Builtins;
 use crew_exec::{ExecContext, JobResult};
@@ -125,9 +125,15 @@ impl AgentConfig {
         let launch = var(ENV_LAUNCH).ok_or_else(|| {
             AgentError::Config(format!("no launch id: {ENV_LAUNCH} is not set (agents are started by a controller)"))
         })?;
-        let token = token
-            .or_else(|| var(ENV_TOKEN).map(Secret::new))
-            .ok_or_else(|| AgentError::Config(format!("no token: set {ENV_TOKEN} or pass --token-stdin")))?;
+        let token = match token.or_else(|| var(ENV_TOKEN).map(Secret::new)) {
+            Some(t) => t,
+            None if var(ENV_TOKEN_STDIN).as_deref() == Some("1") => token_from_stdin()?,
+            None => {
+                return Err(AgentError::Config(format!(
+                    "no token: set {ENV_TOKEN}, or {ENV_TOKEN_STDIN}=1 (or pass --token-stdin) and write it to stdin"
+                )));
+            }
+        };
         let index = index_from_env()?;
         let tls_sha256 = match var(ENV_TLS_SHA256) {
             Some(pin) => Some(
@@ -136,6 +142,17 @@ impl AgentConfig {
             None => None,
         };
         Ok(Self { connect, launch, index, token, tls_sha256, builtins })
+    }
+}
+
+/// The launch secret, from the first line of stdin ([`ENV_TOKEN_STDIN`]).
+fn token_from_stdin() -> Result<Secret, AgentError> {
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::stdin().lock(), &mut line)
+        .map_err(|e| AgentError::Config(format!("could not read the token from stdin: {e}")))?;
+    match line.trim() {
+        "" => Err(AgentError::Config(format!("{ENV_TOKEN_STDIN}=1 but stdin held no token"))),
+        t => Ok(Secret::new(t)),
     }
 }
 

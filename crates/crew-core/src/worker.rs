@@ -36,6 +36,11 @@ pub const ENV_INDEX_BASE: &str = "CREW_INDEX_BASE";
 /// processes sets to its pid: the agent then exits when that process dies
 /// (a parent-death signal on Linux), even if it was killed with SIGKILL.
 pub const ENV_PARENT_PID: &str = "CREW_PARENT_PID";
+/// Set to `1` by a class that hands the agent its launch secret on stdin
+/// (its first line) rather than in [`ENV_TOKEN`]: for agents started
+/// through a channel whose environment or command line others can read
+/// (`ssh host crew worker`).
+pub const ENV_TOKEN_STDIN: &str = "CREW_TOKEN_STDIN";
 /// Environment variable carrying the SHA-256 of the controller's TLS
 /// certificate: when set, the agent connects with TLS and accepts only that
 /// certificate (the crew-tls crate).
@@ -400,8 +405,8 @@ pub trait Worker: Send + Sync + fmt::Debug + 'static {
 /// Variables the agent itself receives to connect to its controller. They are
 /// removed from every job's environment: the launch secret must never reach
 /// a job.
-pub const AGENT_ONLY_ENV: [&str; 7] =
-    [ENV_TOKEN, ENV_LAUNCH, ENV_CONNECT, ENV_INDEX, ENV_PARENT_PID, ENV_TLS_SHA256, ENV_RESUME_FILE];
+pub const AGENT_ONLY_ENV: [&str; 8] =
+    [ENV_TOKEN, ENV_LAUNCH, ENV_CONNECT, ENV_INDEX, ENV_PARENT_PID, ENV_TLS_SHA256, ENV_RESUME_FILE, ENV_TOKEN_STDIN];
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,137 @@
+//! The `ssh` class against a real `sshd` on localhost that the test starts
+//! (Debian's openssh-server, installed by `cargo xtask ci`), with a host
+//! key and a client key generated here: the worker conformance kit, whose
+//! agents are this very test binary (`--exact agent_entry`) started
+//! through `ssh`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crew_conformance::{WorkerKit, worker};
+use crew_controller::AgentCommand;
+use crew_exec::builtins::Builtins;
+use crew_worker_ssh::SshWorker;
+
+/// Entry point of the agent processes; a no-op in a normal test run.
+#[test]
+#[ignore = "entry point of agent processes started by the tests"]
+fn agent_entry() {
+    crew_agent::run_if_agent(Builtins::standard());
+}
+
+const SSHD: &str = "/usr/sbin/sshd";
+
+/// A private sshd on a free loopback port, killed when dropped.
+struct Sshd {
+    child: Child,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn keygen(path: &Path) {
+    let ok = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(path)
+        .status()
+        .expect("ssh-keygen runs")
+        .success();
+    assert!(ok, "ssh-keygen failed for {}", path.display());
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// Starts sshd, or says why it cannot (then the test is skipped, except in
+/// CI, where the set-up installs it).
+fn sshd() -> Option<Sshd> {
+    if !Path::new(SSHD).exists() {
+        assert!(std::env::var_os("CI").is_none(), "{SSHD} is missing: `cargo xtask ci` installs openssh-server");
+        eprintln!("skipped: {SSHD} is missing (apt-get install openssh-server)");
+        return None;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    keygen(&d.join("host_key"));
+    keygen(&d.join("client_key"));
+    std::fs::copy(d.join("client_key.pub"), d.join("authorized_keys")).expect("authorized_keys");
+    std::fs::create_dir_all("/run/sshd").expect("/run/sshd (sshd's privilege separation folder)");
+    let port = free_port();
+    let config = format!(
+        "Port {port}\nListenAddress 127.0.0.1\nHostKey {0}/host_key\nPidFile {0}/sshd.pid\n\
+         AuthorizedKeysFile {0}/authorized_keys\nStrictModes no\nPasswordAuthentication no\n\
+         KbdInteractiveAuthentication no\nUsePAM no\nPermitRootLogin prohibit-password\nMaxStartups 100\nLogLevel ERROR\n",
+        d.display()
+    );
+    std::fs::write(d.join("sshd_config"), config).expect("sshd_config");
+    let child = Command::new(SSHD)
+        .args(["-D", "-e", "-f"])
+        .arg(d.join("sshd_config"))
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("sshd starts");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "sshd did not listen on port {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Some(Sshd { child, port, dir })
+}
+
+fn options(sshd: &Sshd, agent: &str) -> BTreeMap<String, String> {
+    let d: PathBuf = sshd.dir.path().to_owned();
+    let user = std::env::var("USER").ok().filter(|u| !u.is_empty()).unwrap_or_else(|| "root".into());
+    [
+        ("host", "127.0.0.1".to_owned()),
+        ("port", sshd.port.to_string()),
+        ("user", user),
+        ("identity", d.join("client_key").display().to_string()),
+        ("known_hosts", d.join("known_hosts").display().to_string()),
+        ("agent", agent.to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssh_class_passes_the_worker_conformance_kit_against_a_real_sshd() {
+    let Some(sshd) = sshd() else { return };
+    let exe = std::env::current_exe().expect("test binary path").to_string_lossy().into_owned();
+    let agent = AgentCommand {
+        program: exe.clone(),
+        args: ["--exact", "agent_entry", "--include-ignored", "--nocapture", "--test-threads=1", "-q"]
+            .map(String::from)
+            .to_vec(),
+        name: None,
+    };
+    let mut kit = WorkerKit::local(agent);
+    kit.launch_timeout = Duration::from_secs(30);
+    worker(SshWorker::with_defaults(options(&sshd, &exe)), kit).await;
+}
+
+#[test]
+fn options_are_checked() {
+    use crew_core::worker::Worker;
+    let class = SshWorker::new();
+    let opts = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+    assert!(class.check_options(&opts(&[("host", "a,b"), ("port", "22")])).is_ok());
+    for (bad, says) in [
+        (opts(&[]), "no host"),
+        (opts(&[("host", " , ")]), "no host"),
+        (opts(&[("host", "a"), ("port", "ssh")]), "not a port"),
+        (opts(&[("host", "a"), ("hots", "b")]), "unknown option \"hots\""),
+    ] {
+        let e = class.check_options(&bad).expect_err("refused").to_string();
+        assert!(e.contains(says), "{e}");
+    }
+}
