@@ -9,7 +9,9 @@
 //! `cargo nextest` when it is installed (faster, one process per test) and
 //! under `cargo test` otherwise.
 //!
-//! The tests run against the local AWS emulator ([`crate::emu`]): CI
+//! The services the tests need are installed first when missing
+//! ([`crate::services`]: openssh-server). The tests run against the local
+//! AWS emulator ([`crate::emu`]): CI
 //! installs it, starts it on a free port, runs the tests with its variables
 //! (`AWS_ENDPOINT_URL`, dummy credentials, `CREW_TEST_S3_ENDPOINT`, ...)
 //! and stops it afterwards, also when a step fails. An emulator already
@@ -50,6 +52,7 @@ const TEST: Step =
 pub(crate) fn run() -> anyhow::Result<()> {
     run_step(&FMT, &[])?;
     run_step(&CLIPPY, &[])?;
+    crate::services::install()?;
     let emulator = Emulator::up()?;
     if nextest_available() {
         run_step(&NEXTEST, &emulator.env)?;

@@ -15,6 +15,7 @@ mod bench;
 mod ci;
 mod emu;
 mod fuzz;
+mod services;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -26,6 +27,7 @@ const SUBCOMMANDS: &[(&str, &str)] = &[
     ("bench", "measure crew against baselines (release build); `bench --help` for options"),
     ("emu", "the local AWS emulator of the tests: `emu install|start|stop|env`"),
     ("fuzz", "coverage-guided fuzzing (libFuzzer): `fuzz [--time SECS | --runs N] [TARGET...]`"),
+    ("services", "install the real services the tests need when missing (openssh-server; Debian, as root)"),
 ];
 
 fn main() -> ExitCode {
@@ -44,6 +46,7 @@ fn main() -> ExitCode {
         Some("bench") => bench::run(&rest),
         Some("emu") => emu::run(&rest),
         Some("fuzz") => fuzz::run(&rest),
+        Some("services") => no_arguments("services", &rest).and_then(|()| services::install()),
         _ => {
             eprintln!("error: unknown subcommand {:?}\n\n{}", first.to_string_lossy(), usage());
             return ExitCode::from(2);

@@ -1,0 +1,56 @@
+//! `cargo xtask services`: the real services some tests need, from Debian,
+//! installed when missing (as CI runs, on a fresh machine, as root).
+//!
+//! Today: `openssh-server`, whose `sshd` the ssh worker example's tests
+//! start on a free loopback port of their own (they never use the
+//! system's). Installed with `apt-get` (after `apt-get update` when the
+//! package lists are stale); elsewhere the tests that need it say so and
+//! skip, except under `CI`, where a missing service is an error.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, bail};
+
+/// Each service: a file that shows it is installed, and its package.
+const SERVICES: &[(&str, &str)] = &[("/usr/sbin/sshd", "openssh-server")];
+
+/// Installs what is missing.
+pub(crate) fn install() -> anyhow::Result<()> {
+    let missing: Vec<&str> =
+        SERVICES.iter().filter(|(file, _)| !Path::new(file).exists()).map(|(_, package)| *package).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+    if !root || !Path::new("/usr/bin/apt-get").exists() {
+        let why = format!(
+            "the tests need {} (Debian: `sudo apt-get install {}`)",
+            missing.join(", "),
+            missing.join(" ")
+        );
+        if std::env::var_os("CI").is_some() {
+            bail!("{why}");
+        }
+        eprintln!("xtask: {why}; the tests that need them are skipped");
+        return Ok(());
+    }
+    eprintln!("xtask: installing {} (apt-get)", missing.join(", "));
+    let apt = |args: &[&str]| -> anyhow::Result<bool> {
+        Ok(Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .with_context(|| "cannot run apt-get")?
+            .success())
+    };
+    let mut install = vec!["install", "-y", "-q", "--no-install-recommends"];
+    install.extend(&missing);
+    // The package lists of a fresh machine may be stale: update, then
+    // try once more.
+    let installed = apt(&install)? || (apt(&["update", "-q"])? && apt(&install)?);
+    if !installed {
+        bail!("apt-get could not install {}", missing.join(", "));
+    }
+    Ok(())
+}
