@@ -1,20 +1,43 @@
 //! `crew`: run jobs on heterogeneous, semi-persistent workers.
 //!
-//! This binary is thin: flags are parsed and validated here, then handed to
-//! crew-core (the controller, the agent) and to the classes registered in
-//! [`registry`]. Exit codes are documented in README.md and mapped in one
-//! place, `main`.
+//! The `crew` command as a library, so that a third party's own `crew`
+//! with extra worker classes is a few lines ([`App`]):
 //!
-//! Built with `--cfg fuzzing` (`cargo xtask fuzz`), it is a libFuzzer
-//! binary over the targets of [`fuzz`] instead, with no `main` of its own.
-
-#![cfg_attr(fuzzing, no_main)]
+//! ```no_run
+//! # #[derive(Debug)] struct MyClass;
+//! # impl MyClass { fn new() -> Self { MyClass } }
+//! # #[async_trait::async_trait]
+//! # impl crew_core::worker::Worker for MyClass {
+//! #     fn class(&self) -> &str { "mine" }
+//! #     fn capabilities(&self) -> crew_core::worker::Capabilities { crew_core::worker::Capabilities::local() }
+//! #     async fn launch(&self, _: &crew_core::worker::LaunchSpec) -> Result<Vec<crew_core::worker::Handle>, crew_core::worker::WorkerError> { Ok(vec![]) }
+//! #     async fn probe(&self, h: &[crew_core::worker::Handle]) -> Result<Vec<crew_core::worker::Liveness>, crew_core::worker::WorkerError> { Ok(vec![]) }
+//! #     async fn terminate(&self, _: &[crew_core::worker::Handle]) -> Result<(), crew_core::worker::WorkerError> { Ok(()) }
+//! # }
+//! fn main() -> std::process::ExitCode {
+//!     crew_cli::App::new().with_class(MyClass::new()).run()
+//! }
+//! ```
+//!
+//! Everything else is private: flags are parsed and validated here, then
+//! handed to the controller, the agent and the classes of the registry
+//! (`registry.rs`: built in, added with [`App::with_class`], or an
+//! executable `crew-worker-NAME` on `PATH`, `plugin.rs`). Exit codes are
+//! documented in README.md and mapped in one place, [`App::run`].
+//!
+//! Built with `--cfg fuzzing` (`cargo xtask fuzz`), the `crew` binary is a
+//! libFuzzer binary over the targets of `fuzz.rs` instead, with no `main`
+//! of its own.
 
 use std::process::ExitCode;
+use std::sync::Arc;
+
+use crew_core::worker::Worker;
 
 use clap::{Parser, Subcommand};
 
 mod aws_batch;
+mod classes;
 mod client;
 mod cmd;
 mod config;
@@ -23,6 +46,7 @@ mod daemon;
 mod fuzz;
 mod make;
 mod make_daemon;
+mod plugin;
 mod project;
 mod registry;
 mod run;
@@ -85,6 +109,12 @@ enum Command {
     /// Set up AWS Batch for the `aws-batch` class (e.g. register a job
     /// definition for crew workers).
     AwsBatch(aws_batch::AwsBatchArgs),
+    /// List the worker classes: built in, and `crew-worker-NAME` on PATH.
+    Classes(classes::ClassesArgs),
+    /// Run the worker conformance kit against a class (built in or a
+    /// `crew-worker-NAME` on PATH): agents started, jobs run, crashes
+    /// replaced, terminate honoured.
+    Conformance(classes::ConformanceArgs),
 }
 
 /// An error with the exit status it maps to.
@@ -126,58 +156,96 @@ where
         .try_init();
 }
 
-#[cfg(not(fuzzing))]
-fn main() -> ExitCode {
-    registry::register_stores();
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Run(args) => {
-            init_logging("warn");
-            run::main(args)
-        }
-        Command::Worker(args) => {
-            init_logging("warn");
-            worker::main(args)
-        }
-        Command::Daemon(args) => {
-            init_logging_to("info", || daemon::logfile::Writer);
-            daemon::main(args)
-        }
-        Command::Client(command) => cmd::main(cli.dir, command),
-        Command::Make(args) => {
-            init_logging("warn");
-            make::make(cli.dir, args)
-        }
-        Command::Outdated(args) => {
-            init_logging("warn");
-            make::outdated(args)
-        }
-        Command::Why(args) => {
-            init_logging("warn");
-            make::why(args)
-        }
-        Command::Graph(args) => {
-            init_logging("warn");
-            make::graph(args)
-        }
-        Command::Clean(args) => {
-            init_logging("warn");
-            make::clean(args)
-        }
-        Command::Gc(args) => {
-            init_logging("warn");
-            make::gc(args)
-        }
-        Command::AwsBatch(args) => {
-            init_logging("warn");
-            aws_batch::main(args)
-        }
-    };
-    match result {
-        Ok(code) => ExitCode::from(code),
-        Err(f) => {
-            eprintln!("crew: {:#}", f.error);
-            ExitCode::from(f.code)
+/// The `crew` command, with the worker classes of the stock binary and
+/// any added with [`App::with_class`].
+///
+/// One `App` runs per process: [`App::run`] installs its classes as the
+/// process's registry (agents, the daemon and `crew run` all find them
+/// there) and parses the process's arguments.
+#[derive(Debug, Default)]
+#[non_exhaustive]
+pub struct App {
+    classes: Vec<Arc<dyn Worker>>,
+}
+
+impl App {
+    /// The stock `crew`: the `local` and `aws-batch` classes, and any
+    /// `crew-worker-NAME` on `PATH`.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a worker class, selected by its [`Worker::class`] name with
+    /// `--class`. A class of the same name as a built-in one replaces it;
+    /// classes compiled in win over `crew-worker-NAME` on `PATH`.
+    pub fn with_class(mut self, class: impl Worker) -> Self {
+        self.classes.push(Arc::new(class));
+        self
+    }
+
+    /// Parses the process's arguments, runs the command and returns its
+    /// exit status (README.md, "Exit status": 0 done, 1 a job did not
+    /// succeed, 2 bad input, 3 crew failed; `crew worker` exits with the
+    /// agent's own statuses). Errors are printed to stderr first.
+    pub fn run(self) -> ExitCode {
+        registry::install(self.classes);
+        registry::register_stores();
+        let cli = Cli::parse();
+
+        let result = match cli.command {
+            Command::Run(args) => {
+                init_logging("warn");
+                run::main(args)
+            }
+            Command::Worker(args) => {
+                init_logging("warn");
+                worker::main(args)
+            }
+            Command::Daemon(args) => {
+                init_logging_to("info", || daemon::logfile::Writer);
+                daemon::main(args)
+            }
+            Command::Client(command) => cmd::main(cli.dir, command),
+            Command::Make(args) => {
+                init_logging("warn");
+                make::make(cli.dir, args)
+            }
+            Command::Outdated(args) => {
+                init_logging("warn");
+                make::outdated(args)
+            }
+            Command::Why(args) => {
+                init_logging("warn");
+                make::why(args)
+            }
+            Command::Graph(args) => {
+                init_logging("warn");
+                make::graph(args)
+            }
+            Command::Clean(args) => {
+                init_logging("warn");
+                make::clean(args)
+            }
+            Command::Gc(args) => {
+                init_logging("warn");
+                make::gc(args)
+            }
+            Command::AwsBatch(args) => {
+                init_logging("warn");
+                aws_batch::main(args)
+            }
+            Command::Classes(args) => classes::list(args),
+            Command::Conformance(args) => {
+                init_logging("warn");
+                classes::conformance(args)
+            }
+        };
+        match result {
+            Ok(code) => ExitCode::from(code),
+            Err(f) => {
+                eprintln!("crew: {:#}", f.error);
+                ExitCode::from(f.code)
+            }
         }
     }
 }

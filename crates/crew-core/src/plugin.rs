@@ -164,6 +164,13 @@ pub struct HelloParams {
     pub crew_version: String,
 }
 
+impl HelloParams {
+    /// The `hello` of this crate's protocol version for class `class`.
+    pub fn new(class: impl Into<String>, crew_version: impl Into<String>) -> Self {
+        Self { protocol: PLUGIN_PROTOCOL_VERSION, class: class.into(), crew_version: crew_version.into() }
+    }
+}
+
 /// `hello` result: the plugin's version and what the class is.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -249,6 +256,13 @@ impl WireCapabilities {
 pub struct CheckOptionsParams {
     /// The options of a recruit (`--opt key=value`).
     pub options: BTreeMap<String, String>,
+}
+
+impl CheckOptionsParams {
+    /// The parameters for `options`.
+    pub fn new(options: BTreeMap<String, String>) -> Self {
+        Self { options }
+    }
 }
 
 /// One agent of a launch on the wire.
@@ -359,6 +373,13 @@ pub struct LaunchResult {
 pub struct HandlesParams {
     /// Handles from earlier launches (or unknown ones).
     pub handles: Vec<String>,
+}
+
+impl HandlesParams {
+    /// The parameters for `handles`.
+    pub fn new(handles: &[Handle]) -> Self {
+        Self { handles: handles.iter().map(|h| h.id.clone()).collect() }
+    }
 }
 
 /// `probe` result.
