@@ -131,7 +131,7 @@ pub(crate) fn conformance(args: ConformanceArgs) -> Result<u8, Failure> {
     // does in a test; here that is the verdict, printed once, by us.
     let hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(|_| {}));
-    let ran = rt.block_on(tokio::spawn(crew_conformance::worker(class, kit)));
+    let ran = rt.block_on(rt.spawn(crew_conformance::worker(class, kit)));
     std::panic::set_hook(hook);
     let error = match ran {
         Ok(()) => None,

@@ -39,7 +39,7 @@ pub(crate) fn store_failure(url: &str, error: StoreError) -> Failure {
 pub(crate) enum ClassError {
     /// Neither built in nor on `PATH`: bad input.
     #[error(
-        "unknown worker class {name:?}: not built in ({known}) and no executable {prefix}{name} on PATH (install the class's plugin there, or see `crew classes`)",
+        "unknown worker class {name:?}: not compiled in, and no executable {prefix}{name} on PATH; known classes: {known} (install a class's plugin on PATH; `crew classes` lists them)",
         prefix = crew_core::plugin::PLUGIN_PREFIX
     )]
     Unknown { name: String, known: String },
@@ -102,16 +102,15 @@ impl Registry {
         REGISTRY.get_or_init(|| Registry::new(Vec::new()))
     }
 
-    /// The names of the classes compiled in (built in or added), sorted.
+    /// The names of the classes compiled in: the built-in ones, then
+    /// those added, each once.
     pub(crate) fn compiled_in(&self) -> Vec<String> {
-        let mut names: Vec<String> = self
-            .classes
-            .iter()
-            .map(|(n, _, _)| n.clone())
-            .chain(self.added.iter().map(|c| c.class().to_owned()))
-            .collect();
-        names.sort();
-        names.dedup();
+        let mut names: Vec<String> = Vec::new();
+        for n in self.classes.iter().map(|(n, _, _)| n.as_str()).chain(self.added.iter().map(|c| c.class())) {
+            if !names.iter().any(|m| m == n) {
+                names.push(n.to_owned());
+            }
+        }
         names
     }
 
