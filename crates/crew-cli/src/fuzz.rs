@@ -112,16 +112,17 @@ fn config(data: &[u8]) {
     let _ = crate::config::Config::parse(std::path::Path::new("crew.toml"), text);
 }
 
-/// The libFuzzer entry: the target named by `CREW_FUZZ_TARGET`.
+/// The libFuzzer entry (called by the `crew` binary's `fuzz_target!`
+/// under `--cfg fuzzing`): the target named by `CREW_FUZZ_TARGET`.
 #[cfg(fuzzing)]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+pub fn entry(data: &[u8]) {
     static TARGET: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     let name = TARGET.get_or_init(|| std::env::var("CREW_FUZZ_TARGET").unwrap_or_default());
     if !run(name, data) {
         eprintln!("CREW_FUZZ_TARGET must be one of {}", TARGETS.join(", "));
         std::process::abort();
     }
-});
+}
 
 /// Seeds for each target (also written as the fuzzer's starting corpus by
 /// `cargo xtask fuzz`).

@@ -42,8 +42,13 @@ mod client;
 mod cmd;
 mod config;
 mod daemon;
-#[cfg(any(test, fuzzing))]
+#[cfg(all(test, not(fuzzing)))]
 mod fuzz;
+/// The fuzz targets, public only in the fuzz build (`--cfg fuzzing`), for
+/// the `crew` binary's libFuzzer entry point.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzz;
 mod make;
 mod make_daemon;
 mod plugin;

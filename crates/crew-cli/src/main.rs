@@ -1,13 +1,13 @@
 //! The stock `crew` binary: [`crew_cli::App`] with the built-in classes.
 //!
 //! Built with `--cfg fuzzing` (`cargo xtask fuzz`), it is a libFuzzer
-//! binary over the targets of crew-cli's `fuzz.rs` instead (their entry
-//! point is in the library), with no `main` of its own.
+//! binary over the targets of crew-cli's `fuzz.rs` instead, with no `main`
+//! of its own.
 
 #![cfg_attr(fuzzing, no_main)]
 
 #[cfg(fuzzing)]
-use crew_cli as _;
+libfuzzer_sys::fuzz_target!(|data: &[u8]| crew_cli::fuzz::entry(data));
 
 #[cfg(not(fuzzing))]
 fn main() -> std::process::ExitCode {

@@ -153,94 +153,19 @@ impl Conn {
     }
 }
 
-/// A worker class served by a `crew-worker-NAME` process.
-pub(crate) struct PluginWorker {
-    name: String,
-    program: String,
-    path: String,
-    caps: Capabilities,
-    options: Vec<OptionSpec>,
+/// One running plugin process: its connection and its stdin.
+struct Process {
     conn: Arc<Conn>,
-    /// Lines to the plugin's stdin; dropped with the class, which closes
-    /// the plugin's stdin: its signal to exit.
+    /// Lines to the plugin's stdin; dropped with the process value, which
+    /// closes the plugin's stdin: its signal to exit.
     to_plugin: Mutex<std::sync::mpsc::Sender<Vec<u8>>>,
     next_id: AtomicU64,
 }
 
-impl std::fmt::Debug for PluginWorker {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PluginWorker").field("program", &self.program).field("pid", &self.conn.pid).finish()
-    }
-}
-
-impl PluginWorker {
-    /// Starts the plugin at `path` for class `name` and does the
-    /// handshake (at most [`HELLO_TIMEOUT`]).
-    pub(crate) fn start(name: &str, path: &Path) -> Result<Self, PluginError> {
-        let program = format!("{PLUGIN_PREFIX}{name}");
-        let shown = path.display().to_string();
-        let error = |what: String| PluginError { program: program.clone(), path: shown.clone(), what };
-        let mut command = Command::new(path);
-        command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
-        // Its own process group: a Ctrl-C meant for crew does not kill it
-        // before crew has stopped its workers through it.
-        std::os::unix::process::CommandExt::process_group(&mut command, 0);
-        let mut child = command.spawn().map_err(|e| error(format!("could not be started: {e}")))?;
-        let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(error("could not be started: no pipes".to_owned()));
-        };
-        let conn = Arc::new(Conn {
-            state: Mutex::new(State { dead: None, reaped: false, waiting: HashMap::new() }),
-            pid: child.id(),
-        });
-        let (to_plugin, lines) = std::sync::mpsc::channel::<Vec<u8>>();
-        let spawned = spawn_threads(&conn, child, stdin, stdout, lines);
-        if let Err(e) = spawned {
-            conn.kill();
-            return Err(error(format!("could not be started: {e}")));
-        }
-        let mut plugin = Self {
-            name: name.to_owned(),
-            program: program.clone(),
-            path: shown.clone(),
-            caps: Capabilities::local(),
-            options: Vec::new(),
-            conn,
-            to_plugin: Mutex::new(to_plugin),
-            next_id: AtomicU64::new(1),
-        };
-        let hello = HelloParams::new(name, env!("CARGO_PKG_VERSION"));
-        let reply: HelloResult = match plugin.call_blocking("hello", &hello, HELLO_TIMEOUT) {
-            Ok(r) => r,
-            Err(f) => {
-                plugin.conn.kill();
-                let what = match f {
-                    Failed::Dead(why) => format!("failed before it answered hello: {why}"),
-                    Failed::Timeout(t) => {
-                        format!("did not answer hello within {}s and was stopped", t.as_secs())
-                    }
-                    Failed::Error(e) => format!("refused hello: {}", e.message),
-                };
-                return Err(error(what));
-            }
-        };
-        if reply.protocol != PLUGIN_PROTOCOL_VERSION {
-            plugin.conn.kill();
-            return Err(error(format!(
-                "speaks plugin protocol version {}; this crew speaks version {PLUGIN_PROTOCOL_VERSION} (update one of them)",
-                reply.protocol
-            )));
-        }
-        plugin.caps = reply.capabilities.to_capabilities();
-        plugin.options = reply.options;
-        Ok(plugin)
-    }
-
-    /// False once the plugin process ended or broke the protocol.
-    pub(crate) fn is_alive(&self) -> bool {
-        self.conn.lock().dead.is_none()
+impl Process {
+    /// Why it is dead, if it is.
+    fn dead(&self) -> Option<String> {
+        self.conn.lock().dead.clone()
     }
 
     /// Registers `waiter` under a fresh id and sends the request.
@@ -272,15 +197,10 @@ impl PluginWorker {
     }
 
     /// A request from synchronous code (the handshake, `check_options`):
-    /// blocks this thread; the answer comes from the reader thread.
-    fn call_blocking<P: Serialize, R: DeserializeOwned>(
-        &self,
-        method: &str,
-        params: &P,
-        timeout: Duration,
-    ) -> Result<R, Failed> {
+    /// blocks this thread; the answer comes from the reader thread, never
+    /// from the caller's runtime.
+    fn call_blocking(&self, method: &str, params: Value, timeout: Duration) -> Result<Value, Failed> {
         let (tx, rx) = std::sync::mpsc::channel();
-        let params = serde_json::to_value(params).map_err(|e| Failed::Dead(e.to_string()))?;
         let id = self.send(
             method,
             params,
@@ -288,13 +208,212 @@ impl PluginWorker {
                 let _ = tx.send(r);
             }),
         )?;
-        let answer = match rx.recv_timeout(timeout) {
+        match rx.recv_timeout(timeout) {
             Ok(r) => r,
             Err(_) => {
                 self.forget(id);
-                return Err(Failed::Timeout(timeout));
+                Err(Failed::Timeout(timeout))
             }
-        };
+        }
+    }
+
+    /// A request from async code.
+    async fn call(&self, method: &str, params: Value, timeout: Duration) -> Result<Value, Failed> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let id = self.send(
+            method,
+            params,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        )?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(Failed::Dead("dropped a request".to_owned())),
+            Err(_) => {
+                self.forget(id);
+                Err(Failed::Timeout(timeout))
+            }
+        }
+    }
+}
+
+/// Starts the plugin at `path` for class `name` and does the handshake (at
+/// most [`HELLO_TIMEOUT`]).
+fn start_process(name: &str, path: &Path) -> Result<(Process, HelloResult), PluginError> {
+    let error = |what: String| PluginError {
+        program: format!("{PLUGIN_PREFIX}{name}"),
+        path: path.display().to_string(),
+        what,
+    };
+    let mut command = Command::new(path);
+    command.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+    // Its own process group: a Ctrl-C meant for crew does not kill it
+    // before crew has stopped its workers through it.
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    let mut child = command.spawn().map_err(|e| error(format!("could not be started: {e}")))?;
+    let (Some(stdin), Some(stdout)) = (child.stdin.take(), child.stdout.take()) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(error("could not be started: no pipes".to_owned()));
+    };
+    let conn = Arc::new(Conn {
+        state: Mutex::new(State { dead: None, reaped: false, waiting: HashMap::new() }),
+        pid: child.id(),
+    });
+    let (to_plugin, lines) = std::sync::mpsc::channel::<Vec<u8>>();
+    if let Err(e) = spawn_threads(&conn, child, stdin, stdout, lines) {
+        conn.kill();
+        return Err(error(format!("could not be started: {e}")));
+    }
+    let process = Process { conn, to_plugin: Mutex::new(to_plugin), next_id: AtomicU64::new(1) };
+    let hello =
+        serde_json::to_value(HelloParams::new(name, env!("CARGO_PKG_VERSION"))).map_err(|e| error(e.to_string()))?;
+    let reply = process.call_blocking("hello", hello, HELLO_TIMEOUT).and_then(|v| {
+        serde_json::from_value::<HelloResult>(v)
+            .map_err(|e| Failed::Dead(format!("answered hello with a result that does not fit the protocol: {e}")))
+    });
+    let reply = match reply {
+        Ok(r) => r,
+        Err(f) => {
+            process.conn.kill();
+            return Err(error(match f {
+                Failed::Dead(why) => format!("failed before it answered hello: {why}"),
+                Failed::Timeout(t) => format!("did not answer hello within {}s and was stopped", t.as_secs()),
+                Failed::Error(e) => format!("refused hello: {}", e.message),
+            }));
+        }
+    };
+    if reply.protocol != PLUGIN_PROTOCOL_VERSION {
+        process.conn.kill();
+        return Err(error(format!(
+            "speaks plugin protocol version {}; this crew speaks version {PLUGIN_PROTOCOL_VERSION} (update one of them)",
+            reply.protocol
+        )));
+    }
+    Ok((process, reply))
+}
+
+/// The shortest time between two starts of a class's plugin after it died,
+/// so that a plugin that keeps dying is not started at every probe.
+const RESTART_GAP: Duration = Duration::from_secs(5);
+
+/// The one process of a class, started again when it died.
+struct Supervisor {
+    name: String,
+    program: String,
+    exe: PathBuf,
+    process: Mutex<Arc<Process>>,
+    last_start: Mutex<std::time::Instant>,
+    /// Held while a dead process is replaced, so that callers arriving
+    /// meanwhile wait for the new one instead of failing.
+    starting: Mutex<()>,
+}
+
+impl Supervisor {
+    fn current(&self) -> Arc<Process> {
+        self.process.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// The live process: a dead one is started again (blocking, up to the
+    /// handshake's timeout) unless it was started less than
+    /// [`RESTART_GAP`] ago, then the reason it died.
+    fn live_blocking(&self) -> Result<Arc<Process>, Failed> {
+        let p = self.current();
+        if p.dead().is_none() {
+            return Ok(p);
+        }
+        let _one = self.starting.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let p = self.current();
+        let Some(why) = p.dead() else { return Ok(p) };
+        {
+            let mut last = self.last_start.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if last.elapsed() < RESTART_GAP {
+                return Err(Failed::Dead(why));
+            }
+            *last = std::time::Instant::now();
+        }
+        match start_process(&self.name, &self.exe) {
+            Ok((fresh, _)) => {
+                let fresh = Arc::new(fresh);
+                *self.process.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = fresh.clone();
+                tracing::warn!("the worker class plugin {} {why}; started it again", self.program);
+                Ok(fresh)
+            }
+            Err(e) => Err(Failed::Dead(format!("{why}; starting it again failed: it {}", e.what))),
+        }
+    }
+}
+
+/// A worker class served by a `crew-worker-NAME` process: one process at a
+/// time, started again (at most every [`RESTART_GAP`]) at the first
+/// request after it died. Its capabilities and options are those of the
+/// first handshake.
+pub(crate) struct PluginWorker {
+    name: String,
+    program: String,
+    exe: PathBuf,
+    caps: Capabilities,
+    options: Vec<OptionSpec>,
+    supervisor: Arc<Supervisor>,
+}
+
+impl std::fmt::Debug for PluginWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginWorker").field("program", &self.program).field("exe", &self.exe).finish_non_exhaustive()
+    }
+}
+
+impl PluginWorker {
+    /// Starts the plugin at `path` for class `name` and does the
+    /// handshake (at most [`HELLO_TIMEOUT`]).
+    pub(crate) fn start(name: &str, path: &Path) -> Result<Self, PluginError> {
+        let (process, hello) = start_process(name, path)?;
+        let program = format!("{PLUGIN_PREFIX}{name}");
+        Ok(Self {
+            name: name.to_owned(),
+            program: program.clone(),
+            exe: path.to_path_buf(),
+            caps: hello.capabilities.to_capabilities(),
+            options: hello.options,
+            supervisor: Arc::new(Supervisor {
+                name: name.to_owned(),
+                program,
+                exe: path.to_path_buf(),
+                process: Mutex::new(Arc::new(process)),
+                last_start: Mutex::new(std::time::Instant::now()),
+                starting: Mutex::new(()),
+            }),
+        })
+    }
+
+    /// The live process from synchronous code.
+    fn live_blocking(&self) -> Result<Arc<Process>, Failed> {
+        self.supervisor.live_blocking()
+    }
+
+    /// The live process from async code: a restart runs on a blocking
+    /// thread, and is installed even if this future is dropped meanwhile.
+    async fn live(&self) -> Result<Arc<Process>, Failed> {
+        let p = self.supervisor.current();
+        if p.dead().is_none() {
+            return Ok(p);
+        }
+        let supervisor = self.supervisor.clone();
+        tokio::task::spawn_blocking(move || supervisor.live_blocking())
+            .await
+            .map_err(|e| Failed::Dead(format!("could not be started again: {e}")))?
+    }
+
+    /// A request from synchronous code.
+    fn call_blocking<P: Serialize, R: DeserializeOwned>(
+        &self,
+        method: &str,
+        params: &P,
+        timeout: Duration,
+    ) -> Result<R, Failed> {
+        let params = serde_json::to_value(params).map_err(|e| Failed::Dead(e.to_string()))?;
+        let answer = self.live_blocking()?.call_blocking(method, params, timeout);
         self.decode(method, answer)
     }
 
@@ -305,26 +424,10 @@ impl PluginWorker {
         params: &P,
         timeout: Duration,
     ) -> Result<R, WorkerError> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
         let params = serde_json::to_value(params).map_err(|e| self.fail(method, Failed::Dead(e.to_string())))?;
-        let id = self
-            .send(
-                method,
-                params,
-                Box::new(move |r| {
-                    let _ = tx.send(r);
-                }),
-            )
-            .map_err(|f| self.fail(method, f))?;
-        let answer = match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(Failed::Dead("dropped a request".to_owned())),
-            Err(_) => {
-                self.forget(id);
-                Err(Failed::Timeout(timeout))
-            }
-        };
-        answer.and_then(|v| self.decode(method, Ok(v))).map_err(|f| self.fail(method, f))
+        let process = self.live().await.map_err(|f| self.fail(method, f))?;
+        let answer = process.call(method, params, timeout).await;
+        self.decode(method, answer).map_err(|f| self.fail(method, f))
     }
 
     fn decode<R: DeserializeOwned>(&self, method: &str, value: Result<Value, Failed>) -> Result<R, Failed> {
@@ -336,12 +439,14 @@ impl PluginWorker {
     fn fail(&self, method: &str, f: Failed) -> WorkerError {
         let (message, retryable) = match f {
             Failed::Error(e) => return e.into_worker_error(&self.name),
-            Failed::Dead(why) => (format!("the worker class plugin {} ({}) {why}", self.program, self.path), false),
+            Failed::Dead(why) => {
+                (format!("the worker class plugin {} ({}) {why}", self.program, self.exe.display()), false)
+            }
             Failed::Timeout(t) => (
                 format!(
                     "the worker class plugin {} ({}) did not answer {method} within {}s",
                     self.program,
-                    self.path,
+                    self.exe.display(),
                     t.as_secs()
                 ),
                 true,

@@ -67,7 +67,7 @@ type Make = fn() -> Arc<dyn Worker>;
 type Entry = (String, Make, OnceLock<Arc<dyn Worker>>);
 
 /// Known classes, by name, each built once on first use; PATH plugins
-/// started on first use and started again if they died.
+/// started on first use (and by themselves again if they die).
 pub(crate) struct Registry {
     classes: Vec<Entry>,
     /// Classes an embedder added ([`crate::App::with_class`]).
@@ -116,7 +116,7 @@ impl Registry {
 
     /// The class called `name`: compiled in, else the plugin
     /// `crew-worker-NAME` on `PATH` (started, and its handshake done, on
-    /// first use; started again when it died).
+    /// first use; a failed first start is tried again at the next use).
     pub(crate) fn get(&self, name: &str) -> Result<Arc<dyn Worker>, ClassError> {
         if let Some(c) = self.added.iter().find(|c| c.class() == name) {
             return Ok(c.clone());
@@ -130,7 +130,8 @@ impl Registry {
         // One plugin process per class; the lock is held over the handshake
         // so that two first uses do not start two.
         let mut plugins = self.plugins.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(p) = plugins.get(name).filter(|p| p.is_alive()) {
+        // A cached one starts its process again by itself if it died.
+        if let Some(p) = plugins.get(name) {
             return Ok(p.clone());
         }
         let plugin = Arc::new(PluginWorker::start(name, &path)?);

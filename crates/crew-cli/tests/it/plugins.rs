@@ -127,6 +127,12 @@ fn crew_classes_lists_built_in_and_path_classes() {
     assert!(out.elapsed < Duration::from_secs(5), "listing must not wait for plugins: {out}");
     let table = run(crew_with(dir.path(), &mark, &bin, &["classes"]), None, DEADLINE);
     assert!(table.stdout.starts_with("CLASS") && table.stdout.contains("pyfix"), "{table}");
+    // The kit runs against a built-in class too (the compiled-in one wins
+    // over the plugin of the same name).
+    let kit =
+        run(crew_with(dir.path(), &mark, &bin, &["conformance", "--class", "local"]), None, Duration::from_secs(120));
+    assert_eq!(kit.code(), Some(0), "{kit}");
+    assert_eq!(kit.stdout, "local: passed the worker conformance kit\n", "{kit}");
 }
 
 /// What `crew run --class NAME` must say (and with which status) for each
@@ -215,4 +221,26 @@ fn the_daemon_survives_broken_plugins_and_runs_jobs_through_a_good_one() {
     assert_eq!(records[0]["stdout"]["text"], "through-the-plugin\n", "{got}");
     let status = crew_ok(dir.path(), &mark, &["status", "--json"]);
     assert!(status.stdout.contains("daemon-"), "the plugin's handles show: {status}");
+    // The plugin dies (SIGKILL): the daemon starts it again by itself (its
+    // probes), and the slots launch through the new process.
+    let plugin_pids = || -> Vec<u32> {
+        let marked = crate::support::marked_pids(&mark);
+        crate::support::pids_with_arg("crew-worker-pyfix").into_iter().filter(|p| marked.contains(p)).collect()
+    };
+    let first = plugin_pids();
+    assert_eq!(first.len(), 1, "one plugin process for the class: {first:?}");
+    crate::support::signal(first[0], libc::SIGKILL);
+    let back = crate::support::poll_until(Duration::from_secs(20), || {
+        let now = plugin_pids();
+        now.len() == 1 && now[0] != first[0]
+    });
+    assert!(back, "the plugin was not started again: {:?}", plugin_pids());
+    crew_ok(dir.path(), &mark, &["shutdown", "--all"]);
+    crew_ok(dir.path(), &mark, &["send", "--", "echo", "after-restart"]);
+    crew_ok(dir.path(), &mark, &["wait"]);
+    let got = crew_ok(dir.path(), &mark, &["receive", "--json"]);
+    let records = got.records();
+    assert_eq!(records[0]["status"], "succeeded", "{got}");
+    assert_eq!(records[0]["stdout"]["text"], "after-restart\n", "{got}");
+    assert_eq!(plugin_pids().len(), 1, "still one plugin process");
 }
