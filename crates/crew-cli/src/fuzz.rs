@@ -126,6 +126,7 @@ pub fn entry(data: &[u8]) {
 
 /// Seeds for each target (also written as the fuzzer's starting corpus by
 /// `cargo xtask fuzz`).
+#[cfg_attr(fuzzing, allow(dead_code))]
 pub(crate) fn seeds(name: &str) -> Vec<Vec<u8>> {
     let text: &[&str] = match name {
         "job_line" => &[
