@@ -24,11 +24,8 @@ pub(crate) fn install() -> anyhow::Result<()> {
     }
     let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.trim_ascii() == b"0");
     if !root || !Path::new("/usr/bin/apt-get").exists() {
-        let why = format!(
-            "the tests need {} (Debian: `sudo apt-get install {}`)",
-            missing.join(", "),
-            missing.join(" ")
-        );
+        let why =
+            format!("the tests need {} (Debian: `sudo apt-get install {}`)", missing.join(", "), missing.join(" "));
         if std::env::var_os("CI").is_some() {
             bail!("{why}");
         }

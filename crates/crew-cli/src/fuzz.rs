@@ -116,24 +116,24 @@ fn config(data: &[u8]) {
     let _ = crate::config::Config::parse(std::path::Path::new("crew.toml"), text);
 }
 
-/// The libFuzzer entry: the target named by `CREW_FUZZ_TARGET`. At start,
-/// the seeds of that target are written into the folder named by
-/// `CREW_FUZZ_SEEDS` (the corpus, set by `cargo xtask fuzz`) when missing.
+/// The libFuzzer entry (called by the `crew` binary's `fuzz_target!`
+/// under `--cfg fuzzing`): the target named by `CREW_FUZZ_TARGET`. That
+/// `fuzz_target!`'s `init` is [`write_seeds`].
 #[cfg(fuzzing)]
-libfuzzer_sys::fuzz_target!(init: write_seeds(), |data: &[u8]| {
+pub fn entry(data: &[u8]) {
     static TARGET: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     let name = TARGET.get_or_init(|| std::env::var("CREW_FUZZ_TARGET").unwrap_or_default());
     if !run(name, data) {
         eprintln!("CREW_FUZZ_TARGET must be one of {}", TARGETS.join(", "));
         std::process::abort();
     }
-});
+}
 
 /// Writes the seeds of `CREW_FUZZ_TARGET` as `seed-N` files into the
 /// folder `CREW_FUZZ_SEEDS`, keeping files already there (libFuzzer reads
 /// the corpus after this runs).
 #[cfg(fuzzing)]
-fn write_seeds() {
+pub fn write_seeds() {
     let (Ok(name), Some(dir)) = (std::env::var("CREW_FUZZ_TARGET"), std::env::var_os("CREW_FUZZ_SEEDS")) else {
         return;
     };
@@ -150,6 +150,7 @@ fn write_seeds() {
 
 /// Seeds for each target (also written as the fuzzer's starting corpus by
 /// `cargo xtask fuzz`).
+#[cfg_attr(fuzzing, allow(dead_code))]
 pub(crate) fn seeds(name: &str) -> Vec<Vec<u8>> {
     let text: &[&str] = match name {
         "job_line" => &[

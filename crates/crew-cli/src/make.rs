@@ -301,7 +301,7 @@ pub(crate) fn make(global_dir: Option<PathBuf>, args: MakeArgs) -> Result<u8, Fa
     };
     if !args.daemon {
         // An unknown class is bad input, before anything is read.
-        Registry::stock().get(&args.class).map_err(Failure::usage)?;
+        Registry::stock().get(&args.class).map_err(crate::registry::ClassError::failure)?;
     }
     if args.daemon && args.pipeline.seed != 0 {
         // The daemon derives every job's CREW_SEED from crew seed 0; a

@@ -96,7 +96,7 @@ pub(crate) fn main(args: RunArgs) -> Result<u8, Failure> {
         Some(n) => n,
         None => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
     };
-    let class = Registry::stock().get(&args.class).map_err(Failure::usage)?;
+    let class = Registry::stock().get(&args.class).map_err(crate::registry::ClassError::failure)?;
     let (label, text) = read_jobs(&args.file).map_err(Failure::usage)?;
     let inputs = crate::cmd::input_flags(&args.input)?;
     let defaults = LineDefaults {

@@ -10,6 +10,7 @@
 //! starts processes on this machine, the `crew` binary (`crew worker`) or a
 //! test binary that calls [`crew_agent::run_if_agent`].
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,8 +20,10 @@ use crew_core::output::Status;
 use crew_core::worker::{Handle, Liveness, Worker};
 use crew_scheduler::{SlotFilter, SlotLimits};
 
-/// Options of the worker kit.
+/// Options of the worker kit: start from [`WorkerKit::local`] and change
+/// what differs.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct WorkerKit {
     /// How agents are started.
     pub agent: AgentCommand,
@@ -31,12 +34,21 @@ pub struct WorkerKit {
     /// Tests of job behaviour through a shell (`sh -c`), which need agents
     /// that can run `/bin/sh`.
     pub shell_jobs: bool,
+    /// The class options of every recruit (`--opt key=value`), checked by
+    /// the class first.
+    pub options: BTreeMap<String, String>,
 }
 
 impl WorkerKit {
     /// Defaults for a class that starts processes on this machine.
     pub fn local(agent: AgentCommand) -> Self {
-        Self { agent, launch_timeout: Duration::from_secs(20), gone_timeout: Duration::from_secs(20), shell_jobs: true }
+        Self {
+            agent,
+            launch_timeout: Duration::from_secs(20),
+            gone_timeout: Duration::from_secs(20),
+            shell_jobs: true,
+            options: BTreeMap::new(),
+        }
     }
 }
 
@@ -54,6 +66,14 @@ async fn start(kit: &WorkerKit) -> Controller {
     Controller::start(config).await.unwrap_or_else(|e| panic!("worker conformance: controller did not start: {e}"))
 }
 
+/// `count` slots of `class` with the kit's limits and options.
+fn recruit(class: Arc<dyn Worker>, count: u32, kit: &WorkerKit) -> Recruit {
+    let mut recruit = Recruit::new(class, count);
+    recruit.limits = limits(kit);
+    recruit.options = kit.options.clone();
+    recruit
+}
+
 fn limits(kit: &WorkerKit) -> SlotLimits {
     SlotLimits { launch_timeout: kit.launch_timeout, ..SlotLimits::default() }
 }
@@ -62,6 +82,9 @@ fn limits(kit: &WorkerKit) -> SlotLimits {
 /// the first failure. Needs a Tokio runtime with timers and I/O.
 pub async fn worker(class: Arc<dyn Worker>, kit: WorkerKit) {
     capabilities_are_sane(class.as_ref());
+    if let Err(e) = class.check_options(&kit.options) {
+        panic!("worker conformance: the class refused the kit's options: {e}");
+    }
     unknown_handles_are_not_errors(class.as_ref()).await;
     agents_connect_run_and_terminate(class.clone(), &kit).await;
     if kit.shell_jobs {
@@ -98,9 +121,7 @@ async fn unknown_handles_are_not_errors(class: &dyn Worker) {
 
 async fn agents_connect_run_and_terminate(class: Arc<dyn Worker>, kit: &WorkerKit) {
     let controller = start(kit).await;
-    let mut recruit = Recruit::new(class.clone(), 3);
-    recruit.limits = limits(kit);
-    let names = controller.recruit(recruit).expect("worker conformance: recruit failed");
+    let names = controller.recruit(recruit(class.clone(), 3, kit)).expect("worker conformance: recruit failed");
     assert_eq!(controller.launch(&SlotFilter::default(), 3), 3, "worker conformance: three slots should launch");
     until("three launched workers connect", kit.launch_timeout, || {
         controller.status().slots.iter().filter(|s| s.state == crew_controller::SlotCondition::Idle).count() == 3
@@ -156,9 +177,7 @@ async fn agents_connect_run_and_terminate(class: Arc<dyn Worker>, kit: &WorkerKi
 
 async fn a_killed_worker_is_replaced(class: Arc<dyn Worker>, kit: &WorkerKit) {
     let controller = start(kit).await;
-    let mut recruit = Recruit::new(class, 2);
-    recruit.limits = limits(kit);
-    controller.recruit(recruit).expect("worker conformance: recruit failed");
+    controller.recruit(recruit(class, 2, kit)).expect("worker conformance: recruit failed");
     // The job kills its own agent (its parent) on the first attempt only.
     let line = r#"if [ "$CREW_ATTEMPT" = 1 ]; then kill -9 $PPID; sleep 5; fi; echo survived"#;
     let id = controller.send(JobSpec::shell(line)).expect("worker conformance: send failed");
@@ -177,9 +196,9 @@ async fn a_failing_launch_ends_launch_failed(class: Arc<dyn Worker>, kit: &Worke
     let mut bad = kit.clone();
     bad.agent = AgentCommand { program: "/nonexistent/crew-conformance-agent".into(), args: vec![], name: None };
     let controller = start(&bad).await;
-    let mut recruit = Recruit::new(class, 1);
-    recruit.limits = SlotLimits { launch_max: 2, launch_timeout: kit.launch_timeout, ..SlotLimits::default() };
-    controller.recruit(recruit).expect("worker conformance: recruit failed");
+    let mut one = recruit(class, 1, kit);
+    one.limits = SlotLimits { launch_max: 2, launch_timeout: kit.launch_timeout, ..SlotLimits::default() };
+    controller.recruit(one).expect("worker conformance: recruit failed");
     controller.send(JobSpec::builtin("noop", serde_json::Value::Null)).expect("worker conformance: send failed");
     let o = controller
         .receive_wait(Some(kit.launch_timeout * 3))

@@ -8,7 +8,8 @@
 //!   [`seed`]s;
 //! - the plugin contracts: [`worker::Worker`] (a backend class) and
 //!   [`store::Store`] (where job data lives), with the local store;
-//! - the wire [`protocol`] between controller and agents;
+//! - the wire [`protocol`] between controller and agents, and the [`plugin`]
+//!   protocol between crew and a class on `PATH` (`crew-worker-NAME`);
 //! - [`staging`]: job inputs and outputs through the store (content
 //!   addressing, verified transfers);
 //! - behind the `conformance` feature, the store conformance kit (the
@@ -27,6 +28,7 @@ pub mod conformance;
 pub mod job;
 pub mod output;
 pub mod percent;
+pub mod plugin;
 pub mod protocol;
 pub mod seed;
 pub mod staging;

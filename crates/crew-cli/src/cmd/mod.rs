@@ -111,6 +111,18 @@ pub(crate) fn api(e: ClientError) -> Failure {
     Failure { code, error: e.into() }
 }
 
+/// Class options from `--opt key=value` flags.
+pub(crate) fn parse_opts(opts: &[String]) -> Result<std::collections::BTreeMap<String, String>, Failure> {
+    let mut options = std::collections::BTreeMap::new();
+    for o in opts {
+        let Some((k, v)) = o.split_once('=') else {
+            return Err(Failure::usage(anyhow::anyhow!("--opt {o:?}: write key=value")));
+        };
+        options.insert(k.trim().to_owned(), v.to_owned());
+    }
+    Ok(options)
+}
+
 /// Validated comma-separated tags (`""` is none).
 pub(crate) fn parse_tags(flag: &str, text: &str) -> Result<Vec<String>, Failure> {
     let tags: Tags = text.parse().map_err(|e| Failure::usage(anyhow::anyhow!("{flag}: {e}")))?;

@@ -64,13 +64,7 @@ pub(crate) fn recruit(ctx: &Ctx, args: RecruitArgs) -> Result<u8, Failure> {
     if args.tasks_max == Some(0) {
         return Err(Failure::usage(anyhow::anyhow!("--tasks-max must be at least 1 (leave it out for no limit)")));
     }
-    let mut options = BTreeMap::new();
-    for o in &args.opts {
-        let Some((k, v)) = o.split_once('=') else {
-            return Err(Failure::usage(anyhow::anyhow!("--opt {o:?}: write key=value")));
-        };
-        options.insert(k.trim().to_owned(), v.to_owned());
-    }
+    let options = super::parse_opts(&args.opts)?;
     let body = RecruitBody {
         class: args.class,
         workers: args.workers,

@@ -37,7 +37,7 @@ use tokio::sync::{Notify, watch};
 use super::journal::JournalWriter;
 use super::outputs::OutputsLog;
 use crate::config::RecruitDefaults;
-use crate::registry::Registry;
+use crate::registry::{ClassError, Registry};
 use crate::wire;
 
 /// Largest request body accepted.
@@ -623,9 +623,16 @@ struct RecruitReq {
 }
 
 async fn recruit(d: &Daemon, r: RecruitReq) -> Answer {
-    let class = Registry::stock()
-        .get(&r.class)
-        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "unknown_class", e.to_string()))?;
+    // Off the daemon's threads: a plugin's first use starts it and waits
+    // for its handshake (up to 10 s for one that hangs).
+    let name = r.class.clone();
+    let class = tokio::task::spawn_blocking(move || Registry::stock().get(&name))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| match e {
+            ClassError::Unknown { .. } => ApiError::new(StatusCode::BAD_REQUEST, "unknown_class", e.to_string()),
+            ClassError::Plugin(_) => ApiError::new(StatusCode::BAD_GATEWAY, "class_failed", e.to_string()),
+        })?;
     // A field left out (or null) takes the daemon's default (crew.toml,
     // `CREW_*`), then the built-in one.
     let def = &d.defaults;

@@ -18,6 +18,7 @@ mod environment;
 mod limits;
 mod mixed;
 mod pipeline;
+mod plugins;
 mod restart;
 mod run;
 mod s3;

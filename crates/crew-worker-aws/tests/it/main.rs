@@ -208,12 +208,9 @@ async fn until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 async fn aws_batch_class_passes_the_worker_conformance_kit() {
     let Some(endpoint) = endpoint("aws_batch_class_passes_the_worker_conformance_kit") else { return };
     let (class, _, _) = class(&endpoint, "conformance", QUEUE).await;
-    let kit = WorkerKit {
-        agent: agent(),
-        launch_timeout: Duration::from_secs(30),
-        gone_timeout: Duration::from_secs(30),
-        shell_jobs: true,
-    };
+    let mut kit = WorkerKit::local(agent());
+    kit.launch_timeout = Duration::from_secs(30);
+    kit.gone_timeout = Duration::from_secs(30);
     worker(Arc::new(class), kit).await;
 }
 
