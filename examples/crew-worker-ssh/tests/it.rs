@@ -135,3 +135,47 @@ fn options_are_checked() {
         assert!(e.contains(says), "{e}");
     }
 }
+
+/// The stock `crew` binary of this build (`target/<profile>/crew`, next to
+/// this test's `deps` folder), when it was built.
+fn stock_crew() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let crew = exe.parent()?.parent()?.join("crew");
+    crew.exists().then_some(crew)
+}
+
+/// Through the PATH protocol: the stock `crew` finds `crew-worker-ssh` on
+/// `PATH` for `--class ssh`, and the kit passes from the command line with
+/// `crew worker` as the remote agent.
+#[test]
+fn the_stock_crew_uses_the_ssh_class_as_a_path_plugin() {
+    let Some(sshd) = sshd() else { return };
+    let Some(crew) = stock_crew() else {
+        assert!(std::env::var_os("CI").is_none(), "the crew binary was not built next to this test");
+        eprintln!("skipped: build the crew binary first (cargo build -p crew-cli)");
+        return;
+    };
+    let plugin = PathBuf::from(env!("CARGO_BIN_EXE_crew-worker-ssh"));
+    let bin = tempfile::tempdir().expect("tempdir");
+    std::os::unix::fs::symlink(&plugin, bin.path().join("crew-worker-ssh")).expect("symlink");
+    let path = format!("{}:{}", bin.path().display(), std::env::var("PATH").unwrap_or_default());
+    let crew_cmd = |args: &[&str]| {
+        let out = Command::new(&crew).args(args).env("PATH", &path).output().expect("crew runs");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, stderr) = crew_cmd(&["classes", "--json"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("\"ssh\""), "crew classes does not list ssh: {stdout}");
+    let mut args = vec!["conformance".to_owned(), "--class".into(), "ssh".into()];
+    for (k, v) in options(&sshd, &crew.display().to_string()) {
+        args.push("--opt".into());
+        args.push(format!("{k}={v}"));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, stdout, stderr) = crew_cmd(&args);
+    assert_eq!(code, Some(0), "crew conformance --class ssh failed:\n{stdout}\n{stderr}");
+}
