@@ -28,6 +28,10 @@ pub(crate) struct RunArgs {
     /// Worker class.
     #[arg(long, default_value = "local", value_name = "CLASS")]
     class: String,
+    /// A class option, `key=value` (repeatable), e.g. `--opt host=a,b` for
+    /// `--class ssh`.
+    #[arg(long = "opt", value_name = "KEY=VALUE")]
+    opts: Vec<String>,
     /// Tags of the workers, comma separated; jobs may ask for any subset.
     #[arg(long, value_name = "T,..", default_value = "")]
     tags: String,
@@ -96,7 +100,9 @@ pub(crate) fn main(args: RunArgs) -> Result<u8, Failure> {
         Some(n) => n,
         None => std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
     };
+    let options = crate::cmd::parse_opts(&args.opts)?;
     let class = Registry::stock().get(&args.class).map_err(crate::registry::ClassError::failure)?;
+    class.check_options(&options).map_err(Failure::usage)?;
     let (label, text) = read_jobs(&args.file).map_err(Failure::usage)?;
     let inputs = crate::cmd::input_flags(&args.input)?;
     let defaults = LineDefaults {
@@ -169,6 +175,7 @@ pub(crate) fn main(args: RunArgs) -> Result<u8, Failure> {
         let mut recruit = Recruit::new(class, workers);
         recruit.tags = tags;
         recruit.limits = limits;
+        recruit.options = options;
         controller.recruit(recruit)?;
         let total = jobs.len();
         controller.send_many(jobs)?;

@@ -178,4 +178,29 @@ fn the_stock_crew_uses_the_ssh_class_as_a_path_plugin() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (code, stdout, stderr) = crew_cmd(&args);
     assert_eq!(code, Some(0), "crew conformance --class ssh failed:\n{stdout}\n{stderr}");
+
+    // `crew run --class ssh`: jobs on two ssh workers, which connect back
+    // over TLS (pinned to the controller's certificate).
+    let jobs = sshd.dir.path().join("jobs.txt");
+    std::fs::write(&jobs, "echo one\necho two\necho three\n").expect("jobs");
+    let mut run: Vec<String> =
+        ["run", "--json", "--workers", "2", "--class", "ssh", "--tls", "always"].map(String::from).to_vec();
+    for (k, v) in options(&sshd, &crew.display().to_string()) {
+        run.push("--opt".into());
+        run.push(format!("{k}={v}"));
+    }
+    run.push(jobs.display().to_string());
+    let run: Vec<&str> = run.iter().map(String::as_str).collect();
+    let (code, stdout, stderr) = crew_cmd(&run);
+    assert_eq!(code, Some(0), "crew run --class ssh failed:\n{stdout}\n{stderr}");
+    let records: Vec<&str> = stdout.lines().collect();
+    assert_eq!(records.len(), 3, "{stdout}");
+    assert!(
+        records.iter().all(|r| r.contains("\"status\":\"succeeded\"") && r.contains("\"class\":\"ssh\"")),
+        "{stdout}"
+    );
+    // A bad option is refused before anything runs.
+    let (code, _, stderr) = crew_cmd(&["run", "--class", "ssh", "--opt", "hots=x", &jobs.display().to_string()]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("hots"), "{stderr}");
 }
