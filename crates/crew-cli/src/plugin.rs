@@ -573,6 +573,10 @@ impl Worker for PluginWorker {
         self.caps.clone()
     }
 
+    fn options(&self) -> Vec<OptionSpec> {
+        self.options.clone()
+    }
+
     fn check_options(&self, options: &BTreeMap<String, String>) -> Result<(), WorkerError> {
         let invalid = |message: String| WorkerError::Options { class: self.name.clone(), message };
         if !self.options.is_empty() {

@@ -1,14 +1,125 @@
-//! The daemon API's answers (docs/api.md): one type per answer, written by
-//! the daemon (`daemon::api`) and read by its client (`cmd`, `project`,
-//! `make_daemon`), so that the two sides cannot drift apart. A field an
-//! older daemon may lack is `#[serde(default)]` here, once.
+//! The daemon API (docs/api.md), both ways: one type per request body,
+//! written by the client (`cmd`, `project`, `make_daemon`) and read by the
+//! daemon (`daemon::api`, which refuses unknown fields), and one type per
+//! answer, written by the daemon and read by the client, so that the two
+//! sides cannot drift apart. A field an older daemon may lack is
+//! `#[serde(default)]` here, once.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use crew_controller::SlotStatus;
 use crew_core::Output;
 use crew_core::staging::StoredObject;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+// ---- Requests -------------------------------------------------------------
+//
+// A duration field is a JSON value, `"30s"` or a number of seconds, checked
+// by the daemon (so that a bad one from any client gets the same error);
+// `null` or absent means none (or the daemon's default).
+
+/// A body with no fields (`POST /v1/restart`, `POST /v1/down`).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Empty {}
+
+/// `POST /v1/recruit`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RecruitRequest {
+    pub(crate) class: String,
+    pub(crate) workers: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) tags: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub(crate) idle: Value,
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub(crate) wall: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) tasks_max: Option<u32>,
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub(crate) launch_timeout: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) launch_max: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) prefetch: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) options: Option<BTreeMap<String, String>>,
+}
+
+/// `POST /v1/launch`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct LaunchRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) tags: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) workers: Option<usize>,
+}
+
+/// `POST /v1/jobs`: jobs in the job-line JSON form, each checked by the
+/// daemon (which reads them as values); clients write them with
+/// [`crew_core::JobSpec::as_line`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SendRequest<J = Value> {
+    pub(crate) jobs: Vec<J>,
+}
+
+/// `POST /v1/receive`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ReceiveRequest {
+    #[serde(default)]
+    pub(crate) wait: bool,
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub(crate) timeout: Value,
+    #[serde(default)]
+    pub(crate) all: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) name: Option<String>,
+    /// Only outputs of these jobs: every one of them ready now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) ids: Option<Vec<crew_core::JobId>>,
+}
+
+/// `POST /v1/shutdown`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ShutdownRequest {
+    #[serde(default)]
+    pub(crate) all: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) tags: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) slot: Option<String>,
+}
+
+/// `POST /v1/dismiss`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct DismissRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) tags: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) slot: Option<String>,
+}
+
+/// `POST /v1/cancel`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CancelRequest {
+    pub(crate) ids: Vec<u64>,
+}
+
+/// A duration flag as a request field.
+pub(crate) fn duration_value(text: Option<String>) -> Value {
+    text.map_or(Value::Null, Value::String)
+}
+
+// ---- Answers --------------------------------------------------------------
 
 /// `GET /v1/health`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -31,7 +142,7 @@ pub(crate) struct Health {
 pub(crate) struct Workers {
     pub(crate) listen: String,
     pub(crate) advertise: String,
-    pub(crate) tls: String,
+    pub(crate) tls: crew_controller::TlsMode,
     pub(crate) tls_sha256: Option<String>,
 }
 
@@ -154,6 +265,106 @@ pub(crate) struct ErrorAnswer {
 /// The machine-readable code and the human message of an error.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct ErrorDetail {
-    pub(crate) code: String,
+    pub(crate) code: ErrorCode,
     pub(crate) message: String,
+}
+
+/// The stable code of an error answer (docs/api.md, "Errors"), and the
+/// HTTP status that goes with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub(crate) enum ErrorCode {
+    BadRequest,
+    InvalidJob,
+    InvalidInput,
+    UnknownClass,
+    InvalidOption,
+    NotFound,
+    DuplicateName,
+    JobTooLarge,
+    BodyTooLarge,
+    LogTooLarge,
+    NoMatchingWorker,
+    ClassFailed,
+    ShuttingDown,
+    DiskFull,
+    Internal,
+    /// A code this client does not know (from a newer daemon).
+    #[serde(other)]
+    Other,
+}
+
+impl ErrorCode {
+    /// Every code the daemon answers.
+    #[cfg(test)]
+    pub(crate) const ALL: [ErrorCode; 15] = [
+        Self::BadRequest,
+        Self::InvalidJob,
+        Self::InvalidInput,
+        Self::UnknownClass,
+        Self::InvalidOption,
+        Self::NotFound,
+        Self::DuplicateName,
+        Self::JobTooLarge,
+        Self::BodyTooLarge,
+        Self::LogTooLarge,
+        Self::NoMatchingWorker,
+        Self::ClassFailed,
+        Self::ShuttingDown,
+        Self::DiskFull,
+        Self::Internal,
+    ];
+
+    /// The HTTP status of an answer with this code.
+    pub(crate) fn status(self) -> u16 {
+        match self {
+            Self::BadRequest | Self::InvalidJob | Self::InvalidInput | Self::UnknownClass | Self::InvalidOption => 400,
+            Self::NotFound => 404,
+            Self::DuplicateName => 409,
+            Self::JobTooLarge | Self::BodyTooLarge | Self::LogTooLarge => 413,
+            Self::NoMatchingWorker => 422,
+            Self::Internal | Self::Other => 500,
+            Self::ClassFailed => 502,
+            Self::ShuttingDown => 503,
+            Self::DiskFull => 507,
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The serde name: a unit variant serializes to its string.
+        match serde_json::to_value(self) {
+            Ok(Value::String(s)) => f.write_str(&s),
+            _ => write!(f, "{self:?}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// docs/api.md's table of errors is this enum: same codes, same
+    /// statuses.
+    #[test]
+    fn the_error_codes_are_the_documented_ones() {
+        let doc = include_str!("../../../docs/api.md");
+        let mut documented: Vec<(u16, String)> = doc
+            .lines()
+            .filter_map(|l| {
+                let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+                let status: u16 = cells.get(1)?.parse().ok()?;
+                let code = cells.get(2)?.strip_prefix('`')?.strip_suffix('`')?;
+                Some((status, code.to_owned()))
+            })
+            .collect();
+        documented.sort();
+        let mut ours: Vec<(u16, String)> = ErrorCode::ALL.iter().map(|c| (c.status(), c.to_string())).collect();
+        ours.sort();
+        assert_eq!(documented, ours);
+        let unknown: ErrorDetail = serde_json::from_str(r#"{"code": "from_the_future", "message": "m"}"#).unwrap();
+        assert_eq!(unknown.code, ErrorCode::Other);
+    }
 }

@@ -41,6 +41,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
 
+pub use crate::worker::OptionSpec;
 use crate::worker::{Capabilities, ENV_TOKEN, Handle, LaunchMember, LaunchSpec, Liveness, Worker, WorkerError};
 
 /// The protocol version this crate speaks (the `protocol` of `hello`).
@@ -183,27 +184,6 @@ pub struct HelloResult {
     /// first check by crew; `check_options` has the last word.
     #[serde(default)]
     pub options: Vec<OptionSpec>,
-}
-
-/// One class option in the `hello` schema.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[non_exhaustive]
-pub struct OptionSpec {
-    /// Its key (`--opt KEY=VALUE`).
-    pub name: String,
-    /// What it does, for `crew classes`.
-    #[serde(default)]
-    pub help: String,
-    /// True when a recruit must give it.
-    #[serde(default)]
-    pub required: bool,
-}
-
-impl OptionSpec {
-    /// An optional option.
-    pub fn new(name: impl Into<String>, help: impl Into<String>) -> Self {
-        Self { name: name.into(), help: help.into(), required: false }
-    }
 }
 
 /// [`Capabilities`] on the wire (durations in milliseconds).
@@ -439,11 +419,12 @@ impl From<WireLiveness> for Liveness {
 /// Requests are handled concurrently, each on a task of its own. Needs a
 /// Tokio runtime.
 pub async fn serve(worker: Arc<dyn Worker>) -> std::io::Result<()> {
-    serve_io(worker, Vec::new(), tokio::io::BufReader::new(tokio::io::stdin()), tokio::io::stdout()).await
+    let options = worker.options();
+    serve_io(worker, options, tokio::io::BufReader::new(tokio::io::stdin()), tokio::io::stdout()).await
 }
 
 /// [`serve`] over any reader and writer, with the option schema `options`
-/// sent in `hello` (the `Worker` trait has none to give; `check_options`
+/// sent in `hello` ([`Worker::options`] for [`serve`]; `check_options`
 /// still decides).
 pub async fn serve_io<R, W>(
     worker: Arc<dyn Worker>,

@@ -182,7 +182,7 @@ impl AwsBatchWorker {
         self
     }
 
-    fn options(&self, options: &BTreeMap<String, String>) -> Result<BatchOptions, WorkerError> {
+    fn parse_options(&self, options: &BTreeMap<String, String>) -> Result<BatchOptions, WorkerError> {
         BatchOptions::parse(&self.inner.defaults, options)
     }
 
@@ -604,12 +604,16 @@ impl Worker for AwsBatchWorker {
         Capabilities::remote(ARRAY_SIZE_MAX, DESCRIBE_MAX, self.inner.probe_interval)
     }
 
+    fn options(&self) -> Vec<crew_core::worker::OptionSpec> {
+        options::specs()
+    }
+
     fn check_options(&self, options: &BTreeMap<String, String>) -> Result<(), WorkerError> {
-        self.options(options).map(|_| ())
+        self.parse_options(options).map(|_| ())
     }
 
     async fn launch(&self, spec: &LaunchSpec) -> Result<Vec<Handle>, WorkerError> {
-        let opts = self.options(&spec.options)?;
+        let opts = self.parse_options(&spec.options)?;
         if spec.members.is_empty() {
             return Ok(Vec::new());
         }

@@ -170,6 +170,10 @@ fn the_stock_crew_uses_the_ssh_class_as_a_path_plugin() {
     let (code, stdout, stderr) = crew_cmd(&["classes", "--json"]);
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stdout.contains("\"ssh\""), "crew classes does not list ssh: {stdout}");
+    // Its options, from the plugin's handshake.
+    let (code, stdout, stderr) = crew_cmd(&["classes", "ssh", "--json"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("\"source\":\"path\"") && stdout.contains("\"name\":\"host\""), "{stdout}");
     let mut args = vec!["conformance".to_owned(), "--class".into(), "ssh".into()];
     for (k, v) in options(&sshd, &crew.display().to_string()) {
         args.push("--opt".into());
@@ -203,4 +207,38 @@ fn the_stock_crew_uses_the_ssh_class_as_a_path_plugin() {
     let (code, _, stderr) = crew_cmd(&["run", "--class", "ssh", "--opt", "hots=x", &jobs.display().to_string()]);
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("hots"), "{stderr}");
+}
+
+/// The compiled-in way: the example `crew-ssh`
+/// (`crew_cli::App::new().with_class(SshWorker::default()).run()`) has
+/// `ssh` as a built-in class, and runs jobs on it with itself as the
+/// remote agent, with no plugin on `PATH`.
+#[test]
+fn a_crew_built_with_the_ssh_class_runs_jobs_on_it() {
+    let Some(sshd) = sshd() else { return };
+    let exe = std::env::current_exe().expect("test path");
+    let custom = exe.parent().and_then(Path::parent).map(|d| d.join("examples").join("crew-ssh"));
+    let Some(custom) = custom.filter(|c| c.exists()) else {
+        assert!(std::env::var_os("CI").is_none(), "the example crew-ssh was not built (cargo test builds examples)");
+        eprintln!("skipped: build the example first (cargo build -p crew-worker-ssh --example crew-ssh)");
+        return;
+    };
+    let run = |args: &[String]| {
+        let out = Command::new(&custom).args(args).env_remove("CREW_DIR").output().expect("crew-ssh runs");
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+    let (code, stdout, stderr) = run(&["classes".into(), "ssh".into(), "--json".into()]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("\"source\":\"built-in\"") && stdout.contains("\"name\":\"identity\""), "{stdout}");
+    let jobs = sshd.dir.path().join("custom-jobs.txt");
+    std::fs::write(&jobs, "echo a\necho b\n").expect("jobs");
+    let mut args: Vec<String> = ["run", "--json", "--workers", "2", "--class", "ssh"].map(String::from).to_vec();
+    for (k, v) in options(&sshd, &custom.display().to_string()) {
+        args.extend(["--opt".into(), format!("{k}={v}")]);
+    }
+    args.push(jobs.display().to_string());
+    let (code, stdout, stderr) = run(&args);
+    assert_eq!(code, Some(0), "crew-ssh run --class ssh failed:\n{stdout}\n{stderr}");
+    assert_eq!(stdout.lines().filter(|l| l.contains("\"status\":\"succeeded\"")).count(), 2, "{stdout}");
 }

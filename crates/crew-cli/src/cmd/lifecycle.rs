@@ -99,10 +99,10 @@ fn workers_setting_differs(wanted: &project::DaemonOverrides, health: &project::
             return Some(format!("workers told to dial {have}, not {want}"));
         }
     }
-    if let (Some(want), Some(have)) = (wanted.tls, Some(&health.workers.tls)) {
-        if want.as_str() != have {
+    if let (Some(want), have) = (wanted.tls, health.workers.tls) {
+        if want != have {
             let now = if health.workers.tls_sha256.is_some() { "encrypted beyond loopback" } else { "in plaintext" };
-            return Some(format!("--tls {have} (worker connections {now}), not --tls {}", want.as_str()));
+            return Some(format!("--tls {have} (worker connections {now}), not --tls {want}"));
         }
     }
     None
@@ -129,10 +129,10 @@ pub(crate) fn down(ctx: &Ctx, _args: DownArgs) -> Result<u8, Failure> {
         eprintln!("crew: no daemon is running for {}", ctx.dir().display());
         return Ok(EXIT_OK);
     };
-    match client.post::<_, serde_json::Value>("/v1/down", &serde_json::json!({})) {
+    match client.post::<_, serde_json::Value>("/v1/down", &crate::wire::Empty {}) {
         Ok(_) => {}
         // Already stopping (another `crew down`): wait for it all the same.
-        Err(ClientError::Api(e)) if e.code == "shutting_down" => {}
+        Err(ClientError::Api(e)) if e.code == crate::wire::ErrorCode::ShuttingDown => {}
         Err(e) => return Err(api(e)),
     }
     drop(client);

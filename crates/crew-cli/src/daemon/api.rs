@@ -29,7 +29,6 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::sync::{Notify, watch};
@@ -38,7 +37,7 @@ use super::journal::JournalWriter;
 use super::outputs::OutputsLog;
 use crate::config::RecruitDefaults;
 use crate::registry::{ClassError, Registry};
-use crate::wire;
+use crate::wire::{self, ErrorCode};
 
 /// Largest request body accepted.
 const MAX_BODY: usize = 64 * 1024 * 1024;
@@ -150,8 +149,7 @@ impl Daemon {
     fn commit_error(&self, e: &super::journal::CommitError) -> ApiError {
         if e.is_disk_full() {
             ApiError::new(
-                StatusCode::INSUFFICIENT_STORAGE,
-                "disk_full",
+                ErrorCode::DiskFull,
                 format!(
                     "the disk of the project folder {} is full: nothing was done; free some space (the daemon takes \
                      work again by itself once it can write its journal)",
@@ -375,39 +373,40 @@ const HELD_RETRY: Duration = Duration::from_millis(500);
 #[derive(Debug)]
 struct ApiError {
     status: StatusCode,
-    code: &'static str,
+    code: ErrorCode,
     message: String,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        let status = StatusCode::from_u16(code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         Self { status, code, message: message.into() }
     }
     fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+        Self::new(ErrorCode::BadRequest, message)
     }
     fn invalid_option(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "invalid_option", message)
+        Self::new(ErrorCode::InvalidOption, message)
     }
     fn not_found(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+        Self::new(ErrorCode::NotFound, message)
     }
     fn internal(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+        Self::new(ErrorCode::Internal, message)
     }
     fn shutting_down() -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the crew daemon is stopping")
+        Self::new(ErrorCode::ShuttingDown, "the crew daemon is stopping")
     }
 
     /// Maps a controller error of `send`/`recruit`.
     fn from_controller(e: ControllerError) -> Self {
         let message = e.to_string();
         match e {
-            ControllerError::InvalidJob(_) => Self::new(StatusCode::BAD_REQUEST, "invalid_job", message),
+            ControllerError::InvalidJob(_) => Self::new(ErrorCode::InvalidJob, message),
             ControllerError::Refused(SubmitError::NoMatchingSlot { .. } | SubmitError::AllBroken { .. }) => {
-                Self::new(StatusCode::UNPROCESSABLE_ENTITY, "no_matching_worker", message)
+                Self::new(ErrorCode::NoMatchingWorker, message)
             }
-            ControllerError::DuplicateName(_) => Self::new(StatusCode::CONFLICT, "duplicate_name", message),
+            ControllerError::DuplicateName(_) => Self::new(ErrorCode::DuplicateName, message),
             ControllerError::Recruit(m) => Self::invalid_option(m),
             ControllerError::Closed => Self::shutting_down(),
             _ => Self::internal(message),
@@ -443,7 +442,7 @@ pub(crate) async fn handle(d: Arc<Daemon>, req: Request<Incoming>) -> Result<Res
                         return Ok(respond(
                             e.status,
                             &reply(&wire::ErrorAnswer {
-                                error: wire::ErrorDetail { code: e.code.to_string(), message: e.message },
+                                error: wire::ErrorDetail { code: e.code, message: e.message },
                             }),
                         ));
                     }
@@ -462,9 +461,7 @@ pub(crate) async fn handle(d: Arc<Daemon>, req: Request<Incoming>) -> Result<Res
             }
             respond(
                 e.status,
-                &reply(&wire::ErrorAnswer {
-                    error: wire::ErrorDetail { code: e.code.to_string(), message: e.message },
-                }),
+                &reply(&wire::ErrorAnswer { error: wire::ErrorDetail { code: e.code, message: e.message } }),
             )
         }
     })
@@ -490,14 +487,14 @@ async fn route(d: &Arc<Daemon>, req: Request<Incoming>) -> Answer {
         (&Method::POST, ["v1", "shutdown"]) => shutdown(d, body(req).await?),
         (&Method::POST, ["v1", "dismiss"]) => dismiss(d, body(req).await?).await,
         (&Method::POST, ["v1", "restart"]) => {
-            let _: Empty = body(req).await?;
+            let _: wire::Empty = body(req).await?;
             Ok(reply(&wire::Restarted { restarted: d.controller.restart() }))
         }
         (&Method::POST, ["v1", "cancel"]) => cancel(d, body(req).await?).await,
         (&Method::GET, ["v1", "jobs", id, "logs"]) => logs(d, id).await,
         (&Method::GET, ["v1", "jobs", job, "objects"]) => objects(d, job),
         (&Method::POST, ["v1", "down"]) => {
-            let _: Empty = body(req).await?;
+            let _: wire::Empty = body(req).await?;
             d.begin_stop();
             d.down.notify_one();
             Ok(reply(&wire::Done { ok: true }))
@@ -514,8 +511,7 @@ async fn body<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError
         .map_err(|e| {
             if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
                 ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body_too_large",
+                    ErrorCode::BodyTooLarge,
                     format!("the request body is larger than {MAX_BODY} bytes: send the jobs in smaller batches"),
                 )
             } else {
@@ -531,11 +527,6 @@ fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { bytes };
     serde_json::from_slice(bytes).map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
 }
-
-/// A body with no fields.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Empty {}
 
 fn health(d: &Daemon) -> Value {
     reply(&wire::Health {
@@ -570,7 +561,7 @@ fn workers(d: &Daemon) -> wire::Workers {
     wire::Workers {
         listen: d.controller.addr().to_string(),
         advertise: d.controller.advertised().to_owned(),
-        tls: d.controller.tls_mode().as_str().to_owned(),
+        tls: d.controller.tls_mode(),
         tls_sha256: d.controller.tls_fingerprint().map(str::to_owned),
     }
 }
@@ -599,30 +590,7 @@ fn tags(field: &str, v: Option<Vec<String>>) -> Result<Option<Tags>, ApiError> {
     v.map(|t| Tags::try_from(t).map_err(|e| ApiError::invalid_option(format!("{field}: {e}")))).transpose()
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RecruitReq {
-    class: String,
-    workers: u32,
-    #[serde(default)]
-    tags: Option<Vec<String>>,
-    #[serde(default)]
-    idle: Value,
-    #[serde(default)]
-    wall: Value,
-    #[serde(default)]
-    tasks_max: Option<u32>,
-    #[serde(default)]
-    launch_timeout: Value,
-    #[serde(default)]
-    launch_max: Option<u32>,
-    #[serde(default)]
-    prefetch: Option<u32>,
-    #[serde(default)]
-    options: Option<std::collections::BTreeMap<String, String>>,
-}
-
-async fn recruit(d: &Daemon, r: RecruitReq) -> Answer {
+async fn recruit(d: &Daemon, r: wire::RecruitRequest) -> Answer {
     // Off the daemon's threads: a plugin's first use starts it and waits
     // for its handshake (up to 10 s for one that hangs).
     let name = r.class.clone();
@@ -630,8 +598,8 @@ async fn recruit(d: &Daemon, r: RecruitReq) -> Answer {
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?
         .map_err(|e| match e {
-            ClassError::Unknown { .. } => ApiError::new(StatusCode::BAD_REQUEST, "unknown_class", e.to_string()),
-            ClassError::Plugin(_) => ApiError::new(StatusCode::BAD_GATEWAY, "class_failed", e.to_string()),
+            ClassError::Unknown { .. } => ApiError::new(ErrorCode::UnknownClass, e.to_string()),
+            ClassError::Plugin(_) => ApiError::new(ErrorCode::ClassFailed, e.to_string()),
         })?;
     // A field left out (or null) takes the daemon's default (crew.toml,
     // `CREW_*`), then the built-in one.
@@ -671,27 +639,12 @@ async fn recruit(d: &Daemon, r: RecruitReq) -> Answer {
     Ok(reply(&wire::Recruited { slots, warnings }))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LaunchReq {
-    #[serde(default)]
-    tags: Option<Vec<String>>,
-    #[serde(default)]
-    workers: Option<usize>,
-}
-
-fn launch(d: &Daemon, r: LaunchReq) -> Answer {
+fn launch(d: &Daemon, r: wire::LaunchRequest) -> Answer {
     let filter = SlotFilter { tags: tags("tags", r.tags)?, slot: None };
     Ok(reply(&wire::Launched { launched: d.controller.launch(&filter, r.workers.unwrap_or(usize::MAX)) }))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JobsReq {
-    jobs: Vec<Value>,
-}
-
-async fn send(d: &Daemon, r: JobsReq) -> Answer {
+async fn send(d: &Daemon, r: wire::SendRequest) -> Answer {
     let mut specs = specs_of(r)?;
     // Inputs go to the store before the jobs are accepted, so that the
     // journal records staged jobs (a restart stages nothing again).
@@ -699,7 +652,7 @@ async fn send(d: &Daemon, r: JobsReq) -> Answer {
         return Err(if e.is_store_failure() {
             ApiError::internal(format!("cannot stage the jobs' inputs: {e}"))
         } else {
-            ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", format!("cannot stage an input: {e}"))
+            ApiError::new(ErrorCode::InvalidInput, format!("cannot stage an input: {e}"))
         });
     }
     let names: Vec<Option<String>> = specs.iter().map(|s| s.name.clone()).collect();
@@ -713,8 +666,7 @@ async fn send(d: &Daemon, r: JobsReq) -> Answer {
         for name in names.iter().flatten() {
             if inner.names.contains(name) {
                 return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "duplicate_name",
+                    ErrorCode::DuplicateName,
                     format!(
                         "a job named {name:?} is already pending; names must be unique among jobs not yet received"
                     ),
@@ -762,23 +714,7 @@ async fn send(d: &Daemon, r: JobsReq) -> Answer {
     Ok(reply(&wire::Sent { ids: ids.iter().map(|i| i.0).collect() }))
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct ReceiveReq {
-    #[serde(default)]
-    wait: bool,
-    #[serde(default)]
-    timeout: Value,
-    #[serde(default)]
-    all: bool,
-    #[serde(default)]
-    name: Option<String>,
-    /// Only outputs of these jobs: every one of them ready now.
-    #[serde(default)]
-    ids: Option<Vec<JobId>>,
-}
-
-async fn receive(d: &Daemon, r: ReceiveReq) -> Answer {
+async fn receive(d: &Daemon, r: wire::ReceiveRequest) -> Answer {
     let timeout = duration("timeout", &r.timeout)?;
     let deadline = timeout.map(|t| crew_core::clock::after_tokio(tokio::time::Instant::now(), t));
     let mut changes = d.changed.subscribe();
@@ -858,14 +794,13 @@ async fn receive(d: &Daemon, r: ReceiveReq) -> Answer {
 }
 
 /// The jobs of a send, parsed and checked (size, absolute input paths).
-fn specs_of(r: JobsReq) -> Result<Vec<crew_core::JobSpec>, ApiError> {
+fn specs_of(r: wire::SendRequest) -> Result<Vec<crew_core::JobSpec>, ApiError> {
     let defaults = LineDefaults::default();
     let mut specs = Vec::with_capacity(r.jobs.len());
     for (i, v) in r.jobs.into_iter().enumerate() {
-        let invalid = |e: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_job", format!("job {i}: {e}"));
+        let invalid = |e: String| ApiError::new(ErrorCode::InvalidJob, format!("job {i}: {e}"));
         let spec = parse_job_value(v, &defaults).map_err(|e| invalid(e.to_string()))?;
-        spec.check_size()
-            .map_err(|e| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "job_too_large", format!("job {i}: {e}")))?;
+        spec.check_size().map_err(|e| ApiError::new(ErrorCode::JobTooLarge, format!("job {i}: {e}")))?;
         for input in &spec.inputs {
             if let InputSource::Path(p) = &input.source {
                 if !p.is_absolute() {
@@ -913,45 +848,19 @@ fn receivable(d: &Daemon) -> Value {
     reply(&wire::Receivable { receivable: ok })
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ShutdownReq {
-    #[serde(default)]
-    all: bool,
-    #[serde(default)]
-    tags: Option<Vec<String>>,
-    #[serde(default)]
-    slot: Option<String>,
-}
-
-fn shutdown(d: &Daemon, r: ShutdownReq) -> Answer {
+fn shutdown(d: &Daemon, r: wire::ShutdownRequest) -> Answer {
     let filter = SlotFilter { tags: tags("tags", r.tags)?, slot: r.slot };
     Ok(reply(&wire::Stopped { stopped: d.controller.shutdown(&filter, r.all) }))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DismissReq {
-    #[serde(default)]
-    tags: Option<Vec<String>>,
-    #[serde(default)]
-    slot: Option<String>,
-}
-
-async fn dismiss(d: &Daemon, r: DismissReq) -> Answer {
+async fn dismiss(d: &Daemon, r: wire::DismissRequest) -> Answer {
     let filter = SlotFilter { tags: tags("tags", r.tags)?, slot: r.slot };
     let n = d.controller.dismiss(&filter);
     d.journal(&[Record::Dismiss { tags: filter.tags, slot: filter.slot }]).await?;
     Ok(reply(&wire::Dismissed { dismissed: n }))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CancelReq {
-    ids: Vec<u64>,
-}
-
-async fn cancel(d: &Daemon, r: CancelReq) -> Answer {
+async fn cancel(d: &Daemon, r: wire::CancelRequest) -> Answer {
     // Journaled before the controller acts: a restart ends these jobs as
     // cancelled rather than running them again.
     let known: Vec<JobId> = {
@@ -1022,8 +931,7 @@ async fn logs(d: &Daemon, id: &str) -> Answer {
     for (name, c) in [("stdout", &output.stdout), ("stderr", &output.stderr)] {
         if c.truncated && c.bytes > MAX_LOGS_JSON {
             return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "log_too_large",
+                ErrorCode::LogTooLarge,
                 format!(
                     "the {name} of job {id} is {} bytes, more than one JSON answer carries ({MAX_LOGS_JSON}); read it \
                      streamed: GET /v1/jobs/{id}/logs/{name} (crew logs without --json)",
@@ -1106,21 +1014,23 @@ fn checked_request(method: &Method, path: &str, query: &str, body: &[u8]) -> Res
     match (method, segments.as_slice()) {
         (&Method::GET, ["v1", "health" | "status" | "receivable"]) => Ok(()),
         (&Method::POST, ["v1", "recruit"]) => {
-            let r: RecruitReq = parse_body(body)?;
+            let r: wire::RecruitRequest = parse_body(body)?;
             for (field, v) in [("idle", &r.idle), ("wall", &r.wall), ("launch_timeout", &r.launch_timeout)] {
                 duration(field, v)?;
             }
             tags("tags", r.tags)?;
             Ok(())
         }
-        (&Method::POST, ["v1", "launch"]) => tags("tags", parse_body::<LaunchReq>(body)?.tags).map(drop),
+        (&Method::POST, ["v1", "launch"]) => tags("tags", parse_body::<wire::LaunchRequest>(body)?.tags).map(drop),
         (&Method::POST, ["v1", "jobs"]) => specs_of(parse_body(body)?).map(drop),
-        (&Method::POST, ["v1", "receive"]) => duration("timeout", &parse_body::<ReceiveReq>(body)?.timeout).map(drop),
+        (&Method::POST, ["v1", "receive"]) => {
+            duration("timeout", &parse_body::<wire::ReceiveRequest>(body)?.timeout).map(drop)
+        }
         (&Method::GET, ["v1", "sendable"]) => wanted_tags(query).map(drop),
-        (&Method::POST, ["v1", "shutdown"]) => tags("tags", parse_body::<ShutdownReq>(body)?.tags).map(drop),
-        (&Method::POST, ["v1", "dismiss"]) => tags("tags", parse_body::<DismissReq>(body)?.tags).map(drop),
-        (&Method::POST, ["v1", "cancel"]) => parse_body::<CancelReq>(body).map(drop),
-        (&Method::POST, ["v1", "restart" | "down"]) => parse_body::<Empty>(body).map(drop),
+        (&Method::POST, ["v1", "shutdown"]) => tags("tags", parse_body::<wire::ShutdownRequest>(body)?.tags).map(drop),
+        (&Method::POST, ["v1", "dismiss"]) => tags("tags", parse_body::<wire::DismissRequest>(body)?.tags).map(drop),
+        (&Method::POST, ["v1", "cancel"]) => parse_body::<wire::CancelRequest>(body).map(drop),
+        (&Method::POST, ["v1", "restart" | "down"]) => parse_body::<wire::Empty>(body).map(drop),
         (&Method::GET, ["v1", "jobs", id, "logs"]) => {
             id.parse::<u64>().map(drop).map_err(|_| ApiError::not_found("job ids are numbers"))
         }

@@ -127,6 +127,14 @@ fn crew_classes_lists_built_in_and_path_classes() {
     assert!(out.elapsed < Duration::from_secs(5), "listing must not wait for plugins: {out}");
     let table = run(crew_with(dir.path(), &mark, &bin, &["classes"]), None, DEADLINE);
     assert!(table.stdout.starts_with("CLASS") && table.stdout.contains("pyfix"), "{table}");
+    // One class with its options: a plugin's from its handshake.
+    let one = run(crew_with(dir.path(), &mark, &bin, &["classes", "pyfix", "--json"]), None, DEADLINE);
+    assert_eq!(one.code(), Some(0), "{one}");
+    let row = &one.records()[0];
+    assert_eq!(row["source"], "path", "{one}");
+    assert_eq!(row["options"][0]["name"], "label", "{one}");
+    let one = run(crew_with(dir.path(), &mark, &bin, &["classes", "hangs"]), None, Duration::from_secs(30));
+    assert_eq!(one.code(), Some(3), "a plugin that hangs in its handshake is a broken class: {one}");
     // The kit runs against a built-in class too (the compiled-in one wins
     // over the plugin of the same name).
     let kit =
