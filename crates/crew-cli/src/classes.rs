@@ -36,11 +36,31 @@ pub(crate) struct ClassesArgs {
     json: bool,
 }
 
+/// Where a class comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+enum Source {
+    /// Compiled into this `crew`.
+    #[serde(rename = "built-in")]
+    BuiltIn,
+    /// A `crew-worker-NAME` on `PATH`.
+    #[serde(rename = "path")]
+    Path,
+}
+
+impl Source {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::BuiltIn => "built-in",
+            Self::Path => "path",
+        }
+    }
+}
+
 /// One line of `crew classes`.
 #[derive(Debug, Serialize)]
 struct ClassRow {
     name: String,
-    source: &'static str,
+    source: Source,
     #[serde(skip_serializing_if = "Option::is_none")]
     path: Option<String>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
@@ -56,11 +76,17 @@ pub(crate) fn list(args: ClassesArgs) -> Result<u8, Failure> {
     let compiled = Registry::stock().compiled_in();
     let mut rows: Vec<ClassRow> = compiled
         .iter()
-        .map(|n| ClassRow { name: n.clone(), source: "built-in", path: None, shadowed: false, options: None })
+        .map(|n| ClassRow { name: n.clone(), source: Source::BuiltIn, path: None, shadowed: false, options: None })
         .collect();
     for (name, path) in crate::plugin::plugins_on_path() {
         let shadowed = compiled.contains(&name);
-        rows.push(ClassRow { name, source: "path", path: Some(path.display().to_string()), shadowed, options: None });
+        rows.push(ClassRow {
+            name,
+            source: Source::Path,
+            path: Some(path.display().to_string()),
+            shadowed,
+            options: None,
+        });
     }
     let mut out = std::io::stdout().lock();
     let written = if args.json {
@@ -73,7 +99,7 @@ pub(crate) fn list(args: ClassesArgs) -> Result<u8, Failure> {
         for r in &rows {
             let path = r.path.as_deref().unwrap_or("-");
             let note = if r.shadowed { "  (shadowed by the compiled-in class)" } else { "" };
-            text.push_str(&format!("{:<16}  {:<8}  {path}{note}\n", r.name, r.source));
+            text.push_str(&format!("{:<16}  {:<8}  {path}{note}\n", r.name, r.source.as_str()));
         }
         out.write_all(text.as_bytes())
     };
@@ -94,7 +120,7 @@ fn show(name: &str, json: bool) -> Result<u8, Failure> {
     };
     let row = ClassRow {
         name: name.to_owned(),
-        source: if builtin { "built-in" } else { "path" },
+        source: if builtin { Source::BuiltIn } else { Source::Path },
         path,
         shadowed: false,
         options: Some(class.options()),
@@ -106,7 +132,7 @@ fn show(name: &str, json: bool) -> Result<u8, Failure> {
     let mut text = format!(
         "class {} ({}{})\n",
         row.name,
-        row.source,
+        row.source.as_str(),
         row.path.as_ref().map_or(String::new(), |p| format!(": {p}"))
     );
     let options = row.options.unwrap_or_default();

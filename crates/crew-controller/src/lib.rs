@@ -54,7 +54,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crew_core::job::{JobError, JobId, JobSpec};
-use crew_core::output::{OUTPUT_FORMAT, Output, Status};
+use crew_core::output::{Output, Status};
 use crew_core::protocol::{self, AgentMsg, ControllerMsg, PROTOCOL_VERSION, RunJob};
 use crew_core::seed::job_seed;
 use crew_core::store::Store;

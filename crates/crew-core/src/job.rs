@@ -75,6 +75,7 @@ pub const NAME_MAX_LEN: usize = 256;
 
 /// A job as sent by a user: everything needed to run it anywhere.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct JobSpec {
     /// Optional name, unique among the controller's jobs that are not yet
     /// received. The seed is derived from it when present.
@@ -146,6 +147,7 @@ pub struct JobSpec {
 /// A file a job reads: where it comes from, and the relative path it gets in
 /// the job's working folder.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Input {
     /// Relative path in the job's working folder (`data.csv`, `in/a.bin`).
     pub name: String,
@@ -172,6 +174,12 @@ pub enum InputSource {
 }
 
 impl Input {
+    /// A staged input: the store object `key` (of `size` bytes and SHA-256
+    /// `sha256`, lowercase hex), named `name` in the job's folder.
+    pub fn object(name: impl Into<String>, key: impl Into<String>, size: u64, sha256: impl Into<String>) -> Self {
+        Self { name: name.into(), source: InputSource::Object { key: key.into(), size, sha256: sha256.into() } }
+    }
+
     /// An input read from the file `path` on this machine, named `name` in
     /// the job's folder (not yet staged).
     pub fn path(name: impl Into<String>, path: impl Into<PathBuf>) -> Self {
@@ -809,6 +817,7 @@ impl SizeField {
 
 /// Defaults applied to job lines that do not set the field themselves.
 #[derive(Clone, Debug, Default)]
+#[non_exhaustive]
 pub struct LineDefaults {
     /// Tags added to every job.
     pub tags: Tags,
@@ -929,6 +938,7 @@ fn finish(mut spec: JobSpec, defaults: &LineDefaults) -> Result<JobSpec, JobErro
 /// A bad line in a job file: where, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{line}: {reason}")]
+#[non_exhaustive]
 pub struct LineError {
     /// 1-based line number.
     pub line: usize,

@@ -184,7 +184,36 @@ pub struct HelloResult {
     /// first check by crew; `check_options` has the last word.
     #[serde(default)]
     pub options: Vec<OptionSpec>,
+    /// How long crew waits for each answer, when the plugin's platform
+    /// needs other limits than crew's defaults (absent: the defaults).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<WireTimeouts>,
 }
+
+/// The time limits a plugin asks for in `hello`, in milliseconds; a field
+/// left out keeps crew's default for that method. crew keeps each within
+/// [`TIMEOUT_MIN`] and [`TIMEOUT_MAX`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct WireTimeouts {
+    /// `check_options` (default 10 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check_options_ms: Option<u64>,
+    /// `launch` (default 120 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launch_ms: Option<u64>,
+    /// `probe` (default 30 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe_ms: Option<u64>,
+    /// `terminate` (default 60 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub terminate_ms: Option<u64>,
+}
+
+/// The shortest time limit a plugin may ask for.
+pub const TIMEOUT_MIN: std::time::Duration = std::time::Duration::from_secs(1);
+/// The longest time limit a plugin may ask for.
+pub const TIMEOUT_MAX: std::time::Duration = std::time::Duration::from_secs(30 * 60);
 
 /// [`Capabilities`] on the wire (durations in milliseconds).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -538,6 +567,7 @@ async fn answer(worker: &dyn Worker, options: &[OptionSpec], req: &Request) -> R
                 protocol: PLUGIN_PROTOCOL_VERSION,
                 capabilities: WireCapabilities::from(&worker.capabilities()),
                 options: options.to_vec(),
+                timeouts: None,
             })
         }
         "check_options" => {

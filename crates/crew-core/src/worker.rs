@@ -244,10 +244,18 @@ impl fmt::Debug for LaunchSpec {
 
 /// A class's reference to one started agent (a pid, a Batch job id, ...).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Handle {
     /// Class-specific identifier, shown to users as the slot's platform
     /// handle.
     pub id: String,
+}
+
+impl Handle {
+    /// A handle with the class's identifier of one started worker.
+    pub fn new(id: impl Into<String>) -> Self {
+        Self { id: id.into() }
+    }
 }
 
 /// What a probe found.

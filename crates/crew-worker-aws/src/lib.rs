@@ -345,10 +345,10 @@ impl AwsBatchWorker {
         };
         debug!(job = %id, members = run.len(), "submitted a Batch job");
         let handles: Vec<Handle> = if run.len() == 1 {
-            vec![Handle { id }]
+            vec![Handle::new(id)]
         } else {
             self.arrays().insert(id.clone(), run.len());
-            (0..run.len()).map(|i| Handle { id: format!("{id}:{i}") }).collect()
+            (0..run.len()).map(|i| Handle::new(format!("{id}:{i}"))).collect()
         };
         if let Some((key, _)) = secret {
             let mut secrets = self.secrets();

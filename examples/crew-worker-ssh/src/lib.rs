@@ -144,7 +144,7 @@ impl Worker for SshWorker {
                 .await
                 .map_err(|e| Self::error(format!("ssh {host} took no token: {e}")))?;
             self.sessions.lock().map_err(|_| Self::error("poisoned".into()))?.insert(pid, (child, stdin));
-            handles.push(Handle { id: pid.to_string() });
+            handles.push(Handle::new(pid.to_string()));
         }
         Ok(handles)
     }

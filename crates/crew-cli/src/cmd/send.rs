@@ -88,16 +88,15 @@ pub(crate) fn send(ctx: &Ctx, args: SendArgs) -> Result<u8, Failure> {
     let inputs = super::input_flags(&args.input)?;
     let body = match &args.file {
         Some(file) => {
-            let defaults = LineDefaults {
-                tags,
-                timeout,
-                retries: args.retries,
-                cpu,
-                memory,
-                inputs,
-                outputs: args.output.clone(),
-                env_inherit: args.env_inherit.clone(),
-            };
+            let mut defaults = LineDefaults::default();
+            defaults.tags = tags;
+            defaults.timeout = timeout;
+            defaults.retries = args.retries;
+            defaults.cpu = cpu;
+            defaults.memory = memory;
+            defaults.inputs = inputs;
+            defaults.outputs = args.output.clone();
+            defaults.env_inherit = args.env_inherit.clone();
             match file_body(file, &defaults)? {
                 Some(body) => body,
                 None => return Ok(EXIT_USAGE),

@@ -191,6 +191,18 @@ fn a_missing_crashing_hanging_or_garbled_plugin_is_a_clear_error() {
     let error = records[0]["error"].as_str().unwrap_or_default();
     assert!(error.contains("crew-worker-pyfix") && error.contains("exit status: 9"), "{out}");
     assert!(!witness.exists(), "a job ran");
+    // A plugin that asks for a 1.5 s launch limit in its hello and then
+    // hangs in launch: crew gives up after 1.5 s (not its 120 s default),
+    // and the job ends launch_failed.
+    let mut cmd = crew_with(dir.path(), &mark, &bin, &["run", "--class", "pyfix", "--json", "jobs.txt"]);
+    cmd.env("CREW_FIXTURE_MODE", "hang_on_launch");
+    let out = run(cmd, None, DEADLINE);
+    assert_eq!(out.code(), Some(1), "{out}");
+    let records = out.records();
+    assert_eq!(records[0]["status"], "launch_failed", "{out}");
+    let error = records[0]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("did not answer launch within 1.5s"), "{out}");
+    assert!(!witness.exists(), "a job ran");
     crate::support::assert_none_marked(&mark, Duration::from_secs(5));
 }
 
