@@ -250,6 +250,109 @@ pub(crate) struct Objects {
     pub(crate) objects: Vec<StoredObject>,
 }
 
+/// Where a job is, in `GET /v1/jobs/{job}` and `GET /v1/jobs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub(crate) enum JobState {
+    /// Waiting for a worker.
+    Queued,
+    /// Sent to a worker, waiting behind the job it runs (prefetched).
+    Assigned,
+    /// Running on a worker.
+    Running,
+    /// Ended; its record waits to be received.
+    Finished,
+    /// Ended, and its record was received.
+    Received,
+}
+
+impl JobState {
+    /// The word for it (as in JSON and in `?state=`).
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Assigned => "assigned",
+            Self::Running => "running",
+            Self::Finished => "finished",
+            Self::Received => "received",
+        }
+    }
+
+    /// Every state, for parsing `?state=`.
+    pub(crate) const ALL: [JobState; 5] = [Self::Queued, Self::Assigned, Self::Running, Self::Finished, Self::Received];
+}
+
+/// `GET /v1/jobs/{job}`, and each job of `GET /v1/jobs` (without `output`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct JobInfo {
+    pub(crate) id: u64,
+    pub(crate) name: Option<String>,
+    pub(crate) state: JobState,
+    /// The slot that runs (or ran) it.
+    pub(crate) slot: Option<String>,
+    /// The attempt running now, or the last one.
+    pub(crate) attempt: u32,
+    /// When the daemon accepted it (unknown for jobs from before a
+    /// restart).
+    pub(crate) sent: Option<crew_core::output::Timestamp>,
+    /// When its current (or last) attempt was given to a worker.
+    pub(crate) started: Option<crew_core::output::Timestamp>,
+    /// When it ended.
+    pub(crate) finished: Option<crew_core::output::Timestamp>,
+    /// How it ended.
+    pub(crate) status: Option<crew_core::Status>,
+    /// Its output record, once final (not in lists).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) output: Option<Output>,
+}
+
+/// `GET /v1/jobs`: one page, in id order.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct JobList {
+    pub(crate) jobs: Vec<JobInfo>,
+    /// `after=` for the next page; absent on the last one.
+    pub(crate) next: Option<u64>,
+}
+
+/// One event of `GET /v1/events` (server-sent events: the `event:` line is
+/// `type`, the `data:` line this object).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+#[non_exhaustive]
+pub(crate) enum Event {
+    /// Jobs were accepted (one event per `POST /v1/jobs`).
+    JobsSent { ids: Vec<u64> },
+    /// An attempt of a job was given to a worker.
+    JobStarted { id: u64, slot: String, attempt: u32 },
+    /// A job ended; its record is durable and can be received.
+    JobEnded { id: u64, name: Option<String>, status: crew_core::Status, slot: Option<String>, attempt: u32 },
+    /// A slot's worker connected.
+    SlotUp { slot: String },
+    /// A slot's worker went away.
+    SlotDown { slot: String },
+    /// A slot's worker was lost while up (it crashed).
+    SlotCrashed { slot: String, class: String, reason: String },
+    /// This stream fell behind and `missed` events were dropped: read the
+    /// state again (`GET /v1/status`, `GET /v1/jobs`).
+    Lagged { missed: u64 },
+}
+
+impl Event {
+    /// The SSE event name: the `type` field.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Self::JobsSent { .. } => "jobs_sent",
+            Self::JobStarted { .. } => "job_started",
+            Self::JobEnded { .. } => "job_ended",
+            Self::SlotUp { .. } => "slot_up",
+            Self::SlotDown { .. } => "slot_down",
+            Self::SlotCrashed { .. } => "slot_crashed",
+            Self::Lagged { .. } => "lagged",
+        }
+    }
+}
+
 /// A request that only says it was done.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub(crate) struct Done {

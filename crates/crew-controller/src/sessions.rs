@@ -264,6 +264,7 @@ impl Shared {
             });
         }
         let now = Instant::now();
+        self.note_crash(&core, slot, reason);
         core.sched.lost(slot, reason, now);
         self.apply(&mut core);
         self.timer_wake.notify_one();

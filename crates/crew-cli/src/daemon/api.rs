@@ -35,6 +35,7 @@ use tokio::sync::{Notify, watch};
 
 use super::journal::JournalWriter;
 use super::outputs::OutputsLog;
+use super::telemetry::{self, Telemetry};
 use crate::config::RecruitDefaults;
 use crate::registry::{ClassError, Registry};
 use crate::wire::{self, ErrorCode};
@@ -67,6 +68,8 @@ pub(crate) struct Daemon {
     /// Stages the inputs of sent jobs into the store; its cache of file
     /// digests lives as long as the daemon.
     stager: Stager,
+    /// Events, metrics and job times.
+    telemetry: Arc<Telemetry>,
 }
 
 #[derive(Default)]
@@ -94,8 +97,10 @@ impl Daemon {
         journal: JournalWriter,
         outputs: OutputsLog,
         defaults: RecruitDefaults,
+        telemetry: Arc<Telemetry>,
     ) -> Self {
         Self {
+            telemetry,
             controller,
             stager: Stager::new(Arc::clone(&store)),
             store,
@@ -220,6 +225,7 @@ impl Daemon {
                     history.crashes += 1;
                 }
                 let slot = slot.filter(|_| self.controller.resumes());
+                self.telemetry.restored(id, &p.spec);
                 let job = RestoredJob { id, spec: p.spec, history, slot };
                 let restored = if p.cancelled {
                     Err("it was cancelled by the user".to_owned())
@@ -304,6 +310,7 @@ impl Daemon {
                 }
             }
         }
+        self.telemetry.ended(&outputs);
         let mut inner = self.lock();
         for output in outputs {
             inner.unfinished.remove(&output.id);
@@ -432,6 +439,13 @@ fn respond(status: StatusCode, body: &Value) -> Response<Body> {
 pub(crate) async fn handle(d: Arc<Daemon>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    if method == Method::GET && !d.stopping() {
+        match path.as_str() {
+            "/metrics" => return Ok(metrics(&d)),
+            "/v1/events" => return Ok(events(&d)),
+            _ => {}
+        }
+    }
     if method == Method::GET {
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         if let ["v1", "jobs", id, "logs", which @ ("stdout" | "stderr")] = segments.as_slice() {
@@ -491,6 +505,8 @@ async fn route(d: &Arc<Daemon>, req: Request<Incoming>) -> Answer {
             Ok(reply(&wire::Restarted { restarted: d.controller.restart() }))
         }
         (&Method::POST, ["v1", "cancel"]) => cancel(d, body(req).await?).await,
+        (&Method::GET, ["v1", "jobs"]) => list_jobs(d, &query),
+        (&Method::GET, ["v1", "jobs", job]) => job_info(d, job),
         (&Method::GET, ["v1", "jobs", id, "logs"]) => logs(d, id).await,
         (&Method::GET, ["v1", "jobs", job, "objects"]) => objects(d, job),
         (&Method::POST, ["v1", "down"]) => {
@@ -698,6 +714,7 @@ async fn send(d: &Daemon, r: wire::SendRequest) -> Answer {
     if let Err(e) = d.journal(&[accepted]).await {
         return Err(forget(e));
     }
+    let input_bytes: Vec<u64> = specs.iter().map(telemetry::input_bytes).collect();
     let jobs =
         ids.iter().zip(specs).map(|(id, spec)| RestoredJob { id: *id, spec, history: Default::default(), slot: None });
     if let Err(e) = d.controller.restore(jobs.collect()) {
@@ -710,6 +727,7 @@ async fn send(d: &Daemon, r: wire::SendRequest) -> Answer {
         }
         return Err(forget(ApiError::from_controller(e)));
     }
+    d.telemetry.sent(&ids, &input_bytes);
     d.sent.notify_one();
     Ok(reply(&wire::Sent { ids: ids.iter().map(|i| i.0).collect() }))
 }
@@ -770,6 +788,7 @@ async fn receive(d: &Daemon, r: wire::ReceiveRequest) -> Answer {
                     return Err(e);
                 }
             }
+            d.telemetry.received(outputs.iter().map(|o| o.id));
             let mut inner = d.lock();
             for o in &outputs {
                 if let Some(Some(name)) = inner.unreceived.remove(&o.id) {
@@ -914,7 +933,11 @@ async fn stream_log(d: &Daemon, id: &str, which: &str) -> Result<Response<Body>,
                 }
                 Err(e) => return Err(ApiError::internal(format!("cannot read {key:?} from the store: {e}"))),
             };
-            let frames = stream.map_ok(hyper::body::Frame::data).map_err(|e| std::io::Error::other(e.to_string()));
+            let t = d.telemetry.clone();
+            let frames = stream
+                .inspect_ok(move |b| t.streamed(b.len() as u64))
+                .map_ok(hyper::body::Frame::data)
+                .map_err(|e| std::io::Error::other(e.to_string()));
             StreamBody::new(frames).boxed_unsync()
         }
         _ => Full::new(Bytes::from(c.text.clone())).map_err(|never| match never {}).boxed_unsync(),
@@ -1039,4 +1062,197 @@ fn checked_request(method: &Method, path: &str, query: &str, body: &[u8]) -> Res
             .ok_or_else(|| ApiError::bad_request("invalid percent-encoding")),
         _ => Err(ApiError::not_found(format!("no route {method} {path}"))),
     }
+}
+
+// ---------------------------------------------------------------------------
+// Per-job state, events, metrics
+
+/// Where job `id` is and what is known of it; `None` for a job this daemon
+/// does not know (or whose record left the outputs log).
+fn info_of(d: &Daemon, id: JobId, with_output: bool) -> Option<wire::JobInfo> {
+    let times = d.telemetry.job_times(id);
+    let from_output = |o: Output, state: wire::JobState| wire::JobInfo {
+        id: o.id.0,
+        name: o.name.clone(),
+        state,
+        slot: o.slot.clone(),
+        attempt: o.attempt,
+        sent: times.sent,
+        started: o.started.or(times.started),
+        finished: Some(o.finished),
+        status: Some(o.status),
+        output: with_output.then_some(o),
+    };
+    let (unfinished, ready, name) = {
+        let inner = d.lock();
+        let ready =
+            if inner.unfinished.contains(&id) { None } else { inner.ready.iter().find(|o| o.id == id).cloned() };
+        (inner.unfinished.contains(&id), ready, inner.unreceived.get(&id).cloned().flatten())
+    };
+    if unfinished {
+        // Held by the controller; or ended and not yet durable, which
+        // counts as running until it is.
+        let (state, slot, attempt) = match d.controller.job(id) {
+            Some(j) => {
+                let state = match j.phase {
+                    crew_controller::JobPhase::Queued => wire::JobState::Queued,
+                    crew_controller::JobPhase::Assigned => wire::JobState::Assigned,
+                    _ => wire::JobState::Running,
+                };
+                (state, j.slot, j.attempt)
+            }
+            None => (wire::JobState::Running, None, 0),
+        };
+        return Some(wire::JobInfo {
+            id: id.0,
+            name,
+            state,
+            slot,
+            attempt,
+            sent: times.sent,
+            started: if state == wire::JobState::Queued { None } else { times.started },
+            finished: None,
+            status: None,
+            output: None,
+        });
+    }
+    if let Some(o) = ready {
+        return Some(from_output(o, wire::JobState::Finished));
+    }
+    let received = d.outputs_log().get(id).ok().flatten()?;
+    Some(from_output(received, wire::JobState::Received))
+}
+
+/// `GET /v1/jobs/{job}`: by id, or by name among jobs not yet received
+/// (then among records kept).
+fn job_info(d: &Daemon, job: &str) -> Answer {
+    let job = crew_core::percent::decode_utf8(job)
+        .ok_or_else(|| ApiError::bad_request("invalid percent-encoding in the job"))?;
+    let id = match job.parse::<u64>() {
+        Ok(n) => Some(JobId(n)),
+        Err(_) => {
+            let pending =
+                d.lock().unreceived.iter().find(|(_, n)| n.as_deref() == Some(job.as_str())).map(|(id, _)| *id);
+            pending.or_else(|| d.outputs_log().id_of(&job))
+        }
+    };
+    let info = id.and_then(|id| info_of(d, id, true)).ok_or_else(|| {
+        ApiError::not_found(format!("no job {job:?}: not sent to this daemon, or its record is no longer kept"))
+    })?;
+    Ok(reply(&info))
+}
+
+/// Most jobs in one page of `GET /v1/jobs`, and the default.
+const PAGE_MAX: usize = 1000;
+const PAGE_DEFAULT: usize = 100;
+
+/// `GET /v1/jobs?state=S&after=ID&limit=N`: the jobs in a state (or all
+/// known), in id order, one page at a time.
+fn list_jobs(d: &Daemon, query: &str) -> Answer {
+    let (mut state, mut after, mut limit) = (None, 0u64, PAGE_DEFAULT);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = crew_core::percent::decode_query(v)
+            .ok_or_else(|| ApiError::bad_request(format!("{k}: invalid percent-encoding")))?;
+        match k {
+            "state" => {
+                let s = wire::JobState::ALL.into_iter().find(|s| s.as_str() == v).ok_or_else(|| {
+                    let names: Vec<&str> = wire::JobState::ALL.iter().map(|s| s.as_str()).collect();
+                    ApiError::bad_request(format!("state: {v:?} is not a job state ({})", names.join(", ")))
+                })?;
+                state = Some(s);
+            }
+            "after" => after = v.parse().map_err(|_| ApiError::bad_request(format!("after: {v:?} is not a job id")))?,
+            "limit" => {
+                limit = v.parse::<usize>().ok().filter(|n| (1..=PAGE_MAX).contains(n)).ok_or_else(|| {
+                    ApiError::bad_request(format!("limit: {v:?} is not a number from 1 to {PAGE_MAX}"))
+                })?;
+            }
+            _ => return Err(ApiError::bad_request(format!("unknown query parameter {k:?}: use state, after, limit"))),
+        }
+    }
+    use wire::JobState as S;
+    // The candidates, in id order, after `after`.
+    let mut ids: BTreeSet<JobId> = BTreeSet::new();
+    {
+        let inner = d.lock();
+        if matches!(state, None | Some(S::Queued | S::Assigned | S::Running)) {
+            ids.extend(inner.unfinished.range(JobId(after.saturating_add(1))..).copied());
+        }
+        if matches!(state, None | Some(S::Finished)) {
+            ids.extend(inner.ready.iter().map(|o| o.id).filter(|id| id.0 > after));
+        }
+    }
+    if matches!(state, None | Some(S::Received)) {
+        ids.extend(d.outputs_log().ids().filter(|id| id.0 > after));
+    }
+    let mut jobs = Vec::new();
+    let mut next = None;
+    for id in ids {
+        let Some(info) = info_of(d, id, false) else { continue };
+        if state.is_some_and(|s| s != info.state) {
+            continue;
+        }
+        if jobs.len() == limit {
+            next = jobs.last().map(|j: &wire::JobInfo| j.id);
+            break;
+        }
+        jobs.push(info);
+    }
+    Ok(reply(&wire::JobList { jobs, next }))
+}
+
+/// `GET /metrics`.
+fn metrics(d: &Daemon) -> Response<Body> {
+    let report = d.controller.status();
+    let unfinished = d.lock().unfinished.len();
+    let running = report.running.max(unfinished.saturating_sub(report.queued));
+    let text = d.telemetry.metrics(&report, running);
+    let mut res = Response::new(Full::new(Bytes::from(text)).map_err(|never| match never {}).boxed_unsync());
+    res.headers_mut()
+        .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(telemetry::METRICS_CONTENT_TYPE));
+    res
+}
+
+/// `GET /v1/events`: server-sent events until the daemon stops or the
+/// client goes.
+fn events(d: &Arc<Daemon>) -> Response<Body> {
+    let state = (d.telemetry.subscribe(), d.changed.subscribe(), d.clone(), true);
+    let stream = futures::stream::unfold(state, |(mut rx, mut stop, d, first)| async move {
+        if first {
+            // Headers and a first line go out at once: the client knows it
+            // is subscribed, and misses nothing from here on.
+            let hello = Bytes::from_static(b": subscribed\n\n");
+            return Some((Ok::<_, std::io::Error>(hyper::body::Frame::data(hello)), (rx, stop, d, false)));
+        }
+        loop {
+            if d.stopping() {
+                return None;
+            }
+            let chunk = tokio::select! {
+                got = rx.recv() => match got {
+                    Ok(event) => telemetry::sse(&event),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                        telemetry::sse(&wire::Event::Lagged { missed })
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                },
+                () = tokio::time::sleep(telemetry::KEEPALIVE) => Bytes::from_static(b": keepalive\n\n"),
+                // Bumped when outputs are ready and when the daemon stops:
+                // look at `stopping` again.
+                changed = stop.changed() => {
+                    if changed.is_err() {
+                        return None;
+                    }
+                    continue;
+                }
+            };
+            return Some((Ok(hyper::body::Frame::data(chunk)), (rx, stop, d, false)));
+        }
+    });
+    let mut res = Response::new(StreamBody::new(stream).boxed_unsync());
+    let headers = res.headers_mut();
+    headers.insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("text/event-stream"));
+    headers.insert(hyper::header::CACHE_CONTROL, hyper::header::HeaderValue::from_static("no-store"));
+    res
 }

@@ -14,6 +14,7 @@ pub(crate) use api::check_request;
 mod journal;
 pub(crate) mod logfile;
 mod outputs;
+mod telemetry;
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -224,7 +225,8 @@ async fn serve(dir: PathBuf, store: Arc<dyn Store>, settings: crate::config::Con
     settings.apply(&mut config);
     config.store = Some(store.clone());
     config.first_job_id = replay.next_job;
-    config.observer = Some(assigned.clone());
+    let telemetry = Arc::new(telemetry::Telemetry::new());
+    config.observer = Some(Arc::new(telemetry::Observers(vec![assigned.clone(), telemetry.clone()])));
     // Local agents outlive a daemon that dies (SIGKILL, a crash) for one
     // heartbeat window and come back to the next one with their jobs. The
     // stale address goes first, so that none comes back before this
@@ -276,6 +278,7 @@ async fn serve(dir: PathBuf, store: Arc<dyn Store>, settings: crate::config::Con
         journal::JournalWriter::new(journal, assigned).context("cannot start the journal's committer")?,
         outputs,
         settings.recruit,
+        telemetry,
     ));
     let (jobs, ready) = (replay.pending.len(), replay.ready.len());
     state.restore(replay).await;

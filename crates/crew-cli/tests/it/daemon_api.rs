@@ -358,3 +358,178 @@ fn a_daemon_killed_with_sigkill_loses_nothing() {
     assert_eq!(again["outputs"].as_array().map(Vec::len), Some(0), "{again}");
     d.call("POST", "/v1/down", Some("{}"), 200);
 }
+
+/// `GET /v1/events` read by hand: every line of the stream, sent to a
+/// channel by a thread, until the daemon ends the stream.
+fn subscribe(sock: &Path) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let mut s = UnixStream::connect(sock).expect("connect for events");
+    s.write_all(b"GET /v1/events HTTP/1.1\r\nHost: crew\r\n\r\n").expect("write");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut reader = std::io::BufReader::new(s);
+    // The head, then ": subscribed": from here on nothing is missed.
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        assert!(reader.read_line(&mut line).expect("read the events head") > 0, "events: no answer; {head}");
+        head.push_str(&line);
+        if line.starts_with(": subscribed") {
+            break;
+        }
+    }
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("content-type: text/event-stream"), "{head}");
+    std::thread::spawn(move || {
+        for line in reader.lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line.trim_end_matches('\r').to_owned()).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// The `data:` objects of the events received so far, with their names.
+fn events_so_far(rx: &std::sync::mpsc::Receiver<String>, seen: &mut Vec<(String, Value)>) {
+    let mut name = String::new();
+    while let Ok(line) = rx.try_recv() {
+        if let Some(n) = line.strip_prefix("event: ") {
+            name = n.to_owned();
+        } else if let Some(data) = line.strip_prefix("data: ") {
+            let v: Value = serde_json::from_str(data).unwrap_or_else(|e| panic!("event data {data:?}: {e}"));
+            assert_eq!(v["type"], name.as_str(), "the event name is its type");
+            seen.push((name.clone(), v));
+        }
+    }
+}
+
+/// `GET /metrics`, raw: the content type and the text.
+fn scrape(sock: &Path) -> (String, String) {
+    let mut s = UnixStream::connect(sock).expect("connect");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: crew\r\nConnection: close\r\n\r\n").expect("write");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let kind = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-type:").map(|v| v.trim().to_owned()))
+        .unwrap_or_default();
+    (kind, body.to_owned())
+}
+
+/// The value of one sample (`name{labels}` as written) in a scrape.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.split(' ').next()?.parse().ok())
+}
+
+#[test]
+fn jobs_can_be_looked_at_one_by_one_watched_live_and_counted() {
+    let mark = unique("daemon-jobs-");
+    let _reaper = Reaper::new(&mark);
+    let work = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start(work.path(), &mark);
+    let events = subscribe(&d.sock());
+    let mut seen = Vec::new();
+
+    d.call("POST", "/v1/recruit", Some(r#"{"class": "local", "workers": 1}"#), 200);
+    let slow = r#"{"name": "slow", "shell": "sleep 2"}"#;
+    let body = format!(r#"{{"jobs": [{slow}, {{"shell": "exit 3"}}, {{"shell": "echo hi"}}]}}"#);
+    let ids: Vec<u64> = d.call("POST", "/v1/jobs", Some(&body), 200)["ids"]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .map(|v| v.as_u64().expect("an id"))
+        .collect();
+    let (a, b, c) = (ids[0], ids[1], ids[2]);
+
+    // One worker: the first job runs, the others wait.
+    let running = poll_until(DEADLINE, || d.call("GET", &format!("/v1/jobs/{a}"), None, 200)["state"] == "running");
+    assert!(running, "job {a} never ran: {}", d.call("GET", &format!("/v1/jobs/{a}"), None, 200));
+    let info = d.call("GET", &format!("/v1/jobs/{a}"), None, 200);
+    assert_eq!((info["name"].as_str(), info["attempt"].as_u64()), (Some("slow"), Some(1)), "{info}");
+    assert!(info["slot"].is_string() && info["sent"].is_string() && info["started"].is_string(), "{info}");
+    assert!(info["finished"].is_null() && info["output"].is_null(), "{info}");
+    assert_eq!(d.call("GET", "/v1/jobs/slow", None, 200)["id"], a, "by name");
+    let waiting = d.call("GET", &format!("/v1/jobs/{c}"), None, 200);
+    assert!(matches!(waiting["state"].as_str(), Some("queued" | "assigned")), "{waiting}");
+    let queued = d.call("GET", "/v1/jobs?state=queued", None, 200);
+    assert!(queued["jobs"].as_array().expect("jobs").iter().all(|j| j["state"] == "queued"), "{queued}");
+
+    // Ended: the record is there before it is received, and after.
+    let ended = poll_until(Duration::from_secs(60), || {
+        d.call("GET", &format!("/v1/jobs/{c}"), None, 200)["state"] == "finished"
+    });
+    assert!(ended, "job {c} did not finish");
+    let info = d.call("GET", &format!("/v1/jobs/{b}"), None, 200);
+    assert_eq!((info["status"].as_str(), info["output"]["exit_code"].as_i64()), (Some("failed"), Some(3)), "{info}");
+    d.call("POST", "/v1/receive", Some(&format!(r#"{{"ids": [{a}, {b}, {c}], "wait": true, "timeout": "60s"}}"#)), 200);
+    let info = d.call("GET", &format!("/v1/jobs/{a}"), None, 200);
+    assert_eq!((info["state"].as_str(), info["status"].as_str()), (Some("received"), Some("succeeded")), "{info}");
+    assert!(info["started"].is_string() && info["finished"].is_string(), "{info}");
+    assert_eq!(info["output"]["name"], "slow", "{info}");
+
+    // Pages, in id order.
+    let page = d.call("GET", "/v1/jobs?limit=2", None, 200);
+    let listed: Vec<u64> =
+        page["jobs"].as_array().expect("jobs").iter().map(|j| j["id"].as_u64().expect("id")).collect();
+    assert_eq!(listed, vec![a, b], "{page}");
+    assert!(page["jobs"][0]["output"].is_null(), "lists carry no records: {page}");
+    let rest = d.call("GET", &format!("/v1/jobs?after={}&limit=2", page["next"]), None, 200);
+    assert_eq!(rest["jobs"][0]["id"], c, "{rest}");
+    assert!(rest["next"].is_null(), "{rest}");
+    assert_eq!(d.call("GET", "/v1/jobs?state=received", None, 200)["jobs"].as_array().map(Vec::len), Some(3));
+    d.error("GET", "/v1/jobs?state=done", None, 400, "bad_request");
+    d.error("GET", "/v1/jobs?limit=0", None, 400, "bad_request");
+    d.error("GET", "/v1/jobs/999", None, 404, "not_found");
+
+    // A worker that dies under its job (SIGKILL of the agent): the job
+    // runs again and succeeds; the crash is an event and a metric.
+    let crash = r#"{"jobs": [{"shell": "if [ \"$CREW_ATTEMPT\" = 1 ]; then kill -9 $PPID; sleep 5; fi; echo again"}]}"#;
+    let id = d.call("POST", "/v1/jobs", Some(crash), 200)["ids"][0].as_u64().expect("id");
+    let out =
+        d.call("POST", "/v1/receive", Some(&format!(r#"{{"ids": [{id}], "wait": true, "timeout": "60s"}}"#)), 200);
+    assert_eq!(
+        (out["outputs"][0]["status"].as_str(), out["outputs"][0]["attempt"].as_u64()),
+        (Some("succeeded"), Some(2))
+    );
+
+    // The events said all of it, in order per job.
+    assert!(poll_until(DEADLINE, || {
+        events_so_far(&events, &mut seen);
+        seen.iter().any(|(n, v)| n == "job_ended" && v["id"] == id)
+    }));
+    let of = |job: u64| -> Vec<&str> {
+        seen.iter()
+            .filter(|(_, v)| v["id"] == job || v["ids"].as_array().is_some_and(|ids| ids.contains(&json!(job))))
+            .map(|(n, _)| n.as_str())
+            .collect()
+    };
+    assert_eq!(of(a), ["jobs_sent", "job_started", "job_ended"], "{seen:?}");
+    assert_eq!(of(id), ["jobs_sent", "job_started", "job_started", "job_ended"], "{seen:?}");
+    let ended_b = seen.iter().find(|(n, v)| n == "job_ended" && v["id"] == b).map(|(_, v)| v["status"].clone());
+    assert_eq!(ended_b, Some(json!("failed")));
+    assert!(seen.iter().any(|(n, _)| n == "slot_up"), "{seen:?}");
+    assert!(seen.iter().any(|(n, v)| n == "slot_crashed" && v["class"] == "local"), "{seen:?}");
+
+    // The metrics count the same work.
+    let (kind, text) = scrape(&d.sock());
+    assert!(kind.starts_with("application/openmetrics-text"), "{kind}");
+    assert_eq!(sample(&text, "crew_jobs_sent_total"), Some(4.0), "{text}");
+    assert_eq!(sample(&text, "crew_jobs_finished_total{status=\"succeeded\"}"), Some(3.0), "{text}");
+    assert_eq!(sample(&text, "crew_jobs_finished_total{status=\"failed\"}"), Some(1.0), "{text}");
+    assert_eq!(sample(&text, "crew_jobs_queued"), Some(0.0), "{text}");
+    assert_eq!(sample(&text, "crew_jobs_running"), Some(0.0), "{text}");
+    assert_eq!(sample(&text, "crew_worker_crashes_total{class=\"local\"}"), Some(1.0), "{text}");
+    assert_eq!(sample(&text, "crew_dispatch_latency_seconds_count"), Some(4.0), "{text}");
+    let slots: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("crew_slots{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(slots, 1.0, "one slot in all: {text}");
+    assert!(text.trim_end().ends_with("# EOF"), "{text}");
+
+    d.call("POST", "/v1/down", None, 200);
+}
