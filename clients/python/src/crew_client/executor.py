@@ -149,6 +149,7 @@ class CrewExecutor(Executor):
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> "Future[T]":
         """Runs ``fn(*args, **kwargs)`` on a worker; its future."""
+        self._check_open()
         head: Dict[str, Any] = {"sys_path": [p for p in sys.path if p]}
         main = sys.modules.get("__main__")
         main_file = getattr(main, "__file__", None)
@@ -180,10 +181,7 @@ class CrewExecutor(Executor):
     def _send(self, job: Job, kind: str, fields: Dict[str, Any]) -> "Future[Any]":
         future = CrewFuture(self)
         with self._lock:
-            if self._shutdown:
-                raise RuntimeError("cannot submit after shutdown")
-            if self._broken is not None:
-                raise CrewError(f"the executor is broken: {self._broken}") from self._broken
+            self._check_open()
             # Under the lock, so that the receiver knows the id before it
             # could receive its output.
             job_id = self.crew.send(job, **{**self._fields, **fields})
@@ -191,6 +189,12 @@ class CrewExecutor(Executor):
             self._futures[job_id] = (future, kind)
             self._lock.notify_all()
         return future
+
+    def _check_open(self) -> None:
+        if self._shutdown:
+            raise RuntimeError("cannot submit after shutdown")
+        if self._broken is not None:
+            raise CrewError(f"the executor is broken: {self._broken}") from self._broken
 
     def _cancel_job(self, job_id: int) -> None:
         try:

@@ -1,0 +1,60 @@
+"""`CrewExecutor` against the real daemon: functions and commands on local workers."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+
+import pytest
+
+from crew_client import Crew, CrewExecutor, JobFailed, RemoteTraceback
+from funcs import divide, square
+
+
+def test_map_over_100_items(crew: Crew) -> None:
+    with CrewExecutor(crew) as executor:
+        assert list(executor.map(square, range(100))) == [x * x for x in range(100)]
+
+
+def test_submit_with_kwargs_and_as_completed(crew: Crew) -> None:
+    with CrewExecutor(crew) as executor:
+        futures = [executor.submit(divide, 10, b=b) for b in (1, 2, 5)]
+        done = {f.result() for f in concurrent.futures.as_completed(futures, timeout=60)}
+    assert done == {10.0, 5.0, 2.0}
+
+
+def test_a_failing_function_raises_its_exception(crew: Crew) -> None:
+    with CrewExecutor(crew) as executor:
+        future = executor.submit(divide, 1, 0)
+        with pytest.raises(ZeroDivisionError) as raised:
+            future.result(timeout=60)
+    cause = raised.value.__cause__
+    assert isinstance(cause, RemoteTraceback) and "ZeroDivisionError" in cause.tb
+
+
+def test_a_failing_command_carries_its_record(crew: Crew) -> None:
+    with CrewExecutor(crew) as executor:
+        ok = executor.submit_command(["echo", "fine"])
+        bad = executor.submit_command(["sh", "-c", "exit 7"])
+        assert ok.result(timeout=60).stdout.text == "fine\n"
+        with pytest.raises(JobFailed) as raised:
+            bad.result(timeout=60)
+    assert raised.value.output.exit_code == 7 and raised.value.output.status == "failed"
+
+
+def test_cancel_a_future_cancels_its_job(crew: Crew) -> None:
+    executor = CrewExecutor(crew)
+    future = executor.submit_command(["sleep", "60"])
+    assert future.cancel()
+    start = time.monotonic()
+    executor.shutdown(wait=True)
+    assert time.monotonic() - start < 30
+    assert future.cancelled()
+    assert crew.status().jobs.running == 0
+
+
+def test_shutdown_refuses_new_work(crew: Crew) -> None:
+    executor = CrewExecutor(crew)
+    executor.shutdown()
+    with pytest.raises(RuntimeError):
+        executor.submit(square, 2)
