@@ -11,3 +11,10 @@ def square(x: int) -> int:
 
 def divide(a: float, b: float) -> float:
     return a / b
+
+
+def nap(seconds: float) -> float:
+    import time
+
+    time.sleep(seconds)
+    return seconds

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from crew_client import Crew, CrewExecutor, JobFailed, RemoteTraceback
-from funcs import divide, square
+from funcs import divide, nap, square
 
 
 def test_map_over_100_items(crew: Crew) -> None:
@@ -58,3 +58,21 @@ def test_shutdown_refuses_new_work(crew: Crew) -> None:
     executor.shutdown()
     with pytest.raises(RuntimeError):
         executor.submit(square, 2)
+
+
+def test_other_clients_keep_their_outputs(crew: Crew) -> None:
+    mine = crew.send(["echo", "not the executor's"])
+    with CrewExecutor(crew) as executor:
+        assert list(executor.map(square, [2, 3])) == [4, 9]
+    (output,) = crew.receive(wait=True, timeout=30)
+    assert output.id == mine and output.stdout.text == "not the executor's\n"
+
+
+def test_map_timeout_raises_and_cancels_the_rest(crew: Crew) -> None:
+    with CrewExecutor(crew) as executor:
+        results = executor.map(nap, [30.0] * 3, timeout=0.5)
+        with pytest.raises(concurrent.futures.TimeoutError):
+            next(results)
+    # Leaving the block waited for every job: all ended, cancelled.
+    status = crew.status()
+    assert status.jobs.running == 0 and status.jobs.queued == 0

@@ -15,7 +15,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Dict, Iterator, Mapping, Optional
 
 from .errors import ApiError, DaemonError
 
@@ -46,7 +46,7 @@ class Transport:
     def _connection(self, timeout: Optional[float]) -> http.client.HTTPConnection:
         raise NotImplementedError
 
-    def _headers(self) -> dict:
+    def _headers(self) -> Dict[str, str]:
         return {"Accept": "application/json"}
 
     def request(

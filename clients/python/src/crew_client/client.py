@@ -23,7 +23,7 @@ import tempfile
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union, overload
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union, overload
 
 from ._http import Transport, UnixTransport
 from .errors import ApiError, CrewError, DaemonError, JobFailed
@@ -251,6 +251,19 @@ class Crew:
         jobs' (every one of them that is ready). :attr:`pending` is then the
         number of jobs sent and not yet received.
         """
+        outputs, self.pending = self._receive(wait=wait, timeout=timeout, all=all, name=name, ids=ids)
+        return outputs
+
+    def _receive(
+        self,
+        *,
+        wait: bool = False,
+        timeout: Optional[Duration] = None,
+        all: bool = False,
+        name: Optional[str] = None,
+        ids: Optional[Iterable[int]] = None,
+    ) -> Tuple[List[Output], int]:
+        """``POST /v1/receive``: the outputs, and the number of jobs pending."""
         body: Dict[str, Any] = {"wait": wait, "all": all}
         if timeout is not None:
             body["timeout"] = _duration(timeout)
@@ -259,8 +272,7 @@ class Crew:
         if ids is not None:
             body["ids"] = [int(i) for i in ids]
         answer = self._post("/v1/receive", body, timeout=None if wait else 60.0)
-        self.pending = int(answer.get("pending", 0))
-        return [Output.from_json(o) for o in answer["outputs"]]
+        return [Output.from_json(o) for o in answer["outputs"]], int(answer.get("pending", 0))
 
     def result(self, job: Union[int, str], timeout: Optional[Duration] = None) -> Output:
         """Waits for one job (an id or a name) and receives its output.
@@ -359,23 +371,26 @@ class Crew:
         return JobObjects.from_json(self._get(f"/v1/jobs/{ref}/objects"))
 
     def fetch(self, job: Union[int, str], to: Union[str, "os.PathLike[str]"] = ".") -> List[Path]:
-        """Downloads a finished job's outputs into ``to``, checked; their paths.
+        """Downloads a finished job's outputs into ``to``, checked; their paths (``[]``: none).
 
         From a local folder store the files are copied directly; from any
         other store (S3) by ``crew fetch``.
         """
         found = self.objects(job)
+        if not found.objects:
+            return []
         dest = Path(os.fspath(to))
         root = _file_store_root(found.store)
-        if root is None:
-            out = self._run_crew(["fetch", str(found.id), "--to", str(dest), "--json"])
-            return [Path(json.loads(line)["path"]) for line in out.splitlines() if line.strip()]
-        return [_copy_checked(root, obj, dest) for obj in found.objects]
+        if root is not None and all(_store_path(root, o.key).is_file() for o in found.objects):
+            return [_copy_checked(root, obj, dest) for obj in found.objects]
+        out = self._run_crew(["fetch", str(found.id), "--to", str(dest), "--json"])
+        return [Path(os.path.abspath(json.loads(line)["path"])) for line in out.splitlines() if line.strip()]
 
     def read(self, job: Union[int, str, Output], name: str) -> bytes:
         """The bytes of one output file of a finished job (an id, a name or its record), checked.
 
-        With a record no request is made: its ``objects`` name the keys.
+        With a record no request is made when the store is a local folder:
+        its ``objects`` name the keys.
         """
         if isinstance(job, Output):
             job_id, store, objects = job.id, self.store, job.objects
@@ -383,15 +398,16 @@ class Crew:
             found = self.objects(job)
             job_id, store, objects = found.id, found.store, found.objects
         for obj in objects:
-            if obj.name == name:
-                root = _file_store_root(store)
-                if root is not None:
-                    data = _store_path(root, obj.key).read_bytes()
-                    _check(obj, data)
-                    return data
-                with tempfile.TemporaryDirectory() as tmp:
-                    self._run_crew(["fetch", str(job_id), "--to", tmp])
-                    return (Path(tmp) / obj.name).read_bytes()
+            if obj.name != name:
+                continue
+            root = _file_store_root(store)
+            if root is not None and _store_path(root, obj.key).is_file():
+                data = _store_path(root, obj.key).read_bytes()
+                _check(obj, data)
+                return data
+            with tempfile.TemporaryDirectory() as tmp:
+                self._run_crew(["fetch", str(job_id), "--to", tmp])
+                return (Path(tmp) / obj.name).read_bytes()
         raise KeyError(f"job {job_id} has no output {name!r}")
 
     def down(self, timeout: float = 30.0) -> None:

@@ -30,8 +30,9 @@ import pickle
 import sys
 import tempfile
 import threading
+import time
 from concurrent.futures import Executor, Future
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 from .client import Crew, Job
 from .errors import CrewError, JobFailed
@@ -40,6 +41,12 @@ from .records import Output
 __all__ = ["CrewExecutor", "CrewFuture", "RemoteTraceback", "RUNNER"]
 
 T = TypeVar("T")
+
+#: One call: the function, its positional and its keyword arguments.
+_Call = Tuple[Callable[..., Any], Tuple[Any, ...], Dict[str, Any]]
+
+#: Calls sent per request by :meth:`CrewExecutor.map`.
+_BATCH = 500
 
 #: What a worker runs (``python -c RUNNER``) for one submitted call; it reads
 #: ``payload.pkl`` and writes ``result.pkl`` in the job's folder, and exits 1
@@ -149,26 +156,36 @@ class CrewExecutor(Executor):
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> "Future[T]":
         """Runs ``fn(*args, **kwargs)`` on a worker; its future."""
-        self._check_open()
-        head: Dict[str, Any] = {"sys_path": [p for p in sys.path if p]}
-        main = sys.modules.get("__main__")
-        main_file = getattr(main, "__file__", None)
-        if getattr(fn, "__module__", None) == "__main__" and main_file:
-            head["main"] = os.path.abspath(main_file)
-        fd, path = tempfile.mkstemp(suffix=".pkl", dir=self._payloads)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                pickle.dump(head, f)
-                pickle.dump((fn, args, kwargs), f)
-            job = {
-                "command": [self.python, "-c", RUNNER],
-                "inputs": [{"path": path, "name": "payload.pkl"}],
-                "outputs": ["result.pkl"],
-            }
-            return self._send(job, "call", {})
-        finally:
-            # Staged in the store before the daemon answered.
-            os.unlink(path)
+        return self._submit_calls([(fn, args, kwargs)])[0]
+
+    def map(
+        self, fn: Callable[..., T], *iterables: Iterable[Any], timeout: Optional[float] = None, chunksize: int = 1
+    ) -> Iterator[T]:
+        """``map(fn, *iterables)`` on workers: the results in order.
+
+        The calls are sent in batches (``chunksize`` is ignored: each call is
+        a job), so a long map costs a few requests, not one per item. A
+        ``timeout`` passing raises ``TimeoutError`` from the iterator and
+        cancels the calls not yet done, as ``Executor.map`` does.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        calls: List[_Call] = [(fn, args, {}) for args in zip(*iterables)]
+        futures: List["Future[T]"] = []
+        for start in range(0, len(calls), _BATCH):
+            futures.extend(self._submit_calls(calls[start : start + _BATCH]))
+
+        def results() -> Iterator[T]:
+            try:
+                futures.reverse()
+                while futures:
+                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    yield futures[-1].result(left)
+                    futures.pop()
+            finally:
+                for future in futures:
+                    future.cancel()
+
+        return results()
 
     def submit_command(self, command: Job, **fields: Any) -> "Future[Output]":
         """Runs a command (or shell line, or job-line dict) on a worker; a future of its record.
@@ -176,19 +193,50 @@ class CrewExecutor(Executor):
         The future's exception is :class:`JobFailed` (with the record) when
         the job did not succeed.
         """
-        return self._send(command, "command", fields)
+        return self._send([command], "command", fields)[0]
 
-    def _send(self, job: Job, kind: str, fields: Dict[str, Any]) -> "Future[Any]":
-        future = CrewFuture(self)
+    def _submit_calls(self, calls: Sequence[_Call]) -> List["Future[Any]"]:
+        """Sends calls as jobs, in one request; their futures."""
+        self._check_open()
+        head: Dict[str, Any] = {"sys_path": [p for p in sys.path if p]}
+        main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+        paths: List[str] = []
+        try:
+            jobs = []
+            for fn, args, kwargs in calls:
+                fd, path = tempfile.mkstemp(suffix=".pkl", dir=self._payloads)
+                paths.append(path)
+                with os.fdopen(fd, "wb") as f:
+                    call_head = head
+                    if getattr(fn, "__module__", None) == "__main__" and main_file:
+                        call_head = {**head, "main": os.path.abspath(main_file)}
+                    pickle.dump(call_head, f)
+                    pickle.dump((fn, args, kwargs), f)
+                jobs.append(
+                    {
+                        "command": [self.python, "-c", RUNNER],
+                        "inputs": [{"path": path, "name": "payload.pkl"}],
+                        "outputs": ["result.pkl"],
+                    }
+                )
+            return self._send(jobs, "call", {})
+        finally:
+            # Staged in the store before the daemon answered.
+            for path in paths:
+                os.unlink(path)
+
+    def _send(self, jobs: Sequence[Job], kind: str, fields: Dict[str, Any]) -> List["Future[Any]"]:
+        futures = [CrewFuture(self) for _ in jobs]
         with self._lock:
             self._check_open()
-            # Under the lock, so that the receiver knows the id before it
-            # could receive its output.
-            job_id = self.crew.send(job, **{**self._fields, **fields})
-            future.job_id = job_id
-            self._futures[job_id] = (future, kind)
+            # Under the lock, so that the receiver knows the ids before it
+            # could receive their outputs.
+            ids = self.crew.send(jobs=jobs, **{**self._fields, **fields})
+            for future, job_id in zip(futures, ids):
+                future.job_id = job_id
+                self._futures[job_id] = (future, kind)
             self._lock.notify_all()
-        return future
+        return list(futures)
 
     def _check_open(self) -> None:
         if self._shutdown:
@@ -213,7 +261,7 @@ class CrewExecutor(Executor):
                     return
                 ids = list(self._futures)
             try:
-                outputs = self.crew.receive(wait=True, ids=ids, timeout=self._poll)
+                outputs, _ = self.crew._receive(wait=True, ids=ids, timeout=self._poll)
             except BaseException as e:  # the daemon is gone: fail what waits
                 with self._lock:
                     self._broken = e
