@@ -158,17 +158,7 @@ crew_class_controller_daemon <- R6::R6Class(
         }
       }
       self$start()
-      extra <- list(...)
-      extra <- extra[setdiff(names(extra), c("scale", "throttle", "algorithm", "save_command", "controller"))]
-      job <- list(
-        name = name,
-        tags = if (!is.null(tags %||% private$tags)) I(tags %||% private$tags),
-        timeout = seconds_timeout
-      )
-      job <- Filter(Negate(is.null), c(job, extra))
-      for (key in c("env_inherit", "outputs", "inputs")) {
-        if (!is.null(job[[key]])) job[[key]] <- I(job[[key]])
-      }
+      job <- Filter(Negate(is.null), c(list(name = name), private$job_extra(list(...), tags, seconds_timeout)))
       if (!is.null(argv) || !is.null(shell)) {
         if (!is.null(argv)) {
           job$command <- I(as.character(argv))
@@ -183,29 +173,63 @@ crew_class_controller_daemon <- R6::R6Class(
         if (is.null(command)) {
           crew_stop("push() needs a command (an R expression), argv = or shell =")
         }
-        folder <- file.path(self$dir, "crewclient")
-        dir.create(folder, showWarnings = FALSE, recursive = TRUE, mode = "0700")
-        payload <- tempfile("payload-", tmpdir = folder, fileext = ".rds")
+        payload <- private$payload(command, data, globals, packages, library, seed)
         on.exit(unlink(payload), add = TRUE)
-        saveRDS(
-          list(
-            command = command, data = data, globals = globals, packages = packages,
-            library = library %||% .libPaths(), seed = seed
-          ),
-          payload
-        )
-        runner <- system.file("runner.R", package = "crewclient", mustWork = TRUE)
-        job$command <- I(c(private$rscript, "runner.R"))
-        job$inputs <- I(c(
-          as.list(job$inputs),
-          list(list(path = normalizePath(payload), name = "payload.rds"),
-               list(path = normalizePath(runner), name = "runner.R"))
-        ))
-        job$outputs <- I(c(as.character(job$outputs), "result.rds"))
+        job <- private$r_job(job, payload)
         id <- private$send(job)
         private$track(id, name, paste(deparse(command), collapse = "\n"), "r")
       }
       invisible(list(id = id, name = name))
+    },
+
+    #' @description Run an R expression over the elements of `iterate` and
+    #'   wait for every result (R crew's `map()`): one request sends every
+    #'   task; the outputs are received by their ids and do not go through
+    #'   `pop()`.
+    #' @param command An R expression (substituted unless `substitute = FALSE`).
+    #' @param iterate Named list of vectors of equal length: task `i` sees
+    #'   element `i` of each under its name.
+    #' @param data,globals,packages,library,seed As in `push()` (with `seed`,
+    #'   task `i` uses `seed + i - 1`).
+    #' @param names Name of an element of `iterate` holding the task names.
+    #' @param substitute Whether to substitute `command`.
+    #' @param seconds_timeout The jobs' timeout.
+    #' @param error `"stop"` (default), `"warn"` or `"silent"` about failed tasks.
+    #' @param ... Further job-line keys, as in `push()`; R crew's arguments
+    #'   without meaning here are ignored.
+    #' @return A data frame, one row per task, in the order of `iterate`.
+    map = function(command, iterate, data = list(), globals = list(), packages = character(0), library = NULL,
+                   seed = NULL, names = NULL, substitute = TRUE, seconds_timeout = NULL, error = "stop", ...) {
+      if (substitute) command <- substitute(command)
+      error <- match.arg(error, c("stop", "warn", "silent"))
+      self$start()
+      n <- unique(lengths(iterate))
+      if (length(n) != 1L) crew_stop("map(): the elements of iterate must have the same length")
+      if (n == 0L) return(NULL)
+      task_names <- if (is.null(names)) rep(NA_character_, n) else as.character(iterate[[names]])
+      extra <- private$job_extra(list(...), NULL, seconds_timeout)
+      payloads <- character(n)
+      on.exit(unlink(payloads), add = TRUE)
+      jobs <- vector("list", n)
+      for (i in seq_len(n)) {
+        element <- lapply(iterate, function(x) x[[i]])
+        payloads[[i]] <- private$payload(command, c(element, data), globals, packages, library,
+                                         if (is.null(seed)) NULL else seed + i - 1L)
+        jobs[[i]] <- private$r_job(extra, payloads[[i]])
+      }
+      ids <- as.integer(unlist(private$request("POST", "/v1/jobs", list(jobs = jobs))$ids))
+      text <- paste(deparse(command), collapse = "\n")
+      tasks <- lapply(seq_len(n), function(i) list(name = task_names[[i]], command = text, kind = "r"))
+      rows <- vector("list", n)
+      while (any(vapply(rows, is.null, TRUE))) {
+        waiting <- ids[vapply(rows, is.null, TRUE)]
+        answer <- private$request("POST", "/v1/receive", list(ids = I(waiting), wait = TRUE, timeout = 5), timeout = 65)
+        for (output in answer$outputs) {
+          i <- match(as.integer(output$id), ids)
+          rows[[i]] <- private$row(tasks[[i]], output)
+        }
+      }
+      private$hand_out(rows, if (identical(error, "silent")) NULL else error)
     },
 
     #' @description One finished task as a one-row data frame, or `NULL`.
@@ -448,6 +472,48 @@ crew_class_controller_daemon <- R6::R6Class(
         Sys.sleep(0.05)
       }
       invisible(FALSE)
+    },
+
+    # The job-line keys of a push: `...` without R crew's arguments that
+    # mean nothing here, the tags, the timeout; arrays kept arrays.
+    job_extra = function(extra, tags, seconds_timeout) {
+      extra <- extra[setdiff(names(extra), c("scale", "throttle", "algorithm", "save_command", "controller",
+                                            "seconds_interval", "warnings", "verbose"))]
+      tags <- tags %||% private$tags
+      job <- c(list(tags = if (!is.null(tags)) I(tags), timeout = seconds_timeout), extra)
+      for (key in c("env_inherit", "outputs", "inputs")) {
+        if (!is.null(job[[key]])) job[[key]] <- I(job[[key]])
+      }
+      Filter(Negate(is.null), job)
+    },
+
+    # Saves an R task into a payload file of the project folder; its path
+    # (the daemon stages it in the store when the job is sent: delete it then).
+    payload = function(command, data, globals, packages, library, seed) {
+      folder <- file.path(self$dir, "crewclient")
+      dir.create(folder, showWarnings = FALSE, recursive = TRUE, mode = "0700")
+      path <- tempfile("payload-", tmpdir = folder, fileext = ".rds")
+      saveRDS(
+        list(
+          command = command, data = data, globals = globals, packages = packages,
+          library = library %||% .libPaths(), seed = seed
+        ),
+        path
+      )
+      normalizePath(path)
+    },
+
+    # The job of an R task: `Rscript runner.R` with the payload and the
+    # runner as inputs and result.rds as an output.
+    r_job = function(job, payload) {
+      runner <- system.file("runner.R", package = "crewclient", mustWork = TRUE)
+      job$command <- I(c(private$rscript, "runner.R"))
+      job$inputs <- I(c(
+        as.list(job$inputs),
+        list(list(path = payload, name = "payload.rds"), list(path = normalizePath(runner), name = "runner.R"))
+      ))
+      job$outputs <- I(c(as.character(job$outputs), "result.rds"))
+      job
     },
 
     send = function(job) {

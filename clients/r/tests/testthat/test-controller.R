@@ -102,3 +102,21 @@ test_that("terminate stops the daemon that start started", {
   stat <- suppressWarnings(tryCatch(readLines(sprintf("/proc/%d/stat", pid)), error = function(e) character(0)))
   expect_true(length(stat) == 0L || grepl(") Z", stat[[1]], fixed = TRUE))
 })
+
+test_that("map runs an expression over iterate, in order, in one request", {
+  controller <- local_controller(workers = 2L)
+  controller$push(argv = c("echo", "left alone"), name = "other")
+  out <- controller$map(
+    command = x * k,
+    iterate = list(x = 1:6, id = paste0("m", 1:6)),
+    data = list(k = 10),
+    names = "id"
+  )
+  expect_equal(out$name, paste0("m", 1:6))
+  expect_equal(unlist(out$result), (1:6) * 10)
+  expect_true(all(out$status == "success"))
+  expect_error(controller$map(command = stop("no"), iterate = list(x = 1:2)), "no", class = "crew_task_error")
+  # The pushed task is still there for pop().
+  controller$wait(seconds_timeout = 30)
+  expect_equal(controller$pop()$name, "other")
+})
