@@ -76,3 +76,12 @@ def test_map_timeout_raises_and_cancels_the_rest(crew: Crew) -> None:
     # Leaving the block waited for every job: all ended, cancelled.
     status = crew.status()
     assert status.jobs.running == 0 and status.jobs.queued == 0
+
+
+def test_slots_recruited_by_the_executor_are_dismissed_at_shutdown(crew: Crew) -> None:
+    with CrewExecutor(crew, workers=2, tags=["exec"]) as executor:
+        assert len(executor.slots) == 2
+        assert len(crew.status().slots) == 6
+        assert executor.submit(square, 5).result(timeout=60) == 25
+        assert executor.submit_command(["true"]).result(timeout=60).tags == ["exec"]
+    assert sorted(s.name for s in crew.status().slots) == sorted(f"local-{i}" for i in range(1, 5))

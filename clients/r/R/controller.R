@@ -115,7 +115,14 @@ crew_class_controller_daemon <- R6::R6Class(
           tasks_max = private$limits$tasks_max,
           options = private$options
         )
-        private$slots <- unlist(private$request("POST", "/v1/recruit", body)$slots)
+        private$slots <- tryCatch(
+          unlist(private$request("POST", "/v1/recruit", body)$slots),
+          error = function(e) {
+            # Leave nothing behind: a daemon started for nothing is stopped.
+            if (private$started_daemon) private$down()
+            stop(e)
+          }
+        )
       }
       private$started_flag <- TRUE
       invisible()
@@ -398,9 +405,7 @@ crew_class_controller_daemon <- R6::R6Class(
       }
       try(self$cancel(all = TRUE), silent = TRUE)
       if (private$started_daemon) {
-        pid <- tryCatch(private$request("GET", "/v1/health")$pid, error = function(e) NULL)
-        try(private$request("POST", "/v1/down", list()), silent = TRUE)
-        if (!is.null(pid)) private$wait_gone(as.integer(pid))
+        private$down()
       } else {
         for (slot in private$slots) {
           try(private$request("POST", "/v1/dismiss", list(slot = slot)), silent = TRUE)
@@ -460,6 +465,13 @@ crew_class_controller_daemon <- R6::R6Class(
     daemon_running = function() {
       file.exists(private$socket) &&
         !inherits(try(private$request("GET", "/v1/health", timeout = 5), silent = TRUE), "try-error")
+    },
+
+    # Stops the daemon and waits until it is gone.
+    down = function() {
+      pid <- tryCatch(private$request("GET", "/v1/health")$pid, error = function(e) NULL)
+      try(private$request("POST", "/v1/down", list()), silent = TRUE)
+      if (!is.null(pid)) private$wait_gone(as.integer(pid))
     },
 
     wait_gone = function(pid) {

@@ -133,8 +133,10 @@ class CrewExecutor(Executor):
         **job_fields: Any,
     ) -> None:
         self.crew = crew if crew is not None else Crew(dir)
+        #: The slots this executor recruited (dismissed at shutdown).
+        self.slots: List[str] = []
         if workers is not None:
-            self.crew.recruit(workers, class_, tags=tags)
+            self.slots = self.crew.recruit(workers, class_, tags=tags)
         if tags is not None:
             job_fields.setdefault("tags", list(tags))
         if python is None:
@@ -258,7 +260,7 @@ class CrewExecutor(Executor):
                 while not self._futures and not self._shutdown:
                     self._lock.wait()
                 if not self._futures:
-                    return
+                    break
                 ids = list(self._futures)
             try:
                 outputs, _ = self.crew._receive(wait=True, ids=ids, timeout=self._poll)
@@ -276,6 +278,12 @@ class CrewExecutor(Executor):
                     entry = self._futures.pop(output.id, None)
                 if entry is not None:
                     self._complete(entry[0], entry[1], output)
+        # Shut down and every job received: give back the slots recruited.
+        for slot in self.slots:
+            try:
+                self.crew.dismiss(slot=slot)
+            except CrewError:
+                pass
 
     def _complete(self, future: CrewFuture, kind: str, output: Output) -> None:
         if future.done():  # cancelled here

@@ -86,11 +86,15 @@ test_that("saturated, summary and cancel", {
 test_that("the daemon's refusals are crew_api_error conditions with their code", {
   skip_without_crew()
   controller <- crew_controller_daemon(workers = 1L, class = "no-such-class", dir = project_dir())
-  on.exit(crewclient:::crew_api_request(file.path(controller$dir, "crew.sock"), "POST", "/v1/down", list()))
   err <- tryCatch(controller$start(), crew_api_error = function(e) e)
   expect_s3_class(err, "crew_api_error")
   expect_equal(err$code, "unknown_class")
   expect_equal(err$status, 400L)
+  expect_match(err$detail, "no-such-class")
+  # The daemon that start() started for it is stopped again.
+  expect_false(controller$started())
+  expect_error(crew_api_request(file.path(controller$dir, "crew.sock"), "GET", "/v1/health"),
+               class = "crew_daemon_error")
 })
 
 test_that("terminate stops the daemon that start started", {
