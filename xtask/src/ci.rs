@@ -64,7 +64,7 @@ pub(crate) fn run() -> anyhow::Result<()> {
     drop(emulator);
     // The clients against the `crew` the tests just built (crew-cli's
     // integration tests build target/debug/crew), so nothing is rebuilt.
-    crate::clients::run(&crate::clients::built_crew())?;
+    crate::clients::run_in_ci()?;
     run_step(&EXAMPLE, &[])?;
     // A short coverage-guided run of every fuzz target (the long runs are
     // `cargo xtask fuzz --runs N` by hand).

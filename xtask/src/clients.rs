@@ -30,28 +30,46 @@ const R_PACKAGES: &[(&str, &str)] =
 /// `python -m pip install`, quietly.
 const PIP_INSTALL: &[&str] = &["-m", "pip", "install", "-q", "--disable-pip-version-check"];
 
-/// `cargo xtask clients`: builds `crew` unless `$CREW_BIN` names one, then
-/// runs both suites.
+/// `cargo xtask clients`: runs both suites against `$CREW_BIN` when set,
+/// else against the debug build of `crew` (built first, so it is current).
 pub(crate) fn run_alone() -> anyhow::Result<()> {
-    let crew = match std::env::var_os("CREW_BIN") {
-        Some(path) if !path.is_empty() => PathBuf::from(path),
+    match std::env::var_os("CREW_BIN") {
+        Some(path) if !path.is_empty() => run(Path::new(&path)),
         _ => {
-            let status = crate::cargo()
-                .args(["build", "-p", "crew-cli", "--bin", "crew"])
-                .status()
-                .context("cannot run cargo build")?;
-            if !status.success() {
-                bail!("`cargo build -p crew-cli` failed: see its output above");
-            }
-            built_crew()
+            build_crew()?;
+            run(&built_crew())
         }
-    };
+    }
+}
+
+/// In `cargo xtask ci`, after the Rust tests: against the `crew` they just
+/// built (crew-cli's integration tests need `target/debug/crew`, so nothing
+/// is rebuilt with other features); built only if it is missing.
+pub(crate) fn run_in_ci() -> anyhow::Result<()> {
+    let crew = built_crew();
+    if !crew.exists() {
+        build_crew()?;
+    }
     run(&crew)
 }
 
-/// The `crew` of the workspace's debug build.
-pub(crate) fn built_crew() -> PathBuf {
-    crate::workspace_root().join("target").join("debug").join("crew")
+/// `cargo build -p crew-cli --bin crew`.
+fn build_crew() -> anyhow::Result<()> {
+    let status =
+        crate::cargo().args(["build", "-p", "crew-cli", "--bin", "crew"]).status().context("cannot run cargo build")?;
+    if !status.success() {
+        bail!("`cargo build -p crew-cli --bin crew` failed: see its output above");
+    }
+    Ok(())
+}
+
+/// The `crew` of the workspace's debug build (`$CARGO_TARGET_DIR` honoured).
+fn built_crew() -> PathBuf {
+    let target = match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => crate::workspace_root().join(dir),
+        _ => crate::workspace_root().join("target"),
+    };
+    target.join("debug").join("crew")
 }
 
 /// Runs the Python suite, then the R suite, against `crew`.
