@@ -107,3 +107,16 @@ def test_down_stops_the_daemon(project: Path) -> None:
         assert again.pid != pid
     finally:
         again.down()
+
+
+def test_fetch_through_crew_fetch(crew: Crew, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # As for a store this client cannot read itself (S3): `crew fetch`.
+    import crew_client.client
+
+    monkeypatch.setattr(crew_client.client, "_file_store_root", lambda url: None)
+    job = crew.send("mkdir -p d && echo one > d/a.txt && echo two > b.txt", outputs=["d/a.txt", "b.txt"])
+    crew.result(job, timeout=30)
+    fetched = crew.fetch(job, tmp_path / "got")
+    assert sorted(p.relative_to(tmp_path / "got").as_posix() for p in fetched) == ["b.txt", "d/a.txt"]
+    assert (tmp_path / "got" / "d" / "a.txt").read_text() == "one\n"
+    assert crew.read(job, "b.txt") == b"two\n"

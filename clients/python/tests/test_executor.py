@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import concurrent.futures
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -85,3 +88,21 @@ def test_slots_recruited_by_the_executor_are_dismissed_at_shutdown(crew: Crew) -
         assert executor.submit(square, 5).result(timeout=60) == 25
         assert executor.submit_command(["true"]).result(timeout=60).tags == ["exec"]
     assert sorted(s.name for s in crew.status().slots) == sorted(f"local-{i}" for i in range(1, 5))
+
+
+def test_a_function_of_the_main_script(crew: Crew, tmp_path: Path) -> None:
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import sys\n"
+        "from crew_client import Crew, CrewExecutor\n"
+        "def triple(x):\n"
+        "    return 3 * x\n"
+        "if __name__ == '__main__':\n"
+        "    with CrewExecutor(Crew(sys.argv[1])) as executor:\n"
+        "        print(list(executor.map(triple, range(5))))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(script), str(crew.dir)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "[0, 3, 6, 9, 12]\n"

@@ -396,6 +396,20 @@ crew_class_controller_daemon <- R6::R6Class(
       list(stdout = answer$stdout, stderr = answer$stderr)
     },
 
+    #' @description Download a finished task's output files (declared with
+    #'   `outputs =` in `push()`) from the store, checked (`crew fetch`).
+    #' @param task A task name or a job id.
+    #' @param to The folder to put them in.
+    #' @return The paths of the files, invisibly.
+    fetch = function(task, to = ".") {
+      id <- private$job_id(task)
+      out <- private$run_crew(c("fetch", as.character(id), "--to", shQuote(normalizePath(to, mustWork = FALSE)),
+                                "--json"))
+      lines <- strsplit(out, "\n", fixed = TRUE)[[1L]]
+      lines <- lines[nzchar(lines)]
+      invisible(vapply(lines, function(line) jsonlite::fromJSON(line)$path, "", USE.NAMES = FALSE))
+    },
+
     #' @description Stop: cancel the unfinished tasks, and stop the daemon if
     #'   `start()` started it (else dismiss the slots it recruited).
     #' @param controllers Not used.

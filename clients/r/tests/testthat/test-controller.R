@@ -62,6 +62,13 @@ test_that("a failing command carries its exit code and error", {
   expect_match(out$error, "status 3")
   expect_equal(out$result[[1]], "out\n")
   expect_equal(controller$logs("three")$stdout, "out\n")
+  controller$push(shell = "mkdir -p fit && echo 42 > fit/model.txt", outputs = "fit/*", name = "fit")
+  controller$wait(seconds_timeout = 60)
+  expect_equal(controller$pop()$status, "success")
+  to <- tempfile("fetched-")
+  paths <- controller$fetch("fit", to = to)
+  expect_length(paths, 1L)
+  expect_equal(readLines(file.path(to, "fit", "model.txt")), "42")
 })
 
 test_that("saturated, summary and cancel", {
