@@ -5,8 +5,8 @@
 //! CI": formatting first (cheapest), then clippy with warnings as errors,
 //! then the tests of the whole workspace with every feature (the conformance
 //! kit included), then the Python and R clients' tests against the `crew`
-//! those built ([`crate::clients`]), then the embedding example, then five seconds of
-//! coverage-guided fuzzing per target ([`crate::fuzz`]). Tests run under
+//! those built ([`crate::clients`]), then the embedding example, then five
+//! seconds of coverage-guided fuzzing per target ([`crate::fuzz`]). Tests run under
 //! `cargo nextest` when it is installed (faster, one process per test) and
 //! under `cargo test` otherwise.
 //!

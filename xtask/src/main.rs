@@ -24,7 +24,7 @@ use std::process::{Command, ExitCode};
 
 /// The subcommands and their one-line help, in the order `--help` lists them.
 const SUBCOMMANDS: &[(&str, &str)] = &[
-    ("ci", "run what CI runs: fmt check, clippy -D warnings, the tests against the AWS emulator"),
+    ("ci", "run what CI runs: fmt check, clippy -D warnings, the tests against the AWS emulator, the clients' tests"),
     ("clients", "the Python and R clients' tests against the real daemon (installs pytest, R when missing)"),
     ("bench", "measure crew against baselines (release build); `bench --help` for options"),
     ("emu", "the local AWS emulator of the tests: `emu install|start|stop|env`"),
