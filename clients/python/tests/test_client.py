@@ -120,3 +120,15 @@ def test_fetch_through_crew_fetch(crew: Crew, tmp_path: Path, monkeypatch: pytes
     assert sorted(p.relative_to(tmp_path / "got").as_posix() for p in fetched) == ["b.txt", "d/a.txt"]
     assert (tmp_path / "got" / "d" / "a.txt").read_text() == "one\n"
     assert crew.read(job, "b.txt") == b"two\n"
+
+
+def test_result_times_out_and_knows_unknown_jobs(crew: Crew) -> None:
+    job = crew.send(["sleep", "30"])
+    with pytest.raises(TimeoutError):
+        crew.result(job, timeout=0.3)
+    with pytest.raises(KeyError):
+        crew.result(987654)
+    crew.cancel(job)
+    # It ends cancelled:
+    with pytest.raises(JobFailed):
+        crew.result(job, timeout="30s")

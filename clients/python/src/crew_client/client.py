@@ -281,23 +281,21 @@ class Crew:
         succeed, ``TimeoutError`` when ``timeout`` passed first and
         ``KeyError`` when no such job is waiting to be received.
         """
-        deadline = None if timeout is None else time.monotonic() + float(_duration_seconds(timeout))
-        while True:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if isinstance(job, int):
-                got = self.receive(wait=True, ids=[job], timeout=left)
-            else:
-                got = self.receive(wait=True, name=job, timeout=left)
-            if got:
-                output = got[0]
-                if not output.ok:
-                    raise JobFailed(output)
-                return output
-            # Empty: the daemon waits for no such job (it answers at once),
-            # or the timeout passed.
-            if deadline is not None and time.monotonic() >= deadline - 0.05:
-                raise TimeoutError(f"job {job!r} did not finish within {timeout}")
-            raise KeyError(f"no job {job!r} is waiting to be received")
+        deadline = None if timeout is None else time.monotonic() + _duration_seconds(timeout)
+        if isinstance(job, int):
+            got = self.receive(wait=True, ids=[job], timeout=timeout)
+        else:
+            got = self.receive(wait=True, name=job, timeout=timeout)
+        if got:
+            output = got[0]
+            if not output.ok:
+                raise JobFailed(output)
+            return output
+        # Empty: the timeout passed, or the daemon waits for no such job
+        # (then it answers at once).
+        if deadline is not None and time.monotonic() >= deadline - 0.05:
+            raise TimeoutError(f"job {job!r} did not finish within {timeout}")
+        raise KeyError(f"no job {job!r} is waiting to be received")
 
     def wait(self, *, one: bool = False, timeout: Optional[Duration] = None) -> None:
         """Blocks until every job sent has finished (``one``: until an output is ready).
