@@ -293,10 +293,14 @@ pub(crate) struct JobInfo {
     pub(crate) slot: Option<String>,
     /// The attempt running now, or the last one.
     pub(crate) attempt: u32,
-    /// When the daemon accepted it (unknown for jobs from before a
-    /// restart).
+    /// When the daemon accepted it (known until it is received; unknown
+    /// for jobs from before a restart).
     pub(crate) sent: Option<crew_core::output::Timestamp>,
-    /// When its current (or last) attempt was given to a worker.
+    /// When its current (or last) attempt was given to a worker (known
+    /// until it is received).
+    pub(crate) assigned: Option<crew_core::output::Timestamp>,
+    /// When its last attempt started running on its worker (from its
+    /// record, once final).
     pub(crate) started: Option<crew_core::output::Timestamp>,
     /// When it ended.
     pub(crate) finished: Option<crew_core::output::Timestamp>,
@@ -323,8 +327,9 @@ pub(crate) struct JobList {
 pub(crate) enum Event {
     /// Jobs were accepted (one event per `POST /v1/jobs`).
     JobsSent { ids: Vec<u64> },
-    /// An attempt of a job was given to a worker.
-    JobStarted { id: u64, slot: String, attempt: u32 },
+    /// An attempt of a job was given to a worker (which runs it at once,
+    /// or after the jobs it holds already when it prefetches).
+    JobAssigned { id: u64, slot: String, attempt: u32 },
     /// A job ended; its record is durable and can be received.
     JobEnded { id: u64, name: Option<String>, status: crew_core::Status, slot: Option<String>, attempt: u32 },
     /// A slot's worker connected.
@@ -343,7 +348,7 @@ impl Event {
     pub(crate) fn kind(&self) -> &'static str {
         match self {
             Self::JobsSent { .. } => "jobs_sent",
-            Self::JobStarted { .. } => "job_started",
+            Self::JobAssigned { .. } => "job_assigned",
             Self::JobEnded { .. } => "job_ended",
             Self::SlotUp { .. } => "slot_up",
             Self::SlotDown { .. } => "slot_down",

@@ -714,7 +714,10 @@ async fn send(d: &Daemon, r: wire::SendRequest) -> Answer {
     if let Err(e) = d.journal(&[accepted]).await {
         return Err(forget(e));
     }
+    // Told before the controller has them: a watcher hears of the jobs
+    // before any of their attempts.
     let input_bytes: Vec<u64> = specs.iter().map(telemetry::input_bytes).collect();
+    d.telemetry.sent(&ids, &input_bytes);
     let jobs =
         ids.iter().zip(specs).map(|(id, spec)| RestoredJob { id: *id, spec, history: Default::default(), slot: None });
     if let Err(e) = d.controller.restore(jobs.collect()) {
@@ -727,7 +730,6 @@ async fn send(d: &Daemon, r: wire::SendRequest) -> Answer {
         }
         return Err(forget(ApiError::from_controller(e)));
     }
-    d.telemetry.sent(&ids, &input_bytes);
     d.sent.notify_one();
     Ok(reply(&wire::Sent { ids: ids.iter().map(|i| i.0).collect() }))
 }
@@ -1035,7 +1037,11 @@ pub(crate) fn check_request(method: &Method, path: &str, query: &str, body: &[u8
 fn checked_request(method: &Method, path: &str, query: &str, body: &[u8]) -> Result<(), ApiError> {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (method, segments.as_slice()) {
-        (&Method::GET, ["v1", "health" | "status" | "receivable"]) => Ok(()),
+        (&Method::GET, ["v1", "health" | "status" | "receivable" | "events"] | ["metrics"]) => Ok(()),
+        (&Method::GET, ["v1", "jobs"]) => page_query(query).map(drop),
+        (&Method::GET, ["v1", "jobs", job]) => crew_core::percent::decode_utf8(job)
+            .map(drop)
+            .ok_or_else(|| ApiError::bad_request("invalid percent-encoding in the job")),
         (&Method::POST, ["v1", "recruit"]) => {
             let r: wire::RecruitRequest = parse_body(body)?;
             for (field, v) in [("idle", &r.idle), ("wall", &r.wall), ("launch_timeout", &r.launch_timeout)] {
@@ -1078,7 +1084,8 @@ fn info_of(d: &Daemon, id: JobId, with_output: bool) -> Option<wire::JobInfo> {
         slot: o.slot.clone(),
         attempt: o.attempt,
         sent: times.sent,
-        started: o.started.or(times.started),
+        assigned: times.assigned,
+        started: o.started,
         finished: Some(o.finished),
         status: Some(o.status),
         output: with_output.then_some(o),
@@ -1110,7 +1117,8 @@ fn info_of(d: &Daemon, id: JobId, with_output: bool) -> Option<wire::JobInfo> {
             slot,
             attempt,
             sent: times.sent,
-            started: if state == wire::JobState::Queued { None } else { times.started },
+            assigned: if state == wire::JobState::Queued { None } else { times.assigned },
+            started: None,
             finished: None,
             status: None,
             output: None,
@@ -1146,9 +1154,9 @@ fn job_info(d: &Daemon, job: &str) -> Answer {
 const PAGE_MAX: usize = 1000;
 const PAGE_DEFAULT: usize = 100;
 
-/// `GET /v1/jobs?state=S&after=ID&limit=N`: the jobs in a state (or all
-/// known), in id order, one page at a time.
-fn list_jobs(d: &Daemon, query: &str) -> Answer {
+/// The query of `GET /v1/jobs`: the state wanted, the id to start after,
+/// the page size.
+fn page_query(query: &str) -> Result<(Option<wire::JobState>, u64, usize), ApiError> {
     let (mut state, mut after, mut limit) = (None, 0u64, PAGE_DEFAULT);
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -1171,6 +1179,13 @@ fn list_jobs(d: &Daemon, query: &str) -> Answer {
             _ => return Err(ApiError::bad_request(format!("unknown query parameter {k:?}: use state, after, limit"))),
         }
     }
+    Ok((state, after, limit))
+}
+
+/// `GET /v1/jobs?state=S&after=ID&limit=N`: the jobs in a state (or all
+/// known), in id order, one page at a time.
+fn list_jobs(d: &Daemon, query: &str) -> Answer {
+    let (state, after, limit) = page_query(query)?;
     use wire::JobState as S;
     // The candidates, in id order, after `after`.
     let mut ids: BTreeSet<JobId> = BTreeSet::new();

@@ -62,7 +62,7 @@ pub(crate) struct Times {
     pub(crate) sent: Option<Timestamp>,
     sent_at: Option<Instant>,
     /// When its last attempt was given to a worker.
-    pub(crate) started: Option<Timestamp>,
+    pub(crate) assigned: Option<Timestamp>,
     /// The bytes of its inputs (each attempt fetches them).
     input_bytes: u64,
 }
@@ -168,7 +168,7 @@ impl Telemetry {
             let mut times = self.times();
             for (id, &input_bytes) in ids.iter().zip(inputs) {
                 staged += input_bytes;
-                times.insert(*id, Times { sent: Some(now), sent_at: Some(at), started: None, input_bytes });
+                times.insert(*id, Times { sent: Some(now), sent_at: Some(at), assigned: None, input_bytes });
             }
         }
         self.sent.inc_by(ids.len() as u64);
@@ -267,14 +267,14 @@ impl Observer for Telemetry {
         let (first_at, input_bytes) = {
             let mut times = self.times();
             let t = times.entry(job).or_default();
-            t.started = Some(Timestamp::now());
+            t.assigned = Some(Timestamp::now());
             (if attempt == 1 { t.sent_at } else { None }, t.input_bytes)
         };
         if let Some(at) = first_at {
             self.dispatch.observe(at.elapsed().as_secs_f64());
         }
         self.bytes("down", input_bytes);
-        self.emit(Event::JobStarted { id: job.0, slot: slot.to_owned(), attempt });
+        self.emit(Event::JobAssigned { id: job.0, slot: slot.to_owned(), attempt });
     }
 
     fn connected(&self, slot: &str) {

@@ -449,7 +449,7 @@ fn jobs_can_be_looked_at_one_by_one_watched_live_and_counted() {
     assert!(running, "job {a} never ran: {}", d.call("GET", &format!("/v1/jobs/{a}"), None, 200));
     let info = d.call("GET", &format!("/v1/jobs/{a}"), None, 200);
     assert_eq!((info["name"].as_str(), info["attempt"].as_u64()), (Some("slow"), Some(1)), "{info}");
-    assert!(info["slot"].is_string() && info["sent"].is_string() && info["started"].is_string(), "{info}");
+    assert!(info["slot"].is_string() && info["sent"].is_string() && info["assigned"].is_string(), "{info}");
     assert!(info["finished"].is_null() && info["output"].is_null(), "{info}");
     assert_eq!(d.call("GET", "/v1/jobs/slow", None, 200)["id"], a, "by name");
     let waiting = d.call("GET", &format!("/v1/jobs/{c}"), None, 200);
@@ -506,8 +506,8 @@ fn jobs_can_be_looked_at_one_by_one_watched_live_and_counted() {
             .map(|(n, _)| n.as_str())
             .collect()
     };
-    assert_eq!(of(a), ["jobs_sent", "job_started", "job_ended"], "{seen:?}");
-    assert_eq!(of(id), ["jobs_sent", "job_started", "job_started", "job_ended"], "{seen:?}");
+    assert_eq!(of(a), ["jobs_sent", "job_assigned", "job_ended"], "{seen:?}");
+    assert_eq!(of(id), ["jobs_sent", "job_assigned", "job_assigned", "job_ended"], "{seen:?}");
     let ended_b = seen.iter().find(|(n, v)| n == "job_ended" && v["id"] == b).map(|(_, v)| v["status"].clone());
     assert_eq!(ended_b, Some(json!("failed")));
     assert!(seen.iter().any(|(n, _)| n == "slot_up"), "{seen:?}");
