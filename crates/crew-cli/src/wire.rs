@@ -133,6 +133,21 @@ pub(crate) struct Health {
     /// Where workers connect, and how.
     #[serde(flatten)]
     pub(crate) workers: Workers,
+    /// The TCP listener of the API, when there is one.
+    #[serde(default)]
+    pub(crate) http: Option<HttpInfo>,
+}
+
+/// The API's TCP listener (`crew up --http`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct HttpInfo {
+    /// Its address.
+    pub(crate) listen: String,
+    /// The file holding the bearer token every request needs.
+    pub(crate) token_file: PathBuf,
+    /// The SHA-256 of its certificate, when it speaks TLS (beyond
+    /// loopback).
+    pub(crate) tls_sha256: Option<String>,
 }
 
 /// Where the controller listens for workers, the address workers of
@@ -162,6 +177,9 @@ pub(crate) struct Status {
     pub(crate) slots: Vec<SlotStatus>,
     pub(crate) jobs: JobCounts,
     pub(crate) workers: Workers,
+    /// The TCP listener of the API, when there is one.
+    #[serde(default)]
+    pub(crate) http: Option<HttpInfo>,
 }
 
 /// `POST /v1/recruit`.
@@ -384,6 +402,8 @@ pub(crate) struct ErrorDetail {
 #[non_exhaustive]
 pub(crate) enum ErrorCode {
     BadRequest,
+    Unauthorized,
+    BadHost,
     InvalidJob,
     InvalidInput,
     UnknownClass,
@@ -406,8 +426,10 @@ pub(crate) enum ErrorCode {
 impl ErrorCode {
     /// Every code the daemon answers.
     #[cfg(test)]
-    pub(crate) const ALL: [ErrorCode; 15] = [
+    pub(crate) const ALL: [ErrorCode; 17] = [
         Self::BadRequest,
+        Self::Unauthorized,
+        Self::BadHost,
         Self::InvalidJob,
         Self::InvalidInput,
         Self::UnknownClass,
@@ -428,6 +450,8 @@ impl ErrorCode {
     pub(crate) fn status(self) -> u16 {
         match self {
             Self::BadRequest | Self::InvalidJob | Self::InvalidInput | Self::UnknownClass | Self::InvalidOption => 400,
+            Self::Unauthorized => 401,
+            Self::BadHost => 403,
             Self::NotFound => 404,
             Self::DuplicateName => 409,
             Self::JobTooLarge | Self::BodyTooLarge | Self::LogTooLarge => 413,

@@ -38,6 +38,16 @@ pub(crate) struct UpArgs {
     /// always, over `[daemon] tls` and `CREW_TLS`.
     #[arg(long, value_name = "MODE")]
     tls: Option<crew_controller::TlsMode>,
+    /// Also serve the API on TCP at IP:PORT (127.0.0.1:PORT for clients
+    /// on this machine; another address for other machines, then with
+    /// TLS), over `[daemon] http` and `CREW_HTTP`. Every request needs the
+    /// bearer token in .crew/http.token (new at each start).
+    #[arg(long, value_name = "IP:PORT")]
+    http: Option<std::net::SocketAddr>,
+    /// A host name clients use to reach that listener, besides IP
+    /// addresses and localhost (repeatable), over `[daemon] http_hosts`.
+    #[arg(long = "http-host", value_name = "NAME")]
+    http_hosts: Vec<String>,
 }
 
 pub(crate) fn up(ctx: &Ctx, args: UpArgs) -> Result<u8, Failure> {
@@ -57,6 +67,8 @@ pub(crate) fn up(ctx: &Ctx, args: UpArgs) -> Result<u8, Failure> {
         listen: args.listen,
         advertise: args.advertise.clone(),
         tls: args.tls,
+        http: args.http,
+        http_hosts: args.http_hosts.clone(),
     };
     let (_, health) = project::ensure_daemon_with(ctx.dir(), &overrides)?;
     if let Some(differs) = workers_setting_differs(&overrides, &health) {
@@ -97,6 +109,16 @@ fn workers_setting_differs(wanted: &project::DaemonOverrides, health: &project::
         let port = listen.map(|a| a.port()).unwrap_or_default();
         if crew_controller::advertised_address(want, port).ok().as_ref() != Some(have) {
             return Some(format!("workers told to dial {have}, not {want}"));
+        }
+    }
+    if let Some(want) = wanted.http {
+        let have: Option<std::net::SocketAddr> = health.http.as_ref().and_then(|h| h.listen.parse().ok());
+        match have {
+            None => return Some(format!("no HTTP listener, not --http {want}")),
+            Some(have) if want.ip() != have.ip() || (want.port() != 0 && want.port() != have.port()) => {
+                return Some(format!("its HTTP listener on {have}, not {want}"));
+            }
+            Some(_) => {}
         }
     }
     if let (Some(want), have) = (wanted.tls, health.workers.tls) {

@@ -70,6 +70,8 @@ pub(crate) struct Daemon {
     stager: Stager,
     /// Events, metrics and job times.
     telemetry: Arc<Telemetry>,
+    /// The TCP listener of the API, once bound.
+    http: std::sync::OnceLock<wire::HttpInfo>,
 }
 
 #[derive(Default)]
@@ -101,6 +103,7 @@ impl Daemon {
     ) -> Self {
         Self {
             telemetry,
+            http: std::sync::OnceLock::new(),
             controller,
             stager: Stager::new(Arc::clone(&store)),
             store,
@@ -126,6 +129,11 @@ impl Daemon {
         // A panic elsewhere cannot leave `Inner` half-updated in a way
         // that matters more than stopping to answer; keep serving.
         self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records the API's TCP listener, for `GET /v1/health`.
+    pub(crate) fn set_http(&self, info: wire::HttpInfo) {
+        let _ = self.http.set(info);
     }
 
     /// Resolves when `POST /v1/down` was called.
@@ -427,6 +435,17 @@ type Answer = Result<Value, ApiError>;
 /// piece.
 pub(crate) type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
+/// The JSON error answer of `code` (for refusals made before routing).
+pub(crate) fn error_response(code: ErrorCode, message: String) -> Response<Body> {
+    let e = ApiError::new(code, message);
+    let mut res =
+        respond(e.status, &reply(&wire::ErrorAnswer { error: wire::ErrorDetail { code: e.code, message: e.message } }));
+    if code == ErrorCode::Unauthorized {
+        res.headers_mut().insert(hyper::header::WWW_AUTHENTICATE, hyper::header::HeaderValue::from_static("Bearer"));
+    }
+    res
+}
+
 fn respond(status: StatusCode, body: &Value) -> Response<Body> {
     let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
     let mut res = Response::new(Full::new(Bytes::from(bytes)).map_err(|never| match never {}).boxed_unsync());
@@ -552,6 +571,7 @@ fn health(d: &Daemon) -> Value {
         dir: d.dir.clone(),
         store: d.store.url(),
         workers: workers(d),
+        http: d.http.get().cloned(),
     })
 }
 
@@ -570,6 +590,7 @@ fn status(d: &Daemon) -> Value {
         slots: report.slots,
         jobs: wire::JobCounts { queued: report.queued as u64, running: running as u64, ready: ready as u64 },
         workers: workers(d),
+        http: d.http.get().cloned(),
     })
 }
 

@@ -31,9 +31,15 @@ impl Drop for Daemon {
 
 impl Daemon {
     fn start(work: &Path, mark: &str) -> Self {
+        Self::start_with(work, mark, &[])
+    }
+
+    fn start_with(work: &Path, mark: &str, extra: &[&str]) -> Self {
         let dir = work.join(".crew");
         let log = std::fs::File::create(work.join("daemon.log")).expect("cannot create the daemon log");
-        let mut cmd = crew(work, mark, &["daemon", "--dir", dir.to_str().expect("utf-8 temp dir")]);
+        let mut args = vec!["daemon", "--dir", dir.to_str().expect("utf-8 temp dir")];
+        args.extend_from_slice(extra);
+        let mut cmd = crew(work, mark, &args);
         cmd.stdout(Stdio::null()).stderr(log);
         let child = cmd.spawn().expect("cannot start crew daemon");
         let daemon = Self { child, dir };
@@ -531,5 +537,109 @@ fn jobs_can_be_looked_at_one_by_one_watched_live_and_counted() {
     assert_eq!(slots, 1.0, "one slot in all: {text}");
     assert!(text.trim_end().ends_with("# EOF"), "{text}");
 
+    d.call("POST", "/v1/down", None, 200);
+}
+
+/// One HTTP/1.1 request over `stream` (TCP or TLS): status, head, body.
+fn http_over(
+    stream: &mut (impl Read + Write),
+    host: &str,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+) -> (u16, String, String) {
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let head =
+        format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n");
+    stream.write_all(head.as_bytes()).expect("write the request");
+    let mut raw = Vec::new();
+    // A TLS peer may end without close_notify; what was read counts.
+    let _ = stream.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, head.to_owned(), body.to_owned())
+}
+
+#[test]
+fn the_tcp_listener_needs_the_token_and_a_host_of_its_own() {
+    let mark = unique("daemon-http-");
+    let _reaper = Reaper::new(&mark);
+    let work = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start_with(work.path(), &mark, &["--http", "127.0.0.1:0"]);
+    let health = d.call("GET", "/v1/health", None, 200);
+    let listen = health["http"]["listen"].as_str().expect("the HTTP listener in health").to_owned();
+    assert!(health["http"]["tls_sha256"].is_null(), "loopback: plaintext: {health}");
+    let token_file = PathBuf::from(health["http"]["token_file"].as_str().expect("token file"));
+    assert_eq!(std::fs::metadata(&token_file).expect("token file").permissions().mode() & 0o777, 0o600);
+    let token = std::fs::read_to_string(&token_file).expect("token").trim().to_owned();
+    assert_eq!(token.len(), 64, "{token}");
+    let port = listen.rsplit(':').next().expect("a port").to_owned();
+    let ask = |host: &str, token: Option<&str>, path: &str| {
+        let mut s = std::net::TcpStream::connect(&listen).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        http_over(&mut s, host, token, "GET", path)
+    };
+    let here = format!("127.0.0.1:{port}");
+    let (status, head, body) = ask(&here, None, "/v1/status");
+    assert_eq!(status, 401, "{head}\n{body}");
+    assert!(head.to_ascii_lowercase().contains("www-authenticate: bearer"), "{head}");
+    assert!(body.contains("\"unauthorized\"") && body.contains("http.token"), "{body}");
+    assert_eq!(ask(&here, Some(&"0".repeat(64)), "/v1/status").0, 401, "a wrong token");
+    let (status, _, body) = ask(&here, Some(&token), "/v1/status");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"jobs\""), "{body}");
+    assert_eq!(ask(&format!("localhost:{port}"), Some(&token), "/v1/health").0, 200);
+    // A name that resolves here from a web page elsewhere (DNS rebinding),
+    // another port, no Host: refused even with the token.
+    for host in [format!("evil.example:{port}"), "127.0.0.1:1".to_owned(), String::new()] {
+        let (status, _, body) = ask(&host, Some(&token), "/v1/status");
+        assert_eq!(status, 403, "Host {host:?}: {body}");
+        assert!(body.contains("\"bad_host\""), "{body}");
+    }
+    let (status, head, body) = ask(&here, Some(&token), "/metrics");
+    assert_eq!(status, 200, "{body}");
+    assert!(head.to_ascii_lowercase().contains("openmetrics"), "{head}");
+    // `crew status` names it.
+    let out = run(crew(work.path(), &mark, &["status"]), None, DEADLINE);
+    assert!(out.stdout.contains(&format!("API also on http://{listen}")), "{out}");
+    d.call("POST", "/v1/down", None, 200);
+    let gone = poll_until(DEADLINE, || !token_file.exists());
+    assert!(gone, "the token outlived its daemon");
+}
+
+#[test]
+fn beyond_loopback_the_tcp_listener_speaks_only_tls() {
+    let mark = unique("daemon-https-");
+    let _reaper = Reaper::new(&mark);
+    let work = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start_with(work.path(), &mark, &["--http", "0.0.0.0:0", "--http-host", "crew.lab"]);
+    let health = d.call("GET", "/v1/health", None, 200);
+    let port: u16 = health["http"]["listen"].as_str().and_then(|l| l.rsplit(':').next()?.parse().ok()).expect("port");
+    let pin = health["http"]["tls_sha256"].as_str().expect("a certificate beyond loopback").to_owned();
+    let token = std::fs::read_to_string(d.dir.join("http.token")).expect("token").trim().to_owned();
+    // Plaintext gets no answer.
+    let mut plain = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    plain.set_read_timeout(Some(Duration::from_secs(15))).expect("timeout");
+    let (status, head, _) = http_over(&mut plain, &format!("127.0.0.1:{port}"), Some(&token), "GET", "/v1/health");
+    assert_eq!(status, 0, "a plaintext request was answered: {head}");
+    // TLS with the pinned certificate, and an allowed name as Host.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let (status, body) = rt.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let pin = crew_tls::parse_fingerprint(&pin).expect("a fingerprint");
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+        let mut tls = crew_tls::connector(pin).expect("connector").connect(crew_tls::server_name(), tcp).await.expect("TLS");
+        let head = format!(
+            "GET /v1/status HTTP/1.1\r\nHost: crew.lab:{port}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        );
+        tls.write_all(head.as_bytes()).await.expect("write");
+        let mut raw = Vec::new();
+        let _ = tls.read_to_end(&mut raw).await;
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let status: u16 = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        (status, text)
+    });
+    assert_eq!(status, 200, "{body}");
     d.call("POST", "/v1/down", None, 200);
 }
