@@ -3,7 +3,8 @@
 //!
 //! Today: `openssh-server`, whose `sshd` the ssh worker example's tests
 //! start on a free loopback port of their own (they never use the
-//! system's). Installed with `apt-get` (after `apt-get update` when the
+//! system's), and `chromium` with `chromium-driver`, the headless browser
+//! the dashboard's test drives over WebDriver. Installed with `apt-get` (after `apt-get update` when the
 //! package lists are stale); elsewhere the tests that need it say so and
 //! skip, except under `CI`, where a missing service is an error.
 
@@ -13,7 +14,12 @@ use std::process::Command;
 use anyhow::{Context, bail};
 
 /// Each service: a file that shows it is installed, and its package.
-const SERVICES: &[(&str, &str)] = &[("/usr/sbin/sshd", "openssh-server")];
+const SERVICES: &[(&str, &str)] = &[
+    ("/usr/sbin/sshd", "openssh-server"),
+    // The dashboard's test loads the page in a real headless browser.
+    ("/usr/bin/chromium", "chromium"),
+    ("/usr/bin/chromedriver", "chromium-driver"),
+];
 
 /// Installs what is missing.
 pub(crate) fn install() -> anyhow::Result<()> {

@@ -349,7 +349,18 @@ pub(crate) enum Event {
     /// or after the jobs it holds already when it prefetches).
     JobAssigned { id: u64, slot: String, attempt: u32 },
     /// A job ended; its record is durable and can be received.
-    JobEnded { id: u64, name: Option<String>, status: crew_core::Status, slot: Option<String>, attempt: u32 },
+    JobEnded {
+        id: u64,
+        name: Option<String>,
+        status: crew_core::Status,
+        slot: Option<String>,
+        attempt: u32,
+        /// Wall-clock seconds of its last attempt.
+        wall_seconds: f64,
+        /// From its acceptance to its end (unknown for jobs from before a
+        /// restart).
+        latency_seconds: Option<f64>,
+    },
     /// A slot's worker connected.
     SlotUp { slot: String },
     /// A slot's worker went away.

@@ -15,6 +15,7 @@ use serde::Serialize;
 use crate::client::{Client, ClientError};
 use crate::{EXIT_INTERNAL, EXIT_USAGE, Failure, project};
 
+mod dashboard;
 mod fetch;
 mod jobs;
 mod lifecycle;
@@ -42,6 +43,9 @@ pub(crate) enum ClientCommand {
     Wait(receive::WaitArgs),
     /// Show the slots and the job counts.
     Status(status::StatusArgs),
+    /// Print (and on a desktop, open) the URL of the live dashboard:
+    /// slots, jobs, throughput and latency, each job's record and logs.
+    Dashboard(dashboard::DashboardArgs),
     /// Exit 0 if a recruited, usable slot has all these tags, else 1.
     Sendable(status::SendableArgs),
     /// Exit 0 if an output is ready to be received, else 1.
@@ -74,6 +78,7 @@ pub(crate) fn main(dir: Option<PathBuf>, command: ClientCommand) -> Result<u8, F
         ClientCommand::Receive(a) => receive::receive(&ctx, a),
         ClientCommand::Wait(a) => receive::wait(&ctx, a),
         ClientCommand::Status(a) => status::status(&ctx, a),
+        ClientCommand::Dashboard(a) => dashboard::dashboard(&ctx, a),
         ClientCommand::Sendable(a) => status::sendable(&ctx, a),
         ClientCommand::Receivable(a) => status::receivable(&ctx, a),
         ClientCommand::Shutdown(a) => workers::shutdown(&ctx, a),

@@ -462,7 +462,11 @@ pub(crate) async fn handle(d: Arc<Daemon>, req: Request<Incoming>) -> Result<Res
         match path.as_str() {
             "/metrics" => return Ok(metrics(&d)),
             "/v1/events" => return Ok(events(&d)),
-            _ => {}
+            _ => {
+                if let Some(res) = super::dashboard::asset(&path) {
+                    return Ok(res);
+                }
+            }
         }
     }
     if method == Method::GET {

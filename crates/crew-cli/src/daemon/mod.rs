@@ -11,6 +11,7 @@
 mod api;
 #[cfg(any(test, fuzzing))]
 pub(crate) use api::check_request;
+mod dashboard;
 mod http;
 mod journal;
 pub(crate) mod logfile;

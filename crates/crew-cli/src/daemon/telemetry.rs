@@ -184,7 +184,11 @@ impl Telemetry {
     /// Jobs ended and their records are durable.
     pub(crate) fn ended(&self, outputs: &[Output]) {
         let mut uploaded = 0u64;
-        for o in outputs {
+        let sent: Vec<Option<Instant>> = {
+            let times = self.times();
+            outputs.iter().map(|o| times.get(&o.id).and_then(|t| t.sent_at)).collect()
+        };
+        for (o, sent) in outputs.iter().zip(sent) {
             self.finished.get_or_create(&StatusLabel { status: o.status.as_str().to_owned() }).inc();
             uploaded += o.objects.iter().map(|x| x.size).sum::<u64>();
             self.emit(Event::JobEnded {
@@ -193,6 +197,8 @@ impl Telemetry {
                 status: o.status,
                 slot: o.slot.clone(),
                 attempt: o.attempt,
+                wall_seconds: o.wall_seconds,
+                latency_seconds: sent.map(|at| at.elapsed().as_secs_f64()),
             });
         }
         self.bytes("up", uploaded);
