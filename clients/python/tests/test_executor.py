@@ -7,10 +7,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any, List, Tuple
 
 import pytest
 
-from crew_client import Crew, CrewExecutor, JobFailed, RemoteTraceback
+from crew_client import Crew, CrewExecutor, JobFailed, Output, RemoteTraceback
 from funcs import divide, nap, square
 
 
@@ -106,3 +107,39 @@ def test_a_function_of_the_main_script(crew: Crew, tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "[0, 3, 6, 9, 12]\n"
+
+
+def test_futures_complete_as_their_jobs_end(crew: Crew) -> None:
+    # The receiver follows job_ended events: a result is there right after
+    # its job ends, with no polling period in between.
+    with CrewExecutor(crew) as executor:
+        quick = executor.submit_command(["true"])
+        slow = executor.submit(nap, 1.0)
+        quick.result(timeout=30)
+        start = time.monotonic()
+        assert slow.result(timeout=30) == 1.0
+        ended = crew.job(slow.job_id or 0).finished  # type: ignore[attr-defined]
+        assert ended is not None
+        assert time.time() - ended.timestamp() < 1.0
+        assert time.monotonic() - start < 5
+
+
+def test_a_future_completes_when_another_client_received_its_output(
+    crew: Crew, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another client takes the output first (here: the executor's own
+    # receive, made to drop what it got): the future completes from the
+    # record the daemon keeps (GET /v1/jobs/{id}).
+    real = crew._receive
+    stolen: List[int] = []
+
+    def steal(**kwargs: Any) -> Tuple[List[Output], int]:
+        outputs, pending = real(**kwargs)
+        stolen.extend(o.id for o in outputs)
+        return [], pending
+
+    monkeypatch.setattr(crew, "_receive", steal)
+    with CrewExecutor(crew) as executor:
+        future = executor.submit_command(["sh", "-c", "sleep 0.3; echo taken"])
+        record = future.result(timeout=30)
+    assert record.id in stolen and record.ok and record.stdout.text == "taken\n"

@@ -31,14 +31,18 @@ def test_the_readme_examples_run(project: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.chdir(project.parent)
     assert project.name == ".crew"
     blocks = python_blocks()
-    assert len(blocks) >= 2
+    assert len(blocks) >= 3
     try:
         scope: Dict[str, Any] = {}
         exec(compile(blocks[0], "README.md (Python)", "exec"), scope)
         assert sorted(scope["results"].values()) == sorted(f"{i}\n" for i in range(100))
         assert sorted(scope["results"]) == sorted(scope["ids"])
         scope = {}
-        exec(compile(blocks[1], "README.md (Python executor)", "exec"), scope)
+        exec(compile(blocks[1], "README.md (Python events)", "exec"), scope)
+        assert scope["ended"].id == scope["job"] and scope["ended"].status == "succeeded"
+        scope["events"].close()
+        scope = {}
+        exec(compile(blocks[2], "README.md (Python executor)", "exec"), scope)
         assert scope["squares"] == [i * i for i in range(100)]
         assert scope["record"].ok and scope["record"].stdout.text.strip() == os.uname().machine
     finally:

@@ -257,8 +257,17 @@ crew_class_controller_daemon <- R6::R6Class(
     },
 
     #' @description Wait for tasks: all of them (`mode = "all"`) or one.
+    #'
+    #'   Waits on the daemon's event stream (`GET /v1/events`), not by
+    #'   polling: it subscribes, then receives what is ready already, then
+    #'   reads events and receives each of this controller's jobs by id as
+    #'   its `job_ended` comes. R cannot bound a blocking read by itself, so
+    #'   a stream is held for a window of at most `seconds_interval` (and
+    #'   never past the timeout): when a window passes without the end, the
+    #'   controller subscribes again and re-reads the state (nothing is
+    #'   missed, and an interrupt is seen at least that often).
     #' @param mode `"all"` or `"one"`.
-    #' @param seconds_interval Not used: waiting is a long poll of the daemon.
+    #' @param seconds_interval Longest window of one event stream (default 60 s).
     #' @param seconds_timeout Give up after this long.
     #' @param scale,throttle,controllers Not used.
     #' @return `TRUE` when the condition was met, `FALSE` on timeout (invisibly).
@@ -266,17 +275,101 @@ crew_class_controller_daemon <- R6::R6Class(
                     throttle = TRUE, controllers = NULL) {
       mode <- match.arg(mode, c("all", "one"))
       deadline <- Sys.time() + min(seconds_timeout, 1e8)
+      window <- seconds_interval %||% 60
+      met <- function() {
+        length(ls(private$unresolved_tasks)) == 0L || (mode == "one" && length(private$resolved_tasks) > 0L)
+      }
+      if (met()) {
+        return(invisible(TRUE))
+      }
       repeat {
-        left <- length(ls(private$unresolved_tasks))
-        if (left == 0L || (mode == "one" && length(private$resolved_tasks) > 0L)) {
-          return(invisible(TRUE))
-        }
         remaining <- as.numeric(difftime(deadline, Sys.time(), units = "secs"))
         if (remaining <= 0) {
           return(invisible(FALSE))
         }
-        private$receive(wait = TRUE, timeout = min(remaining, 5))
+        con <- crew_events_open(private$socket, min(remaining, window))
+        ended <- tryCatch(
+          {
+            # Subscribed: what ended before is ready now, what ends later
+            # comes as an event.
+            private$receive(wait = FALSE)
+            repeat {
+              if (met()) break
+              event <- crew_events_next(con)
+              if (is.null(event)) break # the window passed
+              if (identical(event$type, "job_ended")) {
+                if (exists(as.character(event$id), envir = private$unresolved_tasks, inherits = FALSE)) {
+                  private$receive(ids = as.integer(event$id))
+                }
+              } else if (identical(event$type, "lagged")) {
+                private$receive(wait = FALSE)
+              }
+            }
+            met()
+          },
+          finally = try(close(con), silent = TRUE)
+        )
+        if (ended) {
+          return(invisible(TRUE))
+        }
       }
+    },
+
+    #' @description Where one task's job is, without receiving it
+    #'   (`GET /v1/jobs/{job}`).
+    #' @param task A task name of this controller, a job id, or a job name.
+    #' @return A list: `id`, `name`, `state` (`"queued"`, `"assigned"`,
+    #'   `"running"`, `"finished"` or `"received"`), `slot`, `attempt`,
+    #'   `sent`, `assigned`, `started`, `finished` (timestamps as text, or
+    #'   `NULL`), `status`, and `output` (the whole record) once final. An
+    #'   unknown job is a `crew_api_error` with code `"not_found"`.
+    job = function(task) {
+      self$start()
+      ref <- if (is.numeric(task)) {
+        as.character(as.integer(task))
+      } else {
+        id <- private$ids_by_name[[task]]
+        if (is.null(id)) utils::URLencode(task, reserved = TRUE) else as.character(id)
+      }
+      private$request("GET", paste0("/v1/jobs/", ref))
+    },
+
+    #' @description The daemon's jobs (every page of `GET /v1/jobs`), in id
+    #'   order, as a data frame.
+    #' @param state `NULL` (every job known), or `"queued"`, `"assigned"`,
+    #'   `"running"`, `"finished"`, `"received"`.
+    #' @return A data frame: `id`, `name`, `state`, `slot`, `attempt`,
+    #'   `sent`, `assigned`, `started`, `finished`, `status` (`NA` where
+    #'   unknown); no rows when there is no such job.
+    jobs = function(state = NULL) {
+      self$start()
+      if (!is.null(state)) {
+        state <- match.arg(state, c("queued", "assigned", "running", "finished", "received"))
+      }
+      rows <- list()
+      after <- NULL
+      repeat {
+        query <- paste0("?limit=1000", if (!is.null(state)) paste0("&state=", state),
+                        if (!is.null(after)) paste0("&after=", after))
+        page <- private$request("GET", paste0("/v1/jobs", query))
+        rows <- c(rows, page$jobs)
+        if (is.null(page$`next`)) break
+        after <- format(page$`next`, scientific = FALSE)
+      }
+      field <- function(name, type) vapply(rows, function(r) if (is.null(r[[name]])) type[NA_integer_] else r[[name]], type)
+      data.frame(
+        id = as.integer(field("id", NA_real_)),
+        name = field("name", NA_character_),
+        state = field("state", NA_character_),
+        slot = field("slot", NA_character_),
+        attempt = as.integer(field("attempt", NA_real_)),
+        sent = field("sent", NA_character_),
+        assigned = field("assigned", NA_character_),
+        started = field("started", NA_character_),
+        finished = field("finished", NA_character_),
+        status = field("status", NA_character_),
+        stringsAsFactors = FALSE
+      )
     },
 
     #' @description Every finished task as a data frame (one row each), or
@@ -569,8 +662,8 @@ crew_class_controller_daemon <- R6::R6Class(
 
     # Receive what is ready of this controller's jobs (with `wait`: at least
     # one, or until `timeout` seconds), into the resolved queue.
-    receive = function(wait = FALSE, timeout = NULL) {
-      ids <- as.integer(ls(private$unresolved_tasks))
+    receive = function(wait = FALSE, timeout = NULL, ids = NULL) {
+      ids <- ids %||% as.integer(ls(private$unresolved_tasks))
       if (length(ids) == 0L || !private$started_flag) {
         return(invisible())
       }

@@ -6,9 +6,11 @@ HTTP to ``DIR/crew.sock`` (docs/api.md). ``crew`` is ``$CREW_BIN``, else
 ``crew`` on ``PATH``; it is also run for what the API leaves to the CLI:
 ``crew fetch`` from stores other than a local folder.
 
-Waiting (``wait``) polls ``GET /v1/status`` every 100 ms, as ``crew wait``
-does; receiving with ``wait=True`` is a long poll the daemon answers when an
-output is ready.
+Nothing polls. Waiting (``wait``, ``result``) follows the daemon's event
+stream (``GET /v1/events``): subscribe first, then read the state
+(``GET /v1/jobs``), then consume events, so that no job ending between the
+two is missed. Receiving with ``wait=True`` is a long poll the daemon
+answers when an output is ready.
 """
 
 from __future__ import annotations
@@ -23,13 +25,44 @@ import tempfile
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union, overload
+from typing import (
+    Any,
+    Dict,
+    Generator,
+    Iterable,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+    Union,
+    overload,
+)
 
-from ._http import Transport, UnixTransport
+from ._http import SseStream, StreamEnded, Transport, UnixTransport
 from .errors import ApiError, CrewError, DaemonError, JobFailed
-from .records import Cancelled, JobObjects, Logs, Output, Status, StoredObject
+from .records import (
+    JOB_STATES,
+    Cancelled,
+    Event,
+    JobEnded,
+    JobInfo,
+    JobObjects,
+    JobsSent,
+    Lagged,
+    Logs,
+    Output,
+    Status,
+    StoredObject,
+    event_from_json,
+)
 
-__all__ = ["Crew", "Job", "Duration", "crew_binary"]
+__all__ = ["Crew", "Job", "Duration", "EventStream", "crew_binary"]
+
+#: The states of jobs not yet ended.
+_UNFINISHED = ("queued", "assigned", "running")
 
 #: A duration: seconds, a ``timedelta``, or a string such as ``"1m30s"``.
 Duration = Union[int, float, str, _dt.timedelta]
@@ -91,6 +124,56 @@ def _job(job: Job, defaults: Mapping[str, Any]) -> Dict[str, Any]:
     if "cwd" in obj and obj["cwd"] is not None:
         obj["cwd"] = os.path.abspath(os.fspath(obj["cwd"]))
     return obj
+
+
+class EventStream:
+    """The daemon's event stream (``GET /v1/events``), subscribed: every event
+    after :meth:`Crew.subscribe` returned reaches it.
+
+    Iterate for the events (:mod:`crew_client.records`: ``JobsSent``,
+    ``JobAssigned``, ``JobEnded``, ``SlotUp``, ``SlotDown``,
+    ``SlotCrashed``, ``Lagged``, ``OtherEvent`` for types added later);
+    the iteration ends when the daemon stops. :meth:`next` takes a timeout.
+    Keepalive comments are skipped. ``close()`` (or leaving a ``with``
+    block) ends it, also from another thread.
+    """
+
+    def __init__(self, stream: SseStream) -> None:
+        self._stream = stream
+
+    def next(self, timeout: Optional[float] = None) -> Optional[Event]:
+        """The next event; None when ``timeout`` seconds passed first (the
+        stream is then closed). Raises :class:`StreamEnded` (a
+        :class:`DaemonError`) when the daemon ended the stream.
+        """
+        got = self._stream.next(timeout)
+        if got is None:
+            return None
+        return event_from_json(*got)
+
+    def __iter__(self) -> Iterator[Event]:
+        return self
+
+    def __next__(self) -> Event:
+        try:
+            event = self.next()
+        except StreamEnded:
+            raise StopIteration from None
+        assert event is not None
+        return event
+
+    @property
+    def closed(self) -> bool:
+        return self._stream.closed
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def __enter__(self) -> "EventStream":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class Crew:
@@ -280,37 +363,140 @@ class Crew:
         Raises :class:`JobFailed` (carrying the record) when it did not
         succeed, ``TimeoutError`` when ``timeout`` passed first and
         ``KeyError`` when no such job is waiting to be received.
+
+        Waits on events: subscribes, looks the job up (``GET
+        /v1/jobs/{job}``), then waits for its ``job_ended`` and receives it
+        by id.
         """
         deadline = None if timeout is None else time.monotonic() + _duration_seconds(timeout)
-        if isinstance(job, int):
-            got = self.receive(wait=True, ids=[job], timeout=timeout)
-        else:
-            got = self.receive(wait=True, name=job, timeout=timeout)
-        if got:
-            output = got[0]
-            if not output.ok:
-                raise JobFailed(output)
-            return output
-        # Empty: the timeout passed, or the daemon waits for no such job
-        # (then it answers at once).
-        if deadline is not None and time.monotonic() >= deadline - 0.05:
-            raise TimeoutError(f"job {job!r} did not finish within {timeout}")
-        raise KeyError(f"no job {job!r} is waiting to be received")
+        with self.subscribe() as stream:
+            try:
+                info = self.job(job)
+            except ApiError as e:
+                if e.code == "not_found":
+                    raise KeyError(f"no job {job!r} is waiting to be received") from None
+                raise
+            if info.state == "received":
+                raise KeyError(f"no job {job!r} is waiting to be received (job {info.id} was received already)")
+            ended = info.final
+            while not ended:
+                event = stream.next(_left(deadline))
+                if event is None:
+                    raise TimeoutError(f"job {job!r} did not finish within {timeout}")
+                if isinstance(event, JobEnded) and event.id == info.id:
+                    ended = True
+                elif isinstance(event, Lagged):
+                    ended = self.job(info.id).final
+        got = self.receive(ids=[info.id])
+        if not got:
+            raise KeyError(f"no job {job!r} is waiting to be received (another client received job {info.id})")
+        output = got[0]
+        if not output.ok:
+            raise JobFailed(output)
+        return output
 
     def wait(self, *, one: bool = False, timeout: Optional[Duration] = None) -> None:
         """Blocks until every job sent has finished (``one``: until an output is ready).
 
         Leaves the outputs to :meth:`receive`. ``TimeoutError`` when
-        ``timeout`` passes first.
+        ``timeout`` passes first. Waits on events, not by polling:
+        subscribes, then lists the unfinished jobs (``GET /v1/jobs``), then
+        follows ``jobs_sent`` and ``job_ended`` until none is left.
         """
         deadline = None if timeout is None else time.monotonic() + _duration_seconds(timeout)
+        with self.subscribe() as stream:
+            if one:
+                jobs = self.status().jobs
+                if jobs.ready > 0 or jobs.unfinished == 0:
+                    return
+            unfinished = self._unfinished_ids()
+            while unfinished:
+                event = stream.next(_left(deadline))
+                if event is None:
+                    raise TimeoutError(f"jobs still unfinished after {timeout}")
+                if isinstance(event, JobsSent):
+                    unfinished.update(event.ids)
+                elif isinstance(event, JobEnded):
+                    if one:
+                        return
+                    unfinished.discard(event.id)
+                elif isinstance(event, Lagged):
+                    if one and self.status().jobs.ready > 0:
+                        return
+                    unfinished = self._unfinished_ids()
+
+    def _unfinished_ids(self) -> Set[int]:
+        """The ids of the jobs queued, assigned or running."""
+        return {info.id for state in _UNFINISHED for info in self.jobs(state, page_size=1000)}
+
+    # -- jobs, events, metrics ----------------------------------------------
+
+    def job(self, job: Union[int, str]) -> JobInfo:
+        """Where one job is, by id or name, without receiving it (``GET /v1/jobs/{job}``).
+
+        ``state`` is ``queued``, ``assigned``, ``running``, ``finished`` or
+        ``received``; ``output`` is the record once final. An unknown job
+        (or one whose record is no longer kept) raises :class:`ApiError`
+        with code ``not_found``.
+        """
+        ref = urllib.parse.quote(str(job), safe="")
+        return JobInfo.from_json(self._get(f"/v1/jobs/{ref}"))
+
+    def jobs(self, state: Optional[str] = None, *, page_size: int = 100) -> Iterator[JobInfo]:
+        """Every job in ``state`` (any known job without it), in id order,
+        read a page at a time (``GET /v1/jobs?state=&after=&limit=``) as
+        the iteration goes on. ``output`` is not in these.
+        """
+        if state is not None and state not in JOB_STATES:
+            raise ValueError(f"state is one of {', '.join(JOB_STATES)}, not {state!r}")
+        if not 1 <= page_size <= 1000:
+            raise ValueError("page_size is 1 to 1000")
+        return self._jobs(state, page_size)
+
+    def _jobs(self, state: Optional[str], page_size: int) -> Iterator[JobInfo]:
+        after: Optional[int] = None
         while True:
-            jobs = self.status().jobs
-            if jobs.unfinished == 0 or (one and jobs.ready > 0):
+            query: Dict[str, Any] = {"limit": page_size}
+            if state is not None:
+                query["state"] = state
+            if after is not None:
+                query["after"] = after
+            page = self._get(f"/v1/jobs?{urllib.parse.urlencode(query)}")
+            for obj in page.get("jobs") or []:
+                yield JobInfo.from_json(obj)
+            following = page.get("next")
+            if following is None:
                 return
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"jobs still unfinished after {timeout}")
-            time.sleep(0.1)
+            after = int(following)
+
+    def subscribe(self) -> EventStream:
+        """Subscribes to the daemon's events (``GET /v1/events``); every event after this returns reaches the stream.
+
+        To follow a job without missing its end: subscribe, then look it up
+        or send it, then read events.
+        """
+        return EventStream(self.transport.subscribe("/v1/events"))
+
+    def events(self) -> Generator[Event, None, None]:
+        """The daemon's events as they happen, typed (:data:`Event`), until the daemon stops.
+
+        Subscribed when this returns (not at the first ``next``), so jobs
+        sent afterwards are all seen. Keepalives are skipped; a
+        :class:`~crew_client.records.Lagged` event says this client fell
+        behind and missed some (read the state again). ``close()`` the
+        generator to unsubscribe.
+        """
+        stream = self.subscribe()
+
+        def generate() -> Generator[Event, None, None]:
+            with stream:
+                yield from stream
+
+        return generate()
+
+    def metrics(self) -> str:
+        """The daemon's metrics, Prometheus (OpenMetrics) text (``GET /metrics``)."""
+        return self.transport.text("/metrics")
 
     def status(self) -> Status:
         """The slots and the job counts (``GET /v1/status``)."""
@@ -431,6 +617,13 @@ class Crew:
 
     def __repr__(self) -> str:
         return f"Crew(dir={str(self.dir)!r})"
+
+
+def _left(deadline: Optional[float]) -> Optional[float]:
+    """Seconds until ``deadline`` (at least a little), or None for no deadline."""
+    if deadline is None:
+        return None
+    return max(0.001, deadline - time.monotonic())
 
 
 def _duration_seconds(value: Duration) -> float:

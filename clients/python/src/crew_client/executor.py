@@ -9,10 +9,12 @@ declared output, uploaded to the store. The client reads it back from there
 when the job's output arrives. ``submit_command([...])`` sends a command and
 completes with its :class:`~crew_client.Output`.
 
-Futures complete from one background thread that long-polls
-``POST /v1/receive`` with the ids of this executor's unfinished jobs (so
-outputs of other clients of the same daemon are left alone); it sleeps
-while nothing is pending.
+Futures complete from one background thread that follows the daemon's
+event stream (``GET /v1/events``, subscribed before the jobs are sent, so
+no end is missed): on each ``job_ended`` of one of this executor's jobs it
+receives exactly those outputs (``POST /v1/receive`` with their ``ids``), so
+outputs of other clients of the same daemon are left alone. Nothing polls;
+while nothing is pending the thread sleeps and holds no stream.
 
 As with ``ProcessPoolExecutor`` under the ``spawn`` start method, a function
 must be picklable by reference: defined at the top level of a module the
@@ -34,9 +36,9 @@ import time
 from concurrent.futures import Executor, Future
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
-from .client import Crew, Job
-from .errors import CrewError, JobFailed
-from .records import Output
+from .client import Crew, EventStream, Job
+from .errors import ApiError, CrewError, DaemonError, JobFailed
+from .records import JobEnded, Lagged, Output
 
 __all__ = ["CrewExecutor", "CrewFuture", "RemoteTraceback", "RUNNER"]
 
@@ -117,7 +119,8 @@ class CrewExecutor(Executor):
     slots are used). ``python``: the interpreter on the workers (default:
     this one when every slot is ``local``, else ``python3``). ``job_fields``
     are job-line keys every job gets (``tags``, ``timeout``, ``retries``,
-    ``env``, ``cpu``, ``memory``, ...).
+    ``env``, ``cpu``, ``memory``, ...). ``poll`` is no longer used (the
+    executor waits on the daemon's events) and is kept for compatibility.
     """
 
     def __init__(
@@ -148,6 +151,9 @@ class CrewExecutor(Executor):
         self._poll = poll
         self._lock = threading.Condition()
         self._futures: Dict[int, Tuple[CrewFuture, str]] = {}
+        #: The event stream, open while jobs are pending (opened by the
+        #: sender, before it sends; read and closed by the receiver thread).
+        self._events: Optional[EventStream] = None
         self._shutdown = False
         self._broken: Optional[BaseException] = None
         self._payloads = tempfile.mkdtemp(prefix="executor-", dir=str(self.crew.dir))
@@ -231,8 +237,11 @@ class CrewExecutor(Executor):
         futures = [CrewFuture(self) for _ in jobs]
         with self._lock:
             self._check_open()
+            # Subscribed before sending: no job_ended of these jobs is missed.
+            if self._events is None or self._events.closed:
+                self._events = self.crew.subscribe()
             # Under the lock, so that the receiver knows the ids before it
-            # could receive their outputs.
+            # handles their events.
             ids = self.crew.send(jobs=jobs, **{**self._fields, **fields})
             for future, job_id in zip(futures, ids):
                 future.job_id = job_id
@@ -258,32 +267,97 @@ class CrewExecutor(Executor):
         while True:
             with self._lock:
                 while not self._futures and not self._shutdown:
+                    if self._events is not None:
+                        # Nothing pending: no stream held while idle.
+                        self._events.close()
+                        self._events = None
                     self._lock.wait()
                 if not self._futures:
                     break
-                ids = list(self._futures)
+                stream = self._events
             try:
-                outputs, _ = self.crew._receive(wait=True, ids=ids, timeout=self._poll)
+                self._follow(stream)
             except BaseException as e:  # the daemon is gone: fail what waits
                 with self._lock:
                     self._broken = e
                     waiting = list(self._futures.values())
                     self._futures.clear()
+                    if self._events is not None:
+                        self._events.close()
+                        self._events = None
                 for future, _ in waiting:
                     if not future.done():
                         future.set_exception(e)
                 return
-            for output in outputs:
-                with self._lock:
-                    entry = self._futures.pop(output.id, None)
-                if entry is not None:
-                    self._complete(entry[0], entry[1], output)
+        with self._lock:
+            if self._events is not None:
+                self._events.close()
+                self._events = None
         # Shut down and every job received: give back the slots recruited.
         for slot in self.slots:
             try:
                 self.crew.dismiss(slot=slot)
             except CrewError:
                 pass
+
+    def _follow(self, stream: Optional[EventStream]) -> None:
+        """Reads one event and completes the futures it ends (or, after a
+        gap, every one that is ready)."""
+        if stream is None or stream.closed:
+            # The stream ended (or none was open): subscribe again, then
+            # take what ended meanwhile.
+            stream = self.crew.subscribe()
+            with self._lock:
+                if self._events is not None:
+                    self._events.close()
+                self._events = stream
+            self._receive_ids(self._own_ids())
+            return
+        try:
+            event = stream.next()
+        except DaemonError:
+            stream.close()
+            return  # subscribed again above, or the daemon is gone (raises there)
+        if isinstance(event, JobEnded):
+            with self._lock:
+                mine = event.id in self._futures
+            if mine:
+                self._receive_ids([event.id])
+        elif isinstance(event, Lagged):
+            self._receive_ids(self._own_ids())
+
+    def _own_ids(self) -> List[int]:
+        with self._lock:
+            return list(self._futures)
+
+    def _receive_ids(self, ids: List[int]) -> None:
+        """Receives the outputs of these jobs (those ready) and completes their futures.
+
+        An ended job whose output another client received meanwhile is
+        completed from the record the daemon keeps (``GET /v1/jobs/{id}``).
+        """
+        if not ids:
+            return
+        outputs, _ = self.crew._receive(ids=ids)
+        got = set()
+        for output in outputs:
+            got.add(output.id)
+            with self._lock:
+                entry = self._futures.pop(output.id, None)
+            if entry is not None:
+                self._complete(entry[0], entry[1], output)
+        for job_id in ids:
+            if job_id in got:
+                continue
+            try:
+                info = self.crew.job(job_id)
+            except ApiError:
+                continue
+            if info.state == "received" and info.output is not None:
+                with self._lock:
+                    entry = self._futures.pop(job_id, None)
+                if entry is not None:
+                    self._complete(entry[0], entry[1], info.output)
 
     def _complete(self, future: CrewFuture, kind: str, output: Output) -> None:
         if future.done():  # cancelled here

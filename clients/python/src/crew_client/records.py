@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Union
 
 __all__ = [
     "Stream",
@@ -22,7 +22,22 @@ __all__ = [
     "Cancelled",
     "Logs",
     "JobObjects",
+    "JobInfo",
+    "JOB_STATES",
+    "Event",
+    "JobsSent",
+    "JobAssigned",
+    "JobEnded",
+    "SlotUp",
+    "SlotDown",
+    "SlotCrashed",
+    "Lagged",
+    "OtherEvent",
+    "event_from_json",
 ]
+
+#: The states of a job (``GET /v1/jobs/{job}``), in the order it goes through them.
+JOB_STATES = ("queued", "assigned", "running", "finished", "received")
 
 #: The statuses a job can end in (README, "Output records").
 STATUSES = (
@@ -266,3 +281,205 @@ class JobObjects:
             store=obj["store"],
             objects=[StoredObject.from_json(o) for o in obj.get("objects") or []],
         )
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """Where one job is (``GET /v1/jobs/{job}``), without receiving it."""
+
+    id: int
+    name: Optional[str]
+    #: One of :data:`JOB_STATES`: ``queued``, ``assigned``, ``running``, ``finished``, ``received``.
+    state: str
+    #: The slot of the current (or last) attempt.
+    slot: Optional[str]
+    attempt: int
+    #: When the daemon accepted the job (None for jobs from before a daemon restart, and once received).
+    sent: Optional[_dt.datetime]
+    #: When its current (or last) attempt was given to a worker.
+    assigned: Optional[_dt.datetime]
+    started: Optional[_dt.datetime]
+    finished: Optional[_dt.datetime]
+    #: The final status, once ``finished`` or ``received``.
+    status: Optional[str]
+    #: The whole output record once final (only from :meth:`Crew.job`, not in listings).
+    output: Optional[Output] = None
+    #: The object as received, with fields this client does not know.
+    raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def final(self) -> bool:
+        """Whether the job has ended (``finished`` or ``received``)."""
+        return self.state in ("finished", "received")
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> "JobInfo":
+        output = obj.get("output")
+        return cls(
+            id=int(obj["id"]),
+            name=obj.get("name"),
+            state=str(obj.get("state", "")),
+            slot=obj.get("slot"),
+            attempt=int(obj.get("attempt") or 0),
+            sent=_time(obj.get("sent")),
+            assigned=_time(obj.get("assigned")),
+            started=_time(obj.get("started")),
+            finished=_time(obj.get("finished")),
+            status=obj.get("status"),
+            output=Output.from_json(output) if isinstance(output, Mapping) else None,
+            raw=dict(obj),
+        )
+
+
+# -- events (GET /v1/events) ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobsSent:
+    """A ``POST /v1/jobs`` was accepted (before any event of those jobs)."""
+
+    TYPE: ClassVar[str] = "jobs_sent"
+    ids: List[int]
+    raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def type(self) -> str:
+        return self.TYPE
+
+
+@dataclass(frozen=True)
+class JobAssigned:
+    """An attempt of a job was given to a worker."""
+
+    TYPE: ClassVar[str] = "job_assigned"
+    id: int
+    slot: str
+    attempt: int
+    raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def type(self) -> str:
+        return self.TYPE
+
+
+@dataclass(frozen=True)
+class JobEnded:
+    """A job ended and its record is durable: it can be received."""
+
+    TYPE: ClassVar[str] = "job_ended"
+    id: int
+    name: Optional[str]
+    status: str
+    slot: Optional[str]
+    attempt: int
+    raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def type(self) -> str:
+        return self.TYPE
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "succeeded"
+
+
+@dataclass(frozen=True)
+class SlotUp:
+    """A slot's worker connected."""
+
+    TYPE: ClassVar[str] = "slot_up"
+    slot: str
+    raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def type(self) -> str:
+        return self.TYPE
+
+
+@dataclass(frozen=True)
+class SlotDown:
+    """A slot's worker went away."""
+
+    TYPE: ClassVar[str] = "slot_down"
+    slot: str
+    raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def type(self) -> str:
+        return self.TYPE
+
+
+@dataclass(frozen=True)
+class SlotCrashed:
+    """A worker was lost while up without being told to stop (before its :class:`SlotDown`)."""
+
+    TYPE: ClassVar[str] = "slot_crashed"
+    slot: str
+    #: The worker class (``class`` in JSON).
+    worker_class: str
+    reason: str
+    raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def type(self) -> str:
+        return self.TYPE
+
+
+@dataclass(frozen=True)
+class Lagged:
+    """This client fell behind and missed ``missed`` events: read the state again."""
+
+    TYPE: ClassVar[str] = "lagged"
+    missed: int
+    raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def type(self) -> str:
+        return self.TYPE
+
+
+@dataclass(frozen=True)
+class OtherEvent:
+    """An event of a type this client does not know (the daemon may add types)."""
+
+    type: str
+    raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+
+#: One event of ``GET /v1/events``.
+Event = Union[JobsSent, JobAssigned, JobEnded, SlotUp, SlotDown, SlotCrashed, Lagged, OtherEvent]
+
+
+def event_from_json(kind: str, obj: Mapping[str, Any]) -> Event:
+    """The typed event of an ``event:`` type and its ``data`` object."""
+    raw = dict(obj)
+    try:
+        if kind == "jobs_sent":
+            return JobsSent(ids=[int(i) for i in obj.get("ids") or []], raw=raw)
+        if kind == "job_assigned":
+            return JobAssigned(id=int(obj["id"]), slot=str(obj.get("slot", "")), attempt=int(obj.get("attempt") or 0), raw=raw)
+        if kind == "job_ended":
+            return JobEnded(
+                id=int(obj["id"]),
+                name=obj.get("name"),
+                status=str(obj.get("status", "")),
+                slot=obj.get("slot"),
+                attempt=int(obj.get("attempt") or 0),
+                raw=raw,
+            )
+        if kind == "slot_up":
+            return SlotUp(slot=str(obj.get("slot", "")), raw=raw)
+        if kind == "slot_down":
+            return SlotDown(slot=str(obj.get("slot", "")), raw=raw)
+        if kind == "slot_crashed":
+            return SlotCrashed(
+                slot=str(obj.get("slot", "")),
+                worker_class=str(obj.get("class", "")),
+                reason=str(obj.get("reason", "")),
+                raw=raw,
+            )
+        if kind == "lagged":
+            return Lagged(missed=int(obj.get("missed") or 0), raw=raw)
+    except (KeyError, TypeError, ValueError):
+        pass
+    return OtherEvent(type=kind, raw=raw)
