@@ -80,7 +80,7 @@ fn open(ctx: &Ctx, url: &str) {
     let _ = std::fs::remove_file(&page);
     let quoted = serde_json::to_string(url).unwrap_or_default();
     let written = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&page).and_then(|mut f| {
-        write!(f, "<!doctype html><meta charset=utf-8><script>location.replace({quoted})</script>\n")
+        writeln!(f, "<!doctype html><meta charset=utf-8><script>location.replace({quoted})</script>")
     });
     if written.is_err() {
         return;
