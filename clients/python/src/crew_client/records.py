@@ -334,13 +334,10 @@ class JobInfo:
 # -- events (GET /v1/events) ------------------------------------------------
 
 
-@dataclass(frozen=True)
-class JobsSent:
-    """A ``POST /v1/jobs`` was accepted (before any event of those jobs)."""
+class _Typed:
+    """An event of a known type: ``type`` is its class's ``TYPE``."""
 
-    TYPE: ClassVar[str] = "jobs_sent"
-    ids: List[int]
-    raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    TYPE: ClassVar[str]
 
     @property
     def type(self) -> str:
@@ -348,7 +345,16 @@ class JobsSent:
 
 
 @dataclass(frozen=True)
-class JobAssigned:
+class JobsSent(_Typed):
+    """A ``POST /v1/jobs`` was accepted (before any event of those jobs)."""
+
+    TYPE: ClassVar[str] = "jobs_sent"
+    ids: List[int]
+    raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class JobAssigned(_Typed):
     """An attempt of a job was given to a worker."""
 
     TYPE: ClassVar[str] = "job_assigned"
@@ -357,13 +363,9 @@ class JobAssigned:
     attempt: int
     raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
-    @property
-    def type(self) -> str:
-        return self.TYPE
-
 
 @dataclass(frozen=True)
-class JobEnded:
+class JobEnded(_Typed):
     """A job ended and its record is durable: it can be received."""
 
     TYPE: ClassVar[str] = "job_ended"
@@ -375,42 +377,30 @@ class JobEnded:
     raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
-    def type(self) -> str:
-        return self.TYPE
-
-    @property
     def ok(self) -> bool:
         return self.status == "succeeded"
 
 
 @dataclass(frozen=True)
-class SlotUp:
+class SlotUp(_Typed):
     """A slot's worker connected."""
 
     TYPE: ClassVar[str] = "slot_up"
     slot: str
     raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
-    @property
-    def type(self) -> str:
-        return self.TYPE
-
 
 @dataclass(frozen=True)
-class SlotDown:
+class SlotDown(_Typed):
     """A slot's worker went away."""
 
     TYPE: ClassVar[str] = "slot_down"
     slot: str
     raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
-    @property
-    def type(self) -> str:
-        return self.TYPE
-
 
 @dataclass(frozen=True)
-class SlotCrashed:
+class SlotCrashed(_Typed):
     """A worker was lost while up without being told to stop (before its :class:`SlotDown`)."""
 
     TYPE: ClassVar[str] = "slot_crashed"
@@ -420,22 +410,14 @@ class SlotCrashed:
     reason: str
     raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
-    @property
-    def type(self) -> str:
-        return self.TYPE
-
 
 @dataclass(frozen=True)
-class Lagged:
+class Lagged(_Typed):
     """This client fell behind and missed ``missed`` events: read the state again."""
 
     TYPE: ClassVar[str] = "lagged"
     missed: int
     raw: Dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
-
-    @property
-    def type(self) -> str:
-        return self.TYPE
 
 
 @dataclass(frozen=True)
