@@ -3,7 +3,12 @@
 //!
 //! Today: `openssh-server`, whose `sshd` the ssh worker example's tests
 //! start on a free loopback port of their own (they never use the
-//! system's). Installed with `apt-get` (after `apt-get update` when the
+//! system's); and Slurm (`slurmctld slurmd slurm-client munge`, without
+//! the recommends: no database, no cgroup tools), from which each test of
+//! crew-worker-slurm starts a private one-node cluster (its own munged,
+//! slurmctld and slurmd on free ports, a generated `slurm.conf`; see
+//! `crates/crew-worker-slurm/tests/it/cluster.rs`) and stops it when it
+//! ends. Installed with `apt-get` (after `apt-get update` when the
 //! package lists are stale); elsewhere the tests that need it say so and
 //! skip, except under `CI`, where a missing service is an error.
 
@@ -13,7 +18,13 @@ use std::process::Command;
 use anyhow::{Context, bail};
 
 /// Each service: a file that shows it is installed, and its package.
-const SERVICES: &[(&str, &str)] = &[("/usr/sbin/sshd", "openssh-server")];
+const SERVICES: &[(&str, &str)] = &[
+    ("/usr/sbin/sshd", "openssh-server"),
+    ("/usr/sbin/slurmctld", "slurmctld"),
+    ("/usr/sbin/slurmd", "slurmd"),
+    ("/usr/bin/sbatch", "slurm-client"),
+    ("/usr/sbin/munged", "munge"),
+];
 
 /// Installs what is missing.
 pub(crate) fn install() -> anyhow::Result<()> {

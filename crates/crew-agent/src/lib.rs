@@ -31,7 +31,7 @@ use crew_core::output::{Captured, Status, Timestamp};
 use crew_core::protocol::{self, AgentMsg, ControllerMsg, PROTOCOL_VERSION, RunJob};
 use crew_core::worker::{
     ENV_CONNECT, ENV_INDEX, ENV_INDEX_BASE, ENV_LAUNCH, ENV_PARENT_PID, ENV_RESUME_FILE, ENV_TLS_SHA256, ENV_TOKEN,
-    ENV_TOKEN_STDIN, Secret,
+    ENV_TOKEN_REF, ENV_TOKEN_STDIN, Secret, TOKEN_REF_FILE,
 };
 use crew_exec::builtins::Builtins;
 use crew_exec::{ExecContext, JobResult};
@@ -125,16 +125,19 @@ impl AgentConfig {
         let launch = var(ENV_LAUNCH).ok_or_else(|| {
             AgentError::Config(format!("no launch id: {ENV_LAUNCH} is not set (agents are started by a controller)"))
         })?;
+        let index = index_from_env()?;
+        let file_ref = var(ENV_TOKEN_REF).filter(|r| r.starts_with(TOKEN_REF_FILE));
         let token = match token.or_else(|| var(ENV_TOKEN).map(Secret::new)) {
             Some(t) => t,
             None if var(ENV_TOKEN_STDIN).as_deref() == Some("1") => token_from_stdin()?,
+            None if file_ref.is_some() => take_file_secret(file_ref.as_deref().unwrap_or_default(), index)?,
             None => {
                 return Err(AgentError::Config(format!(
-                    "no token: set {ENV_TOKEN}, or {ENV_TOKEN_STDIN}=1 (or pass --token-stdin) and write it to stdin"
+                    "no token: set {ENV_TOKEN}, or {ENV_TOKEN_STDIN}=1 (or pass --token-stdin) and write it to stdin, \
+                     or {ENV_TOKEN_REF}={TOKEN_REF_FILE}PREFIX"
                 )));
             }
         };
-        let index = index_from_env()?;
         let tls_sha256 = match var(ENV_TLS_SHA256) {
             Some(pin) => Some(
                 crew_tls::parse_fingerprint(&pin).map_err(|e| AgentError::Config(format!("{ENV_TLS_SHA256}: {e}")))?,
@@ -154,6 +157,58 @@ fn token_from_stdin() -> Result<Secret, AgentError> {
         "" => Err(AgentError::Config(format!("{ENV_TOKEN_STDIN}=1 but stdin held no token"))),
         t => Ok(Secret::new(t)),
     }
+}
+
+/// Takes this member's launch secret from a one-time file
+/// (`CREW_TOKEN_REF=file:PREFIX`, [`TOKEN_REF_FILE`]): `PREFIX<index>` is
+/// claimed by a rename (of two readers only one wins), checked (a regular
+/// file of this user that nobody else may read or write), read and
+/// deleted, so that a second use of the reference fails.
+pub fn take_file_secret(reference: &str, index: u32) -> Result<Secret, AgentError> {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let prefix = reference
+        .strip_prefix(TOKEN_REF_FILE)
+        .filter(|p| p.starts_with('/') && !p.ends_with('/'))
+        .ok_or_else(|| {
+            AgentError::Config(format!(
+                "{ENV_TOKEN_REF} {reference:?} is not a file reference ({TOKEN_REF_FILE}/PATH/PREFIX)"
+            ))
+        })?;
+    let path = PathBuf::from(format!("{prefix}{index}"));
+    let claimed = PathBuf::from(format!("{prefix}{index}.taken-{}", std::process::id()));
+    std::fs::rename(&path, &claimed).map_err(|e| {
+        AgentError::Config(format!(
+            "the launch secret {} is gone ({e}): each is read once, by its own member, and removed when its \
+             worker ends; start the worker again from the controller (crew recruit)",
+            path.display()
+        ))
+    })?;
+    let read = (|| -> Result<Secret, String> {
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&claimed)
+            .map_err(|e| e.to_string())?;
+        let meta = file.metadata().map_err(|e| e.to_string())?;
+        // SAFETY: getuid has no preconditions and cannot fail.
+        let uid = unsafe { libc::getuid() };
+        if !meta.is_file() || meta.uid() != uid || meta.mode() & 0o077 != 0 {
+            return Err(format!(
+                "refused: it must be a regular file of uid {uid} with mode 0600 (it is uid {}, mode {:o})",
+                meta.uid(),
+                meta.mode() & 0o7777
+            ));
+        }
+        let mut text = String::new();
+        file.by_ref().take(1024).read_to_string(&mut text).map_err(|e| e.to_string())?;
+        match text.trim() {
+            "" => Err("it is empty".to_owned()),
+            t => Ok(Secret::new(t)),
+        }
+    })();
+    let _ = std::fs::remove_file(&claimed);
+    read.map_err(|e| AgentError::Config(format!("the launch secret {}: {e}", path.display())))
 }
 
 /// The agent's index within its launch, from the environment: `CREW_INDEX`,

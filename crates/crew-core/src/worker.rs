@@ -25,6 +25,14 @@ pub const ENV_TOKEN: &str = "CREW_TOKEN";
 /// `ssm:PREFIX`, an SSM SecureString named `PREFIX<index>`, through
 /// crew-worker-aws), so crew-core needs no cloud SDK.
 pub const ENV_TOKEN_REF: &str = "CREW_TOKEN_REF";
+/// The scheme of a [`ENV_TOKEN_REF`] to one-time files:
+/// `file:/shared/dir/token.` names the file `/shared/dir/token.<index>`,
+/// holding the member's own secret ([`Secret::member_secret`]); the agent
+/// claims it (renames it), reads it once and deletes it, and refuses one
+/// that others than its owner may read. For classes whose agents share a
+/// file system with the controller but whose job definitions others may
+/// read (a Slurm batch script): crew-agent resolves it.
+pub const TOKEN_REF_FILE: &str = "file:";
 /// Environment variable carrying the agent's index within its launch.
 pub const ENV_INDEX: &str = "CREW_INDEX";
 /// Environment variable a class that starts agents as platform array jobs
