@@ -830,6 +830,18 @@ where
             },
             result = async { match fut.as_mut() { Some(f) => f.await, None => std::future::pending().await } } => {
                 *fut = None;
+                // A platform that stops a worker may signal every process
+                // of it at once (Slurm: scancel, a time limit, preemption),
+                // so the job can die of the signal before this agent sees
+                // its own. That is the worker going, not the job failing:
+                // wait a moment for our own signal before reporting it.
+                if !signalled && running.is_some() && killed_by_stop_signal(&result) {
+                    tokio::select! {
+                        _ = recv_signal(&mut sigterm) => { leaving.get_or_insert(AgentExit::Stopped); signalled = true; }
+                        _ = recv_signal(&mut sigint) => { leaving.get_or_insert(AgentExit::Stopped); signalled = true; }
+                        _ = tokio::time::sleep(STOP_SIGNAL_GRACE) => {}
+                    }
+                }
                 if let Some(r) = running.take().filter(|_| !signalled) {
                     done(&mut out, recent, resumable, r.job, r.attempt, result);
                     *tasks_done += 1;
@@ -862,6 +874,16 @@ where
             r.cancel.cancel();
         }
     }
+}
+
+/// How long a job killed by SIGTERM, SIGINT or SIGHUP waits for the same
+/// signal to reach its agent before it is reported as failed.
+const STOP_SIGNAL_GRACE: Duration = Duration::from_secs(1);
+
+/// The job was killed by a signal a platform stops a worker with (not by
+/// the agent's own cancel).
+fn killed_by_stop_signal(result: &JobResult) -> bool {
+    result.status != Status::Cancelled && matches!(result.signal, Some(libc::SIGTERM | libc::SIGINT | libc::SIGHUP))
 }
 
 async fn recv_signal(sig: &mut Option<tokio::signal::unix::Signal>) {

@@ -162,7 +162,7 @@ async fn a_worker_cancelled_mid_job_is_a_crash_and_the_job_runs_elsewhere() {
     // The first attempt names its Slurm task and waits; the second ends.
     let line = format!(
         "if [ \"$CREW_ATTEMPT\" = 1 ]; then echo \"${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}\" > {0}/task.tmp; \
-         mv {0}/task.tmp {0}/task; sleep 300; fi; echo survived",
+         mv {0}/task.tmp {0}/task; exec sleep 300; fi; echo survived",
         marks.display()
     );
     let mut spec = JobSpec::shell(line);
@@ -197,6 +197,26 @@ async fn a_worker_cancelled_mid_job_is_a_crash_and_the_job_runs_elsewhere() {
         assert!(Instant::now() < deadline, "the slot's reason does not say CANCELLED: {slot:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // A job that may not crash again ends `crashed`, its record giving
+    // Slurm's reason.
+    let line = format!(
+        "echo \"${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}\" > {0}/task2.tmp; mv {0}/task2.tmp {0}/task2; exec sleep 300",
+        marks.display()
+    );
+    let mut spec = JobSpec::shell(line);
+    spec.env_inherit = vec!["SLURM_ARRAY_JOB_ID".into(), "SLURM_ARRAY_TASK_ID".into()];
+    spec.crashes_max = 1;
+    let id = controller.send(spec).expect("send");
+    let task_file = marks.join("task2");
+    until("the second job runs", || task_file.exists()).await;
+    let task = std::fs::read_to_string(&task_file).expect("task").trim().to_owned();
+    let cancel = cluster.command("/usr/bin/scancel").arg(&task).status().expect("scancel runs");
+    assert!(cancel.success());
+    let o = controller.receive_wait(Some(DEADLINE)).await.expect("the job ended");
+    assert_eq!(o.id, id);
+    assert_eq!(o.status, Status::Crashed, "{o:?}");
+    let error = o.error.unwrap_or_default();
+    assert!(error.contains(&format!("Slurm job {task} CANCELLED")), "the record does not give Slurm's reason: {error}");
     controller.close().await;
     until_queue_empty(&cluster).await;
 }

@@ -67,7 +67,7 @@ async fn crew_up_recruit_slurm_workers_and_down_leaves_squeue_empty() {
     assert!(send.status.success(), "{}", text(&send));
     let wait = crew(&crew_bin, p, &cluster, &["wait"]);
     assert!(wait.status.success(), "{}", text(&wait));
-    let received = crew(&crew_bin, p, &cluster, &["receive", "--json"]);
+    let received = crew(&crew_bin, p, &cluster, &["receive", "--all", "--json"]);
     assert!(received.status.success(), "{}", text(&received));
     let records = String::from_utf8_lossy(&received.stdout).into_owned();
     assert_eq!(records.lines().count(), 12, "{}", text(&received));
@@ -113,5 +113,6 @@ async fn crew_run_class_slurm() {
     let bad = crew(&crew_bin, p, &cluster, &["run", "--class", "slurm", "--opt", "memory=4000", "jobs.txt"]);
     assert_eq!(bad.status.code(), Some(2), "{}", text(&bad));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("no unit"), "{}", text(&bad));
-    assert_eq!(cluster.calls("sbatch"), 1);
+    // Slots are launched as jobs need them: at most one array each.
+    assert!((1..=2).contains(&cluster.calls("sbatch")), "{} sbatch calls", cluster.calls("sbatch"));
 }
