@@ -17,7 +17,9 @@
 //!   `MinJobAge`) are asked of `sacct` in one call. States map to
 //!   [`Liveness`] with the reason in Slurm's words ([`state`]).
 //! - `terminate` is **one `scancel`** for all handles (a whole array by its
-//!   job id); a job already ended or unknown is success.
+//!   job id), shared by the terminate calls that come within 200 ms (a
+//!   controller stopping its slots one by one); a job already ended or
+//!   unknown is success, and one the class saw end costs no call.
 //!
 //! A launch Slurm refuses (a bad partition, over a limit) fails with
 //! Slurm's message and what to check; the controller's launch budget
@@ -56,6 +58,8 @@ pub const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(3);
 const FORGET_AFTER: Duration = Duration::from_secs(600);
 /// Most job ids in one squeue, sacct or scancel call.
 const IDS_PER_CALL: usize = 1000;
+/// How long a terminate waits for others to share its scancel.
+const CANCEL_GATHER: Duration = Duration::from_millis(200);
 
 /// The prefix of the variables [`SlurmWorker::new`] reads option defaults
 /// from (`CREW_SLURM_PARTITION`, ...).
@@ -82,6 +86,16 @@ struct Inner {
     /// One probe round at a time.
     round: tokio::sync::Mutex<()>,
     probe_interval: Duration,
+    /// Task ids to cancel in the next scancel, and who waits for it.
+    cancels: Mutex<Cancels>,
+}
+
+#[derive(Debug, Default)]
+struct Cancels {
+    ids: Vec<String>,
+    waiters: Vec<tokio::sync::oneshot::Sender<Result<(), String>>>,
+    /// A scancel is due.
+    scheduled: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -156,6 +170,7 @@ impl SlurmWorker {
                 launches: Mutex::new(HashMap::new()),
                 round: tokio::sync::Mutex::new(()),
                 probe_interval: DEFAULT_PROBE_INTERVAL,
+                cancels: Mutex::new(Cancels::default()),
             }),
         }
     }
@@ -257,6 +272,50 @@ impl SlurmWorker {
                 warn!(dir = %dir.display(), "could not remove a launch folder: {e}");
             }
         }
+    }
+
+    /// Cancels the array tasks `ids` with one scancel (per
+    /// [`IDS_PER_CALL`]): a whole array by its job id when every task
+    /// this instance started of it is asked for. Jobs already ended or
+    /// unknown to Slurm are fine.
+    async fn scancel(&self, mut ids: Vec<String>) -> Result<(), WorkerError> {
+        ids.sort_unstable();
+        ids.dedup();
+        let mut targets: Vec<String> = Vec::new();
+        {
+            let jobs = self.jobs();
+            let mut asked: BTreeMap<&str, usize> = BTreeMap::new();
+            for id in &ids {
+                if let Some((job, _)) = id.split_once('_') {
+                    *asked.entry(job).or_default() += 1;
+                }
+            }
+            for (job, n) in asked {
+                let prefix = format!("{job}_");
+                let ours = jobs.keys().filter(|k| k.starts_with(&prefix)).count();
+                if ours > 0 && ours == n {
+                    targets.push(job.to_owned());
+                } else {
+                    targets.extend(ids.iter().filter(|id| id.starts_with(&prefix)).cloned());
+                }
+            }
+        }
+        for chunk in targets.chunks(IDS_PER_CALL) {
+            let said = self.slurm("scancel", chunk.to_vec()).await?;
+            if !said.ok {
+                let real: Vec<&str> = said
+                    .stderr
+                    .lines()
+                    .filter(|l| !l.trim().is_empty())
+                    .filter(|l| !(l.contains("already completing or completed") || l.contains("Invalid job id")))
+                    .collect();
+                if !real.is_empty() {
+                    let message = command::slurm_message(&real.join("\n"));
+                    return Err(platform(format!("scancel failed: {message}"), true));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Asks Slurm about `ids` (task ids) in one squeue call, and about those
@@ -457,56 +516,55 @@ impl Worker for SlurmWorker {
         let mut ids: Vec<String> = handles.iter().filter(|h| state::is_task_id(&h.id)).map(|h| h.id.clone()).collect();
         ids.sort_unstable();
         ids.dedup();
+        // Jobs known to have ended need no call.
+        {
+            let mut jobs = self.jobs();
+            ids.retain(|id| match jobs.get_mut(id) {
+                Some(k) if matches!(k.life, Liveness::Exited { .. }) => false,
+                Some(k) => {
+                    k.cancelled = true;
+                    // The next probe asks Slurm again.
+                    k.at = None;
+                    true
+                }
+                None => true,
+            });
+        }
+        self.drop_secrets(ids.iter().map(String::as_str));
         if ids.is_empty() {
             return Ok(());
         }
-        // A whole array by its job id: the tasks asked for, grouped by job,
-        // against what this instance started of each.
-        let mut targets: Vec<String> = Vec::new();
-        {
-            let mut jobs = self.jobs();
-            let mut asked: BTreeMap<&str, usize> = BTreeMap::new();
-            for id in &ids {
-                if let Some((job, _)) = id.split_once('_') {
-                    *asked.entry(job).or_default() += 1;
+        // Calls that come within a moment of each other (a controller
+        // stopping its slots one by one) share one scancel.
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let flush = {
+            let mut c = lock(&self.inner.cancels);
+            c.ids.extend(ids);
+            c.waiters.push(tx);
+            !std::mem::replace(&mut c.scheduled, true)
+        };
+        if flush {
+            let this = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(CANCEL_GATHER).await;
+                let (ids, waiters) = {
+                    let mut c = lock(&this.inner.cancels);
+                    c.scheduled = false;
+                    (std::mem::take(&mut c.ids), std::mem::take(&mut c.waiters))
+                };
+                let result = this.scancel(ids).await.map_err(|e| match e {
+                    WorkerError::Platform { message, .. } => message,
+                    other => other.to_string(),
+                });
+                for w in waiters {
+                    let _ = w.send(result.clone());
                 }
-            }
-            for (job, n) in asked {
-                let prefix = format!("{job}_");
-                let ours = jobs.keys().filter(|k| k.starts_with(&prefix)).count();
-                if ours > 0 && ours == n {
-                    targets.push(job.to_owned());
-                } else {
-                    targets.extend(ids.iter().filter(|id| id.starts_with(&prefix)).cloned());
-                }
-            }
-            for id in &ids {
-                if let Some(k) = jobs.get_mut(id) {
-                    if k.live() {
-                        k.cancelled = true;
-                        // The next probe asks Slurm again.
-                        k.at = None;
-                    }
-                }
-            }
+            });
         }
-        self.drop_secrets(ids.iter().map(String::as_str));
-        for chunk in targets.chunks(IDS_PER_CALL) {
-            let said = self.slurm("scancel", chunk.to_vec()).await?;
-            if !said.ok {
-                // Jobs that already ended, or that Slurm forgot, are fine.
-                let real: Vec<&str> = said
-                    .stderr
-                    .lines()
-                    .filter(|l| !l.trim().is_empty())
-                    .filter(|l| !(l.contains("already completing or completed") || l.contains("Invalid job id")))
-                    .collect();
-                if !real.is_empty() {
-                    let message = command::slurm_message(&real.join("\n"));
-                    return Err(platform(format!("scancel failed: {message}"), true));
-                }
-            }
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(message)) => Err(platform(message, true)),
+            Err(_) => Err(platform("scancel was not run (the runtime is stopping)".to_owned(), true)),
         }
-        Ok(())
     }
 }
