@@ -290,3 +290,54 @@ async fn figures_launch_to_ready_and_slurm_calls_for_100_jobs() {
     assert!(squeue <= bound, "{squeue} squeue calls in {elapsed:?}: the probe is not rate-limited");
     until_queue_empty(&cluster).await;
 }
+
+/// Jobs Slurm no longer lists (past `MinJobAge`) are asked of `sacct`, in
+/// one call for all of them; this cluster keeps no accounting, so their end
+/// is reported with sacct's message. Handles that are not the class's own
+/// are `Unknown`, and a refused request for resources no node has is a
+/// clear error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_slurm_forgot_are_asked_of_sacct_in_one_call() {
+    use crew_core::worker::{Handle, LaunchMember, LaunchSpec, Liveness, Worker};
+    let Some(cluster) = Cluster::start_with("MinJobAge=2\n") else { return };
+    let class = class_on(&cluster, &[]);
+    // Agents that exit at once, with secrets they never take.
+    let members = (0..4).map(|i| LaunchMember::new(format!("slurm-{}", i + 1), i)).collect();
+    let env = [("CREW_LAUNCH".to_owned(), "1".to_owned()), ("CREW_TOKEN".to_owned(), "s3cr3t".to_owned())].into();
+    let spec = LaunchSpec::new("/bin/true", "true", members).with_env(env);
+    let handles = class.launch(&spec).await.expect("launch");
+    assert_eq!(handles.len(), 4);
+    let job = handles[0].id.split('_').next().expect("job id").to_owned();
+    // Wait, without asking through the class, until Slurm forgot them.
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let out = cluster
+            .command("/usr/bin/squeue")
+            .args(["-h", "-r", "-t", "all", "-o", "%i", "-j", &job])
+            .output()
+            .expect("squeue runs");
+        if String::from_utf8_lossy(&out.stdout).trim().is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "Slurm did not purge job {job} past MinJobAge");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (squeue, sacct) = (cluster.calls("squeue"), cluster.calls("sacct"));
+    let mut asked = handles.clone();
+    asked.push(Handle { id: "999999_0".into() });
+    asked.push(Handle { id: "not-a-slurm-handle".into() });
+    let lives = class.probe(&asked).await.expect("probe");
+    assert_eq!((cluster.calls("squeue") - squeue, cluster.calls("sacct") - sacct), (1, 1), "one call each");
+    for life in &lives[..4] {
+        let Liveness::Exited { reason } = life else { panic!("{lives:?}") };
+        assert!(reason.contains("no longer listed by squeue") && reason.contains("sacct"), "{reason}");
+    }
+    assert_eq!(lives[4..], [Liveness::Unknown, Liveness::Unknown]);
+    // Their secrets and script are gone with them.
+    assert!(launch_files(&cluster).is_empty(), "{:?}", launch_files(&cluster));
+
+    let big = class_on(&cluster, &[("memory", "100G")]);
+    let members = vec![LaunchMember::new("slurm-9", 0)];
+    let e = big.launch(&LaunchSpec::new("/bin/true", "true", members)).await.expect_err("refused").to_string();
+    assert!(e.contains("sbatch refused the job") && e.contains("memory"), "{e}");
+}

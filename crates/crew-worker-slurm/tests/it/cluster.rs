@@ -91,6 +91,11 @@ impl Cluster {
     /// (Slurm is told to trust the configuration over the hardware), or
     /// says why it cannot and returns `None` (a failure under `CI`).
     pub(crate) fn start() -> Option<Cluster> {
+        Self::start_with("")
+    }
+
+    /// [`Self::start`] with more `slurm.conf` lines.
+    pub(crate) fn start_with(extra_conf: &str) -> Option<Cluster> {
         if let Some(why) = missing() {
             assert!(std::env::var_os("CI").is_none(), "{why}");
             eprintln!("skipped: {why}");
@@ -133,7 +138,7 @@ impl Cluster {
                  SlurmdParameters=config_overrides\nSchedulerParameters=batch_sched_delay=0,sched_min_interval=0\n\
                  ReturnToService=2\nMailProg=/bin/true\nKillWait=5\nMaxArraySize=1001\n\
                  NodeName={host} NodeAddr=127.0.0.1 CPUs=16 RealMemory=2000 State=UNKNOWN\n\
-                 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP\n",
+                 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP\n{extra_conf}",
                 socket = socket.display()
             ),
         )
