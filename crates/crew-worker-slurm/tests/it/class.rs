@@ -341,3 +341,26 @@ async fn jobs_slurm_forgot_are_asked_of_sacct_in_one_call() {
     let e = big.launch(&LaunchSpec::new("/bin/true", "true", members)).await.expect_err("refused").to_string();
     assert!(e.contains("sbatch refused the job") && e.contains("memory"), "{e}");
 }
+
+/// A worker that reaches its Slurm time limit under a job: Slurm ends it
+/// (TIMEOUT), and the job's record says so. Slow: Slurm counts time limits
+/// in whole minutes and checks them every 30 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_past_its_time_limit_ends_timeout_in_the_record() {
+    let Some(cluster) = Cluster::start() else { return };
+    let class = class_on(&cluster, &[("time", "1")]);
+    let controller = plain_controller().await;
+    let mut r = recruit(&class, 1);
+    r.limits.launch_max = 1;
+    controller.recruit(r).expect("recruit");
+    let mut spec = JobSpec::shell("exec sleep 600");
+    spec.crashes_max = 1;
+    let id = controller.send(spec).expect("send");
+    let o = controller.receive_wait(Some(Duration::from_secs(300))).await.expect("the job ended");
+    assert_eq!(o.id, id);
+    assert_eq!(o.status, Status::Crashed, "{o:?}");
+    let error = o.error.unwrap_or_default();
+    assert!(error.contains("TIMEOUT") && error.contains("time limit"), "{error}");
+    controller.close().await;
+    until_queue_empty(&cluster).await;
+}
