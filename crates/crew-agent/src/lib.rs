@@ -880,10 +880,10 @@ where
 /// signal to reach its agent before it is reported as failed.
 const STOP_SIGNAL_GRACE: Duration = Duration::from_secs(1);
 
-/// The job was killed by a signal a platform stops a worker with (not by
-/// the agent's own cancel).
+/// The job failed by a signal a platform stops a worker with (not by the
+/// agent's own cancel or time limit, which have statuses of their own).
 fn killed_by_stop_signal(result: &JobResult) -> bool {
-    result.status != Status::Cancelled && matches!(result.signal, Some(libc::SIGTERM | libc::SIGINT | libc::SIGHUP))
+    result.status == Status::Failed && matches!(result.signal, Some(libc::SIGTERM | libc::SIGINT | libc::SIGHUP))
 }
 
 async fn recv_signal(sig: &mut Option<tokio::signal::unix::Signal>) {
