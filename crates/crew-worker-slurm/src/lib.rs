@@ -109,8 +109,6 @@ struct Known {
     dir: Option<PathBuf>,
     /// crew cancelled it.
     cancelled: bool,
-    /// Seen in squeue at least once.
-    listed: bool,
 }
 
 impl Known {
@@ -368,12 +366,10 @@ impl SlurmWorker {
                 log: None,
                 dir: None,
                 cancelled: false,
-                listed: false,
             });
             k.at = Some(now);
             k.life = match found.get(id) {
                 Some(t) => {
-                    k.listed = true;
                     let mut t = t.clone();
                     if k.cancelled && t.state == "CANCELLED" {
                         t.detail = Some("stopped by crew".to_owned());
@@ -462,7 +458,6 @@ impl Worker for SlurmWorker {
                     log: Some(script::log_path(&opts.log_dir, &job, m.index).display().to_string()),
                     dir: Some(dir.path.clone()),
                     cancelled: false,
-                    listed: false,
                 },
             );
         }

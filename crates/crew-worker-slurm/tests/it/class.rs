@@ -364,3 +364,34 @@ async fn a_worker_past_its_time_limit_ends_timeout_in_the_record() {
     controller.close().await;
     until_queue_empty(&cluster).await;
 }
+
+/// Idle workers leave by themselves and dismissed ones are stopped: no
+/// Slurm job of theirs stays behind, with the controller still running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_dismissed_workers_leave_no_slurm_job() {
+    let Some(cluster) = Cluster::start() else { return };
+    let class = class_on(&cluster, &[]);
+    let controller = plain_controller().await;
+    let mut idling = recruit(&class, 2);
+    idling.limits.idle_timeout = Some(Duration::from_secs(2));
+    let idle_names = controller.recruit(idling).expect("recruit");
+    let kept = controller.recruit(recruit(&class, 2)).expect("recruit");
+    assert_eq!(controller.launch(&SlotFilter::default(), 4), 4);
+    until("four workers connected", || idle(&controller) == 4).await;
+    // The idle ones go after 2 s: two Slurm jobs left, the kept ones.
+    let deadline = Instant::now() + DEADLINE;
+    while cluster.queue().len() != 2 {
+        assert!(Instant::now() < deadline, "idle workers still in Slurm: {:?}", cluster.queue());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = controller.status();
+    for s in status.slots.iter().filter(|s| idle_names.contains(&s.name)) {
+        assert_eq!(s.state, SlotCondition::Down, "{s:?}");
+    }
+    for name in &kept {
+        let filter = SlotFilter { slot: Some(name.clone()), ..SlotFilter::default() };
+        assert_eq!(controller.dismiss(&filter), 1);
+    }
+    until_queue_empty(&cluster).await;
+    controller.close().await;
+}
