@@ -1007,6 +1007,36 @@ mod tests {
     use super::*;
     use crew_core::output::{Captured, Status, Timestamp};
 
+    /// A secret by file reference is taken once, by its own index, from a
+    /// private file of this user only, and the file is gone after.
+    #[test]
+    fn file_secrets_are_taken_once_and_must_be_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let prefix = dir.path().join("token.");
+        let reference = format!("file:{}", prefix.display());
+        let write = |index: u32, text: &str, mode: u32| {
+            let path = dir.path().join(format!("token.{index}"));
+            std::fs::write(&path, text).expect("write");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        };
+        write(3, "the-secret\n", 0o600);
+        assert_eq!(take_file_secret(&reference, 3).expect("taken").expose(), "the-secret");
+        assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 0, "the file is gone");
+        let again = take_file_secret(&reference, 3).expect_err("a second use fails").to_string();
+        assert!(again.contains("is gone"), "{again}");
+        write(4, "open-to-all", 0o644);
+        let open = take_file_secret(&reference, 4).expect_err("refused").to_string();
+        assert!(open.contains("mode 0600") && !open.contains("open-to-all"), "{open}");
+        assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 0, "a refused file is removed too");
+        write(5, "", 0o600);
+        assert!(take_file_secret(&reference, 5).expect_err("empty").to_string().contains("empty"));
+        for bad in ["ssm:/x/", "file:relative/token.", "file:/dir/"] {
+            let e = take_file_secret(bad, 0).expect_err("not a file reference").to_string();
+            assert!(e.contains("not a file reference"), "{bad}: {e}");
+        }
+    }
+
     /// The agent's configuration holds its launch secret: `{:?}` (and
     /// `{:#?}`) never shows it.
     #[test]

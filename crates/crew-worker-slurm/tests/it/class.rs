@@ -395,3 +395,79 @@ async fn idle_and_dismissed_workers_leave_no_slurm_job() {
     until_queue_empty(&cluster).await;
     controller.close().await;
 }
+
+/// The launch secret and the members' own are in no process's command line
+/// or environment, nor in what Slurm keeps or logs; only in the members'
+/// private files, which go when they are stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_launch_secret_is_in_no_argv_environment_script_or_log() {
+    use std::os::unix::fs::PermissionsExt;
+
+    use crew_core::worker::{LaunchMember, LaunchSpec, Secret, Worker};
+    let Some(cluster) = Cluster::start() else { return };
+    let class = class_on(&cluster, &[]);
+    let secret = Secret::random();
+    let secrets = [
+        secret.expose().to_owned(),
+        secret.member_secret(0).expose().to_owned(),
+        secret.member_secret(1).expose().to_owned(),
+    ];
+    // Agents that hold on without taking their secrets.
+    let members = vec![LaunchMember::new("slurm-1", 0), LaunchMember::new("slurm-2", 1)];
+    let env = [
+        ("CREW_LAUNCH".to_owned(), "7".to_owned()),
+        ("CREW_CONNECT".to_owned(), "127.0.0.1:9".to_owned()),
+        ("CREW_TOKEN".to_owned(), secret.expose().to_owned()),
+    ]
+    .into();
+    let spec = LaunchSpec::new("/bin/sleep", "sleep", members).with_args(vec!["120".into()]).with_env(env);
+    let handles = class.launch(&spec).await.expect("launch");
+    let job = handles[0].id.split('_').next().expect("job id").to_owned();
+    let deadline = Instant::now() + DEADLINE;
+    while cluster.queue().iter().filter(|l| l.ends_with("RUNNING")).count() < 2 {
+        assert!(Instant::now() < deadline, "the tasks did not start: {:?}", cluster.queue());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let leaks = |what: &str, text: &[u8]| {
+        let text = String::from_utf8_lossy(text);
+        for s in &secrets {
+            assert!(!text.contains(s.as_str()), "a secret shows in {what}");
+        }
+    };
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        if entry.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            for file in ["cmdline", "environ"] {
+                if let Ok(bytes) = std::fs::read(entry.path().join(file)) {
+                    leaks(&format!("{}/{file}", entry.path().display()), &bytes);
+                }
+            }
+        }
+    }
+    for args in [vec!["show", "job", "-d", &job], vec!["write", "batch_script", &job, "-"]] {
+        let out = cluster.command("/usr/bin/scontrol").args(&args).output().expect("scontrol runs");
+        assert!(out.status.success(), "scontrol {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        leaks(&format!("scontrol {args:?}"), &out.stdout);
+    }
+    // The members' files: private, one each, in a private folder.
+    let dir = std::fs::read_dir(cluster.state_dir())
+        .expect("state_dir")
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("launch-"))
+        .expect("the launch folder")
+        .path();
+    assert_eq!(std::fs::metadata(&dir).expect("dir").permissions().mode() & 0o777, 0o700);
+    for (i, name) in ["token.0", "token.1"].iter().enumerate() {
+        let path = dir.join(name);
+        assert_eq!(std::fs::metadata(&path).expect("token file").permissions().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::read_to_string(&path).expect("token"), secrets[i + 1], "each member's own secret");
+    }
+    class.terminate(&handles).await.expect("terminate");
+    assert!(!dir.exists(), "stopped members' secrets are removed");
+    until_queue_empty(&cluster).await;
+    for entry in std::fs::read_dir(cluster.dir.path().join("log")).expect("logs").flatten() {
+        leaks(&entry.path().display().to_string(), &std::fs::read(entry.path()).expect("log"));
+    }
+    for entry in std::fs::read_dir(cluster.state_dir().join("logs")).expect("worker logs").flatten() {
+        leaks(&entry.path().display().to_string(), &std::fs::read(entry.path()).expect("log"));
+    }
+}
