@@ -10,8 +10,9 @@ use crew_core::worker::WorkerError;
 use crate::CLASS;
 
 /// How long one Slurm command may take: a busy controller answers within
-/// seconds; past this the call counts as failed (and is retried).
-pub(crate) const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+/// seconds (Slurm's own `MessageTimeout` is 10 s); past this the call
+/// counts as failed (and is retried).
+pub(crate) const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What a finished command said.
 pub(crate) struct Said {

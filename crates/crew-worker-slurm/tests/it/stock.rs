@@ -29,6 +29,20 @@ fn text(out: &Output) -> String {
     )
 }
 
+/// Stops the project's daemon when dropped, so that a failed test leaves
+/// no daemon behind (it would outlive the cluster it was given).
+struct Down<'a> {
+    crew: &'a Path,
+    dir: &'a Path,
+    cluster: &'a Cluster,
+}
+
+impl Drop for Down<'_> {
+    fn drop(&mut self) {
+        let _ = crew(self.crew, self.dir, self.cluster, &["down"]);
+    }
+}
+
 /// The stock binary, or `None` (skipped, a failure under `CI`).
 fn stock() -> Option<std::path::PathBuf> {
     let found = stock_crew();
@@ -55,6 +69,7 @@ async fn crew_up_recruit_slurm_workers_and_down_leaves_squeue_empty() {
     )
     .expect("crew.toml");
     let up = crew(&crew_bin, p, &cluster, &["up"]);
+    let _down = Down { crew: &crew_bin, dir: p, cluster: &cluster };
     assert!(up.status.success(), "{}", text(&up));
     let recruit =
         crew(&crew_bin, p, &cluster, &["recruit", "--workers", "4", "--class", "slurm", "--opt", "partition=debug"]);
