@@ -293,6 +293,12 @@ pub struct Capabilities {
     pub shares_filesystem: bool,
     /// True when the agents can reach the controller on loopback.
     pub reaches_loopback: bool,
+    /// True when a launch may wait in the platform's queue for long (a
+    /// batch scheduler such as Slurm): the slot's launch timeout then
+    /// counts from the last probe that found the worker still
+    /// [`Liveness::Starting`], not from the launch, so that a worker is
+    /// given up only when it runs but does not connect.
+    pub queues_launches: bool,
 }
 
 impl Capabilities {
@@ -304,12 +310,20 @@ impl Capabilities {
             probe_interval: Duration::from_millis(500),
             shares_filesystem: true,
             reaches_loopback: true,
+            queues_launches: false,
         }
     }
 
     /// Capabilities of a remote class: explicit batch sizes and interval.
     pub fn remote(launch_batch_max: usize, probe_batch_max: usize, probe_interval: Duration) -> Self {
-        Self { launch_batch_max, probe_batch_max, probe_interval, shares_filesystem: false, reaches_loopback: false }
+        Self {
+            launch_batch_max,
+            probe_batch_max,
+            probe_interval,
+            shares_filesystem: false,
+            reaches_loopback: false,
+            queues_launches: false,
+        }
     }
 }
 

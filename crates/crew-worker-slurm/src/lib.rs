@@ -404,6 +404,9 @@ impl Worker for SlurmWorker {
         // Clusters share their home and scratch folders; the class needs
         // it (its state_dir) and so may a store path.
         c.shares_filesystem = true;
+        // A job may pend in Slurm's queue for hours: the launch timeout
+        // counts from when it leaves the queue.
+        c.queues_launches = true;
         c
     }
 

@@ -471,3 +471,27 @@ async fn the_launch_secret_is_in_no_argv_environment_script_or_log() {
         leaks(&entry.path().display().to_string(), &std::fs::read(entry.path()).expect("log"));
     }
 }
+
+/// A worker that waits in Slurm's queue longer than the launch timeout is
+/// not given up (nor submitted again): the timeout counts from when Slurm
+/// starts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_queued_past_the_launch_timeout_is_waited_for() {
+    let Some(cluster) = Cluster::start() else { return };
+    // Held in the queue (reason BeginTime) for 20 s.
+    let class = class_on(&cluster, &[("extra", "--begin=now+20")]);
+    let controller = plain_controller().await;
+    let mut r = recruit(&class, 1);
+    r.limits.launch_timeout = Duration::from_secs(5);
+    r.limits.launch_max = 1;
+    controller.recruit(r).expect("recruit");
+    let started = Instant::now();
+    let id = controller.send(JobSpec::shell("echo ran")).expect("send");
+    let o = controller.receive_wait(Some(DEADLINE)).await.expect("the job ran");
+    assert_eq!(o.id, id);
+    assert_eq!(o.status, Status::Succeeded, "{o:?}");
+    assert!(started.elapsed() >= Duration::from_secs(15), "the worker was held in the queue");
+    assert_eq!(cluster.calls("sbatch"), 1, "no resubmission while queued");
+    controller.close().await;
+    until_queue_empty(&cluster).await;
+}
