@@ -148,7 +148,7 @@ impl SlurmWorker {
     /// `CREW_SLURM_MEMORY`, `CREW_SLURM_CPUS`, `CREW_SLURM_GRES`,
     /// `CREW_SLURM_NODES`, `CREW_SLURM_LOG_DIR`, `CREW_SLURM_EXTRA`,
     /// `CREW_SLURM_PREAMBLE`, `CREW_SLURM_AGENT`, `CREW_SLURM_STATE_DIR`,
-    /// `CREW_SLURM_JOB_NAME`, `CREW_SLURM_EXPORT`. Options given at recruit
+    /// `CREW_SLURM_JOB_NAME`, `CREW_SLURM_EXPORT`, `CREW_SLURM_SHELL`. Options given at recruit
     /// time (or in `crew.toml`) win over them.
     pub fn new() -> Self {
         Self::build(env_defaults())

@@ -12,7 +12,7 @@ use crew_core::worker::WorkerError;
 use crate::CLASS;
 
 /// Every option the class takes.
-pub const KEYS: [&str; 15] = [
+pub const KEYS: [&str; 16] = [
     "partition",
     "account",
     "qos",
@@ -28,6 +28,7 @@ pub const KEYS: [&str; 15] = [
     "state_dir",
     "job_name",
     "export",
+    "shell",
 ];
 
 /// What is added to a slot's wall time for the Slurm time limit when
@@ -74,6 +75,10 @@ pub struct SlurmOptions {
     /// `--export` (which of the submitter's variables jobs see); Slurm's
     /// default (`ALL`) when unset.
     pub export: Option<String>,
+    /// The interpreter of the batch script (`/bin/bash`: `module` and
+    /// `conda` are shell functions that bash imports from the submitter's
+    /// environment, a POSIX `sh` may not).
+    pub shell: String,
 }
 
 fn bad(message: String) -> WorkerError {
@@ -174,6 +179,7 @@ impl SlurmOptions {
         let get = |k: &str| all.get(k).map(String::as_str);
         let mut o = SlurmOptions {
             job_name: "crew".to_owned(),
+            shell: "/bin/bash".to_owned(),
             state_dir: match get("state_dir") {
                 Some(v) => folder("state_dir", v)?,
                 None => home()
@@ -209,6 +215,13 @@ impl SlurmOptions {
                 return Err(bad(format!("job_name {v:?}: use 1 to 64 letters, digits, -, _ or . (job_name=crew)")));
             }
             o.job_name = v.to_owned();
+        }
+        if let Some(v) = get("shell") {
+            let v = v.trim();
+            if !v.starts_with('/') || v.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(bad(format!("shell {v:?}: give the interpreter's absolute path (shell=/bin/sh)")));
+            }
+            o.shell = v.to_owned();
         }
         if let Some(v) = get("time") {
             o.time = Some(slurm_time(v).map_err(bad)?);
@@ -321,6 +334,7 @@ mod tests {
             (opts(&[("extra", "constraint=avx2")]), "not an sbatch option"),
             (opts(&[("extra", "--array=0-9")]), "--array"),
             (opts(&[("job_name", "a b")]), "job_name"),
+            (opts(&[("shell", "bash")]), "absolute path"),
         ] {
             let e = SlurmOptions::parse(&BTreeMap::new(), &bad).expect_err("refused").to_string();
             assert!(e.contains(says), "{bad:?}: {e}");

@@ -53,7 +53,7 @@ pub fn log_path(log_dir: &Path, job: &str, task: u32) -> PathBuf {
 /// `<token_prefix><index>`.
 pub fn render(opts: &SlurmOptions, spec: &LaunchSpec, program: &str, token_prefix: Option<&Path>) -> String {
     let indices: Vec<u32> = spec.members.iter().map(|m| m.index).collect();
-    let mut s = String::from("#!/bin/sh\n");
+    let mut s = format!("#!{}\n", opts.shell);
     let mut sbatch = |line: String| {
         s.push_str("#SBATCH ");
         s.push_str(&line);
@@ -200,6 +200,7 @@ mod tests {
         let opts = SlurmOptions::parse(&BTreeMap::new(), &options).expect("valid");
         let s = render(&opts, &spec, "/opt/crew", Some(Path::new("/shared/crew/launch-4-x/token.")));
         assert!(!s.contains(token), "{s}");
+        assert!(s.starts_with("#!/bin/bash\n"), "{s}");
         for line in [
             "#SBATCH --array=0-1\n",
             "#SBATCH --partition=debug\n",

@@ -101,7 +101,7 @@ fn launch_files(cluster: &Cluster) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_jobs_on_four_slots_from_one_array_over_tls() {
     let Some(cluster) = Cluster::start() else { return };
-    let class = class_on(&cluster, &[]);
+    let class = class_on(&cluster, &[("preamble", "PREAMBLE_MARK=set-on-the-node\nexport PREAMBLE_MARK")]);
     let controller = tls_controller().await;
     let names = controller.recruit(recruit(&class, 4)).expect("recruit");
     assert_eq!(controller.launch(&SlotFilter::default(), 4), 4);
@@ -125,11 +125,19 @@ async fn twenty_jobs_on_four_slots_from_one_array_over_tls() {
     let left = launch_files(&cluster);
     assert!(!left.iter().any(|f| f.starts_with("token.")), "secrets left after the agents took them: {left:?}");
 
-    let jobs: Vec<JobSpec> = (0..20).map(|i| JobSpec::shell(format!("echo job {i}"))).collect();
+    let jobs: Vec<JobSpec> = (0..20)
+        .map(|i| {
+            // The script's preamble ran before the agent, on the node.
+            let mut j = JobSpec::shell(format!("echo job {i} $PREAMBLE_MARK"));
+            j.env_inherit = vec!["PREAMBLE_MARK".into()];
+            j
+        })
+        .collect();
     controller.send_many(jobs).expect("send");
     let outs = receive(&controller, 20).await;
     for o in &outs {
         assert_eq!(o.status, Status::Succeeded, "{o:?}");
+        assert!(o.stdout.text.trim_end().ends_with(" set-on-the-node"), "{o:?}");
         assert_eq!(o.class.as_deref(), Some("slurm"));
         assert!(o.slot.as_ref().is_some_and(|s| names.contains(s)), "{o:?}");
     }
