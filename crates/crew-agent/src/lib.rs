@@ -177,12 +177,17 @@ pub fn take_file_secret(reference: &str, index: u32) -> Result<Secret, AgentErro
         })?;
     let path = PathBuf::from(format!("{prefix}{index}"));
     let claimed = PathBuf::from(format!("{prefix}{index}.taken-{}", std::process::id()));
-    std::fs::rename(&path, &claimed).map_err(|e| {
-        AgentError::Config(format!(
+    std::fs::rename(&path, &claimed).map_err(|e| match path.parent() {
+        Some(dir) if !dir.is_dir() => AgentError::Config(format!(
+            "the folder of the launch secret, {}, is not here ({e}): the controller wrote it on its machine, so \
+             the class's state folder must be one this machine shares (Slurm: the state_dir option)",
+            dir.display()
+        )),
+        _ => AgentError::Config(format!(
             "the launch secret {} is gone ({e}): each is read once, by its own member, and removed when its \
              worker ends; start the worker again from the controller (crew recruit)",
             path.display()
-        ))
+        )),
     })?;
     let read = (|| -> Result<Secret, String> {
         let mut file = std::fs::OpenOptions::new()
@@ -1031,6 +1036,8 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 0, "a refused file is removed too");
         write(5, "", 0o600);
         assert!(take_file_secret(&reference, 5).expect_err("empty").to_string().contains("empty"));
+        let elsewhere = take_file_secret("file:/nonexistent-crew-dir/token.", 0).expect_err("no folder").to_string();
+        assert!(elsewhere.contains("is not here") && elsewhere.contains("state_dir"), "{elsewhere}");
         for bad in ["ssm:/x/", "file:relative/token.", "file:/dir/"] {
             let e = take_file_secret(bad, 0).expect_err("not a file reference").to_string();
             assert!(e.contains("not a file reference"), "{bad}: {e}");
