@@ -14,7 +14,10 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use crew_core::worker::{ENV_INDEX, ENV_TOKEN, ENV_TOKEN_REF, LaunchSpec, Secret, TOKEN_REF_FILE, is_secret_var};
+use crew_core::worker::{
+    ENV_INDEX, ENV_INDEX_BASE, ENV_PARENT_PID, ENV_RESUME_FILE, ENV_TOKEN, ENV_TOKEN_REF, ENV_TOKEN_STDIN, LaunchSpec,
+    Secret, TOKEN_REF_FILE, is_secret_var,
+};
 
 use crate::options::SlurmOptions;
 
@@ -102,6 +105,11 @@ pub fn render(opts: &SlurmOptions, spec: &LaunchSpec, program: &str, token_prefi
         s.push_str(p.trim_end());
         s.push('\n');
     }
+    // sbatch passes the submitter's environment on (`--export=ALL`): none
+    // of the controller's own agent variables may reach the agent.
+    s.push_str(&format!(
+        "unset {ENV_TOKEN} {ENV_TOKEN_STDIN} {ENV_INDEX_BASE} {ENV_PARENT_PID} {ENV_RESUME_FILE} {ENV_TOKEN_REF}\n"
+    ));
     for (k, v) in spec.env.iter().filter(|(k, _)| !is_secret_var(k) && k.as_str() != ENV_TOKEN) {
         s.push_str(&format!("export {k}={}\n", quote(v)));
     }
