@@ -274,7 +274,9 @@ async fn figures_launch_to_ready_and_slurm_calls_for_100_jobs() {
     assert_eq!(controller.launch(&SlotFilter::default(), 4), 4);
     until("four workers connected", || idle(&controller) == 4).await;
     let ready = started.elapsed();
-    let jobs: Vec<JobSpec> = (0..100).map(|i| JobSpec::shell(format!("echo {i}"))).collect();
+    // Jobs of 0.3 s: about 8 s of work on 4 workers, so that the probe's
+    // rate limit shows (calls follow time, not jobs).
+    let jobs: Vec<JobSpec> = (0..100).map(|i| JobSpec::shell(format!("sleep 0.3; echo {i}"))).collect();
     controller.send_many(jobs).expect("send");
     let outs = receive(&controller, 100).await;
     assert!(outs.iter().all(|o| o.status == Status::Succeeded));
