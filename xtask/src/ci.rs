@@ -4,8 +4,9 @@
 //! One command for CI and for people, so that "green locally" means "green in
 //! CI": formatting first (cheapest), then clippy with warnings as errors,
 //! then the tests of the whole workspace with every feature (the conformance
-//! kit included), then the embedding example, then five seconds of
-//! coverage-guided fuzzing per target ([`crate::fuzz`]). Tests run under
+//! kit included), then the Python and R clients' tests against the `crew`
+//! those built ([`crate::clients`]), then the embedding example, then five
+//! seconds of coverage-guided fuzzing per target ([`crate::fuzz`]). Tests run under
 //! `cargo nextest` when it is installed (faster, one process per test) and
 //! under `cargo test` otherwise.
 //!
@@ -62,6 +63,9 @@ pub(crate) fn run() -> anyhow::Result<()> {
         run_step(&TEST, &emulator.env)?;
     }
     drop(emulator);
+    // The clients against the `crew` the tests just built (crew-cli's
+    // integration tests build target/debug/crew), so nothing is rebuilt.
+    crate::clients::run_in_ci()?;
     run_step(&EXAMPLE, &[])?;
     // A short coverage-guided run of every fuzz target (the long runs are
     // `cargo xtask fuzz --runs N` by hand).

@@ -13,6 +13,7 @@
 
 mod bench;
 mod ci;
+mod clients;
 mod emu;
 mod fuzz;
 mod services;
@@ -23,7 +24,8 @@ use std::process::{Command, ExitCode};
 
 /// The subcommands and their one-line help, in the order `--help` lists them.
 const SUBCOMMANDS: &[(&str, &str)] = &[
-    ("ci", "run what CI runs: fmt check, clippy -D warnings, the tests against the AWS emulator"),
+    ("ci", "run what CI runs: fmt check, clippy -D warnings, the tests against the AWS emulator, the clients' tests"),
+    ("clients", "the Python and R clients' tests against the real daemon (installs pytest, R when missing)"),
     ("bench", "measure crew against baselines (release build); `bench --help` for options"),
     ("emu", "the local AWS emulator of the tests: `emu install|start|stop|env`"),
     ("fuzz", "coverage-guided fuzzing (libFuzzer): `fuzz [--time SECS | --runs N] [TARGET...]`"),
@@ -46,6 +48,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Some("ci") => no_arguments("ci", &rest).and_then(|()| ci::run()),
+        Some("clients") => no_arguments("clients", &rest).and_then(|()| clients::run_alone()),
         Some("bench") => bench::run(&rest),
         Some("emu") => emu::run(&rest),
         Some("fuzz") => fuzz::run(&rest),
@@ -68,7 +71,7 @@ fn main() -> ExitCode {
 fn usage() -> String {
     let mut text = String::from("Usage: cargo xtask <SUBCOMMAND>\n\nSubcommands:\n");
     for (name, help) in SUBCOMMANDS {
-        text.push_str(&format!("  {name:<8}{help}\n"));
+        text.push_str(&format!("  {name:<10}{help}\n"));
     }
     text.push_str("\nOptions:\n  -h, --help  print this help\n");
     text

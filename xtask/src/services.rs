@@ -33,17 +33,26 @@ pub(crate) fn install() -> anyhow::Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.trim_ascii() == b"0");
-    if !root || !Path::new("/usr/bin/apt-get").exists() {
+    if !apt_install(&missing)? {
         let why =
             format!("the tests need {} (Debian: `sudo apt-get install {}`)", missing.join(", "), missing.join(" "));
         if std::env::var_os("CI").is_some() {
             bail!("{why}");
         }
         eprintln!("xtask: {why}; the tests that need them are skipped");
-        return Ok(());
     }
-    eprintln!("xtask: installing {} (apt-get)", missing.join(", "));
+    Ok(())
+}
+
+/// Installs Debian packages with `apt-get` (without recommends); `false`
+/// when this machine cannot (not root, or no `apt-get`), an error when
+/// `apt-get` fails.
+pub(crate) fn apt_install(packages: &[&str]) -> anyhow::Result<bool> {
+    let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.trim_ascii() == b"0");
+    if !root || !Path::new("/usr/bin/apt-get").exists() {
+        return Ok(false);
+    }
+    eprintln!("xtask: installing {} (apt-get)", packages.join(", "));
     let apt = |args: &[&str]| -> anyhow::Result<bool> {
         Ok(Command::new("apt-get")
             .args(args)
@@ -53,12 +62,12 @@ pub(crate) fn install() -> anyhow::Result<()> {
             .success())
     };
     let mut install = vec!["install", "-y", "-q", "--no-install-recommends"];
-    install.extend(&missing);
+    install.extend(packages);
     // The package lists of a fresh machine may be stale: update, then
     // try once more.
     let installed = apt(&install)? || (apt(&["update", "-q"])? && apt(&install)?);
     if !installed {
-        bail!("apt-get could not install {}", missing.join(", "));
+        bail!("apt-get could not install {}", packages.join(", "));
     }
-    Ok(())
+    Ok(true)
 }

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crew_core::job::{Command, JobId};
-use crew_core::output::{Captured, Status, Timestamp};
+use crew_core::output::{Status, Timestamp};
 use crew_core::protocol::{self, AgentMsg, ControllerMsg, PROTOCOL_VERSION, RunJob};
 use crew_core::worker::{
     ENV_CONNECT, ENV_INDEX, ENV_INDEX_BASE, ENV_LAUNCH, ENV_PARENT_PID, ENV_RESUME_FILE, ENV_TLS_SHA256, ENV_TOKEN,
@@ -391,20 +391,9 @@ async fn connect(addr: &str) -> Result<TcpStream, AgentError> {
 
 fn cancelled_result(why: &str) -> JobResult {
     let now = Timestamp::now();
-    JobResult {
-        status: Status::Cancelled,
-        exit_code: None,
-        signal: None,
-        error: Some(why.to_owned()),
-        stdout: Captured::default(),
-        stderr: Captured::default(),
-        started: now,
-        finished: now,
-        wall_seconds: 0.0,
-        cpu_seconds: 0.0,
-        peak_rss_bytes: 0,
-        objects: Vec::new(),
-    }
+    let mut r = JobResult::new(Status::Cancelled, now, now);
+    r.error = Some(why.to_owned());
+    r
 }
 
 /// Runs the agent until it is told to stop, runs out of work limits, or
@@ -1010,7 +999,7 @@ fn truncate_utf8(s: &mut String, max: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crew_core::output::{Captured, Status, Timestamp};
+    use crew_core::output::{Status, Timestamp};
 
     /// A secret by file reference is taken once, by its own index, from a
     /// private file of this user only, and the file is gone after.
@@ -1066,27 +1055,20 @@ mod tests {
     fn result(objects: usize, error: Option<String>) -> JobResult {
         let t = Timestamp(std::time::SystemTime::UNIX_EPOCH);
         let long = "n".repeat(150);
-        JobResult {
-            status: Status::Succeeded,
-            exit_code: Some(0),
-            signal: None,
-            error,
-            stdout: Captured::default(),
-            stderr: Captured::default(),
-            started: t,
-            finished: t,
-            wall_seconds: 0.0,
-            cpu_seconds: 0.0,
-            peak_rss_bytes: 0,
-            objects: (0..objects)
-                .map(|i| crew_core::staging::StoredObject {
-                    name: format!("out/{long}-{i}"),
-                    key: format!("jobs/1/1/outputs/out/{long}-{i}"),
-                    size: 6,
-                    sha256: "ab".repeat(32),
-                })
-                .collect(),
-        }
+        let mut r = JobResult::new(Status::Succeeded, t, t);
+        r.exit_code = Some(0);
+        r.error = error;
+        r.objects = (0..objects)
+            .map(|i| {
+                crew_core::staging::StoredObject::new(
+                    format!("out/{long}-{i}"),
+                    format!("jobs/1/1/outputs/out/{long}-{i}"),
+                    6,
+                    "ab".repeat(32),
+                )
+            })
+            .collect();
+        r
     }
 
     /// Decodes every frame of `out`, as the controller would.

@@ -5,7 +5,8 @@
 //! **API boundary:** `crew classes --json` prints one JSON object per
 //! class and line: `{"name", "source": "built-in" | "path", "path"?,
 //! "shadowed"?}` (`shadowed`: a plugin whose name a compiled-in class
-//! takes). `crew conformance --json` prints one object:
+//! takes); `crew classes NAME --json` prints that class's object with
+//! `"options": [{"name", "help", "required"}]`. `crew conformance --json` prints one object:
 //! `{"class", "passed", "error"?}`.
 
 use std::io::Write;
@@ -14,6 +15,7 @@ use std::time::Duration;
 use clap::Args;
 use crew_conformance::WorkerKit;
 use crew_controller::AgentCommand;
+use crew_core::worker::OptionSpec;
 use serde::Serialize;
 
 use crate::registry::Registry;
@@ -23,34 +25,68 @@ use crate::{EXIT_JOB_FAILED, EXIT_OK, Failure};
 #[command(after_help = "A class is compiled into this crew (built in, or added by a custom crew \
 built with crew_cli::App::with_class) or is an executable crew-worker-NAME found on PATH, which \
 crew starts and talks to over the plugin protocol (docs/plugin-protocol.md). Compiled-in classes \
-win over plugins of the same name. Plugins are listed, not started: check one with \
-`crew conformance --class NAME`.")]
+win over plugins of the same name. Plugins are listed, not started, unless one is named: `crew classes NAME` \
+starts it for its option schema. Check one with `crew conformance --class NAME`.")]
 pub(crate) struct ClassesArgs {
+    /// Show this class and its options (`--opt KEY=VALUE`).
+    #[arg(value_name = "NAME")]
+    class: Option<String>,
     /// Print JSON Lines (one class per line) instead of a table.
     #[arg(long)]
     json: bool,
+}
+
+/// Where a class comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+enum Source {
+    /// Compiled into this `crew`.
+    #[serde(rename = "built-in")]
+    BuiltIn,
+    /// A `crew-worker-NAME` on `PATH`.
+    #[serde(rename = "path")]
+    Path,
+}
+
+impl Source {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::BuiltIn => "built-in",
+            Self::Path => "path",
+        }
+    }
 }
 
 /// One line of `crew classes`.
 #[derive(Debug, Serialize)]
 struct ClassRow {
     name: String,
-    source: &'static str,
+    source: Source,
     #[serde(skip_serializing_if = "Option::is_none")]
     path: Option<String>,
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     shadowed: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    options: Option<Vec<OptionSpec>>,
 }
 
 pub(crate) fn list(args: ClassesArgs) -> Result<u8, Failure> {
+    if let Some(name) = &args.class {
+        return show(name, args.json);
+    }
     let compiled = Registry::stock().compiled_in();
     let mut rows: Vec<ClassRow> = compiled
         .iter()
-        .map(|n| ClassRow { name: n.clone(), source: "built-in", path: None, shadowed: false })
+        .map(|n| ClassRow { name: n.clone(), source: Source::BuiltIn, path: None, shadowed: false, options: None })
         .collect();
     for (name, path) in crate::plugin::plugins_on_path() {
         let shadowed = compiled.contains(&name);
-        rows.push(ClassRow { name, source: "path", path: Some(path.display().to_string()), shadowed });
+        rows.push(ClassRow {
+            name,
+            source: Source::Path,
+            path: Some(path.display().to_string()),
+            shadowed,
+            options: None,
+        });
     }
     let mut out = std::io::stdout().lock();
     let written = if args.json {
@@ -63,11 +99,54 @@ pub(crate) fn list(args: ClassesArgs) -> Result<u8, Failure> {
         for r in &rows {
             let path = r.path.as_deref().unwrap_or("-");
             let note = if r.shadowed { "  (shadowed by the compiled-in class)" } else { "" };
-            text.push_str(&format!("{:<16}  {:<8}  {path}{note}\n", r.name, r.source));
+            text.push_str(&format!("{:<16}  {:<8}  {path}{note}\n", r.name, r.source.as_str()));
         }
         out.write_all(text.as_bytes())
     };
     match written {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Failure::internal(e)),
+        _ => Ok(EXIT_OK),
+    }
+}
+
+/// `crew classes NAME`: where the class comes from and its options.
+fn show(name: &str, json: bool) -> Result<u8, Failure> {
+    let class = Registry::stock().get(name).map_err(crate::registry::ClassError::failure)?;
+    let builtin = Registry::stock().compiled_in().iter().any(|n| n == name);
+    let path = if builtin {
+        None
+    } else {
+        crate::plugin::plugins_on_path().into_iter().find(|(n, _)| n == name).map(|(_, p)| p.display().to_string())
+    };
+    let row = ClassRow {
+        name: name.to_owned(),
+        source: if builtin { Source::BuiltIn } else { Source::Path },
+        path,
+        shadowed: false,
+        options: Some(class.options()),
+    };
+    if json {
+        crate::cmd::print_json(&row)?;
+        return Ok(EXIT_OK);
+    }
+    let mut text = format!(
+        "class {} ({}{})\n",
+        row.name,
+        row.source.as_str(),
+        row.path.as_ref().map_or(String::new(), |p| format!(": {p}"))
+    );
+    let options = row.options.unwrap_or_default();
+    if options.is_empty() {
+        text.push_str("no options listed\n");
+    } else {
+        let width = options.iter().map(|o| o.name.len()).max().unwrap_or(0).max(6);
+        text.push_str(&format!("{:<width$}  {:<8}  HELP\n", "OPTION", "REQUIRED"));
+        for o in &options {
+            let required = if o.required { "yes" } else { "no" };
+            text.push_str(&format!("{:<width$}  {required:<8}  {}\n", o.name, o.help));
+        }
+    }
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
         Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Failure::internal(e)),
         _ => Ok(EXIT_OK),
     }

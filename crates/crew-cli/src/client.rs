@@ -24,7 +24,7 @@ pub(crate) struct ApiError {
     /// The HTTP status.
     pub(crate) status: u16,
     /// The stable code (`unknown_class`, `no_matching_worker`, ...).
-    pub(crate) code: String,
+    pub(crate) code: crate::wire::ErrorCode,
     /// For people: what went wrong and how to fix it.
     pub(crate) message: String,
 }
@@ -152,7 +152,7 @@ impl Client {
             .map_err(|e| {
                 ClientError::Api(ApiError {
                     status: 0,
-                    code: "bad_request".to_owned(),
+                    code: crate::wire::ErrorCode::BadRequest,
                     message: format!("cannot build the request {path}: {e}"),
                 })
             })?;
@@ -188,7 +188,7 @@ impl Client {
         let req = req.body(Full::new(Bytes::from(body.unwrap_or_default()))).map_err(|e| {
             ClientError::Api(ApiError {
                 status: 0,
-                code: "bad_request".to_owned(),
+                code: crate::wire::ErrorCode::BadRequest,
                 message: format!("cannot build the request {path}: {e}"),
             })
         })?;
@@ -216,10 +216,14 @@ fn api_error(status: StatusCode, body: &[u8]) -> ApiError {
         Err(_) => {
             let text = String::from_utf8_lossy(body);
             let text: String = text.trim().chars().take(200).collect();
-            let code = if status.is_server_error() { "internal" } else { "bad_request" };
+            let code = if status.is_server_error() {
+                crate::wire::ErrorCode::Internal
+            } else {
+                crate::wire::ErrorCode::BadRequest
+            };
             ApiError {
                 status: status.as_u16(),
-                code: code.to_owned(),
+                code,
                 message: format!(
                     "the crew daemon answered {status}{}",
                     if text.is_empty() { String::new() } else { format!(": {text}") }
@@ -329,7 +333,7 @@ mod tests {
         let err = client.post::<_, serde_json::Value>("/v1/recruit", &serde_json::json!({})).expect_err("an error");
         let ClientError::Api(api) = &err else { panic!("not an API error: {err:?}") };
         assert_eq!(api.status, 400);
-        assert_eq!(api.code, "unknown_class");
+        assert_eq!(api.code, crate::wire::ErrorCode::UnknownClass);
         assert!(api.is_client_error());
         assert_eq!(err.to_string(), "unknown worker class \"gpu\"; known classes: local");
     }
@@ -340,7 +344,7 @@ mod tests {
         let mut client = Client::connect(&sock).expect("connect");
         let err = client.get::<serde_json::Value>("/v1/status").expect_err("an error");
         let ClientError::Api(api) = &err else { panic!("not an API error: {err:?}") };
-        assert_eq!((api.status, api.code.as_str()), (502, "internal"));
+        assert_eq!((api.status, api.code), (502, crate::wire::ErrorCode::Internal));
         assert!(!api.is_client_error());
         assert!(api.message.contains("502") && api.message.contains("upstream gone"), "{api:?}");
     }

@@ -58,6 +58,11 @@ pub(crate) struct DaemonSettings {
     pub(crate) log_size: Option<u64>,
     /// How many rotated `daemon.log.N` files are kept.
     pub(crate) log_files: Option<u32>,
+    /// Where the API also listens on TCP (none by default).
+    pub(crate) http: Option<SocketAddr>,
+    /// Host names the TCP listener answers to, besides IP literals and
+    /// `localhost`.
+    pub(crate) http_hosts: Vec<String>,
 }
 
 /// `[recruit]` and `[class.NAME]`: what a recruit request gets for the
@@ -126,6 +131,8 @@ impl Config {
                             "logs_keep" => d.logs_keep = Some(count(v, 1).map_err(err)?),
                             "log_size" => d.log_size = Some(bytes(v).map_err(err)?),
                             "log_files" => d.log_files = Some(count(v, 1).map_err(err)?),
+                            "http" => d.http = Some(text_of(v).and_then(|s| parse_addr(&s)).map_err(err)?),
+                            "http_hosts" => d.http_hosts = strings(v).map_err(err)?,
                             _ => return Err(unknown(&file, &full, DAEMON_KEYS)),
                         }
                     }
@@ -199,6 +206,7 @@ impl Config {
         set("CREW_LOGS_KEEP", var("CREW_LOGS_KEEP")?, |s| parse_count(s, 1), &mut d.logs_keep)?;
         set("CREW_LOG_SIZE", var("CREW_LOG_SIZE")?, parse_bytes, &mut d.log_size)?;
         set("CREW_LOG_FILES", var("CREW_LOG_FILES")?, |s| parse_count(s, 1), &mut d.log_files)?;
+        set("CREW_HTTP", var("CREW_HTTP")?, parse_addr, &mut d.http)?;
         let r = &mut self.recruit;
         set("CREW_IDLE", var("CREW_IDLE")?, dur, &mut r.idle)?;
         set("CREW_WALL", var("CREW_WALL")?, dur, &mut r.wall)?;
@@ -254,6 +262,8 @@ const DAEMON_KEYS: &[&str] = &[
     "logs_keep",
     "log_size",
     "log_files",
+    "http",
+    "http_hosts",
 ];
 const RECRUIT_KEYS: &[&str] = &["idle", "wall", "tasks_max", "launch_timeout", "launch_max", "prefetch"];
 
@@ -271,6 +281,12 @@ fn non_empty(s: Result<String, String>) -> Result<String, String> {
 
 fn string(v: &Value) -> Result<String, String> {
     v.as_str().map(str::to_owned).ok_or_else(|| format!("expected a string, got a {}", v.type_str()))
+}
+
+/// An array of non-empty strings.
+fn strings(v: &Value) -> Result<Vec<String>, String> {
+    let items = v.as_array().ok_or_else(|| format!("expected an array of strings, got a {}", v.type_str()))?;
+    items.iter().map(|i| non_empty(string(i))).collect()
 }
 
 /// A string, or a number or boolean taken as its text (`cores = 4`).
@@ -374,6 +390,13 @@ mod tests {
         assert_eq!(parse("[daemon]\nlog_size = \"1MiB\"\n")?.daemon.log_size, Some(1 << 20));
         assert_eq!(parse("[daemon]\nlog_files = 2\n")?.daemon.log_files, Some(2));
         assert!(parse("[daemon]\nlog_files = 0\n").is_err(), "at least one rotated file");
+        let h = parse("[daemon]\nhttp = \"127.0.0.1:8750\"\nhttp_hosts = [\"crew.lab\"]\n")?.daemon;
+        assert_eq!(
+            (h.http, h.http_hosts),
+            (Some(SocketAddr::from(([127, 0, 0, 1], 8750))), vec!["crew.lab".to_owned()])
+        );
+        assert!(parse("[daemon]\nhttp_hosts = \"crew.lab\"\n").expect_err("a list").contains("daemon.http_hosts"));
+        assert!(parse("[daemon]\nhttp = \"nowhere\"\n").expect_err("an address").contains("daemon.http"));
         assert!(parse("[daemon]\nlogs_keep = 0\n").is_err(), "at least one output is kept");
         let err = parse("[daemon]\njournal_compact = \"8MB\"\n").expect_err("MB is refused");
         assert!(err.contains("daemon.journal_compact") && err.contains("MiB"), "{err}");

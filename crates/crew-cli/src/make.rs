@@ -464,25 +464,26 @@ fn noop_memo_key(args: &MakeArgs, store_override: Option<&str>) -> Option<(Strin
 
 /// Prints the end of a build on stderr and picks the exit status.
 fn summarize(report: &Report, plan: &Plan) -> u8 {
-    let mut counts = std::collections::BTreeMap::<&str, usize>::new();
-    let mut jobs = 0;
+    let (mut jobs, mut built, mut fresh, mut failed, mut pending) = (0, 0, 0, 0, 0);
     for (i, (label, state)) in report.states.iter().enumerate() {
         // A mapped target is counted by its branches.
         if matches!(plan.nodes.get(i).map(|n| &n.kind), Some(NodeKind::Group { .. })) {
             continue;
         }
         jobs += 1;
-        *counts.entry(state.name()).or_default() += 1;
         match state {
-            State::Failed { error } => eprintln!("crew: target {label} failed: {error}"),
+            State::Built => built += 1,
+            State::UpToDate => fresh += 1,
+            State::Pending => pending += 1,
+            State::Failed { error } => {
+                failed += 1;
+                eprintln!("crew: target {label} failed: {error}");
+            }
             State::Skipped { because } => eprintln!("crew: target {label} not built: {because} failed"),
-            _ => {}
+            State::Outdated { .. } | State::Cancelled => {}
         }
     }
-    let built = counts.get("built").copied().unwrap_or(0);
-    let fresh = counts.get("up_to_date").copied().unwrap_or(0);
-    let failed = counts.get("failed").copied().unwrap_or(0);
-    let other = jobs - built - fresh - failed - counts.get("pending").copied().unwrap_or(0);
+    let other = jobs - built - fresh - failed - pending;
     eprintln!(
         "crew: {} job(s) ran; {built} built, {fresh} up to date, {failed} failed{}",
         report.ran,

@@ -10,10 +10,8 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use crew_core::job::InputSource;
-use crew_core::{Command, JobId, JobSpec, Output};
+use crew_core::{JobId, JobSpec, Output};
 use crew_pipeline::build::Executor;
-use serde_json::{Value, json};
 
 use crate::client::Client;
 use crate::project;
@@ -65,7 +63,12 @@ impl DaemonExecutor {
                     }
                 }
                 let Some(c) = client.as_mut() else { return };
-                let body = json!({"ids": ids, "wait": true, "timeout": "2s"});
+                let body = crate::wire::ReceiveRequest {
+                    ids: Some(ids),
+                    wait: true,
+                    timeout: "2s".into(),
+                    ..Default::default()
+                };
                 match c.post::<_, crate::wire::Received>("/v1/receive", &body) {
                     Ok(a) => {
                         for o in a.outputs {
@@ -87,45 +90,12 @@ impl DaemonExecutor {
     }
 }
 
-/// A job as a job line of the daemon's API.
-fn job_line(spec: &JobSpec) -> Value {
-    let mut line = json!({"name": spec.name, "tags": spec.tags.iter().collect::<Vec<_>>(), "env": spec.env,
-        "env_inherit": spec.env_inherit, "retries": spec.retries, "outputs": spec.outputs, "output_prefix": spec.output_prefix});
-    match &spec.command {
-        Command::Argv(argv) => line["command"] = json!(argv),
-        Command::Shell(s) => line["shell"] = json!(s),
-        Command::Builtin { name, args } => {
-            line["builtin"] = json!(name);
-            line["args"] = args.clone();
-        }
-    }
-    if let Some(t) = spec.timeout {
-        line["timeout"] = json!(t.as_secs_f64());
-    }
-    if let Some(c) = spec.cpu {
-        line["cpu"] = json!(c.as_secs_f64());
-    }
-    if let Some(m) = spec.memory {
-        line["memory"] = json!(m);
-    }
-    let inputs: Vec<Value> = spec
-        .inputs
-        .iter()
-        .filter_map(|i| match &i.source {
-            InputSource::Object { key, size, sha256 } => {
-                Some(json!({"name": i.name, "key": key, "size": size, "sha256": sha256}))
-            }
-            InputSource::Path(_) => None,
-        })
-        .collect();
-    line["inputs"] = json!(inputs);
-    line
-}
-
 #[async_trait::async_trait]
 impl Executor for DaemonExecutor {
     async fn send(&mut self, jobs: Vec<JobSpec>) -> Result<Vec<JobId>, String> {
-        let body = json!({"jobs": jobs.iter().map(job_line).collect::<Vec<_>>()});
+        // Owned bytes: the request runs on a thread of its own.
+        let body = serde_json::to_value(crate::wire::SendRequest { jobs: jobs.iter().map(JobSpec::as_line).collect() })
+            .map_err(|e| format!("cannot write the jobs as JSON: {e}"))?;
         let dir = self.dir.clone();
         let (done, answer) = tokio::sync::oneshot::channel();
         std::thread::spawn(move || {
@@ -173,8 +143,12 @@ impl Executor for DaemonExecutor {
         let dir = self.dir.clone();
         let (done, answer) = tokio::sync::oneshot::channel();
         std::thread::spawn(move || {
-            let r = Client::connect(&project::socket(&dir))
-                .and_then(|mut c| c.post::<_, Value>("/v1/cancel", &json!({"ids": ids})));
+            let r = Client::connect(&project::socket(&dir)).and_then(|mut c| {
+                c.post::<_, crate::wire::Cancelled>(
+                    "/v1/cancel",
+                    &crate::wire::CancelRequest { ids: ids.iter().map(|i| i.0).collect() },
+                )
+            });
             let _ = done.send(r.map(drop).map_err(|e| e.to_string()));
         });
         if let Ok(Err(e)) = answer.await {

@@ -25,7 +25,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use crew_core::plugin::{
     CheckOptionsParams, ErrorBody, HandlesParams, HelloParams, HelloResult, LaunchParams, LaunchResult, MAX_LINE,
-    OptionSpec, PLUGIN_PREFIX, PLUGIN_PROTOCOL_VERSION, ProbeResult, Request, Response,
+    OptionSpec, PLUGIN_PREFIX, PLUGIN_PROTOCOL_VERSION, ProbeResult, Request, Response, TIMEOUT_MAX, TIMEOUT_MIN,
+    WireTimeouts,
 };
 use crew_core::worker::{Capabilities, Handle, LaunchSpec, Liveness, Worker, WorkerError};
 use serde::Serialize;
@@ -279,7 +280,7 @@ fn start_process(name: &str, path: &Path) -> Result<(Process, HelloResult), Plug
             process.conn.kill();
             return Err(error(match f {
                 Failed::Dead(why) => format!("failed before it answered hello: {why}"),
-                Failed::Timeout(t) => format!("did not answer hello within {}s and was stopped", t.as_secs()),
+                Failed::Timeout(t) => format!("did not answer hello within {t:?} and was stopped"),
                 Failed::Error(e) => format!("refused hello: {}", e.message),
             }));
         }
@@ -345,6 +346,31 @@ impl Supervisor {
     }
 }
 
+/// How long each request may take: crew's defaults, or what the plugin
+/// asked for in its handshake (kept within `TIMEOUT_MIN..=TIMEOUT_MAX`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Timeouts {
+    check_options: Duration,
+    launch: Duration,
+    probe: Duration,
+    terminate: Duration,
+}
+
+impl Timeouts {
+    fn asked(asked: Option<&WireTimeouts>) -> Self {
+        let pick = |ms: Option<u64>, default: Duration| {
+            ms.map_or(default, |ms| Duration::from_millis(ms).clamp(TIMEOUT_MIN, TIMEOUT_MAX))
+        };
+        let a = asked.cloned().unwrap_or_default();
+        Self {
+            check_options: pick(a.check_options_ms, CHECK_TIMEOUT),
+            launch: pick(a.launch_ms, LAUNCH_TIMEOUT),
+            probe: pick(a.probe_ms, PROBE_TIMEOUT),
+            terminate: pick(a.terminate_ms, TERMINATE_TIMEOUT),
+        }
+    }
+}
+
 /// A worker class served by a `crew-worker-NAME` process: one process at a
 /// time, started again (at most every [`RESTART_GAP`]) at the first
 /// request after it died. Its capabilities and options are those of the
@@ -355,6 +381,7 @@ pub(crate) struct PluginWorker {
     exe: PathBuf,
     caps: Capabilities,
     options: Vec<OptionSpec>,
+    timeouts: Timeouts,
     supervisor: Arc<Supervisor>,
 }
 
@@ -375,6 +402,7 @@ impl PluginWorker {
             program: program.clone(),
             exe: path.to_path_buf(),
             caps: hello.capabilities.to_capabilities(),
+            timeouts: Timeouts::asked(hello.timeouts.as_ref()),
             options: hello.options,
             supervisor: Arc::new(Supervisor {
                 name: name.to_owned(),
@@ -444,10 +472,9 @@ impl PluginWorker {
             }
             Failed::Timeout(t) => (
                 format!(
-                    "the worker class plugin {} ({}) did not answer {method} within {}s",
+                    "the worker class plugin {} ({}) did not answer {method} within {t:?}",
                     self.program,
                     self.exe.display(),
-                    t.as_secs()
                 ),
                 true,
             ),
@@ -573,6 +600,10 @@ impl Worker for PluginWorker {
         self.caps.clone()
     }
 
+    fn options(&self) -> Vec<OptionSpec> {
+        self.options.clone()
+    }
+
     fn check_options(&self, options: &BTreeMap<String, String>) -> Result<(), WorkerError> {
         let invalid = |message: String| WorkerError::Options { class: self.name.clone(), message };
         if !self.options.is_empty() {
@@ -585,14 +616,14 @@ impl Worker for PluginWorker {
             }
         }
         let params = CheckOptionsParams::new(options.clone());
-        self.call_blocking::<_, Value>("check_options", &params, CHECK_TIMEOUT)
+        self.call_blocking::<_, Value>("check_options", &params, self.timeouts.check_options)
             .map(|_| ())
             .map_err(|f| self.fail("check_options", f))
     }
 
     async fn launch(&self, spec: &LaunchSpec) -> Result<Vec<Handle>, WorkerError> {
         let params = LaunchParams::from_spec(spec, token_stdin_args(spec));
-        let result: LaunchResult = self.call("launch", &params, LAUNCH_TIMEOUT).await?;
+        let result: LaunchResult = self.call("launch", &params, self.timeouts.launch).await?;
         if result.handles.len() != spec.members.len() {
             return Err(self.fail(
                 "launch",
@@ -603,12 +634,12 @@ impl Worker for PluginWorker {
                 )),
             ));
         }
-        Ok(result.handles.into_iter().map(|id| Handle { id }).collect())
+        Ok(result.handles.into_iter().map(Handle::new).collect())
     }
 
     async fn probe(&self, handles: &[Handle]) -> Result<Vec<Liveness>, WorkerError> {
         let params = HandlesParams::new(handles);
-        let result: ProbeResult = self.call("probe", &params, PROBE_TIMEOUT).await?;
+        let result: ProbeResult = self.call("probe", &params, self.timeouts.probe).await?;
         if result.states.len() != handles.len() {
             return Err(self.fail(
                 "probe",
@@ -624,7 +655,7 @@ impl Worker for PluginWorker {
 
     async fn terminate(&self, handles: &[Handle]) -> Result<(), WorkerError> {
         let params = HandlesParams::new(handles);
-        self.call::<_, Value>("terminate", &params, TERMINATE_TIMEOUT).await.map(|_| ())
+        self.call::<_, Value>("terminate", &params, self.timeouts.terminate).await.map(|_| ())
     }
 }
 

@@ -70,6 +70,10 @@ pub(crate) struct DaemonOverrides {
     pub(crate) advertise: Option<String>,
     /// When worker connections use TLS.
     pub(crate) tls: Option<crew_controller::TlsMode>,
+    /// Where the API also listens on TCP.
+    pub(crate) http: Option<std::net::SocketAddr>,
+    /// Host names that listener answers to.
+    pub(crate) http_hosts: Vec<String>,
 }
 
 /// [`ensure_daemon`], starting the daemon with `overrides` over its
@@ -111,6 +115,12 @@ pub(crate) fn ensure_daemon_with(dir: &Path, overrides: &DaemonOverrides) -> Res
     }
     if let Some(tls) = overrides.tls {
         cmd.arg("--tls").arg(tls.as_str());
+    }
+    if let Some(http) = overrides.http {
+        cmd.arg("--http").arg(http.to_string());
+    }
+    for name in &overrides.http_hosts {
+        cmd.arg("--http-host").arg(name);
     }
     // SAFETY: setsid is async-signal-safe; it detaches the daemon from our
     // session and terminal so that a Ctrl-C here never reaches it.

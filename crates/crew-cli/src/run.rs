@@ -105,16 +105,14 @@ pub(crate) fn main(args: RunArgs) -> Result<u8, Failure> {
     class.check_options(&options).map_err(Failure::usage)?;
     let (label, text) = read_jobs(&args.file).map_err(Failure::usage)?;
     let inputs = crate::cmd::input_flags(&args.input)?;
-    let defaults = LineDefaults {
-        tags: Tags::new(),
-        timeout,
-        retries: args.retries,
-        cpu,
-        memory,
-        inputs,
-        outputs: args.output,
-        env_inherit: args.env_inherit,
-    };
+    let mut defaults = LineDefaults::default();
+    defaults.timeout = timeout;
+    defaults.retries = args.retries;
+    defaults.cpu = cpu;
+    defaults.memory = memory;
+    defaults.inputs = inputs;
+    defaults.outputs = args.output;
+    defaults.env_inherit = args.env_inherit;
     let mut jobs = match parse_job_file(&text, &defaults) {
         Ok(jobs) => jobs,
         Err(errors) => {

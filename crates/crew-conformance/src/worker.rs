@@ -102,7 +102,7 @@ fn capabilities_are_sane(class: &dyn Worker) {
 }
 
 async fn unknown_handles_are_not_errors(class: &dyn Worker) {
-    let bogus = vec![Handle { id: "crew-conformance-no-such-worker".into() }];
+    let bogus = vec![Handle::new("crew-conformance-no-such-worker")];
     let lives = class
         .probe(&bogus)
         .await
@@ -131,7 +131,7 @@ async fn agents_connect_run_and_terminate(class: Arc<dyn Worker>, kit: &WorkerKi
         .status()
         .slots
         .iter()
-        .map(|s| Handle { id: s.handle.clone().expect("worker conformance: a connected slot has a handle") })
+        .map(|s| Handle::new(s.handle.clone().expect("worker conformance: a connected slot has a handle")))
         .collect();
     // A class may answer probes from a cache refreshed every probe
     // interval, so Running may show up one interval after the connection.

@@ -128,8 +128,9 @@ pub(crate) fn hmac_sha256_hex(key: &[u8], msg: &[u8]) -> String {
     outer.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// When agent connections use TLS.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// When agent connections use TLS; `"auto"` or `"always"` in JSON.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum TlsMode {
     /// TLS when the controller listens beyond loopback; plaintext from
     /// loopback peers stays allowed (local workers dial loopback).
@@ -146,6 +147,12 @@ impl TlsMode {
             Self::Auto => "auto",
             Self::Always => "always",
         }
+    }
+}
+
+impl std::fmt::Display for TlsMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

@@ -33,6 +33,18 @@ pub(crate) async fn all_gone(handles: &[(Arc<dyn Worker>, Handle)]) -> bool {
 }
 
 impl Shared {
+    /// Tells the observer when slot `slot`'s worker is lost while up (a
+    /// crash, not a stop it was asked for); call before the scheduler
+    /// hears of it.
+    pub(crate) fn note_crash(&self, core: &Core, slot: SlotId, reason: &str) {
+        if let Some(observer) = &self.config.observer {
+            if core.sched.slot_state(slot) == SlotState::Up {
+                let cfg = core.sched.slot_config(slot);
+                observer.crashed(&cfg.name, &cfg.class, reason);
+            }
+        }
+    }
+
     pub(crate) fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }

@@ -54,7 +54,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crew_core::job::{JobError, JobId, JobSpec};
-use crew_core::output::{OUTPUT_FORMAT, Output, Status};
+use crew_core::output::{Output, Status};
 use crew_core::protocol::{self, AgentMsg, ControllerMsg, PROTOCOL_VERSION, RunJob};
 use crew_core::seed::job_seed;
 use crew_core::store::Store;
@@ -77,6 +77,10 @@ pub trait Observer: Send + Sync + fmt::Debug {
     fn connected(&self, _slot: &str) {}
     /// The slot's worker went away.
     fn disconnected(&self, _slot: &str) {}
+    /// The worker of slot `slot` (class `class`) was lost while up and not
+    /// told to stop: it crashed (exited, was killed, or stopped answering),
+    /// and the job it ran, if any, counts a crash.
+    fn crashed(&self, _slot: &str, _class: &str, _reason: &str) {}
 }
 
 /// A job a previous controller accepted, for [`Controller::restore`].
@@ -228,6 +232,31 @@ pub struct SlotStatus {
     pub idle_seconds: Option<f64>,
     /// Why its last worker stopped or failed.
     pub last_reason: Option<String>,
+}
+
+/// Where a job the controller holds is ([`Controller::job`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum JobPhase {
+    /// Waiting for a worker.
+    Queued,
+    /// Sent to a worker, behind the job it runs (prefetched).
+    Assigned,
+    /// Running on a worker (or about to start there).
+    Running,
+}
+
+/// A job the controller holds: not yet delivered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct JobInfo {
+    /// Where it is.
+    pub phase: JobPhase,
+    /// The slot holding it, unless queued.
+    pub slot: Option<String>,
+    /// Attempts started so far (the current one when it runs).
+    pub attempt: u32,
 }
 
 /// A status report.
@@ -724,6 +753,21 @@ impl Controller {
             .collect();
         let counts = core.sched.counts();
         StatusReport { slots, queued: counts.queued, running: counts.assigned, ready: core.outputs.len() }
+    }
+
+    /// Where job `id` is, while the controller holds it (until its output
+    /// is delivered); `None` for a job it does not know or delivered.
+    pub fn job(&self, id: JobId) -> Option<JobInfo> {
+        let core = lock(&self.shared.core);
+        let view = core.sched.job_view(id)?;
+        let (phase, slot) = match view.place {
+            crew_scheduler::JobPlace::Queued => (JobPhase::Queued, None),
+            crew_scheduler::JobPlace::Waiting(s) => (JobPhase::Assigned, Some(s)),
+            crew_scheduler::JobPlace::Running(s) => (JobPhase::Running, Some(s)),
+            // A place a newer scheduler knows: as queued until mapped.
+            _ => (JobPhase::Queued, None),
+        };
+        Some(JobInfo { phase, slot: slot.map(|s| core.sched.slot_config(s).name.clone()), attempt: view.attempt })
     }
 
     /// Starts down slots ahead of need; returns how many.

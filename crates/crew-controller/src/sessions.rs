@@ -213,32 +213,11 @@ impl Shared {
                         objects.append(&mut r.objects);
                         r.objects = objects;
                     }
-                    let output = Output {
-                        v: OUTPUT_FORMAT,
-                        id: job,
-                        name: spec.name.clone(),
-                        status: r.status,
-                        exit_code: r.exit_code,
-                        signal: r.signal,
-                        error: r.error,
-                        stdout: r.stdout,
-                        stderr: r.stderr,
-                        started: Some(r.started),
-                        finished: r.finished,
-                        wall_seconds: r.wall_seconds,
-                        cpu_seconds: r.cpu_seconds,
-                        peak_rss_bytes: r.peak_rss_bytes,
-                        cpu_limit_seconds: (r.status == Status::CpuLimit)
-                            .then(|| spec.cpu.map(|c| crew_core::job::cpu_limit_seconds(c) as f64))
-                            .flatten(),
-                        memory_limit_bytes: (r.status == Status::MemoryLimit).then_some(spec.memory).flatten(),
-                        slot: Some(cfg.name.clone()),
-                        class: Some(cfg.class.clone()),
-                        attempt,
-                        seed: core.sched.job_seed(job).unwrap_or(0),
-                        tags: spec.tags.clone(),
-                        objects: r.objects,
-                    };
+                    let mut output = Output::from_result(job, &spec, r);
+                    output.slot = Some(cfg.name.clone());
+                    output.class = Some(cfg.class.clone());
+                    output.attempt = attempt;
+                    output.seed = core.sched.job_seed(job).unwrap_or(0);
                     core.sched.finished(slot, job, output, now);
                 }
                 AgentMsg::Revoked { job, ok } => {
@@ -301,6 +280,7 @@ impl Shared {
             });
         }
         let now = Instant::now();
+        self.note_crash(&core, slot, reason);
         core.sched.lost(slot, reason, now);
         self.apply(&mut core);
         self.timer_wake.notify_one();
@@ -347,9 +327,11 @@ impl Shared {
             return;
         }
         let reason = match why {
-            Some(why) => format!("{why} ({reason})"),
-            None => reason,
+            // Not twice when the platform's word closed the connection.
+            Some(why) if !reason.contains(&why) => format!("{why} ({reason})"),
+            _ => reason,
         };
+        self.note_crash(&core, slot, &reason);
         core.sched.lost(slot, &reason, Instant::now());
         self.apply(&mut core);
         self.timer_wake.notify_one();

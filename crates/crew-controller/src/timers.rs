@@ -123,6 +123,7 @@ impl Shared {
                     Some(conn) => closing.push((conn.clone(), reason)),
                     None => {
                         rt.launch = None;
+                        self.note_crash(&core, *slot, &reason);
                         core.sched.lost(*slot, &reason, now);
                     }
                 }

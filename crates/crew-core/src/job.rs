@@ -75,6 +75,7 @@ pub const NAME_MAX_LEN: usize = 256;
 
 /// A job as sent by a user: everything needed to run it anywhere.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct JobSpec {
     /// Optional name, unique among the controller's jobs that are not yet
     /// received. The seed is derived from it when present.
@@ -146,6 +147,7 @@ pub struct JobSpec {
 /// A file a job reads: where it comes from, and the relative path it gets in
 /// the job's working folder.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Input {
     /// Relative path in the job's working folder (`data.csv`, `in/a.bin`).
     pub name: String,
@@ -172,6 +174,12 @@ pub enum InputSource {
 }
 
 impl Input {
+    /// A staged input: the store object `key` (of `size` bytes and SHA-256
+    /// `sha256`, lowercase hex), named `name` in the job's folder.
+    pub fn object(name: impl Into<String>, key: impl Into<String>, size: u64, sha256: impl Into<String>) -> Self {
+        Self { name: name.into(), source: InputSource::Object { key: key.into(), size, sha256: sha256.into() } }
+    }
+
     /// An input read from the file `path` on this machine, named `name` in
     /// the job's folder (not yet staged).
     pub fn path(name: impl Into<String>, path: impl Into<PathBuf>) -> Self {
@@ -589,7 +597,8 @@ fn human_bytes(n: usize) -> String {
     format!("{n} bytes ({:.1} MiB)", n as f64 / (1024.0 * 1024.0))
 }
 
-/// One job line in the JSON form (see README, "Job lines").
+/// One job line in the JSON form (see README, "Job lines"), as read;
+/// [`JobLineRef`] writes it.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct JobLine {
@@ -617,6 +626,118 @@ struct JobLine {
     #[serde(default)]
     outputs: Vec<String>,
     output_prefix: Option<String>,
+}
+
+impl JobSpec {
+    /// This job in the job-line JSON form, borrowed, to serialize: what a
+    /// client sends to the daemon's `POST /v1/jobs`, and what
+    /// [`parse_job_value`] reads back to an equal job. Fields at their
+    /// defaults are left out, to keep big requests small.
+    pub fn as_line(&self) -> JobLineRef<'_> {
+        let (command, shell, builtin, args) = match &self.command {
+            Command::Argv(argv) => (Some(argv.as_slice()), None, None, None),
+            Command::Shell(line) => (None, Some(line.as_str()), None, None),
+            Command::Builtin { name, args } => (None, None, Some(name.as_str()), (!args.is_null()).then_some(args)),
+        };
+        JobLineRef {
+            name: self.name.as_deref(),
+            tags: &self.tags,
+            command,
+            shell,
+            builtin,
+            args,
+            env: &self.env,
+            env_inherit: &self.env_inherit,
+            cwd: self.cwd.as_deref(),
+            stdin: self.stdin.as_deref(),
+            timeout: self.timeout.map(|d| d.as_secs_f64()),
+            cpu: self.cpu.map(|d| d.as_secs_f64()),
+            memory: self.memory,
+            retries: self.retries,
+            crashes_max: self.crashes_max,
+            priority: self.priority,
+            inputs: self.inputs.iter().map(InputRef::from).collect(),
+            outputs: &self.outputs,
+            output_prefix: self.output_prefix.as_deref(),
+        }
+    }
+}
+
+/// A job in the job-line JSON form, borrowed from a [`JobSpec`]
+/// ([`JobSpec::as_line`]); serialize it.
+#[derive(Debug, Serialize)]
+pub struct JobLineRef<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Tags::is_empty")]
+    tags: &'a Tags,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    command: Option<&'a [String]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    shell: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    builtin: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    args: Option<&'a serde_json::Value>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    env: &'a BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    env_inherit: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cwd: Option<&'a Path>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stdin: Option<&'a str>,
+    /// Seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timeout: Option<f64>,
+    /// Seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpu: Option<f64>,
+    /// Bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    memory: Option<u64>,
+    #[serde(skip_serializing_if = "is_zero")]
+    retries: u32,
+    #[serde(skip_serializing_if = "is_default_crashes")]
+    crashes_max: u32,
+    #[serde(skip_serializing_if = "is_zero_i")]
+    priority: i32,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    inputs: Vec<InputRef<'a>>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    outputs: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    output_prefix: Option<&'a str>,
+}
+
+/// An input in the job-line JSON form: `{"path", "name"}` or a staged
+/// object `{"name", "key", "size", "sha256"}`.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum InputRef<'a> {
+    Path { path: &'a Path, name: &'a str },
+    Object { name: &'a str, key: &'a str, size: u64, sha256: &'a str },
+}
+
+impl<'a> From<&'a Input> for InputRef<'a> {
+    fn from(i: &'a Input) -> Self {
+        match &i.source {
+            InputSource::Path(path) => InputRef::Path { path, name: &i.name },
+            InputSource::Object { key, size, sha256 } => InputRef::Object { name: &i.name, key, size: *size, sha256 },
+        }
+    }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+fn is_zero_i(n: &i32) -> bool {
+    *n == 0
+}
+
+fn is_default_crashes(n: &u32) -> bool {
+    *n == DEFAULT_CRASHES_MAX
 }
 
 /// An input in a job line: `"PATH[=NAME]"`, `{"path", "name"?}`, or a
@@ -696,6 +817,7 @@ impl SizeField {
 
 /// Defaults applied to job lines that do not set the field themselves.
 #[derive(Clone, Debug, Default)]
+#[non_exhaustive]
 pub struct LineDefaults {
     /// Tags added to every job.
     pub tags: Tags,
@@ -816,6 +938,7 @@ fn finish(mut spec: JobSpec, defaults: &LineDefaults) -> Result<JobSpec, JobErro
 /// A bad line in a job file: where, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{line}: {reason}")]
+#[non_exhaustive]
 pub struct LineError {
     /// 1-based line number.
     pub line: usize,
@@ -872,6 +995,39 @@ pub fn cpu_limit_seconds(limit: std::time::Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_job_written_as_a_line_reads_back_equal() {
+        let d = LineDefaults::default();
+        let mut full = JobSpec::new(Command::Argv(vec!["python".into(), "x y.py".into()]));
+        full.name = Some("n".into());
+        full.tags = "gpu,big".parse().unwrap();
+        full.env.insert("K".into(), "V =".into());
+        full.env_inherit = vec!["HOME2".into()];
+        full.cwd = Some("/tmp/w".into());
+        full.stdin = Some("in\n".into());
+        full.timeout = Some(Duration::from_millis(1500));
+        full.cpu = Some(Duration::from_secs(10));
+        full.memory = Some(2 << 30);
+        full.retries = 3;
+        full.crashes_max = 1;
+        full.priority = -4;
+        full.inputs = vec![
+            Input { name: "a.csv".into(), source: InputSource::Path("/data/a.csv".into()) },
+            Input {
+                name: "b".into(),
+                source: InputSource::Object { key: "cas/ab".into(), size: 3, sha256: "ab".repeat(32) },
+            },
+        ];
+        full.outputs = vec!["out/**".into()];
+        full.output_prefix = Some("pipeline/objects/x".into());
+        let builtin = JobSpec::builtin("sleep", serde_json::json!({"seconds": 1}));
+        for spec in [full, JobSpec::shell("echo hi | wc -c"), builtin] {
+            let value = serde_json::to_value(spec.as_line()).unwrap();
+            let back = parse_job_value(value.clone(), &d).unwrap_or_else(|e| panic!("{value}: {e}"));
+            assert_eq!(back, spec, "{value}");
+        }
+    }
 
     #[test]
     fn plain_line_is_shell() {

@@ -69,6 +69,7 @@ impl fmt::Display for Status {
 
 /// Captured stdout or stderr of a job.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Captured {
     /// The first bytes, up to the inline cap, as UTF-8 (invalid sequences
     /// replaced by U+FFFD).
@@ -81,6 +82,14 @@ pub struct Captured {
     /// Store key of the whole stream, when it was too large to inline.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
+}
+
+impl Captured {
+    /// A stream whose first bytes are `text`, of `bytes` in all;
+    /// `truncated` when `text` is only the beginning.
+    pub fn inline(text: String, bytes: u64, truncated: bool) -> Self {
+        Self { text, bytes, truncated, key: None }
+    }
 }
 
 /// A point in time, serialized as an RFC 3339 UTC string with microseconds.
@@ -137,6 +146,7 @@ impl fmt::Display for Timestamp {
 
 /// The record of one finished job (see README, "Output records").
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Output {
     /// Format version, [`OUTPUT_FORMAT`].
     pub v: u32,
@@ -221,6 +231,38 @@ impl Output {
         }
     }
 
+    /// The record of job `id` (`spec`) from the result of its last
+    /// attempt; the caller sets where it ran (`slot`, `class`, `attempt`)
+    /// and its `seed`.
+    pub fn from_result(id: JobId, spec: &crate::JobSpec, r: JobResult) -> Self {
+        Self {
+            v: OUTPUT_FORMAT,
+            id,
+            name: spec.name.clone(),
+            status: r.status,
+            exit_code: r.exit_code,
+            signal: r.signal,
+            error: r.error,
+            stdout: r.stdout,
+            stderr: r.stderr,
+            started: Some(r.started),
+            finished: r.finished,
+            wall_seconds: r.wall_seconds,
+            cpu_seconds: r.cpu_seconds,
+            peak_rss_bytes: r.peak_rss_bytes,
+            cpu_limit_seconds: (r.status == Status::CpuLimit)
+                .then(|| spec.cpu.map(|c| crate::job::cpu_limit_seconds(c) as f64))
+                .flatten(),
+            memory_limit_bytes: (r.status == Status::MemoryLimit).then_some(spec.memory).flatten(),
+            slot: None,
+            class: None,
+            attempt: 0,
+            seed: 0,
+            tags: spec.tags.clone(),
+            objects: r.objects,
+        }
+    }
+
     /// True when the job succeeded.
     pub fn succeeded(&self) -> bool {
         self.status == Status::Succeeded
@@ -250,6 +292,7 @@ mod tests {
 /// job's identity, slot, class, attempt and seed to make an
 /// [`crate::Output`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct JobResult {
     /// `Succeeded`, `Failed`, `TimedOut` or `Cancelled` (the agent never
     /// reports `Crashed` or `LaunchFailed`; the controller decides those).
@@ -277,4 +320,25 @@ pub struct JobResult {
     /// The outputs uploaded to the store (see [`crate::staging`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub objects: Vec<StoredObject>,
+}
+
+impl JobResult {
+    /// An attempt that ran from `started` to `finished` and ended
+    /// `status`, with nothing captured, measured or uploaded yet.
+    pub fn new(status: Status, started: Timestamp, finished: Timestamp) -> Self {
+        Self {
+            status,
+            exit_code: None,
+            signal: None,
+            error: None,
+            stdout: Captured::default(),
+            stderr: Captured::default(),
+            started,
+            finished,
+            wall_seconds: 0.0,
+            cpu_seconds: 0.0,
+            peak_rss_bytes: 0,
+            objects: Vec::new(),
+        }
+    }
 }

@@ -41,6 +41,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncWrite, AsyncWriteExt};
 
+pub use crate::worker::OptionSpec;
 use crate::worker::{Capabilities, ENV_TOKEN, Handle, LaunchMember, LaunchSpec, Liveness, Worker, WorkerError};
 
 /// The protocol version this crate speaks (the `protocol` of `hello`).
@@ -183,28 +184,36 @@ pub struct HelloResult {
     /// first check by crew; `check_options` has the last word.
     #[serde(default)]
     pub options: Vec<OptionSpec>,
+    /// How long crew waits for each answer, when the plugin's platform
+    /// needs other limits than crew's defaults (absent: the defaults).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<WireTimeouts>,
 }
 
-/// One class option in the `hello` schema.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// The time limits a plugin asks for in `hello`, in milliseconds; a field
+/// left out keeps crew's default for that method. crew keeps each within
+/// [`TIMEOUT_MIN`] and [`TIMEOUT_MAX`].
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
-pub struct OptionSpec {
-    /// Its key (`--opt KEY=VALUE`).
-    pub name: String,
-    /// What it does, for `crew classes`.
-    #[serde(default)]
-    pub help: String,
-    /// True when a recruit must give it.
-    #[serde(default)]
-    pub required: bool,
+pub struct WireTimeouts {
+    /// `check_options` (default 10 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub check_options_ms: Option<u64>,
+    /// `launch` (default 120 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launch_ms: Option<u64>,
+    /// `probe` (default 30 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe_ms: Option<u64>,
+    /// `terminate` (default 60 s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub terminate_ms: Option<u64>,
 }
 
-impl OptionSpec {
-    /// An optional option.
-    pub fn new(name: impl Into<String>, help: impl Into<String>) -> Self {
-        Self { name: name.into(), help: help.into(), required: false }
-    }
-}
+/// The shortest time limit a plugin may ask for.
+pub const TIMEOUT_MIN: std::time::Duration = std::time::Duration::from_secs(1);
+/// The longest time limit a plugin may ask for.
+pub const TIMEOUT_MAX: std::time::Duration = std::time::Duration::from_secs(30 * 60);
 
 /// [`Capabilities`] on the wire (durations in milliseconds).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -444,11 +453,12 @@ impl From<WireLiveness> for Liveness {
 /// Requests are handled concurrently, each on a task of its own. Needs a
 /// Tokio runtime.
 pub async fn serve(worker: Arc<dyn Worker>) -> std::io::Result<()> {
-    serve_io(worker, Vec::new(), tokio::io::BufReader::new(tokio::io::stdin()), tokio::io::stdout()).await
+    let options = worker.options();
+    serve_io(worker, options, tokio::io::BufReader::new(tokio::io::stdin()), tokio::io::stdout()).await
 }
 
 /// [`serve`] over any reader and writer, with the option schema `options`
-/// sent in `hello` (the `Worker` trait has none to give; `check_options`
+/// sent in `hello` ([`Worker::options`] for [`serve`]; `check_options`
 /// still decides).
 pub async fn serve_io<R, W>(
     worker: Arc<dyn Worker>,
@@ -562,6 +572,7 @@ async fn answer(worker: &dyn Worker, options: &[OptionSpec], req: &Request) -> R
                 protocol: PLUGIN_PROTOCOL_VERSION,
                 capabilities: WireCapabilities::from(&worker.capabilities()),
                 options: options.to_vec(),
+                timeouts: None,
             })
         }
         "check_options" => {

@@ -199,6 +199,7 @@ pub enum ControllerMsg {
 
 /// What can go wrong on the wire.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ProtocolError {
     /// The peer announced a frame larger than [`MAX_FRAME`].
     #[error("frame of {0} bytes is larger than the maximum of {MAX_FRAME}")]

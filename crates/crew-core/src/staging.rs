@@ -55,6 +55,7 @@ const CHUNK: usize = 1024 * 1024;
 
 /// One object a job produced, as listed in its output record and manifest.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct StoredObject {
     /// Its relative path in the job's working folder (`fit/model.rds`).
     pub name: String,
@@ -69,6 +70,7 @@ pub struct StoredObject {
 /// The list of what one attempt of a job uploaded, written to
 /// `jobs/<id>/<attempt>/manifest.json`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Manifest {
     /// Format version, [`MANIFEST_FORMAT`].
     pub v: u32,
@@ -91,7 +93,22 @@ pub struct Manifest {
     pub sha256: Option<String>,
 }
 
+impl StoredObject {
+    /// The object `key` of `size` bytes and SHA-256 `sha256` (lowercase
+    /// hex), the file `name` of the job's folder.
+    pub fn new(name: impl Into<String>, key: impl Into<String>, size: u64, sha256: impl Into<String>) -> Self {
+        Self { name: name.into(), key: key.into(), size, sha256: sha256.into() }
+    }
+}
+
 impl Manifest {
+    /// The manifest of attempt `attempt` of job `id` (named `name`), which
+    /// ended `status` having uploaded `objects`; sealed by
+    /// [`Manifest::to_bytes`].
+    pub fn new(id: JobId, name: Option<String>, attempt: u32, status: Status, objects: Vec<StoredObject>) -> Self {
+        Self { v: MANIFEST_FORMAT, id, name, attempt, status, objects, sha256: None }
+    }
+
     /// The checksum of this manifest (its compact JSON, `sha256` left out).
     fn checksum(&self) -> Result<String, serde_json::Error> {
         let body = Manifest { sha256: None, ..self.clone() };

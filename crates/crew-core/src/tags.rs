@@ -19,6 +19,7 @@ pub struct Tags(BTreeSet<String>);
 /// Why a tag was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid tag {tag:?}: {reason}")]
+#[non_exhaustive]
 pub struct TagError {
     /// The offending tag.
     pub tag: String,

@@ -252,10 +252,18 @@ impl fmt::Debug for LaunchSpec {
 
 /// A class's reference to one started agent (a pid, a Batch job id, ...).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Handle {
     /// Class-specific identifier, shown to users as the slot's platform
     /// handle.
     pub id: String,
+}
+
+impl Handle {
+    /// A handle with the class's identifier of one started worker.
+    pub fn new(id: impl Into<String>) -> Self {
+        Self { id: id.into() }
+    }
 }
 
 /// What a probe found.
@@ -358,6 +366,35 @@ impl WorkerError {
     }
 }
 
+/// One option of a worker class (`--opt NAME=VALUE`), as
+/// [`Worker::options`] lists it and `crew classes NAME` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub struct OptionSpec {
+    /// Its key (`--opt KEY=VALUE`).
+    pub name: String,
+    /// What it does, for `crew classes`.
+    #[serde(default)]
+    pub help: String,
+    /// True when a recruit must give it.
+    #[serde(default)]
+    pub required: bool,
+}
+
+impl OptionSpec {
+    /// An optional option.
+    pub fn new(name: impl Into<String>, help: impl Into<String>) -> Self {
+        Self { name: name.into(), help: help.into(), required: false }
+    }
+
+    /// This option, required.
+    #[must_use]
+    pub fn required(mut self) -> Self {
+        self.required = true;
+        self
+    }
+}
+
 /// A backend class: starts agents somewhere, probes them, stops them.
 ///
 /// # Contract
@@ -400,6 +437,13 @@ pub trait Worker: Send + Sync + fmt::Debug + 'static {
 
     /// What the class can do.
     fn capabilities(&self) -> Capabilities;
+
+    /// The options the class takes, for `crew classes NAME` and the plugin
+    /// handshake; [`Worker::check_options`] still decides what is valid.
+    /// The default: none.
+    fn options(&self) -> Vec<OptionSpec> {
+        Vec::new()
+    }
 
     /// Checks the class options given at recruit time (`--opt key=value`),
     /// so that mistakes are reported before anything is launched. The

@@ -398,15 +398,7 @@ async fn store_outputs(store: &dyn Store, id: JobId, attempt: u32, dir: &Path, s
             None => text,
         });
     }
-    let manifest = staging::Manifest {
-        v: staging::MANIFEST_FORMAT,
-        id,
-        name: spec.name.clone(),
-        attempt,
-        status: result.status,
-        objects: objects.clone(),
-        sha256: None,
-    };
+    let manifest = staging::Manifest::new(id, spec.name.clone(), attempt, result.status, objects.clone());
     let written = match (staging::manifest_key_in(&prefix, attempt), manifest.to_bytes()) {
         (Ok(key), Ok(bytes)) => store.put_bytes(&key, Bytes::from(bytes)).await.map(drop).map_err(|e| e.to_string()),
         (Err(e), _) => Err(e.to_string()),
@@ -524,20 +516,16 @@ impl Job<'_> {
     }
 
     fn ended_at(&self, o: Outcome, finished: Timestamp, wall: Duration) -> JobResult {
-        JobResult {
-            status: o.status,
-            exit_code: o.exit_code,
-            signal: o.signal,
-            error: o.error,
-            stdout: o.stdout,
-            stderr: o.stderr,
-            started: self.started,
-            finished,
-            wall_seconds: wall.as_secs_f64(),
-            cpu_seconds: o.cpu_seconds,
-            peak_rss_bytes: o.peak_rss_bytes,
-            objects: Vec::new(),
-        }
+        let mut r = JobResult::new(o.status, self.started, finished);
+        r.exit_code = o.exit_code;
+        r.signal = o.signal;
+        r.error = o.error;
+        r.stdout = o.stdout;
+        r.stderr = o.stderr;
+        r.wall_seconds = wall.as_secs_f64();
+        r.cpu_seconds = o.cpu_seconds;
+        r.peak_rss_bytes = o.peak_rss_bytes;
+        r
     }
 
     /// The store key of a whole stream: `jobs/<id>/<attempt>/<stream>`.
@@ -654,13 +642,14 @@ async fn run_builtin(job: &Job<'_>, name: &str, args: &serde_json::Value, cancel
 async fn capture_text(job: &Job<'_>, stream: &str, text: String, outcome: &mut Outcome) -> Captured {
     let cap = job.ctx.inline_cap;
     if text.len() <= cap {
-        return Captured { bytes: text.len() as u64, text, truncated: false, key: None };
+        let bytes = text.len() as u64;
+        return Captured::inline(text, bytes, false);
     }
     let mut end = cap;
     while !text.is_char_boundary(end) {
         end -= 1;
     }
-    let mut captured = Captured { text: text[..end].to_owned(), bytes: text.len() as u64, truncated: true, key: None };
+    let mut captured = Captured::inline(text[..end].to_owned(), text.len() as u64, true);
     if let Some((store, key)) = job.spill_target(stream, outcome) {
         match store.put_bytes(&key, Bytes::from(text)).await {
             Ok(_) => captured.key = Some(key.as_str().to_owned()),
@@ -906,7 +895,7 @@ async fn collect(job: &Job<'_>, stream: &str, file: &File, outcome: &mut Outcome
             return Captured::default();
         }
     };
-    let mut captured = Captured { text, bytes, truncated: bytes > job.ctx.inline_cap as u64, key: None };
+    let mut captured = Captured::inline(text, bytes, bytes > job.ctx.inline_cap as u64);
     if captured.truncated {
         if let Some((store, key)) = job.spill_target(stream, outcome) {
             match store.put_file(&key, &job.ctx.scratch.join(stream)).await {

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 
-use crew_core::job::{Input, InputSource};
+use crew_core::job::Input;
 use crew_core::output::{Output, Status, StoredObject, Timestamp};
 use crew_core::staging::{self, StageError};
 use crew_core::store::{Store, StoreError, StoreKey};
@@ -508,7 +508,7 @@ impl Engine<'_> {
                     Ok((sha, size)) => {
                         let key = cas_key(&sha)?.as_str().to_owned();
                         sources.push((path.clone(), sha.clone()));
-                        vec![StoredObject { name: path.clone(), key, size, sha256: sha }]
+                        vec![StoredObject::new(path.clone(), key, size, sha)]
                     }
                     Err(e) => {
                         problem = Some(format!("cannot read source input {path}: {e}"));
@@ -629,10 +629,7 @@ impl Engine<'_> {
         spec.retries = def.retries;
         spec.cpu = def.cpu;
         spec.memory = def.memory;
-        spec.inputs = inputs
-            .into_values()
-            .map(|o| Input { name: o.name, source: InputSource::Object { key: o.key, size: o.size, sha256: o.sha256 } })
-            .collect();
+        spec.inputs = inputs.into_values().map(|o| Input::object(o.name, o.key, o.size, o.sha256)).collect();
         spec.outputs = job.outputs.clone();
         spec.output_prefix = Some(format!("{OBJECTS_PREFIX}/{hash}/{}", self.run));
         if let Err(e) = spec.validate() {

@@ -210,6 +210,28 @@ impl SlotFilter {
     }
 }
 
+/// Where a job is, for a per-job query ([`Scheduler::job_view`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum JobPlace {
+    /// Waiting for a worker.
+    Queued,
+    /// Sent to the slot's worker, behind another job there (prefetched).
+    Waiting(SlotId),
+    /// The first job of the slot's worker: running, or about to.
+    Running(SlotId),
+}
+
+/// One job as the scheduler sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct JobView {
+    /// Where it is.
+    pub place: JobPlace,
+    /// Attempts started so far (the current one when it runs).
+    pub attempt: u32,
+}
+
 /// A view of one slot for `status`.
 #[derive(Clone, Debug)]
 pub struct SlotView<'a> {
@@ -382,6 +404,23 @@ impl Scheduler {
     /// The job's spec, while the scheduler knows it.
     pub fn job(&self, id: JobId) -> Option<&Arc<JobSpec>> {
         self.jobs.get(&id).map(|j| &j.spec)
+    }
+
+    /// Where the job is and its attempt, while the scheduler knows it
+    /// (until its output is delivered).
+    pub fn job_view(&self, id: JobId) -> Option<JobView> {
+        let j = self.jobs.get(&id)?;
+        let place = match j.state {
+            JobState::Queued(_) => JobPlace::Queued,
+            JobState::Assigned(slot) => {
+                if self.slots[slot.0 as usize].jobs.front() == Some(&id) {
+                    JobPlace::Running(slot)
+                } else {
+                    JobPlace::Waiting(slot)
+                }
+            }
+        };
+        Some(JobView { place, attempt: j.attempt })
     }
 
     /// The job's seed, while the scheduler knows it.

@@ -182,7 +182,7 @@ impl AwsBatchWorker {
         self
     }
 
-    fn options(&self, options: &BTreeMap<String, String>) -> Result<BatchOptions, WorkerError> {
+    fn parse_options(&self, options: &BTreeMap<String, String>) -> Result<BatchOptions, WorkerError> {
         BatchOptions::parse(&self.inner.defaults, options)
     }
 
@@ -345,10 +345,10 @@ impl AwsBatchWorker {
         };
         debug!(job = %id, members = run.len(), "submitted a Batch job");
         let handles: Vec<Handle> = if run.len() == 1 {
-            vec![Handle { id }]
+            vec![Handle::new(id)]
         } else {
             self.arrays().insert(id.clone(), run.len());
-            (0..run.len()).map(|i| Handle { id: format!("{id}:{i}") }).collect()
+            (0..run.len()).map(|i| Handle::new(format!("{id}:{i}"))).collect()
         };
         if let Some((key, _)) = secret {
             let mut secrets = self.secrets();
@@ -604,12 +604,16 @@ impl Worker for AwsBatchWorker {
         Capabilities::remote(ARRAY_SIZE_MAX, DESCRIBE_MAX, self.inner.probe_interval)
     }
 
+    fn options(&self) -> Vec<crew_core::worker::OptionSpec> {
+        options::specs()
+    }
+
     fn check_options(&self, options: &BTreeMap<String, String>) -> Result<(), WorkerError> {
-        self.options(options).map(|_| ())
+        self.parse_options(options).map(|_| ())
     }
 
     async fn launch(&self, spec: &LaunchSpec) -> Result<Vec<Handle>, WorkerError> {
-        let opts = self.options(&spec.options)?;
+        let opts = self.parse_options(&spec.options)?;
         if spec.members.is_empty() {
             return Ok(Vec::new());
         }

@@ -29,6 +29,32 @@ pub const KEYS: [&str; 13] = [
     "agent-command",
 ];
 
+/// What each of [`KEYS`] means, for `crew classes aws-batch`.
+pub(crate) fn specs() -> Vec<crew_core::worker::OptionSpec> {
+    use crew_core::worker::OptionSpec;
+    let help = |k: &str| match k {
+        "job-queue" => "the job queue, name or ARN",
+        "job-definition" => "the job definition: name, name:revision or ARN",
+        "cpus" => "vCPUs per worker (2; 0.25 on Fargate)",
+        "memory" => "memory per worker: 4GiB, 4096MiB, 512M, or MiB",
+        "gpus" => "GPUs per worker",
+        "region" => "the AWS region, if not the standard chain's",
+        "endpoint" => "the Batch endpoint URL, if not AWS's",
+        "share-identifier" => "fair-share identifier",
+        "scheduling-priority" => "scheduling priority, 0-9999 (fair-share queues)",
+        "tags" => "AWS tags of the jobs, key=value,key=value",
+        "wall-grace" => "added to the slot's wall time for Batch's hard timeout (default 15m)",
+        "name-prefix" => "the start of the Batch job names (default crew)",
+        _ => "the container command that starts the worker (default: crew worker)",
+    };
+    KEYS.iter()
+        .map(|k| {
+            let spec = OptionSpec::new(*k, format!("{} [{}]", help(k), env_name(k)));
+            if matches!(*k, "job-queue" | "job-definition") { spec.required() } else { spec }
+        })
+        .collect()
+}
+
 /// The prefix of the environment variables that give options defaults:
 /// `CREW_AWS_JOB_QUEUE` for `job-queue`, and so on (upper case, `_` for `-`).
 pub const ENV_PREFIX: &str = "CREW_AWS_";

@@ -196,7 +196,7 @@ impl Worker for LocalWorker {
                         this.procs().insert(pid, Proc::Exited(reason));
                     });
                     started.push(pid);
-                    handles.push(Handle { id: pid.to_string() });
+                    handles.push(Handle::new(pid.to_string()));
                 }
                 Err(e) => {
                     // All or nothing: stop what this launch started.

@@ -449,7 +449,7 @@ impl Worker for SlurmWorker {
             }
         };
         debug!(job = %job, members = spec.members.len(), "submitted a Slurm array");
-        let handles: Vec<Handle> = spec.members.iter().map(|m| Handle { id: format!("{job}_{}", m.index) }).collect();
+        let handles: Vec<Handle> = spec.members.iter().map(|m| Handle::new(format!("{job}_{}", m.index))).collect();
         lock(&self.inner.launches).insert(dir.path.clone(), handles.iter().map(|h| h.id.clone()).collect());
         let mut jobs = self.jobs();
         for (h, m) in handles.iter().zip(&spec.members) {

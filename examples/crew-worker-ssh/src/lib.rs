@@ -21,14 +21,22 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use crew_core::worker::{
-    Capabilities, ENV_TOKEN, ENV_TOKEN_STDIN, Handle, LaunchSpec, Liveness, Worker, WorkerError, is_secret_var,
+    Capabilities, ENV_TOKEN, ENV_TOKEN_STDIN, Handle, LaunchSpec, Liveness, OptionSpec, Worker, WorkerError,
+    is_secret_var,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::process::{Child, ChildStdin};
 
 /// The class name.
 pub const CLASS: &str = "ssh";
-const OPTIONS: [&str; 6] = ["host", "user", "port", "identity", "known_hosts", "agent"];
+const OPTIONS: [(&str, &str); 6] = [
+    ("host", "machines to start workers on, comma separated (slots go round them)"),
+    ("user", "the login name (default: ssh's)"),
+    ("port", "the ssh port (default: ssh's)"),
+    ("identity", "a private key file"),
+    ("known_hosts", "a known-hosts file (default: ssh's own; new hosts are accepted)"),
+    ("agent", "the agent program on the hosts (default: crew)"),
+];
 
 /// The `ssh` class; options given to [`SshWorker::with_defaults`] apply
 /// where a recruit leaves them out.
@@ -71,10 +79,15 @@ impl Worker for SshWorker {
         Capabilities::remote(64, usize::MAX, Duration::from_millis(500))
     }
 
+    fn options(&self) -> Vec<OptionSpec> {
+        OPTIONS.iter().map(|(name, help)| OptionSpec::new(*name, *help)).collect()
+    }
+
     fn check_options(&self, options: &BTreeMap<String, String>) -> Result<(), WorkerError> {
         let bad = |message: String| Err(WorkerError::Options { class: CLASS.into(), message });
-        if let Some(k) = options.keys().find(|k| !OPTIONS.contains(&k.as_str())) {
-            return bad(format!("unknown option {k:?}: the ssh class takes {}", OPTIONS.join(", ")));
+        if let Some(k) = options.keys().find(|k| !OPTIONS.iter().any(|(name, _)| name == k)) {
+            let names: Vec<&str> = OPTIONS.iter().map(|(name, _)| *name).collect();
+            return bad(format!("unknown option {k:?}: the ssh class takes {}", names.join(", ")));
         }
         let merged: BTreeMap<_, _> = self.defaults.iter().chain(options).collect();
         if merged.get(&"host".to_owned()).is_none_or(|h| h.split(',').all(|h| h.trim().is_empty())) {
@@ -131,7 +144,7 @@ impl Worker for SshWorker {
                 .await
                 .map_err(|e| Self::error(format!("ssh {host} took no token: {e}")))?;
             self.sessions.lock().map_err(|_| Self::error("poisoned".into()))?.insert(pid, (child, stdin));
-            handles.push(Handle { id: pid.to_string() });
+            handles.push(Handle::new(pid.to_string()));
         }
         Ok(handles)
     }

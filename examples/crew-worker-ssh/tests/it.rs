@@ -87,7 +87,9 @@ fn sshd() -> Option<Sshd> {
     Some(Sshd { child, port, dir })
 }
 
-fn options(sshd: &Sshd, agent: &str) -> BTreeMap<String, String> {
+/// The options that reach the test's sshd; `agent`, when given, is the
+/// agent program every launch runs on the host.
+fn options(sshd: &Sshd, agent: Option<&str>) -> BTreeMap<String, String> {
     let d: PathBuf = sshd.dir.path().to_owned();
     let user = std::env::var("USER").ok().filter(|u| !u.is_empty()).unwrap_or_else(|| "root".into());
     [
@@ -96,9 +98,9 @@ fn options(sshd: &Sshd, agent: &str) -> BTreeMap<String, String> {
         ("user", user),
         ("identity", d.join("client_key").display().to_string()),
         ("known_hosts", d.join("known_hosts").display().to_string()),
-        ("agent", agent.to_owned()),
     ]
     .into_iter()
+    .chain(agent.map(|a| ("agent", a.to_owned())))
     .map(|(k, v)| (k.to_owned(), v))
     .collect()
 }
@@ -107,16 +109,19 @@ fn options(sshd: &Sshd, agent: &str) -> BTreeMap<String, String> {
 async fn ssh_class_passes_the_worker_conformance_kit_against_a_real_sshd() {
     let Some(sshd) = sshd() else { return };
     let exe = std::env::current_exe().expect("test binary path").to_string_lossy().into_owned();
+    // The agent's name on the host is this binary's path (same machine),
+    // and no `agent` option overrides it: the kit's launch of a program
+    // that does not exist must really fail, and fast.
     let agent = AgentCommand {
         program: exe.clone(),
         args: ["--exact", "agent_entry", "--include-ignored", "--nocapture", "--test-threads=1", "-q"]
             .map(String::from)
             .to_vec(),
-        name: None,
+        name: Some(exe.clone()),
     };
     let mut kit = WorkerKit::local(agent);
     kit.launch_timeout = Duration::from_secs(30);
-    worker(SshWorker::with_defaults(options(&sshd, &exe)), kit).await;
+    worker(SshWorker::with_defaults(options(&sshd, None)), kit).await;
 }
 
 #[test]
@@ -170,8 +175,12 @@ fn the_stock_crew_uses_the_ssh_class_as_a_path_plugin() {
     let (code, stdout, stderr) = crew_cmd(&["classes", "--json"]);
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stdout.contains("\"ssh\""), "crew classes does not list ssh: {stdout}");
+    // Its options, from the plugin's handshake.
+    let (code, stdout, stderr) = crew_cmd(&["classes", "ssh", "--json"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("\"source\":\"path\"") && stdout.contains("\"name\":\"host\""), "{stdout}");
     let mut args = vec!["conformance".to_owned(), "--class".into(), "ssh".into()];
-    for (k, v) in options(&sshd, &crew.display().to_string()) {
+    for (k, v) in options(&sshd, Some(&crew.display().to_string())) {
         args.push("--opt".into());
         args.push(format!("{k}={v}"));
     }
@@ -185,7 +194,7 @@ fn the_stock_crew_uses_the_ssh_class_as_a_path_plugin() {
     std::fs::write(&jobs, "echo one\necho two\necho three\n").expect("jobs");
     let mut run: Vec<String> =
         ["run", "--json", "--workers", "2", "--class", "ssh", "--tls", "always"].map(String::from).to_vec();
-    for (k, v) in options(&sshd, &crew.display().to_string()) {
+    for (k, v) in options(&sshd, Some(&crew.display().to_string())) {
         run.push("--opt".into());
         run.push(format!("{k}={v}"));
     }
@@ -203,4 +212,38 @@ fn the_stock_crew_uses_the_ssh_class_as_a_path_plugin() {
     let (code, _, stderr) = crew_cmd(&["run", "--class", "ssh", "--opt", "hots=x", &jobs.display().to_string()]);
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("hots"), "{stderr}");
+}
+
+/// The compiled-in way: the example `crew-ssh`
+/// (`crew_cli::App::new().with_class(SshWorker::default()).run()`) has
+/// `ssh` as a built-in class, and runs jobs on it with itself as the
+/// remote agent, with no plugin on `PATH`.
+#[test]
+fn a_crew_built_with_the_ssh_class_runs_jobs_on_it() {
+    let Some(sshd) = sshd() else { return };
+    let exe = std::env::current_exe().expect("test path");
+    let custom = exe.parent().and_then(Path::parent).map(|d| d.join("examples").join("crew-ssh"));
+    let Some(custom) = custom.filter(|c| c.exists()) else {
+        assert!(std::env::var_os("CI").is_none(), "the example crew-ssh was not built (cargo test builds examples)");
+        eprintln!("skipped: build the example first (cargo build -p crew-worker-ssh --example crew-ssh)");
+        return;
+    };
+    let run = |args: &[String]| {
+        let out = Command::new(&custom).args(args).env_remove("CREW_DIR").output().expect("crew-ssh runs");
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+    let (code, stdout, stderr) = run(&["classes".into(), "ssh".into(), "--json".into()]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("\"source\":\"built-in\"") && stdout.contains("\"name\":\"identity\""), "{stdout}");
+    let jobs = sshd.dir.path().join("custom-jobs.txt");
+    std::fs::write(&jobs, "echo a\necho b\n").expect("jobs");
+    let mut args: Vec<String> = ["run", "--json", "--workers", "2", "--class", "ssh"].map(String::from).to_vec();
+    for (k, v) in options(&sshd, Some(&custom.display().to_string())) {
+        args.extend(["--opt".into(), format!("{k}={v}")]);
+    }
+    args.push(jobs.display().to_string());
+    let (code, stdout, stderr) = run(&args);
+    assert_eq!(code, Some(0), "crew-ssh run --class ssh failed:\n{stdout}\n{stderr}");
+    assert_eq!(stdout.lines().filter(|l| l.contains("\"status\":\"succeeded\"")).count(), 2, "{stdout}");
 }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use bytes::BytesMut;
 use crew_core::job::JobId;
-use crew_core::output::{Captured, Timestamp};
+use crew_core::output::Timestamp;
 use crew_core::protocol::{self, AgentMsg, ControllerMsg, RunJob};
 use crew_core::{JobSpec, Status};
 use crew_exec::JobResult;
@@ -47,29 +47,11 @@ pub(super) fn noop_frame_sizes() -> anyhow::Result<(usize, usize)> {
     )
     .context("cannot encode a run frame")?;
     let now = Timestamp::now();
+    let mut result = JobResult::new(Status::Succeeded, now, now);
+    result.wall_seconds = 1e-6;
     let mut done = BytesMut::new();
-    protocol::encode(
-        &AgentMsg::Done {
-            job: JobId(12_345),
-            attempt: 1,
-            result: Box::new(JobResult {
-                status: Status::Succeeded,
-                exit_code: None,
-                signal: None,
-                error: None,
-                stdout: Captured::default(),
-                stderr: Captured::default(),
-                started: now,
-                finished: now,
-                wall_seconds: 1e-6,
-                cpu_seconds: 0.0,
-                peak_rss_bytes: 0,
-                objects: Vec::new(),
-            }),
-        },
-        &mut done,
-    )
-    .context("cannot encode a done frame")?;
+    protocol::encode(&AgentMsg::Done { job: JobId(12_345), attempt: 1, result: Box::new(result) }, &mut done)
+        .context("cannot encode a done frame")?;
     Ok((run.len(), done.len()))
 }
 

@@ -20,7 +20,8 @@ pub(crate) struct CancelArgs {
 use crate::wire::Cancelled;
 
 pub(crate) fn cancel(ctx: &Ctx, args: CancelArgs) -> Result<u8, Failure> {
-    let answer: Cancelled = ctx.client()?.post("/v1/cancel", &serde_json::json!({"ids": args.ids})).map_err(api)?;
+    let answer: Cancelled =
+        ctx.client()?.post("/v1/cancel", &crate::wire::CancelRequest { ids: args.ids }).map_err(api)?;
     if args.json {
         print_json(&answer)?;
     } else {

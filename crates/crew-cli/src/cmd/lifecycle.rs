@@ -38,6 +38,16 @@ pub(crate) struct UpArgs {
     /// always, over `[daemon] tls` and `CREW_TLS`.
     #[arg(long, value_name = "MODE")]
     tls: Option<crew_controller::TlsMode>,
+    /// Also serve the API on TCP at IP:PORT (127.0.0.1:PORT for clients
+    /// on this machine; another address for other machines, then with
+    /// TLS), over `[daemon] http` and `CREW_HTTP`. Every request needs the
+    /// bearer token in .crew/http.token (new at each start).
+    #[arg(long, value_name = "IP:PORT")]
+    http: Option<std::net::SocketAddr>,
+    /// A host name clients use to reach that listener, besides IP
+    /// addresses and localhost (repeatable), over `[daemon] http_hosts`.
+    #[arg(long = "http-host", value_name = "NAME")]
+    http_hosts: Vec<String>,
 }
 
 pub(crate) fn up(ctx: &Ctx, args: UpArgs) -> Result<u8, Failure> {
@@ -57,6 +67,8 @@ pub(crate) fn up(ctx: &Ctx, args: UpArgs) -> Result<u8, Failure> {
         listen: args.listen,
         advertise: args.advertise.clone(),
         tls: args.tls,
+        http: args.http,
+        http_hosts: args.http_hosts.clone(),
     };
     let (_, health) = project::ensure_daemon_with(ctx.dir(), &overrides)?;
     if let Some(differs) = workers_setting_differs(&overrides, &health) {
@@ -99,10 +111,20 @@ fn workers_setting_differs(wanted: &project::DaemonOverrides, health: &project::
             return Some(format!("workers told to dial {have}, not {want}"));
         }
     }
-    if let (Some(want), Some(have)) = (wanted.tls, Some(&health.workers.tls)) {
-        if want.as_str() != have {
+    if let Some(want) = wanted.http {
+        let have: Option<std::net::SocketAddr> = health.http.as_ref().and_then(|h| h.listen.parse().ok());
+        match have {
+            None => return Some(format!("no HTTP listener, not --http {want}")),
+            Some(have) if want.ip() != have.ip() || (want.port() != 0 && want.port() != have.port()) => {
+                return Some(format!("its HTTP listener on {have}, not {want}"));
+            }
+            Some(_) => {}
+        }
+    }
+    if let (Some(want), have) = (wanted.tls, health.workers.tls) {
+        if want != have {
             let now = if health.workers.tls_sha256.is_some() { "encrypted beyond loopback" } else { "in plaintext" };
-            return Some(format!("--tls {have} (worker connections {now}), not --tls {}", want.as_str()));
+            return Some(format!("--tls {have} (worker connections {now}), not --tls {want}"));
         }
     }
     None
@@ -129,10 +151,10 @@ pub(crate) fn down(ctx: &Ctx, _args: DownArgs) -> Result<u8, Failure> {
         eprintln!("crew: no daemon is running for {}", ctx.dir().display());
         return Ok(EXIT_OK);
     };
-    match client.post::<_, serde_json::Value>("/v1/down", &serde_json::json!({})) {
+    match client.post::<_, serde_json::Value>("/v1/down", &crate::wire::Empty {}) {
         Ok(_) => {}
         // Already stopping (another `crew down`): wait for it all the same.
-        Err(ClientError::Api(e)) if e.code == "shutting_down" => {}
+        Err(ClientError::Api(e)) if e.code == crate::wire::ErrorCode::ShuttingDown => {}
         Err(e) => return Err(api(e)),
     }
     drop(client);

@@ -37,7 +37,13 @@ use crate::wire::Received;
 
 pub(crate) fn receive(ctx: &Ctx, args: ReceiveArgs) -> Result<u8, Failure> {
     let timeout = check_duration("--timeout", args.timeout)?;
-    let body = serde_json::json!({"wait": args.wait, "timeout": timeout, "all": args.all, "name": args.name});
+    let body = crate::wire::ReceiveRequest {
+        wait: args.wait,
+        timeout: crate::wire::duration_value(timeout),
+        all: args.all,
+        name: args.name,
+        ids: None,
+    };
     let got: Received = ctx.client()?.post("/v1/receive", &body).map_err(api)?;
     if got.outputs.is_empty() {
         if got.pending == 0 {

@@ -6,13 +6,12 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use crew_core::job::{Input, InputSource, LineDefaults, parse_job_file, parse_job_value};
+use crew_core::job::{Input, LineDefaults, parse_job_file, parse_job_value};
 use crew_core::{Command, JobSpec, Tags};
-use serde::Serialize;
 
 use super::{Ctx, api, print_json};
 use crate::{EXIT_OK, EXIT_USAGE, Failure};
@@ -89,16 +88,15 @@ pub(crate) fn send(ctx: &Ctx, args: SendArgs) -> Result<u8, Failure> {
     let inputs = super::input_flags(&args.input)?;
     let body = match &args.file {
         Some(file) => {
-            let defaults = LineDefaults {
-                tags,
-                timeout,
-                retries: args.retries,
-                cpu,
-                memory,
-                inputs,
-                outputs: args.output.clone(),
-                env_inherit: args.env_inherit.clone(),
-            };
+            let mut defaults = LineDefaults::default();
+            defaults.tags = tags;
+            defaults.timeout = timeout;
+            defaults.retries = args.retries;
+            defaults.cpu = cpu;
+            defaults.memory = memory;
+            defaults.inputs = inputs;
+            defaults.outputs = args.output.clone();
+            defaults.env_inherit = args.env_inherit.clone();
             match file_body(file, &defaults)? {
                 Some(body) => body,
                 None => return Ok(EXIT_USAGE),
@@ -147,7 +145,7 @@ fn one_job_body(
     spec.outputs = args.output.clone();
     // Check it exactly as the daemon will, so that a bad job is reported
     // before any daemon is started.
-    let value = serde_json::to_value(WireJob::from(&spec)).map_err(Failure::internal)?;
+    let value = serde_json::to_value(spec.as_line()).map_err(Failure::internal)?;
     parse_job_value(value, &LineDefaults::default()).map_err(|e| Failure::usage(anyhow::anyhow!("{e}")))?;
     body(std::slice::from_ref(&spec))
 }
@@ -192,119 +190,10 @@ fn file_body(file: &str, defaults: &LineDefaults) -> Result<Option<Vec<u8>>, Fai
 
 /// `{"jobs": [...]}`, serialized once, straight from the parsed jobs.
 fn body(jobs: &[JobSpec]) -> Result<Vec<u8>, Failure> {
-    #[derive(Serialize)]
-    struct Body<'a> {
-        jobs: Vec<WireJob<'a>>,
-    }
-    let body = Body { jobs: jobs.iter().map(WireJob::from).collect() };
+    let body = crate::wire::SendRequest { jobs: jobs.iter().map(JobSpec::as_line).collect() };
     let mut out = Vec::with_capacity(64 + jobs.len() * 96);
     serde_json::to_writer(&mut out, &body).map_err(Failure::internal)?;
     Ok(out)
-}
-
-/// A job in the job-line JSON form (README, "Job lines"), borrowed from a
-/// parsed [`JobSpec`]; defaults are left out to keep big requests small.
-#[derive(Serialize)]
-struct WireJob<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    name: Option<&'a str>,
-    #[serde(skip_serializing_if = "Tags::is_empty")]
-    tags: &'a Tags,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    command: Option<&'a [String]>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    shell: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    builtin: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    args: Option<&'a serde_json::Value>,
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
-    env: &'a BTreeMap<String, String>,
-    #[serde(skip_serializing_if = "<[String]>::is_empty")]
-    env_inherit: &'a [String],
-    #[serde(skip_serializing_if = "Option::is_none")]
-    cwd: Option<&'a Path>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    stdin: Option<&'a str>,
-    /// Seconds.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    timeout: Option<f64>,
-    /// Seconds.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    cpu: Option<f64>,
-    /// Bytes.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    memory: Option<u64>,
-    #[serde(skip_serializing_if = "is_zero")]
-    retries: u32,
-    #[serde(skip_serializing_if = "is_default_crashes")]
-    crashes_max: u32,
-    #[serde(skip_serializing_if = "is_zero_i")]
-    priority: i32,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    inputs: Vec<WireInput<'a>>,
-    #[serde(skip_serializing_if = "<[String]>::is_empty")]
-    outputs: &'a [String],
-}
-
-/// An input in the job-line JSON form: `{"path", "name"}` or a staged
-/// object `{"name", "key", "size", "sha256"}`.
-#[derive(Serialize)]
-#[serde(untagged)]
-enum WireInput<'a> {
-    Path { path: &'a Path, name: &'a str },
-    Object { name: &'a str, key: &'a str, size: u64, sha256: &'a str },
-}
-
-impl<'a> From<&'a Input> for WireInput<'a> {
-    fn from(i: &'a Input) -> Self {
-        match &i.source {
-            InputSource::Path(path) => WireInput::Path { path, name: &i.name },
-            InputSource::Object { key, size, sha256 } => WireInput::Object { name: &i.name, key, size: *size, sha256 },
-        }
-    }
-}
-
-fn is_zero(n: &u32) -> bool {
-    *n == 0
-}
-
-fn is_zero_i(n: &i32) -> bool {
-    *n == 0
-}
-
-fn is_default_crashes(n: &u32) -> bool {
-    *n == crew_core::job::DEFAULT_CRASHES_MAX
-}
-
-impl<'a> From<&'a JobSpec> for WireJob<'a> {
-    fn from(s: &'a JobSpec) -> Self {
-        let (command, shell, builtin, args) = match &s.command {
-            Command::Argv(argv) => (Some(argv.as_slice()), None, None, None),
-            Command::Shell(line) => (None, Some(line.as_str()), None, None),
-            Command::Builtin { name, args } => (None, None, Some(name.as_str()), (!args.is_null()).then_some(args)),
-        };
-        WireJob {
-            name: s.name.as_deref(),
-            tags: &s.tags,
-            command,
-            shell,
-            builtin,
-            args,
-            env: &s.env,
-            env_inherit: &s.env_inherit,
-            cwd: s.cwd.as_deref(),
-            stdin: s.stdin.as_deref(),
-            timeout: s.timeout.map(|d| d.as_secs_f64()),
-            cpu: s.cpu.map(|d| d.as_secs_f64()),
-            memory: s.memory,
-            retries: s.retries,
-            crashes_max: s.crashes_max,
-            priority: s.priority,
-            inputs: s.inputs.iter().map(WireInput::from).collect(),
-            outputs: &s.outputs,
-        }
-    }
 }
 
 #[cfg(test)]

@@ -50,6 +50,11 @@ pub(crate) fn status(ctx: &Ctx, args: StatusArgs) -> Result<u8, Failure> {
         Some(pin) => println!("workers dial {} (TLS, certificate sha256 {pin})", s.workers.advertise),
         None => println!("workers dial {} (loopback, plaintext)", s.workers.advertise),
     }
+    if let Some(h) = &s.http {
+        let scheme = if h.tls_sha256.is_some() { "https" } else { "http" };
+        let pin = h.tls_sha256.as_deref().map_or(String::new(), |p| format!(", certificate sha256 {p}"));
+        println!("API also on {scheme}://{} (bearer token in {}{pin})", h.listen, h.token_file.display());
+    }
     Ok(EXIT_OK)
 }
 

@@ -1,10 +1,7 @@
 //! Managing worker slots: `crew recruit`, `launch`, `shutdown`, `dismiss`
 //! and `restart`.
 
-use std::collections::BTreeMap;
-
 use clap::Args;
-use serde::Serialize;
 
 use super::{Ctx, api, check_duration, opt_tags, parse_tags, print_json};
 use crate::{EXIT_OK, Failure};
@@ -41,21 +38,7 @@ pub(crate) struct RecruitArgs {
     json: bool,
 }
 
-#[derive(Serialize)]
-struct RecruitBody {
-    class: String,
-    workers: u32,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tags: Option<Vec<String>>,
-    idle: Option<String>,
-    wall: Option<String>,
-    tasks_max: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    launch_timeout: Option<String>,
-    options: BTreeMap<String, String>,
-}
-
-use crate::wire::Recruited;
+use crate::wire::{self, Recruited};
 
 pub(crate) fn recruit(ctx: &Ctx, args: RecruitArgs) -> Result<u8, Failure> {
     if args.workers == 0 {
@@ -65,15 +48,16 @@ pub(crate) fn recruit(ctx: &Ctx, args: RecruitArgs) -> Result<u8, Failure> {
         return Err(Failure::usage(anyhow::anyhow!("--tasks-max must be at least 1 (leave it out for no limit)")));
     }
     let options = super::parse_opts(&args.opts)?;
-    let body = RecruitBody {
+    let body = wire::RecruitRequest {
         class: args.class,
         workers: args.workers,
         tags: opt_tags("--tags", args.tags.as_deref())?,
-        idle: check_duration("--idle", args.idle)?,
-        wall: check_duration("--wall", args.wall)?,
+        idle: wire::duration_value(check_duration("--idle", args.idle)?),
+        wall: wire::duration_value(check_duration("--wall", args.wall)?),
         tasks_max: args.tasks_max,
-        launch_timeout: check_duration("--launch-timeout", args.launch_timeout)?,
-        options,
+        launch_timeout: wire::duration_value(check_duration("--launch-timeout", args.launch_timeout)?),
+        options: Some(options),
+        ..Default::default()
     };
     let answer: Recruited = ctx.client()?.post("/v1/recruit", &body).map_err(api)?;
     for w in &answer.warnings {
@@ -103,7 +87,10 @@ pub(crate) struct LaunchArgs {
 }
 
 pub(crate) fn launch(ctx: &Ctx, args: LaunchArgs) -> Result<u8, Failure> {
-    let body = serde_json::json!({"tags": opt_tags("--tags", args.tags.as_deref())?, "workers": args.workers});
+    let body = wire::LaunchRequest {
+        tags: opt_tags("--tags", args.tags.as_deref())?,
+        workers: args.workers.map(|n| n as usize),
+    };
     count_command(ctx, "/v1/launch", &body, "launched", args.json)
 }
 
@@ -124,11 +111,8 @@ pub(crate) struct ShutdownArgs {
 }
 
 pub(crate) fn shutdown(ctx: &Ctx, args: ShutdownArgs) -> Result<u8, Failure> {
-    let body = serde_json::json!({
-        "all": args.all,
-        "tags": opt_tags("--tags", args.tags.as_deref())?,
-        "slot": args.slot,
-    });
+    let body =
+        wire::ShutdownRequest { all: args.all, tags: opt_tags("--tags", args.tags.as_deref())?, slot: args.slot };
     count_command(ctx, "/v1/shutdown", &body, "stopped", args.json)
 }
 
@@ -147,7 +131,7 @@ pub(crate) struct DismissArgs {
 
 pub(crate) fn dismiss(ctx: &Ctx, args: DismissArgs) -> Result<u8, Failure> {
     let tags = args.tags.as_deref().map(|t| parse_tags("--tags", t)).transpose()?;
-    let body = serde_json::json!({"tags": tags, "slot": args.slot});
+    let body = wire::DismissRequest { tags, slot: args.slot };
     count_command(ctx, "/v1/dismiss", &body, "dismissed", args.json)
 }
 
@@ -159,11 +143,11 @@ pub(crate) struct RestartArgs {
 }
 
 pub(crate) fn restart(ctx: &Ctx, args: RestartArgs) -> Result<u8, Failure> {
-    count_command(ctx, "/v1/restart", &serde_json::json!({}), "restarted", args.json)
+    count_command(ctx, "/v1/restart", &wire::Empty {}, "restarted", args.json)
 }
 
 /// POSTs `body`, whose answer is `{key: N}`; prints `key N` or the JSON.
-fn count_command(ctx: &Ctx, path: &str, body: &serde_json::Value, key: &str, json: bool) -> Result<u8, Failure> {
+fn count_command<B: serde::Serialize>(ctx: &Ctx, path: &str, body: &B, key: &str, json: bool) -> Result<u8, Failure> {
     let answer: serde_json::Value = ctx.client()?.post(path, body).map_err(api)?;
     if json {
         print_json(&answer)?;

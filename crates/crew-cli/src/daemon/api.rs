@@ -29,16 +29,16 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::sync::{Notify, watch};
 
 use super::journal::JournalWriter;
 use super::outputs::OutputsLog;
+use super::telemetry::{self, Telemetry};
 use crate::config::RecruitDefaults;
 use crate::registry::{ClassError, Registry};
-use crate::wire;
+use crate::wire::{self, ErrorCode};
 
 /// Largest request body accepted.
 const MAX_BODY: usize = 64 * 1024 * 1024;
@@ -68,6 +68,10 @@ pub(crate) struct Daemon {
     /// Stages the inputs of sent jobs into the store; its cache of file
     /// digests lives as long as the daemon.
     stager: Stager,
+    /// Events, metrics and job times.
+    telemetry: Arc<Telemetry>,
+    /// The TCP listener of the API, once bound.
+    http: std::sync::OnceLock<wire::HttpInfo>,
 }
 
 #[derive(Default)]
@@ -95,8 +99,11 @@ impl Daemon {
         journal: JournalWriter,
         outputs: OutputsLog,
         defaults: RecruitDefaults,
+        telemetry: Arc<Telemetry>,
     ) -> Self {
         Self {
+            telemetry,
+            http: std::sync::OnceLock::new(),
             controller,
             stager: Stager::new(Arc::clone(&store)),
             store,
@@ -122,6 +129,11 @@ impl Daemon {
         // A panic elsewhere cannot leave `Inner` half-updated in a way
         // that matters more than stopping to answer; keep serving.
         self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records the API's TCP listener, for `GET /v1/health`.
+    pub(crate) fn set_http(&self, info: wire::HttpInfo) {
+        let _ = self.http.set(info);
     }
 
     /// Resolves when `POST /v1/down` was called.
@@ -150,8 +162,7 @@ impl Daemon {
     fn commit_error(&self, e: &super::journal::CommitError) -> ApiError {
         if e.is_disk_full() {
             ApiError::new(
-                StatusCode::INSUFFICIENT_STORAGE,
-                "disk_full",
+                ErrorCode::DiskFull,
                 format!(
                     "the disk of the project folder {} is full: nothing was done; free some space (the daemon takes \
                      work again by itself once it can write its journal)",
@@ -222,6 +233,7 @@ impl Daemon {
                     history.crashes += 1;
                 }
                 let slot = slot.filter(|_| self.controller.resumes());
+                self.telemetry.restored(id, &p.spec);
                 let job = RestoredJob { id, spec: p.spec, history, slot };
                 let restored = if p.cancelled {
                     Err("it was cancelled by the user".to_owned())
@@ -306,6 +318,7 @@ impl Daemon {
                 }
             }
         }
+        self.telemetry.ended(&outputs);
         let mut inner = self.lock();
         for output in outputs {
             inner.unfinished.remove(&output.id);
@@ -375,39 +388,40 @@ const HELD_RETRY: Duration = Duration::from_millis(500);
 #[derive(Debug)]
 struct ApiError {
     status: StatusCode,
-    code: &'static str,
+    code: ErrorCode,
     message: String,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        let status = StatusCode::from_u16(code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         Self { status, code, message: message.into() }
     }
     fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+        Self::new(ErrorCode::BadRequest, message)
     }
     fn invalid_option(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "invalid_option", message)
+        Self::new(ErrorCode::InvalidOption, message)
     }
     fn not_found(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+        Self::new(ErrorCode::NotFound, message)
     }
     fn internal(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+        Self::new(ErrorCode::Internal, message)
     }
     fn shutting_down() -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the crew daemon is stopping")
+        Self::new(ErrorCode::ShuttingDown, "the crew daemon is stopping")
     }
 
     /// Maps a controller error of `send`/`recruit`.
     fn from_controller(e: ControllerError) -> Self {
         let message = e.to_string();
         match e {
-            ControllerError::InvalidJob(_) => Self::new(StatusCode::BAD_REQUEST, "invalid_job", message),
+            ControllerError::InvalidJob(_) => Self::new(ErrorCode::InvalidJob, message),
             ControllerError::Refused(SubmitError::NoMatchingSlot { .. } | SubmitError::AllBroken { .. }) => {
-                Self::new(StatusCode::UNPROCESSABLE_ENTITY, "no_matching_worker", message)
+                Self::new(ErrorCode::NoMatchingWorker, message)
             }
-            ControllerError::DuplicateName(_) => Self::new(StatusCode::CONFLICT, "duplicate_name", message),
+            ControllerError::DuplicateName(_) => Self::new(ErrorCode::DuplicateName, message),
             ControllerError::Recruit(m) => Self::invalid_option(m),
             ControllerError::Closed => Self::shutting_down(),
             _ => Self::internal(message),
@@ -421,6 +435,17 @@ type Answer = Result<Value, ApiError>;
 /// piece.
 pub(crate) type Body = UnsyncBoxBody<Bytes, std::io::Error>;
 
+/// The JSON error answer of `code` (for refusals made before routing).
+pub(crate) fn error_response(code: ErrorCode, message: String) -> Response<Body> {
+    let e = ApiError::new(code, message);
+    let mut res =
+        respond(e.status, &reply(&wire::ErrorAnswer { error: wire::ErrorDetail { code: e.code, message: e.message } }));
+    if code == ErrorCode::Unauthorized {
+        res.headers_mut().insert(hyper::header::WWW_AUTHENTICATE, hyper::header::HeaderValue::from_static("Bearer"));
+    }
+    res
+}
+
 fn respond(status: StatusCode, body: &Value) -> Response<Body> {
     let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
     let mut res = Response::new(Full::new(Bytes::from(bytes)).map_err(|never| match never {}).boxed_unsync());
@@ -433,6 +458,13 @@ fn respond(status: StatusCode, body: &Value) -> Response<Body> {
 pub(crate) async fn handle(d: Arc<Daemon>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    if method == Method::GET && !d.stopping() {
+        match path.as_str() {
+            "/metrics" => return Ok(metrics(&d)),
+            "/v1/events" => return Ok(events(&d)),
+            _ => {}
+        }
+    }
     if method == Method::GET {
         let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
         if let ["v1", "jobs", id, "logs", which @ ("stdout" | "stderr")] = segments.as_slice() {
@@ -443,7 +475,7 @@ pub(crate) async fn handle(d: Arc<Daemon>, req: Request<Incoming>) -> Result<Res
                         return Ok(respond(
                             e.status,
                             &reply(&wire::ErrorAnswer {
-                                error: wire::ErrorDetail { code: e.code.to_string(), message: e.message },
+                                error: wire::ErrorDetail { code: e.code, message: e.message },
                             }),
                         ));
                     }
@@ -462,9 +494,7 @@ pub(crate) async fn handle(d: Arc<Daemon>, req: Request<Incoming>) -> Result<Res
             }
             respond(
                 e.status,
-                &reply(&wire::ErrorAnswer {
-                    error: wire::ErrorDetail { code: e.code.to_string(), message: e.message },
-                }),
+                &reply(&wire::ErrorAnswer { error: wire::ErrorDetail { code: e.code, message: e.message } }),
             )
         }
     })
@@ -490,14 +520,16 @@ async fn route(d: &Arc<Daemon>, req: Request<Incoming>) -> Answer {
         (&Method::POST, ["v1", "shutdown"]) => shutdown(d, body(req).await?),
         (&Method::POST, ["v1", "dismiss"]) => dismiss(d, body(req).await?).await,
         (&Method::POST, ["v1", "restart"]) => {
-            let _: Empty = body(req).await?;
+            let _: wire::Empty = body(req).await?;
             Ok(reply(&wire::Restarted { restarted: d.controller.restart() }))
         }
         (&Method::POST, ["v1", "cancel"]) => cancel(d, body(req).await?).await,
+        (&Method::GET, ["v1", "jobs"]) => list_jobs(d, &query),
+        (&Method::GET, ["v1", "jobs", job]) => job_info(d, job),
         (&Method::GET, ["v1", "jobs", id, "logs"]) => logs(d, id).await,
         (&Method::GET, ["v1", "jobs", job, "objects"]) => objects(d, job),
         (&Method::POST, ["v1", "down"]) => {
-            let _: Empty = body(req).await?;
+            let _: wire::Empty = body(req).await?;
             d.begin_stop();
             d.down.notify_one();
             Ok(reply(&wire::Done { ok: true }))
@@ -514,8 +546,7 @@ async fn body<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError
         .map_err(|e| {
             if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
                 ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "body_too_large",
+                    ErrorCode::BodyTooLarge,
                     format!("the request body is larger than {MAX_BODY} bytes: send the jobs in smaller batches"),
                 )
             } else {
@@ -532,11 +563,6 @@ fn parse_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(bytes).map_err(|e| ApiError::bad_request(format!("invalid request body: {e}")))
 }
 
-/// A body with no fields.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Empty {}
-
 fn health(d: &Daemon) -> Value {
     reply(&wire::Health {
         ok: true,
@@ -545,6 +571,7 @@ fn health(d: &Daemon) -> Value {
         dir: d.dir.clone(),
         store: d.store.url(),
         workers: workers(d),
+        http: d.http.get().cloned(),
     })
 }
 
@@ -563,6 +590,7 @@ fn status(d: &Daemon) -> Value {
         slots: report.slots,
         jobs: wire::JobCounts { queued: report.queued as u64, running: running as u64, ready: ready as u64 },
         workers: workers(d),
+        http: d.http.get().cloned(),
     })
 }
 
@@ -570,7 +598,7 @@ fn workers(d: &Daemon) -> wire::Workers {
     wire::Workers {
         listen: d.controller.addr().to_string(),
         advertise: d.controller.advertised().to_owned(),
-        tls: d.controller.tls_mode().as_str().to_owned(),
+        tls: d.controller.tls_mode(),
         tls_sha256: d.controller.tls_fingerprint().map(str::to_owned),
     }
 }
@@ -599,30 +627,7 @@ fn tags(field: &str, v: Option<Vec<String>>) -> Result<Option<Tags>, ApiError> {
     v.map(|t| Tags::try_from(t).map_err(|e| ApiError::invalid_option(format!("{field}: {e}")))).transpose()
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RecruitReq {
-    class: String,
-    workers: u32,
-    #[serde(default)]
-    tags: Option<Vec<String>>,
-    #[serde(default)]
-    idle: Value,
-    #[serde(default)]
-    wall: Value,
-    #[serde(default)]
-    tasks_max: Option<u32>,
-    #[serde(default)]
-    launch_timeout: Value,
-    #[serde(default)]
-    launch_max: Option<u32>,
-    #[serde(default)]
-    prefetch: Option<u32>,
-    #[serde(default)]
-    options: Option<std::collections::BTreeMap<String, String>>,
-}
-
-async fn recruit(d: &Daemon, r: RecruitReq) -> Answer {
+async fn recruit(d: &Daemon, r: wire::RecruitRequest) -> Answer {
     // Off the daemon's threads: a plugin's first use starts it and waits
     // for its handshake (up to 10 s for one that hangs).
     let name = r.class.clone();
@@ -630,8 +635,8 @@ async fn recruit(d: &Daemon, r: RecruitReq) -> Answer {
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?
         .map_err(|e| match e {
-            ClassError::Unknown { .. } => ApiError::new(StatusCode::BAD_REQUEST, "unknown_class", e.to_string()),
-            ClassError::Plugin(_) => ApiError::new(StatusCode::BAD_GATEWAY, "class_failed", e.to_string()),
+            ClassError::Unknown { .. } => ApiError::new(ErrorCode::UnknownClass, e.to_string()),
+            ClassError::Plugin(_) => ApiError::new(ErrorCode::ClassFailed, e.to_string()),
         })?;
     // A field left out (or null) takes the daemon's default (crew.toml,
     // `CREW_*`), then the built-in one.
@@ -671,27 +676,12 @@ async fn recruit(d: &Daemon, r: RecruitReq) -> Answer {
     Ok(reply(&wire::Recruited { slots, warnings }))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LaunchReq {
-    #[serde(default)]
-    tags: Option<Vec<String>>,
-    #[serde(default)]
-    workers: Option<usize>,
-}
-
-fn launch(d: &Daemon, r: LaunchReq) -> Answer {
+fn launch(d: &Daemon, r: wire::LaunchRequest) -> Answer {
     let filter = SlotFilter { tags: tags("tags", r.tags)?, slot: None };
     Ok(reply(&wire::Launched { launched: d.controller.launch(&filter, r.workers.unwrap_or(usize::MAX)) }))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct JobsReq {
-    jobs: Vec<Value>,
-}
-
-async fn send(d: &Daemon, r: JobsReq) -> Answer {
+async fn send(d: &Daemon, r: wire::SendRequest) -> Answer {
     let mut specs = specs_of(r)?;
     // Inputs go to the store before the jobs are accepted, so that the
     // journal records staged jobs (a restart stages nothing again).
@@ -699,7 +689,7 @@ async fn send(d: &Daemon, r: JobsReq) -> Answer {
         return Err(if e.is_store_failure() {
             ApiError::internal(format!("cannot stage the jobs' inputs: {e}"))
         } else {
-            ApiError::new(StatusCode::BAD_REQUEST, "invalid_input", format!("cannot stage an input: {e}"))
+            ApiError::new(ErrorCode::InvalidInput, format!("cannot stage an input: {e}"))
         });
     }
     let names: Vec<Option<String>> = specs.iter().map(|s| s.name.clone()).collect();
@@ -713,8 +703,7 @@ async fn send(d: &Daemon, r: JobsReq) -> Answer {
         for name in names.iter().flatten() {
             if inner.names.contains(name) {
                 return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "duplicate_name",
+                    ErrorCode::DuplicateName,
                     format!(
                         "a job named {name:?} is already pending; names must be unique among jobs not yet received"
                     ),
@@ -746,6 +735,10 @@ async fn send(d: &Daemon, r: JobsReq) -> Answer {
     if let Err(e) = d.journal(&[accepted]).await {
         return Err(forget(e));
     }
+    // Told before the controller has them: a watcher hears of the jobs
+    // before any of their attempts.
+    let input_bytes: Vec<u64> = specs.iter().map(telemetry::input_bytes).collect();
+    d.telemetry.sent(&ids, &input_bytes);
     let jobs =
         ids.iter().zip(specs).map(|(id, spec)| RestoredJob { id: *id, spec, history: Default::default(), slot: None });
     if let Err(e) = d.controller.restore(jobs.collect()) {
@@ -762,23 +755,7 @@ async fn send(d: &Daemon, r: JobsReq) -> Answer {
     Ok(reply(&wire::Sent { ids: ids.iter().map(|i| i.0).collect() }))
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct ReceiveReq {
-    #[serde(default)]
-    wait: bool,
-    #[serde(default)]
-    timeout: Value,
-    #[serde(default)]
-    all: bool,
-    #[serde(default)]
-    name: Option<String>,
-    /// Only outputs of these jobs: every one of them ready now.
-    #[serde(default)]
-    ids: Option<Vec<JobId>>,
-}
-
-async fn receive(d: &Daemon, r: ReceiveReq) -> Answer {
+async fn receive(d: &Daemon, r: wire::ReceiveRequest) -> Answer {
     let timeout = duration("timeout", &r.timeout)?;
     let deadline = timeout.map(|t| crew_core::clock::after_tokio(tokio::time::Instant::now(), t));
     let mut changes = d.changed.subscribe();
@@ -834,6 +811,7 @@ async fn receive(d: &Daemon, r: ReceiveReq) -> Answer {
                     return Err(e);
                 }
             }
+            d.telemetry.received(outputs.iter().map(|o| o.id));
             let mut inner = d.lock();
             for o in &outputs {
                 if let Some(Some(name)) = inner.unreceived.remove(&o.id) {
@@ -858,14 +836,13 @@ async fn receive(d: &Daemon, r: ReceiveReq) -> Answer {
 }
 
 /// The jobs of a send, parsed and checked (size, absolute input paths).
-fn specs_of(r: JobsReq) -> Result<Vec<crew_core::JobSpec>, ApiError> {
+fn specs_of(r: wire::SendRequest) -> Result<Vec<crew_core::JobSpec>, ApiError> {
     let defaults = LineDefaults::default();
     let mut specs = Vec::with_capacity(r.jobs.len());
     for (i, v) in r.jobs.into_iter().enumerate() {
-        let invalid = |e: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid_job", format!("job {i}: {e}"));
+        let invalid = |e: String| ApiError::new(ErrorCode::InvalidJob, format!("job {i}: {e}"));
         let spec = parse_job_value(v, &defaults).map_err(|e| invalid(e.to_string()))?;
-        spec.check_size()
-            .map_err(|e| ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "job_too_large", format!("job {i}: {e}")))?;
+        spec.check_size().map_err(|e| ApiError::new(ErrorCode::JobTooLarge, format!("job {i}: {e}")))?;
         for input in &spec.inputs {
             if let InputSource::Path(p) = &input.source {
                 if !p.is_absolute() {
@@ -913,45 +890,19 @@ fn receivable(d: &Daemon) -> Value {
     reply(&wire::Receivable { receivable: ok })
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ShutdownReq {
-    #[serde(default)]
-    all: bool,
-    #[serde(default)]
-    tags: Option<Vec<String>>,
-    #[serde(default)]
-    slot: Option<String>,
-}
-
-fn shutdown(d: &Daemon, r: ShutdownReq) -> Answer {
+fn shutdown(d: &Daemon, r: wire::ShutdownRequest) -> Answer {
     let filter = SlotFilter { tags: tags("tags", r.tags)?, slot: r.slot };
     Ok(reply(&wire::Stopped { stopped: d.controller.shutdown(&filter, r.all) }))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DismissReq {
-    #[serde(default)]
-    tags: Option<Vec<String>>,
-    #[serde(default)]
-    slot: Option<String>,
-}
-
-async fn dismiss(d: &Daemon, r: DismissReq) -> Answer {
+async fn dismiss(d: &Daemon, r: wire::DismissRequest) -> Answer {
     let filter = SlotFilter { tags: tags("tags", r.tags)?, slot: r.slot };
     let n = d.controller.dismiss(&filter);
     d.journal(&[Record::Dismiss { tags: filter.tags, slot: filter.slot }]).await?;
     Ok(reply(&wire::Dismissed { dismissed: n }))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CancelReq {
-    ids: Vec<u64>,
-}
-
-async fn cancel(d: &Daemon, r: CancelReq) -> Answer {
+async fn cancel(d: &Daemon, r: wire::CancelRequest) -> Answer {
     // Journaled before the controller acts: a restart ends these jobs as
     // cancelled rather than running them again.
     let known: Vec<JobId> = {
@@ -1005,7 +956,11 @@ async fn stream_log(d: &Daemon, id: &str, which: &str) -> Result<Response<Body>,
                 }
                 Err(e) => return Err(ApiError::internal(format!("cannot read {key:?} from the store: {e}"))),
             };
-            let frames = stream.map_ok(hyper::body::Frame::data).map_err(|e| std::io::Error::other(e.to_string()));
+            let t = d.telemetry.clone();
+            let frames = stream
+                .inspect_ok(move |b| t.streamed(b.len() as u64))
+                .map_ok(hyper::body::Frame::data)
+                .map_err(|e| std::io::Error::other(e.to_string()));
             StreamBody::new(frames).boxed_unsync()
         }
         _ => Full::new(Bytes::from(c.text.clone())).map_err(|never| match never {}).boxed_unsync(),
@@ -1022,8 +977,7 @@ async fn logs(d: &Daemon, id: &str) -> Answer {
     for (name, c) in [("stdout", &output.stdout), ("stderr", &output.stderr)] {
         if c.truncated && c.bytes > MAX_LOGS_JSON {
             return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "log_too_large",
+                ErrorCode::LogTooLarge,
                 format!(
                     "the {name} of job {id} is {} bytes, more than one JSON answer carries ({MAX_LOGS_JSON}); read it \
                      streamed: GET /v1/jobs/{id}/logs/{name} (crew logs without --json)",
@@ -1104,23 +1058,29 @@ pub(crate) fn check_request(method: &Method, path: &str, query: &str, body: &[u8
 fn checked_request(method: &Method, path: &str, query: &str, body: &[u8]) -> Result<(), ApiError> {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (method, segments.as_slice()) {
-        (&Method::GET, ["v1", "health" | "status" | "receivable"]) => Ok(()),
+        (&Method::GET, ["v1", "health" | "status" | "receivable" | "events"] | ["metrics"]) => Ok(()),
+        (&Method::GET, ["v1", "jobs"]) => page_query(query).map(drop),
+        (&Method::GET, ["v1", "jobs", job]) => crew_core::percent::decode_utf8(job)
+            .map(drop)
+            .ok_or_else(|| ApiError::bad_request("invalid percent-encoding in the job")),
         (&Method::POST, ["v1", "recruit"]) => {
-            let r: RecruitReq = parse_body(body)?;
+            let r: wire::RecruitRequest = parse_body(body)?;
             for (field, v) in [("idle", &r.idle), ("wall", &r.wall), ("launch_timeout", &r.launch_timeout)] {
                 duration(field, v)?;
             }
             tags("tags", r.tags)?;
             Ok(())
         }
-        (&Method::POST, ["v1", "launch"]) => tags("tags", parse_body::<LaunchReq>(body)?.tags).map(drop),
+        (&Method::POST, ["v1", "launch"]) => tags("tags", parse_body::<wire::LaunchRequest>(body)?.tags).map(drop),
         (&Method::POST, ["v1", "jobs"]) => specs_of(parse_body(body)?).map(drop),
-        (&Method::POST, ["v1", "receive"]) => duration("timeout", &parse_body::<ReceiveReq>(body)?.timeout).map(drop),
+        (&Method::POST, ["v1", "receive"]) => {
+            duration("timeout", &parse_body::<wire::ReceiveRequest>(body)?.timeout).map(drop)
+        }
         (&Method::GET, ["v1", "sendable"]) => wanted_tags(query).map(drop),
-        (&Method::POST, ["v1", "shutdown"]) => tags("tags", parse_body::<ShutdownReq>(body)?.tags).map(drop),
-        (&Method::POST, ["v1", "dismiss"]) => tags("tags", parse_body::<DismissReq>(body)?.tags).map(drop),
-        (&Method::POST, ["v1", "cancel"]) => parse_body::<CancelReq>(body).map(drop),
-        (&Method::POST, ["v1", "restart" | "down"]) => parse_body::<Empty>(body).map(drop),
+        (&Method::POST, ["v1", "shutdown"]) => tags("tags", parse_body::<wire::ShutdownRequest>(body)?.tags).map(drop),
+        (&Method::POST, ["v1", "dismiss"]) => tags("tags", parse_body::<wire::DismissRequest>(body)?.tags).map(drop),
+        (&Method::POST, ["v1", "cancel"]) => parse_body::<wire::CancelRequest>(body).map(drop),
+        (&Method::POST, ["v1", "restart" | "down"]) => parse_body::<wire::Empty>(body).map(drop),
         (&Method::GET, ["v1", "jobs", id, "logs"]) => {
             id.parse::<u64>().map(drop).map_err(|_| ApiError::not_found("job ids are numbers"))
         }
@@ -1129,4 +1089,206 @@ fn checked_request(method: &Method, path: &str, query: &str, body: &[u8]) -> Res
             .ok_or_else(|| ApiError::bad_request("invalid percent-encoding")),
         _ => Err(ApiError::not_found(format!("no route {method} {path}"))),
     }
+}
+
+// ---------------------------------------------------------------------------
+// Per-job state, events, metrics
+
+/// Where job `id` is and what is known of it; `None` for a job this daemon
+/// does not know (or whose record left the outputs log).
+fn info_of(d: &Daemon, id: JobId, with_output: bool) -> Option<wire::JobInfo> {
+    let times = d.telemetry.job_times(id);
+    let from_output = |o: Output, state: wire::JobState| wire::JobInfo {
+        id: o.id.0,
+        name: o.name.clone(),
+        state,
+        slot: o.slot.clone(),
+        attempt: o.attempt,
+        sent: times.sent,
+        assigned: times.assigned,
+        started: o.started,
+        finished: Some(o.finished),
+        status: Some(o.status),
+        output: with_output.then_some(o),
+    };
+    let (unfinished, ready, name) = {
+        let inner = d.lock();
+        let ready =
+            if inner.unfinished.contains(&id) { None } else { inner.ready.iter().find(|o| o.id == id).cloned() };
+        (inner.unfinished.contains(&id), ready, inner.unreceived.get(&id).cloned().flatten())
+    };
+    if unfinished {
+        // Held by the controller; or ended and not yet durable, which
+        // counts as running until it is.
+        let (state, slot, attempt) = match d.controller.job(id) {
+            Some(j) => {
+                let state = match j.phase {
+                    crew_controller::JobPhase::Queued => wire::JobState::Queued,
+                    crew_controller::JobPhase::Assigned => wire::JobState::Assigned,
+                    _ => wire::JobState::Running,
+                };
+                (state, j.slot, j.attempt)
+            }
+            None => (wire::JobState::Running, None, 0),
+        };
+        return Some(wire::JobInfo {
+            id: id.0,
+            name,
+            state,
+            slot,
+            attempt,
+            sent: times.sent,
+            assigned: if state == wire::JobState::Queued { None } else { times.assigned },
+            started: None,
+            finished: None,
+            status: None,
+            output: None,
+        });
+    }
+    if let Some(o) = ready {
+        return Some(from_output(o, wire::JobState::Finished));
+    }
+    let received = d.outputs_log().get(id).ok().flatten()?;
+    Some(from_output(received, wire::JobState::Received))
+}
+
+/// `GET /v1/jobs/{job}`: by id, or by name among jobs not yet received
+/// (then among records kept).
+fn job_info(d: &Daemon, job: &str) -> Answer {
+    let job = crew_core::percent::decode_utf8(job)
+        .ok_or_else(|| ApiError::bad_request("invalid percent-encoding in the job"))?;
+    let id = match job.parse::<u64>() {
+        Ok(n) => Some(JobId(n)),
+        Err(_) => {
+            let pending =
+                d.lock().unreceived.iter().find(|(_, n)| n.as_deref() == Some(job.as_str())).map(|(id, _)| *id);
+            pending.or_else(|| d.outputs_log().id_of(&job))
+        }
+    };
+    let info = id.and_then(|id| info_of(d, id, true)).ok_or_else(|| {
+        ApiError::not_found(format!("no job {job:?}: not sent to this daemon, or its record is no longer kept"))
+    })?;
+    Ok(reply(&info))
+}
+
+/// Most jobs in one page of `GET /v1/jobs`, and the default.
+const PAGE_MAX: usize = 1000;
+const PAGE_DEFAULT: usize = 100;
+
+/// The query of `GET /v1/jobs`: the state wanted, the id to start after,
+/// the page size.
+fn page_query(query: &str) -> Result<(Option<wire::JobState>, u64, usize), ApiError> {
+    let (mut state, mut after, mut limit) = (None, 0u64, PAGE_DEFAULT);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let v = crew_core::percent::decode_query(v)
+            .ok_or_else(|| ApiError::bad_request(format!("{k}: invalid percent-encoding")))?;
+        match k {
+            "state" => {
+                let s = wire::JobState::ALL.into_iter().find(|s| s.as_str() == v).ok_or_else(|| {
+                    let names: Vec<&str> = wire::JobState::ALL.iter().map(|s| s.as_str()).collect();
+                    ApiError::bad_request(format!("state: {v:?} is not a job state ({})", names.join(", ")))
+                })?;
+                state = Some(s);
+            }
+            "after" => after = v.parse().map_err(|_| ApiError::bad_request(format!("after: {v:?} is not a job id")))?,
+            "limit" => {
+                limit = v.parse::<usize>().ok().filter(|n| (1..=PAGE_MAX).contains(n)).ok_or_else(|| {
+                    ApiError::bad_request(format!("limit: {v:?} is not a number from 1 to {PAGE_MAX}"))
+                })?;
+            }
+            _ => return Err(ApiError::bad_request(format!("unknown query parameter {k:?}: use state, after, limit"))),
+        }
+    }
+    Ok((state, after, limit))
+}
+
+/// `GET /v1/jobs?state=S&after=ID&limit=N`: the jobs in a state (or all
+/// known), in id order, one page at a time.
+fn list_jobs(d: &Daemon, query: &str) -> Answer {
+    let (state, after, limit) = page_query(query)?;
+    use wire::JobState as S;
+    // The candidates, in id order, after `after`.
+    let mut ids: BTreeSet<JobId> = BTreeSet::new();
+    {
+        let inner = d.lock();
+        if matches!(state, None | Some(S::Queued | S::Assigned | S::Running)) {
+            ids.extend(inner.unfinished.range(JobId(after.saturating_add(1))..).copied());
+        }
+        if matches!(state, None | Some(S::Finished)) {
+            ids.extend(inner.ready.iter().map(|o| o.id).filter(|id| id.0 > after));
+        }
+    }
+    if matches!(state, None | Some(S::Received)) {
+        ids.extend(d.outputs_log().ids().filter(|id| id.0 > after));
+    }
+    let mut jobs = Vec::new();
+    let mut next = None;
+    for id in ids {
+        let Some(info) = info_of(d, id, false) else { continue };
+        if state.is_some_and(|s| s != info.state) {
+            continue;
+        }
+        if jobs.len() == limit {
+            next = jobs.last().map(|j: &wire::JobInfo| j.id);
+            break;
+        }
+        jobs.push(info);
+    }
+    Ok(reply(&wire::JobList { jobs, next }))
+}
+
+/// `GET /metrics`.
+fn metrics(d: &Daemon) -> Response<Body> {
+    let report = d.controller.status();
+    let unfinished = d.lock().unfinished.len();
+    let running = report.running.max(unfinished.saturating_sub(report.queued));
+    let text = d.telemetry.metrics(&report, running);
+    let mut res = Response::new(Full::new(Bytes::from(text)).map_err(|never| match never {}).boxed_unsync());
+    res.headers_mut()
+        .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(telemetry::METRICS_CONTENT_TYPE));
+    res
+}
+
+/// `GET /v1/events`: server-sent events until the daemon stops or the
+/// client goes.
+fn events(d: &Arc<Daemon>) -> Response<Body> {
+    let state = (d.telemetry.subscribe(), d.changed.subscribe(), d.clone(), true);
+    let stream = futures::stream::unfold(state, |(mut rx, mut stop, d, first)| async move {
+        if first {
+            // Headers and a first line go out at once: the client knows it
+            // is subscribed, and misses nothing from here on.
+            let hello = Bytes::from_static(b": subscribed\n\n");
+            return Some((Ok::<_, std::io::Error>(hyper::body::Frame::data(hello)), (rx, stop, d, false)));
+        }
+        loop {
+            if d.stopping() {
+                return None;
+            }
+            let chunk = tokio::select! {
+                got = rx.recv() => match got {
+                    Ok(event) => telemetry::sse(&event),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                        telemetry::sse(&wire::Event::Lagged { missed })
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                },
+                () = tokio::time::sleep(telemetry::KEEPALIVE) => Bytes::from_static(b": keepalive\n\n"),
+                // Bumped when outputs are ready and when the daemon stops:
+                // look at `stopping` again.
+                changed = stop.changed() => {
+                    if changed.is_err() {
+                        return None;
+                    }
+                    continue;
+                }
+            };
+            return Some((Ok(hyper::body::Frame::data(chunk)), (rx, stop, d, false)));
+        }
+    });
+    let mut res = Response::new(StreamBody::new(stream).boxed_unsync());
+    let headers = res.headers_mut();
+    headers.insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("text/event-stream"));
+    headers.insert(hyper::header::CACHE_CONTROL, hyper::header::HeaderValue::from_static("no-store"));
+    res
 }

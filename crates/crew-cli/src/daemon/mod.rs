@@ -11,9 +11,11 @@
 mod api;
 #[cfg(any(test, fuzzing))]
 pub(crate) use api::check_request;
+mod http;
 mod journal;
 pub(crate) mod logfile;
 mod outputs;
+mod telemetry;
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -55,6 +57,14 @@ pub(crate) struct DaemonArgs {
     /// When worker connections use TLS, over `[daemon] tls` and `CREW_TLS`.
     #[arg(long, value_name = "MODE")]
     pub(crate) tls: Option<crew_controller::TlsMode>,
+    /// Also serve the API on TCP at IP:PORT, over `[daemon] http` and
+    /// `CREW_HTTP` (bearer token in DIR/http.token; TLS beyond loopback).
+    #[arg(long, value_name = "IP:PORT")]
+    pub(crate) http: Option<std::net::SocketAddr>,
+    /// A host name the TCP listener answers to besides IP addresses and
+    /// localhost (repeatable), over `[daemon] http_hosts`.
+    #[arg(long = "http-host", value_name = "NAME")]
+    pub(crate) http_hosts: Vec<String>,
 }
 
 /// File names inside the project folder.
@@ -109,6 +119,12 @@ pub(crate) fn main(args: DaemonArgs) -> Result<u8, Failure> {
     }
     if let Some(tls) = args.tls {
         config.daemon.tls = Some(tls);
+    }
+    if let Some(http) = args.http {
+        config.daemon.http = Some(http);
+    }
+    if !args.http_hosts.is_empty() {
+        config.daemon.http_hosts = args.http_hosts;
     }
     logfile::install(
         dir.join("daemon.log"),
@@ -224,7 +240,8 @@ async fn serve(dir: PathBuf, store: Arc<dyn Store>, settings: crate::config::Con
     settings.apply(&mut config);
     config.store = Some(store.clone());
     config.first_job_id = replay.next_job;
-    config.observer = Some(assigned.clone());
+    let telemetry = Arc::new(telemetry::Telemetry::new());
+    config.observer = Some(Arc::new(telemetry::Observers(vec![assigned.clone(), telemetry.clone()])));
     // Local agents outlive a daemon that dies (SIGKILL, a crash) for one
     // heartbeat window and come back to the next one with their jobs. The
     // stale address goes first, so that none comes back before this
@@ -276,7 +293,23 @@ async fn serve(dir: PathBuf, store: Arc<dyn Store>, settings: crate::config::Con
         journal::JournalWriter::new(journal, assigned).context("cannot start the journal's committer")?,
         outputs,
         settings.recruit,
+        telemetry,
     ));
+    // The TCP listener, if asked for: bound before the daemon says it is
+    // ready, so that `crew up` finds it in the health answer.
+    let http = match settings.daemon.http {
+        Some(addr) => {
+            let listener = http::HttpListener::bind(&dir, addr, &settings.daemon.http_hosts).await?;
+            state.set_http(listener.info());
+            tracing::info!(listen = %listener.info().listen, tls = listener.info().tls_sha256.is_some(), "HTTP API listening");
+            Some(listener)
+        }
+        None => {
+            // A token of an earlier daemon opens nothing now.
+            let _ = std::fs::remove_file(dir.join(http::TOKEN_FILE));
+            None
+        }
+    };
     let (jobs, ready) = (replay.pending.len(), replay.ready.len());
     state.restore(replay).await;
     controller.publish_address().context("cannot publish the workers' address")?;
@@ -311,6 +344,19 @@ async fn serve(dir: PathBuf, store: Arc<dyn Store>, settings: crate::config::Con
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
             },
+            accepted = async {
+                match &http {
+                    Some(h) => h.accept().await,
+                    None => std::future::pending().await,
+                }
+            } => match (accepted, &http) {
+                (Ok((stream, peer)), Some(h)) => h.serve(&state, &mut conns, stream, peer),
+                (Err(e), _) => {
+                    tracing::warn!("HTTP accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                (Ok(_), None) => {}
+            },
             () = state.down_requested() => { tracing::info!("stopping: asked by POST /v1/down"); break; }
             _ = sigint.recv() => { tracing::info!("stopping: SIGINT"); break; }
             _ = sigterm.recv() => { tracing::info!("stopping: SIGTERM"); break; }
@@ -318,6 +364,8 @@ async fn serve(dir: PathBuf, store: Arc<dyn Store>, settings: crate::config::Con
     }
     state.begin_stop();
     drop(listener);
+    drop(http);
+    let _ = std::fs::remove_file(dir.join(http::TOKEN_FILE));
     // Connection tasks keep running (on this thread) while the workers stop.
     controller.close().await;
     // Every answer in flight (the one to `POST /v1/down` at least) is

@@ -157,6 +157,11 @@ impl OutputsLog {
     }
 
     /// The id of the last delivered job named `name`.
+    /// The ids of the records kept, in no order.
+    pub(crate) fn ids(&self) -> impl Iterator<Item = JobId> + '_ {
+        self.index.keys().copied()
+    }
+
     pub(crate) fn id_of(&self, name: &str) -> Option<JobId> {
         self.names.get(name).copied()
     }

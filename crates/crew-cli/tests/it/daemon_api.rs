@@ -31,9 +31,15 @@ impl Drop for Daemon {
 
 impl Daemon {
     fn start(work: &Path, mark: &str) -> Self {
+        Self::start_with(work, mark, &[])
+    }
+
+    fn start_with(work: &Path, mark: &str, extra: &[&str]) -> Self {
         let dir = work.join(".crew");
         let log = std::fs::File::create(work.join("daemon.log")).expect("cannot create the daemon log");
-        let mut cmd = crew(work, mark, &["daemon", "--dir", dir.to_str().expect("utf-8 temp dir")]);
+        let mut args = vec!["daemon", "--dir", dir.to_str().expect("utf-8 temp dir")];
+        args.extend_from_slice(extra);
+        let mut cmd = crew(work, mark, &args);
         cmd.stdout(Stdio::null()).stderr(log);
         let child = cmd.spawn().expect("cannot start crew daemon");
         let daemon = Self { child, dir };
@@ -357,4 +363,283 @@ fn a_daemon_killed_with_sigkill_loses_nothing() {
     let again = d.call("POST", "/v1/receive", Some(r#"{"all": true}"#), 200);
     assert_eq!(again["outputs"].as_array().map(Vec::len), Some(0), "{again}");
     d.call("POST", "/v1/down", Some("{}"), 200);
+}
+
+/// `GET /v1/events` read by hand: every line of the stream, sent to a
+/// channel by a thread, until the daemon ends the stream.
+fn subscribe(sock: &Path) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let mut s = UnixStream::connect(sock).expect("connect for events");
+    s.write_all(b"GET /v1/events HTTP/1.1\r\nHost: crew\r\n\r\n").expect("write");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut reader = std::io::BufReader::new(s);
+    // The head, then ": subscribed": from here on nothing is missed.
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        assert!(reader.read_line(&mut line).expect("read the events head") > 0, "events: no answer; {head}");
+        head.push_str(&line);
+        if line.starts_with(": subscribed") {
+            break;
+        }
+    }
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("content-type: text/event-stream"), "{head}");
+    std::thread::spawn(move || {
+        for line in reader.lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line.trim_end_matches('\r').to_owned()).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// The `data:` objects of the events received so far, with their names.
+fn events_so_far(rx: &std::sync::mpsc::Receiver<String>, seen: &mut Vec<(String, Value)>) {
+    let mut name = String::new();
+    while let Ok(line) = rx.try_recv() {
+        if let Some(n) = line.strip_prefix("event: ") {
+            name = n.to_owned();
+        } else if let Some(data) = line.strip_prefix("data: ") {
+            let v: Value = serde_json::from_str(data).unwrap_or_else(|e| panic!("event data {data:?}: {e}"));
+            assert_eq!(v["type"], name.as_str(), "the event name is its type");
+            seen.push((name.clone(), v));
+        }
+    }
+}
+
+/// `GET /metrics`, raw: the content type and the text.
+fn scrape(sock: &Path) -> (String, String) {
+    let mut s = UnixStream::connect(sock).expect("connect");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: crew\r\nConnection: close\r\n\r\n").expect("write");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("read");
+    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let kind = head
+        .lines()
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-type:").map(|v| v.trim().to_owned()))
+        .unwrap_or_default();
+    (kind, body.to_owned())
+}
+
+/// The value of one sample (`name{labels}` as written) in a scrape.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.split(' ').next()?.parse().ok())
+}
+
+#[test]
+fn jobs_can_be_looked_at_one_by_one_watched_live_and_counted() {
+    let mark = unique("daemon-jobs-");
+    let _reaper = Reaper::new(&mark);
+    let work = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start(work.path(), &mark);
+    let events = subscribe(&d.sock());
+    let mut seen = Vec::new();
+
+    d.call("POST", "/v1/recruit", Some(r#"{"class": "local", "workers": 1}"#), 200);
+    let slow = r#"{"name": "slow", "shell": "sleep 2"}"#;
+    let body = format!(r#"{{"jobs": [{slow}, {{"shell": "exit 3"}}, {{"shell": "echo hi"}}]}}"#);
+    let ids: Vec<u64> = d.call("POST", "/v1/jobs", Some(&body), 200)["ids"]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .map(|v| v.as_u64().expect("an id"))
+        .collect();
+    let (a, b, c) = (ids[0], ids[1], ids[2]);
+
+    // One worker: the first job runs, the others wait.
+    let running = poll_until(DEADLINE, || d.call("GET", &format!("/v1/jobs/{a}"), None, 200)["state"] == "running");
+    assert!(running, "job {a} never ran: {}", d.call("GET", &format!("/v1/jobs/{a}"), None, 200));
+    let info = d.call("GET", &format!("/v1/jobs/{a}"), None, 200);
+    assert_eq!((info["name"].as_str(), info["attempt"].as_u64()), (Some("slow"), Some(1)), "{info}");
+    assert!(info["slot"].is_string() && info["sent"].is_string() && info["assigned"].is_string(), "{info}");
+    assert!(info["finished"].is_null() && info["output"].is_null(), "{info}");
+    assert_eq!(d.call("GET", "/v1/jobs/slow", None, 200)["id"], a, "by name");
+    let waiting = d.call("GET", &format!("/v1/jobs/{c}"), None, 200);
+    assert!(matches!(waiting["state"].as_str(), Some("queued" | "assigned")), "{waiting}");
+    let queued = d.call("GET", "/v1/jobs?state=queued", None, 200);
+    assert!(queued["jobs"].as_array().expect("jobs").iter().all(|j| j["state"] == "queued"), "{queued}");
+
+    // Ended: the record is there before it is received, and after.
+    let ended = poll_until(Duration::from_secs(60), || {
+        d.call("GET", &format!("/v1/jobs/{c}"), None, 200)["state"] == "finished"
+    });
+    assert!(ended, "job {c} did not finish");
+    let info = d.call("GET", &format!("/v1/jobs/{b}"), None, 200);
+    assert_eq!((info["status"].as_str(), info["output"]["exit_code"].as_i64()), (Some("failed"), Some(3)), "{info}");
+    d.call("POST", "/v1/receive", Some(&format!(r#"{{"ids": [{a}, {b}, {c}], "wait": true, "timeout": "60s"}}"#)), 200);
+    let info = d.call("GET", &format!("/v1/jobs/{a}"), None, 200);
+    assert_eq!((info["state"].as_str(), info["status"].as_str()), (Some("received"), Some("succeeded")), "{info}");
+    assert!(info["started"].is_string() && info["finished"].is_string(), "{info}");
+    assert_eq!(info["output"]["name"], "slow", "{info}");
+
+    // Pages, in id order.
+    let page = d.call("GET", "/v1/jobs?limit=2", None, 200);
+    let listed: Vec<u64> =
+        page["jobs"].as_array().expect("jobs").iter().map(|j| j["id"].as_u64().expect("id")).collect();
+    assert_eq!(listed, vec![a, b], "{page}");
+    assert!(page["jobs"][0]["output"].is_null(), "lists carry no records: {page}");
+    let rest = d.call("GET", &format!("/v1/jobs?after={}&limit=2", page["next"]), None, 200);
+    assert_eq!(rest["jobs"][0]["id"], c, "{rest}");
+    assert!(rest["next"].is_null(), "{rest}");
+    assert_eq!(d.call("GET", "/v1/jobs?state=received", None, 200)["jobs"].as_array().map(Vec::len), Some(3));
+    d.error("GET", "/v1/jobs?state=done", None, 400, "bad_request");
+    d.error("GET", "/v1/jobs?limit=0", None, 400, "bad_request");
+    d.error("GET", "/v1/jobs/999", None, 404, "not_found");
+
+    // A worker that dies under its job (SIGKILL of the agent): the job
+    // runs again and succeeds; the crash is an event and a metric.
+    let crash = r#"{"jobs": [{"shell": "if [ \"$CREW_ATTEMPT\" = 1 ]; then kill -9 $PPID; sleep 5; fi; echo again"}]}"#;
+    let id = d.call("POST", "/v1/jobs", Some(crash), 200)["ids"][0].as_u64().expect("id");
+    let out =
+        d.call("POST", "/v1/receive", Some(&format!(r#"{{"ids": [{id}], "wait": true, "timeout": "60s"}}"#)), 200);
+    assert_eq!(
+        (out["outputs"][0]["status"].as_str(), out["outputs"][0]["attempt"].as_u64()),
+        (Some("succeeded"), Some(2))
+    );
+
+    // The events said all of it, in order per job.
+    assert!(poll_until(DEADLINE, || {
+        events_so_far(&events, &mut seen);
+        seen.iter().any(|(n, v)| n == "job_ended" && v["id"] == id)
+    }));
+    let of = |job: u64| -> Vec<&str> {
+        seen.iter()
+            .filter(|(_, v)| v["id"] == job || v["ids"].as_array().is_some_and(|ids| ids.contains(&json!(job))))
+            .map(|(n, _)| n.as_str())
+            .collect()
+    };
+    assert_eq!(of(a), ["jobs_sent", "job_assigned", "job_ended"], "{seen:?}");
+    assert_eq!(of(id), ["jobs_sent", "job_assigned", "job_assigned", "job_ended"], "{seen:?}");
+    let ended_b = seen.iter().find(|(n, v)| n == "job_ended" && v["id"] == b).map(|(_, v)| v["status"].clone());
+    assert_eq!(ended_b, Some(json!("failed")));
+    assert!(seen.iter().any(|(n, _)| n == "slot_up"), "{seen:?}");
+    assert!(seen.iter().any(|(n, v)| n == "slot_crashed" && v["class"] == "local"), "{seen:?}");
+
+    // The metrics count the same work.
+    let (kind, text) = scrape(&d.sock());
+    assert!(kind.starts_with("application/openmetrics-text"), "{kind}");
+    assert_eq!(sample(&text, "crew_jobs_sent_total"), Some(4.0), "{text}");
+    assert_eq!(sample(&text, "crew_jobs_finished_total{status=\"succeeded\"}"), Some(3.0), "{text}");
+    assert_eq!(sample(&text, "crew_jobs_finished_total{status=\"failed\"}"), Some(1.0), "{text}");
+    assert_eq!(sample(&text, "crew_jobs_queued"), Some(0.0), "{text}");
+    assert_eq!(sample(&text, "crew_jobs_running"), Some(0.0), "{text}");
+    assert_eq!(sample(&text, "crew_worker_crashes_total{class=\"local\"}"), Some(1.0), "{text}");
+    assert_eq!(sample(&text, "crew_dispatch_latency_seconds_count"), Some(4.0), "{text}");
+    let slots: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("crew_slots{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(slots, 1.0, "one slot in all: {text}");
+    assert!(text.trim_end().ends_with("# EOF"), "{text}");
+
+    d.call("POST", "/v1/down", None, 200);
+}
+
+/// One HTTP/1.1 request over `stream` (TCP or TLS): status, head, body.
+fn http_over(
+    stream: &mut (impl Read + Write),
+    host: &str,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+) -> (u16, String, String) {
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    let head =
+        format!("{method} {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n");
+    stream.write_all(head.as_bytes()).expect("write the request");
+    let mut raw = Vec::new();
+    // A TLS peer may end without close_notify; what was read counts.
+    let _ = stream.read_to_end(&mut raw);
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, head.to_owned(), body.to_owned())
+}
+
+#[test]
+fn the_tcp_listener_needs_the_token_and_a_host_of_its_own() {
+    let mark = unique("daemon-http-");
+    let _reaper = Reaper::new(&mark);
+    let work = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start_with(work.path(), &mark, &["--http", "127.0.0.1:0"]);
+    let health = d.call("GET", "/v1/health", None, 200);
+    let listen = health["http"]["listen"].as_str().expect("the HTTP listener in health").to_owned();
+    assert!(health["http"]["tls_sha256"].is_null(), "loopback: plaintext: {health}");
+    let token_file = PathBuf::from(health["http"]["token_file"].as_str().expect("token file"));
+    assert_eq!(std::fs::metadata(&token_file).expect("token file").permissions().mode() & 0o777, 0o600);
+    let token = std::fs::read_to_string(&token_file).expect("token").trim().to_owned();
+    assert_eq!(token.len(), 64, "{token}");
+    let port = listen.rsplit(':').next().expect("a port").to_owned();
+    let ask = |host: &str, token: Option<&str>, path: &str| {
+        let mut s = std::net::TcpStream::connect(&listen).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        http_over(&mut s, host, token, "GET", path)
+    };
+    let here = format!("127.0.0.1:{port}");
+    let (status, head, body) = ask(&here, None, "/v1/status");
+    assert_eq!(status, 401, "{head}\n{body}");
+    assert!(head.to_ascii_lowercase().contains("www-authenticate: bearer"), "{head}");
+    assert!(body.contains("\"unauthorized\"") && body.contains("http.token"), "{body}");
+    assert_eq!(ask(&here, Some(&"0".repeat(64)), "/v1/status").0, 401, "a wrong token");
+    let (status, _, body) = ask(&here, Some(&token), "/v1/status");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"jobs\""), "{body}");
+    assert_eq!(ask(&format!("localhost:{port}"), Some(&token), "/v1/health").0, 200);
+    // A name that resolves here from a web page elsewhere (DNS rebinding),
+    // another port, no Host: refused even with the token.
+    for host in [format!("evil.example:{port}"), "127.0.0.1:1".to_owned(), String::new()] {
+        let (status, _, body) = ask(&host, Some(&token), "/v1/status");
+        assert_eq!(status, 403, "Host {host:?}: {body}");
+        assert!(body.contains("\"bad_host\""), "{body}");
+    }
+    let (status, head, body) = ask(&here, Some(&token), "/metrics");
+    assert_eq!(status, 200, "{body}");
+    assert!(head.to_ascii_lowercase().contains("openmetrics"), "{head}");
+    // `crew status` names it.
+    let out = run(crew(work.path(), &mark, &["status"]), None, DEADLINE);
+    assert!(out.stdout.contains(&format!("API also on http://{listen}")), "{out}");
+    d.call("POST", "/v1/down", None, 200);
+    let gone = poll_until(DEADLINE, || !token_file.exists());
+    assert!(gone, "the token outlived its daemon");
+}
+
+#[test]
+fn beyond_loopback_the_tcp_listener_speaks_only_tls() {
+    let mark = unique("daemon-https-");
+    let _reaper = Reaper::new(&mark);
+    let work = tempfile::tempdir().expect("tempdir");
+    let d = Daemon::start_with(work.path(), &mark, &["--http", "0.0.0.0:0", "--http-host", "crew.lab"]);
+    let health = d.call("GET", "/v1/health", None, 200);
+    let port: u16 = health["http"]["listen"].as_str().and_then(|l| l.rsplit(':').next()?.parse().ok()).expect("port");
+    let pin = health["http"]["tls_sha256"].as_str().expect("a certificate beyond loopback").to_owned();
+    let token = std::fs::read_to_string(d.dir.join("http.token")).expect("token").trim().to_owned();
+    // Plaintext gets no answer.
+    let mut plain = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    plain.set_read_timeout(Some(Duration::from_secs(15))).expect("timeout");
+    let (status, head, _) = http_over(&mut plain, &format!("127.0.0.1:{port}"), Some(&token), "GET", "/v1/health");
+    assert_eq!(status, 0, "a plaintext request was answered: {head}");
+    // TLS with the pinned certificate, and an allowed name as Host.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let (status, body) = rt.block_on(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let pin = crew_tls::parse_fingerprint(&pin).expect("a fingerprint");
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+        let mut tls = crew_tls::connector(pin).expect("connector").connect(crew_tls::server_name(), tcp).await.expect("TLS");
+        let head = format!(
+            "GET /v1/status HTTP/1.1\r\nHost: crew.lab:{port}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n"
+        );
+        tls.write_all(head.as_bytes()).await.expect("write");
+        let mut raw = Vec::new();
+        let _ = tls.read_to_end(&mut raw).await;
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let status: u16 = text.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        (status, text)
+    });
+    assert_eq!(status, 200, "{body}");
+    d.call("POST", "/v1/down", None, 200);
 }

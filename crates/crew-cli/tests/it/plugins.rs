@@ -127,6 +127,14 @@ fn crew_classes_lists_built_in_and_path_classes() {
     assert!(out.elapsed < Duration::from_secs(5), "listing must not wait for plugins: {out}");
     let table = run(crew_with(dir.path(), &mark, &bin, &["classes"]), None, DEADLINE);
     assert!(table.stdout.starts_with("CLASS") && table.stdout.contains("pyfix"), "{table}");
+    // One class with its options: a plugin's from its handshake.
+    let one = run(crew_with(dir.path(), &mark, &bin, &["classes", "pyfix", "--json"]), None, DEADLINE);
+    assert_eq!(one.code(), Some(0), "{one}");
+    let row = &one.records()[0];
+    assert_eq!(row["source"], "path", "{one}");
+    assert_eq!(row["options"][0]["name"], "label", "{one}");
+    let one = run(crew_with(dir.path(), &mark, &bin, &["classes", "hangs"]), None, Duration::from_secs(30));
+    assert_eq!(one.code(), Some(3), "a plugin that hangs in its handshake is a broken class: {one}");
     // The kit runs against a built-in class too (the compiled-in one wins
     // over the plugin of the same name).
     let kit =
@@ -182,6 +190,18 @@ fn a_missing_crashing_hanging_or_garbled_plugin_is_a_clear_error() {
     assert_eq!(records[0]["status"], "launch_failed", "{out}");
     let error = records[0]["error"].as_str().unwrap_or_default();
     assert!(error.contains("crew-worker-pyfix") && error.contains("exit status: 9"), "{out}");
+    assert!(!witness.exists(), "a job ran");
+    // A plugin that asks for a 1.5 s launch limit in its hello and then
+    // hangs in launch: crew gives up after 1.5 s (not its 120 s default),
+    // and the job ends launch_failed.
+    let mut cmd = crew_with(dir.path(), &mark, &bin, &["run", "--class", "pyfix", "--json", "jobs.txt"]);
+    cmd.env("CREW_FIXTURE_MODE", "hang_on_launch");
+    let out = run(cmd, None, DEADLINE);
+    assert_eq!(out.code(), Some(1), "{out}");
+    let records = out.records();
+    assert_eq!(records[0]["status"], "launch_failed", "{out}");
+    let error = records[0]["error"].as_str().unwrap_or_default();
+    assert!(error.contains("did not answer launch within 1.5s"), "{out}");
     assert!(!witness.exists(), "a job ran");
     crate::support::assert_none_marked(&mark, Duration::from_secs(5));
 }

@@ -230,7 +230,7 @@ async fn twenty_workers_are_one_array_job_probed_in_one_call_per_round() {
     .await;
     assert_eq!(calls.submit.load(Ordering::SeqCst), 1, "20 workers must be one SubmitJob (one array job)");
     let handles: Vec<Handle> =
-        controller.status().slots.iter().map(|s| Handle { id: s.handle.clone().expect("a handle") }).collect();
+        controller.status().slots.iter().map(|s| Handle::new(s.handle.clone().expect("a handle"))).collect();
     let parent = handles[0].id.rsplit_once(':').expect("an array child id").0.to_owned();
     let mut indices: Vec<u32> = handles
         .iter()

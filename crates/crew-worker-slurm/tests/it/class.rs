@@ -152,7 +152,7 @@ async fn twenty_jobs_on_four_slots_from_one_array_over_tls() {
         assert!(Instant::now() < deadline, "launch files left: {:?}", launch_files(&cluster));
         tokio::time::sleep(Duration::from_millis(200)).await;
         let handles: Vec<crew_core::worker::Handle> =
-            (0..4).map(|i| crew_core::worker::Handle { id: format!("{job}_{i}") }).collect();
+            (0..4).map(|i| crew_core::worker::Handle::new(format!("{job}_{i}"))).collect();
         let _ = crew_core::worker::Worker::probe(&class, &handles).await;
     }
 }
@@ -334,8 +334,8 @@ async fn jobs_slurm_forgot_are_asked_of_sacct_in_one_call() {
     }
     let (squeue, sacct) = (cluster.calls("squeue"), cluster.calls("sacct"));
     let mut asked = handles.clone();
-    asked.push(Handle { id: "999999_0".into() });
-    asked.push(Handle { id: "not-a-slurm-handle".into() });
+    asked.push(Handle::new("999999_0"));
+    asked.push(Handle::new("not-a-slurm-handle"));
     let lives = class.probe(&asked).await.expect("probe");
     assert_eq!((cluster.calls("squeue") - squeue, cluster.calls("sacct") - sacct), (1, 1), "one call each");
     for life in &lives[..4] {
