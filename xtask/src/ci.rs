@@ -11,7 +11,8 @@
 //! under `cargo test` otherwise.
 //!
 //! The services the tests need are installed first when missing
-//! ([`crate::services`]: openssh-server). The tests run against the local
+//! ([`crate::services`]: openssh-server, Slurm and munge; the Slurm tests
+//! start a private one-node cluster each). The tests run against the local
 //! AWS emulator ([`crate::emu`]): CI
 //! installs it, starts it on a free port, runs the tests with its variables
 //! (`AWS_ENDPOINT_URL`, dummy credentials, `CREW_TEST_S3_ENDPOINT`, ...)

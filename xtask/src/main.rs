@@ -29,7 +29,10 @@ const SUBCOMMANDS: &[(&str, &str)] = &[
     ("bench", "measure crew against baselines (release build); `bench --help` for options"),
     ("emu", "the local AWS emulator of the tests: `emu install|start|stop|env`"),
     ("fuzz", "coverage-guided fuzzing (libFuzzer): `fuzz [--time SECS | --runs N] [TARGET...]`"),
-    ("services", "install the real services the tests need when missing (openssh-server; Debian, as root)"),
+    (
+        "services",
+        "install the real services the tests need when missing (openssh-server, Slurm and munge; Debian, as root)",
+    ),
 ];
 
 fn main() -> ExitCode {

@@ -3,8 +3,13 @@
 //!
 //! Today: `openssh-server`, whose `sshd` the ssh worker example's tests
 //! start on a free loopback port of their own (they never use the
-//! system's), and `chromium` with `chromium-driver`, the headless browser
-//! the dashboard's test drives over WebDriver. Installed with `apt-get` (after `apt-get update` when the
+//! system's); `chromium` with `chromium-driver`, the headless browser the
+//! dashboard's test drives over WebDriver; and Slurm (`slurmctld slurmd slurm-client munge`, without
+//! the recommends: no database, no cgroup tools), from which each test of
+//! crew-worker-slurm starts a private one-node cluster (its own munged,
+//! slurmctld and slurmd on free ports, a generated `slurm.conf`; see
+//! `crates/crew-worker-slurm/tests/it/cluster.rs`) and stops it when it
+//! ends. Installed with `apt-get` (after `apt-get update` when the
 //! package lists are stale); elsewhere the tests that need it say so and
 //! skip, except under `CI`, where a missing service is an error.
 
@@ -19,6 +24,10 @@ const SERVICES: &[(&str, &str)] = &[
     // The dashboard's test loads the page in a real headless browser.
     ("/usr/bin/chromium", "chromium"),
     ("/usr/bin/chromedriver", "chromium-driver"),
+    ("/usr/sbin/slurmctld", "slurmctld"),
+    ("/usr/sbin/slurmd", "slurmd"),
+    ("/usr/bin/sbatch", "slurm-client"),
+    ("/usr/sbin/munged", "munge"),
 ];
 
 /// Installs what is missing.

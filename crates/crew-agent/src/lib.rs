@@ -31,7 +31,7 @@ use crew_core::output::{Status, Timestamp};
 use crew_core::protocol::{self, AgentMsg, ControllerMsg, PROTOCOL_VERSION, RunJob};
 use crew_core::worker::{
     ENV_CONNECT, ENV_INDEX, ENV_INDEX_BASE, ENV_LAUNCH, ENV_PARENT_PID, ENV_RESUME_FILE, ENV_TLS_SHA256, ENV_TOKEN,
-    ENV_TOKEN_STDIN, Secret,
+    ENV_TOKEN_REF, ENV_TOKEN_STDIN, Secret, TOKEN_REF_FILE,
 };
 use crew_exec::builtins::Builtins;
 use crew_exec::{ExecContext, JobResult};
@@ -125,16 +125,19 @@ impl AgentConfig {
         let launch = var(ENV_LAUNCH).ok_or_else(|| {
             AgentError::Config(format!("no launch id: {ENV_LAUNCH} is not set (agents are started by a controller)"))
         })?;
+        let index = index_from_env()?;
+        let file_ref = var(ENV_TOKEN_REF).filter(|r| r.starts_with(TOKEN_REF_FILE));
         let token = match token.or_else(|| var(ENV_TOKEN).map(Secret::new)) {
             Some(t) => t,
             None if var(ENV_TOKEN_STDIN).as_deref() == Some("1") => token_from_stdin()?,
+            None if file_ref.is_some() => take_file_secret(file_ref.as_deref().unwrap_or_default(), index)?,
             None => {
                 return Err(AgentError::Config(format!(
-                    "no token: set {ENV_TOKEN}, or {ENV_TOKEN_STDIN}=1 (or pass --token-stdin) and write it to stdin"
+                    "no token: set {ENV_TOKEN}, or {ENV_TOKEN_STDIN}=1 (or pass --token-stdin) and write it to stdin, \
+                     or {ENV_TOKEN_REF}={TOKEN_REF_FILE}PREFIX"
                 )));
             }
         };
-        let index = index_from_env()?;
         let tls_sha256 = match var(ENV_TLS_SHA256) {
             Some(pin) => Some(
                 crew_tls::parse_fingerprint(&pin).map_err(|e| AgentError::Config(format!("{ENV_TLS_SHA256}: {e}")))?,
@@ -154,6 +157,63 @@ fn token_from_stdin() -> Result<Secret, AgentError> {
         "" => Err(AgentError::Config(format!("{ENV_TOKEN_STDIN}=1 but stdin held no token"))),
         t => Ok(Secret::new(t)),
     }
+}
+
+/// Takes this member's launch secret from a one-time file
+/// (`CREW_TOKEN_REF=file:PREFIX`, [`TOKEN_REF_FILE`]): `PREFIX<index>` is
+/// claimed by a rename (of two readers only one wins), checked (a regular
+/// file of this user that nobody else may read or write), read and
+/// deleted, so that a second use of the reference fails.
+pub fn take_file_secret(reference: &str, index: u32) -> Result<Secret, AgentError> {
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let prefix = reference
+        .strip_prefix(TOKEN_REF_FILE)
+        .filter(|p| p.starts_with('/') && !p.ends_with('/'))
+        .ok_or_else(|| {
+            AgentError::Config(format!(
+                "{ENV_TOKEN_REF} {reference:?} is not a file reference ({TOKEN_REF_FILE}/PATH/PREFIX)"
+            ))
+        })?;
+    let path = PathBuf::from(format!("{prefix}{index}"));
+    let claimed = PathBuf::from(format!("{prefix}{index}.taken-{}", std::process::id()));
+    std::fs::rename(&path, &claimed).map_err(|e| match path.parent() {
+        Some(dir) if !dir.is_dir() => AgentError::Config(format!(
+            "the folder of the launch secret, {}, is not here ({e}): the controller wrote it on its machine, so \
+             the class's state folder must be one this machine shares (Slurm: the state_dir option)",
+            dir.display()
+        )),
+        _ => AgentError::Config(format!(
+            "the launch secret {} is gone ({e}): each is read once, by its own member, and removed when its \
+             worker ends; start the worker again from the controller (crew recruit)",
+            path.display()
+        )),
+    })?;
+    let read = (|| -> Result<Secret, String> {
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&claimed)
+            .map_err(|e| e.to_string())?;
+        let meta = file.metadata().map_err(|e| e.to_string())?;
+        // SAFETY: getuid has no preconditions and cannot fail.
+        let uid = unsafe { libc::getuid() };
+        if !meta.is_file() || meta.uid() != uid || meta.mode() & 0o077 != 0 {
+            return Err(format!(
+                "refused: it must be a regular file of uid {uid} with mode 0600 (it is uid {}, mode {:o})",
+                meta.uid(),
+                meta.mode() & 0o7777
+            ));
+        }
+        let mut text = String::new();
+        file.by_ref().take(1024).read_to_string(&mut text).map_err(|e| e.to_string())?;
+        match text.trim() {
+            "" => Err("it is empty".to_owned()),
+            t => Ok(Secret::new(t)),
+        }
+    })();
+    let _ = std::fs::remove_file(&claimed);
+    read.map_err(|e| AgentError::Config(format!("the launch secret {}: {e}", path.display())))
 }
 
 /// The agent's index within its launch, from the environment: `CREW_INDEX`,
@@ -764,6 +824,18 @@ where
             },
             result = async { match fut.as_mut() { Some(f) => f.await, None => std::future::pending().await } } => {
                 *fut = None;
+                // A platform that stops a worker may signal every process
+                // of it at once (Slurm: scancel, a time limit, preemption),
+                // so the job can die of the signal before this agent sees
+                // its own. That is the worker going, not the job failing:
+                // wait a moment for our own signal before reporting it.
+                if !signalled && running.is_some() && killed_by_stop_signal(&result) {
+                    tokio::select! {
+                        _ = recv_signal(&mut sigterm) => { leaving.get_or_insert(AgentExit::Stopped); signalled = true; }
+                        _ = recv_signal(&mut sigint) => { leaving.get_or_insert(AgentExit::Stopped); signalled = true; }
+                        _ = tokio::time::sleep(STOP_SIGNAL_GRACE) => {}
+                    }
+                }
                 if let Some(r) = running.take().filter(|_| !signalled) {
                     done(&mut out, recent, resumable, r.job, r.attempt, result);
                     *tasks_done += 1;
@@ -796,6 +868,16 @@ where
             r.cancel.cancel();
         }
     }
+}
+
+/// How long a job killed by SIGTERM, SIGINT or SIGHUP waits for the same
+/// signal to reach its agent before it is reported as failed.
+const STOP_SIGNAL_GRACE: Duration = Duration::from_secs(1);
+
+/// The job failed by a signal a platform stops a worker with (not by the
+/// agent's own cancel or time limit, which have statuses of their own).
+fn killed_by_stop_signal(result: &JobResult) -> bool {
+    result.status == Status::Failed && matches!(result.signal, Some(libc::SIGTERM | libc::SIGINT | libc::SIGHUP))
 }
 
 async fn recv_signal(sig: &mut Option<tokio::signal::unix::Signal>) {
@@ -918,6 +1000,38 @@ fn truncate_utf8(s: &mut String, max: usize) {
 mod tests {
     use super::*;
     use crew_core::output::{Status, Timestamp};
+
+    /// A secret by file reference is taken once, by its own index, from a
+    /// private file of this user only, and the file is gone after.
+    #[test]
+    fn file_secrets_are_taken_once_and_must_be_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let prefix = dir.path().join("token.");
+        let reference = format!("file:{}", prefix.display());
+        let write = |index: u32, text: &str, mode: u32| {
+            let path = dir.path().join(format!("token.{index}"));
+            std::fs::write(&path, text).expect("write");
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        };
+        write(3, "the-secret\n", 0o600);
+        assert_eq!(take_file_secret(&reference, 3).expect("taken").expose(), "the-secret");
+        assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 0, "the file is gone");
+        let again = take_file_secret(&reference, 3).expect_err("a second use fails").to_string();
+        assert!(again.contains("is gone"), "{again}");
+        write(4, "open-to-all", 0o644);
+        let open = take_file_secret(&reference, 4).expect_err("refused").to_string();
+        assert!(open.contains("mode 0600") && !open.contains("open-to-all"), "{open}");
+        assert_eq!(std::fs::read_dir(dir.path()).expect("dir").count(), 0, "a refused file is removed too");
+        write(5, "", 0o600);
+        assert!(take_file_secret(&reference, 5).expect_err("empty").to_string().contains("empty"));
+        let elsewhere = take_file_secret("file:/nonexistent-crew-dir/token.", 0).expect_err("no folder").to_string();
+        assert!(elsewhere.contains("is not here") && elsewhere.contains("state_dir"), "{elsewhere}");
+        for bad in ["ssm:/x/", "file:relative/token.", "file:/dir/"] {
+            let e = take_file_secret(bad, 0).expect_err("not a file reference").to_string();
+            assert!(e.contains("not a file reference"), "{bad}: {e}");
+        }
+    }
 
     /// The agent's configuration holds its launch secret: `{:?}` (and
     /// `{:#?}`) never shows it.

@@ -175,7 +175,7 @@ pub struct App {
 }
 
 impl App {
-    /// The stock `crew`: the `local` and `aws-batch` classes, and any
+    /// The stock `crew`: the `local`, `aws-batch` and `slurm` classes, and any
     /// `crew-worker-NAME` on `PATH`.
     pub fn new() -> Self {
         Self::default()

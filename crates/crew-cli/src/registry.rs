@@ -88,6 +88,7 @@ impl Registry {
         let stock: Vec<(&str, Make)> = vec![
             (crew_worker_local::CLASS, || Arc::new(crew_worker_local::LocalWorker::new())),
             (crew_worker_aws::CLASS, || Arc::new(crew_worker_aws::AwsBatchWorker::new())),
+            (crew_worker_slurm::CLASS, || Arc::new(crew_worker_slurm::SlurmWorker::new())),
         ];
         let classes = stock
             .into_iter()

@@ -77,7 +77,7 @@ pub(crate) struct RunArgs {
     env_inherit: Vec<String>,
     /// Where the controller listens for workers, IP:PORT (default
     /// 127.0.0.1:0, loopback and any free port). Workers of classes that run
-    /// elsewhere (aws-batch) need an address they can reach, e.g. 0.0.0.0:7000.
+    /// elsewhere (aws-batch, slurm) need an address they can reach, e.g. 0.0.0.0:7000.
     #[arg(long, value_name = "IP:PORT")]
     listen: Option<std::net::SocketAddr>,
     /// The address workers dial when it is not the listening one (a wildcard

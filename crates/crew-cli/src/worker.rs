@@ -4,7 +4,7 @@ use std::io::BufRead;
 
 use clap::Args;
 use crew_agent::AgentConfig;
-use crew_core::worker::{ENV_TOKEN_REF, Secret};
+use crew_core::worker::{ENV_TOKEN_REF, Secret, TOKEN_REF_FILE};
 use crew_exec::builtins::Builtins;
 
 use crate::{EXIT_USAGE, Failure};
@@ -12,7 +12,8 @@ use crate::{EXIT_USAGE, Failure};
 #[derive(Args, Debug)]
 #[command(after_help = "The agent reads its connection from the environment its controller sets: \
 CREW_CONNECT (the address), CREW_LAUNCH and CREW_TOKEN (the launch and its one-time secret; \
-or CREW_TOKEN_REF=ssm:PREFIX, an SSM SecureString PREFIX<index> read once and deleted), \
+or CREW_TOKEN_REF=ssm:PREFIX, an SSM SecureString PREFIX<index> read once and deleted, \
+or CREW_TOKEN_REF=file:/PATH/PREFIX, a file PREFIX<index> of mode 0600 read once and deleted), \
 CREW_INDEX (or CREW_INDEX_BASE plus AWS_BATCH_JOB_ARRAY_INDEX), and CREW_TLS_SHA256: when set, \
 the connection uses TLS and accepts only the certificate with that SHA-256. \
 The agent runs under a warden process that kills every process its jobs started when the agent \
@@ -45,7 +46,9 @@ pub(crate) fn main(args: WorkerArgs) -> Result<u8, Failure> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(Failure::internal)?;
     // A secret by reference (the aws-batch class): this member's own,
     // taken once; the reference is useless after.
-    let token = match (token, std::env::var(ENV_TOKEN_REF).ok().filter(|v| !v.is_empty())) {
+    // `file:` references (the slurm class) are taken by `AgentConfig::from_env`.
+    let reference = std::env::var(ENV_TOKEN_REF).ok().filter(|v| !v.is_empty() && !v.starts_with(TOKEN_REF_FILE));
+    let token = match (token, reference) {
         (Some(t), _) => Some(t),
         (None, Some(reference)) => {
             let index = crew_agent::index_from_env().map_err(Failure::usage)?;

@@ -890,7 +890,9 @@ impl Controller {
         // Wait until the classes say the agents are gone.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         while tokio::time::Instant::now() < deadline {
-            if all_gone(&handles).await {
+            // Bounded even when a class's probe is slow (a platform that
+            // does not answer).
+            if tokio::time::timeout_at(deadline, all_gone(&handles)).await.unwrap_or(true) {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -242,6 +242,8 @@ impl Shared {
         conn.closed.cancel();
         let mut core = lock(&self.core);
         let slot = conn.slot;
+        let busy = core.sched.slot_state(slot) == SlotState::Up
+            && core.sched.slots().nth(slot.0 as usize).is_some_and(|v| v.id == slot && v.assigned > 0);
         let rt = &mut core.slots[slot.0 as usize];
         if rt.conn.as_ref().is_none_or(|c| c.id != conn.id) {
             return;
@@ -251,6 +253,20 @@ impl Shared {
         rt.conn = None;
         if let Some(observer) = &self.config.observer {
             observer.disconnected(&conn.name);
+        }
+        // A worker of a remote platform that went under a job: ask the
+        // platform why before the job counts a crash, so that the slot and
+        // the job's record carry its words (a Slurm TIMEOUT or
+        // OUT_OF_MEMORY, a Spot reclaim) rather than only "the connection
+        // closed". Bounded: a platform that still says running after two
+        // probe intervals leaves the connection's reason.
+        let remote = !rt.class.capabilities().reaches_loopback;
+        if let (Some(handle), true, true) = (rt.handle.clone(), remote, busy) {
+            let shared = self.clone();
+            let class = rt.class.clone();
+            let reason = reason.to_owned();
+            tokio::spawn(async move { shared.lost_after_probe(slot, class, handle, reason).await });
+            return;
         }
         // A worker that stopped answering may still be running its job (a
         // stopped or partitioned agent): make sure it is gone before the
@@ -266,6 +282,57 @@ impl Shared {
         let now = Instant::now();
         self.note_crash(&core, slot, reason);
         core.sched.lost(slot, reason, now);
+        self.apply(&mut core);
+        self.timer_wake.notify_one();
+    }
+}
+
+impl Shared {
+    /// [`Shared::on_closed`] for a remote worker that had a job: probes it
+    /// until its platform reports its end (at most about two probe
+    /// intervals), then terminates it and counts the loss with the
+    /// platform's reason and the connection's.
+    async fn lost_after_probe(self: Arc<Self>, slot: SlotId, class: Arc<dyn Worker>, handle: Handle, reason: String) {
+        let interval = class.capabilities().probe_interval;
+        let deadline = Instant::now() + (interval * 2).max(Duration::from_secs(2)) + Duration::from_secs(1);
+        let mut why = None;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), class.probe(std::slice::from_ref(&handle))).await {
+                Ok(Ok(lives)) => match lives.into_iter().next() {
+                    Some(Liveness::Exited { reason }) => {
+                        why = Some(reason);
+                        break;
+                    }
+                    Some(Liveness::Running | Liveness::Starting) => {}
+                    _ => break,
+                },
+                _ => break,
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(interval.clamp(Duration::from_millis(50), Duration::from_millis(500))).await;
+        }
+        // As for any lost worker: gone before the job runs elsewhere.
+        let class2 = class.clone();
+        let h = handle.clone();
+        tokio::spawn(async move {
+            if let Err(e) = class2.terminate(&[h]).await {
+                warn!("terminating a lost worker failed: {e}");
+            }
+        });
+        let mut core = lock(&self.core);
+        let rt = &core.slots[slot.0 as usize];
+        if rt.handle.as_ref() != Some(&handle) || rt.conn.is_some() {
+            return;
+        }
+        let reason = match why {
+            // Not twice when the platform's word closed the connection.
+            Some(why) if !reason.contains(&why) => format!("{why} ({reason})"),
+            _ => reason,
+        };
+        self.note_crash(&core, slot, &reason);
+        core.sched.lost(slot, &reason, Instant::now());
         self.apply(&mut core);
         self.timer_wake.notify_one();
     }

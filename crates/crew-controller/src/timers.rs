@@ -103,6 +103,13 @@ impl Shared {
                     // heartbeat decides then.
                     Liveness::Unknown if core.slots[slot.0 as usize].conn.is_some() => continue,
                     Liveness::Unknown => "the platform no longer knows this worker".to_owned(),
+                    Liveness::Starting => {
+                        let rt = &core.slots[slot.0 as usize];
+                        if rt.handle.as_ref() == Some(handle) && rt.class.capabilities().queues_launches {
+                            core.sched.still_queued(*slot, now);
+                        }
+                        continue;
+                    }
                     // Starting, running, or a state a newer class reports:
                     // nothing to do (the heartbeat still watches).
                     _ => continue,

@@ -231,6 +231,9 @@ pub struct WireCapabilities {
     /// [`Capabilities::reaches_loopback`].
     #[serde(default)]
     pub reaches_loopback: bool,
+    /// [`Capabilities::queues_launches`].
+    #[serde(default)]
+    pub queues_launches: bool,
 }
 
 impl From<&Capabilities> for WireCapabilities {
@@ -241,6 +244,7 @@ impl From<&Capabilities> for WireCapabilities {
             probe_interval_ms: u64::try_from(c.probe_interval.as_millis()).unwrap_or(u64::MAX),
             shares_filesystem: c.shares_filesystem,
             reaches_loopback: c.reaches_loopback,
+            queues_launches: c.queues_launches,
         }
     }
 }
@@ -255,6 +259,7 @@ impl WireCapabilities {
         c.probe_interval = Duration::from_millis(self.probe_interval_ms.clamp(10, 600_000));
         c.shares_filesystem = self.shares_filesystem;
         c.reaches_loopback = self.reaches_loopback;
+        c.queues_launches = self.queues_launches;
         c
     }
 }

@@ -25,6 +25,14 @@ pub const ENV_TOKEN: &str = "CREW_TOKEN";
 /// `ssm:PREFIX`, an SSM SecureString named `PREFIX<index>`, through
 /// crew-worker-aws), so crew-core needs no cloud SDK.
 pub const ENV_TOKEN_REF: &str = "CREW_TOKEN_REF";
+/// The scheme of a [`ENV_TOKEN_REF`] to one-time files:
+/// `file:/shared/dir/token.` names the file `/shared/dir/token.<index>`,
+/// holding the member's own secret ([`Secret::member_secret`]); the agent
+/// claims it (renames it), reads it once and deletes it, and refuses one
+/// that others than its owner may read. For classes whose agents share a
+/// file system with the controller but whose job definitions others may
+/// read (a Slurm batch script): crew-agent resolves it.
+pub const TOKEN_REF_FILE: &str = "file:";
 /// Environment variable carrying the agent's index within its launch.
 pub const ENV_INDEX: &str = "CREW_INDEX";
 /// Environment variable a class that starts agents as platform array jobs
@@ -293,6 +301,12 @@ pub struct Capabilities {
     pub shares_filesystem: bool,
     /// True when the agents can reach the controller on loopback.
     pub reaches_loopback: bool,
+    /// True when a launch may wait in the platform's queue for long (a
+    /// batch scheduler such as Slurm): the slot's launch timeout then
+    /// counts from the last probe that found the worker still
+    /// [`Liveness::Starting`], not from the launch, so that a worker is
+    /// given up only when it runs but does not connect.
+    pub queues_launches: bool,
 }
 
 impl Capabilities {
@@ -304,12 +318,20 @@ impl Capabilities {
             probe_interval: Duration::from_millis(500),
             shares_filesystem: true,
             reaches_loopback: true,
+            queues_launches: false,
         }
     }
 
     /// Capabilities of a remote class: explicit batch sizes and interval.
     pub fn remote(launch_batch_max: usize, probe_batch_max: usize, probe_interval: Duration) -> Self {
-        Self { launch_batch_max, probe_batch_max, probe_interval, shares_filesystem: false, reaches_loopback: false }
+        Self {
+            launch_batch_max,
+            probe_batch_max,
+            probe_interval,
+            shares_filesystem: false,
+            reaches_loopback: false,
+            queues_launches: false,
+        }
     }
 }
 

@@ -670,6 +670,17 @@ impl Scheduler {
         self.settle(now);
     }
 
+    /// The platform says the slot's launched worker still waits in its
+    /// queue (a class that `queues_launches`): its launch timeout starts
+    /// again from `now`, so that a worker is given up only when it runs
+    /// but does not connect, however long the queue.
+    pub fn still_queued(&mut self, slot: SlotId, now: Instant) {
+        let s = &mut self.slots[slot.0 as usize];
+        if s.state == SlotState::Launching && !s.dismissed && now > s.since {
+            s.since = now;
+        }
+    }
+
     /// The slot's worker is gone: its connection dropped, it stopped
     /// answering, or its process exited. While launching, this is a failed
     /// launch; while up, the running job crashed.

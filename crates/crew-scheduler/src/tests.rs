@@ -1247,6 +1247,32 @@ fn launch_timeout_relaunch_budget_and_restart() {
     env.assert_all_delivered();
 }
 
+/// A worker its platform keeps in a queue (`still_queued`) is not given
+/// up at the launch timeout: the timeout counts from the last word that it
+/// was still queued.
+#[test]
+fn a_queued_launch_times_out_only_after_it_left_the_queue() {
+    let mut env = TestEnv::new();
+    let q = env.recruit("q", "", SlotLimits { launch_max: 1, ..prefetch(0) });
+    let j = env.job("");
+    assert_eq!(launches(&env.take_log()), vec![q]);
+    for _ in 0..10 {
+        env.advance(secs(50));
+        let now = env.now();
+        env.sched.still_queued(q, now);
+        env.sched.sanity_check();
+    }
+    assert_eq!(env.take_log(), vec![], "500 s in the queue is no failed launch");
+    assert_eq!(env.sched.next_deadline(), Some(env.now() + secs(60)));
+    env.advance(secs(59));
+    assert_eq!(env.take_log(), vec![]);
+    env.advance(secs(1));
+    let log = env.take_log();
+    assert_eq!(log[0], Ev::Terminate(q, "the worker did not connect within 1m".to_owned()), "{log:?}");
+    assert_eq!(env.status_of(j), Some(Status::LaunchFailed));
+    env.assert_all_delivered();
+}
+
 #[test]
 fn failed_launches_break_the_slot() {
     let mut env = TestEnv::new();

@@ -12,7 +12,7 @@ pub(crate) struct RecruitArgs {
     #[arg(long, short = 'w', value_name = "N")]
     workers: u32,
     /// Worker class (`local`: processes on this machine; `aws-batch`: AWS
-    /// Batch jobs, see the README for its options).
+    /// Batch jobs; `slurm`: Slurm jobs; see the README for their options).
     #[arg(long, value_name = "CLASS")]
     class: String,
     /// Tags of the slots, comma separated; jobs may ask for any subset.
