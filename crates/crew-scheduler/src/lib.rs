@@ -19,6 +19,10 @@
 //! - Otherwise the job waits, ordered by priority (higher first) then by
 //!   arrival.
 //! - A worker holds at most `1 + prefetch` jobs; the agent runs them in order.
+//!   Its window widens when its jobs are short: the scheduler measures each
+//!   worker's pace (jobs finished over the time it was busy) and sends it
+//!   about 2 ms of work ahead, at most [`AHEAD_MAX`] jobs; one slow job
+//!   narrows it back at once. `prefetch` 0 turns sending ahead off.
 //!   A job is sent ahead to a busy worker only when no matching slot is down
 //!   or launching (a worker that can start beats a queue behind a busy one).
 //!   A worker that falls idle while no queued job fits it takes back a
@@ -68,7 +72,8 @@ pub struct SlotLimits {
     pub launch_timeout: Duration,
     /// Consecutive failed launches after which the slot is broken.
     pub launch_max: u32,
-    /// Jobs sent ahead to a busy worker (0: one job at a time).
+    /// Jobs sent ahead to a busy worker, at least (0: one job at a time;
+    /// more when its jobs are short, see the module's rules).
     pub prefetch: u32,
 }
 
@@ -286,11 +291,92 @@ struct Slot {
     /// Its worker came back holding more jobs than its capacity (results
     /// it re-sends); cleared once it holds no job.
     over: bool,
+    /// What its worker's recent jobs took, for the adaptive window.
+    pace: Pace,
+}
+
+/// How fast a slot's worker gets through its jobs, measured by the
+/// scheduler's own clock: jobs finished over the time it was busy. It sets
+/// how many jobs the worker is sent ahead ([`Pace::ahead`]): at least the
+/// slot's `prefetch`, more when its jobs are short, so that a worker of
+/// no-op jobs gets them by the hundred per round trip while a worker of long
+/// jobs holds `1 + prefetch`.
+#[derive(Debug, Default, Clone)]
+struct Pace {
+    /// Start of the current measuring period (the worker busy throughout).
+    since: Option<Instant>,
+    /// Jobs finished in it.
+    done: u32,
+    /// Estimated time per job, in nanoseconds (`None`: not measured yet).
+    per_job_ns: Option<u64>,
+}
+
+/// Work sent ahead to a worker of short jobs: enough to keep it busy this
+/// long without another word from the controller.
+const AHEAD_WORK: Duration = Duration::from_millis(2);
+
+/// The most jobs sent ahead to one worker, however short its jobs.
+pub const AHEAD_MAX: u32 = 256;
+
+/// The most jobs a worker with these limits may hold at once: its
+/// capacity, which follows its pace, never passes this.
+pub fn max_held(limits: &SlotLimits) -> usize {
+    match limits.prefetch {
+        0 => 1,
+        p => 1 + AHEAD_MAX.max(p) as usize,
+    }
+}
+
+/// The shortest period a pace is measured over (shorter ones say more about
+/// the clock than about the jobs).
+const PACE_PERIOD: Duration = Duration::from_millis(1);
+
+impl Pace {
+    /// A job was assigned to a worker that held `held` jobs before it.
+    fn assigned(&mut self, held: usize, now: Instant) {
+        if held == 0 {
+            self.since = Some(now);
+            self.done = 0;
+        }
+    }
+
+    /// A job finished; `left` jobs are still on the worker.
+    fn finished(&mut self, left: usize, now: Instant) {
+        self.done += 1;
+        let Some(since) = self.since else { return };
+        let elapsed = now.saturating_duration_since(since);
+        if elapsed >= PACE_PERIOD {
+            let sample = (elapsed.as_nanos() / u128::from(self.done)).min(u128::from(u64::MAX)) as u64;
+            // Slower jobs count at once (a long job must not find many
+            // others queued behind it); faster ones are believed gradually.
+            self.per_job_ns = Some(match self.per_job_ns {
+                Some(old) if sample < old => (old.saturating_mul(3) / 4).saturating_add(sample / 4),
+                _ => sample,
+            });
+            self.since = Some(now);
+            self.done = 0;
+        }
+        if left == 0 {
+            self.since = None;
+        }
+    }
+
+    /// Jobs to send ahead with a `prefetch` of at least `prefetch` (0 turns
+    /// sending ahead off).
+    fn ahead(&self, prefetch: u32) -> u32 {
+        match self.per_job_ns {
+            Some(ns) if prefetch > 0 => {
+                let fit = AHEAD_WORK.as_nanos() as u64 / ns.max(1);
+                fit.clamp(u64::from(prefetch), u64::from(AHEAD_MAX.max(prefetch))) as u32
+            }
+            _ => prefetch,
+        }
+    }
 }
 
 impl Slot {
     fn capacity(&self) -> usize {
-        let mut cap = 1 + self.cfg.limits.prefetch as usize;
+        let mut cap = 1 + self.pace.ahead(self.cfg.limits.prefetch) as usize;
         if let Some(max) = self.cfg.limits.tasks_max {
             cap = cap.min(max.saturating_sub(self.tasks_done) as usize);
         }
@@ -513,6 +599,7 @@ impl Scheduler {
                 revoking: None,
                 resume_until: None,
                 over: false,
+                pace: Pace::default(),
             });
             self.down += 1;
             ids.push(id);
@@ -590,6 +677,7 @@ impl Scheduler {
         s.state = SlotState::Up;
         self.launching -= 1;
         s.over = false;
+        s.pace = Pace::default();
         s.since = now;
         s.idle_since = Some(now);
         s.tasks_done = 0;
@@ -612,6 +700,7 @@ impl Scheduler {
             self.prefetched -= 1;
         }
         s.jobs.remove(pos);
+        s.pace.finished(s.jobs.len(), now);
         if s.revoking == Some(job) {
             s.revoking = None;
         }
@@ -1303,7 +1392,7 @@ impl Scheduler {
     }
 
     /// Assigns queued jobs to ready workers, highest priority first.
-    fn dispatch(&mut self, _now: Instant) {
+    fn dispatch(&mut self, now: Instant) {
         if self.queue.is_empty() || self.ready.is_empty() || self.resuming > 0 {
             return;
         }
@@ -1352,7 +1441,7 @@ impl Scheduler {
             if group.is_empty() {
                 self.queue.remove(&tags);
             }
-            self.assign(slot, job);
+            self.assign(slot, job, now);
             if self.ready.is_empty() {
                 break;
             }
@@ -1366,12 +1455,13 @@ impl Scheduler {
         })
     }
 
-    fn assign(&mut self, slot: SlotId, job: JobId) {
+    fn assign(&mut self, slot: SlotId, job: JobId, now: Instant) {
         self.unindex_ready(slot);
         let s = &mut self.slots[slot.0 as usize];
         if !s.jobs.is_empty() {
             self.prefetched += 1;
         }
+        s.pace.assigned(s.jobs.len(), now);
         s.jobs.push_back(job);
         s.idle_since = None;
         let attempt = match self.jobs.get_mut(&job) {
@@ -1517,7 +1607,7 @@ impl Scheduler {
                 down += 1;
             }
             prefetched += s.jobs.len().saturating_sub(1);
-            assert!(s.over || s.jobs.len() <= 1 + s.cfg.limits.prefetch as usize, "slot {} over capacity", s.cfg.name);
+            assert!(s.over || s.jobs.len() <= max_held(&s.cfg.limits), "slot {} over capacity", s.cfg.name);
             for job in &s.jobs {
                 let e = self.jobs.get(job).unwrap_or_else(|| panic!("assigned job {job} unknown"));
                 assert!(matches!(e.state, JobState::Assigned(x) if x == slot), "job {job} slot mismatch");

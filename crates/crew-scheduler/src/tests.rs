@@ -409,7 +409,7 @@ impl TestEnv {
                 info.attempt = attempt;
                 let holding = a.held.len() + a.inbox_assigns() + 1;
                 assert!(
-                    holding <= 1 + a.limits.prefetch as usize,
+                    holding <= super::max_held(&a.limits),
                     "slot {} holds {holding} jobs with prefetch {}",
                     a.name,
                     a.limits.prefetch
@@ -944,6 +944,52 @@ fn prefetch_bounds_jobs_held() {
             env.finish(s, Status::Succeeded);
         }
         env.assert_all_delivered();
+    }
+}
+
+#[test]
+fn short_jobs_widen_the_window_and_a_long_one_narrows_it() {
+    let mut env = TestEnv::new();
+    let s = env.recruit("w", "", prefetch(1));
+    let jobs: Vec<JobId> = (0..700).map(|_| env.job("")).collect();
+    env.connect(s);
+    assert_eq!(env.held(s).len(), 2, "unmeasured: 1 + prefetch");
+    // Jobs of 10 µs: once a period is measured, the worker is sent about
+    // 2 ms of them ahead.
+    for _ in 0..300 {
+        env.offset += Duration::from_micros(10);
+        env.finish(s, Status::Succeeded);
+    }
+    let held = env.held(s).len();
+    assert!(held > 100 && held <= 1 + super::AHEAD_MAX as usize, "a worker of 10 µs jobs holds {held}");
+    // One job of a second: the window is back to 1 + prefetch at once (the
+    // jobs already sent stay; no more follow until it drains).
+    env.offset += Duration::from_secs(1);
+    env.finish(s, Status::Succeeded);
+    let before = env.held(s).len();
+    assert_eq!(before, held - 1, "no job sent after a slow one while over the window");
+    while env.held(s).len() > 2 {
+        env.offset += Duration::from_millis(500);
+        env.finish(s, Status::Succeeded);
+    }
+    env.offset += Duration::from_millis(500);
+    env.finish(s, Status::Succeeded);
+    assert_eq!(env.held(s).len(), 2, "slow jobs: 1 + prefetch again");
+    assert!(env.sched.pending() > 0 && jobs.len() == 700);
+}
+
+#[test]
+fn prefetch_zero_stays_one_job_at_a_time_however_short_the_jobs() {
+    let mut env = TestEnv::new();
+    let s = env.recruit("w", "", prefetch(0));
+    for _ in 0..500 {
+        env.job("");
+    }
+    env.connect(s);
+    for _ in 0..400 {
+        env.offset += Duration::from_micros(10);
+        env.finish(s, Status::Succeeded);
+        assert_eq!(env.held(s).len(), 1);
     }
 }
 
