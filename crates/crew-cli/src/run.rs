@@ -1,5 +1,6 @@
 //! `crew run`: a one-shot controller that runs a file of jobs and exits.
 
+use std::collections::HashMap;
 use std::io::Read;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -7,8 +8,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 use crew_controller::{AgentCommand, Controller, ControllerConfig, Recruit, TlsMode};
-use crew_core::job::{LineDefaults, parse_job_file};
-use crew_core::staging::Stager;
+use crew_core::job::{InputSource, JobSpec, LineDefaults, parse_job_line};
+use crew_core::staging::{StageError, Stager};
 use crew_core::{Output, Tags};
 use crew_scheduler::SlotLimits;
 
@@ -114,8 +115,8 @@ pub(crate) fn main(args: RunArgs) -> Result<u8, Failure> {
     defaults.inputs = inputs;
     defaults.outputs = args.output;
     defaults.env_inherit = args.env_inherit;
-    let mut jobs = match parse_job_file(&text, &defaults) {
-        Ok(jobs) => jobs,
+    let checked = match check_file(&text, &defaults, &tags) {
+        Ok(checked) => checked,
         Err(errors) => {
             for e in &errors {
                 eprintln!("{label}:{e}");
@@ -123,21 +124,6 @@ pub(crate) fn main(args: RunArgs) -> Result<u8, Failure> {
             return Ok(EXIT_USAGE);
         }
     };
-    let mut bad = false;
-    for (i, job) in jobs.iter().enumerate() {
-        if !tags.satisfies(&job.tags) {
-            // Report with the line number of the job.
-            let line = nth_job_line(&text, i);
-            eprintln!(
-                "{label}:{line}: no worker would have tags [{}]; the workers have [{tags}] (set them with --tags)",
-                job.tags
-            );
-            bad = true;
-        }
-    }
-    if bad {
-        return Ok(EXIT_USAGE);
-    }
     let store = crew_core::store::open_store(&args.store)
         .with_context(|| format!("cannot open the store {:?}", args.store))
         .map_err(Failure::usage)?;
@@ -151,11 +137,21 @@ pub(crate) fn main(args: RunArgs) -> Result<u8, Failure> {
     // one clear line now, not a failure in the middle of the run.
     rt.block_on(store.check()).map_err(|e| crate::registry::store_failure(&store.url(), e))?;
     let code = rt.block_on(async move {
-        // Inputs go to the store before anything starts; the controller
-        // only ever holds their keys.
-        if let Err(e) = Stager::new(Arc::clone(&store)).stage(&mut jobs).await {
-            eprintln!("crew: cannot stage the jobs' inputs: {e}");
-            return Ok(if e.is_store_failure() { EXIT_INTERNAL } else { EXIT_USAGE });
+        // Inputs go to the store before anything starts (a missing file is
+        // an error now, not in the middle of the run); the controller only
+        // ever holds their keys. Files staged now are not read again.
+        let stager = Stager::new(Arc::clone(&store));
+        if checked.inputs {
+            let mut feed = Feed::new(&text, &defaults);
+            while !feed.done {
+                match feed.next_chunk(&stager, CHUNK).await {
+                    Ok(_) => {}
+                    Err(e) => {
+                        eprintln!("crew: cannot stage the jobs' inputs: {e}");
+                        return Ok(if e.is_store_failure() { EXIT_INTERNAL } else { EXIT_USAGE });
+                    }
+                }
+            }
         }
         let exe = std::env::current_exe().context("cannot find the crew executable")?;
         let mut config = ControllerConfig::new(AgentCommand::crew(exe.to_string_lossy()));
@@ -176,9 +172,8 @@ pub(crate) fn main(args: RunArgs) -> Result<u8, Failure> {
         recruit.limits = limits;
         recruit.options = options;
         controller.recruit(recruit)?;
-        let total = jobs.len();
-        controller.send_many(jobs)?;
-        let code = collect(&controller, total, args.json).await;
+        let feed = Feed::new(&text, &defaults);
+        let code = collect(&controller, feed, &stager, checked.jobs, args.json).await;
         controller.close().await;
         code
     });
@@ -187,21 +182,40 @@ pub(crate) fn main(args: RunArgs) -> Result<u8, Failure> {
     code.map_err(Failure::internal)
 }
 
-/// Receives and prints every output; on SIGINT/SIGTERM cancels what is left
-/// and still prints one record per job.
-async fn collect(controller: &Controller, total: usize, json: bool) -> anyhow::Result<u8> {
+/// Jobs handed to the controller but not yet received, at most: `crew run`
+/// reads its file in chunks and keeps about this many in the controller, so
+/// that its memory does not grow with the file (a million lines, or a
+/// hundred million, take the same). Far more than any window of workers
+/// takes at once.
+const IN_FLIGHT: usize = 64 * 1024;
+
+/// Lines parsed and sent at once.
+const CHUNK: usize = 4096;
+
+/// Receives and prints every output while feeding the controller the jobs
+/// of `feed`; on SIGINT/SIGTERM cancels what is left and still prints one
+/// record per job.
+async fn collect(
+    controller: &Controller,
+    mut feed: Feed<'_>,
+    stager: &Stager,
+    total: usize,
+    json: bool,
+) -> anyhow::Result<u8> {
     // Buffered: flushed after each batch of records, not once per line.
     let mut printer = Printer::new(json, std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock()));
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut failed = 0usize;
     let mut received = 0usize;
+    let mut sent = 0usize;
     let mut stopping = false;
-    let mut print = |o: Output, printer: &mut Printer<_>| -> anyhow::Result<()> {
+    let mut feed_error = false;
+    let mut print = |o: Output, printer: &mut Printer<_>, received: &mut usize| -> anyhow::Result<()> {
         if !o.succeeded() {
             failed += 1;
         }
-        received += 1;
+        *received += 1;
         printer.print(&o)
     };
     loop {
@@ -211,12 +225,41 @@ async fn collect(controller: &Controller, total: usize, json: bool) -> anyhow::R
             stopping = true;
             controller.cancel_all();
         }
+        // Keep the controller fed. Once stopping, the rest of the file is
+        // sent and cancelled at once, so that every line still ends in one
+        // record.
+        while !feed.done && (stopping || sent - received < IN_FLIGHT) {
+            match feed.next_chunk(stager, CHUNK).await {
+                Ok(jobs) if jobs.is_empty() => break,
+                Ok(jobs) => {
+                    sent += jobs.len();
+                    controller.send_many(jobs)?;
+                    if stopping {
+                        controller.cancel_all();
+                    }
+                }
+                Err(e) => {
+                    // Staged before the start, so only a file changed
+                    // meanwhile gets here: stop like a signal would.
+                    eprintln!("crew: cannot stage the jobs' inputs: {e}; stopping");
+                    feed.done = true;
+                    feed_error = true;
+                    if !stopping {
+                        stopping = true;
+                        controller.cancel_all();
+                    }
+                }
+            }
+        }
+        if feed.done && received == sent {
+            break;
+        }
         tokio::select! {
             o = controller.receive_wait(None) => match o {
                 Some(o) => {
-                    print(o, &mut printer)?;
+                    print(o, &mut printer, &mut received)?;
                     for o in controller.receive_all() {
-                        print(o, &mut printer)?;
+                        print(o, &mut printer, &mut received)?;
                     }
                     printer.flush()?;
                 }
@@ -227,10 +270,94 @@ async fn collect(controller: &Controller, total: usize, json: bool) -> anyhow::R
         }
     }
     for o in controller.receive_all() {
-        print(o, &mut printer)?;
+        print(o, &mut printer, &mut received)?;
     }
     printer.summary(total, received, failed)?;
-    Ok(if failed == 0 && received == total { EXIT_OK } else { EXIT_JOB_FAILED })
+    Ok(if failed == 0 && received == total && !feed_error { EXIT_OK } else { EXIT_JOB_FAILED })
+}
+
+/// What the first pass over a job file found.
+struct Checked {
+    /// Jobs in the file.
+    jobs: usize,
+    /// Whether any has a local file as input (staged before the start).
+    inputs: bool,
+}
+
+/// The first pass over a job file: every line parsed and checked (syntax,
+/// size, duplicate names, tags the workers have), keeping no job, so that a
+/// bad line anywhere stops the run before anything starts and a large file
+/// costs no memory per line.
+fn check_file(text: &str, defaults: &LineDefaults, tags: &Tags) -> Result<Checked, Vec<String>> {
+    let mut errors = Vec::new();
+    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut checked = Checked { jobs: 0, inputs: false };
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if t.is_empty() || t.starts_with('#') {
+            continue;
+        }
+        let line = i + 1;
+        match parse_job_line(t, defaults).and_then(|spec| spec.check_size().map(|()| spec)) {
+            Ok(spec) => {
+                if let Some(name) = &spec.name {
+                    if let Some(first) = names.insert(name.clone(), line) {
+                        errors.push(format!("{line}: duplicate job name {name:?} (first used on line {first})"));
+                        continue;
+                    }
+                }
+                if !tags.satisfies(&spec.tags) {
+                    errors.push(format!(
+                        "{line}: no worker would have tags [{}]; the workers have [{tags}] (set them with --tags)",
+                        spec.tags
+                    ));
+                    continue;
+                }
+                checked.jobs += 1;
+                checked.inputs |= spec.inputs.iter().any(|i| matches!(i.source, InputSource::Path(_)));
+            }
+            Err(reason) => errors.push(format!("{line}: {reason}")),
+        }
+    }
+    if errors.is_empty() { Ok(checked) } else { Err(errors) }
+}
+
+/// The second pass: the file's jobs in chunks, parsed again (they were
+/// checked) and their inputs staged (cached from the first staging).
+struct Feed<'a> {
+    lines: std::str::Lines<'a>,
+    defaults: &'a LineDefaults,
+    done: bool,
+}
+
+impl<'a> Feed<'a> {
+    fn new(text: &'a str, defaults: &'a LineDefaults) -> Self {
+        Self { lines: text.lines(), defaults, done: false }
+    }
+
+    /// The next jobs, at most `max`; empty at the end of the file.
+    async fn next_chunk(&mut self, stager: &Stager, max: usize) -> Result<Vec<JobSpec>, StageError> {
+        let mut jobs = Vec::with_capacity(max);
+        while jobs.len() < max {
+            let Some(line) = self.lines.next() else {
+                self.done = true;
+                break;
+            };
+            let t = line.trim();
+            if t.is_empty() || t.starts_with('#') {
+                continue;
+            }
+            // Checked by the first pass; a line that no longer parses
+            // cannot happen (the text is the same), but is not dropped
+            // silently either.
+            match parse_job_line(t, self.defaults) {
+                Ok(spec) => jobs.push(spec),
+                Err(e) => return Err(StageError::Invalid(format!("a job line changed between passes: {e}"))),
+            }
+        }
+        stager.stage(&mut jobs).await?;
+        Ok(jobs)
+    }
 }
 
 fn stop(controller: &Controller) {
@@ -248,16 +375,4 @@ fn read_jobs(file: &str) -> anyhow::Result<(String, String)> {
         text = std::fs::read_to_string(&path).with_context(|| format!("cannot read the job file {file}"))?;
         Ok((file.to_owned(), text))
     }
-}
-
-/// The 1-based line number of the `n`-th job (skipping blanks and comments).
-fn nth_job_line(text: &str, n: usize) -> usize {
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| {
-            let t = l.trim();
-            !t.is_empty() && !t.starts_with('#')
-        })
-        .nth(n)
-        .map_or(0, |(i, _)| i + 1)
 }

@@ -280,3 +280,54 @@ fn sigterm_cancels_the_run_and_leaves_no_process() {
 fn sigint_cancels_the_run_and_leaves_no_process() {
     stopped_by(libc::SIGINT);
 }
+
+#[test]
+fn a_file_larger_than_what_run_holds_gets_one_record_per_line_even_when_stopped() {
+    // `crew run` feeds the controller in chunks, keeping at most 65,536
+    // jobs in it: here two long jobs hold both workers, so the no-op jobs
+    // behind them fill that and the rest of the file waits. A signal then
+    // must still give every line of the file one record.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mark = unique("feed-");
+    let secs = unique_sleep();
+    let _reaper = Reaper::new(&mark).and_arg(&secs);
+    let started = dir.path().join("started");
+    std::fs::create_dir(&started).expect("mkdir");
+    let s = started.to_str().expect("utf-8 path");
+    let noops = 70_000;
+    let mut lines: Vec<String> =
+        (1..=2).map(|n| format!(r#"{{"name":"long-{n}","shell":"touch {s}/{n}; sleep {secs}"}}"#)).collect();
+    lines.extend((0..noops).map(|_| r#"{"builtin":"noop"}"#.to_owned()));
+    let file = write_jobs(dir.path(), &lines);
+    let running = start(crew(dir.path(), &mark, &["run", "--workers", "2", "--store", "store", "--json", &file]), None);
+    let count = || std::fs::read_dir(&started).map_or(0, Iterator::count);
+    assert!(poll_until(Duration::from_secs(30), || count() == 2), "the long jobs did not start ({} did)", count());
+    signal(running.pid, libc::SIGINT);
+    let out = running.wait(DEADLINE);
+    assert_eq!(out.code(), Some(1), "{}", out.stderr);
+    let records = out.records();
+    assert_eq!(records.len(), noops + 2, "one record per line");
+    let ids: HashSet<u64> = records.iter().map(|r| r["id"].as_u64().expect("id")).collect();
+    assert_eq!(ids.len(), noops + 2, "no record twice");
+    assert!(records.iter().all(|r| r["status"] == "cancelled"), "every job was still waiting or running");
+    assert_none_marked(&mark, Duration::from_secs(3));
+}
+
+#[test]
+fn a_bad_line_at_the_end_of_a_large_file_stops_the_run_before_any_job() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mark = unique("badend-");
+    let _reaper = Reaper::new(&mark);
+    let started = dir.path().join("started");
+    std::fs::create_dir(&started).expect("mkdir");
+    let s = started.to_str().expect("utf-8 path");
+    let mut lines: Vec<String> = (0..20_000).map(|n| format!("touch {s}/{n}")).collect();
+    lines.push(r#"{"shell":"true","tags":["gpu"]}"#.to_owned());
+    lines.push(r#"{"shel":"true"}"#.to_owned());
+    let file = write_jobs(dir.path(), &lines);
+    let out = run(crew(dir.path(), &mark, &["run", "--workers", "2", "--store", "store", &file]), None, DEADLINE);
+    assert_eq!(out.code(), Some(2), "{out}");
+    assert!(out.stderr.contains(":20001: no worker would have tags [gpu]"), "{}", out.stderr);
+    assert!(out.stderr.contains(":20002: "), "{}", out.stderr);
+    assert_eq!(std::fs::read_dir(&started).map_or(0, Iterator::count), 0, "no job ran");
+}
