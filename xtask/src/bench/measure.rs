@@ -35,6 +35,7 @@ const SLEEP_SECONDS: f64 = 0.05;
 /// Job counts and repetitions of each figure.
 #[derive(Clone, Copy, Debug)]
 struct Sizes {
+    million: usize,
     shell_jobs: usize,
     noop_jobs: usize,
     round_trips: usize,
@@ -44,6 +45,7 @@ struct Sizes {
 }
 
 const FULL: Sizes = Sizes {
+    million: 1_000_000,
     shell_jobs: 10_000,
     noop_jobs: 100_000,
     round_trips: 10_000,
@@ -53,6 +55,7 @@ const FULL: Sizes = Sizes {
 };
 
 const QUICK: Sizes = Sizes {
+    million: 100_000,
     shell_jobs: 1_000,
     noop_jobs: 10_000,
     round_trips: 1_000,
@@ -97,6 +100,14 @@ pub(super) fn run(opts: Options) -> anyhow::Result<()> {
     if opts.wants(7) {
         let chains = if opts.quick { 10 } else { 100 };
         rows.extend(super::pipeline::pipeline(&bench.crew, &bench.dir, chains, bench.runs)?);
+    }
+    if opts.wants(8) {
+        let rt =
+            tokio::runtime::Builder::new_current_thread().enable_all().build().context("cannot start a runtime")?;
+        rows.extend(bench.million_cli(&rt)?);
+    }
+    if opts.wants(9) {
+        rows.extend(super::dispatch::curve(bench.runs, opts.quick)?);
     }
     if opts.json {
         println!("{}", report::json(&rows, opts));
@@ -218,8 +229,9 @@ impl Bench {
     async fn noop_library(&self) -> anyhow::Result<Row> {
         let n = self.sizes.noop_jobs;
         let (request, reply) = echo::noop_frame_sizes()?;
-        // A job running and `prefetch` more sent ahead.
-        let window = SlotLimits::default().prefetch as usize + 1;
+        // The window crew reaches on no-op jobs: one running and
+        // `AHEAD_MAX` sent ahead.
+        let window = crew_scheduler::AHEAD_MAX as usize + 1;
         let (mut crew, mut base) = (Vec::new(), Vec::new());
         for i in 1..=self.runs {
             let controller = self.controller(2).await?;
@@ -246,7 +258,7 @@ impl Bench {
                 "raw loopback TCP echo to 2 child processes, {window} frames in flight each \
                  ({request} B out, {reply} B back: a noop's Run and Done), tokio both ends"
             ),
-            target: Target::AtLeast(50_000.0),
+            target: Target::AtLeast(100_000.0),
         })
     }
 
@@ -268,7 +280,7 @@ impl Bench {
             crew,
             baseline: library.crew.clone(),
             baseline_is: "figure 2a (the library, workers launched beforehand)".into(),
-            target: Target::Info,
+            target: Target::AtLeast(100_000.0),
         })
     }
 
@@ -477,6 +489,76 @@ impl Bench {
 }
 
 impl Bench {
+    /// Figure 8: a million no-op jobs through `crew run --workers 2`, with
+    /// the run's peak memory. The time's baseline is the raw TCP echo of as
+    /// many frames of the same sizes (figure 2a's baseline, here as a
+    /// time); the memory's is `crew run` of a one-line file, measured
+    /// alternately.
+    fn million_cli(&self, rt: &tokio::runtime::Runtime) -> anyhow::Result<Vec<Row>> {
+        let n = self.sizes.million;
+        let file = self.job_file("million.jsonl", r#"{"builtin":"noop"}"#, n)?;
+        let one = self.job_file("one.jsonl", r#"{"builtin":"noop"}"#, 1)?;
+        let (request, reply) = echo::noop_frame_sizes()?;
+        let window = crew_scheduler::AHEAD_MAX as usize + 1;
+        let (mut secs, mut echo_secs, mut peak, mut idle, mut per_job) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for i in 1..=self.runs {
+            let (c, rss) = time_with_peak(self.crew_run(2, &file).current_dir(&self.dir))?;
+            let (_, idle_rss) = time_with_peak(self.crew_run(2, &one).current_dir(&self.dir))?;
+            let rate = rt.block_on(echo::pipelined_rate(2, window, n, request, reply))?;
+            let b = n as f64 / rate;
+            let job_bytes = rss.saturating_sub(idle_rss) as f64 / n as f64;
+            progress(
+                "8",
+                i,
+                self.runs,
+                format!(
+                    "crew run {c:.2} s, raw TCP {b:.2} s; peak RSS {:.1} MiB, one-job run {:.1} MiB: {job_bytes:.0} B per job",
+                    mib(rss),
+                    mib(idle_rss)
+                ),
+            );
+            secs.push(c);
+            echo_secs.push(b);
+            peak.push(mib(rss));
+            idle.push(mib(idle_rss));
+            per_job.push(job_bytes);
+        }
+        let what = format!("{} noop jobs, 2 workers (crew run, with launch)", thousands(n));
+        Ok(vec![
+            Row {
+                id: "8a",
+                figure: what.clone(),
+                unit: Unit::Seconds,
+                crew: secs,
+                baseline: echo_secs,
+                baseline_is: format!(
+                    "raw loopback TCP echo of as many frames ({request} B out, {reply} B back) to 2 child \
+                     processes, {window} in flight each"
+                ),
+                target: Target::Below(if self.sizes.million >= 1_000_000 { 15.0 } else { 1.5 }),
+            },
+            Row {
+                id: "8b",
+                figure: "  8a's peak RSS above a one-job run, per job".into(),
+                unit: Unit::Bytes,
+                crew: per_job,
+                baseline: Vec::new(),
+                baseline_is: "(none: the issue's bound)".into(),
+                target: Target::Below(512.0),
+            },
+            Row {
+                id: "8c",
+                figure: "  8a's peak RSS".into(),
+                unit: Unit::Mib,
+                crew: peak,
+                baseline: idle,
+                baseline_is: "crew run of one noop job, measured alternately".into(),
+                target: Target::Info,
+            },
+        ])
+    }
+
     /// Figure 6: a large job output through the local store, and through
     /// an S3 store when `CREW_BENCH_S3` names one.
     fn large_output(&self) -> anyhow::Result<Vec<Row>> {
@@ -556,6 +638,32 @@ fn time(cmd: &mut Command) -> anyhow::Result<f64> {
         bail!("{shown} failed ({}):\n{}", out.status, tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
     }
     Ok(elapsed)
+}
+
+/// Runs a command to completion as [`time`] does; also its peak resident
+/// set size in bytes, from the kernel's accounting of the child (`wait4`).
+fn time_with_peak(cmd: &mut Command) -> anyhow::Result<(f64, u64)> {
+    let shown = format!("{cmd:?}");
+    let begin = Instant::now();
+    let child =
+        cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().with_context(|| format!("cannot start {shown}"))?;
+    let pid = libc::pid_t::try_from(child.id()).context("a process id out of range")?;
+    let mut status = 0;
+    // SAFETY: `rusage` is plain data the call fills; the pid is our child,
+    // reaped here (std's `Child` is dropped without waiting).
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let elapsed = begin.elapsed().as_secs_f64();
+    drop(child);
+    ensure!(r == pid, "cannot wait for {shown}: {}", std::io::Error::last_os_error());
+    ensure!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "{shown} failed (wait status {status})");
+    // Linux reports ru_maxrss in KiB.
+    let peak = u64::try_from(usage.ru_maxrss).unwrap_or(0).saturating_mul(1024);
+    Ok((elapsed, peak))
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
 }
 
 /// `xargs -P PARALLEL -d '\n' -n 1 sh -c < FILE`: every line through

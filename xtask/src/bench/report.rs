@@ -23,6 +23,8 @@ pub(super) enum Unit {
     JobsPerSecond,
     /// Mebibytes (memory).
     Mib,
+    /// Bytes (memory per job).
+    Bytes,
     /// Mebibytes per second (throughput).
     MibPerSecond,
 }
@@ -35,6 +37,7 @@ impl Unit {
             Self::Micros => "µs",
             Self::JobsPerSecond => "jobs/s",
             Self::Mib => "MiB",
+            Self::Bytes => "B",
             Self::MibPerSecond => "MiB/s",
         }
     }
@@ -46,6 +49,7 @@ impl Unit {
             Self::Micros => format!("{v:.1} µs"),
             Self::JobsPerSecond => format!("{v:.0} jobs/s"),
             Self::Mib => format!("{v:.1} MiB"),
+            Self::Bytes => format!("{v:.0} B"),
             Self::MibPerSecond => format!("{v:.0} MiB/s"),
         }
     }
