@@ -70,10 +70,16 @@ pub enum Record {
         /// Only this slot.
         slot: Option<String>,
     },
-    /// Jobs were accepted.
+    /// Jobs were accepted. A large request is journaled as several
+    /// records, written together: all but the last have `more`, and replay
+    /// takes their jobs only once it reads the last, so that a request torn
+    /// by a crash in the middle of its write is accepted in no part.
     Accepted {
         /// The jobs, with their ids.
         jobs: Vec<(JobId, JobSpec)>,
+        /// More records of the same request follow.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        more: bool,
     },
     /// A job was sent to a worker (made durable by the next group commit,
     /// not before the job goes out: losing one only means a job that was
@@ -216,6 +222,9 @@ pub struct Replay {
     /// Outputs looked at by the passes of [`Replay::receive`] over `ready`.
     #[cfg(test)]
     scanned: usize,
+    /// Jobs of an `accepted` request whose last record is not read yet
+    /// (`more`); dropped if the journal ends first.
+    accepting: Vec<(JobId, JobSpec)>,
 }
 
 impl Replay {
@@ -239,8 +248,15 @@ impl Replay {
                 self.recruits.push(Recruited { class, count, tags, limits, options });
             }
             Record::Dismiss { tags, slot } => self.dismissed.push(SlotFilter { tags, slot }),
-            Record::Accepted { jobs } => {
-                for (id, spec) in jobs {
+            Record::Accepted { jobs, more } => {
+                self.accepting.extend(jobs);
+                if more {
+                    if let Some((id, _)) = self.accepting.last() {
+                        self.next_job = self.next_job.max(id.0.saturating_add(1));
+                    }
+                    return;
+                }
+                for (id, spec) in std::mem::take(&mut self.accepting) {
                     self.next_job = self.next_job.max(id.0.saturating_add(1));
                     let job =
                         PendingJob { spec, history: History::default(), running: false, cancelled: false, slot: None };
@@ -466,7 +482,14 @@ pub struct Journal {
     compact_after: u64,
     /// A compaction in progress on a thread of its own.
     compaction: Option<Compaction>,
+    /// A compaction was asked for whatever the thresholds
+    /// ([`Journal::compact_soon`]).
+    wanted: bool,
 }
+
+/// The size from which [`Journal::compact_soon`] compacts a journal (a
+/// smaller one is left alone).
+pub const COMPACT_SOON_AFTER: u64 = 1024 * 1024;
 
 /// A compaction in progress: a thread reads the journal up to `offset`
 /// (whole, committed lines) and writes what it describes to the
@@ -568,6 +591,7 @@ impl Journal {
             base,
             compact_after: COMPACT_AFTER,
             compaction: None,
+            wanted: false,
         })
     }
 
@@ -603,6 +627,9 @@ impl Journal {
             return match result {
                 Ok(mut fresh) => {
                     fresh.compact_after = self.compact_after;
+                    // Asked for while this one ran (it may not have seen
+                    // the records that made the state empty): still due.
+                    fresh.wanted = self.wanted;
                     *self = fresh;
                     Ok(true)
                 }
@@ -613,9 +640,11 @@ impl Journal {
                 }
             };
         }
-        if size < self.compact_after.max(self.base.saturating_mul(2)) {
+        let soon = self.wanted && size >= COMPACT_SOON_AFTER;
+        if size < self.compact_after.max(self.base.saturating_mul(2)) && !soon {
             return Ok(false);
         }
+        self.wanted = false;
         let (tx, rx) = std::sync::mpsc::channel();
         let path = self.path.clone();
         let spawned = std::thread::Builder::new().name("crew-journal-compaction".into()).spawn(move || {
@@ -684,6 +713,21 @@ impl Journal {
         Ok(())
     }
 
+    /// Appends a [`Record::Delivered`] whose output is already serialized
+    /// (`output_json`: the JSON of an [`Output`], as `serde_json` writes
+    /// it), so that a caller that needs those bytes anyway does not pay for
+    /// a second serialization. Like [`Journal::append`], buffered.
+    pub fn append_delivered(&mut self, output_json: &[u8]) {
+        const HEAD: &[u8] = br#"{"t":"delivered","output":"#;
+        let len = HEAD.len() + output_json.len() + 2;
+        self.pending.reserve(len);
+        self.pending.extend_from_slice(HEAD);
+        self.pending.extend_from_slice(output_json);
+        self.pending.extend_from_slice(b"}\n");
+        self.dirty = true;
+        self.size += len as u64;
+    }
+
     /// Makes every appended record durable (write + fdatasync).
     pub fn commit(&mut self) -> Result<(), JournalError> {
         if let Some(handle) = self.flush()? {
@@ -749,7 +793,26 @@ impl Journal {
     /// Whether [`Journal::compact_if_grown`] has work: a compaction to
     /// install, or a file past its threshold. Cheap (no system call).
     pub fn compaction_due(&self) -> bool {
-        self.compaction.is_some() || self.size >= self.compact_after.max(self.base.saturating_mul(2))
+        self.compaction.is_some()
+            || self.size >= self.compact_after.max(self.base.saturating_mul(2))
+            || (self.wanted && self.size >= COMPACT_SOON_AFTER)
+    }
+
+    /// Asks [`Journal::compact_if_grown`] to compact at its next call
+    /// whatever the thresholds, provided the file is at least
+    /// [`COMPACT_SOON_AFTER`] long: for a daemon
+    /// whose live state just became empty (every job received), so that
+    /// the journal of a finished session of a million jobs shrinks to a
+    /// few records at once rather than waiting to double again, and a
+    /// restart reads next to nothing.
+    pub fn compact_soon(&mut self) {
+        self.wanted = true;
+    }
+
+    /// A compaction runs on its own thread and waits to be installed by
+    /// [`Journal::compact_if_grown`].
+    pub fn compacting(&self) -> bool {
+        self.compaction.is_some()
     }
 
     /// Replaces the file with the records of `replay` (after committing).
@@ -860,6 +923,36 @@ mod tests {
         }
     }
 
+    /// A send journaled as several `accepted` records is taken whole or
+    /// not at all: a journal that ends inside it (a crash in the middle of
+    /// its write) accepts none of its jobs, but never reuses their ids;
+    /// `append_delivered` reads back as `delivered`.
+    #[test]
+    fn a_send_in_several_records_replays_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        let part = |from: u64, more: bool| Record::Accepted {
+            jobs: (from..from + 3).map(|i| (JobId(i), JobSpec::shell(format!("echo {i}")))).collect(),
+            more,
+        };
+        {
+            let (mut j, _) = Journal::open(&path).unwrap();
+            j.append(&part(1, true)).unwrap();
+            j.append(&part(4, false)).unwrap();
+            let json = serde_json::to_vec(&output(2)).unwrap();
+            j.append_delivered(&json);
+            j.append(&part(7, true)).unwrap();
+            j.append(&part(10, true)).unwrap();
+            j.commit().unwrap();
+        }
+        for _ in 0..2 {
+            let (_j, r) = Journal::open(&path).unwrap();
+            assert_eq!(r.pending.keys().map(|id| id.0).collect::<Vec<_>>(), vec![1, 3, 4, 5, 6]);
+            assert_eq!(r.ready.iter().map(|o| o.id).collect::<Vec<_>>(), vec![JobId(2)]);
+            assert_eq!(r.next_job, 13, "the ids of the torn send are not reused");
+        }
+    }
+
     #[test]
     fn replay_folds_records() {
         let dir = tempfile::tempdir().unwrap();
@@ -869,7 +962,7 @@ mod tests {
             assert_eq!(r.next_job, 1);
             j.append(&recruit()).unwrap();
             let jobs = (1..=4).map(|i| (JobId(i), JobSpec::shell(format!("echo {i}")))).collect();
-            j.append(&Record::Accepted { jobs }).unwrap();
+            j.append(&Record::Accepted { jobs, more: false }).unwrap();
             j.append(&Record::Assigned { job: JobId(1), attempt: 1, slot: None }).unwrap();
             j.append(&Record::Assigned { job: JobId(2), attempt: 1, slot: None }).unwrap();
             j.append(&Record::Delivered { output: Box::new(output(1)) }).unwrap();
@@ -900,7 +993,7 @@ mod tests {
         let path = dir.path().join("journal");
         {
             let (mut j, _) = Journal::open(&path).unwrap();
-            j.append(&Record::Accepted { jobs: vec![(JobId(1), JobSpec::shell("true"))] }).unwrap();
+            j.append(&Record::Accepted { jobs: vec![(JobId(1), JobSpec::shell("true"))], more: false }).unwrap();
             j.append(&Record::Delivered { output: Box::new(output(1)) }).unwrap();
             j.append(&Record::Received { ids: vec![JobId(1)] }).unwrap();
             j.commit().unwrap();
@@ -926,7 +1019,8 @@ mod tests {
         // 5,000 jobs go through; the last 10 stay pending, and the 10
         // before them finished without being received.
         for i in 1..=5_000u64 {
-            j.append(&Record::Accepted { jobs: vec![(JobId(i), JobSpec::shell(format!("echo {i}")))] }).unwrap();
+            j.append(&Record::Accepted { jobs: vec![(JobId(i), JobSpec::shell(format!("echo {i}")))], more: false })
+                .unwrap();
             j.append(&Record::Assigned { job: JobId(i), attempt: 1, slot: None }).unwrap();
             if i <= 4_990 {
                 j.append(&Record::Delivered { output: Box::new(output(i)) }).unwrap();
@@ -960,7 +1054,8 @@ mod tests {
         let (mut j, _) = Journal::open(&path).unwrap();
         j.set_compact_after(1024);
         for i in 1..=200u64 {
-            j.append(&Record::Accepted { jobs: vec![(JobId(i), JobSpec::shell(format!("echo {i}")))] }).unwrap();
+            j.append(&Record::Accepted { jobs: vec![(JobId(i), JobSpec::shell(format!("echo {i}")))], more: false })
+                .unwrap();
         }
         // A compaction starts; more records come; the process "dies" before
         // the next commit installs it (the thread's file is left behind).
@@ -984,7 +1079,7 @@ mod tests {
         let path = dir.path().join("journal");
         {
             let (mut j, _) = Journal::open(&path).unwrap();
-            j.append(&Record::Accepted { jobs: vec![(JobId(1), JobSpec::shell("true"))] }).unwrap();
+            j.append(&Record::Accepted { jobs: vec![(JobId(1), JobSpec::shell("true"))], more: false }).unwrap();
             j.commit().unwrap();
         }
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
@@ -1012,7 +1107,7 @@ mod tests {
             let (mut j, _) = Journal::open(&path).unwrap();
             // A sound record after the damage (the open compacted the file,
             // so write the damage again below, after it).
-            j.append(&Record::Accepted { jobs: vec![(JobId(3), JobSpec::shell("true"))] }).unwrap();
+            j.append(&Record::Accepted { jobs: vec![(JobId(3), JobSpec::shell("true"))], more: false }).unwrap();
             j.commit().unwrap();
         }
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
@@ -1128,7 +1223,7 @@ mod tests {
         {
             let (mut j, _) = Journal::open(&path).unwrap();
             let jobs = (1..=3).map(|i| (JobId(i), JobSpec::shell("true"))).collect();
-            j.append(&Record::Accepted { jobs }).unwrap();
+            j.append(&Record::Accepted { jobs, more: false }).unwrap();
             j.append(&Record::Cancel { ids: vec![JobId(2), JobId(9)] }).unwrap();
             j.append(&Record::Withdrawn { ids: vec![JobId(3)] }).unwrap();
             let handle = j.flush().unwrap().expect("something to sync");

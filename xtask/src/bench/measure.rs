@@ -98,6 +98,9 @@ pub(super) fn run(opts: Options) -> anyhow::Result<()> {
         let chains = if opts.quick { 10 } else { 100 };
         rows.extend(super::pipeline::pipeline(&bench.crew, &bench.dir, chains, bench.runs)?);
     }
+    if opts.wants(10) {
+        rows.extend(super::daemon::daemon(&bench.crew, &bench.dir, opts.quick, bench.runs)?);
+    }
     if opts.json {
         println!("{}", report::json(&rows, opts));
     } else {

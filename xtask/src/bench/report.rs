@@ -25,6 +25,8 @@ pub(super) enum Unit {
     Mib,
     /// Mebibytes per second (throughput).
     MibPerSecond,
+    /// Bytes (memory per item).
+    Bytes,
 }
 
 impl Unit {
@@ -36,6 +38,7 @@ impl Unit {
             Self::JobsPerSecond => "jobs/s",
             Self::Mib => "MiB",
             Self::MibPerSecond => "MiB/s",
+            Self::Bytes => "B",
         }
     }
 
@@ -47,6 +50,7 @@ impl Unit {
             Self::JobsPerSecond => format!("{v:.0} jobs/s"),
             Self::Mib => format!("{v:.1} MiB"),
             Self::MibPerSecond => format!("{v:.0} MiB/s"),
+            Self::Bytes => format!("{v:.0} B"),
         }
     }
 }

@@ -201,6 +201,25 @@ impl JournalWriter {
         Ok(ticket)
     }
 
+    /// Appends `delivered` records of outputs already serialized (see
+    /// `Journal::append_delivered`) and waits until they are durable.
+    pub(crate) async fn write_delivered(&self, outputs: &[&[u8]]) -> Result<(), CommitError> {
+        let ticket = {
+            let mut a = lock(&self.shared.journal);
+            if let Some(why) = &self.shared.progress.borrow().poisoned {
+                return Err(CommitError::other(why.clone()));
+            }
+            self.shared.append_assigned(&mut a);
+            for json in outputs {
+                a.journal.append_delivered(json);
+            }
+            a.appended += 1;
+            a.appended
+        };
+        self.shared.assigned.poke();
+        self.durable(ticket).await
+    }
+
     /// Waits until the records of `ticket` are durable.
     pub(crate) async fn durable(&self, ticket: Ticket) -> Result<(), CommitError> {
         let mut rx = self.shared.progress.subscribe();
@@ -215,6 +234,13 @@ impl JournalWriter {
     pub(crate) async fn write(&self, records: &[Record]) -> Result<(), CommitError> {
         let ticket = self.append(records)?;
         self.durable(ticket).await
+    }
+
+    /// Compacts the journal soon, whatever its thresholds (the daemon's
+    /// state just became empty: see `Journal::compact_soon`).
+    pub(crate) fn compact_soon(&self) {
+        lock(&self.shared.journal).journal.compact_soon();
+        self.shared.assigned.poke();
     }
 
     /// Makes everything appended so far durable and stops the committer.
@@ -245,12 +271,24 @@ impl Shared {
         // appends after it up to the current one.
         let mut tried: Ticket = 0;
         loop {
+            // A compaction in progress is installed once done, even when
+            // nothing else happens (an idle daemon): look every 100 ms.
+            let compacting = lock(&self.journal).journal.compacting();
             {
                 let mut work = lock(&self.assigned.work);
                 while !*work && !self.assigned.stop.load(Ordering::SeqCst) {
+                    if compacting {
+                        let (w, _) = self
+                            .assigned
+                            .wake
+                            .wait_timeout(work, std::time::Duration::from_millis(100))
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        work = w;
+                        break;
+                    }
                     work = self.assigned.wake.wait(work).unwrap_or_else(std::sync::PoisonError::into_inner);
                 }
-                if !*work {
+                if !*work && (!compacting || self.assigned.stop.load(Ordering::SeqCst)) {
                     return;
                 }
                 *work = false;
@@ -325,7 +363,13 @@ impl Shared {
                     continue;
                 }
                 match a.journal.compact_if_grown() {
-                    Ok(true) => tracing::info!(elapsed = ?started.elapsed(), "journal compacted"),
+                    Ok(true) => {
+                        tracing::info!(elapsed = ?started.elapsed(), "journal compacted");
+                        if a.journal.compaction_due() {
+                            // Another one was asked for meanwhile.
+                            *lock(&self.assigned.work) = true;
+                        }
+                    }
                     Ok(false) => {}
                     Err(e) => {
                         tracing::warn!("could not compact the journal (it keeps growing; retried later): {e}");
