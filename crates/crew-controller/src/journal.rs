@@ -450,6 +450,9 @@ pub const MAX_RECORD: usize = 256 * 1024 * 1024;
 /// the journal's lock (see [`Journal::flush`]).
 pub type SyncHandle = std::sync::Arc<File>;
 
+/// The most memory the append buffers keep between writes.
+const RETAINED: usize = 1024 * 1024;
+
 /// The size a journal may reach before [`Journal::compact_if_grown`]
 /// compacts it, by default.
 pub const COMPACT_AFTER: u64 = 64 * 1024 * 1024;
@@ -713,6 +716,39 @@ impl Journal {
         Ok(())
     }
 
+    /// Appends the [`Record::Accepted`] records of one send: jobs `ids`
+    /// and `specs` (as many), `per_record` a record, all but the last
+    /// marked `more`, so that replay takes them together or not at all.
+    /// Serialized from the jobs themselves, without a copy of every job to
+    /// build the records first. All or nothing, like [`Journal::append`].
+    pub fn append_accepted(&mut self, ids: &[JobId], specs: &[JobSpec], per_record: usize) -> Result<(), JournalError> {
+        #[derive(Serialize)]
+        #[serde(tag = "t", rename = "accepted")]
+        struct AcceptedRef<'a> {
+            jobs: &'a [(JobId, &'a JobSpec)],
+            #[serde(skip_serializing_if = "std::ops::Not::not")]
+            more: bool,
+        }
+        let per_record = per_record.max(1);
+        let records = ids.len().min(specs.len()).div_ceil(per_record).max(1);
+        let start = self.pending.len();
+        let mut jobs: Vec<(JobId, &JobSpec)> = Vec::with_capacity(per_record.min(ids.len()));
+        for i in 0..records {
+            let range = i * per_record..((i + 1) * per_record).min(ids.len()).min(specs.len());
+            jobs.clear();
+            jobs.extend(ids[range.clone()].iter().copied().zip(&specs[range]));
+            let more = i + 1 < records;
+            if let Err(e) = serde_json::to_writer(&mut self.pending, &AcceptedRef { jobs: &jobs, more }) {
+                self.pending.truncate(start);
+                return Err(JournalError::Io { path: self.path.clone(), source: std::io::Error::other(e) });
+            }
+            self.pending.push(b'\n');
+        }
+        self.dirty = true;
+        self.size += (self.pending.len() - start) as u64;
+        Ok(())
+    }
+
     /// Appends a [`Record::Delivered`] whose output is already serialized
     /// (`output_json`: the JSON of an [`Output`], as `serde_json` writes
     /// it), so that a caller that needs those bytes anyway does not pay for
@@ -764,6 +800,10 @@ impl Journal {
             }
             self.written += self.pending.len() as u64;
             self.pending.clear();
+            if self.pending.capacity() > RETAINED {
+                // A large send's records are written: give their memory back.
+                self.pending = Vec::new();
+            }
         }
         self.unsynced = true;
         self.dirty = false;
@@ -941,15 +981,17 @@ mod tests {
             j.append(&part(4, false)).unwrap();
             let json = serde_json::to_vec(&output(2)).unwrap();
             j.append_delivered(&json);
+            j.append_accepted(&[JobId(13)], &[JobSpec::shell("echo 13")], 8192).unwrap();
             j.append(&part(7, true)).unwrap();
             j.append(&part(10, true)).unwrap();
             j.commit().unwrap();
         }
         for _ in 0..2 {
             let (_j, r) = Journal::open(&path).unwrap();
-            assert_eq!(r.pending.keys().map(|id| id.0).collect::<Vec<_>>(), vec![1, 3, 4, 5, 6]);
+            assert_eq!(r.pending.keys().map(|id| id.0).collect::<Vec<_>>(), vec![1, 3, 4, 5, 6, 13]);
+            assert_eq!(r.pending[&JobId(13)].spec, JobSpec::shell("echo 13"));
             assert_eq!(r.ready.iter().map(|o| o.id).collect::<Vec<_>>(), vec![JobId(2)]);
-            assert_eq!(r.next_job, 13, "the ids of the torn send are not reused");
+            assert_eq!(r.next_job, 14, "the ids of the torn send are not reused");
         }
     }
 

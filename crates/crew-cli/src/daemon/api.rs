@@ -898,20 +898,8 @@ async fn accept(d: &Daemon, mut specs: Vec<crew_core::JobSpec>) -> Result<Vec<Jo
     // One write of several records for a large request (a line of the
     // journal stays far under its record limit); replay takes them all or
     // none (`more`).
-    let chunks = ids.len().div_ceil(ACCEPTED_PER_RECORD).max(1);
-    let records: Vec<Record> = (0..chunks)
-        .map(|c| {
-            let range = c * ACCEPTED_PER_RECORD..((c + 1) * ACCEPTED_PER_RECORD).min(ids.len());
-            Record::Accepted {
-                jobs: ids[range.clone()].iter().copied().zip(specs[range].iter().cloned()).collect(),
-                more: c + 1 < chunks,
-            }
-        })
-        .collect();
-    let written = d.journal(&records).await;
-    drop(records);
-    if let Err(e) = written {
-        return Err(forget(e));
+    if let Err(e) = d.journal.write_accepted(&ids, &specs, ACCEPTED_PER_RECORD).await {
+        return Err(forget(d.commit_error(&e)));
     }
     // Told before the controller has them: a watcher hears of the jobs
     // before any of their attempts.

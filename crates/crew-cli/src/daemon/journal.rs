@@ -201,6 +201,30 @@ impl JournalWriter {
         Ok(ticket)
     }
 
+    /// Appends the `accepted` records of one send — jobs `ids` and
+    /// `specs`, `per_record` a record, all but the last marked `more` —
+    /// and waits until they are durable. Serialized from the jobs
+    /// themselves, without copies.
+    pub(crate) async fn write_accepted(
+        &self,
+        ids: &[JobId],
+        specs: &[crew_core::JobSpec],
+        per_record: usize,
+    ) -> Result<(), CommitError> {
+        let ticket = {
+            let mut a = lock(&self.shared.journal);
+            if let Some(why) = &self.shared.progress.borrow().poisoned {
+                return Err(CommitError::other(why.clone()));
+            }
+            self.shared.append_assigned(&mut a);
+            a.journal.append_accepted(ids, specs, per_record).map_err(|e| CommitError::other(e.to_string()))?;
+            a.appended += 1;
+            a.appended
+        };
+        self.shared.assigned.poke();
+        self.durable(ticket).await
+    }
+
     /// Appends `delivered` records of outputs already serialized (see
     /// `Journal::append_delivered`) and waits until they are durable.
     pub(crate) async fn write_delivered(&self, outputs: &[&[u8]]) -> Result<(), CommitError> {
