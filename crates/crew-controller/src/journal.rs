@@ -875,6 +875,74 @@ fn write_record(w: &mut impl Write, record: &Record) -> std::io::Result<()> {
     w.write_all(b"\n")
 }
 
+/// Parses one journal line. The records this code writes start with their
+/// tag (`{"t":"delivered",...`); for the ones a journal is mostly made of,
+/// the variant's fields are read directly, since serde reads an internally
+/// tagged enum by first buffering the whole record as a tree of its own
+/// (about half of the time a replay or a compaction took). Anything else
+/// (an older writer's field order, a rare record) takes the general way.
+fn parse_record(line: &[u8]) -> Result<Record, serde_json::Error> {
+    #[derive(Deserialize)]
+    struct Delivered {
+        output: Box<Output>,
+    }
+    #[derive(Deserialize)]
+    struct Assigned {
+        job: JobId,
+        attempt: u32,
+        #[serde(default)]
+        slot: Option<String>,
+    }
+    #[derive(Deserialize)]
+    struct Ids {
+        ids: Vec<JobId>,
+    }
+    #[derive(Deserialize)]
+    struct Accepted {
+        jobs: Vec<(JobId, JobSpec)>,
+        #[serde(default)]
+        more: bool,
+    }
+    #[derive(Deserialize)]
+    struct Pending {
+        id: JobId,
+        spec: Box<JobSpec>,
+        attempts: u32,
+        crashes: u32,
+        failures: u32,
+        running: bool,
+        #[serde(default)]
+        cancelled: bool,
+        #[serde(default)]
+        slot: Option<String>,
+    }
+    let tag =
+        line.strip_prefix(br#"{"t":""#).and_then(|rest| rest.iter().position(|&b| b == b'"').map(|end| &rest[..end]));
+    match tag {
+        Some(b"delivered") => serde_json::from_slice::<Delivered>(line).map(|d| Record::Delivered { output: d.output }),
+        Some(b"assigned") => serde_json::from_slice::<Assigned>(line).map(|a| Record::Assigned {
+            job: a.job,
+            attempt: a.attempt,
+            slot: a.slot,
+        }),
+        Some(b"received") => serde_json::from_slice::<Ids>(line).map(|r| Record::Received { ids: r.ids }),
+        Some(b"accepted") => {
+            serde_json::from_slice::<Accepted>(line).map(|a| Record::Accepted { jobs: a.jobs, more: a.more })
+        }
+        Some(b"pending") => serde_json::from_slice::<Pending>(line).map(|p| Record::Pending {
+            id: p.id,
+            spec: p.spec,
+            attempts: p.attempts,
+            crashes: p.crashes,
+            failures: p.failures,
+            running: p.running,
+            cancelled: p.cancelled,
+            slot: p.slot,
+        }),
+        _ => serde_json::from_slice::<Record>(line),
+    }
+}
+
 fn read_into(path: &Path, file: impl std::io::Read, replay: &mut Replay) -> Result<(), JournalError> {
     read_into_limited(path, file, replay, MAX_RECORD)
 }
@@ -934,7 +1002,7 @@ fn read_into_limited(
             replay.skipped.push(format!("line {n}: longer than {limit} bytes"));
             continue;
         }
-        match serde_json::from_slice::<Record>(&line) {
+        match parse_record(&line) {
             Ok(record) => replay.apply(record),
             Err(e) => replay.skipped.push(format!("line {n}: {e}")),
         }
@@ -961,6 +1029,41 @@ mod tests {
             limits: SlotLimits::default(),
             options: BTreeMap::new(),
         }
+    }
+
+    /// The direct parse of the common records reads what the general one
+    /// reads (compared by writing both back).
+    #[test]
+    fn the_direct_parse_of_records_agrees_with_the_general_one() {
+        let records = vec![
+            Record::Delivered { output: Box::new(output(7)) },
+            Record::Assigned { job: JobId(3), attempt: 2, slot: Some("local-1".into()) },
+            Record::Assigned { job: JobId(3), attempt: 1, slot: None },
+            Record::Received { ids: vec![JobId(1), JobId(9)] },
+            Record::Accepted { jobs: vec![(JobId(4), JobSpec::shell("echo 4"))], more: true },
+            Record::Accepted { jobs: vec![(JobId(5), JobSpec::shell("echo 5"))], more: false },
+            Record::Pending {
+                id: JobId(6),
+                spec: Box::new(JobSpec::shell("true")),
+                attempts: 2,
+                crashes: 1,
+                failures: 0,
+                running: true,
+                cancelled: true,
+                slot: Some("s".into()),
+            },
+            recruit(),
+            Record::NextJob { next: 12 },
+        ];
+        for r in records {
+            let line = serde_json::to_vec(&r).unwrap();
+            let direct = serde_json::to_string(&parse_record(&line).unwrap()).unwrap();
+            let general = serde_json::to_string(&serde_json::from_slice::<Record>(&line).unwrap()).unwrap();
+            assert_eq!(direct, general);
+        }
+        // A record that does not parse fails either way.
+        assert!(parse_record(br#"{"t":"delivered","output":3}"#).is_err());
+        assert!(parse_record(br#"{"t":"assigned"}"#).is_err());
     }
 
     /// A send journaled as several `accepted` records is taken whole or
