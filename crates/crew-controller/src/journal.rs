@@ -481,6 +481,12 @@ pub struct Journal {
     line: Vec<u8>,
     /// The file's size after the last compaction.
     base: u64,
+    /// Bytes of `accepted` records appended since the last compaction:
+    /// they describe jobs that are (mostly) still waiting, so they do not
+    /// count toward the thresholds. A compaction right after a large send
+    /// would read it back and write it again, as large, holding a second
+    /// copy of every job in memory meanwhile.
+    accepted: u64,
     /// The size below which the file is never compacted.
     compact_after: u64,
     /// A compaction in progress on a thread of its own.
@@ -592,6 +598,7 @@ impl Journal {
             size: base,
             line: Vec::new(),
             base,
+            accepted: 0,
             compact_after: COMPACT_AFTER,
             compaction: None,
             wanted: false,
@@ -644,7 +651,8 @@ impl Journal {
             };
         }
         let soon = self.wanted && size >= COMPACT_SOON_AFTER;
-        if size < self.compact_after.max(self.base.saturating_mul(2)) && !soon {
+        let grown = size.saturating_sub(self.accepted);
+        if grown < self.compact_after.max(self.base.saturating_mul(2)) && !soon {
             return Ok(false);
         }
         self.wanted = false;
@@ -746,6 +754,7 @@ impl Journal {
         }
         self.dirty = true;
         self.size += (self.pending.len() - start) as u64;
+        self.accepted += (self.pending.len() - start) as u64;
         Ok(())
     }
 
@@ -834,7 +843,7 @@ impl Journal {
     /// install, or a file past its threshold. Cheap (no system call).
     pub fn compaction_due(&self) -> bool {
         self.compaction.is_some()
-            || self.size >= self.compact_after.max(self.base.saturating_mul(2))
+            || self.size.saturating_sub(self.accepted) >= self.compact_after.max(self.base.saturating_mul(2))
             || (self.wanted && self.size >= COMPACT_SOON_AFTER)
     }
 

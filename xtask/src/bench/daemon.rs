@@ -15,7 +15,9 @@
 //!   not connected yet) less its RSS before the send, over N.
 //! - 10e: a restart after the session of 10b: the daemon SIGKILLed, then
 //!   `crew up` until `crew status` answers, against spawning `crew
-//!   --version`.
+//!   --version`. Measured once the daemon shrank its journal (10f: how
+//!   long after the last receive that took); a daemon killed before reads
+//!   the whole session's journal back (about 5 s for a million jobs).
 //!
 //! Peak memory is the kernel's high-water mark, `VmHWM` of
 //! `/proc/PID/status`, sampled every few milliseconds while the process
@@ -141,7 +143,7 @@ pub(super) fn daemon(crew: &Path, root: &Path, quick: bool, runs: usize) -> anyh
     let file_arg = file.to_str().context("the scratch path is not UTF-8")?.to_owned();
     let (mut send, mut per_job) = (Vec::new(), Vec::new());
     let (mut e2e, mut run_rate, mut receive_rss) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut restart, mut version) = (Vec::new(), Vec::new());
+    let (mut restart, mut version, mut shrink) = (Vec::new(), Vec::new(), Vec::new());
     for i in 1..=runs {
         // 10a, 10d: the send alone, into a daemon whose 2 slots are not
         // launched yet.
@@ -175,8 +177,16 @@ pub(super) fn daemon(crew: &Path, root: &Path, quick: bool, runs: usize) -> anyh
         ensure!(lines == n, "received {lines} records of {n}");
         let _ = std::fs::remove_file(&out_path);
         // The session is over: the journal shrinks by itself once
-        // everything was received; give it the moment it takes.
-        std::thread::sleep(Duration::from_millis(500));
+        // everything was received (it reads the session's journal back
+        // once); the time that takes is 10f, and the restart is measured
+        // after it.
+        let journal = p.dir.join(".crew/journal.jsonl");
+        let shrink_begin = Instant::now();
+        while std::fs::metadata(&journal).map_or(0, |m| m.len()) > 1 << 20 {
+            ensure!(shrink_begin.elapsed() < PATIENCE, "the journal did not shrink after the session");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        shrink.push(shrink_begin.elapsed().as_secs_f64());
         let killed = Command::new("kill").args(["-KILL", &pid.to_string()]).status()?;
         ensure!(killed.success(), "cannot SIGKILL the daemon ({pid})");
         wait_gone(pid)?;
@@ -263,6 +273,15 @@ pub(super) fn daemon(crew: &Path, root: &Path, quick: bool, runs: usize) -> anyh
             baseline: version,
             baseline_is: "spawning crew --version".into(),
             target: Target::Below(2.0),
+        },
+        Row {
+            id: "10f",
+            figure: format!("journal of the {n}-job session shrunk to < 1 MiB, after the last receive"),
+            unit: Unit::Seconds,
+            crew: shrink,
+            baseline: Vec::new(),
+            baseline_is: String::new(),
+            target: Target::Info,
         },
     ])
 }

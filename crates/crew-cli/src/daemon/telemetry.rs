@@ -246,23 +246,36 @@ impl Telemetry {
 
     /// Jobs ended and their records are durable.
     pub(crate) fn ended(&self, outputs: &[Output]) {
-        let mut uploaded = 0u64;
-        let sent: Vec<Option<Instant>> = {
-            let times = self.times();
-            outputs.iter().map(|o| times.send_of(o.id).map(|s| s.instant)).collect()
-        };
-        for (o, sent) in outputs.iter().zip(sent) {
-            self.finished.get_or_create(&StatusLabel { status: o.status.as_str().to_owned() }).inc();
-            uploaded += o.objects.iter().map(|x| x.size).sum::<u64>();
-            self.emit(Event::JobEnded {
-                id: o.id.0,
-                name: o.name.clone(),
-                status: o.status,
-                slot: o.slot.clone(),
-                attempt: o.attempt,
-                wall_seconds: o.wall_seconds,
-                latency_seconds: sent.map(|at| at.elapsed().as_secs_f64()),
-            });
+        let uploaded: u64 = outputs.iter().flat_map(|o| &o.objects).map(|x| x.size).sum();
+        // One counter update per status of the batch, not per job.
+        let mut by_status: Vec<(crew_core::Status, u64)> = Vec::new();
+        for o in outputs {
+            match by_status.iter_mut().find(|(s, _)| *s == o.status) {
+                Some((_, n)) => *n += 1,
+                None => by_status.push((o.status, 1)),
+            }
+        }
+        for (status, n) in by_status {
+            self.finished.get_or_create(&StatusLabel { status: status.as_str().to_owned() }).inc_by(n);
+        }
+        // Events only for someone listening (the dashboard, a client
+        // waiting): building one per job costs for nothing otherwise.
+        if self.events.receiver_count() > 0 {
+            let sent: Vec<Option<Instant>> = {
+                let times = self.times();
+                outputs.iter().map(|o| times.send_of(o.id).map(|s| s.instant)).collect()
+            };
+            for (o, sent) in outputs.iter().zip(sent) {
+                self.emit(Event::JobEnded {
+                    id: o.id.0,
+                    name: o.name.clone(),
+                    status: o.status,
+                    slot: o.slot.clone(),
+                    attempt: o.attempt,
+                    wall_seconds: o.wall_seconds,
+                    latency_seconds: sent.map(|at| at.elapsed().as_secs_f64()),
+                });
+            }
         }
         self.bytes("up", uploaded);
     }
@@ -344,7 +357,9 @@ impl Observer for Telemetry {
             self.dispatch.observe(at.elapsed().as_secs_f64());
         }
         self.bytes("down", input_bytes);
-        self.emit(Event::JobAssigned { id: job.0, slot: slot.to_owned(), attempt });
+        if self.events.receiver_count() > 0 {
+            self.emit(Event::JobAssigned { id: job.0, slot: slot.to_owned(), attempt });
+        }
     }
 
     fn connected(&self, slot: &str) {
