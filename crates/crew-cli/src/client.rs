@@ -11,7 +11,9 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
 use hyper::client::conn::http1::SendRequest;
 use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -85,10 +87,20 @@ impl std::error::Error for ClientError {
     }
 }
 
+/// What [`Client::post_lines`] hands each line of an answer to.
+pub(crate) type LineSink<'a> = dyn FnMut(Option<&[u8]>) -> Result<(), ClientError> + 'a;
+
+/// A request body: whole, or streamed piece by piece.
+type ReqBody = UnsyncBoxBody<Bytes, std::io::Error>;
+
+fn whole(bytes: Bytes) -> ReqBody {
+    Full::new(bytes).map_err(|never| match never {}).boxed_unsync()
+}
+
 /// A connection to a crew daemon.
 pub(crate) struct Client {
     rt: tokio::runtime::Runtime,
-    sender: SendRequest<Full<Bytes>>,
+    sender: SendRequest<ReqBody>,
 }
 
 impl fmt::Debug for Client {
@@ -148,7 +160,7 @@ impl Client {
             .method(Method::GET)
             .uri(path)
             .header(hyper::header::HOST, "crew")
-            .body(Full::new(Bytes::new()))
+            .body(whole(Bytes::new()))
             .map_err(|e| {
                 ClientError::Api(ApiError {
                     status: 0,
@@ -178,20 +190,116 @@ impl Client {
         })
     }
 
+    /// `POST path` with a body streamed from `pieces` (of media type
+    /// `content_type`), decoding the JSON answer. An `Err` piece aborts the
+    /// request: the daemon sees a body cut short and does nothing with it.
+    pub(crate) fn post_stream<T: DeserializeOwned>(
+        &mut self,
+        path: &str,
+        content_type: &str,
+        pieces: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>,
+    ) -> Result<T, ClientError> {
+        let stream = futures::stream::unfold(pieces, |mut rx| async move {
+            rx.recv().await.map(|piece| (piece.map(Frame::data), rx))
+        });
+        let body = StreamBody::new(stream).boxed_unsync();
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(path)
+            .header(hyper::header::HOST, "crew")
+            .header(hyper::header::CONTENT_TYPE, content_type)
+            .body(body)
+            .map_err(|e| {
+                ClientError::Api(ApiError {
+                    status: 0,
+                    code: crate::wire::ErrorCode::BadRequest,
+                    message: format!("cannot build the request {path}: {e}"),
+                })
+            })?;
+        let bytes = self.send(path, req)?;
+        decode(path, &bytes)
+    }
+
+    /// `POST path` with `body` as JSON; the answer's body is handed to
+    /// `each` line by line as it arrives (`Some(line)`, without its
+    /// newline), so that a long answer is never held whole, and `None`
+    /// after each piece that arrived (a moment to flush what was made of
+    /// it).
+    pub(crate) fn post_lines<B: Serialize + ?Sized>(
+        &mut self,
+        path: &str,
+        body: &B,
+        each: &mut LineSink<'_>,
+    ) -> Result<(), ClientError> {
+        let http = |source| ClientError::Http { path: path.to_owned(), source };
+        let bytes = serde_json::to_vec(body).map_err(|source| ClientError::Decode { path: path.to_owned(), source })?;
+        let req = Request::builder()
+            .method(Method::POST)
+            .uri(path)
+            .header(hyper::header::HOST, "crew")
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(whole(Bytes::from(bytes)))
+            .map_err(|e| {
+                ClientError::Api(ApiError {
+                    status: 0,
+                    code: crate::wire::ErrorCode::BadRequest,
+                    message: format!("cannot build the request {path}: {e}"),
+                })
+            })?;
+        let Self { rt, sender } = self;
+        rt.block_on(async {
+            sender.ready().await.map_err(http)?;
+            let resp = sender.send_request(req).await.map_err(http)?;
+            let status = resp.status();
+            let mut body = resp.into_body();
+            if !status.is_success() {
+                let bytes = body.collect().await.map_err(http)?.to_bytes();
+                return Err(ClientError::Api(api_error(status, &bytes)));
+            }
+            let mut partial: Vec<u8> = Vec::new();
+            while let Some(frame) = body.frame().await {
+                let Ok(data) = frame.map_err(http)?.into_data() else { continue };
+                let mut rest: &[u8] = &data;
+                while let Some(i) = rest.iter().position(|&b| b == b'\n') {
+                    if partial.is_empty() {
+                        each(Some(&rest[..i]))?;
+                    } else {
+                        partial.extend_from_slice(&rest[..i]);
+                        each(Some(&partial))?;
+                        partial.clear();
+                    }
+                    rest = &rest[i + 1..];
+                }
+                partial.extend_from_slice(rest);
+                each(None)?;
+            }
+            if !partial.is_empty() {
+                each(Some(&partial))?;
+            }
+            Ok(())
+        })
+    }
+
     /// Sends one request; a success answer's body, or the error it maps to.
     fn request(&mut self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<Bytes, ClientError> {
-        let http = |source| ClientError::Http { path: path.to_owned(), source };
         let mut req = Request::builder().method(method).uri(path).header(hyper::header::HOST, "crew");
         if body.is_some() {
             req = req.header(hyper::header::CONTENT_TYPE, "application/json");
         }
-        let req = req.body(Full::new(Bytes::from(body.unwrap_or_default()))).map_err(|e| {
+        let req = req.body(whole(Bytes::from(body.unwrap_or_default()))).map_err(|e| {
             ClientError::Api(ApiError {
                 status: 0,
                 code: crate::wire::ErrorCode::BadRequest,
                 message: format!("cannot build the request {path}: {e}"),
             })
         })?;
+        self.send(path, req)
+    }
+
+    /// Sends a request built; a success answer's body, or the error it
+    /// maps to.
+    fn send(&mut self, path: &str, req: Request<ReqBody>) -> Result<Bytes, ClientError> {
+        let http = |source| ClientError::Http { path: path.to_owned(), source };
         let Self { rt, sender } = self;
         let (status, bytes) = rt.block_on(async {
             sender.ready().await.map_err(http)?;

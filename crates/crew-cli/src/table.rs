@@ -40,6 +40,31 @@ impl<W: Write> Printer<W> {
         }
     }
 
+    /// Prints one record given as its JSON (one line, as the daemon's
+    /// receive answer carries it): as it is for JSON Lines, which is that
+    /// same serialization, saving a parse and a serialization per record;
+    /// parsed for the table. A record that does not parse is an error.
+    pub(crate) fn print_json(&mut self, json: &[u8]) -> anyhow::Result<()> {
+        if !self.json {
+            let o: Output = serde_json::from_slice(json)?;
+            return self.print(&o);
+        }
+        if self.closed {
+            return Ok(());
+        }
+        if json.first() != Some(&b'{') || json.last() != Some(&b'}') {
+            anyhow::bail!("not an output record: {}", String::from_utf8_lossy(&json[..json.len().min(80)]));
+        }
+        let written = self.out.write_all(json).and_then(|()| self.out.write_all(b"\n"));
+        match written {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                self.closed = true;
+                Ok(())
+            }
+            r => Ok(r?),
+        }
+    }
+
     /// Pushes buffered records out; a closed pipe ends printing.
     pub(crate) fn flush(&mut self) -> anyhow::Result<()> {
         if self.closed {

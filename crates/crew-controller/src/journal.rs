@@ -70,10 +70,16 @@ pub enum Record {
         /// Only this slot.
         slot: Option<String>,
     },
-    /// Jobs were accepted.
+    /// Jobs were accepted. A large request is journaled as several
+    /// records, written together: all but the last have `more`, and replay
+    /// takes their jobs only once it reads the last, so that a request torn
+    /// by a crash in the middle of its write is accepted in no part.
     Accepted {
         /// The jobs, with their ids.
         jobs: Vec<(JobId, JobSpec)>,
+        /// More records of the same request follow.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        more: bool,
     },
     /// A job was sent to a worker (made durable by the next group commit,
     /// not before the job goes out: losing one only means a job that was
@@ -216,6 +222,9 @@ pub struct Replay {
     /// Outputs looked at by the passes of [`Replay::receive`] over `ready`.
     #[cfg(test)]
     scanned: usize,
+    /// Jobs of an `accepted` request whose last record is not read yet
+    /// (`more`); dropped if the journal ends first.
+    accepting: Vec<(JobId, JobSpec)>,
 }
 
 impl Replay {
@@ -239,8 +248,15 @@ impl Replay {
                 self.recruits.push(Recruited { class, count, tags, limits, options });
             }
             Record::Dismiss { tags, slot } => self.dismissed.push(SlotFilter { tags, slot }),
-            Record::Accepted { jobs } => {
-                for (id, spec) in jobs {
+            Record::Accepted { jobs, more } => {
+                self.accepting.extend(jobs);
+                if more {
+                    if let Some((id, _)) = self.accepting.last() {
+                        self.next_job = self.next_job.max(id.0.saturating_add(1));
+                    }
+                    return;
+                }
+                for (id, spec) in std::mem::take(&mut self.accepting) {
                     self.next_job = self.next_job.max(id.0.saturating_add(1));
                     let job =
                         PendingJob { spec, history: History::default(), running: false, cancelled: false, slot: None };
@@ -434,6 +450,9 @@ pub const MAX_RECORD: usize = 256 * 1024 * 1024;
 /// the journal's lock (see [`Journal::flush`]).
 pub type SyncHandle = std::sync::Arc<File>;
 
+/// The most memory the append buffers keep between writes.
+const RETAINED: usize = 1024 * 1024;
+
 /// The size a journal may reach before [`Journal::compact_if_grown`]
 /// compacts it, by default.
 pub const COMPACT_AFTER: u64 = 64 * 1024 * 1024;
@@ -462,11 +481,24 @@ pub struct Journal {
     line: Vec<u8>,
     /// The file's size after the last compaction.
     base: u64,
+    /// Bytes of `accepted` records appended since the last compaction:
+    /// they describe jobs that are (mostly) still waiting, so they do not
+    /// count toward the thresholds. A compaction right after a large send
+    /// would read it back and write it again, as large, holding a second
+    /// copy of every job in memory meanwhile.
+    accepted: u64,
     /// The size below which the file is never compacted.
     compact_after: u64,
     /// A compaction in progress on a thread of its own.
     compaction: Option<Compaction>,
+    /// A compaction was asked for whatever the thresholds
+    /// ([`Journal::compact_soon`]).
+    wanted: bool,
 }
+
+/// The size from which [`Journal::compact_soon`] compacts a journal (a
+/// smaller one is left alone).
+pub const COMPACT_SOON_AFTER: u64 = 1024 * 1024;
 
 /// A compaction in progress: a thread reads the journal up to `offset`
 /// (whole, committed lines) and writes what it describes to the
@@ -566,8 +598,10 @@ impl Journal {
             size: base,
             line: Vec::new(),
             base,
+            accepted: 0,
             compact_after: COMPACT_AFTER,
             compaction: None,
+            wanted: false,
         })
     }
 
@@ -603,6 +637,9 @@ impl Journal {
             return match result {
                 Ok(mut fresh) => {
                     fresh.compact_after = self.compact_after;
+                    // Asked for while this one ran (it may not have seen
+                    // the records that made the state empty): still due.
+                    fresh.wanted = self.wanted;
                     *self = fresh;
                     Ok(true)
                 }
@@ -613,9 +650,12 @@ impl Journal {
                 }
             };
         }
-        if size < self.compact_after.max(self.base.saturating_mul(2)) {
+        let soon = self.wanted && size >= COMPACT_SOON_AFTER;
+        let grown = size.saturating_sub(self.accepted);
+        if grown < self.compact_after.max(self.base.saturating_mul(2)) && !soon {
             return Ok(false);
         }
+        self.wanted = false;
         let (tx, rx) = std::sync::mpsc::channel();
         let path = self.path.clone();
         let spawned = std::thread::Builder::new().name("crew-journal-compaction".into()).spawn(move || {
@@ -684,6 +724,55 @@ impl Journal {
         Ok(())
     }
 
+    /// Appends the [`Record::Accepted`] records of one send: jobs `ids`
+    /// and `specs` (as many), `per_record` a record, all but the last
+    /// marked `more`, so that replay takes them together or not at all.
+    /// Serialized from the jobs themselves, without a copy of every job to
+    /// build the records first. All or nothing, like [`Journal::append`].
+    pub fn append_accepted(&mut self, ids: &[JobId], specs: &[JobSpec], per_record: usize) -> Result<(), JournalError> {
+        #[derive(Serialize)]
+        #[serde(tag = "t", rename = "accepted")]
+        struct AcceptedRef<'a> {
+            jobs: &'a [(JobId, &'a JobSpec)],
+            #[serde(skip_serializing_if = "std::ops::Not::not")]
+            more: bool,
+        }
+        let per_record = per_record.max(1);
+        let records = ids.len().min(specs.len()).div_ceil(per_record).max(1);
+        let start = self.pending.len();
+        let mut jobs: Vec<(JobId, &JobSpec)> = Vec::with_capacity(per_record.min(ids.len()));
+        for i in 0..records {
+            let range = i * per_record..((i + 1) * per_record).min(ids.len()).min(specs.len());
+            jobs.clear();
+            jobs.extend(ids[range.clone()].iter().copied().zip(&specs[range]));
+            let more = i + 1 < records;
+            if let Err(e) = serde_json::to_writer(&mut self.pending, &AcceptedRef { jobs: &jobs, more }) {
+                self.pending.truncate(start);
+                return Err(JournalError::Io { path: self.path.clone(), source: std::io::Error::other(e) });
+            }
+            self.pending.push(b'\n');
+        }
+        self.dirty = true;
+        self.size += (self.pending.len() - start) as u64;
+        self.accepted += (self.pending.len() - start) as u64;
+        Ok(())
+    }
+
+    /// Appends a [`Record::Delivered`] whose output is already serialized
+    /// (`output_json`: the JSON of an [`Output`], as `serde_json` writes
+    /// it), so that a caller that needs those bytes anyway does not pay for
+    /// a second serialization. Like [`Journal::append`], buffered.
+    pub fn append_delivered(&mut self, output_json: &[u8]) {
+        const HEAD: &[u8] = br#"{"t":"delivered","output":"#;
+        let len = HEAD.len() + output_json.len() + 2;
+        self.pending.reserve(len);
+        self.pending.extend_from_slice(HEAD);
+        self.pending.extend_from_slice(output_json);
+        self.pending.extend_from_slice(b"}\n");
+        self.dirty = true;
+        self.size += len as u64;
+    }
+
     /// Makes every appended record durable (write + fdatasync).
     pub fn commit(&mut self) -> Result<(), JournalError> {
         if let Some(handle) = self.flush()? {
@@ -720,6 +809,10 @@ impl Journal {
             }
             self.written += self.pending.len() as u64;
             self.pending.clear();
+            if self.pending.capacity() > RETAINED {
+                // A large send's records are written: give their memory back.
+                self.pending = Vec::new();
+            }
         }
         self.unsynced = true;
         self.dirty = false;
@@ -749,7 +842,26 @@ impl Journal {
     /// Whether [`Journal::compact_if_grown`] has work: a compaction to
     /// install, or a file past its threshold. Cheap (no system call).
     pub fn compaction_due(&self) -> bool {
-        self.compaction.is_some() || self.size >= self.compact_after.max(self.base.saturating_mul(2))
+        self.compaction.is_some()
+            || self.size.saturating_sub(self.accepted) >= self.compact_after.max(self.base.saturating_mul(2))
+            || (self.wanted && self.size >= COMPACT_SOON_AFTER)
+    }
+
+    /// Asks [`Journal::compact_if_grown`] to compact at its next call
+    /// whatever the thresholds, provided the file is at least
+    /// [`COMPACT_SOON_AFTER`] long: for a daemon
+    /// whose live state just became empty (every job received), so that
+    /// the journal of a finished session of a million jobs shrinks to a
+    /// few records at once rather than waiting to double again, and a
+    /// restart reads next to nothing.
+    pub fn compact_soon(&mut self) {
+        self.wanted = true;
+    }
+
+    /// A compaction runs on its own thread and waits to be installed by
+    /// [`Journal::compact_if_grown`].
+    pub fn compacting(&self) -> bool {
+        self.compaction.is_some()
     }
 
     /// Replaces the file with the records of `replay` (after committing).
@@ -770,6 +882,74 @@ impl Journal {
 fn write_record(w: &mut impl Write, record: &Record) -> std::io::Result<()> {
     serde_json::to_writer(&mut *w, record).map_err(std::io::Error::other)?;
     w.write_all(b"\n")
+}
+
+/// Parses one journal line. The records this code writes start with their
+/// tag (`{"t":"delivered",...`); for the ones a journal is mostly made of,
+/// the variant's fields are read directly, since serde reads an internally
+/// tagged enum by first buffering the whole record as a tree of its own
+/// (about half of the time a replay or a compaction took). Anything else
+/// (an older writer's field order, a rare record) takes the general way.
+fn parse_record(line: &[u8]) -> Result<Record, serde_json::Error> {
+    #[derive(Deserialize)]
+    struct Delivered {
+        output: Box<Output>,
+    }
+    #[derive(Deserialize)]
+    struct Assigned {
+        job: JobId,
+        attempt: u32,
+        #[serde(default)]
+        slot: Option<String>,
+    }
+    #[derive(Deserialize)]
+    struct Ids {
+        ids: Vec<JobId>,
+    }
+    #[derive(Deserialize)]
+    struct Accepted {
+        jobs: Vec<(JobId, JobSpec)>,
+        #[serde(default)]
+        more: bool,
+    }
+    #[derive(Deserialize)]
+    struct Pending {
+        id: JobId,
+        spec: Box<JobSpec>,
+        attempts: u32,
+        crashes: u32,
+        failures: u32,
+        running: bool,
+        #[serde(default)]
+        cancelled: bool,
+        #[serde(default)]
+        slot: Option<String>,
+    }
+    let tag =
+        line.strip_prefix(br#"{"t":""#).and_then(|rest| rest.iter().position(|&b| b == b'"').map(|end| &rest[..end]));
+    match tag {
+        Some(b"delivered") => serde_json::from_slice::<Delivered>(line).map(|d| Record::Delivered { output: d.output }),
+        Some(b"assigned") => serde_json::from_slice::<Assigned>(line).map(|a| Record::Assigned {
+            job: a.job,
+            attempt: a.attempt,
+            slot: a.slot,
+        }),
+        Some(b"received") => serde_json::from_slice::<Ids>(line).map(|r| Record::Received { ids: r.ids }),
+        Some(b"accepted") => {
+            serde_json::from_slice::<Accepted>(line).map(|a| Record::Accepted { jobs: a.jobs, more: a.more })
+        }
+        Some(b"pending") => serde_json::from_slice::<Pending>(line).map(|p| Record::Pending {
+            id: p.id,
+            spec: p.spec,
+            attempts: p.attempts,
+            crashes: p.crashes,
+            failures: p.failures,
+            running: p.running,
+            cancelled: p.cancelled,
+            slot: p.slot,
+        }),
+        _ => serde_json::from_slice::<Record>(line),
+    }
 }
 
 fn read_into(path: &Path, file: impl std::io::Read, replay: &mut Replay) -> Result<(), JournalError> {
@@ -831,7 +1011,7 @@ fn read_into_limited(
             replay.skipped.push(format!("line {n}: longer than {limit} bytes"));
             continue;
         }
-        match serde_json::from_slice::<Record>(&line) {
+        match parse_record(&line) {
             Ok(record) => replay.apply(record),
             Err(e) => replay.skipped.push(format!("line {n}: {e}")),
         }
@@ -860,6 +1040,73 @@ mod tests {
         }
     }
 
+    /// The direct parse of the common records reads what the general one
+    /// reads (compared by writing both back).
+    #[test]
+    fn the_direct_parse_of_records_agrees_with_the_general_one() {
+        let records = vec![
+            Record::Delivered { output: Box::new(output(7)) },
+            Record::Assigned { job: JobId(3), attempt: 2, slot: Some("local-1".into()) },
+            Record::Assigned { job: JobId(3), attempt: 1, slot: None },
+            Record::Received { ids: vec![JobId(1), JobId(9)] },
+            Record::Accepted { jobs: vec![(JobId(4), JobSpec::shell("echo 4"))], more: true },
+            Record::Accepted { jobs: vec![(JobId(5), JobSpec::shell("echo 5"))], more: false },
+            Record::Pending {
+                id: JobId(6),
+                spec: Box::new(JobSpec::shell("true")),
+                attempts: 2,
+                crashes: 1,
+                failures: 0,
+                running: true,
+                cancelled: true,
+                slot: Some("s".into()),
+            },
+            recruit(),
+            Record::NextJob { next: 12 },
+        ];
+        for r in records {
+            let line = serde_json::to_vec(&r).unwrap();
+            let direct = serde_json::to_string(&parse_record(&line).unwrap()).unwrap();
+            let general = serde_json::to_string(&serde_json::from_slice::<Record>(&line).unwrap()).unwrap();
+            assert_eq!(direct, general);
+        }
+        // A record that does not parse fails either way.
+        assert!(parse_record(br#"{"t":"delivered","output":3}"#).is_err());
+        assert!(parse_record(br#"{"t":"assigned"}"#).is_err());
+    }
+
+    /// A send journaled as several `accepted` records is taken whole or
+    /// not at all: a journal that ends inside it (a crash in the middle of
+    /// its write) accepts none of its jobs, but never reuses their ids;
+    /// `append_delivered` reads back as `delivered`.
+    #[test]
+    fn a_send_in_several_records_replays_whole_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        let part = |from: u64, more: bool| Record::Accepted {
+            jobs: (from..from + 3).map(|i| (JobId(i), JobSpec::shell(format!("echo {i}")))).collect(),
+            more,
+        };
+        {
+            let (mut j, _) = Journal::open(&path).unwrap();
+            j.append(&part(1, true)).unwrap();
+            j.append(&part(4, false)).unwrap();
+            let json = serde_json::to_vec(&output(2)).unwrap();
+            j.append_delivered(&json);
+            j.append_accepted(&[JobId(13)], &[JobSpec::shell("echo 13")], 8192).unwrap();
+            j.append(&part(7, true)).unwrap();
+            j.append(&part(10, true)).unwrap();
+            j.commit().unwrap();
+        }
+        for _ in 0..2 {
+            let (_j, r) = Journal::open(&path).unwrap();
+            assert_eq!(r.pending.keys().map(|id| id.0).collect::<Vec<_>>(), vec![1, 3, 4, 5, 6, 13]);
+            assert_eq!(r.pending[&JobId(13)].spec, JobSpec::shell("echo 13"));
+            assert_eq!(r.ready.iter().map(|o| o.id).collect::<Vec<_>>(), vec![JobId(2)]);
+            assert_eq!(r.next_job, 14, "the ids of the torn send are not reused");
+        }
+    }
+
     #[test]
     fn replay_folds_records() {
         let dir = tempfile::tempdir().unwrap();
@@ -869,7 +1116,7 @@ mod tests {
             assert_eq!(r.next_job, 1);
             j.append(&recruit()).unwrap();
             let jobs = (1..=4).map(|i| (JobId(i), JobSpec::shell(format!("echo {i}")))).collect();
-            j.append(&Record::Accepted { jobs }).unwrap();
+            j.append(&Record::Accepted { jobs, more: false }).unwrap();
             j.append(&Record::Assigned { job: JobId(1), attempt: 1, slot: None }).unwrap();
             j.append(&Record::Assigned { job: JobId(2), attempt: 1, slot: None }).unwrap();
             j.append(&Record::Delivered { output: Box::new(output(1)) }).unwrap();
@@ -900,7 +1147,7 @@ mod tests {
         let path = dir.path().join("journal");
         {
             let (mut j, _) = Journal::open(&path).unwrap();
-            j.append(&Record::Accepted { jobs: vec![(JobId(1), JobSpec::shell("true"))] }).unwrap();
+            j.append(&Record::Accepted { jobs: vec![(JobId(1), JobSpec::shell("true"))], more: false }).unwrap();
             j.append(&Record::Delivered { output: Box::new(output(1)) }).unwrap();
             j.append(&Record::Received { ids: vec![JobId(1)] }).unwrap();
             j.commit().unwrap();
@@ -926,7 +1173,8 @@ mod tests {
         // 5,000 jobs go through; the last 10 stay pending, and the 10
         // before them finished without being received.
         for i in 1..=5_000u64 {
-            j.append(&Record::Accepted { jobs: vec![(JobId(i), JobSpec::shell(format!("echo {i}")))] }).unwrap();
+            j.append(&Record::Accepted { jobs: vec![(JobId(i), JobSpec::shell(format!("echo {i}")))], more: false })
+                .unwrap();
             j.append(&Record::Assigned { job: JobId(i), attempt: 1, slot: None }).unwrap();
             if i <= 4_990 {
                 j.append(&Record::Delivered { output: Box::new(output(i)) }).unwrap();
@@ -960,7 +1208,8 @@ mod tests {
         let (mut j, _) = Journal::open(&path).unwrap();
         j.set_compact_after(1024);
         for i in 1..=200u64 {
-            j.append(&Record::Accepted { jobs: vec![(JobId(i), JobSpec::shell(format!("echo {i}")))] }).unwrap();
+            j.append(&Record::Accepted { jobs: vec![(JobId(i), JobSpec::shell(format!("echo {i}")))], more: false })
+                .unwrap();
         }
         // A compaction starts; more records come; the process "dies" before
         // the next commit installs it (the thread's file is left behind).
@@ -984,7 +1233,7 @@ mod tests {
         let path = dir.path().join("journal");
         {
             let (mut j, _) = Journal::open(&path).unwrap();
-            j.append(&Record::Accepted { jobs: vec![(JobId(1), JobSpec::shell("true"))] }).unwrap();
+            j.append(&Record::Accepted { jobs: vec![(JobId(1), JobSpec::shell("true"))], more: false }).unwrap();
             j.commit().unwrap();
         }
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
@@ -1012,7 +1261,7 @@ mod tests {
             let (mut j, _) = Journal::open(&path).unwrap();
             // A sound record after the damage (the open compacted the file,
             // so write the damage again below, after it).
-            j.append(&Record::Accepted { jobs: vec![(JobId(3), JobSpec::shell("true"))] }).unwrap();
+            j.append(&Record::Accepted { jobs: vec![(JobId(3), JobSpec::shell("true"))], more: false }).unwrap();
             j.commit().unwrap();
         }
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
@@ -1128,7 +1377,7 @@ mod tests {
         {
             let (mut j, _) = Journal::open(&path).unwrap();
             let jobs = (1..=3).map(|i| (JobId(i), JobSpec::shell("true"))).collect();
-            j.append(&Record::Accepted { jobs }).unwrap();
+            j.append(&Record::Accepted { jobs, more: false }).unwrap();
             j.append(&Record::Cancel { ids: vec![JobId(2), JobId(9)] }).unwrap();
             j.append(&Record::Withdrawn { ids: vec![JobId(3)] }).unwrap();
             let handle = j.flush().unwrap().expect("something to sync");

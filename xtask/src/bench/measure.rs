@@ -109,6 +109,9 @@ pub(super) fn run(opts: Options) -> anyhow::Result<()> {
     if opts.wants(9) {
         rows.extend(super::dispatch::curve(bench.runs, opts.quick)?);
     }
+    if opts.wants(10) {
+        rows.extend(super::daemon::daemon(&bench.crew, &bench.dir, opts.quick, bench.runs)?);
+    }
     if opts.json {
         println!("{}", report::json(&rows, opts));
     } else {

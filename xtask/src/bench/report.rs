@@ -23,10 +23,10 @@ pub(super) enum Unit {
     JobsPerSecond,
     /// Mebibytes (memory).
     Mib,
-    /// Bytes (memory per job).
-    Bytes,
     /// Mebibytes per second (throughput).
     MibPerSecond,
+    /// Bytes (memory per item).
+    Bytes,
 }
 
 impl Unit {
@@ -37,8 +37,8 @@ impl Unit {
             Self::Micros => "µs",
             Self::JobsPerSecond => "jobs/s",
             Self::Mib => "MiB",
-            Self::Bytes => "B",
             Self::MibPerSecond => "MiB/s",
+            Self::Bytes => "B",
         }
     }
 
@@ -49,8 +49,8 @@ impl Unit {
             Self::Micros => format!("{v:.1} µs"),
             Self::JobsPerSecond => format!("{v:.0} jobs/s"),
             Self::Mib => format!("{v:.1} MiB"),
-            Self::Bytes => format!("{v:.0} B"),
             Self::MibPerSecond => format!("{v:.0} MiB/s"),
+            Self::Bytes => format!("{v:.0} B"),
         }
     }
 }

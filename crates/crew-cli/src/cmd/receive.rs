@@ -33,8 +33,12 @@ pub(crate) struct ReceiveArgs {
     json: bool,
 }
 
+use crate::client::ClientError;
 use crate::wire::Received;
 
+/// `crew receive`: records are printed as they arrive (the daemon streams
+/// its answer one record a line), so that a million of them take no more
+/// memory than one.
 pub(crate) fn receive(ctx: &Ctx, args: ReceiveArgs) -> Result<u8, Failure> {
     let timeout = check_duration("--timeout", args.timeout)?;
     let body = crate::wire::ReceiveRequest {
@@ -44,20 +48,71 @@ pub(crate) fn receive(ctx: &Ctx, args: ReceiveArgs) -> Result<u8, Failure> {
         name: args.name,
         ids: None,
     };
-    let got: Received = ctx.client()?.post("/v1/receive", &body).map_err(api)?;
-    if got.outputs.is_empty() {
-        if got.pending == 0 {
+    let mut printer = Printer::new(args.json, std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock()));
+    let mut printed = 0u64;
+    let mut pending = None;
+    // An answer not in the streamed layout (an older daemon): read whole.
+    let mut whole: Option<Vec<u8>> = None;
+    let mut first = true;
+    let bad = |what: &str| ClientError::Output(std::io::Error::other(format!("the daemon's answer is not {what}")));
+    let mut each = |line: Option<&[u8]>| -> Result<(), ClientError> {
+        let Some(line) = line else {
+            // Printed as they arrive: a piece is out before the next one
+            // is asked for.
+            return printer.flush().map_err(|e| ClientError::Output(std::io::Error::other(e)));
+        };
+        if std::mem::take(&mut first) && line != b"{\"outputs\":[" {
+            whole = Some(Vec::new());
+        }
+        if let Some(w) = &mut whole {
+            w.extend_from_slice(line);
+            w.push(b'\n');
+            return Ok(());
+        }
+        if line == b"{\"outputs\":[" {
+            return Ok(());
+        }
+        if let Some(rest) = line.strip_prefix(b"],") {
+            #[derive(serde::Deserialize)]
+            struct Tail {
+                pending: u64,
+            }
+            let mut tail = b"{".to_vec();
+            tail.extend_from_slice(rest);
+            let t: Tail = serde_json::from_slice(&tail).map_err(|_| bad("a receive answer"))?;
+            pending = Some(t.pending);
+            return Ok(());
+        }
+        let record = line.strip_prefix(b",").unwrap_or(line);
+        printer.print_json(record).map_err(|e| ClientError::Output(std::io::Error::other(e)))?;
+        printed += 1;
+        Ok(())
+    };
+    let result = ctx.client()?.post_lines("/v1/receive", &body, &mut each);
+    // What arrived before a failure was received: it is printed whatever
+    // happens next.
+    printer.flush().map_err(Failure::internal)?;
+    result.map_err(api)?;
+    let pending = match whole {
+        Some(bytes) => {
+            let got: Received = serde_json::from_slice(&bytes).map_err(Failure::internal)?;
+            for o in &got.outputs {
+                printer.print(o).map_err(Failure::internal)?;
+            }
+            printer.flush().map_err(Failure::internal)?;
+            printed += got.outputs.len() as u64;
+            got.pending
+        }
+        None => pending.ok_or_else(|| Failure::internal(anyhow::anyhow!("the daemon's answer was cut off")))?,
+    };
+    if printed == 0 {
+        if pending == 0 {
             eprintln!("crew: nothing to receive: every job sent has been received");
         } else {
-            eprintln!("crew: no output ready yet ({} job(s) pending)", got.pending);
+            eprintln!("crew: no output ready yet ({pending} job(s) pending)");
         }
         return Ok(EXIT_JOB_FAILED);
     }
-    let mut printer = Printer::new(args.json, std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout().lock()));
-    for o in &got.outputs {
-        printer.print(o).map_err(Failure::internal)?;
-    }
-    printer.flush().map_err(Failure::internal)?;
     Ok(EXIT_OK)
 }
 

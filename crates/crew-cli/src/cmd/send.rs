@@ -4,16 +4,18 @@
 //! Jobs travel in the job-line JSON form (README, "Job lines"), which the
 //! daemon parses with the same `crew_core::job` code that checked them here.
 
-use std::collections::BTreeMap;
-use std::io::{Read, Write};
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, Write};
 use std::path::PathBuf;
 
 use anyhow::Context;
+use bytes::Bytes;
 use clap::Args;
-use crew_core::job::{Input, LineDefaults, parse_job_file, parse_job_value};
+use crew_core::job::{Input, LineDefaults, parse_job_line, parse_job_value};
 use crew_core::{Command, JobSpec, Tags};
 
 use super::{Ctx, api, print_json};
+use crate::daemon::JOB_LINES;
 use crate::{EXIT_OK, EXIT_USAGE, Failure};
 
 #[derive(Args, Debug)]
@@ -86,7 +88,7 @@ pub(crate) fn send(ctx: &Ctx, args: SendArgs) -> Result<u8, Failure> {
         None => Tags::new(),
     };
     let inputs = super::input_flags(&args.input)?;
-    let body = match &args.file {
+    let sent: Sent = match &args.file {
         Some(file) => {
             let mut defaults = LineDefaults::default();
             defaults.tags = tags;
@@ -97,14 +99,16 @@ pub(crate) fn send(ctx: &Ctx, args: SendArgs) -> Result<u8, Failure> {
             defaults.inputs = inputs;
             defaults.outputs = args.output.clone();
             defaults.env_inherit = args.env_inherit.clone();
-            match file_body(file, &defaults)? {
-                Some(body) => body,
+            match send_file(ctx, file, defaults)? {
+                Some(sent) => sent,
                 None => return Ok(EXIT_USAGE),
             }
         }
-        None => one_job_body(&args, tags, (timeout, cpu, memory), inputs)?,
+        None => {
+            let body = one_job_body(&args, tags, (timeout, cpu, memory), inputs)?;
+            ctx.client()?.post_raw("/v1/jobs", body).map_err(api)?
+        }
     };
-    let sent: Sent = ctx.client()?.post_raw("/v1/jobs", body).map_err(api)?;
     if args.json {
         print_json(&sent)?;
     } else {
@@ -150,42 +154,183 @@ fn one_job_body(
     body(std::slice::from_ref(&spec))
 }
 
-/// The request body of a job file; `None` when some line is bad (each one
-/// reported as `FILE:LINE: reason`).
-fn file_body(file: &str, defaults: &LineDefaults) -> Result<Option<Vec<u8>>, Failure> {
-    let (label, text) = if file == "-" {
-        let mut text = String::new();
-        std::io::stdin()
-            .read_to_string(&mut text)
-            .context("cannot read the jobs from stdin")
-            .map_err(Failure::usage)?;
-        ("<stdin>".to_owned(), text)
+/// How many bytes of job lines go to the daemon in one piece.
+const PIECE: usize = 256 * 1024;
+
+/// What reading a job file found.
+#[derive(Default)]
+struct FileCheck {
+    jobs: usize,
+    /// Bad lines: number, reason.
+    errors: Vec<(usize, String)>,
+    /// The file could not be read.
+    unreadable: Option<anyhow::Error>,
+}
+
+/// Sends a job file as job lines, streamed: a thread reads and checks it
+/// line by line and hands the daemon pieces as it goes, so that neither
+/// the file nor its jobs are ever held whole. All or nothing: a bad line
+/// (each one reported as `FILE:LINE: reason`), a file that cannot be read
+/// or one without a job cuts the request off, and the daemon accepts
+/// nothing of a body cut short. A file whose problems show in its first
+/// piece is refused before any daemon is contacted (or started). `None`
+/// when some line is bad.
+fn send_file(ctx: &Ctx, file: &str, defaults: LineDefaults) -> Result<Option<Sent>, Failure> {
+    let (label, reader): (String, Box<dyn BufRead + Send>) = if file == "-" {
+        ("<stdin>".to_owned(), Box::new(std::io::BufReader::with_capacity(PIECE, std::io::stdin())))
     } else {
-        let text = std::fs::read_to_string(file)
+        let f = std::fs::File::open(file)
             .with_context(|| format!("cannot read the job file {file}"))
             .map_err(Failure::usage)?;
-        (file.to_owned(), text)
+        (file.to_owned(), Box::new(std::io::BufReader::with_capacity(PIECE, f)))
     };
-    match parse_job_file(&text, defaults) {
-        Ok(jobs) if jobs.is_empty() => {
-            Err(Failure::usage(anyhow::anyhow!("{label} has no job (only blank lines and # comments)")))
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
+    let reading = std::thread::spawn(move || check_and_pipe(reader, &defaults, &tx));
+    // The first piece (or the end of a small file) before connecting.
+    let first = rx.blocking_recv();
+    let sent = match first {
+        Some(Ok(piece)) => {
+            let (relay, relayed) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(4);
+            // The first piece goes first; the rest follows from the reader.
+            let _ = relay.try_send(Ok(piece));
+            let forward = std::thread::spawn(move || {
+                while let Some(p) = rx.blocking_recv() {
+                    if relay.blocking_send(p).is_err() {
+                        break;
+                    }
+                }
+            });
+            let sent =
+                ctx.client().and_then(|mut c| c.post_stream::<Sent>("/v1/jobs", JOB_LINES, relayed).map_err(api));
+            let _ = forward.join();
+            Some(sent)
         }
-        Ok(mut jobs) => {
-            // Relative input paths are from the sender's folder; the daemon
-            // needs them absolute.
-            for input in jobs.iter_mut().flat_map(|j| j.inputs.iter_mut()) {
-                super::absolute_input(input)?;
-            }
-            body(&jobs).map(Some)
+        _ => None,
+    };
+    let check = reading.join().map_err(|_| Failure::internal(anyhow::anyhow!("the job file reader failed")))?;
+    if let Some(e) = check.unreadable {
+        return Err(Failure::usage(e.context(format!("cannot read the job file {label}"))));
+    }
+    if !check.errors.is_empty() {
+        let mut err = std::io::stderr().lock();
+        for (n, reason) in &check.errors {
+            let _ = writeln!(err, "{label}:{n}: {reason}");
         }
-        Err(errors) => {
-            let mut err = std::io::stderr().lock();
-            for e in &errors {
-                let _ = writeln!(err, "{label}:{e}");
+        return Ok(None);
+    }
+    if check.jobs == 0 {
+        return Err(Failure::usage(anyhow::anyhow!("{label} has no job (only blank lines and # comments)")));
+    }
+    match sent {
+        Some(sent) => sent.map(Some),
+        None => Err(Failure::internal(anyhow::anyhow!("the job file reader stopped early"))),
+    }
+}
+
+/// Reads job lines, checks each one as the daemon will (and names unique
+/// within the file), and sends them on in pieces of about [`PIECE`] bytes.
+/// At the first problem it sends an error instead (the request is cut
+/// off), then goes on reading to report every bad line.
+fn check_and_pipe(
+    mut reader: Box<dyn BufRead + Send>,
+    defaults: &LineDefaults,
+    tx: &tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
+) -> FileCheck {
+    let mut check = FileCheck::default();
+    let mut names: HashMap<String, usize> = HashMap::new();
+    // A line may go as it is when the daemon would read the same job from
+    // it: JSON, and nothing of the sender's to add.
+    let verbatim_ok = defaults.tags.is_empty()
+        && defaults.timeout.is_none()
+        && defaults.retries.is_none()
+        && defaults.cpu.is_none()
+        && defaults.memory.is_none()
+        && defaults.inputs.is_empty()
+        && defaults.outputs.is_empty()
+        && defaults.env_inherit.is_empty();
+    let mut piece: Vec<u8> = Vec::with_capacity(PIECE + 4096);
+    let mut open = true;
+    let cut = |open: &mut bool| {
+        if std::mem::take(open) {
+            let _ = tx.blocking_send(Err(std::io::Error::other("a bad job line: the request is cut off")));
+        }
+    };
+    let mut line = String::new();
+    let mut n = 0usize;
+    loop {
+        line.clear();
+        match reader.read_line(&mut line) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) => {
+                check.unreadable = Some(e.into());
+                cut(&mut open);
+                return check;
             }
-            Ok(None)
+        }
+        n += 1;
+        let t = line.trim();
+        if t.is_empty() || t.starts_with('#') {
+            continue;
+        }
+        let parsed = parse_job_line(t, defaults).and_then(|spec| spec.check_size().map(|()| spec));
+        let mut spec = match parsed {
+            Ok(spec) => spec,
+            Err(reason) => {
+                check.errors.push((n, reason.to_string()));
+                cut(&mut open);
+                continue;
+            }
+        };
+        if let Some(name) = &spec.name {
+            if let Some(first) = names.insert(name.clone(), n) {
+                check.errors.push((n, format!("duplicate job name {name:?} (first used on line {first})")));
+                cut(&mut open);
+                continue;
+            }
+        }
+        check.jobs += 1;
+        if !open {
+            continue;
+        }
+        if verbatim_ok && spec.inputs.is_empty() && t.starts_with('{') {
+            piece.extend_from_slice(t.as_bytes());
+        } else {
+            // Relative input paths are from the sender's folder; the
+            // daemon needs them absolute.
+            for input in &mut spec.inputs {
+                if let Err(e) = super::absolute_input(input) {
+                    check.errors.push((n, format!("{:#}", e.error)));
+                    cut(&mut open);
+                    break;
+                }
+            }
+            if !open {
+                continue;
+            }
+            if let Err(e) = serde_json::to_writer(&mut piece, &spec.as_line()) {
+                check.unreadable = Some(e.into());
+                cut(&mut open);
+                return check;
+            }
+        }
+        piece.push(b'\n');
+        if piece.len() >= PIECE {
+            let full = std::mem::replace(&mut piece, Vec::with_capacity(PIECE + 4096));
+            if tx.blocking_send(Ok(Bytes::from(full))).is_err() {
+                // The request ended (refused, or the daemon went): its
+                // answer says why; only the check goes on.
+                open = false;
+            }
         }
     }
+    if check.jobs == 0 {
+        cut(&mut open);
+    }
+    if open && !piece.is_empty() {
+        let _ = tx.blocking_send(Ok(Bytes::from(piece)));
+    }
+    check
 }
 
 /// `{"jobs": [...]}`, serialized once, straight from the parsed jobs.
@@ -199,6 +344,7 @@ fn body(jobs: &[JobSpec]) -> Result<Vec<u8>, Failure> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crew_core::job::parse_job_file;
 
     /// Every job-line field survives the trip to the wire form and back.
     #[test]

@@ -19,12 +19,12 @@ use bytes::Bytes;
 use crew_controller::journal::{Record, Replay};
 use crew_controller::{Controller, ControllerError, Recruit, RestoredJob};
 use crew_core::job::InputSource;
-use crew_core::job::{LineDefaults, parse_duration, parse_job_value};
+use crew_core::job::{LineDefaults, parse_duration, parse_job_line, parse_job_value};
 use crew_core::staging::Stager;
 use crew_core::store::{Store, StoreError, StoreKey};
 use crew_core::{JobId, Output, Tags};
 use crew_scheduler::{SlotFilter, SlotLimits, SubmitError};
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use hyper::body::Incoming;
@@ -33,6 +33,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tokio::sync::{Notify, watch};
 
+use super::idset::IdSet;
 use super::journal::JournalWriter;
 use super::outputs::OutputsLog;
 use super::telemetry::{self, Telemetry};
@@ -77,18 +78,63 @@ pub(crate) struct Daemon {
 #[derive(Default)]
 struct Inner {
     /// Outputs taken from the controller, not yet received by a client.
-    ready: VecDeque<Output>,
-    /// Jobs sent and not yet received by a client, with their names.
-    unreceived: HashMap<JobId, Option<String>>,
+    ready: VecDeque<Ready>,
+    /// Jobs sent and not yet received by a client (a bitmap: a bit a job).
+    unreceived: IdSet,
+    /// The names of the named ones among them.
+    named: HashMap<JobId, String>,
     /// Jobs sent and not finished (not yet in `ready`), ordered: ids grow in
     /// send order, so "every job sent so far has finished" is a range query.
-    unfinished: BTreeSet<JobId>,
+    unfinished: IdSet,
     /// The names among `unreceived`.
     names: HashSet<String>,
     /// Outputs taken from the controller whose `Delivered` record could
     /// not be written (a full disk): their jobs still count as unfinished,
     /// and [`drain`] journals them again until it works.
     held: Vec<Output>,
+}
+
+/// An output waiting to be received, kept as its JSON (what the journal,
+/// the outputs log and the receive answer all write: serialized once, when
+/// the controller delivers it, and smaller than the `Output` itself).
+#[derive(Clone, Debug)]
+struct Ready {
+    id: JobId,
+    name: Option<String>,
+    json: Box<[u8]>,
+}
+
+impl Ready {
+    fn new(o: &Output) -> Self {
+        // Plain data: serializing cannot fail (`null` would show a bug).
+        let json = serde_json::to_vec(o).unwrap_or_else(|_| b"null".to_vec());
+        Self { id: o.id, name: o.name.clone(), json: json.into_boxed_slice() }
+    }
+
+    /// The output itself.
+    fn output(&self) -> Result<Output, ApiError> {
+        serde_json::from_slice(&self.json)
+            .map_err(|e| ApiError::internal(format!("the output of job {} does not read back: {e}", self.id)))
+    }
+}
+
+impl Inner {
+    /// A job sent and not yet received (with its name, taken).
+    fn add_unreceived(&mut self, id: JobId, name: Option<String>) {
+        self.unreceived.insert(id);
+        if let Some(n) = name {
+            self.names.insert(n.clone());
+            self.named.insert(id, n);
+        }
+    }
+
+    /// A job received (or withdrawn): its name is free again.
+    fn forget_unreceived(&mut self, id: JobId) {
+        self.unreceived.remove(&id);
+        if let Some(n) = self.named.remove(&id) {
+            self.names.remove(&n);
+        }
+    }
 }
 
 impl Daemon {
@@ -260,17 +306,11 @@ impl Daemon {
                     o.attempt = history.attempts;
                     ended.push(o);
                 }
-                if let Some(n) = &name {
-                    inner.names.insert(n.clone());
-                }
-                inner.unreceived.insert(id, name);
+                inner.add_unreceived(id, name);
             }
-            for o in replay.ready.into_iter().chain(ended.iter().cloned()) {
-                if let Some(n) = &o.name {
-                    inner.names.insert(n.clone());
-                }
-                inner.unreceived.insert(o.id, o.name.clone());
-                inner.ready.push_back(o);
+            for o in replay.ready.iter().chain(&ended) {
+                inner.add_unreceived(o.id, o.name.clone());
+                inner.ready.push_back(Ready::new(o));
             }
             ended
         };
@@ -293,8 +333,11 @@ impl Daemon {
         if outputs.is_empty() {
             return;
         }
-        let records: Vec<Record> = outputs.iter().map(|o| Record::Delivered { output: Box::new(o.clone()) }).collect();
-        match self.journal.write(&records).await {
+        // Serialized once: the journal, the outputs log and the answers
+        // of receive all write these bytes.
+        let ready: Vec<Ready> = outputs.iter().map(Ready::new).collect();
+        let lines: Vec<&[u8]> = ready.iter().map(|r| &*r.json).collect();
+        match self.journal.write_delivered(&lines).await {
             Ok(()) => {}
             Err(e) if e.is_disk_full() => {
                 // Held back, not lost: counted unfinished until [`drain`]
@@ -312,17 +355,18 @@ impl Daemon {
         }
         {
             let mut log = self.outputs_log();
-            for output in &outputs {
-                if let Err(e) = log.append(output) {
-                    tracing::warn!(job = %output.id, "cannot record the output for `logs`: {e}");
+            for r in &ready {
+                if let Err(e) = log.append_json(r.id, r.name.as_deref(), &r.json) {
+                    tracing::warn!(job = %r.id, "cannot record the output for `logs`: {e}");
                 }
             }
         }
         self.telemetry.ended(&outputs);
+        drop(outputs);
         let mut inner = self.lock();
-        for output in outputs {
-            inner.unfinished.remove(&output.id);
-            inner.ready.push_back(output);
+        for r in ready {
+            inner.unfinished.remove(&r.id);
+            inner.ready.push_back(r);
         }
         drop(inner);
         self.changed.send_modify(|n| *n += 1);
@@ -487,6 +531,18 @@ pub(crate) async fn handle(d: Arc<Daemon>, req: Request<Incoming>) -> Result<Res
             }
         }
     }
+    if method == Method::POST && path == "/v1/receive" && !d.stopping() {
+        let answer = match body(req).await {
+            Ok(r) => receive(&d, r).await,
+            Err(e) => Err(e),
+        };
+        return Ok(answer.unwrap_or_else(|e| {
+            respond(
+                e.status,
+                &reply(&wire::ErrorAnswer { error: wire::ErrorDetail { code: e.code, message: e.message } }),
+            )
+        }));
+    }
     let answer = route(&d, req).await;
     Ok(match answer {
         Ok(body) => respond(StatusCode::OK, &body),
@@ -517,8 +573,8 @@ async fn route(d: &Arc<Daemon>, req: Request<Incoming>) -> Answer {
         (&Method::GET, ["v1", "status"]) => Ok(status(d)),
         (&Method::POST, ["v1", "recruit"]) => recruit(d, body(req).await?).await,
         (&Method::POST, ["v1", "launch"]) => launch(d, body(req).await?),
+        (&Method::POST, ["v1", "jobs"]) if is_job_lines(&req) => send_lines(d, req).await,
         (&Method::POST, ["v1", "jobs"]) => send(d, body(req).await?).await,
-        (&Method::POST, ["v1", "receive"]) => receive(d, body(req).await?).await,
         (&Method::GET, ["v1", "sendable"]) => sendable(d, &query),
         (&Method::GET, ["v1", "receivable"]) => Ok(receivable(d)),
         (&Method::POST, ["v1", "shutdown"]) => shutdown(d, body(req).await?),
@@ -540,6 +596,14 @@ async fn route(d: &Arc<Daemon>, req: Request<Incoming>) -> Answer {
         }
         _ => Err(ApiError::not_found(format!("no route {method} {path}; see docs/api.md"))),
     }
+}
+
+/// Whether a request's body is job lines ([`JOB_LINES`]).
+fn is_job_lines(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(';').next().is_some_and(|t| t.trim().eq_ignore_ascii_case(JOB_LINES)))
 }
 
 /// Reads and parses a JSON body; an empty body is `{}`.
@@ -686,17 +750,118 @@ fn launch(d: &Daemon, r: wire::LaunchRequest) -> Answer {
 }
 
 async fn send(d: &Daemon, r: wire::SendRequest) -> Answer {
-    let mut specs = specs_of(r)?;
+    let specs = specs_of(r)?;
+    let ids = accept(d, specs).await?;
+    Ok(reply(&wire::Sent { ids: ids.iter().map(|i| i.0).collect() }))
+}
+
+/// `POST /v1/jobs` with a body of job lines ([`JOB_LINES`]): parsed on a
+/// thread of its own as the body arrives, so that neither the body nor a
+/// JSON tree of it is ever held whole; accepted all or nothing, like a JSON
+/// send. A body cut short (a client that found a bad line in its file, or
+/// died) accepts nothing.
+async fn send_lines(d: &Daemon, req: Request<Incoming>) -> Answer {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    let parser = tokio::task::spawn_blocking(move || parse_job_lines(rx));
+    let mut body = req.into_body();
+    let mut cut = None;
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                if let Ok(data) = frame.into_data() {
+                    if tx.send(data).await.is_err() {
+                        // The parser stopped at a bad line: its error is the answer.
+                        break;
+                    }
+                }
+            }
+            Err(e) => {
+                cut = Some(e);
+                break;
+            }
+        }
+    }
+    drop(tx);
+    let parsed = parser.await.map_err(|e| ApiError::internal(e.to_string()))?;
+    if let Some(e) = cut {
+        return Err(ApiError::bad_request(format!("cannot read the request body (nothing was accepted): {e}")));
+    }
+    let ids = accept(d, parsed?).await?;
+    Ok(reply(&wire::Sent { ids: ids.iter().map(|i| i.0).collect() }))
+}
+
+/// The media type of a send whose body is job lines, one JSON object a line.
+pub(crate) const JOB_LINES: &str = "application/x-ndjson";
+
+/// The longest job line taken: a job is at most [`crew_core::job::MAX_JOB_BYTES`]
+/// as MessagePack, and its JSON may be somewhat longer.
+const MAX_JOB_LINE: usize = 2 * crew_core::job::MAX_JOB_BYTES;
+
+/// Parses job lines as their bytes arrive; the first bad line is the
+/// error (`line N: ...`, 1-based).
+fn parse_job_lines(mut rx: tokio::sync::mpsc::Receiver<Bytes>) -> Result<Vec<crew_core::JobSpec>, ApiError> {
+    let defaults = LineDefaults::default();
+    let mut specs = Vec::new();
+    let mut partial: Vec<u8> = Vec::new();
+    let mut n = 0usize;
+    let mut one = |line: &[u8], n: usize| -> Result<(), ApiError> {
+        let invalid = |e: String| ApiError::new(ErrorCode::InvalidJob, format!("line {n}: {e}"));
+        let text = std::str::from_utf8(line).map_err(|e| invalid(format!("not UTF-8: {e}")))?.trim();
+        if text.is_empty() {
+            return Ok(());
+        }
+        if !text.starts_with('{') {
+            return Err(invalid("a job must be a JSON object".to_owned()));
+        }
+        let spec = parse_job_line(text, &defaults).map_err(|e| invalid(e.to_string()))?;
+        specs.push(checked_spec(spec).map_err(|e| ApiError::new(e.code, format!("line {n}: {}", e.message)))?);
+        Ok(())
+    };
+    while let Some(chunk) = rx.blocking_recv() {
+        let mut rest: &[u8] = &chunk;
+        while let Some(i) = rest.iter().position(|&b| b == b'\n') {
+            n += 1;
+            if partial.is_empty() {
+                one(&rest[..i], n)?;
+            } else {
+                partial.extend_from_slice(&rest[..i]);
+                one(&partial, n)?;
+                partial.clear();
+            }
+            rest = &rest[i + 1..];
+        }
+        partial.extend_from_slice(rest);
+        if partial.len() > MAX_JOB_LINE {
+            return Err(ApiError::new(
+                ErrorCode::JobTooLarge,
+                format!("line {}: longer than {MAX_JOB_LINE} bytes; pass large data as an input file", n + 1),
+            ));
+        }
+    }
+    if !partial.is_empty() {
+        one(&partial, n + 1)?;
+    }
+    Ok(specs)
+}
+
+/// How many jobs one `accepted` journal record holds at most (a request
+/// journals as several, written together).
+const ACCEPTED_PER_RECORD: usize = 8192;
+
+/// Stages, checks, numbers and journals jobs durably, then hands them to
+/// the controller: all or nothing. Returns their ids.
+async fn accept(d: &Daemon, mut specs: Vec<crew_core::JobSpec>) -> Result<Vec<JobId>, ApiError> {
     // Inputs go to the store before the jobs are accepted, so that the
     // journal records staged jobs (a restart stages nothing again).
-    if let Err(e) = d.stager.stage(&mut specs).await {
-        return Err(if e.is_store_failure() {
-            ApiError::internal(format!("cannot stage the jobs' inputs: {e}"))
-        } else {
-            ApiError::new(ErrorCode::InvalidInput, format!("cannot stage an input: {e}"))
-        });
+    if specs.iter().any(crew_core::JobSpec::has_data) {
+        if let Err(e) = d.stager.stage(&mut specs).await {
+            return Err(if e.is_store_failure() {
+                ApiError::internal(format!("cannot stage the jobs' inputs: {e}"))
+            } else {
+                ApiError::new(ErrorCode::InvalidInput, format!("cannot stage an input: {e}"))
+            });
+        }
     }
-    let names: Vec<Option<String>> = specs.iter().map(|s| s.name.clone()).collect();
     // Checked, numbered and journaled durably before the controller (hence
     // any agent) sees them: the answer, and every run, follow the commit.
     let ids = {
@@ -704,7 +869,7 @@ async fn send(d: &Daemon, r: wire::SendRequest) -> Answer {
         // keeps it taken until a client received the output. Names are
         // taken here, under the lock, so two sends cannot both pass.
         let mut inner = d.lock();
-        for name in names.iter().flatten() {
+        for name in specs.iter().filter_map(|s| s.name.as_ref()) {
             if inner.names.contains(name) {
                 return Err(ApiError::new(
                     ErrorCode::DuplicateName,
@@ -716,11 +881,8 @@ async fn send(d: &Daemon, r: wire::SendRequest) -> Answer {
         }
         d.controller.check_jobs(&specs).map_err(ApiError::from_controller)?;
         let ids = d.controller.reserve_ids(specs.len()).map_err(ApiError::from_controller)?;
-        for (id, name) in ids.iter().zip(&names) {
-            if let Some(n) = name {
-                inner.names.insert(n.clone());
-            }
-            inner.unreceived.insert(*id, name.clone());
+        for (id, spec) in ids.iter().zip(&specs) {
+            inner.add_unreceived(*id, spec.name.clone());
             inner.unfinished.insert(*id);
         }
         ids
@@ -728,16 +890,16 @@ async fn send(d: &Daemon, r: wire::SendRequest) -> Answer {
     let forget = |why: ApiError| {
         let mut inner = d.lock();
         for id in &ids {
-            if let Some(Some(name)) = inner.unreceived.remove(id) {
-                inner.names.remove(&name);
-            }
+            inner.forget_unreceived(*id);
             inner.unfinished.remove(id);
         }
         why
     };
-    let accepted = Record::Accepted { jobs: ids.iter().copied().zip(specs.iter().cloned()).collect() };
-    if let Err(e) = d.journal(&[accepted]).await {
-        return Err(forget(e));
+    // One write of several records for a large request (a line of the
+    // journal stays far under its record limit); replay takes them all or
+    // none (`more`).
+    if let Err(e) = d.journal.write_accepted(&ids, &specs, ACCEPTED_PER_RECORD).await {
+        return Err(forget(d.commit_error(&e)));
     }
     // Told before the controller has them: a watcher hears of the jobs
     // before any of their attempts.
@@ -756,15 +918,28 @@ async fn send(d: &Daemon, r: wire::SendRequest) -> Answer {
         return Err(forget(ApiError::from_controller(e)));
     }
     d.sent.notify_one();
-    Ok(reply(&wire::Sent { ids: ids.iter().map(|i| i.0).collect() }))
+    Ok(ids)
 }
 
-async fn receive(d: &Daemon, r: wire::ReceiveRequest) -> Answer {
+/// How many outputs one piece of a streamed receive answer holds: each
+/// piece is journaled as received (one group commit) before it is written.
+const RECEIVE_BATCH: usize = 2048;
+
+/// `POST /v1/receive`. The answer is streamed, one output a line
+/// (`{"outputs":[` / an output / `,`+output ... / `],"pending":N}`), in
+/// pieces of at most [`RECEIVE_BATCH`] outputs: each piece is taken from
+/// the ready list and journaled as received only when the connection takes
+/// the previous one, so neither side holds the whole answer, and a client
+/// that goes away mid-answer leaves every output not yet handed to its
+/// connection ready, in order, for the next receive. The first piece is
+/// journaled before the answer starts, so a journal that cannot be written
+/// is still an error status.
+async fn receive(d: &Arc<Daemon>, r: wire::ReceiveRequest) -> Result<Response<Body>, ApiError> {
     let timeout = duration("timeout", &r.timeout)?;
     let deadline = timeout.map(|t| crew_core::clock::after_tokio(tokio::time::Instant::now(), t));
     let mut changes = d.changed.subscribe();
     // With `all` and `wait`: the jobs sent so far, which must all be ready.
-    let awaited: Option<JobId> = if r.all && r.wait { d.lock().unfinished.last().copied() } else { None };
+    let awaited: Option<JobId> = if r.all && r.wait { d.lock().unfinished.last() } else { None };
     let mut last_chance = !r.wait;
     loop {
         changes.borrow_and_update();
@@ -777,53 +952,41 @@ async fn receive(d: &Daemon, r: wire::ReceiveRequest) -> Answer {
             let ready_now = match (&r.ids, &r.name) {
                 (Some(ids), _) => {
                     inner.ready.iter().any(|o| ids.contains(&o.id))
-                        || !ids.iter().any(|id| inner.unreceived.contains_key(id))
+                        || !ids.iter().any(|id| inner.unreceived.contains(id))
                 }
                 (None, Some(n)) => inner.ready.iter().any(|o| o.name.as_ref() == Some(n)) || !inner.names.contains(n),
-                (None, None) if r.all => awaited.is_none_or(|last| inner.unfinished.range(..=last).next().is_none()),
+                (None, None) if r.all => awaited.is_none_or(|last| !inner.unfinished.any_up_to(last)),
                 (None, None) => !inner.ready.is_empty() || inner.unreceived.is_empty(),
             };
             if ready_now || last_chance || d.stopping() {
-                let outputs: Vec<Output> = match (&r.ids, &r.name) {
+                // The first piece, and how many more outputs follow it.
+                let (outputs, more): (Vec<Ready>, usize) = match (&r.ids, &r.name) {
                     (Some(ids), _) => {
                         let wanted: std::collections::HashSet<JobId> = ids.iter().copied().collect();
-                        let (mine, rest): (Vec<Output>, Vec<Output>) =
+                        let (mine, rest): (Vec<Ready>, Vec<Ready>) =
                             inner.ready.drain(..).partition(|o| wanted.contains(&o.id));
                         inner.ready.extend(rest);
-                        mine
+                        (mine, 0)
                     }
                     (None, Some(n)) => match inner.ready.iter().position(|o| o.name.as_ref() == Some(n)) {
-                        Some(i) => inner.ready.remove(i).into_iter().collect(),
-                        None => Vec::new(),
+                        Some(i) => (inner.ready.remove(i).into_iter().collect(), 0),
+                        None => (Vec::new(), 0),
                     },
-                    (None, None) if r.all => inner.ready.drain(..).collect(),
-                    (None, None) => inner.ready.pop_front().into_iter().collect(),
+                    (None, None) if r.all => {
+                        let all = inner.ready.len();
+                        let first = all.min(RECEIVE_BATCH);
+                        (inner.ready.drain(..first).collect(), all - first)
+                    }
+                    (None, None) => (inner.ready.pop_front().into_iter().collect(), 0),
                 };
-                Some(outputs)
+                Some((outputs, more))
             } else {
                 None
             }
         };
-        if let Some(outputs) = taken {
-            if !outputs.is_empty() {
-                if let Err(e) = d.journal(&[Record::Received { ids: outputs.iter().map(|o| o.id).collect() }]).await {
-                    // Not received after all: put them back, in order.
-                    let mut inner = d.lock();
-                    for o in outputs.into_iter().rev() {
-                        inner.ready.push_front(o);
-                    }
-                    return Err(e);
-                }
-            }
-            d.telemetry.received(outputs.iter().map(|o| o.id));
-            let mut inner = d.lock();
-            for o in &outputs {
-                if let Some(Some(name)) = inner.unreceived.remove(&o.id) {
-                    inner.names.remove(&name);
-                }
-            }
-            let pending = inner.unreceived.len();
-            return Ok(reply(&wire::Received { outputs, pending: pending as u64 }));
+        if let Some((outputs, more)) = taken {
+            let first = hand_out(d, outputs).await?;
+            return Ok(streamed_outputs(Arc::clone(d), first, more));
         }
         let changed = changes.changed();
         match deadline {
@@ -839,6 +1002,111 @@ async fn receive(d: &Daemon, r: wire::ReceiveRequest) -> Answer {
     }
 }
 
+/// Journals outputs taken from the ready list as received (durably) and
+/// forgets their jobs; returns their lines for the answer (each
+/// output as one line, after a comma unless it is the answer's first). On
+/// a failed journal write they go back to the front of the list, in order.
+async fn hand_out(d: &Daemon, outputs: Vec<Ready>) -> Result<Vec<Ready>, ApiError> {
+    if outputs.is_empty() {
+        return Ok(outputs);
+    }
+    if let Err(e) = d.journal(&[Record::Received { ids: outputs.iter().map(|o| o.id).collect() }]).await {
+        // Not received after all: put them back, in order.
+        let mut inner = d.lock();
+        for o in outputs.into_iter().rev() {
+            inner.ready.push_front(o);
+        }
+        return Err(e);
+    }
+    d.telemetry.received(outputs.iter().map(|o| o.id));
+    let mut inner = d.lock();
+    for o in &outputs {
+        inner.forget_unreceived(o.id);
+    }
+    if inner.unreceived.is_empty() {
+        // Everything sent was received: the journal describes next to
+        // nothing now; shrink it while the daemon is idle.
+        d.journal.compact_soon();
+    }
+    Ok(outputs)
+}
+
+/// The lines of `outputs` in a streamed receive answer; `first` when they
+/// open it.
+fn output_lines(outputs: &[Ready], mut first: bool) -> Bytes {
+    let mut buf = Vec::with_capacity(outputs.iter().map(|o| o.json.len() + 2).sum());
+    for o in outputs {
+        if !first {
+            buf.push(b',');
+        }
+        first = false;
+        buf.extend_from_slice(&o.json);
+        buf.push(b'\n');
+    }
+    Bytes::from(buf)
+}
+
+/// The streamed answer of a receive: `first` (already journaled), then up
+/// to `more` outputs from the front of the ready list, a piece at a time.
+fn streamed_outputs(d: Arc<Daemon>, first: Vec<Ready>, more: usize) -> Response<Body> {
+    let mut head = b"{\"outputs\":[\n".to_vec();
+    let opened = !first.is_empty();
+    head.extend_from_slice(&output_lines(&first, true));
+    drop(first);
+    if more == 0 {
+        // All in one piece: a plain body with its length.
+        let pending = d.lock().unreceived.len();
+        head.extend_from_slice(format!("],\"pending\":{pending}}}\n").as_bytes());
+        let mut res = Response::new(Full::new(Bytes::from(head)).map_err(|never| match never {}).boxed_unsync());
+        res.headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+        return res;
+    }
+    struct State {
+        d: Arc<Daemon>,
+        more: usize,
+        opened: bool,
+        done: bool,
+    }
+    let state = State { d, more, opened, done: false };
+    let rest = futures::stream::unfold(state, |mut s| async move {
+        if s.done {
+            return None;
+        }
+        let batch: Vec<Ready> = {
+            let mut inner = s.d.lock();
+            let n = s.more.min(RECEIVE_BATCH).min(inner.ready.len());
+            inner.ready.drain(..n).collect()
+        };
+        if batch.is_empty() {
+            s.done = true;
+            let pending = s.d.lock().unreceived.len();
+            let tail = format!("],\"pending\":{pending}}}\n");
+            return Some((Ok(hyper::body::Frame::data(Bytes::from(tail))), s));
+        }
+        s.more -= batch.len();
+        match hand_out(&s.d, batch).await {
+            Ok(batch) => {
+                let lines = output_lines(&batch, !s.opened);
+                s.opened = true;
+                Some((Ok(hyper::body::Frame::data(lines)), s))
+            }
+            Err(e) => {
+                // Cut the answer off: the client reports it; what it
+                // printed was received, the rest is still ready.
+                s.done = true;
+                tracing::warn!("a streamed receive stopped: {}", e.message);
+                Some((Err(std::io::Error::other(e.message)), s))
+            }
+        }
+    });
+    let head = futures::stream::once(async move { Ok(hyper::body::Frame::data(Bytes::from(head))) });
+    let body = StreamBody::new(head.chain(rest)).boxed_unsync();
+    let mut res = Response::new(body);
+    res.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+    res
+}
+
 /// The jobs of a send, parsed and checked (size, absolute input paths).
 fn specs_of(r: wire::SendRequest) -> Result<Vec<crew_core::JobSpec>, ApiError> {
     let defaults = LineDefaults::default();
@@ -846,22 +1114,31 @@ fn specs_of(r: wire::SendRequest) -> Result<Vec<crew_core::JobSpec>, ApiError> {
     for (i, v) in r.jobs.into_iter().enumerate() {
         let invalid = |e: String| ApiError::new(ErrorCode::InvalidJob, format!("job {i}: {e}"));
         let spec = parse_job_value(v, &defaults).map_err(|e| invalid(e.to_string()))?;
-        spec.check_size().map_err(|e| ApiError::new(ErrorCode::JobTooLarge, format!("job {i}: {e}")))?;
-        for input in &spec.inputs {
-            if let InputSource::Path(p) = &input.source {
-                if !p.is_absolute() {
-                    return Err(invalid(format!(
+        specs.push(checked_spec(spec).map_err(|e| ApiError::new(e.code, format!("job {i}: {}", e.message)))?);
+    }
+    Ok(specs)
+}
+
+/// A parsed job, checked for what the API adds: its size, absolute input
+/// paths.
+fn checked_spec(spec: crew_core::JobSpec) -> Result<crew_core::JobSpec, ApiError> {
+    spec.check_size().map_err(|e| ApiError::new(ErrorCode::JobTooLarge, e.to_string()))?;
+    for input in &spec.inputs {
+        if let InputSource::Path(p) = &input.source {
+            if !p.is_absolute() {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidJob,
+                    format!(
                         "input {:?}: the path {} is relative; the API needs absolute paths (the daemon's folder is \
                          not the sender's)",
                         input.name,
                         p.display()
-                    )));
-                }
+                    ),
+                ));
             }
         }
-        specs.push(spec);
     }
-    Ok(specs)
+    Ok(spec)
 }
 
 fn sendable(d: &Daemon, query: &str) -> Answer {
@@ -930,7 +1207,7 @@ fn finished(d: &Daemon, id: &str) -> Result<Output, ApiError> {
     };
     let ready = d.lock().ready.iter().find(|o| o.id.0 == id).cloned();
     match ready {
-        Some(o) => Ok(o),
+        Some(o) => o.output(),
         None => {
             let found = d.outputs_log().get(JobId(id)).map_err(|e| ApiError::internal(e.to_string()))?;
             found.ok_or_else(|| ApiError::not_found(format!("job {id} has no output yet (unknown, not finished, or older than the outputs kept for logs: [daemon] logs_keep)")))
@@ -1009,7 +1286,7 @@ fn objects(d: &Daemon, job: &str) -> Answer {
         .find(|o| Some(o.id) == id || (id.is_none() && o.name.as_deref() == Some(job.as_str())))
         .cloned();
     let output = match ready {
-        Some(o) => o,
+        Some(o) => o.output()?,
         None => {
             let mut log = d.outputs_log();
             let id = match id {
@@ -1119,7 +1396,8 @@ fn info_of(d: &Daemon, id: JobId, with_output: bool) -> Option<wire::JobInfo> {
         let inner = d.lock();
         let ready =
             if inner.unfinished.contains(&id) { None } else { inner.ready.iter().find(|o| o.id == id).cloned() };
-        (inner.unfinished.contains(&id), ready, inner.unreceived.get(&id).cloned().flatten())
+        let ready = ready.and_then(|r| r.output().ok());
+        (inner.unfinished.contains(&id), ready, inner.named.get(&id).cloned())
     };
     if unfinished {
         // Held by the controller; or ended and not yet durable, which
@@ -1164,8 +1442,7 @@ fn job_info(d: &Daemon, job: &str) -> Answer {
     let id = match job.parse::<u64>() {
         Ok(n) => Some(JobId(n)),
         Err(_) => {
-            let pending =
-                d.lock().unreceived.iter().find(|(_, n)| n.as_deref() == Some(job.as_str())).map(|(id, _)| *id);
+            let pending = d.lock().named.iter().find(|(_, n)| **n == job).map(|(id, _)| *id);
             pending.or_else(|| d.outputs_log().id_of(&job))
         }
     };
@@ -1217,7 +1494,7 @@ fn list_jobs(d: &Daemon, query: &str) -> Answer {
     {
         let inner = d.lock();
         if matches!(state, None | Some(S::Queued | S::Assigned | S::Running)) {
-            ids.extend(inner.unfinished.range(JobId(after.saturating_add(1))..).copied());
+            ids.extend(inner.unfinished.iter_from(JobId(after.saturating_add(1))));
         }
         if matches!(state, None | Some(S::Finished)) {
             ids.extend(inner.ready.iter().map(|o| o.id).filter(|id| id.0 > after));

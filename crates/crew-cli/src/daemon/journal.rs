@@ -33,7 +33,7 @@
 //! could not write.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use crew_controller::Observer;
@@ -57,6 +57,16 @@ struct Progress {
     /// Set when a sync failed: nothing is durable from then on.
     poisoned: Option<String>,
 }
+
+/// The longest an assignment waits in memory for a group commit when
+/// nothing else is written.
+const LAZY: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// The shortest time between two group commits.
+const COMMIT_GAP: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// How often the committer looks whether a compaction is done.
+const COMPACTION_LOOK: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Failed writes remembered for their waiters.
 const FAILED_KEPT: usize = 4096;
@@ -101,13 +111,31 @@ struct Appending {
 #[derive(Debug, Default)]
 pub(crate) struct AssignedBuffer {
     jobs: Mutex<Vec<Record>>,
+    /// `Up` records buffered so far (counted after their push).
+    ups: AtomicU64,
+    /// How many of them are durable; `connected` waits on it.
+    ups_durable: Mutex<u64>,
+    ups_synced: Condvar,
     /// Work for the committer: something was appended or buffered.
     work: Mutex<bool>,
     wake: Condvar,
     stop: AtomicBool,
 }
 
+/// Longest a connecting worker's welcome waits for its `Up` record (past it
+/// the journal is failing, and the daemon says so elsewhere).
+const UP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl AssignedBuffer {
+    /// The committer made the first `ups` `Up` records durable.
+    fn ups_done(&self, ups: u64) {
+        let mut done = lock(&self.ups_durable);
+        if ups > *done {
+            *done = ups;
+            self.ups_synced.notify_all();
+        }
+    }
+
     fn poke(&self) {
         *lock(&self.work) = true;
         self.wake.notify_one();
@@ -116,13 +144,32 @@ impl AssignedBuffer {
 
 impl Observer for AssignedBuffer {
     fn assigned(&self, job: JobId, attempt: u32, slot: &str) {
+        // No wake-up: the next group commit takes it, or the committer's
+        // own look within [`LAZY`]. A sync per assignment (a few thousand
+        // a second) was most of what the daemon spent per job.
         lock(&self.jobs).push(Record::Assigned { job, attempt, slot: Some(slot.to_owned()) });
-        self.poke();
     }
 
+    /// Waits until the `Up` record is durable: the controller calls this
+    /// before it welcomes the worker, hence before any job reaches it, so
+    /// a daemon SIGKILLed after a job was sent knows the slot was up and,
+    /// restarted, waits for that worker to come back with the job instead
+    /// of running it a second time elsewhere. Connections are rare, so a
+    /// group commit each is cheap.
     fn connected(&self, slot: &str) {
         lock(&self.jobs).push(Record::Up { slot: slot.to_owned() });
+        let want = self.ups.fetch_add(1, Ordering::SeqCst) + 1;
         self.poke();
+        let deadline = std::time::Instant::now() + UP_WAIT;
+        let mut done = lock(&self.ups_durable);
+        while *done < want {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                tracing::warn!(slot, "the journal did not record the worker's connection within {UP_WAIT:?}");
+                return;
+            }
+            done = self.ups_synced.wait_timeout(done, left).unwrap_or_else(std::sync::PoisonError::into_inner).0;
+        }
     }
 
     fn disconnected(&self, slot: &str) {
@@ -201,6 +248,49 @@ impl JournalWriter {
         Ok(ticket)
     }
 
+    /// Appends the `accepted` records of one send — jobs `ids` and
+    /// `specs`, `per_record` a record, all but the last marked `more` —
+    /// and waits until they are durable. Serialized from the jobs
+    /// themselves, without copies.
+    pub(crate) async fn write_accepted(
+        &self,
+        ids: &[JobId],
+        specs: &[crew_core::JobSpec],
+        per_record: usize,
+    ) -> Result<(), CommitError> {
+        let ticket = {
+            let mut a = lock(&self.shared.journal);
+            if let Some(why) = &self.shared.progress.borrow().poisoned {
+                return Err(CommitError::other(why.clone()));
+            }
+            self.shared.append_assigned(&mut a);
+            a.journal.append_accepted(ids, specs, per_record).map_err(|e| CommitError::other(e.to_string()))?;
+            a.appended += 1;
+            a.appended
+        };
+        self.shared.assigned.poke();
+        self.durable(ticket).await
+    }
+
+    /// Appends `delivered` records of outputs already serialized (see
+    /// `Journal::append_delivered`) and waits until they are durable.
+    pub(crate) async fn write_delivered(&self, outputs: &[&[u8]]) -> Result<(), CommitError> {
+        let ticket = {
+            let mut a = lock(&self.shared.journal);
+            if let Some(why) = &self.shared.progress.borrow().poisoned {
+                return Err(CommitError::other(why.clone()));
+            }
+            self.shared.append_assigned(&mut a);
+            for json in outputs {
+                a.journal.append_delivered(json);
+            }
+            a.appended += 1;
+            a.appended
+        };
+        self.shared.assigned.poke();
+        self.durable(ticket).await
+    }
+
     /// Waits until the records of `ticket` are durable.
     pub(crate) async fn durable(&self, ticket: Ticket) -> Result<(), CommitError> {
         let mut rx = self.shared.progress.subscribe();
@@ -215,6 +305,13 @@ impl JournalWriter {
     pub(crate) async fn write(&self, records: &[Record]) -> Result<(), CommitError> {
         let ticket = self.append(records)?;
         self.durable(ticket).await
+    }
+
+    /// Compacts the journal soon, whatever its thresholds (the daemon's
+    /// state just became empty: see `Journal::compact_soon`).
+    pub(crate) fn compact_soon(&self) {
+        lock(&self.shared.journal).journal.compact_soon();
+        self.shared.assigned.poke();
     }
 
     /// Makes everything appended so far durable and stops the committer.
@@ -244,13 +341,33 @@ impl Shared {
         // The last append whose write was tried: a failed write holds the
         // appends after it up to the current one.
         let mut tried: Ticket = 0;
+        let mut last_sync = std::time::Instant::now() - COMMIT_GAP;
         loop {
+            // A compaction in progress is installed once done, even when
+            // nothing else happens (an idle daemon): look every 100 ms.
+            let compacting = lock(&self.journal).journal.compacting();
             {
                 let mut work = lock(&self.assigned.work);
                 while !*work && !self.assigned.stop.load(Ordering::SeqCst) {
+                    // Assignments buffered without a wake-up are written
+                    // within `LAZY`.
+                    let lazy = !lock(&self.assigned.jobs).is_empty();
+                    if compacting || lazy {
+                        let wait = if compacting { COMPACTION_LOOK } else { LAZY };
+                        let (w, _) = self
+                            .assigned
+                            .wake
+                            .wait_timeout(work, wait)
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        work = w;
+                        if lazy {
+                            *work = true;
+                        }
+                        break;
+                    }
                     work = self.assigned.wake.wait(work).unwrap_or_else(std::sync::PoisonError::into_inner);
                 }
-                if !*work {
+                if !*work && (!compacting || self.assigned.stop.load(Ordering::SeqCst)) {
                     return;
                 }
                 *work = false;
@@ -258,6 +375,17 @@ impl Shared {
             if self.progress.borrow().poisoned.is_some() {
                 continue;
             }
+            // At most one sync per `COMMIT_GAP`: what is appended meanwhile
+            // joins this one. Under load that is what batches the outputs
+            // of many jobs into one sync (each costs the disk a flush and a
+            // virtualized machine an exit); when idle it adds nothing.
+            if let Some(wait) = COMMIT_GAP.checked_sub(last_sync.elapsed()) {
+                std::thread::sleep(wait);
+            }
+            last_sync = std::time::Instant::now();
+            // Taken before the buffer is drained: every `Up` counted here
+            // was pushed before it was counted, so this sync covers it.
+            let ups = self.assigned.ups.load(Ordering::SeqCst);
             let flushed = {
                 let mut a = lock(&self.journal);
                 self.append_assigned(&mut a);
@@ -312,6 +440,7 @@ impl Shared {
                 a.journal.compaction_due()
             };
             self.progress.send_modify(|p| p.durable = p.durable.max(ticket));
+            self.assigned.ups_done(ups);
             if compact {
                 // Keeps a long-lived daemon's journal within a factor of
                 // its live state. The records are durable already: a
@@ -325,7 +454,13 @@ impl Shared {
                     continue;
                 }
                 match a.journal.compact_if_grown() {
-                    Ok(true) => tracing::info!(elapsed = ?started.elapsed(), "journal compacted"),
+                    Ok(true) => {
+                        tracing::info!(elapsed = ?started.elapsed(), "journal compacted");
+                        if a.journal.compaction_due() {
+                            // Another one was asked for meanwhile.
+                            *lock(&self.assigned.work) = true;
+                        }
+                    }
                     Ok(false) => {}
                     Err(e) => {
                         tracing::warn!("could not compact the journal (it keeps growing; retried later): {e}");

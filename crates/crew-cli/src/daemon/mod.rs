@@ -9,10 +9,12 @@
 //! and pid file removed, leftover processes killed as a child subreaper).
 
 mod api;
+pub(crate) use api::JOB_LINES;
 #[cfg(any(test, fuzzing))]
 pub(crate) use api::check_request;
 mod dashboard;
 mod http;
+mod idset;
 mod journal;
 pub(crate) mod logfile;
 mod outputs;

@@ -92,31 +92,41 @@ impl OutputsLog {
     /// Appends an output (buffered), whole or not at all: a failed write
     /// (a full disk) leaves no part of its line behind, so the index stays
     /// true and later lines are whole.
+    #[cfg(test)]
     pub(crate) fn append(&mut self, output: &Output) -> std::io::Result<()> {
-        let mut line = serde_json::to_vec(output).map_err(std::io::Error::other)?;
-        line.push(b'\n');
-        if self.out.buffer().len() + line.len() > self.out.capacity() {
+        let json = serde_json::to_vec(output).map_err(std::io::Error::other)?;
+        self.append_json(output.id, output.name.as_deref(), &json)
+    }
+
+    /// [`OutputsLog::append`] of an output already serialized (`json`,
+    /// one line without its newline).
+    pub(crate) fn append_json(&mut self, id: JobId, name: Option<&str>, json: &[u8]) -> std::io::Result<()> {
+        let len = json.len() + 1;
+        if self.out.buffer().len() + len > self.out.capacity() {
             // On failure the buffer keeps what was not written (whole
             // lines but for the front of the first, whose start is in the
             // file), and nothing of this line went anywhere.
             self.out.flush()?;
         }
-        if line.len() > self.out.capacity() {
+        if len > self.out.capacity() {
             // Straight to the file (the buffer is empty): cut back if cut short.
+            let mut line = Vec::with_capacity(len);
+            line.extend_from_slice(json);
+            line.push(b'\n');
             if let Err(e) = self.out.get_mut().write_all(&line) {
                 let _ = self.out.get_ref().set_len(self.end);
                 return Err(e);
             }
         } else {
             // Fits in the buffer: no I/O.
-            self.out.write_all(&line)?;
+            self.out.write_all(json)?;
+            self.out.write_all(b"\n")?;
         }
-        line.pop();
-        self.index.insert(output.id, (self.end, line.len()));
-        if let Some(name) = &output.name {
-            self.names.insert(name.clone(), output.id);
+        self.index.insert(id, (self.end, json.len()));
+        if let Some(name) = name {
+            self.names.insert(name.to_owned(), id);
         }
-        self.end += line.len() as u64 + 1;
+        self.end += len as u64;
         if self.index.len() > self.keep.saturating_mul(2) {
             self.trim()?;
         }

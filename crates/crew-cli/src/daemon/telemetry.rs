@@ -9,7 +9,7 @@
 //! here can fail a request: a slow event reader only misses events (and is
 //! told so), and metrics are plain counters.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -60,17 +60,57 @@ struct DirectionLabel {
 pub(crate) struct Times {
     /// When it was accepted (none for a job from before a restart).
     pub(crate) sent: Option<Timestamp>,
-    sent_at: Option<Instant>,
     /// When its last attempt was given to a worker.
     pub(crate) assigned: Option<Timestamp>,
-    /// The bytes of its inputs (each attempt fetches them).
-    input_bytes: u64,
+}
+
+/// The times of the jobs not yet received, kept per send rather than per
+/// job where they are shared: a queued job costs nothing here.
+#[derive(Debug, Default)]
+struct JobTimes {
+    /// Each send by its first id: the ids it took (consecutive), when, and
+    /// how many of them are not yet received.
+    sends: BTreeMap<u64, Sent>,
+    /// When each job's last attempt was given to a worker (jobs given one).
+    assigned: HashMap<JobId, Timestamp>,
+    /// The bytes of each job's inputs (jobs with some).
+    input_bytes: HashMap<JobId, u64>,
+}
+
+#[derive(Debug)]
+struct Sent {
+    end: u64,
+    at: Timestamp,
+    instant: Instant,
+    left: usize,
+}
+
+impl JobTimes {
+    /// The send `id` was part of.
+    fn send_of(&self, id: JobId) -> Option<&Sent> {
+        self.sends.range(..=id.0).next_back().map(|(_, s)| s).filter(|s| id.0 < s.end)
+    }
+
+    fn received(&mut self, id: JobId) {
+        self.assigned.remove(&id);
+        self.input_bytes.remove(&id);
+        let first = match self.sends.range_mut(..=id.0).next_back() {
+            Some((first, s)) if id.0 < s.end => {
+                s.left = s.left.saturating_sub(1);
+                (s.left == 0).then_some(*first)
+            }
+            _ => None,
+        };
+        if let Some(first) = first {
+            self.sends.remove(&first);
+        }
+    }
 }
 
 /// The daemon's events, metrics and job times.
 pub(crate) struct Telemetry {
     events: broadcast::Sender<Arc<Event>>,
-    times: Mutex<HashMap<JobId, Times>>,
+    times: Mutex<JobTimes>,
     registry: Registry,
     sent: Counter,
     finished: Family<StatusLabel, Counter>,
@@ -131,7 +171,7 @@ impl Telemetry {
         );
         Self {
             events: broadcast::channel(EVENT_BACKLOG).0,
-            times: Mutex::new(HashMap::new()),
+            times: Mutex::new(JobTimes::default()),
             registry,
             sent,
             finished,
@@ -145,7 +185,7 @@ impl Telemetry {
         }
     }
 
-    fn times(&self) -> MutexGuard<'_, HashMap<JobId, Times>> {
+    fn times(&self) -> MutexGuard<'_, JobTimes> {
         self.times.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
@@ -168,7 +208,27 @@ impl Telemetry {
             let mut times = self.times();
             for (id, &input_bytes) in ids.iter().zip(inputs) {
                 staged += input_bytes;
-                times.insert(*id, Times { sent: Some(now), sent_at: Some(at), assigned: None, input_bytes });
+                if input_bytes > 0 {
+                    times.input_bytes.insert(*id, input_bytes);
+                }
+            }
+            // One entry per run of consecutive ids (a send takes one).
+            let mut run: Option<(u64, u64)> = None;
+            let close = |times: &mut JobTimes, (first, end): (u64, u64)| {
+                times.sends.insert(first, Sent { end, at: now, instant: at, left: (end - first) as usize });
+            };
+            for id in ids {
+                run = match run {
+                    Some((first, end)) if end == id.0 => Some((first, end + 1)),
+                    Some(r) => {
+                        close(&mut times, r);
+                        Some((id.0, id.0.saturating_add(1)))
+                    }
+                    None => Some((id.0, id.0.saturating_add(1))),
+                };
+            }
+            if let Some(r) = run {
+                close(&mut times, r);
             }
         }
         self.sent.inc_by(ids.len() as u64);
@@ -178,28 +238,44 @@ impl Telemetry {
 
     /// A job restored from the journal (its acceptance time is unknown).
     pub(crate) fn restored(&self, id: JobId, spec: &JobSpec) {
-        self.times().entry(id).or_insert(Times { input_bytes: input_bytes(spec), ..Times::default() });
+        let bytes = input_bytes(spec);
+        if bytes > 0 {
+            self.times().input_bytes.insert(id, bytes);
+        }
     }
 
     /// Jobs ended and their records are durable.
     pub(crate) fn ended(&self, outputs: &[Output]) {
-        let mut uploaded = 0u64;
-        let sent: Vec<Option<Instant>> = {
-            let times = self.times();
-            outputs.iter().map(|o| times.get(&o.id).and_then(|t| t.sent_at)).collect()
-        };
-        for (o, sent) in outputs.iter().zip(sent) {
-            self.finished.get_or_create(&StatusLabel { status: o.status.as_str().to_owned() }).inc();
-            uploaded += o.objects.iter().map(|x| x.size).sum::<u64>();
-            self.emit(Event::JobEnded {
-                id: o.id.0,
-                name: o.name.clone(),
-                status: o.status,
-                slot: o.slot.clone(),
-                attempt: o.attempt,
-                wall_seconds: o.wall_seconds,
-                latency_seconds: sent.map(|at| at.elapsed().as_secs_f64()),
-            });
+        let uploaded: u64 = outputs.iter().flat_map(|o| &o.objects).map(|x| x.size).sum();
+        // One counter update per status of the batch, not per job.
+        let mut by_status: Vec<(crew_core::Status, u64)> = Vec::new();
+        for o in outputs {
+            match by_status.iter_mut().find(|(s, _)| *s == o.status) {
+                Some((_, n)) => *n += 1,
+                None => by_status.push((o.status, 1)),
+            }
+        }
+        for (status, n) in by_status {
+            self.finished.get_or_create(&StatusLabel { status: status.as_str().to_owned() }).inc_by(n);
+        }
+        // Events only for someone listening (the dashboard, a client
+        // waiting): building one per job costs for nothing otherwise.
+        if self.events.receiver_count() > 0 {
+            let sent: Vec<Option<Instant>> = {
+                let times = self.times();
+                outputs.iter().map(|o| times.send_of(o.id).map(|s| s.instant)).collect()
+            };
+            for (o, sent) in outputs.iter().zip(sent) {
+                self.emit(Event::JobEnded {
+                    id: o.id.0,
+                    name: o.name.clone(),
+                    status: o.status,
+                    slot: o.slot.clone(),
+                    attempt: o.attempt,
+                    wall_seconds: o.wall_seconds,
+                    latency_seconds: sent.map(|at| at.elapsed().as_secs_f64()),
+                });
+            }
         }
         self.bytes("up", uploaded);
     }
@@ -208,13 +284,14 @@ impl Telemetry {
     pub(crate) fn received(&self, ids: impl IntoIterator<Item = JobId>) {
         let mut times = self.times();
         for id in ids {
-            times.remove(&id);
+            times.received(id);
         }
     }
 
     /// The times of a job not yet received.
     pub(crate) fn job_times(&self, id: JobId) -> Times {
-        self.times().get(&id).copied().unwrap_or_default()
+        let times = self.times();
+        Times { sent: times.send_of(id).map(|s| s.at), assigned: times.assigned.get(&id).copied() }
     }
 
     /// The daemon streamed `n` bytes of a spilled log from the store.
@@ -272,15 +349,17 @@ impl Observer for Telemetry {
     fn assigned(&self, job: JobId, attempt: u32, slot: &str) {
         let (first_at, input_bytes) = {
             let mut times = self.times();
-            let t = times.entry(job).or_default();
-            t.assigned = Some(Timestamp::now());
-            (if attempt == 1 { t.sent_at } else { None }, t.input_bytes)
+            times.assigned.insert(job, Timestamp::now());
+            let first_at = if attempt == 1 { times.send_of(job).map(|s| s.instant) } else { None };
+            (first_at, times.input_bytes.get(&job).copied().unwrap_or(0))
         };
         if let Some(at) = first_at {
             self.dispatch.observe(at.elapsed().as_secs_f64());
         }
         self.bytes("down", input_bytes);
-        self.emit(Event::JobAssigned { id: job.0, slot: slot.to_owned(), attempt });
+        if self.events.receiver_count() > 0 {
+            self.emit(Event::JobAssigned { id: job.0, slot: slot.to_owned(), attempt });
+        }
     }
 
     fn connected(&self, slot: &str) {

@@ -13,6 +13,7 @@ mod config;
 mod controller;
 mod daemon_api;
 mod daemon_limits;
+mod daemon_scale;
 mod dashboard;
 mod durability;
 mod environment;
