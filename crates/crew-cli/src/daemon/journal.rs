@@ -58,13 +58,6 @@ struct Progress {
     poisoned: Option<String>,
 }
 
-/// The longest an assignment waits in memory for a group commit when
-/// nothing else is written.
-const LAZY: std::time::Duration = std::time::Duration::from_millis(200);
-
-/// The shortest time between two group commits.
-const COMMIT_GAP: std::time::Duration = std::time::Duration::from_millis(2);
-
 /// How often the committer looks whether a compaction is done.
 const COMPACTION_LOOK: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -144,10 +137,8 @@ impl AssignedBuffer {
 
 impl Observer for AssignedBuffer {
     fn assigned(&self, job: JobId, attempt: u32, slot: &str) {
-        // No wake-up: the next group commit takes it, or the committer's
-        // own look within [`LAZY`]. A sync per assignment (a few thousand
-        // a second) was most of what the daemon spent per job.
         lock(&self.jobs).push(Record::Assigned { job, attempt, slot: Some(slot.to_owned()) });
+        self.poke();
     }
 
     /// Waits until the `Up` record is durable: the controller calls this
@@ -341,7 +332,6 @@ impl Shared {
         // The last append whose write was tried: a failed write holds the
         // appends after it up to the current one.
         let mut tried: Ticket = 0;
-        let mut last_sync = std::time::Instant::now() - COMMIT_GAP;
         loop {
             // A compaction in progress is installed once done, even when
             // nothing else happens (an idle daemon): look every 100 ms.
@@ -349,20 +339,13 @@ impl Shared {
             {
                 let mut work = lock(&self.assigned.work);
                 while !*work && !self.assigned.stop.load(Ordering::SeqCst) {
-                    // Assignments buffered without a wake-up are written
-                    // within `LAZY`.
-                    let lazy = !lock(&self.assigned.jobs).is_empty();
-                    if compacting || lazy {
-                        let wait = if compacting { COMPACTION_LOOK } else { LAZY };
+                    if compacting {
                         let (w, _) = self
                             .assigned
                             .wake
-                            .wait_timeout(work, wait)
+                            .wait_timeout(work, COMPACTION_LOOK)
                             .unwrap_or_else(std::sync::PoisonError::into_inner);
                         work = w;
-                        if lazy {
-                            *work = true;
-                        }
                         break;
                     }
                     work = self.assigned.wake.wait(work).unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -375,14 +358,6 @@ impl Shared {
             if self.progress.borrow().poisoned.is_some() {
                 continue;
             }
-            // At most one sync per `COMMIT_GAP`: what is appended meanwhile
-            // joins this one. Under load that is what batches the outputs
-            // of many jobs into one sync (each costs the disk a flush and a
-            // virtualized machine an exit); when idle it adds nothing.
-            if let Some(wait) = COMMIT_GAP.checked_sub(last_sync.elapsed()) {
-                std::thread::sleep(wait);
-            }
-            last_sync = std::time::Instant::now();
             // Taken before the buffer is drained: every `Up` counted here
             // was pushed before it was counted, so this sync covers it.
             let ups = self.assigned.ups.load(Ordering::SeqCst);
