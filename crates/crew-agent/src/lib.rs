@@ -564,66 +564,37 @@ async fn reconnect(
         if tokio::time::Instant::now() >= deadline || stopped {
             break;
         }
-        let attempt = async {
-            let addr = resume_file()
-                .and_then(|f| std::fs::read_to_string(f).ok())
-                .map(|a| a.trim().to_owned())
-                .filter(|a| !a.is_empty())
-                .unwrap_or_else(|| cfg.connect.clone());
-            let mut stream = tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(&addr))
-                .await
-                .map_err(|_| format!("no answer from {addr}"))?
-                .map_err(|e| format!("{addr}: {e}"))?;
-            let _ = stream.set_nodelay(true);
-            let mut jobs: Vec<(JobId, u32)> = session.recent.iter().map(|r| (r.job, r.attempt)).collect();
-            if let Some(r) = &session.running {
-                jobs.push((r.job, r.attempt));
+        // The jobs named in the hello are fixed before the attempt starts:
+        // a job that ends during the handshake has its result kept in
+        // `recent`, sent once the controller has taken this worker back.
+        let mut jobs: Vec<(JobId, u32)> = session.recent.iter().map(|r| (r.job, r.attempt)).collect();
+        if let Some(r) = &session.running {
+            jobs.push((r.job, r.attempt));
+        }
+        let attempt = come_back_once(cfg, slot, grant, jobs);
+        tokio::pin!(attempt);
+        // The attempt is never dropped halfway for a job that ends: once
+        // the controller has admitted the hello, the slot is this
+        // connection's, and an agent that hung up then would find itself
+        // refused on every later try while its job ran twice.
+        let answer = loop {
+            tokio::select! {
+                r = &mut attempt => break Some(r),
+                result = in_hand(session) => kept_while_away(session, result),
+                _ = recv_signal(&mut sigterm) => { stopped = true; break None; }
+                _ = recv_signal(&mut sigint) => { stopped = true; break None; }
             }
-            let hello = AgentMsg::Resume {
-                version: PROTOCOL_VERSION,
-                slot: slot.to_owned(),
-                token: grant.token.clone(),
-                pid: std::process::id(),
-                host: hostname(),
-                jobs,
-            };
-            let (rd, wr) = stream.split();
-            let (mut rd, mut wr) = (rd, wr);
-            let answer = tokio::time::timeout(Duration::from_secs(5), handshake(&mut rd, &mut wr, &hello))
-                .await
-                .map_err(|_| format!("no welcome from {addr}"))?
-                .map_err(|e| e.to_string())?;
-            Ok::<_, String>((stream, answer.0, answer.1))
         };
-        tokio::select! {
-            r = attempt => match r {
-                Ok(x) => return Ok(x),
-                Err(e) => debug!("coming back failed: {e}; retrying"),
-            },
-            result = async { match session.fut.as_mut() { Some(f) => f.await, None => std::future::pending().await } } => {
-                session.fut = None;
-                if let Some(r) = session.running.take() {
-                    let mut sink = BytesMut::new();
-                    done(&mut sink, &mut session.recent, true, r.job, r.attempt, result);
-                    session.tasks_done += 1;
-                }
-                continue;
-            }
-            _ = recv_signal(&mut sigterm) => { stopped = true; continue; }
-            _ = recv_signal(&mut sigint) => { stopped = true; continue; }
+        match answer {
+            Some(Ok(x)) => return Ok(x),
+            Some(Err(e)) => debug!("coming back failed: {e}; retrying"),
+            None => continue,
         }
         let pause = tokio::time::sleep(delay);
         tokio::pin!(pause);
         tokio::select! {
             () = &mut pause => {}
-            result = async { match session.fut.as_mut() { Some(f) => f.await, None => std::future::pending().await } } => {
-                session.fut = None;
-                if let Some(r) = session.running.take() {
-                    let mut sink = BytesMut::new();
-                    done(&mut sink, &mut session.recent, true, r.job, r.attempt, result);
-                    session.tasks_done += 1;
-                }
-            }
+            result = in_hand(session) => kept_while_away(session, result),
             _ = recv_signal(&mut sigterm) => stopped = true,
             _ = recv_signal(&mut sigint) => stopped = true,
         }
@@ -641,6 +612,59 @@ async fn reconnect(
         "{lost}, and no controller took this worker back within {}",
         humantime::format_duration(grant.window)
     )))
+}
+
+/// The job in hand, finishing (pending for ever when there is none).
+async fn in_hand(session: &mut Session) -> JobResult {
+    match session.fut.as_mut() {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A job that finished while the agent was away from its controller: its
+/// result waits in `recent` for the controller that takes the agent back.
+fn kept_while_away(session: &mut Session, result: JobResult) {
+    session.fut = None;
+    if let Some(r) = session.running.take() {
+        let mut sink = BytesMut::new();
+        done(&mut sink, &mut session.recent, true, r.job, r.attempt, result);
+        session.tasks_done += 1;
+    }
+}
+
+/// One try at coming back: connects to the controller named in the resume
+/// file (or the launch address) and sends a resume hello naming `jobs`.
+async fn come_back_once(
+    cfg: &AgentConfig,
+    slot: &str,
+    grant: &protocol::ResumeGrant,
+    jobs: Vec<(JobId, u32)>,
+) -> Result<(TcpStream, Welcome, BytesMut), String> {
+    let addr = resume_file()
+        .and_then(|f| std::fs::read_to_string(f).ok())
+        .map(|a| a.trim().to_owned())
+        .filter(|a| !a.is_empty())
+        .unwrap_or_else(|| cfg.connect.clone());
+    let mut stream = tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(&addr))
+        .await
+        .map_err(|_| format!("no answer from {addr}"))?
+        .map_err(|e| format!("{addr}: {e}"))?;
+    let _ = stream.set_nodelay(true);
+    let hello = AgentMsg::Resume {
+        version: PROTOCOL_VERSION,
+        slot: slot.to_owned(),
+        token: grant.token.clone(),
+        pid: std::process::id(),
+        host: hostname(),
+        jobs,
+    };
+    let (mut rd, mut wr) = stream.split();
+    let answer = tokio::time::timeout(Duration::from_secs(5), handshake(&mut rd, &mut wr, &hello))
+        .await
+        .map_err(|_| format!("no welcome from {addr}"))?
+        .map_err(|e| e.to_string())?;
+    Ok((stream, answer.0, answer.1))
 }
 
 /// Writes `out` whole and flushes it (a TLS stream holds written data until
