@@ -39,7 +39,7 @@
 //! carries its output, after which the scheduler forgets it.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,8 +48,13 @@ use crew_core::job::{JobId, JobSpec};
 use crew_core::output::{Output, Status};
 use crew_core::tags::Tags;
 
+mod queue;
+mod table;
 #[cfg(test)]
 mod tests;
+
+use queue::Group;
+use table::JobTable;
 
 /// Index of a slot in the scheduler (stable for the scheduler's life).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -401,6 +406,12 @@ enum JobState {
 
 type QueueKey = (Reverse<i32>, i64);
 
+/// Whether `job` is queued under `key` (else a queue entry of it is a
+/// tombstone).
+fn queued_under(jobs: &JobTable<JobEntry>, job: JobId, key: QueueKey) -> bool {
+    jobs.get(&job).is_some_and(|e| matches!(e.state, JobState::Queued(k) if k == key))
+}
+
 #[derive(Debug)]
 struct JobEntry {
     spec: Arc<JobSpec>,
@@ -418,10 +429,10 @@ struct JobEntry {
 #[derive(Debug, Default)]
 pub struct Scheduler {
     slots: Vec<Slot>,
-    jobs: HashMap<JobId, JobEntry>,
+    jobs: JobTable<JobEntry>,
     /// Queued jobs grouped by their tag set; within a group, by (priority
     /// desc, arrival).
-    queue: BTreeMap<Tags, BTreeMap<QueueKey, JobId>>,
+    queue: BTreeMap<Tags, Group>,
     /// Ready slots grouped by tag set, ordered by (assigned, id).
     ready: BTreeMap<Tags, BTreeSet<(usize, SlotId)>>,
     /// Arrival counter: back of the queue counts up, front counts down.
@@ -525,7 +536,7 @@ impl Scheduler {
     /// running one ends (else it could start the next one in between).
     pub fn pending_ids(&self) -> Vec<JobId> {
         let heads: Vec<JobId> = self.slots.iter().filter_map(|s| s.jobs.front().copied()).collect();
-        let mut ids: Vec<JobId> = self.jobs.keys().copied().filter(|j| !heads.contains(j)).collect();
+        let mut ids: Vec<JobId> = self.jobs.keys().filter(|j| !heads.contains(j)).collect();
         ids.extend(heads.into_iter().filter(|j| self.jobs.contains_key(j)));
         ids
     }
@@ -543,7 +554,7 @@ impl Scheduler {
 
     /// Queued and assigned counts.
     pub fn counts(&self) -> Counts {
-        let queued = self.queue.values().map(BTreeMap::len).sum();
+        let queued = self.queue.values().map(Group::len).sum();
         Counts { queued, assigned: self.jobs.len() - queued }
     }
 
@@ -1169,7 +1180,7 @@ impl Scheduler {
         let Some(e) = self.jobs.get(&job) else { return };
         let tags = &e.spec.tags;
         if let Some(group) = self.queue.get_mut(tags) {
-            group.remove(&key);
+            group.remove(key, job, |j, k| queued_under(&self.jobs, j, k));
             if group.is_empty() {
                 self.queue.remove(tags);
             }
@@ -1278,7 +1289,8 @@ impl Scheduler {
                 message(&tags)
             };
             if let Some(group) = self.queue.remove(&tags) {
-                for (_, job) in group {
+                let jobs: Vec<JobId> = group.iter(|j, k| queued_under(&self.jobs, j, k)).map(|(_, j)| j).collect();
+                for job in jobs {
                     self.deliver_without_run(job, status, reason.clone());
                 }
             }
@@ -1404,9 +1416,9 @@ impl Scheduler {
                 if blocked.contains(tags) {
                     continue;
                 }
-                if let Some((key, _)) = group.first_key_value() {
-                    if best.is_none_or(|(k, _)| key < &k) {
-                        best = Some((*key, tags));
+                if let Some(key) = group.first_key() {
+                    if best.is_none_or(|(k, _)| key < k) {
+                        best = Some((key, tags));
                     }
                 }
             }
@@ -1437,7 +1449,7 @@ impl Scheduler {
                 continue;
             }
             let Some(group) = self.queue.get_mut(&tags) else { break };
-            let Some((_, job)) = group.pop_first() else { break };
+            let Some((_, job)) = group.pop_first(|j, k| queued_under(&self.jobs, j, k)) else { break };
             if group.is_empty() {
                 self.queue.remove(&tags);
             }
@@ -1499,7 +1511,7 @@ impl Scheduler {
         down.sort_by_key(|s| (self.slots[s.0 as usize].cfg.tags.len(), *s));
         launching.sort_by_key(|s| (self.slots[s.0 as usize].cfg.tags.len(), *s));
         let mut groups: Vec<(QueueKey, &Tags, usize)> =
-            self.queue.iter().filter_map(|(t, g)| g.first_key_value().map(|(k, _)| (*k, t, g.len()))).collect();
+            self.queue.iter().filter_map(|(t, g)| g.first_key().map(|k| (k, t, g.len()))).collect();
         groups.sort_by_key(|g| g.0);
         let mut to_launch = Vec::new();
         for (_, tags, mut need) in groups {
@@ -1584,15 +1596,21 @@ impl Scheduler {
     /// does not hold. For tests (the simulation calls it after every step).
     #[cfg(test)]
     pub fn sanity_check(&self) {
-        let mut seen: HashMap<JobId, &str> = HashMap::new();
+        let mut seen: std::collections::HashMap<JobId, &str> = std::collections::HashMap::new();
         for (tags, group) in &self.queue {
             assert!(!group.is_empty(), "empty queue group {tags}");
-            for (key, job) in group {
-                let e = self.jobs.get(job).unwrap_or_else(|| panic!("queued job {job} unknown"));
+            let first = group.first_key().expect("a non-empty group has a first job");
+            let mut live = 0;
+            for (key, job) in group.iter(|j, k| queued_under(&self.jobs, j, k)) {
+                if live == 0 {
+                    assert_eq!(key, first, "the first job of {tags} is not at the front");
+                }
+                live += 1;
+                let e = self.jobs.get(&job).unwrap_or_else(|| panic!("queued job {job} unknown"));
                 assert_eq!(&e.spec.tags, tags, "job {job} queued under the wrong tags");
-                assert!(matches!(e.state, JobState::Queued(k) if k == *key), "job {job} queue key mismatch");
-                assert!(seen.insert(*job, "queue").is_none(), "job {job} twice");
+                assert!(seen.insert(job, "queue").is_none(), "job {job} twice");
             }
+            assert_eq!(live, group.len(), "group {tags} miscounts its live jobs ({} tombstones)", group.stale());
         }
         let mut prefetched = 0;
         let mut down = 0;
