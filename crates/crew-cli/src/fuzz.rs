@@ -52,7 +52,7 @@ fn frame(data: &[u8]) {
 
 /// Decodes every whole frame of `data` as `T`; each message must survive a
 /// round trip byte for byte.
-fn frames<T: Serialize + DeserializeOwned>(data: &[u8]) {
+fn frames<T: Serialize + crew_core::protocol::Frame>(data: &[u8]) {
     let mut buf = BytesMut::from(data);
     while let Ok(Some(msg)) = decode::<T>(&mut buf) {
         let mut once = BytesMut::new();
