@@ -25,9 +25,8 @@
 use bytes::BytesMut;
 use crew_controller::journal::Replay;
 use crew_core::job::{LineDefaults, parse_job_file, parse_job_line};
-use crew_core::protocol::{AgentMsg, ControllerMsg, decode, encode};
+use crew_core::protocol::{AgentMsg, ControllerMsg, Frame, decode, encode};
 use serde::Serialize;
-use serde::de::DeserializeOwned;
 
 /// The names of the targets, for `cargo xtask fuzz`.
 pub(crate) const TARGETS: &[&str] = &["frame", "job_line", "journal", "api", "config"];
@@ -52,7 +51,7 @@ fn frame(data: &[u8]) {
 
 /// Decodes every whole frame of `data` as `T`; each message must survive a
 /// round trip byte for byte.
-fn frames<T: Serialize + crew_core::protocol::Frame>(data: &[u8]) {
+fn frames<T: Serialize + Frame>(data: &[u8]) {
     let mut buf = BytesMut::from(data);
     while let Ok(Some(msg)) = decode::<T>(&mut buf) {
         let mut once = BytesMut::new();
