@@ -390,8 +390,9 @@ impl Daemon {
 }
 
 /// Takes every output the controller delivers into the daemon's ready list,
-/// for the daemon's whole life.
-pub(crate) async fn drain(d: Arc<Daemon>) {
+/// for the daemon's whole life: until `stop`, once nothing more is
+/// delivered (an output taken is always journaled first).
+pub(crate) async fn drain(d: Arc<Daemon>, mut stop: tokio::sync::oneshot::Receiver<()>) {
     loop {
         let held = std::mem::take(&mut d.lock().held);
         if !held.is_empty() {
@@ -401,11 +402,15 @@ pub(crate) async fn drain(d: Arc<Daemon>) {
             batch.extend(d.controller.receive_all());
             d.take(batch).await;
             if !d.lock().held.is_empty() {
-                tokio::time::sleep(HELD_RETRY).await;
+                tokio::select! {
+                    () = tokio::time::sleep(HELD_RETRY) => {}
+                    _ = &mut stop => return,
+                }
             }
             continue;
         }
         tokio::select! {
+            biased;
             received = d.controller.receive_wait(None) => match received {
                 Some(o) => {
                     // Everything delivered meanwhile goes in the same commit.
@@ -418,9 +423,11 @@ pub(crate) async fn drain(d: Arc<Daemon>) {
                 None => tokio::select! {
                     () = d.sent.notified() => {}
                     () = d.retry.notified() => {}
+                    _ = &mut stop => return,
                 },
             },
             () = d.retry.notified() => {}
+            _ = &mut stop => return,
         }
     }
 }
@@ -940,6 +947,18 @@ async fn receive(d: &Arc<Daemon>, r: wire::ReceiveRequest) -> Result<Response<Bo
     let mut changes = d.changed.subscribe();
     // With `all` and `wait`: the jobs sent so far, which must all be ready.
     let awaited: Option<JobId> = if r.all && r.wait { d.lock().unfinished.last() } else { None };
+    if r.all && r.wait && r.ids.is_none() && r.name.is_none() {
+        // Streamed as the jobs finish rather than once they all have: the
+        // client prints records while the rest still run.
+        d.take(d.controller.receive_all()).await;
+        let first: Vec<Ready> = {
+            let mut inner = d.lock();
+            let n = inner.ready.len().min(RECEIVE_BATCH);
+            inner.ready.drain(..n).collect()
+        };
+        let first = hand_out(d, first).await?;
+        return Ok(streamed_outputs(Arc::clone(d), first, Rest::Until { awaited, deadline }));
+    }
     let mut last_chance = !r.wait;
     loop {
         changes.borrow_and_update();
@@ -986,7 +1005,7 @@ async fn receive(d: &Arc<Daemon>, r: wire::ReceiveRequest) -> Result<Response<Bo
         };
         if let Some((outputs, more)) = taken {
             let first = hand_out(d, outputs).await?;
-            return Ok(streamed_outputs(Arc::clone(d), first, more));
+            return Ok(streamed_outputs(Arc::clone(d), first, Rest::Count(more)));
         }
         let changed = changes.changed();
         match deadline {
@@ -1046,14 +1065,27 @@ fn output_lines(outputs: &[Ready], mut first: bool) -> Bytes {
     Bytes::from(buf)
 }
 
-/// The streamed answer of a receive: `first` (already journaled), then up
-/// to `more` outputs from the front of the ready list, a piece at a time.
-fn streamed_outputs(d: Arc<Daemon>, first: Vec<Ready>, more: usize) -> Response<Body> {
+/// What a streamed receive answer holds after its first piece.
+#[derive(Clone, Copy, Debug)]
+enum Rest {
+    /// Up to this many outputs from the front of the ready list (those
+    /// ready when the request came).
+    Count(usize),
+    /// Every output as it becomes ready, until no job up to `awaited` is
+    /// unfinished (`receive --all --wait`), the deadline passed, or the
+    /// daemon stops.
+    Until { awaited: Option<JobId>, deadline: Option<tokio::time::Instant> },
+}
+
+/// The streamed answer of a receive: `first` (already journaled), then
+/// the outputs `rest` says from the front of the ready list, a piece at a
+/// time.
+fn streamed_outputs(d: Arc<Daemon>, first: Vec<Ready>, rest: Rest) -> Response<Body> {
     let mut head = b"{\"outputs\":[\n".to_vec();
     let opened = !first.is_empty();
     head.extend_from_slice(&output_lines(&first, true));
     drop(first);
-    if more == 0 {
+    if matches!(rest, Rest::Count(0)) {
         // All in one piece: a plain body with its length.
         let pending = d.lock().unreceived.len();
         head.extend_from_slice(format!("],\"pending\":{pending}}}\n").as_bytes());
@@ -1064,19 +1096,50 @@ fn streamed_outputs(d: Arc<Daemon>, first: Vec<Ready>, more: usize) -> Response<
     }
     struct State {
         d: Arc<Daemon>,
-        more: usize,
+        rest: Rest,
+        changes: watch::Receiver<u64>,
         opened: bool,
         done: bool,
     }
-    let state = State { d, more, opened, done: false };
+    let changes = d.changed.subscribe();
+    let state = State { d, rest, changes, opened, done: false };
     let rest = futures::stream::unfold(state, |mut s| async move {
         if s.done {
             return None;
         }
-        let batch: Vec<Ready> = {
-            let mut inner = s.d.lock();
-            let n = s.more.min(RECEIVE_BATCH).min(inner.ready.len());
-            inner.ready.drain(..n).collect()
+        let batch: Vec<Ready> = loop {
+            // Marked seen before the look, so that an output ready after
+            // it wakes the wait below.
+            s.changes.borrow_and_update();
+            let (batch, waiting) = {
+                let mut inner = s.d.lock();
+                let n = match s.rest {
+                    Rest::Count(more) => more,
+                    Rest::Until { .. } => usize::MAX,
+                };
+                let n = n.min(RECEIVE_BATCH).min(inner.ready.len());
+                let waiting = match s.rest {
+                    Rest::Until { awaited: Some(last), deadline } => {
+                        inner.unfinished.any_up_to(last)
+                            && !s.d.stopping()
+                            && deadline.is_none_or(|t| t > tokio::time::Instant::now())
+                    }
+                    _ => false,
+                };
+                (inner.ready.drain(..n).collect::<Vec<Ready>>(), waiting)
+            };
+            if !batch.is_empty() || !waiting {
+                break batch;
+            }
+            let changed = s.changes.changed();
+            match s.rest {
+                Rest::Until { deadline: Some(t), .. } => {
+                    let _ = tokio::time::timeout_at(t, changed).await;
+                }
+                _ => {
+                    let _ = changed.await;
+                }
+            }
         };
         if batch.is_empty() {
             s.done = true;
@@ -1084,7 +1147,9 @@ fn streamed_outputs(d: Arc<Daemon>, first: Vec<Ready>, more: usize) -> Response<
             let tail = format!("],\"pending\":{pending}}}\n");
             return Some((Ok(hyper::body::Frame::data(Bytes::from(tail))), s));
         }
-        s.more -= batch.len();
+        if let Rest::Count(more) = &mut s.rest {
+            *more -= batch.len();
+        }
         match hand_out(&s.d, batch).await {
             Ok(batch) => {
                 let lines = output_lines(&batch, !s.opened);

@@ -319,7 +319,7 @@ async fn serve(dir: PathBuf, store: Arc<dyn Store>, settings: crate::config::Con
     if jobs + ready > 0 {
         tracing::info!(jobs, outputs = ready, "resumed from the journal");
     }
-    let drain = tokio::spawn(api::drain(state.clone()));
+    let drain = Drain::start(state.clone()).context("cannot start the output drain")?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tracing::info!(pid = std::process::id(), socket = %sock.display(), controller = %controller.addr(), "crew daemon ready");
@@ -378,9 +378,37 @@ async fn serve(dir: PathBuf, store: Arc<dyn Store>, settings: crate::config::Con
         tokio::time::timeout(std::time::Duration::from_secs(2), async { while conns.join_next().await.is_some() {} })
             .await;
     conns.abort_all();
-    drain.abort();
+    drain.stop().await;
     state.close_journal().await;
     let _ = std::fs::remove_file(&sock);
     tracing::info!("crew daemon stopped");
     Ok(())
+}
+
+/// The output drain ([`api::drain`]) on a thread and runtime of its own:
+/// each output is serialized, journaled and written to the outputs log
+/// there, beside the runtime thread that talks to the workers and the
+/// clients (a third of that thread's time when it did it too).
+struct Drain {
+    stop: tokio::sync::oneshot::Sender<()>,
+    stopped: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl Drain {
+    fn start(state: Arc<api::Daemon>) -> std::io::Result<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let (stop, stop_rx) = tokio::sync::oneshot::channel();
+        let (stopped_tx, stopped) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new().name("crew-drain".into()).spawn(move || {
+            rt.block_on(api::drain(state, stop_rx));
+            let _ = stopped_tx.send(());
+        })?;
+        Ok(Self { stop, stopped })
+    }
+
+    /// Stops the drain once it took what the controller delivered.
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.stopped.await;
+    }
 }

@@ -153,7 +153,10 @@ fn an_output_upload_rides_out_20s_of_slowdown_and_a_10s_outage_and_fetches_back_
     let proxy = FaultProxy::start(&endpoint, 0, &[], 1).unwrap_or_else(|e| panic!("{e}"));
     // Once the second part of the output's multipart upload is sent: 20 s
     // of 503 SlowDown to everything, then 10 s with every connection
-    // dropped; the store URL has the default retries.
+    // dropped. The store URL retries for 60 s, so no pause between tries
+    // is longer than 7.5 s (an eighth of it) and a try must meet the 10 s
+    // of dropped connections; with the default 120 s, a 15 s pause could
+    // step over them (the test then failed now and then).
     let slow = Duration::from_secs(20);
     let down = Duration::from_secs(10);
     proxy.schedule("partNumber=2", &[(Outage::SlowDown, slow), (Outage::Down, down)]);
@@ -171,8 +174,9 @@ fn an_output_upload_rides_out_20s_of_slowdown_and_a_10s_outage_and_fetches_back_
         "outputs": ["big.bin", "ü.txt", "a#b.txt"],
     });
     let through_proxy = store_url(proxy.url(), &bucket, "run");
+    let retrying = format!("{through_proxy}&retry_timeout=60s");
     let out = run(
-        aws_crew(d, &mark, proxy.url(), &["run", "--json", "--store", &through_proxy, "-"]),
+        aws_crew(d, &mark, proxy.url(), &["run", "--json", "--store", &retrying, "-"]),
         Some(&format!("{job}\n")),
         Duration::from_secs(150),
     );
