@@ -38,6 +38,7 @@ use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crew_core::job::{JobId, JobSpec};
@@ -45,10 +46,13 @@ use crew_core::output::Output;
 use crew_core::tags::Tags;
 use crew_scheduler::{History, SlotFilter, SlotLimits};
 
-/// One line of the journal.
+/// One line of the journal. `S` and `O` are how a job's spec and an
+/// output are held: parsed (the default: what a restart reads) or as their
+/// JSON ([`RawSpec`], [`RawOutput`]: what a compaction reads, since it only
+/// copies them).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "t", rename_all = "snake_case")]
-pub enum Record {
+pub enum Record<S = JobSpec, O = Output> {
     /// Slots were recruited.
     Recruit {
         /// Their class.
@@ -76,7 +80,7 @@ pub enum Record {
     /// by a crash in the middle of its write is accepted in no part.
     Accepted {
         /// The jobs, with their ids.
-        jobs: Vec<(JobId, JobSpec)>,
+        jobs: Vec<(JobId, S)>,
         /// More records of the same request follow.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         more: bool,
@@ -96,7 +100,7 @@ pub enum Record {
     /// A job finished; its output waits to be received.
     Delivered {
         /// The output.
-        output: Box<Output>,
+        output: Box<O>,
     },
     /// Outputs were received by a client (each is delivered once).
     Received {
@@ -121,7 +125,7 @@ pub enum Record {
         /// The job.
         id: JobId,
         /// What it runs (boxed: the other records are small).
-        spec: Box<JobSpec>,
+        spec: Box<S>,
         /// Attempts started.
         attempts: u32,
         /// Crashes suffered.
@@ -175,9 +179,9 @@ pub struct Recruited {
 
 /// A job accepted and not finished.
 #[derive(Clone, Debug, PartialEq)]
-pub struct PendingJob {
+pub struct PendingJob<S = JobSpec> {
     /// What it runs.
-    pub spec: JobSpec,
+    pub spec: S,
     /// Its history so far.
     pub history: History,
     /// True when it was on a worker when the journal ends: it was running
@@ -192,18 +196,88 @@ pub struct PendingJob {
     pub slot: Option<String>,
 }
 
-/// The state a journal describes.
-#[derive(Clone, Debug, Default)]
-pub struct Replay {
+/// A job's spec as the JSON the journal holds (see [`Record`]).
+pub type RawSpec = Box<serde_json::value::RawValue>;
+
+/// An output as the JSON the journal holds, with its job's id (see
+/// [`Record`]).
+#[derive(Clone, Debug)]
+pub struct RawOutput {
+    /// Its job.
+    pub id: JobId,
+    /// The output, as written.
+    pub json: Box<serde_json::value::RawValue>,
+}
+
+impl Serialize for RawOutput {
+    fn serialize<Z: serde::Serializer>(&self, s: Z) -> Result<Z::Ok, Z::Error> {
+        self.json.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for RawOutput {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let json = Box::<serde_json::value::RawValue>::deserialize(d)?;
+        let id = output_id(json.get().as_bytes()).map_err(serde::de::Error::custom)?;
+        Ok(Self { id, json })
+    }
+}
+
+/// The job id of an output's JSON: read straight after `{"v":N,"id":`, as
+/// outputs are written, or else by a parse that skips the other fields.
+fn output_id(json: &[u8]) -> Result<JobId, serde_json::Error> {
+    let direct = json.strip_prefix(br#"{"v":"#).and_then(|rest| {
+        let rest = &rest[rest.iter().position(|b| !b.is_ascii_digit())?..];
+        let digits = rest.strip_prefix(br#","id":"#)?;
+        let end = digits.iter().position(|b| !b.is_ascii_digit())?;
+        if end == 0 || !matches!(digits[end], b',' | b'}') {
+            return None;
+        }
+        std::str::from_utf8(&digits[..end]).ok()?.parse::<u64>().ok()
+    });
+    match direct {
+        Some(id) => Ok(JobId(id)),
+        None => {
+            #[derive(Deserialize)]
+            struct Id {
+                id: JobId,
+            }
+            serde_json::from_slice::<Id>(json).map(|o| o.id)
+        }
+    }
+}
+
+/// What a replay needs of an output: its job.
+pub trait Delivery {
+    /// The output's job.
+    fn job(&self) -> JobId;
+}
+
+impl Delivery for Output {
+    fn job(&self) -> JobId {
+        self.id
+    }
+}
+
+impl Delivery for RawOutput {
+    fn job(&self) -> JobId {
+        self.id
+    }
+}
+
+/// The state a journal describes (specs and outputs held as `S` and `O`,
+/// see [`Record`]).
+#[derive(Clone, Debug)]
+pub struct Replay<S = JobSpec, O = Output> {
     /// Recruit requests, in order (dismissals already applied as filters in
     /// `dismissed`).
     pub recruits: Vec<Recruited>,
     /// Dismiss requests, in order, to apply after the recruits.
     pub dismissed: Vec<SlotFilter>,
     /// Jobs accepted and not finished, by id.
-    pub pending: BTreeMap<JobId, PendingJob>,
+    pub pending: BTreeMap<JobId, PendingJob<S>>,
     /// Outputs finished and not yet received, in the order they finished.
-    pub ready: VecDeque<Output>,
+    pub ready: VecDeque<O>,
     /// The id the next accepted job gets.
     pub next_job: u64,
     /// Slots whose worker was connected when the journal ends.
@@ -224,7 +298,26 @@ pub struct Replay {
     scanned: usize,
     /// Jobs of an `accepted` request whose last record is not read yet
     /// (`more`); dropped if the journal ends first.
-    accepting: Vec<(JobId, JobSpec)>,
+    accepting: Vec<(JobId, S)>,
+}
+
+impl<S, O> Default for Replay<S, O> {
+    fn default() -> Self {
+        Self {
+            recruits: Vec::new(),
+            dismissed: Vec::new(),
+            pending: BTreeMap::new(),
+            ready: VecDeque::new(),
+            next_job: 0,
+            up: std::collections::BTreeSet::new(),
+            skipped: Vec::new(),
+            ready_ids: HashMap::new(),
+            ready_counted: 0,
+            #[cfg(test)]
+            scanned: 0,
+            accepting: Vec::new(),
+        }
+    }
 }
 
 impl Replay {
@@ -240,9 +333,11 @@ impl Replay {
         }
         replay
     }
+}
 
+impl<S, O: Delivery> Replay<S, O> {
     /// Folds one record into the state.
-    pub fn apply(&mut self, record: Record) {
+    pub fn apply(&mut self, record: Record<S, O>) {
         match record {
             Record::Recruit { class, count, tags, limits, options } => {
                 self.recruits.push(Recruited { class, count, tags, limits, options });
@@ -276,10 +371,11 @@ impl Replay {
                 }
             }
             Record::Delivered { output } => {
-                self.pending.remove(&output.id);
-                self.next_job = self.next_job.max(output.id.0.saturating_add(1));
+                let id = output.job();
+                self.pending.remove(&id);
+                self.next_job = self.next_job.max(id.0.saturating_add(1));
                 self.index_ready();
-                *self.ready_ids.entry(output.id).or_default() += 1;
+                *self.ready_ids.entry(id).or_default() += 1;
                 self.ready_counted += 1;
                 self.ready.push_back(*output);
             }
@@ -323,10 +419,10 @@ impl Replay {
         self.index_ready();
         let ids: HashSet<JobId> = ids.into_iter().filter(|id| self.ready_ids.contains_key(id)).collect();
         while let Some(front) = self.ready.front() {
-            if !ids.contains(&front.id) {
+            let id = front.job();
+            if !ids.contains(&id) {
                 break;
             }
-            let id = front.id;
             self.ready.pop_front();
             self.forget_ready(id);
         }
@@ -339,9 +435,9 @@ impl Replay {
         }
         let mut gone = Vec::new();
         self.ready.retain(|o| {
-            let keep = !ids.contains(&o.id);
+            let keep = !ids.contains(&o.job());
             if !keep {
-                gone.push(o.id);
+                gone.push(o.job());
             }
             keep
         });
@@ -356,7 +452,7 @@ impl Replay {
         if self.ready_counted != self.ready.len() {
             self.ready_ids.clear();
             for o in &self.ready {
-                *self.ready_ids.entry(o.id).or_default() += 1;
+                *self.ready_ids.entry(o.job()).or_default() += 1;
             }
             self.ready_counted = self.ready.len();
         }
@@ -373,7 +469,11 @@ impl Replay {
     }
 
     /// The records that rebuild this state (what compaction writes).
-    pub fn records(&self) -> Vec<Record> {
+    pub fn records(&self) -> Vec<Record<S, O>>
+    where
+        S: Clone,
+        O: Clone,
+    {
         let mut out = vec![Record::NextJob { next: self.next_job }];
         for r in &self.recruits {
             out.push(Record::Recruit {
@@ -406,6 +506,73 @@ impl Replay {
             out.push(Record::Up { slot: slot.clone() });
         }
         out
+    }
+}
+
+impl<S: Serialize, O: Serialize> Replay<S, O> {
+    /// Writes the records of [`Replay::records`], one a line, without
+    /// copying the jobs and the outputs to build them.
+    fn write_state(&self, w: &mut impl Write) -> std::io::Result<()> {
+        #[derive(Serialize)]
+        #[serde(tag = "t", rename = "pending")]
+        struct PendingRef<'a, S> {
+            id: JobId,
+            spec: &'a S,
+            attempts: u32,
+            crashes: u32,
+            failures: u32,
+            running: bool,
+            cancelled: bool,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            slot: Option<&'a str>,
+        }
+        #[derive(Serialize)]
+        #[serde(tag = "t", rename = "delivered")]
+        struct DeliveredRef<'a, O> {
+            output: &'a O,
+        }
+        fn line(w: &mut impl Write, value: &impl Serialize) -> std::io::Result<()> {
+            serde_json::to_writer(&mut *w, value).map_err(std::io::Error::other)?;
+            w.write_all(b"\n")
+        }
+        line(w, &Record::<S, O>::NextJob { next: self.next_job })?;
+        for r in &self.recruits {
+            line(
+                w,
+                &Record::<S, O>::Recruit {
+                    class: r.class.clone(),
+                    count: r.count,
+                    tags: r.tags.clone(),
+                    limits: r.limits.clone(),
+                    options: r.options.clone(),
+                },
+            )?;
+        }
+        for f in &self.dismissed {
+            line(w, &Record::<S, O>::Dismiss { tags: f.tags.clone(), slot: f.slot.clone() })?;
+        }
+        for (id, p) in &self.pending {
+            line(
+                w,
+                &PendingRef {
+                    id: *id,
+                    spec: &p.spec,
+                    attempts: p.history.attempts,
+                    crashes: p.history.crashes,
+                    failures: p.history.failures,
+                    running: p.running,
+                    cancelled: p.cancelled,
+                    slot: p.slot.as_deref(),
+                },
+            )?;
+        }
+        for o in &self.ready {
+            line(w, &DeliveredRef { output: o })?;
+        }
+        for slot in &self.up {
+            line(w, &Record::<S, O>::Up { slot: slot.clone() })?;
+        }
+        Ok(())
     }
 }
 
@@ -517,7 +684,7 @@ fn compacting_path(path: &Path) -> PathBuf {
 
 /// Writes the records of `replay` to the `.compacting` file next to `path`,
 /// durably; returns it, open for appending at its end.
-fn write_compacted(path: &Path, replay: &Replay) -> Result<File, JournalError> {
+fn write_compacted<S: Serialize, O: Serialize>(path: &Path, replay: &Replay<S, O>) -> Result<File, JournalError> {
     let written = write_compacted_file(path, replay);
     if written.is_err() {
         // A part-written copy must not keep the space (a full disk).
@@ -526,7 +693,7 @@ fn write_compacted(path: &Path, replay: &Replay) -> Result<File, JournalError> {
     written
 }
 
-fn write_compacted_file(path: &Path, replay: &Replay) -> Result<File, JournalError> {
+fn write_compacted_file<S: Serialize, O: Serialize>(path: &Path, replay: &Replay<S, O>) -> Result<File, JournalError> {
     let io = |source| JournalError::Io { path: path.to_path_buf(), source };
     // Private (0600): jobs' command lines and environments are in it. The
     // mode is set explicitly too, since a file left by an older version
@@ -539,10 +706,8 @@ fn write_compacted_file(path: &Path, replay: &Replay) -> Result<File, JournalErr
         .open(compacting_path(path))
         .map_err(io)?;
     file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600)).map_err(io)?;
-    let mut w = BufWriter::new(file);
-    for r in replay.records() {
-        write_record(&mut w, &r).map_err(io)?;
-    }
+    let mut w = BufWriter::with_capacity(256 * 1024, file);
+    replay.write_state(&mut w).map_err(io)?;
     w.flush().map_err(io)?;
     let file = w.into_inner().map_err(|e| io(e.into_error()))?;
     file.sync_data().map_err(io)?;
@@ -661,10 +826,11 @@ impl Journal {
         let spawned = std::thread::Builder::new().name("crew-journal-compaction".into()).spawn(move || {
             let compacted = (|| {
                 let io = |source| JournalError::Io { path: path.clone(), source };
-                let mut replay = Replay { next_job: 1, ..Replay::default() };
+                // Specs and outputs are only copied: kept as their JSON.
+                let mut replay = Replay::<RawSpec, RawOutput> { next_job: 1, ..Replay::default() };
                 // Only what was committed when it started: whole lines.
                 let prefix = std::io::Read::take(File::open(&path).map_err(io)?, size);
-                read_into(&path, prefix, &mut replay)?;
+                read_into_limited(&path, prefix, &mut replay, MAX_RECORD, parse_raw_record)?;
                 write_compacted(&path, &replay)
             })();
             let _ = tx.send(compacted);
@@ -891,9 +1057,55 @@ fn write_record(w: &mut impl Write, record: &Record) -> std::io::Result<()> {
 /// (about half of the time a replay or a compaction took). Anything else
 /// (an older writer's field order, a rare record) takes the general way.
 fn parse_record(line: &[u8]) -> Result<Record, serde_json::Error> {
+    parse_held(line)
+}
+
+/// [`parse_record`] with specs and outputs kept as their JSON (for a
+/// compaction, which only copies them: neither parsed nor written again).
+/// A record only the general way reads (its tag not first) is read that
+/// way and its specs and outputs written back to JSON, so that a
+/// compaction keeps whatever a restart reads.
+fn parse_raw_record(line: &[u8]) -> Result<Record<RawSpec, RawOutput>, serde_json::Error> {
+    use serde_json::value::to_raw_value;
+    let held = parse_held::<RawSpec, RawOutput>(line);
+    if held.is_ok() {
+        return held;
+    }
+    let raw_output = |o: &Output| to_raw_value(o).map(|json| RawOutput { id: o.id, json });
+    Ok(match parse_record(line)? {
+        Record::Accepted { jobs, more } => Record::Accepted {
+            jobs: jobs.iter().map(|(id, spec)| Ok((*id, to_raw_value(spec)?))).collect::<Result<_, serde_json::Error>>()?,
+            more,
+        },
+        Record::Delivered { output } => Record::Delivered { output: Box::new(raw_output(&output)?) },
+        Record::Pending { id, spec, attempts, crashes, failures, running, cancelled, slot } => Record::Pending {
+            id,
+            spec: Box::new(to_raw_value(&spec)?),
+            attempts,
+            crashes,
+            failures,
+            running,
+            cancelled,
+            slot,
+        },
+        Record::Recruit { class, count, tags, limits, options } => Record::Recruit { class, count, tags, limits, options },
+        Record::Dismiss { tags, slot } => Record::Dismiss { tags, slot },
+        Record::Assigned { job, attempt, slot } => Record::Assigned { job, attempt, slot },
+        Record::Received { ids } => Record::Received { ids },
+        Record::Cancel { ids } => Record::Cancel { ids },
+        Record::Withdrawn { ids } => Record::Withdrawn { ids },
+        Record::Up { slot } => Record::Up { slot },
+        Record::Down { slot } => Record::Down { slot },
+        Record::NextJob { next } => Record::NextJob { next },
+    })
+}
+
+/// [`parse_record`] with specs held as `S` and outputs as `O`.
+fn parse_held<S: DeserializeOwned, O: DeserializeOwned>(line: &[u8]) -> Result<Record<S, O>, serde_json::Error> {
     #[derive(Deserialize)]
-    struct Delivered {
-        output: Box<Output>,
+    #[serde(bound = "O: DeserializeOwned")]
+    struct Delivered<O> {
+        output: Box<O>,
     }
     #[derive(Deserialize)]
     struct Assigned {
@@ -907,15 +1119,17 @@ fn parse_record(line: &[u8]) -> Result<Record, serde_json::Error> {
         ids: Vec<JobId>,
     }
     #[derive(Deserialize)]
-    struct Accepted {
-        jobs: Vec<(JobId, JobSpec)>,
+    #[serde(bound = "S: DeserializeOwned")]
+    struct Accepted<S> {
+        jobs: Vec<(JobId, S)>,
         #[serde(default)]
         more: bool,
     }
     #[derive(Deserialize)]
-    struct Pending {
+    #[serde(bound = "S: DeserializeOwned")]
+    struct Pending<S> {
         id: JobId,
-        spec: Box<JobSpec>,
+        spec: Box<S>,
         attempts: u32,
         crashes: u32,
         failures: u32,
@@ -928,7 +1142,9 @@ fn parse_record(line: &[u8]) -> Result<Record, serde_json::Error> {
     let tag =
         line.strip_prefix(br#"{"t":""#).and_then(|rest| rest.iter().position(|&b| b == b'"').map(|end| &rest[..end]));
     match tag {
-        Some(b"delivered") => serde_json::from_slice::<Delivered>(line).map(|d| Record::Delivered { output: d.output }),
+        Some(b"delivered") => {
+            serde_json::from_slice::<Delivered<O>>(line).map(|d| Record::Delivered { output: d.output })
+        }
         Some(b"assigned") => serde_json::from_slice::<Assigned>(line).map(|a| Record::Assigned {
             job: a.job,
             attempt: a.attempt,
@@ -936,9 +1152,9 @@ fn parse_record(line: &[u8]) -> Result<Record, serde_json::Error> {
         }),
         Some(b"received") => serde_json::from_slice::<Ids>(line).map(|r| Record::Received { ids: r.ids }),
         Some(b"accepted") => {
-            serde_json::from_slice::<Accepted>(line).map(|a| Record::Accepted { jobs: a.jobs, more: a.more })
+            serde_json::from_slice::<Accepted<S>>(line).map(|a| Record::Accepted { jobs: a.jobs, more: a.more })
         }
-        Some(b"pending") => serde_json::from_slice::<Pending>(line).map(|p| Record::Pending {
+        Some(b"pending") => serde_json::from_slice::<Pending<S>>(line).map(|p| Record::Pending {
             id: p.id,
             spec: p.spec,
             attempts: p.attempts,
@@ -948,23 +1164,24 @@ fn parse_record(line: &[u8]) -> Result<Record, serde_json::Error> {
             cancelled: p.cancelled,
             slot: p.slot,
         }),
-        _ => serde_json::from_slice::<Record>(line),
+        _ => serde_json::from_slice::<Record<S, O>>(line),
     }
 }
 
 fn read_into(path: &Path, file: impl std::io::Read, replay: &mut Replay) -> Result<(), JournalError> {
-    read_into_limited(path, file, replay, MAX_RECORD)
+    read_into_limited(path, file, replay, MAX_RECORD, parse_record)
 }
 
 /// Folds the whole lines of `file` into `replay`. A line that does not
 /// parse or is longer than `limit` is skipped and noted in
 /// `replay.skipped`; a last line without its newline (a torn write) is
 /// dropped silently. Only I/O errors fail.
-fn read_into_limited(
+fn read_into_limited<S, O: Delivery>(
     path: &Path,
     file: impl std::io::Read,
-    replay: &mut Replay,
+    replay: &mut Replay<S, O>,
     limit: usize,
+    parse: fn(&[u8]) -> Result<Record<S, O>, serde_json::Error>,
 ) -> Result<(), JournalError> {
     let io = |source| JournalError::Io { path: path.to_path_buf(), source };
     let mut reader = BufReader::with_capacity(256 * 1024, file);
@@ -1011,7 +1228,7 @@ fn read_into_limited(
             replay.skipped.push(format!("line {n}: longer than {limit} bytes"));
             continue;
         }
-        match parse_record(&line) {
+        match parse(&line) {
             Ok(record) => replay.apply(record),
             Err(e) => replay.skipped.push(format!("line {n}: {e}")),
         }
@@ -1160,6 +1377,86 @@ mod tests {
         }
     }
 
+    /// What a compaction writes (reading specs and outputs as their JSON)
+    /// rebuilds what a restart reads of the journal it compacted, record
+    /// for record, whichever way each line had to be read.
+    #[test]
+    fn a_compaction_keeps_what_a_restart_reads() {
+        let mut spec = JobSpec::shell("echo \"ü\" \\ 1");
+        spec.name = Some("named".into());
+        spec.env.insert("K".into(), "v".into());
+        let mut named = output(5);
+        named.name = Some("n\"5".into());
+        named.stdout.text = "line\n\u{1}".into();
+        let mut lines: Vec<Vec<u8>> = [
+            recruit(),
+            Record::Dismiss { tags: Some("gpu".parse().unwrap()), slot: None },
+            Record::Accepted { jobs: (1..=3).map(|i| (JobId(i), spec.clone())).collect(), more: true },
+            Record::Accepted { jobs: (4..=8).map(|i| (JobId(i), JobSpec::shell(format!("echo {i}")))).collect(), more: false },
+            Record::Up { slot: "local-1".into() },
+            Record::Up { slot: "local-2".into() },
+            Record::Assigned { job: JobId(1), attempt: 1, slot: Some("local-1".into()) },
+            Record::Assigned { job: JobId(2), attempt: 2, slot: Some("local-2".into()) },
+            Record::Delivered { output: Box::new(output(3)) },
+            Record::Delivered { output: Box::new(named) },
+            Record::Delivered { output: Box::new(output(6)) },
+            Record::Received { ids: vec![JobId(3)] },
+            Record::Cancel { ids: vec![JobId(7)] },
+            Record::Withdrawn { ids: vec![JobId(8)] },
+            Record::Pending {
+                id: JobId(20),
+                spec: Box::new(spec.clone()),
+                attempts: 3,
+                crashes: 1,
+                failures: 1,
+                running: true,
+                cancelled: false,
+                slot: Some("local-2".into()),
+            },
+            Record::Down { slot: Some("local-2".into()) },
+            Record::NextJob { next: 30 },
+        ]
+        .iter()
+        .map(|r| serde_json::to_vec(r).unwrap())
+        .collect();
+        // Records an older writer might have left, their tag last: read
+        // the general way.
+        lines.push(br#"{"jobs":[[21,{"command":{"shell":"echo 21"}}]],"t":"accepted"}"#.to_vec());
+        let late = serde_json::to_string(&output(22)).unwrap();
+        lines.push(format!(r#"{{"output":{late},"t":"delivered"}}"#).into_bytes());
+        let mut text = lines.join(&b"\n"[..]);
+        text.push(b'\n');
+
+        let restart = Replay::from_bytes(&text);
+        assert!(restart.skipped.is_empty(), "{:?}", restart.skipped);
+        assert_eq!(restart.pending.len(), 6, "{:?}", restart.pending.keys());
+        assert_eq!(restart.ready.len(), 3);
+        let mut raw = Replay::<RawSpec, RawOutput>::default();
+        read_into_limited(Path::new("<memory>"), &text[..], &mut raw, MAX_RECORD, parse_raw_record).unwrap();
+        assert!(raw.skipped.is_empty(), "{:?}", raw.skipped);
+        let mut compacted = Vec::new();
+        raw.write_state(&mut compacted).unwrap();
+        let mut again = Vec::new();
+        restart.write_state(&mut again).unwrap();
+        assert_eq!(String::from_utf8_lossy(&compacted), String::from_utf8_lossy(&again));
+        let reread = Replay::from_bytes(&compacted);
+        let as_lines = |r: &Replay| r.records().iter().map(|r| serde_json::to_string(r).unwrap()).collect::<Vec<_>>();
+        assert_eq!(as_lines(&reread), as_lines(&restart));
+        // What `records` lists is what `write_state` writes.
+        let listed: String = as_lines(&restart).iter().map(|l| format!("{l}\n")).collect();
+        assert_eq!(listed, String::from_utf8_lossy(&again));
+    }
+
+    #[test]
+    fn an_output_id_is_read_straight_or_by_a_parse() {
+        assert_eq!(output_id(br#"{"v":1,"id":42,"name":null}"#).unwrap(), JobId(42));
+        assert_eq!(output_id(br#"{"v":12,"id":7}"#).unwrap(), JobId(7));
+        assert_eq!(output_id(br#"{"name":"x","id":9,"v":1}"#).unwrap(), JobId(9));
+        assert_eq!(output_id(br#"{"v":1,"id":42.5}"#).unwrap_err().is_data(), true);
+        assert!(output_id(br#"{"v":1,"id":}"#).is_err());
+        assert!(output_id(br#"{"v":1}"#).is_err());
+    }
+
     #[test]
     fn a_long_lived_journal_stays_within_a_factor_of_its_live_state() {
         let dir = tempfile::tempdir().unwrap();
@@ -1271,7 +1568,7 @@ mod tests {
         writeln!(f, r#"{{"t":"received","ids":[]}}"#).unwrap();
         drop(f);
         let mut replay = Replay { next_job: 1, ..Replay::default() };
-        read_into_limited(&path, File::open(&path).unwrap(), &mut replay, 1000).unwrap();
+        read_into_limited(&path, File::open(&path).unwrap(), &mut replay, 1000, parse_record).unwrap();
         assert_eq!(
             replay.pending.keys().copied().collect::<Vec<_>>(),
             vec![JobId(1), JobId(3), JobId(u64::MAX)],
@@ -1291,7 +1588,7 @@ mod tests {
         // A backlog of outputs, then `crew receive` taking the oldest one at
         // a time: each record names the front of `ready`.
         let n = 2_000;
-        let mut r = Replay::default();
+        let mut r: Replay = Replay::default();
         for id in 1..=n {
             r.apply(Record::Delivered { output: Box::new(output(id)) });
         }
@@ -1323,7 +1620,7 @@ mod tests {
             seed ^= seed << 17;
             seed % n
         };
-        let mut r = Replay::default();
+        let mut r: Replay = Replay::default();
         let mut model: Vec<JobId> = Vec::new();
         for step in 0..5_000 {
             match next(10) {
