@@ -50,7 +50,7 @@ pub enum Command {
         /// embedder registered).
         name: String,
         /// Its arguments, any JSON value (`null` when none).
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
         args: serde_json::Value,
     },
 }
@@ -74,20 +74,24 @@ pub const DEFAULT_CRASHES_MAX: u32 = 3;
 pub const NAME_MAX_LEN: usize = 256;
 
 /// A job as sent by a user: everything needed to run it anywhere.
+///
+/// Its serde form (the journal's, and the wire's to agents) leaves out
+/// every field at its default, so that a million small jobs are a million
+/// small records; what users write and read is [`JobSpec::as_line`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct JobSpec {
     /// Optional name, unique among the controller's jobs that are not yet
     /// received. The seed is derived from it when present.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// The job runs only on a worker whose tags include all of these.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Tags::is_empty")]
     pub tags: Tags,
     /// What to run.
     pub command: Command,
     /// Extra environment variables for the job's processes.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
     /// Names of variables the job takes from its worker's environment
     /// (when set there), on top of [`BASE_ENV`]. Only names
@@ -97,14 +101,14 @@ pub struct JobSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub env_inherit: Vec<String>,
     /// Working folder on the worker; the agent's own when absent.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cwd: Option<PathBuf>,
     /// Bytes fed to the job's stdin; `/dev/null` when absent.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stdin: Option<String>,
     /// Wall-clock limit of one attempt: SIGTERM, then SIGKILL to the whole
     /// process group, and the job ends `timed_out`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Duration>,
     /// CPU time (user + system) one process of the job may use: past it,
     /// the process gets SIGXCPU (SIGKILL a little later) and the job ends
@@ -117,14 +121,14 @@ pub struct JobSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<u64>,
     /// Re-runs after a failure exit (status `failed`); 0 by default.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub retries: u32,
     /// Crashed attempts (the worker died under the job) before the job ends
     /// `crashed`.
-    #[serde(default = "default_crashes_max")]
+    #[serde(default = "default_crashes_max", skip_serializing_if = "is_default_crashes")]
     pub crashes_max: u32,
     /// Higher runs first; equal priorities run in send order.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero_i")]
     pub priority: i32,
     /// Files the job reads, put in its working folder before it starts.
     /// The controller accepts only staged inputs ([`InputSource::Object`]);
@@ -1026,6 +1030,36 @@ mod tests {
             let value = serde_json::to_value(spec.as_line()).unwrap();
             let back = parse_job_value(value.clone(), &d).unwrap_or_else(|e| panic!("{value}: {e}"));
             assert_eq!(back, spec, "{value}");
+        }
+    }
+
+    /// The serde form (journal, wire) leaves defaults out and reads back
+    /// equal, in JSON and in MessagePack, whichever fields are set; an
+    /// older journal's record with every field reads the same.
+    #[test]
+    fn a_job_in_its_serde_form_reads_back_equal_and_leaves_defaults_out() {
+        let noop = JobSpec::builtin("noop", serde_json::Value::Null);
+        assert_eq!(serde_json::to_string(&noop).unwrap(), r#"{"command":{"builtin":{"name":"noop"}}}"#);
+        let older = r#"{"name":null,"tags":[],"command":{"builtin":{"name":"noop","args":null}},"env":{},"cwd":null,"stdin":null,"timeout":null,"retries":0,"crashes_max":3,"priority":0}"#;
+        assert_eq!(serde_json::from_str::<JobSpec>(older).unwrap(), noop);
+        let mut full = JobSpec::shell("echo");
+        full.name = Some("n".into());
+        full.tags = "gpu".parse().unwrap();
+        full.env.insert("K".into(), "V".into());
+        full.cwd = Some("/w".into());
+        full.stdin = Some(String::new());
+        full.timeout = Some(Duration::from_secs(2));
+        full.retries = 1;
+        full.crashes_max = 0;
+        full.priority = -1;
+        let mut more = JobSpec::new(Command::Argv(vec!["a".into(), "b".into()]));
+        more.crashes_max = 7;
+        more.priority = 5;
+        for spec in [noop, full, more, JobSpec::builtin("echo", serde_json::json!([1, null]))] {
+            let json = serde_json::to_vec(&spec).unwrap();
+            assert_eq!(serde_json::from_slice::<JobSpec>(&json).unwrap(), spec, "{}", String::from_utf8_lossy(&json));
+            let packed = rmp_serde::to_vec_named(&spec).unwrap();
+            assert_eq!(rmp_serde::from_slice::<JobSpec>(&packed).unwrap(), spec);
         }
     }
 
