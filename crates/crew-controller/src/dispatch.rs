@@ -64,12 +64,23 @@ impl Shared {
                 dirty.push(conn.clone());
             }
         };
+        // Consecutive assignments to one slot, told to the observer at once.
+        let mut assigned: Option<(SlotId, Vec<(JobId, u32)>)> = None;
+        let tell = |core: &Core, assigned: &mut Option<(SlotId, Vec<(JobId, u32)>)>| {
+            if let (Some(observer), Some((slot, jobs))) = (&self.config.observer, assigned.take()) {
+                observer.assigned_many(&core.sched.slot_config(slot).name, &jobs);
+            }
+        };
         for action in actions.drain(..) {
+            match (&action, &mut assigned) {
+                (Action::Assign { slot, .. }, Some((to, _))) if to == slot => {}
+                _ => tell(core, &mut assigned),
+            }
             match action {
                 Action::Assign { slot, job, attempt } => {
                     tracing::trace!(%job, attempt, slot = slot.0, "assign");
-                    if let Some(observer) = &self.config.observer {
-                        observer.assigned(job, attempt, &core.sched.slot_config(slot).name);
+                    if self.config.observer.is_some() {
+                        assigned.get_or_insert_with(|| (slot, Vec::new())).1.push((job, attempt));
                     }
                     let (Some(spec), Some(seed)) = (core.sched.job(job).cloned(), core.sched.job_seed(job)) else {
                         continue;
@@ -102,6 +113,7 @@ impl Shared {
                 Action::Terminate { slot, reason } => self.terminate_slot(core, slot, &reason),
             }
         }
+        tell(core, &mut assigned);
         for conn in dirty {
             conn.flush();
         }

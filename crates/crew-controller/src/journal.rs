@@ -890,6 +890,29 @@ impl Journal {
         Ok(())
     }
 
+    /// Appends a [`Record::Assigned`] for each of `jobs` (with its attempt),
+    /// all sent to the slot `slot`, written straight from them.
+    pub fn append_assigned(&mut self, slot: &str, jobs: &[(JobId, u32)]) -> Result<(), JournalError> {
+        #[derive(Serialize)]
+        #[serde(tag = "t", rename = "assigned")]
+        struct AssignedRef<'a> {
+            job: JobId,
+            attempt: u32,
+            slot: &'a str,
+        }
+        let start = self.pending.len();
+        for &(job, attempt) in jobs {
+            if let Err(e) = serde_json::to_writer(&mut self.pending, &AssignedRef { job, attempt, slot }) {
+                self.pending.truncate(start);
+                return Err(JournalError::Io { path: self.path.clone(), source: std::io::Error::other(e) });
+            }
+            self.pending.push(b'\n');
+        }
+        self.dirty = true;
+        self.size += (self.pending.len() - start) as u64;
+        Ok(())
+    }
+
     /// Appends the [`Record::Accepted`] records of one send: jobs `ids`
     /// and `specs` (as many), `per_record` a record, all but the last
     /// marked `more`, so that replay takes them together or not at all.
@@ -1287,6 +1310,16 @@ mod tests {
             let general = serde_json::to_string(&serde_json::from_slice::<Record>(&line).unwrap()).unwrap();
             assert_eq!(direct, general);
         }
+        // `append_assigned` writes what `append` does.
+        let dir = tempfile::tempdir().unwrap();
+        let (mut a, _) = Journal::open(dir.path().join("a")).unwrap();
+        let (mut b, _) = Journal::open(dir.path().join("b")).unwrap();
+        a.append_assigned("local-1", &[(JobId(3), 1), (JobId(5), 2)]).unwrap();
+        for (job, attempt) in [(3, 1), (5, 2)] {
+            b.append(&Record::Assigned { job: JobId(job), attempt, slot: Some("local-1".into()) }).unwrap();
+        }
+        assert_eq!(a.pending, b.pending);
+        assert_eq!(a.size, b.size);
         // A record that does not parse fails either way.
         assert!(parse_record(br#"{"t":"delivered","output":3}"#).is_err());
         assert!(parse_record(br#"{"t":"assigned"}"#).is_err());

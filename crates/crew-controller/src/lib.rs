@@ -72,6 +72,14 @@ pub trait Observer: Send + Sync + fmt::Debug {
     /// The job was sent to the worker of slot `slot` for its attempt
     /// `attempt`.
     fn assigned(&self, job: JobId, attempt: u32, slot: &str);
+    /// Several jobs were sent to the worker of slot `slot` at once, each
+    /// for its attempt: one call where a busy worker takes a batch
+    /// (by default, [`Observer::assigned`] for each).
+    fn assigned_many(&self, slot: &str, jobs: &[(JobId, u32)]) {
+        for &(job, attempt) in jobs {
+            self.assigned(job, attempt, slot);
+        }
+    }
     /// A worker connected (or came back) for the slot `slot`: a restarted
     /// controller expects it back ([`Controller::await_workers`]).
     fn connected(&self, _slot: &str) {}

@@ -50,11 +50,11 @@ use crew_core::tags::Tags;
 
 mod queue;
 mod table;
+pub use table::JobTable;
 #[cfg(test)]
 mod tests;
 
 use queue::Group;
-use table::JobTable;
 
 /// Index of a slot in the scheduler (stable for the scheduler's life).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -32,9 +32,11 @@ struct Chunk<T> {
     entries: Box<[Option<T>]>,
 }
 
-/// A map from job id to `T`, dense for runs of consecutive ids.
+/// A map from job id to `T`, dense for runs of consecutive ids: chunks of
+/// 256 ids, a chunk down to a few entries handing them to a hash map (so
+/// that a straggler never holds a chunk).
 #[derive(Debug)]
-pub(crate) struct JobTable<T> {
+pub struct JobTable<T> {
     chunks: BTreeMap<u64, Chunk<T>>,
     sparse: HashMap<JobId, T>,
     /// Chunks below this number are not made again: their ids go to
@@ -54,11 +56,18 @@ fn place(id: JobId) -> (u64, usize) {
 }
 
 impl<T> JobTable<T> {
-    pub(crate) fn len(&self) -> usize {
+    /// How many entries.
+    pub fn len(&self) -> usize {
         self.len
     }
 
-    pub(crate) fn get(&self, id: &JobId) -> Option<&T> {
+    /// Whether there is no entry.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The entry of `id`.
+    pub fn get(&self, id: &JobId) -> Option<&T> {
         let (c, i) = place(*id);
         match self.chunks.get(&c) {
             Some(chunk) => chunk.entries[i].as_ref(),
@@ -67,7 +76,8 @@ impl<T> JobTable<T> {
         }
     }
 
-    pub(crate) fn get_mut(&mut self, id: &JobId) -> Option<&mut T> {
+    /// The entry of `id`, to change.
+    pub fn get_mut(&mut self, id: &JobId) -> Option<&mut T> {
         let (c, i) = place(*id);
         match self.chunks.get_mut(&c) {
             Some(chunk) => chunk.entries[i].as_mut(),
@@ -76,12 +86,13 @@ impl<T> JobTable<T> {
         }
     }
 
-    pub(crate) fn contains_key(&self, id: &JobId) -> bool {
+    /// Whether `id` has an entry.
+    pub fn contains_key(&self, id: &JobId) -> bool {
         self.get(id).is_some()
     }
 
     /// Sets the entry of `id`; returns the one it replaced.
-    pub(crate) fn insert(&mut self, id: JobId, value: T) -> Option<T> {
+    pub fn insert(&mut self, id: JobId, value: T) -> Option<T> {
         let (c, i) = place(id);
         if !self.chunks.contains_key(&c) {
             if c < self.frontier {
@@ -103,7 +114,8 @@ impl<T> JobTable<T> {
         old
     }
 
-    pub(crate) fn remove(&mut self, id: &JobId) -> Option<T> {
+    /// Takes the entry of `id` out.
+    pub fn remove(&mut self, id: &JobId) -> Option<T> {
         let (c, i) = place(*id);
         let Some(chunk) = self.chunks.get_mut(&c) else {
             let old = self.sparse.remove(id);
@@ -129,7 +141,7 @@ impl<T> JobTable<T> {
     }
 
     /// Every id, chunked ones in increasing order, then the sparse ones.
-    pub(crate) fn keys(&self) -> impl Iterator<Item = JobId> + '_ {
+    pub fn keys(&self) -> impl Iterator<Item = JobId> + '_ {
         self.chunks
             .iter()
             .flat_map(|(c, chunk)| {

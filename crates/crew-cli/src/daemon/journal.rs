@@ -103,7 +103,7 @@ struct Appending {
 /// journal, and wakes the committer.
 #[derive(Debug, Default)]
 pub(crate) struct AssignedBuffer {
-    jobs: Mutex<Vec<Record>>,
+    jobs: Mutex<Vec<Noted>>,
     /// `Up` records buffered so far (counted after their push).
     ups: AtomicU64,
     /// How many of them are durable; `connected` waits on it.
@@ -113,6 +113,15 @@ pub(crate) struct AssignedBuffer {
     work: Mutex<bool>,
     wake: Condvar,
     stop: AtomicBool,
+}
+
+/// What the controller reported, in order, for the committer to journal.
+#[derive(Debug)]
+enum Noted {
+    /// Jobs (with their attempts) sent to one slot at once: one
+    /// [`Record::Assigned`] each.
+    Assigned { slot: String, jobs: Vec<(JobId, u32)> },
+    Record(Record),
 }
 
 /// Longest a connecting worker's welcome waits for its `Up` record (past it
@@ -137,7 +146,11 @@ impl AssignedBuffer {
 
 impl Observer for AssignedBuffer {
     fn assigned(&self, job: JobId, attempt: u32, slot: &str) {
-        lock(&self.jobs).push(Record::Assigned { job, attempt, slot: Some(slot.to_owned()) });
+        self.assigned_many(slot, &[(job, attempt)]);
+    }
+
+    fn assigned_many(&self, slot: &str, jobs: &[(JobId, u32)]) {
+        lock(&self.jobs).push(Noted::Assigned { slot: slot.to_owned(), jobs: jobs.to_vec() });
         self.poke();
     }
 
@@ -148,7 +161,7 @@ impl Observer for AssignedBuffer {
     /// of running it a second time elsewhere. Connections are rare, so a
     /// group commit each is cheap.
     fn connected(&self, slot: &str) {
-        lock(&self.jobs).push(Record::Up { slot: slot.to_owned() });
+        lock(&self.jobs).push(Noted::Record(Record::Up { slot: slot.to_owned() }));
         let want = self.ups.fetch_add(1, Ordering::SeqCst) + 1;
         self.poke();
         let deadline = std::time::Instant::now() + UP_WAIT;
@@ -164,7 +177,7 @@ impl Observer for AssignedBuffer {
     }
 
     fn disconnected(&self, slot: &str) {
-        lock(&self.jobs).push(Record::Down { slot: Some(slot.to_owned()) });
+        lock(&self.jobs).push(Noted::Record(Record::Down { slot: Some(slot.to_owned()) }));
         self.poke();
     }
 }
@@ -316,9 +329,13 @@ impl JournalWriter {
 
 impl Shared {
     fn append_assigned(&self, a: &mut Appending) {
-        let assigned: Vec<Record> = std::mem::take(&mut *lock(&self.assigned.jobs));
-        for record in assigned {
-            if let Err(e) = a.journal.append(&record) {
+        let noted: Vec<Noted> = std::mem::take(&mut *lock(&self.assigned.jobs));
+        for n in noted {
+            let appended = match n {
+                Noted::Assigned { slot, jobs } => a.journal.append_assigned(&slot, &jobs),
+                Noted::Record(record) => a.journal.append(&record),
+            };
+            if let Err(e) = appended {
                 // Cannot happen (a small record buffered in memory); losing
                 // it is covered by the dispatch barrier after a restart.
                 tracing::warn!("cannot journal an assignment: {e}");

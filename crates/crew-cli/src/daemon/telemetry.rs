@@ -71,8 +71,9 @@ struct JobTimes {
     /// Each send by its first id: the ids it took (consecutive), when, and
     /// how many of them are not yet received.
     sends: BTreeMap<u64, Sent>,
-    /// When each job's last attempt was given to a worker (jobs given one).
-    assigned: HashMap<JobId, Timestamp>,
+    /// When each job's last attempt was given to a worker (jobs given one;
+    /// dense, as jobs go out about in the order of their ids).
+    assigned: crew_scheduler::JobTable<Timestamp>,
     /// The bytes of each job's inputs (jobs with some).
     input_bytes: HashMap<JobId, u64>,
 }
@@ -347,18 +348,47 @@ pub(crate) fn input_bytes(spec: &JobSpec) -> u64 {
 
 impl Observer for Telemetry {
     fn assigned(&self, job: JobId, attempt: u32, slot: &str) {
-        let (first_at, input_bytes) = {
+        self.assigned_many(slot, &[(job, attempt)]);
+    }
+
+    /// One clock reading and one lock for the batch.
+    fn assigned_many(&self, slot: &str, jobs: &[(JobId, u32)]) {
+        let (now, instant) = (Timestamp::now(), Instant::now());
+        let mut waited: Vec<f64> = Vec::new();
+        let mut input_bytes = 0u64;
+        {
             let mut times = self.times();
-            times.assigned.insert(job, Timestamp::now());
-            let first_at = if attempt == 1 { times.send_of(job).map(|s| s.instant) } else { None };
-            (first_at, times.input_bytes.get(&job).copied().unwrap_or(0))
-        };
-        if let Some(at) = first_at {
-            self.dispatch.observe(at.elapsed().as_secs_f64());
+            // The send of the last job looked up: a batch's jobs are
+            // mostly of one send.
+            let mut send: Option<(u64, u64, Instant)> = None;
+            for &(job, attempt) in jobs {
+                times.assigned.insert(job, now);
+                if attempt == 1 {
+                    if !send.is_some_and(|(first, end, _)| (first..end).contains(&job.0)) {
+                        send = times
+                            .sends
+                            .range(..=job.0)
+                            .next_back()
+                            .filter(|(_, s)| job.0 < s.end)
+                            .map(|(first, s)| (*first, s.end, s.instant));
+                    }
+                    if let Some((_, _, at)) = send {
+                        waited.push(instant.saturating_duration_since(at).as_secs_f64());
+                    }
+                }
+                if !times.input_bytes.is_empty() {
+                    input_bytes += times.input_bytes.get(&job).copied().unwrap_or(0);
+                }
+            }
+        }
+        for w in waited {
+            self.dispatch.observe(w);
         }
         self.bytes("down", input_bytes);
         if self.events.receiver_count() > 0 {
-            self.emit(Event::JobAssigned { id: job.0, slot: slot.to_owned(), attempt });
+            for &(job, attempt) in jobs {
+                self.emit(Event::JobAssigned { id: job.0, slot: slot.to_owned(), attempt });
+            }
         }
     }
 
@@ -383,6 +413,10 @@ pub(crate) struct Observers(pub(crate) Vec<Arc<dyn Observer>>);
 impl Observer for Observers {
     fn assigned(&self, job: JobId, attempt: u32, slot: &str) {
         self.0.iter().for_each(|o| o.assigned(job, attempt, slot));
+    }
+
+    fn assigned_many(&self, slot: &str, jobs: &[(JobId, u32)]) {
+        self.0.iter().for_each(|o| o.assigned_many(slot, jobs));
     }
 
     fn connected(&self, slot: &str) {
