@@ -85,6 +85,12 @@ pub struct Captured {
 }
 
 impl Captured {
+    /// Nothing was written (what a job that prints nothing reports; the
+    /// wire leaves it out).
+    pub fn is_nothing(&self) -> bool {
+        *self == Captured::default()
+    }
+
     /// A stream whose first bytes are `text`, of `bytes` in all;
     /// `truncated` when `text` is only the beginning.
     pub fn inline(text: String, bytes: u64, truncated: bool) -> Self {
@@ -286,11 +292,34 @@ mod tests {
         let back: Output = serde_json::from_value(v).unwrap();
         assert_eq!(back, o);
     }
+
+    #[test]
+    fn a_job_result_leaves_defaults_out_on_the_wire_and_reads_back_equal() {
+        let t = Timestamp(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(5));
+        let bare = JobResult::new(Status::Succeeded, t, t);
+        let mut full = JobResult::new(Status::Failed, t, t);
+        full.exit_code = Some(2);
+        full.signal = Some(9);
+        full.error = Some("boom".into());
+        full.stdout.text = "out".into();
+        full.stdout.bytes = 3;
+        full.stderr.truncated = true;
+        full.wall_seconds = 1.5;
+        full.cpu_seconds = 0.25;
+        full.peak_rss_bytes = 1 << 20;
+        for r in [bare.clone(), full] {
+            let packed = rmp_serde::to_vec_named(&r).unwrap();
+            assert_eq!(rmp_serde::from_slice::<JobResult>(&packed).unwrap(), r);
+        }
+        let keys = serde_json::to_value(&bare).unwrap().as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+        assert_eq!(keys, ["finished", "started", "status", "wall_seconds"]);
+    }
 }
 
 /// What the agent reports for one attempt of a job. The controller adds the
 /// job's identity, slot, class, attempt and seed to make an
-/// [`crate::Output`].
+/// [`crate::Output`]. On the wire, fields at their default are left out
+/// (a no-op job's report is a few fields, not a dozen and two nested ones).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct JobResult {
@@ -298,14 +327,19 @@ pub struct JobResult {
     /// reports `Crashed` or `LaunchFailed`; the controller decides those).
     pub status: Status,
     /// Exit code of the main process, when it exited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
     /// Signal that killed the main process, when it was killed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<i32>,
     /// Why it did not succeed, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// Captured standard output.
+    #[serde(default, skip_serializing_if = "Captured::is_nothing")]
     pub stdout: Captured,
     /// Captured standard error.
+    #[serde(default, skip_serializing_if = "Captured::is_nothing")]
     pub stderr: Captured,
     /// When the attempt started.
     pub started: Timestamp,
@@ -314,12 +348,22 @@ pub struct JobResult {
     /// Wall-clock seconds.
     pub wall_seconds: f64,
     /// User + system CPU seconds of the job's processes.
+    #[serde(default, skip_serializing_if = "is_zero_seconds")]
     pub cpu_seconds: f64,
     /// Peak resident set size of the largest process, in bytes.
+    #[serde(default, skip_serializing_if = "is_zero_bytes")]
     pub peak_rss_bytes: u64,
     /// The outputs uploaded to the store (see [`crate::staging`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub objects: Vec<StoredObject>,
+}
+
+fn is_zero_seconds(s: &f64) -> bool {
+    *s == 0.0
+}
+
+fn is_zero_bytes(n: &u64) -> bool {
+    *n == 0
 }
 
 impl JobResult {
