@@ -200,43 +200,43 @@ pub struct PendingJob<S = JobSpec> {
 pub type RawSpec = Box<serde_json::value::RawValue>;
 
 /// An output as the JSON the journal holds, with its job's id (see
-/// [`Record`]).
+/// [`Record`]). A compaction takes it from a `delivered` line as it is
+/// written without checking it; a restart, which parses every output, is
+/// what skips (and reports) one that is damaged.
 #[derive(Clone, Debug)]
 pub struct RawOutput {
     /// Its job.
     pub id: JobId,
     /// The output, as written.
-    pub json: Box<serde_json::value::RawValue>,
-}
-
-impl Serialize for RawOutput {
-    fn serialize<Z: serde::Serializer>(&self, s: Z) -> Result<Z::Ok, Z::Error> {
-        self.json.serialize(s)
-    }
+    pub json: Box<str>,
 }
 
 impl<'de> Deserialize<'de> for RawOutput {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let json = Box::<serde_json::value::RawValue>::deserialize(d)?;
         let id = output_id(json.get().as_bytes()).map_err(serde::de::Error::custom)?;
-        Ok(Self { id, json })
+        Ok(Self { id, json: json.into() })
     }
 }
 
-/// The job id of an output's JSON: read straight after `{"v":N,"id":`, as
-/// outputs are written, or else by a parse that skips the other fields.
+/// The job id of an output's JSON as outputs are written: right after
+/// `{"v":N,"id":`.
+fn output_id_direct(json: &[u8]) -> Option<JobId> {
+    let rest = json.strip_prefix(br#"{"v":"#)?;
+    let rest = &rest[rest.iter().position(|b| !b.is_ascii_digit())?..];
+    let digits = rest.strip_prefix(br#","id":"#)?;
+    let end = digits.iter().position(|b| !b.is_ascii_digit())?;
+    if end == 0 || !matches!(digits[end], b',' | b'}') {
+        return None;
+    }
+    std::str::from_utf8(&digits[..end]).ok()?.parse::<u64>().ok().map(JobId)
+}
+
+/// The job id of an output's JSON: read straight ([`output_id_direct`]),
+/// or else by a parse that skips the other fields.
 fn output_id(json: &[u8]) -> Result<JobId, serde_json::Error> {
-    let direct = json.strip_prefix(br#"{"v":"#).and_then(|rest| {
-        let rest = &rest[rest.iter().position(|b| !b.is_ascii_digit())?..];
-        let digits = rest.strip_prefix(br#","id":"#)?;
-        let end = digits.iter().position(|b| !b.is_ascii_digit())?;
-        if end == 0 || !matches!(digits[end], b',' | b'}') {
-            return None;
-        }
-        std::str::from_utf8(&digits[..end]).ok()?.parse::<u64>().ok()
-    });
-    match direct {
-        Some(id) => Ok(JobId(id)),
+    match output_id_direct(json) {
+        Some(id) => Ok(id),
         None => {
             #[derive(Deserialize)]
             struct Id {
@@ -247,15 +247,21 @@ fn output_id(json: &[u8]) -> Result<JobId, serde_json::Error> {
     }
 }
 
-/// What a replay needs of an output: its job.
+/// What a replay needs of an output: its job, and its JSON to write back.
 pub trait Delivery {
     /// The output's job.
     fn job(&self) -> JobId;
+    /// Writes the output as JSON.
+    fn write_json(&self, w: &mut dyn Write) -> std::io::Result<()>;
 }
 
 impl Delivery for Output {
     fn job(&self) -> JobId {
         self.id
+    }
+
+    fn write_json(&self, w: &mut dyn Write) -> std::io::Result<()> {
+        serde_json::to_writer(w, self).map_err(std::io::Error::other)
     }
 }
 
@@ -263,7 +269,17 @@ impl Delivery for RawOutput {
     fn job(&self) -> JobId {
         self.id
     }
+
+    fn write_json(&self, w: &mut dyn Write) -> std::io::Result<()> {
+        w.write_all(self.json.as_bytes())
+    }
 }
+
+/// How a `delivered` line starts, as this code writes it.
+const DELIVERED_HEAD: &[u8] = br#"{"t":"delivered","output":"#;
+
+/// Most jobs in one `accepted` record a compaction writes.
+const ACCEPTED_PER_RECORD: usize = 4096;
 
 /// The state a journal describes (specs and outputs held as `S` and `O`,
 /// see [`Record`]).
@@ -509,9 +525,12 @@ impl<S, O: Delivery> Replay<S, O> {
     }
 }
 
-impl<S: Serialize, O: Serialize> Replay<S, O> {
-    /// Writes the records of [`Replay::records`], one a line, without
-    /// copying the jobs and the outputs to build them.
+impl<S: Serialize, O: Delivery> Replay<S, O> {
+    /// Writes records that rebuild this state, one a line, without copying
+    /// the jobs and the outputs to build them: those of [`Replay::records`],
+    /// but for jobs never started, written as `accepted` records of many
+    /// jobs each (smaller than a `pending` record each, and read back the
+    /// same).
     fn write_state(&self, w: &mut impl Write) -> std::io::Result<()> {
         #[derive(Serialize)]
         #[serde(tag = "t", rename = "pending")]
@@ -527,19 +546,20 @@ impl<S: Serialize, O: Serialize> Replay<S, O> {
             slot: Option<&'a str>,
         }
         #[derive(Serialize)]
-        #[serde(tag = "t", rename = "delivered")]
-        struct DeliveredRef<'a, O> {
-            output: &'a O,
+        #[serde(tag = "t", rename = "accepted")]
+        struct AcceptedRef<'a, S> {
+            jobs: &'a [(JobId, &'a S)],
         }
         fn line(w: &mut impl Write, value: &impl Serialize) -> std::io::Result<()> {
             serde_json::to_writer(&mut *w, value).map_err(std::io::Error::other)?;
             w.write_all(b"\n")
         }
-        line(w, &Record::<S, O>::NextJob { next: self.next_job })?;
+        // Records that hold no job nor output: `()` for both.
+        line(w, &Record::<(), ()>::NextJob { next: self.next_job })?;
         for r in &self.recruits {
             line(
                 w,
-                &Record::<S, O>::Recruit {
+                &Record::<(), ()>::Recruit {
                     class: r.class.clone(),
                     count: r.count,
                     tags: r.tags.clone(),
@@ -549,9 +569,19 @@ impl<S: Serialize, O: Serialize> Replay<S, O> {
             )?;
         }
         for f in &self.dismissed {
-            line(w, &Record::<S, O>::Dismiss { tags: f.tags.clone(), slot: f.slot.clone() })?;
+            line(w, &Record::<(), ()>::Dismiss { tags: f.tags.clone(), slot: f.slot.clone() })?;
         }
+        let mut fresh: Vec<(JobId, &S)> = Vec::new();
         for (id, p) in &self.pending {
+            let started = p.history != History::default() || p.running || p.cancelled || p.slot.is_some();
+            if !started {
+                fresh.push((*id, &p.spec));
+                if fresh.len() == ACCEPTED_PER_RECORD {
+                    line(w, &AcceptedRef { jobs: &fresh })?;
+                    fresh.clear();
+                }
+                continue;
+            }
             line(
                 w,
                 &PendingRef {
@@ -566,11 +596,16 @@ impl<S: Serialize, O: Serialize> Replay<S, O> {
                 },
             )?;
         }
+        if !fresh.is_empty() {
+            line(w, &AcceptedRef { jobs: &fresh })?;
+        }
         for o in &self.ready {
-            line(w, &DeliveredRef { output: o })?;
+            w.write_all(DELIVERED_HEAD)?;
+            o.write_json(w)?;
+            w.write_all(b"}\n")?;
         }
         for slot in &self.up {
-            line(w, &Record::<S, O>::Up { slot: slot.clone() })?;
+            line(w, &Record::<(), ()>::Up { slot: slot.clone() })?;
         }
         Ok(())
     }
@@ -684,7 +719,7 @@ fn compacting_path(path: &Path) -> PathBuf {
 
 /// Writes the records of `replay` to the `.compacting` file next to `path`,
 /// durably; returns it, open for appending at its end.
-fn write_compacted<S: Serialize, O: Serialize>(path: &Path, replay: &Replay<S, O>) -> Result<File, JournalError> {
+fn write_compacted<S: Serialize, O: Delivery>(path: &Path, replay: &Replay<S, O>) -> Result<File, JournalError> {
     let written = write_compacted_file(path, replay);
     if written.is_err() {
         // A part-written copy must not keep the space (a full disk).
@@ -693,7 +728,7 @@ fn write_compacted<S: Serialize, O: Serialize>(path: &Path, replay: &Replay<S, O
     written
 }
 
-fn write_compacted_file<S: Serialize, O: Serialize>(path: &Path, replay: &Replay<S, O>) -> Result<File, JournalError> {
+fn write_compacted_file<S: Serialize, O: Delivery>(path: &Path, replay: &Replay<S, O>) -> Result<File, JournalError> {
     let io = |source| JournalError::Io { path: path.to_path_buf(), source };
     // Private (0600): jobs' command lines and environments are in it. The
     // mode is set explicitly too, since a file left by an older version
@@ -952,10 +987,9 @@ impl Journal {
     /// it), so that a caller that needs those bytes anyway does not pay for
     /// a second serialization. Like [`Journal::append`], buffered.
     pub fn append_delivered(&mut self, output_json: &[u8]) {
-        const HEAD: &[u8] = br#"{"t":"delivered","output":"#;
-        let len = HEAD.len() + output_json.len() + 2;
+        let len = DELIVERED_HEAD.len() + output_json.len() + 2;
         self.pending.reserve(len);
-        self.pending.extend_from_slice(HEAD);
+        self.pending.extend_from_slice(DELIVERED_HEAD);
         self.pending.extend_from_slice(output_json);
         self.pending.extend_from_slice(b"}\n");
         self.dirty = true;
@@ -1090,11 +1124,21 @@ fn parse_record(line: &[u8]) -> Result<Record, serde_json::Error> {
 /// compaction keeps whatever a restart reads.
 fn parse_raw_record(line: &[u8]) -> Result<Record<RawSpec, RawOutput>, serde_json::Error> {
     use serde_json::value::to_raw_value;
+    // A `delivered` line as written: its output taken as it is.
+    if let Some(json) = line
+        .strip_prefix(DELIVERED_HEAD)
+        .map(|rest| rest.strip_suffix(b"\n").unwrap_or(rest))
+        .and_then(|rest| rest.strip_suffix(b"}"))
+    {
+        if let (Some(id), Ok(json)) = (output_id_direct(json), std::str::from_utf8(json)) {
+            return Ok(Record::Delivered { output: Box::new(RawOutput { id, json: json.into() }) });
+        }
+    }
     let held = parse_held::<RawSpec, RawOutput>(line);
     if held.is_ok() {
         return held;
     }
-    let raw_output = |o: &Output| to_raw_value(o).map(|json| RawOutput { id: o.id, json });
+    let raw_output = |o: &Output| serde_json::to_string(o).map(|json| RawOutput { id: o.id, json: json.into() });
     Ok(match parse_record(line)? {
         Record::Accepted { jobs, more } => Record::Accepted {
             jobs: jobs.iter().map(|(id, spec)| Ok((*id, to_raw_value(spec)?))).collect::<Result<_, serde_json::Error>>()?,
@@ -1221,7 +1265,7 @@ fn read_into_limited<S, O: Delivery>(
             if buf.is_empty() {
                 break;
             }
-            let (take, found) = match buf.iter().position(|&b| b == b'\n') {
+            let (take, found) = match memchr::memchr(b'\n', buf) {
                 Some(i) => (i + 1, true),
                 None => (buf.len(), false),
             };
@@ -1475,9 +1519,10 @@ mod tests {
         let reread = Replay::from_bytes(&compacted);
         let as_lines = |r: &Replay| r.records().iter().map(|r| serde_json::to_string(r).unwrap()).collect::<Vec<_>>();
         assert_eq!(as_lines(&reread), as_lines(&restart));
-        // What `records` lists is what `write_state` writes.
-        let listed: String = as_lines(&restart).iter().map(|l| format!("{l}\n")).collect();
-        assert_eq!(listed, String::from_utf8_lossy(&again));
+        // Jobs never started come back as `accepted` records.
+        let again = String::from_utf8_lossy(&again);
+        assert!(again.lines().any(|l| l.starts_with(r#"{"t":"accepted","jobs":[[4,"#)), "{again}");
+        assert!(again.lines().any(|l| l.starts_with(r#"{"t":"pending","id":1,"#)), "{again}");
     }
 
     #[test]
