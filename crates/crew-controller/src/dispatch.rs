@@ -72,7 +72,7 @@ impl Shared {
             }
         };
         for action in actions.drain(..) {
-            match (&action, &mut assigned) {
+            match (&action, &assigned) {
                 (Action::Assign { slot, .. }, Some((to, _))) if to == slot => {}
                 _ => tell(core, &mut assigned),
             }

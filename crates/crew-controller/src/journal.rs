@@ -1141,7 +1141,10 @@ fn parse_raw_record(line: &[u8]) -> Result<Record<RawSpec, RawOutput>, serde_jso
     let raw_output = |o: &Output| serde_json::to_string(o).map(|json| RawOutput { id: o.id, json: json.into() });
     Ok(match parse_record(line)? {
         Record::Accepted { jobs, more } => Record::Accepted {
-            jobs: jobs.iter().map(|(id, spec)| Ok((*id, to_raw_value(spec)?))).collect::<Result<_, serde_json::Error>>()?,
+            jobs: jobs
+                .iter()
+                .map(|(id, spec)| Ok((*id, to_raw_value(spec)?)))
+                .collect::<Result<_, serde_json::Error>>()?,
             more,
         },
         Record::Delivered { output } => Record::Delivered { output: Box::new(raw_output(&output)?) },
@@ -1155,7 +1158,9 @@ fn parse_raw_record(line: &[u8]) -> Result<Record<RawSpec, RawOutput>, serde_jso
             cancelled,
             slot,
         },
-        Record::Recruit { class, count, tags, limits, options } => Record::Recruit { class, count, tags, limits, options },
+        Record::Recruit { class, count, tags, limits, options } => {
+            Record::Recruit { class, count, tags, limits, options }
+        }
         Record::Dismiss { tags, slot } => Record::Dismiss { tags, slot },
         Record::Assigned { job, attempt, slot } => Record::Assigned { job, attempt, slot },
         Record::Received { ids } => Record::Received { ids },
@@ -1469,7 +1474,10 @@ mod tests {
             recruit(),
             Record::Dismiss { tags: Some("gpu".parse().unwrap()), slot: None },
             Record::Accepted { jobs: (1..=3).map(|i| (JobId(i), spec.clone())).collect(), more: true },
-            Record::Accepted { jobs: (4..=8).map(|i| (JobId(i), JobSpec::shell(format!("echo {i}")))).collect(), more: false },
+            Record::Accepted {
+                jobs: (4..=8).map(|i| (JobId(i), JobSpec::shell(format!("echo {i}")))).collect(),
+                more: false,
+            },
             Record::Up { slot: "local-1".into() },
             Record::Up { slot: "local-2".into() },
             Record::Assigned { job: JobId(1), attempt: 1, slot: Some("local-1".into()) },

@@ -120,7 +120,10 @@ pub(crate) struct AssignedBuffer {
 enum Noted {
     /// Jobs (with their attempts) sent to one slot at once: one
     /// [`Record::Assigned`] each.
-    Assigned { slot: String, jobs: Vec<(JobId, u32)> },
+    Assigned {
+        slot: String,
+        jobs: Vec<(JobId, u32)>,
+    },
     Record(Record),
 }
 
