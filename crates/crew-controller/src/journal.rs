@@ -1240,6 +1240,9 @@ fn parse_held<S: DeserializeOwned, O: DeserializeOwned>(line: &[u8]) -> Result<R
     }
 }
 
+/// How a line is read into a record ([`parse_record`], [`parse_raw_record`]).
+type ParseRecord<S, O> = fn(&[u8]) -> Result<Record<S, O>, serde_json::Error>;
+
 fn read_into(path: &Path, file: impl std::io::Read, replay: &mut Replay) -> Result<(), JournalError> {
     read_into_limited(path, file, replay, MAX_RECORD, parse_record)
 }
@@ -1253,7 +1256,7 @@ fn read_into_limited<S, O: Delivery>(
     file: impl std::io::Read,
     replay: &mut Replay<S, O>,
     limit: usize,
-    parse: fn(&[u8]) -> Result<Record<S, O>, serde_json::Error>,
+    parse: ParseRecord<S, O>,
 ) -> Result<(), JournalError> {
     let io = |source| JournalError::Io { path: path.to_path_buf(), source };
     let mut reader = BufReader::with_capacity(256 * 1024, file);
@@ -1538,7 +1541,7 @@ mod tests {
         assert_eq!(output_id(br#"{"v":1,"id":42,"name":null}"#).unwrap(), JobId(42));
         assert_eq!(output_id(br#"{"v":12,"id":7}"#).unwrap(), JobId(7));
         assert_eq!(output_id(br#"{"name":"x","id":9,"v":1}"#).unwrap(), JobId(9));
-        assert_eq!(output_id(br#"{"v":1,"id":42.5}"#).unwrap_err().is_data(), true);
+        assert!(output_id(br#"{"v":1,"id":42.5}"#).unwrap_err().is_data());
         assert!(output_id(br#"{"v":1,"id":}"#).is_err());
         assert!(output_id(br#"{"v":1}"#).is_err());
     }
