@@ -947,9 +947,10 @@ async fn receive(d: &Arc<Daemon>, r: wire::ReceiveRequest) -> Result<Response<Bo
     let mut changes = d.changed.subscribe();
     // With `all` and `wait`: the jobs sent so far, which must all be ready.
     let awaited: Option<JobId> = if r.all && r.wait { d.lock().unfinished.last() } else { None };
-    if r.all && r.wait && r.ids.is_none() && r.name.is_none() {
+    if awaited.is_some() && r.ids.is_none() && r.name.is_none() {
         // Streamed as the jobs finish rather than once they all have: the
-        // client prints records while the rest still run.
+        // client prints records while the rest still run. (With nothing to
+        // wait for, the answer is the one of `all` alone, below.)
         d.take(d.controller.receive_all()).await;
         let first: Vec<Ready> = {
             let mut inner = d.lock();

@@ -103,17 +103,35 @@ fn request_opt(sock: &Path, method: &str, path: &str, body: Option<&str>) -> Opt
     let mut lines = head.split("\r\n");
     let status: u16 = lines.next()?.split(' ').nth(1)?.parse().ok()?;
     let mut length = None;
+    let mut chunked = false;
     for l in lines {
         let (k, v) = l.split_once(':')?;
         if k.eq_ignore_ascii_case("content-length") {
             length = v.trim().parse::<usize>().ok();
         }
+        if k.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = v.trim().eq_ignore_ascii_case("chunked");
+        }
         if k.eq_ignore_ascii_case("content-type") {
             assert_eq!(v.trim(), "application/json", "{method} {path}: content type");
         }
     }
-    let body = &rest[..length?.min(rest.len())];
-    Some((status, serde_json::from_str(body).ok()?))
+    let body = if chunked { unchunked(rest)? } else { rest[..length?.min(rest.len())].to_owned() };
+    Some((status, serde_json::from_str(&body).ok()?))
+}
+
+/// A chunked body (a streamed answer) whole; `None` when it is cut short.
+fn unchunked(mut rest: &str) -> Option<String> {
+    let mut body = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n")?;
+        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+        if size == 0 {
+            return Some(body);
+        }
+        body.push_str(after.get(..size)?);
+        rest = after.get(size..)?.strip_prefix("\r\n")?;
+    }
 }
 
 fn request(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
