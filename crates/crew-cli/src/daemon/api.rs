@@ -361,14 +361,19 @@ impl Daemon {
                 }
             }
         }
+        {
+            let mut inner = self.lock();
+            for r in ready {
+                inner.unfinished.remove(&r.id);
+                inner.ready.push_back(r);
+            }
+        }
+        // Told once receivable: a client that receives a job's output when
+        // it hears the job ended (the Python executor does) finds it. The
+        // drain runs on a thread of its own, so an event sent earlier could
+        // reach a client before the output is in the ready list.
         self.telemetry.ended(&outputs);
         drop(outputs);
-        let mut inner = self.lock();
-        for r in ready {
-            inner.unfinished.remove(&r.id);
-            inner.ready.push_back(r);
-        }
-        drop(inner);
         self.changed.send_modify(|n| *n += 1);
     }
 
