@@ -34,12 +34,11 @@ use anyhow::{Context, bail, ensure};
 
 use super::measure::progress;
 use super::report::{Row, Target, Unit};
-use super::store::vm_hwm_kib;
+use super::store::run_sampled;
 
 /// Longest any one command may take.
 const PATIENCE: Duration = Duration::from_secs(900);
 /// How often a child's memory is sampled.
-const SAMPLE_EVERY: Duration = Duration::from_millis(5);
 
 /// A project folder of its own for one run.
 struct Project<'a> {
@@ -90,34 +89,9 @@ fn vm_rss_kib(pid: u32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// Runs `cmd` to success with stdout to `out`; wall time and peak memory
-/// (KiB) of the process itself.
+/// Runs `cmd` with stdout to `out`: its wall time and its peak memory (KiB).
 fn timed(mut cmd: Command, out: Stdio) -> anyhow::Result<(f64, u64)> {
-    let shown = format!("{cmd:?}");
-    let begin = Instant::now();
-    let mut child = cmd.stdout(out).stderr(Stdio::piped()).spawn().with_context(|| format!("cannot start {shown}"))?;
-    let mut peak = 0u64;
-    let status = loop {
-        peak = peak.max(vm_hwm_kib(child.id()).unwrap_or(0));
-        if let Some(s) = child.try_wait()? {
-            break s;
-        }
-        if begin.elapsed() > PATIENCE {
-            let _ = child.kill();
-            bail!("{shown} did not finish within {PATIENCE:?}");
-        }
-        std::thread::sleep(SAMPLE_EVERY);
-    };
-    let wall = begin.elapsed().as_secs_f64();
-    if !status.success() {
-        let mut err = String::new();
-        if let Some(mut e) = child.stderr.take() {
-            use std::io::Read;
-            let _ = e.read_to_string(&mut err);
-        }
-        bail!("{shown} failed ({status}): {}", err.trim());
-    }
-    Ok((wall, peak))
+    run_sampled(&mut cmd, out, true, PATIENCE)
 }
 
 /// Waits until `pid` is gone (or a zombie).

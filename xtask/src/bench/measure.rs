@@ -644,25 +644,10 @@ fn time(cmd: &mut Command) -> anyhow::Result<f64> {
 }
 
 /// Runs a command to completion as [`time`] does; also its peak resident
-/// set size in bytes, from the kernel's accounting of the child (`wait4`).
+/// set size in bytes (sampled: see [`store::run_sampled`]).
 fn time_with_peak(cmd: &mut Command) -> anyhow::Result<(f64, u64)> {
-    let shown = format!("{cmd:?}");
-    let begin = Instant::now();
-    let child =
-        cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().with_context(|| format!("cannot start {shown}"))?;
-    let pid = libc::pid_t::try_from(child.id()).context("a process id out of range")?;
-    let mut status = 0;
-    // SAFETY: `rusage` is plain data the call fills; the pid is our child,
-    // reaped here (std's `Child` is dropped without waiting).
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    let elapsed = begin.elapsed().as_secs_f64();
-    drop(child);
-    ensure!(r == pid, "cannot wait for {shown}: {}", std::io::Error::last_os_error());
-    ensure!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "{shown} failed (wait status {status})");
-    // Linux reports ru_maxrss in KiB.
-    let peak = u64::try_from(usage.ru_maxrss).unwrap_or(0).saturating_mul(1024);
-    Ok((elapsed, peak))
+    let (wall, kib) = store::run_sampled(cmd, Stdio::null(), true, PATIENCE)?;
+    Ok((wall, kib * 1024))
 }
 
 fn mib(bytes: u64) -> f64 {

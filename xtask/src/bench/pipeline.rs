@@ -15,18 +15,16 @@
 use std::fmt::Write as _;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Instant;
 
-use anyhow::{Context, bail, ensure};
+use anyhow::ensure;
 
 use super::measure::progress;
 use super::report::{Row, Target, Unit};
-use super::store::vm_hwm_kib;
+use super::store::run_sampled;
 
 /// Longest a run may take.
 const PATIENCE: std::time::Duration = std::time::Duration::from_secs(600);
 /// How often the memory of `crew make` is sampled.
-const SAMPLE_EVERY: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// Writes `pipeline.toml`, `Makefile` and the source file into `dir`;
 /// `chains` × `length` targets plus the fan-in.
@@ -61,37 +59,7 @@ fn generate(dir: &Path, chains: usize, length: usize) -> anyhow::Result<usize> {
 /// Runs `cmd` in `dir`; its wall time and the peak memory (KiB) of the
 /// process itself (not its children).
 fn timed(mut cmd: Command, dir: &Path, expect_success: bool) -> anyhow::Result<(f64, u64)> {
-    let shown = format!("{cmd:?}");
-    let begin = Instant::now();
-    let mut child = cmd
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("cannot start {shown}"))?;
-    let mut peak = 0u64;
-    let status = loop {
-        peak = peak.max(vm_hwm_kib(child.id()).unwrap_or(0));
-        if let Some(s) = child.try_wait()? {
-            break s;
-        }
-        if begin.elapsed() > PATIENCE {
-            let _ = child.kill();
-            bail!("{shown} did not finish within {:?}", PATIENCE);
-        }
-        std::thread::sleep(SAMPLE_EVERY);
-    };
-    let wall = begin.elapsed().as_secs_f64();
-    if expect_success && !status.success() {
-        let mut err = String::new();
-        if let Some(mut e) = child.stderr.take() {
-            use std::io::Read;
-            let _ = e.read_to_string(&mut err);
-        }
-        bail!("{shown} failed ({status}): {}", err.trim());
-    }
-    Ok((wall, peak))
+    run_sampled(cmd.current_dir(dir), Stdio::null(), expect_success, PATIENCE)
 }
 
 /// Figure 7 (7a, 7b, 7c).

@@ -268,6 +268,59 @@ fn read_all(child: &mut Child) -> (String, String) {
     (out, err)
 }
 
+/// Runs `cmd` (stdin closed, stdout to `out`) to its end, sampling its
+/// `VmHWM` every few milliseconds: its wall time in seconds and the peak
+/// memory (KiB) of the process itself, not of its children. Fails with its
+/// stderr when it fails and `expect_success` holds, or when it runs past
+/// `patience`.
+///
+/// Sampled, not `wait4`'s `ru_maxrss`: Linux carries the parent's
+/// high-water mark into a child spawned with `vfork` (as std spawns) through
+/// its `exec`, so a child's `ru_maxrss` is never below the bench's own.
+pub(super) fn run_sampled(
+    cmd: &mut Command,
+    out: Stdio,
+    expect_success: bool,
+    patience: Duration,
+) -> anyhow::Result<(f64, u64)> {
+    let shown = format!("{cmd:?}");
+    let begin = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {shown}"))?;
+    // Drained as it comes, so that a chatty child never blocks on a full pipe.
+    let stderr = child.stderr.take().map(|mut e| {
+        std::thread::spawn(move || {
+            let mut err = String::new();
+            let _ = e.read_to_string(&mut err);
+            err
+        })
+    });
+    let mut peak = 0u64;
+    let status = loop {
+        peak = peak.max(vm_hwm_kib(child.id()).unwrap_or(0));
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if begin.elapsed() > patience {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{shown} did not finish within {patience:?}");
+        }
+        std::thread::sleep(SAMPLE_EVERY);
+    };
+    let wall = begin.elapsed().as_secs_f64();
+    let err = stderr.and_then(|t| t.join().ok()).unwrap_or_default();
+    if expect_success && !status.success() {
+        let tail: Vec<&str> = err.lines().rev().take(10).collect();
+        bail!("{shown} failed ({status}):\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+    }
+    Ok((wall, peak))
+}
+
 /// `VmHWM` of `pid` in KiB, when the process still exists.
 pub(super) fn vm_hwm_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
