@@ -693,10 +693,18 @@ where
     let mut queue: VecDeque<Box<RunJob>> = VecDeque::new();
     let Session { running, fut, tasks_done, recent, resumable } = session;
     let resumable = *resumable;
-    let mut last_recv = Instant::now();
-    let mut last_sent = Instant::now();
-    let mut idle_since = Some(Instant::now());
+    // One clock reading per turn of the loop, taken when the wait ends:
+    // the heartbeat and idle clocks need no finer time than that.
+    let mut now = Instant::now();
+    let mut last_recv = now;
+    let mut last_sent = now;
+    let mut idle_since = Some(now);
     let silent_limit = heartbeat.saturating_mul(5);
+    // The one timer of the loop. A wake-up later than the one it is set for
+    // leaves it set: it then goes off early, finds nothing due, and is set
+    // again, so that it moves once a heartbeat rather than once a frame.
+    let timer = tokio::time::sleep_until(tokio::time::Instant::from_std(crew_core::clock::after(now, heartbeat)));
+    tokio::pin!(timer);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
     // Set when the agent must leave: the job in hand is cancelled first.
@@ -805,7 +813,7 @@ where
         }
         if fut.is_none() && queue.is_empty() && leaving.is_none() {
             if idle_since.is_none() {
-                idle_since = Some(Instant::now());
+                idle_since = Some(now);
             }
             if tasks_max.is_some_and(|m| *tasks_done >= m) {
                 push(&mut out, &AgentMsg::Bye { reason: format!("task limit {tasks_done} reached") });
@@ -829,21 +837,24 @@ where
                 continue;
             }
             out.clear();
-            last_sent = Instant::now();
+            last_sent = now;
             prune_recent(recent, last_sent);
         }
         // Wait for the next thing to happen.
-        let now = Instant::now();
         let mut wake =
             crew_core::clock::after(last_sent, heartbeat).min(crew_core::clock::after(last_recv, silent_limit));
         if let (Some(idle), Some(since)) = (idle_timeout, idle_since) {
             wake = wake.min(crew_core::clock::after(since, idle));
         }
         let wake = tokio::time::Instant::from_std(wake.max(now));
+        if wake < timer.deadline() || timer.is_elapsed() {
+            timer.as_mut().reset(wake);
+        }
+        let mut received = false;
         tokio::select! {
             r = rd.read_buf(&mut inbuf) => match r {
                 Ok(0) => leaving = Some(AgentExit::ControllerLost("the controller closed the connection".into())),
-                Ok(_) => last_recv = Instant::now(),
+                Ok(_) => received = true,
                 Err(e) => leaving = Some(AgentExit::ControllerLost(format!("read failed: {e}"))),
             },
             result = async { match fut.as_mut() { Some(f) => f.await, None => std::future::pending().await } } => {
@@ -865,7 +876,7 @@ where
                     *tasks_done += 1;
                 }
             }
-            _ = tokio::time::sleep_until(wake) => {
+            _ = &mut timer => {
                 let now = Instant::now();
                 if now >= crew_core::clock::after(last_recv, silent_limit) {
                     leaving.get_or_insert(AgentExit::ControllerLost(format!(
@@ -883,6 +894,10 @@ where
             }
             _ = recv_signal(&mut sigterm) => { leaving.get_or_insert(AgentExit::Stopped); signalled = true; }
             _ = recv_signal(&mut sigint) => { leaving.get_or_insert(AgentExit::Stopped); signalled = true; }
+        }
+        now = Instant::now();
+        if received {
+            last_recv = now;
         }
         if let Some(lost) = lost_reason(&leaving, resumable, signalled) {
             return Outcome::Lost(lost);

@@ -56,7 +56,7 @@ use tracing::{debug, info, warn};
 use crew_core::job::{JobError, JobId, JobSpec};
 use crew_core::output::{Output, Status};
 use crew_core::protocol::{self, AgentMsg, ControllerMsg, PROTOCOL_VERSION, RunJob};
-use crew_core::seed::job_seed;
+use crew_core::seed::job_seed_of;
 use crew_core::store::Store;
 use crew_core::tags::Tags;
 use crew_core::worker::{
@@ -546,7 +546,7 @@ impl Controller {
         let now = Instant::now();
         let ids = Self::take_ids(&mut core, specs.len())?;
         for (id, spec) in ids.iter().copied().zip(specs) {
-            let seed = job_seed(shared.config.seed, &spec.seed_key(id));
+            let seed = job_seed_of(shared.config.seed, spec.name.as_deref(), id.0);
             if let Some(name) = &spec.name {
                 core.names.insert(name.clone(), id);
             }
@@ -664,7 +664,7 @@ impl Controller {
         let slots: Vec<Option<SlotId>> = jobs.iter().map(|j| held(&j.slot)).collect();
         for (job, slot) in jobs.into_iter().zip(slots) {
             core.next_job = core.next_job.max(job.id.0.saturating_add(1));
-            let seed = job_seed(shared.config.seed, &job.spec.seed_key(job.id));
+            let seed = job_seed_of(shared.config.seed, job.spec.name.as_deref(), job.id.0);
             if let Some(name) = &job.spec.name {
                 core.names.insert(name.clone(), job.id);
             }

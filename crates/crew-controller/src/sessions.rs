@@ -196,7 +196,10 @@ impl Shared {
                     }
                 }
                 AgentMsg::Done { job, attempt, result } => {
-                    let parts = lock(&conn.objects).remove(&(job, attempt));
+                    let parts = {
+                        let mut parts = lock(&conn.objects);
+                        if parts.is_empty() { None } else { parts.remove(&(job, attempt)) }
+                    };
                     let Some(spec) = core.sched.job(job).cloned() else { continue };
                     let cfg = core.sched.slot_config(slot);
                     let mut r = *result;
@@ -566,12 +569,49 @@ impl Link {
         }
     }
 
+    /// Reads what the socket holds into `buf` (with room for at least
+    /// [`READ_ROOM`] more bytes). A read that did not fill the room drained
+    /// the socket (a stream socket returns all it has, up to the room), so
+    /// its read readiness is cleared then, without the further `recv` that
+    /// would only return `EWOULDBLOCK`: one system call less per frame on
+    /// a single-job round trip, as tokio's own `AsyncRead` does. The
+    /// readiness cleared is the one seen before the read (`try_io` takes it
+    /// first): an event for bytes that arrived after the read is kept.
+    pub(crate) fn read_some(&self, buf: &mut BytesMut) -> std::io::Result<usize> {
+        buf.reserve(READ_ROOM);
+        let room = buf.capacity() - buf.len();
+        let mut got = 0;
+        let r = match self {
+            Link::Tcp(s) => {
+                s.try_io(tokio::io::Interest::READABLE, || drained_if_short(s.try_read_buf(buf), room, &mut got))
+            }
+            Link::Unix(s) => {
+                s.try_io(tokio::io::Interest::READABLE, || drained_if_short(s.try_read_buf(buf), room, &mut got))
+            }
+        };
+        match r {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && got > 0 => Ok(got),
+            r => r,
+        }
+    }
+
     pub(crate) fn try_write(&self, data: &[u8]) -> std::io::Result<usize> {
         match self {
             Link::Tcp(s) => s.try_write(data),
             Link::Unix(s) => s.try_write(data),
         }
     }
+}
+
+/// Room a connection's read buffer has before each read.
+const READ_ROOM: usize = 16 * 1024;
+
+/// A read of `n` bytes that did not fill `room` drained the socket: said as
+/// `WouldBlock` so that `try_io` clears the readiness; `got` keeps `n`.
+fn drained_if_short(read: std::io::Result<usize>, room: usize, got: &mut usize) -> std::io::Result<usize> {
+    let n = read?;
+    *got = n;
+    if n > 0 && n < room { Err(std::io::Error::from(std::io::ErrorKind::WouldBlock)) } else { Ok(n) }
 }
 
 pub(crate) async fn serve_connection(shared: Arc<Shared>, stream: Link, peer: SocketAddr, waiting: Waiting) {
@@ -742,7 +782,7 @@ pub(crate) async fn read_loop(shared: &Arc<Shared>, conn: &Arc<Conn>, mut buf: B
                 return if conn.broken.load(Ordering::Relaxed) { "connection broken".into() } else { "connection closed".into() };
             }
         }
-        match conn.stream.try_read_buf(&mut buf) {
+        match conn.stream.read_some(&mut buf) {
             Ok(0) => return "the worker closed the connection".into(),
             Ok(_) => conn.last_recv_ms.store(shared.now_ms(), Ordering::Relaxed),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}

@@ -155,28 +155,37 @@ impl Peers {
     }
 }
 
-/// `n` request/response round trips, one at a time, with one peer: the time
-/// of each.
-pub(super) async fn ping_pong(n: usize, request: usize, reply: usize) -> anyhow::Result<Vec<Duration>> {
-    let mut peers = Peers::start(1, reply).await?;
-    let Some(stream) = peers.streams.pop() else { bail!("no echo peer connected") };
-    let (r, mut w) = stream.into_split();
-    let mut r = BufReader::new(r);
-    let req = frame(request);
-    let mut buf = Vec::new();
-    let mut times = Vec::with_capacity(n);
-    // As many warm-up trips as crew gets.
-    for i in 0..n + super::measure::WARM_UP {
-        let t = Instant::now();
-        w.write_all(&req).await?;
-        read_frame(&mut r, &mut buf).await?;
-        if i >= super::measure::WARM_UP {
-            times.push(t.elapsed());
-        }
+/// Request/response round trips, one at a time, with one peer.
+pub(super) struct PingPong {
+    peers: Peers,
+    r: BufReader<tokio::net::tcp::OwnedReadHalf>,
+    w: tokio::net::tcp::OwnedWriteHalf,
+    req: Vec<u8>,
+    buf: Vec<u8>,
+}
+
+impl PingPong {
+    /// Starts a peer answering `request`-byte frames with `reply`-byte ones.
+    pub(super) async fn start(request: usize, reply: usize) -> anyhow::Result<Self> {
+        let mut peers = Peers::start(1, reply).await?;
+        let Some(stream) = peers.streams.pop() else { bail!("no echo peer connected") };
+        let (r, w) = stream.into_split();
+        Ok(Self { peers, r: BufReader::new(r), w, req: frame(request), buf: Vec::new() })
     }
-    drop((r, w));
-    peers.finish().await?;
-    Ok(times)
+
+    /// One round trip: its time.
+    pub(super) async fn trip(&mut self) -> anyhow::Result<Duration> {
+        let t = Instant::now();
+        self.w.write_all(&self.req).await?;
+        read_frame(&mut self.r, &mut self.buf).await?;
+        Ok(t.elapsed())
+    }
+
+    /// Closes the connection and waits for the peer to exit.
+    pub(super) async fn finish(self) -> anyhow::Result<()> {
+        drop((self.r, self.w));
+        self.peers.finish().await
+    }
 }
 
 /// Messages per second through `peers` connections, each keeping `window`
