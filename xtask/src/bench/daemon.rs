@@ -38,7 +38,6 @@ use super::store::run_sampled;
 
 /// Longest any one command may take.
 const PATIENCE: Duration = Duration::from_secs(900);
-/// How often a child's memory is sampled.
 
 /// A project folder of its own for one run.
 struct Project<'a> {

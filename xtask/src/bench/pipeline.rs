@@ -24,7 +24,6 @@ use super::store::run_sampled;
 
 /// Longest a run may take.
 const PATIENCE: std::time::Duration = std::time::Duration::from_secs(600);
-/// How often the memory of `crew make` is sampled.
 
 /// Writes `pipeline.toml`, `Makefile` and the source file into `dir`;
 /// `chains` × `length` targets plus the fan-in.
