@@ -314,7 +314,7 @@ fn check_file(text: &str, defaults: &LineDefaults, tags: &Tags) -> Result<Checke
                     continue;
                 }
                 checked.jobs += 1;
-                checked.inputs |= spec.inputs.iter().any(|i| matches!(i.source, InputSource::Path(_)));
+                checked.inputs |= spec.opts.inputs.iter().any(|i| matches!(i.source, InputSource::Path(_)));
             }
             Err(reason) => errors.push(format!("{line}: {reason}")),
         }

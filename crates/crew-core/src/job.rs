@@ -77,75 +77,258 @@ pub const NAME_MAX_LEN: usize = 256;
 ///
 /// Its serde form (the journal's, and the wire's to agents) leaves out
 /// every field at its default, so that a million small jobs are a million
-/// small records; what users write and read is [`JobSpec::as_line`].
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// small records; what users write and read is [`JobSpec::as_line`]. The
+/// fields most jobs leave at their defaults are in [`JobSpec::opts`], held
+/// out of line, so that a queued job that sets none of them costs a pointer
+/// for them all (see [`Opts`]); the serde form is flat all the same.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(from = "SpecFields")]
 #[non_exhaustive]
 pub struct JobSpec {
     /// Optional name, unique among the controller's jobs that are not yet
     /// received. The seed is derived from it when present.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     /// The job runs only on a worker whose tags include all of these.
-    #[serde(default, skip_serializing_if = "Tags::is_empty")]
     pub tags: Tags,
     /// What to run.
     pub command: Command,
     /// Extra environment variables for the job's processes.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// Wall-clock limit of one attempt: SIGTERM, then SIGKILL to the whole
+    /// process group, and the job ends `timed_out`.
+    pub timeout: Option<Duration>,
+    /// Re-runs after a failure exit (status `failed`); 0 by default.
+    pub retries: u32,
+    /// Crashed attempts (the worker died under the job) before the job ends
+    /// `crashed`.
+    pub crashes_max: u32,
+    /// Higher runs first; equal priorities run in send order.
+    pub priority: i32,
+    /// Everything else a job may set: its working folder, stdin, CPU and
+    /// memory limits, inherited variables, inputs and outputs. Read them as
+    /// `spec.opts.cwd`; a write (`spec.opts.cwd = Some(..)`) gives the job
+    /// its own [`JobOptions`] first.
+    pub opts: Opts,
+}
+
+/// The fields of a [`JobSpec`] that most jobs leave at their defaults.
+#[derive(Clone, Debug, Default, PartialEq)]
+#[non_exhaustive]
+pub struct JobOptions {
     /// Names of variables the job takes from its worker's environment
     /// (when set there), on top of [`BASE_ENV`]. Only names
     /// travel: the agent reads the values where the job runs, so an
     /// inherited secret is never sent or journaled. The agent-only
     /// variables ([`crate::worker::AGENT_ONLY_ENV`]) are refused.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub env_inherit: Vec<String>,
     /// Working folder on the worker; the agent's own when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cwd: Option<PathBuf>,
     /// Bytes fed to the job's stdin; `/dev/null` when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stdin: Option<String>,
-    /// Wall-clock limit of one attempt: SIGTERM, then SIGKILL to the whole
-    /// process group, and the job ends `timed_out`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timeout: Option<Duration>,
     /// CPU time (user + system) one process of the job may use: past it,
     /// the process gets SIGXCPU (SIGKILL a little later) and the job ends
     /// `cpu_limit`. Enforced per process with `RLIMIT_CPU`, in whole
     /// seconds (rounded up); see the crew-exec crate.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu: Option<Duration>,
     /// Memory in bytes one process of the job may allocate (`RLIMIT_DATA`:
     /// heap and private writable mappings); see the crew-exec crate.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory: Option<u64>,
-    /// Re-runs after a failure exit (status `failed`); 0 by default.
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub retries: u32,
-    /// Crashed attempts (the worker died under the job) before the job ends
-    /// `crashed`.
-    #[serde(default = "default_crashes_max", skip_serializing_if = "is_default_crashes")]
-    pub crashes_max: u32,
-    /// Higher runs first; equal priorities run in send order.
-    #[serde(default, skip_serializing_if = "is_zero_i")]
-    pub priority: i32,
     /// Files the job reads, put in its working folder before it starts.
     /// The controller accepts only staged inputs ([`InputSource::Object`]);
     /// see [`crate::staging`].
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub inputs: Vec<Input>,
     /// Glob patterns, relative to the job's working folder, of the files
     /// uploaded to the store when the job ends (`*` and `?` within a path
     /// segment, `**` for any number of segments).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outputs: Vec<String>,
     /// Where the outputs go in the store instead of `jobs/<id>`: an
     /// attempt's files are then `<prefix>/<attempt>/outputs/<name>` and its
     /// manifest `<prefix>/<attempt>/manifest.json`. Pipelines use it to keep
     /// outputs under keys that no other controller's job ids can reuse.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub output_prefix: Option<String>,
+}
+
+/// What a job that sets no [`JobOptions`] reads.
+static NO_OPTIONS: JobOptions = JobOptions {
+    env_inherit: Vec::new(),
+    cwd: None,
+    stdin: None,
+    cpu: None,
+    memory: None,
+    inputs: Vec::new(),
+    outputs: Vec::new(),
+    output_prefix: None,
+};
+
+/// A job's [`JobOptions`], held out of line: nothing (one pointer, null)
+/// while every option is at its default, a box of its own once one is set.
+/// It reads as a `JobOptions` (`Deref`); writing through it (`DerefMut`)
+/// boxes the defaults first. Two are equal when their options are, boxed or
+/// not.
+#[derive(Clone, Default)]
+pub struct Opts(Option<Box<JobOptions>>);
+
+impl Opts {
+    /// True when every option is at its default.
+    pub fn is_default(&self) -> bool {
+        self.0.as_deref().is_none_or(|o| *o == NO_OPTIONS)
+    }
+}
+
+impl std::ops::Deref for Opts {
+    type Target = JobOptions;
+    fn deref(&self) -> &JobOptions {
+        self.0.as_deref().unwrap_or(&NO_OPTIONS)
+    }
+}
+
+impl std::ops::DerefMut for Opts {
+    fn deref_mut(&mut self) -> &mut JobOptions {
+        self.0.get_or_insert_with(Box::default)
+    }
+}
+
+impl PartialEq for Opts {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl fmt::Debug for Opts {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        (**self).fmt(f)
+    }
+}
+
+impl From<JobOptions> for Opts {
+    fn from(o: JobOptions) -> Self {
+        if o == NO_OPTIONS { Self(None) } else { Self(Some(Box::new(o))) }
+    }
+}
+
+/// The serde form of a [`JobSpec`] as read: every field flat, those at
+/// their defaults left out ([`SpecFieldsRef`] writes it).
+#[derive(Deserialize)]
+struct SpecFields {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
+    #[serde(default, skip_serializing_if = "Tags::is_empty")]
+    tags: Tags,
+    command: Command,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    env_inherit: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cwd: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    stdin: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    timeout: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cpu: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    memory: Option<u64>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    retries: u32,
+    #[serde(default = "default_crashes_max", skip_serializing_if = "is_default_crashes")]
+    crashes_max: u32,
+    #[serde(default, skip_serializing_if = "is_zero_i")]
+    priority: i32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    inputs: Vec<Input>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    outputs: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    output_prefix: Option<String>,
+}
+
+impl From<SpecFields> for JobSpec {
+    fn from(f: SpecFields) -> Self {
+        let opts = JobOptions {
+            env_inherit: f.env_inherit,
+            cwd: f.cwd,
+            stdin: f.stdin,
+            cpu: f.cpu,
+            memory: f.memory,
+            inputs: f.inputs,
+            outputs: f.outputs,
+            output_prefix: f.output_prefix,
+        };
+        Self {
+            name: f.name,
+            tags: f.tags,
+            command: f.command,
+            env: f.env,
+            timeout: f.timeout,
+            retries: f.retries,
+            crashes_max: f.crashes_max,
+            priority: f.priority,
+            opts: opts.into(),
+        }
+    }
+}
+
+/// The serde form of a [`JobSpec`] as written, borrowed: [`SpecFields`]'
+/// fields in the same order, those at their defaults left out.
+#[derive(Serialize)]
+struct SpecFieldsRef<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
+    #[serde(skip_serializing_if = "Tags::is_empty")]
+    tags: &'a Tags,
+    command: &'a Command,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    env: &'a BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    env_inherit: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cwd: Option<&'a Path>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stdin: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timeout: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpu: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    memory: Option<u64>,
+    #[serde(skip_serializing_if = "is_zero")]
+    retries: u32,
+    #[serde(skip_serializing_if = "is_default_crashes")]
+    crashes_max: u32,
+    #[serde(skip_serializing_if = "is_zero_i")]
+    priority: i32,
+    #[serde(skip_serializing_if = "<[Input]>::is_empty")]
+    inputs: &'a [Input],
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    outputs: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    output_prefix: Option<&'a str>,
+}
+
+impl Serialize for JobSpec {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let o: &JobOptions = &self.opts;
+        SpecFieldsRef {
+            name: self.name.as_deref(),
+            tags: &self.tags,
+            command: &self.command,
+            env: &self.env,
+            env_inherit: &o.env_inherit,
+            cwd: o.cwd.as_deref(),
+            stdin: o.stdin.as_deref(),
+            timeout: self.timeout,
+            cpu: o.cpu,
+            memory: o.memory,
+            retries: self.retries,
+            crashes_max: self.crashes_max,
+            priority: self.priority,
+            inputs: &o.inputs,
+            outputs: &o.outputs,
+            output_prefix: o.output_prefix.as_deref(),
+        }
+        .serialize(serializer)
+    }
 }
 
 /// A file a job reads: where it comes from, and the relative path it gets in
@@ -279,18 +462,11 @@ impl JobSpec {
             tags: Tags::new(),
             command,
             env: BTreeMap::new(),
-            env_inherit: Vec::new(),
-            cwd: None,
-            stdin: None,
             timeout: None,
-            cpu: None,
-            memory: None,
             retries: 0,
             crashes_max: DEFAULT_CRASHES_MAX,
             priority: 0,
-            inputs: Vec::new(),
-            outputs: Vec::new(),
-            output_prefix: None,
+            opts: Opts::default(),
         }
     }
 
@@ -365,7 +541,7 @@ impl JobSpec {
                 return Err(JobError::new(format!("the value of environment variable {k} contains a NUL byte")));
             }
         }
-        for name in &self.env_inherit {
+        for name in &self.opts.env_inherit {
             check_env_name(name).map_err(|e| JobError::new(format!("env_inherit: {e}")))?;
             if crate::worker::AGENT_ONLY_ENV.contains(&name.as_str()) {
                 return Err(JobError::new(format!(
@@ -379,7 +555,7 @@ impl JobSpec {
                 return Err(JobError::new("the timeout must be greater than zero"));
             }
         }
-        if let Some(cpu) = self.cpu {
+        if let Some(cpu) = self.opts.cpu {
             if cpu.is_zero() {
                 return Err(JobError::new("the cpu limit must be greater than zero"));
             }
@@ -390,7 +566,7 @@ impl JobSpec {
                 )));
             }
         }
-        if let Some(memory) = self.memory {
+        if let Some(memory) = self.opts.memory {
             if !(MEMORY_LIMIT_MIN..=SIZE_MAX).contains(&memory) {
                 return Err(JobError::new(format!(
                     "the memory limit must be between 1MiB and 1PiB (got {memory} bytes); leave it out for no limit"
@@ -401,7 +577,7 @@ impl JobSpec {
             return Err(JobError::new("crashes_max must be at least 1"));
         }
         let mut names = std::collections::HashSet::new();
-        for input in &self.inputs {
+        for input in &self.opts.inputs {
             check_relative_path(&input.name).map_err(|e| JobError::new(format!("input name {:?}: {e}", input.name)))?;
             if !names.insert(input.name.as_str()) {
                 return Err(JobError::new(format!("two inputs are named {:?}", input.name)));
@@ -423,10 +599,10 @@ impl JobSpec {
                 }
             }
         }
-        for pattern in &self.outputs {
+        for pattern in &self.opts.outputs {
             check_relative_path(pattern).map_err(|e| JobError::new(format!("output {pattern:?}: {e}")))?;
         }
-        if let Some(prefix) = &self.output_prefix {
+        if let Some(prefix) = &self.opts.output_prefix {
             crate::store::StoreKey::new(prefix.as_str())
                 .map_err(|e| JobError::new(format!("output_prefix {prefix:?}: {e}")))?;
         }
@@ -436,12 +612,12 @@ impl JobSpec {
     /// True when the job has inputs or outputs (it needs a store, and runs
     /// in a working folder of its own unless it has a `cwd`).
     pub fn has_data(&self) -> bool {
-        !self.inputs.is_empty() || !self.outputs.is_empty()
+        !self.opts.inputs.is_empty() || !self.opts.outputs.is_empty()
     }
 
     /// The first input that is not staged yet (still a local path).
     pub fn unstaged_input(&self) -> Option<&Input> {
-        self.inputs.iter().find(|i| matches!(i.source, InputSource::Path(_)))
+        self.opts.inputs.iter().find(|i| matches!(i.source, InputSource::Path(_)))
     }
 
     /// The key the seed derives from: the name, or the id when unnamed.
@@ -651,18 +827,18 @@ impl JobSpec {
             builtin,
             args,
             env: &self.env,
-            env_inherit: &self.env_inherit,
-            cwd: self.cwd.as_deref(),
-            stdin: self.stdin.as_deref(),
+            env_inherit: &self.opts.env_inherit,
+            cwd: self.opts.cwd.as_deref(),
+            stdin: self.opts.stdin.as_deref(),
             timeout: self.timeout.map(|d| d.as_secs_f64()),
-            cpu: self.cpu.map(|d| d.as_secs_f64()),
-            memory: self.memory,
+            cpu: self.opts.cpu.map(|d| d.as_secs_f64()),
+            memory: self.opts.memory,
             retries: self.retries,
             crashes_max: self.crashes_max,
             priority: self.priority,
-            inputs: self.inputs.iter().map(InputRef::from).collect(),
-            outputs: &self.outputs,
-            output_prefix: self.output_prefix.as_deref(),
+            inputs: self.opts.inputs.iter().map(InputRef::from).collect(),
+            outputs: &self.opts.outputs,
+            output_prefix: self.opts.output_prefix.as_deref(),
         }
     }
 }
@@ -894,18 +1070,21 @@ fn from_json(l: JobLine, defaults: &LineDefaults) -> Result<JobSpec, JobError> {
         tags,
         command,
         env: l.env,
-        env_inherit: l.env_inherit,
-        cwd: l.cwd,
-        stdin: l.stdin,
         timeout,
-        cpu,
-        memory,
         retries: l.retries.or(defaults.retries).unwrap_or(0),
         crashes_max: l.crashes_max.unwrap_or(DEFAULT_CRASHES_MAX),
         priority: l.priority.unwrap_or(0),
-        inputs,
-        outputs: l.outputs,
-        output_prefix: l.output_prefix,
+        opts: JobOptions {
+            env_inherit: l.env_inherit,
+            cwd: l.cwd,
+            stdin: l.stdin,
+            cpu,
+            memory,
+            inputs,
+            outputs: l.outputs,
+            output_prefix: l.output_prefix,
+        }
+        .into(),
     })
 }
 
@@ -914,21 +1093,25 @@ fn finish(mut spec: JobSpec, defaults: &LineDefaults) -> Result<JobSpec, JobErro
     if spec.timeout.is_none() {
         spec.timeout = defaults.timeout;
     }
-    if spec.cpu.is_none() {
-        spec.cpu = defaults.cpu;
+    // Options are written only when a default gives one: a write boxes
+    // the job's options (see `Opts`).
+    if spec.opts.cpu.is_none() && defaults.cpu.is_some() {
+        spec.opts.cpu = defaults.cpu;
     }
-    if spec.memory.is_none() {
-        spec.memory = defaults.memory;
+    if spec.opts.memory.is_none() && defaults.memory.is_some() {
+        spec.opts.memory = defaults.memory;
     }
-    spec.inputs.extend(defaults.inputs.iter().cloned());
+    if !defaults.inputs.is_empty() {
+        spec.opts.inputs.extend(defaults.inputs.iter().cloned());
+    }
     for pattern in &defaults.outputs {
-        if !spec.outputs.contains(pattern) {
-            spec.outputs.push(pattern.clone());
+        if !spec.opts.outputs.contains(pattern) {
+            spec.opts.outputs.push(pattern.clone());
         }
     }
     for name in &defaults.env_inherit {
-        if !spec.env_inherit.contains(name) {
-            spec.env_inherit.push(name.clone());
+        if !spec.opts.env_inherit.contains(name) {
+            spec.opts.env_inherit.push(name.clone());
         }
     }
     if !defaults.tags.is_empty() {
@@ -985,7 +1168,7 @@ pub fn parse_job_file(text: &str, defaults: &LineDefaults) -> Result<Vec<JobSpec
 /// The variables every job takes from its agent's environment, when set
 /// there: the few a program commonly needs to run at all. Nothing else of
 /// the agent's environment reaches a job unless the job names it in
-/// [`JobSpec::env_inherit`], so that what ran a worker (a shell, the
+/// [`JobOptions::env_inherit`], so that what ran a worker (a shell, the
 /// daemon, a container) does not leak into jobs.
 pub const BASE_ENV: [&str; 6] = ["PATH", "HOME", "USER", "LOGNAME", "TMPDIR", "LANG"];
 
@@ -1007,24 +1190,24 @@ mod tests {
         full.name = Some("n".into());
         full.tags = "gpu,big".parse().unwrap();
         full.env.insert("K".into(), "V =".into());
-        full.env_inherit = vec!["HOME2".into()];
-        full.cwd = Some("/tmp/w".into());
-        full.stdin = Some("in\n".into());
+        full.opts.env_inherit = vec!["HOME2".into()];
+        full.opts.cwd = Some("/tmp/w".into());
+        full.opts.stdin = Some("in\n".into());
         full.timeout = Some(Duration::from_millis(1500));
-        full.cpu = Some(Duration::from_secs(10));
-        full.memory = Some(2 << 30);
+        full.opts.cpu = Some(Duration::from_secs(10));
+        full.opts.memory = Some(2 << 30);
         full.retries = 3;
         full.crashes_max = 1;
         full.priority = -4;
-        full.inputs = vec![
+        full.opts.inputs = vec![
             Input { name: "a.csv".into(), source: InputSource::Path("/data/a.csv".into()) },
             Input {
                 name: "b".into(),
                 source: InputSource::Object { key: "cas/ab".into(), size: 3, sha256: "ab".repeat(32) },
             },
         ];
-        full.outputs = vec!["out/**".into()];
-        full.output_prefix = Some("pipeline/objects/x".into());
+        full.opts.outputs = vec!["out/**".into()];
+        full.opts.output_prefix = Some("pipeline/objects/x".into());
         let builtin = JobSpec::builtin("sleep", serde_json::json!({"seconds": 1}));
         for spec in [full, JobSpec::shell("echo hi | wc -c"), builtin] {
             let value = serde_json::to_value(spec.as_line()).unwrap();
@@ -1046,8 +1229,8 @@ mod tests {
         full.name = Some("n".into());
         full.tags = "gpu".parse().unwrap();
         full.env.insert("K".into(), "V".into());
-        full.cwd = Some("/w".into());
-        full.stdin = Some(String::new());
+        full.opts.cwd = Some("/w".into());
+        full.opts.stdin = Some(String::new());
         full.timeout = Some(Duration::from_secs(2));
         full.retries = 1;
         full.crashes_max = 0;
@@ -1061,6 +1244,28 @@ mod tests {
             let packed = rmp_serde::to_vec_named(&spec).unwrap();
             assert_eq!(rmp_serde::from_slice::<JobSpec>(&packed).unwrap(), spec);
         }
+    }
+
+    /// A job that sets no option holds none (one null pointer for them
+    /// all), as read from a line or from its serde form; one that sets any
+    /// holds them boxed; either way they compare and read alike.
+    #[test]
+    fn options_are_boxed_only_when_a_job_sets_one() {
+        let d = LineDefaults::default();
+        let plain = parse_job_line(r#"{"builtin":"noop"}"#, &d).unwrap();
+        assert!(plain.opts.0.is_none());
+        let packed = rmp_serde::to_vec_named(&plain).unwrap();
+        assert!(rmp_serde::from_slice::<JobSpec>(&packed).unwrap().opts.0.is_none());
+        let with = parse_job_line(r#"{"shell":"cat","stdin":"x"}"#, &d).unwrap();
+        assert_eq!(with.opts.stdin.as_deref(), Some("x"));
+        assert!(with.opts.0.is_some() && !with.opts.is_default());
+        let mut written = JobSpec::builtin("noop", serde_json::Value::Null);
+        written.opts.cwd = None;
+        assert!(written.opts.0.is_some() && written.opts.is_default());
+        assert_eq!(written, JobSpec::builtin("noop", serde_json::Value::Null));
+        assert_eq!(serde_json::to_string(&written).unwrap(), r#"{"command":{"builtin":{"name":"noop"}}}"#);
+        // What a queued job costs (figure 10d): keep the struct small.
+        assert!(std::mem::size_of::<JobSpec>() <= 176, "JobSpec is {} bytes", std::mem::size_of::<JobSpec>());
     }
 
     #[test]
@@ -1130,7 +1335,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            j.inputs,
+            j.opts.inputs,
             [
                 Input::path("data.csv", "data.csv"),
                 Input::path("b.csv", "/abs/a"),
@@ -1138,7 +1343,7 @@ mod tests {
                 Input::path("r.txt", "k=v/r.txt"),
             ]
         );
-        assert_eq!(j.outputs, ["fit/*", "count.txt"]);
+        assert_eq!(j.opts.outputs, ["fit/*", "count.txt"]);
         assert!(j.unstaged_input().is_some());
         let staged = parse_job_value(
             serde_json::json!({"shell": "x", "inputs": [{"name": "a", "key": "cas/sha256/x", "size": 3, "sha256": "0".repeat(64)}]}),
@@ -1180,9 +1385,9 @@ mod tests {
     fn env_inherit_names_are_checked_and_agent_variables_refused() {
         let d = LineDefaults { env_inherit: vec!["HOME".into(), "FOO".into()], ..LineDefaults::default() };
         let j = parse_job_line(r#"{"shell":"x","env_inherit":["FOO","AWS_PROFILE"]}"#, &d).unwrap();
-        assert_eq!(j.env_inherit, ["FOO", "AWS_PROFILE", "HOME"]);
+        assert_eq!(j.opts.env_inherit, ["FOO", "AWS_PROFILE", "HOME"]);
         let plain = parse_job_line("env", &d).unwrap();
-        assert_eq!(plain.env_inherit, ["HOME", "FOO"]);
+        assert_eq!(plain.opts.env_inherit, ["HOME", "FOO"]);
         for agent_only in crate::worker::AGENT_ONLY_ENV {
             let err = parse_job_value(serde_json::json!({"shell": "x", "env_inherit": [agent_only]}), &d).unwrap_err();
             assert!(err.0.starts_with(&format!("env_inherit: {agent_only} belongs to the worker's agent")), "{err}");
@@ -1223,11 +1428,11 @@ mod tests {
     fn cpu_and_memory_limits() {
         let d = LineDefaults { cpu: Some(Duration::from_secs(60)), memory: Some(1 << 30), ..LineDefaults::default() };
         let j = parse_job_line(r#"{"shell":"x","cpu":"10m","memory":"2GiB"}"#, &d).unwrap();
-        assert_eq!((j.cpu, j.memory), (Some(Duration::from_secs(600)), Some(2 << 30)));
+        assert_eq!((j.opts.cpu, j.opts.memory), (Some(Duration::from_secs(600)), Some(2 << 30)));
         let j = parse_job_line(r#"{"shell":"x","cpu":1.5,"memory":67108864}"#, &d).unwrap();
-        assert_eq!((j.cpu, j.memory), (Some(Duration::from_millis(1500)), Some(64 << 20)));
+        assert_eq!((j.opts.cpu, j.opts.memory), (Some(Duration::from_millis(1500)), Some(64 << 20)));
         let j = parse_job_line("true", &d).unwrap();
-        assert_eq!((j.cpu, j.memory), (Some(Duration::from_secs(60)), Some(1 << 30)));
+        assert_eq!((j.opts.cpu, j.opts.memory), (Some(Duration::from_secs(60)), Some(1 << 30)));
         for (bad, says) in [
             (r#"{"shell":"x","cpu":"soon"}"#, "cpu: invalid duration"),
             (r#"{"shell":"x","cpu":0}"#, "the cpu limit must be greater than zero"),

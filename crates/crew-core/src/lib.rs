@@ -36,6 +36,6 @@ pub mod store;
 pub mod tags;
 pub mod worker;
 
-pub use job::{Command, JobId, JobLineRef, JobSpec};
+pub use job::{Command, JobId, JobLineRef, JobOptions, JobSpec};
 pub use output::{Output, Status};
 pub use tags::Tags;

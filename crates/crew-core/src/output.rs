@@ -29,10 +29,10 @@ pub enum Status {
     Failed,
     /// Ran past its timeout and was killed.
     TimedOut,
-    /// A process of the job used up its CPU-time limit (`JobSpec::cpu`)
+    /// A process of the job used up its CPU-time limit (`JobOptions::cpu`)
     /// and was killed. Final: not retried.
     CpuLimit,
-    /// The job went past its memory limit (`JobSpec::memory`) and was
+    /// The job went past its memory limit (`JobOptions::memory`) and was
     /// killed, as far as the worker could tell (see the crew-exec crate). Final:
     /// not retried.
     MemoryLimit,
@@ -257,9 +257,9 @@ impl Output {
             cpu_seconds: r.cpu_seconds,
             peak_rss_bytes: r.peak_rss_bytes,
             cpu_limit_seconds: (r.status == Status::CpuLimit)
-                .then(|| spec.cpu.map(|c| crate::job::cpu_limit_seconds(c) as f64))
+                .then(|| spec.opts.cpu.map(|c| crate::job::cpu_limit_seconds(c) as f64))
                 .flatten(),
-            memory_limit_bytes: (r.status == Status::MemoryLimit).then_some(spec.memory).flatten(),
+            memory_limit_bytes: (r.status == Status::MemoryLimit).then_some(spec.opts.memory).flatten(),
             slot: None,
             class: None,
             attempt: 0,

@@ -31,11 +31,11 @@ use crate::output::JobResult;
 use crate::worker::Secret;
 
 /// The protocol version this build speaks. Version 2 added job inputs and
-/// outputs (`JobSpec::inputs`/`outputs`, `JobResult::objects`): an agent of
+/// outputs (`JobOptions::inputs`/`outputs`, `JobResult::objects`): an agent of
 /// version 1 would silently run such a job without its data. Version 3
-/// gives jobs a clean environment (`JobSpec::env_inherit`): an agent of
+/// gives jobs a clean environment (`JobOptions::env_inherit`): an agent of
 /// version 2 would ignore the list and give the job its whole environment,
-/// and its CPU and memory limits (`JobSpec::cpu`/`memory`).
+/// and its CPU and memory limits (`JobOptions::cpu`/`memory`).
 /// It also added [`AgentMsg::Objects`] (a result's object list in several frames):
 /// a controller of version 2 would drop those frames and the objects.
 pub const PROTOCOL_VERSION: u32 = 3;
@@ -354,11 +354,11 @@ mod tests {
     fn round_trip_many_in_one_buffer() {
         let mut buf = BytesMut::new();
         let mut spec = JobSpec::shell("echo hi");
-        spec.inputs.push(crate::job::Input {
+        spec.opts.inputs.push(crate::job::Input {
             name: "in/data.csv".into(),
             source: crate::job::InputSource::Object { key: "cas/sha256/x".into(), size: 9, sha256: "cd".repeat(32) },
         });
-        spec.outputs.push("out/*".into());
+        spec.opts.outputs.push("out/*".into());
         let spec = Arc::new(spec);
         encode(
             &ControllerMsg::Run(Box::new(RunJob { job: JobId(3), attempt: 1, seed: 9, spec: spec.clone() })),

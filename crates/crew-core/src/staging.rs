@@ -250,7 +250,7 @@ pub fn output_key(id: JobId, attempt: u32, name: &str) -> Result<StoreKey, Store
 
 /// The key prefix of a job's attempts: its `output_prefix`, else `jobs/<id>`.
 pub fn attempts_prefix(spec: &JobSpec, id: JobId) -> String {
-    match &spec.output_prefix {
+    match &spec.opts.output_prefix {
         Some(prefix) => prefix.clone(),
         None => format!("jobs/{id}"),
     }
@@ -549,8 +549,10 @@ impl Stager {
         let mut present: HashSet<String> = HashSet::new();
         // Per distinct path in this call: its staged form.
         let mut done: HashMap<PathBuf, (String, u64)> = HashMap::new();
-        for job in jobs.iter_mut() {
-            for input in &mut job.inputs {
+        // Jobs without inputs are only read: a write would box their
+        // options (see `Opts`).
+        for job in jobs.iter_mut().filter(|j| !j.opts.inputs.is_empty()) {
+            for input in &mut job.opts.inputs {
                 let InputSource::Path(path) = &input.source else { continue };
                 let staged = match done.get(path) {
                     Some(s) => s.clone(),
@@ -687,7 +689,7 @@ fn segment_matches(pattern: &str, name: &str) -> bool {
 }
 
 /// The regular files under `root` matched by `patterns` (checked relative
-/// paths; see [`JobSpec::outputs`]), as sorted relative paths, and the
+/// paths; see [`JobOptions::outputs`](crate::job::JobOptions::outputs)), as sorted relative paths, and the
 /// literal patterns that matched nothing. Symbolic links are neither
 /// followed nor matched, so nothing outside `root` is ever matched.
 pub fn expand_outputs(root: &Path, patterns: &[String]) -> Result<(Vec<String>, Vec<String>), StageError> {
@@ -905,7 +907,7 @@ mod tests {
         let mut jobs: Vec<JobSpec> = (0..20)
             .map(|i| {
                 let mut j = JobSpec::shell("true");
-                j.inputs.push(Input::path(format!("in{i}.bin"), &data));
+                j.opts.inputs.push(Input::path(format!("in{i}.bin"), &data));
                 j
             })
             .collect();
@@ -916,7 +918,7 @@ mod tests {
         let (digest, size) = hash_file(&data).await.unwrap();
         for j in &jobs {
             assert_eq!(
-                j.inputs[0].source,
+                j.opts.inputs[0].source,
                 InputSource::Object { key: format!("{CAS_PREFIX}/{digest}"), size, sha256: digest.clone() }
             );
             assert!(j.unstaged_input().is_none());
@@ -940,7 +942,7 @@ mod tests {
         assert_eq!(s.head(&key).await.unwrap().size, size);
         assert!(!holds(s.as_ref(), &key, &digest, size).await.unwrap());
         let mut jobs = vec![JobSpec::shell("true")];
-        jobs[0].inputs.push(Input::path("in", &data));
+        jobs[0].opts.inputs.push(Input::path("in", &data));
         Stager::new(Arc::clone(&s)).stage(&mut jobs).await.unwrap();
         assert_eq!(read_small(s.as_ref(), &key, 100).await.unwrap(), b"the real input");
         assert!(holds(s.as_ref(), &key, &digest, size).await.unwrap());
@@ -1015,9 +1017,9 @@ mod tests {
         let empty = dir.path().join("empty");
         std::fs::write(&empty, b"").unwrap();
         let mut jobs = vec![JobSpec::shell("true")];
-        jobs[0].inputs.push(Input::path("e", &empty));
+        jobs[0].opts.inputs.push(Input::path("e", &empty));
         Stager::new(Arc::clone(&s)).stage(&mut jobs).await.unwrap();
-        let InputSource::Object { key, size, sha256 } = &jobs[0].inputs[0].source else { panic!() };
+        let InputSource::Object { key, size, sha256 } = &jobs[0].opts.inputs[0].source else { panic!() };
         assert_eq!(*size, 0);
         let dest = dir.path().join("back");
         download_verified(s.as_ref(), &StoreKey::new(key.as_str()).unwrap(), sha256, 0, &dest).await.unwrap();

@@ -109,7 +109,7 @@ pub fn job_env(
     agent: impl Fn(&str) -> Option<OsString>,
 ) -> BTreeMap<OsString, OsString> {
     let mut env = BTreeMap::new();
-    for name in BASE_ENV.iter().copied().chain(spec.env_inherit.iter().map(String::as_str)) {
+    for name in BASE_ENV.iter().copied().chain(spec.opts.env_inherit.iter().map(String::as_str)) {
         if AGENT_ONLY_ENV.contains(&name) {
             continue;
         }
@@ -298,7 +298,7 @@ async fn run_with_data(
         };
         return job.ended(Outcome::failed(why));
     };
-    let work = match &spec.cwd {
+    let work = match &spec.opts.cwd {
         Some(cwd) => WorkDir { path: cwd.clone(), owned: false },
         None => {
             let path = ctx.scratch.join("work").join(format!("{id}-{attempt}"));
@@ -319,7 +319,7 @@ async fn run_with_data(
         return job.ended(Outcome::failed(e));
     }
     let mut local = spec.clone();
-    local.cwd = Some(work.path.clone());
+    local.opts.cwd = Some(work.path.clone());
     let mut result = run_command(ctx, id, attempt, seed, &local, cancel).await;
     if matches!(
         result.status,
@@ -334,7 +334,7 @@ async fn run_with_data(
 /// Downloads every input of `spec` into `dir`, verified; the error names
 /// the input and says why.
 async fn fetch_inputs(store: &dyn Store, dir: &Path, spec: &JobSpec) -> Result<(), String> {
-    for input in &spec.inputs {
+    for input in &spec.opts.inputs {
         let fail = |why: String| format!("could not fetch input {:?}: {why}", input.name);
         let crew_core::job::InputSource::Object { key, size, sha256 } = &input.source else {
             return Err(fail("it was not staged (a local path reached the worker)".to_owned()));
@@ -356,7 +356,7 @@ async fn store_outputs(store: &dyn Store, id: JobId, attempt: u32, dir: &Path, s
     // Walking a large folder blocks: off the agent's runtime, whose
     // heartbeats must go on.
     let prefix = staging::attempts_prefix(spec, id);
-    let (owned_dir, patterns) = (dir.to_path_buf(), spec.outputs.clone());
+    let (owned_dir, patterns) = (dir.to_path_buf(), spec.opts.outputs.clone());
     let expanded = tokio::task::spawn_blocking(move || staging::expand_outputs(&owned_dir, &patterns))
         .await
         .unwrap_or_else(|e| Err(staging::StageError::Invalid(format!("the output search did not finish: {e}"))));
@@ -716,7 +716,7 @@ async fn run_process(
         Ok(pid) => pid,
         Err(e) => {
             let Some(mut shell) = fallback else {
-                return job.ended(Outcome::failed(start_error(program, job.spec.cwd.as_deref(), &e)));
+                return job.ended(Outcome::failed(start_error(program, job.spec.opts.cwd.as_deref(), &e)));
             };
             let stdin = match configure(job, &mut shell, &files) {
                 Ok(stdin) => stdin,
@@ -724,7 +724,7 @@ async fn run_process(
             };
             match start(&mut shell, &stdin, &files, job.spec) {
                 Ok(pid) => pid,
-                Err(e) => return job.ended(Outcome::failed(start_error(SHELL, job.spec.cwd.as_deref(), &e))),
+                Err(e) => return job.ended(Outcome::failed(start_error(SHELL, job.spec.opts.cwd.as_deref(), &e))),
             }
         }
     };
@@ -792,7 +792,7 @@ async fn run_process(
 fn configure(job: &Job<'_>, cmd: &mut std::process::Command, files: &CaptureFiles) -> io::Result<File> {
     cmd.stdout(files.stdout.try_clone()?);
     cmd.stderr(files.stderr.try_clone()?);
-    let stdin = match &job.spec.stdin {
+    let stdin = match &job.spec.opts.stdin {
         Some(data) => stdin_file(&job.ctx.scratch, data.as_bytes())?,
         None => File::open("/dev/null")?,
     };
@@ -802,7 +802,7 @@ fn configure(job: &Job<'_>, cmd: &mut std::process::Command, files: &CaptureFile
     cmd.env_clear();
     cmd.envs(job_env(job.spec, job.id, job.attempt, job.seed, &job.ctx.worker, |name| std::env::var_os(name)));
 
-    if let Some(cwd) = &job.spec.cwd {
+    if let Some(cwd) = &job.spec.opts.cwd {
         cmd.current_dir(cwd);
     }
     cmd.process_group(0);
@@ -822,7 +822,8 @@ fn start(
     #[cfg(target_os = "linux")]
     {
         use std::os::fd::AsRawFd;
-        let limits = crate::spawn::Limits { cpu_seconds: spec.cpu.map(cpu_limit_seconds), data_bytes: spec.memory };
+        let limits =
+            crate::spawn::Limits { cpu_seconds: spec.opts.cpu.map(cpu_limit_seconds), data_bytes: spec.opts.memory };
         crate::spawn::spawn(cmd, [stdin.as_raw_fd(), files.stdout.as_raw_fd(), files.stderr.as_raw_fd()], limits)
     }
     #[cfg(not(target_os = "linux"))]
@@ -1144,7 +1145,7 @@ fn exit_outcome(stop: Option<Stop>, exit: &Exit, spec: &JobSpec) -> Outcome {
     let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     o.cpu_seconds = seconds(exit.usage.ru_utime) + seconds(exit.usage.ru_stime);
     if stop.is_none() && o.status == Status::Failed {
-        if let Some(limit) = spec.cpu.map(cpu_limit_seconds) {
+        if let Some(limit) = spec.opts.cpu.map(cpu_limit_seconds) {
             // The leader killed by the limit's signals, or a shell whose
             // child was (128 + signal); the CPU time of the leader and of
             // the children it waited for says the limit was reached.
@@ -1202,7 +1203,7 @@ const ALLOCATION_FAILED: &[&str] = &[
 /// With a memory limit, a failed job whose stderr says an allocation failed
 /// ends `memory_limit`; any other failed job names the limit in its error.
 fn memory_verdict(spec: &JobSpec, outcome: &mut Outcome) {
-    let Some(limit) = spec.memory else { return };
+    let Some(limit) = spec.opts.memory else { return };
     if outcome.status != Status::Failed {
         return;
     }
@@ -1444,7 +1445,7 @@ mod tests {
         // Named in env_inherit (which validation refuses), the agent's own
         // variables are still skipped; the other name is inherited.
         let mut spec = JobSpec::shell(line);
-        spec.env_inherit = ["CREW_EXEC_TEST_CHILD", "CREW_TOKEN", "CREW_LAUNCH", "CREW_CONNECT", "CREW_INDEX"]
+        spec.opts.env_inherit = ["CREW_EXEC_TEST_CHILD", "CREW_TOKEN", "CREW_LAUNCH", "CREW_CONNECT", "CREW_INDEX"]
             .map(str::to_owned)
             .to_vec();
         let r = run(&ctx, &spec).await;
@@ -1456,13 +1457,13 @@ mod tests {
         let (_d, ctx) = context();
         let dir = tempfile::tempdir().unwrap();
         let mut spec = argv(&["pwd", "-P"]);
-        spec.cwd = Some(dir.path().to_owned());
+        spec.opts.cwd = Some(dir.path().to_owned());
         let r = run(&ctx, &spec).await;
         assert_eq!(r.status, Status::Succeeded);
         assert_eq!(r.stdout.text.trim_end(), dir.path().canonicalize().unwrap().to_str().unwrap());
 
         let missing = dir.path().join("missing");
-        spec.cwd = Some(missing.clone());
+        spec.opts.cwd = Some(missing.clone());
         let r = run(&ctx, &spec).await;
         assert_eq!((r.status, r.exit_code, r.signal), (Status::Failed, None, None));
         let error = r.error.unwrap();
@@ -1492,12 +1493,12 @@ mod tests {
     async fn stdin_bytes_or_dev_null() {
         let (_d, ctx) = context();
         let mut spec = argv(&["cat"]).with_timeout(Duration::from_secs(20));
-        spec.stdin = Some("hello\nworld\n".into());
+        spec.opts.stdin = Some("hello\nworld\n".into());
         let r = run(&ctx, &spec).await;
         assert_eq!(r.stdout.text, "hello\nworld\n");
-        spec.stdin = Some("x".into());
+        spec.opts.stdin = Some("x".into());
         assert_eq!(run(&ctx, &spec).await.stdout.text, "x");
-        spec.stdin = None;
+        spec.opts.stdin = None;
         let r = run(&ctx, &spec).await;
         assert_eq!((r.status, r.stdout.text.as_str()), (Status::Succeeded, ""));
     }
@@ -1595,8 +1596,8 @@ mod tests {
         let data = dir.join("data.bin");
         std::fs::write(&data, b"twelve bytes").unwrap();
         let mut spec = JobSpec::shell(line);
-        spec.inputs.push(crew_core::job::Input::path("in/data.bin", &data));
-        spec.outputs = outputs.iter().map(|s| (*s).to_owned()).collect();
+        spec.opts.inputs.push(crew_core::job::Input::path("in/data.bin", &data));
+        spec.opts.outputs = outputs.iter().map(|s| (*s).to_owned()).collect();
         let stager = staging::Stager::new(store.clone());
         stager.stage(std::slice::from_mut(&mut spec)).await.unwrap();
         spec
@@ -1654,10 +1655,10 @@ mod tests {
     async fn a_corrupt_input_fails_the_attempt_before_the_job_runs() {
         let (d, ctx, store) = data_context();
         let spec = staged(d.path(), &store, "touch ran", &[]).await;
-        let crew_core::job::InputSource::Object { key, .. } = &spec.inputs[0].source else { panic!() };
+        let crew_core::job::InputSource::Object { key, .. } = &spec.opts.inputs[0].source else { panic!() };
         std::fs::write(store.root().join(key), b"twelve bytez").unwrap();
         let mut spec = spec;
-        spec.cwd = Some(d.path().join("cwd"));
+        spec.opts.cwd = Some(d.path().join("cwd"));
         std::fs::create_dir(d.path().join("cwd")).unwrap();
         let r = run(&ctx, &spec).await;
         assert_eq!(r.status, Status::Failed);
@@ -1679,7 +1680,7 @@ mod tests {
         assert_eq!(names, ["in/data.bin"]);
         // An unsafe pattern that got past validation is refused here too.
         let mut spec = staged(d.path(), &store, "true", &[]).await;
-        spec.outputs.push("../../etc/passwd".into());
+        spec.opts.outputs.push("../../etc/passwd".into());
         let r = run(&ctx, &spec).await;
         assert_eq!(r.status, Status::Failed);
         assert!(r.error.unwrap().contains(".. segment"));
@@ -1691,7 +1692,7 @@ mod tests {
         let (_d, ctx) = context();
         let ctx = ctx.with_store(Arc::new(FailingStore));
         let mut spec = JobSpec::shell("echo x > a.txt");
-        spec.outputs.push("a.txt".into());
+        spec.opts.outputs.push("a.txt".into());
         let r = run(&ctx, &spec).await;
         assert_eq!(r.status, Status::Failed);
         let error = r.error.unwrap();
@@ -1704,7 +1705,7 @@ mod tests {
     async fn data_jobs_need_a_store() {
         let (_d, ctx) = context();
         let mut spec = JobSpec::shell("true");
-        spec.outputs.push("x".into());
+        spec.opts.outputs.push("x".into());
         let r = run(&ctx, &spec).await;
         assert_eq!(r.status, Status::Failed);
         assert!(r.error.unwrap().contains("no store"));
@@ -1985,7 +1986,7 @@ mod tests {
         };
         let mut spec = JobSpec::shell("env");
         spec.name = Some("n".into());
-        spec.env_inherit = vec!["FOO".into(), "MISSING".into(), "CREW_TOKEN".into(), "K".into()];
+        spec.opts.env_inherit = vec!["FOO".into(), "MISSING".into(), "CREW_TOKEN".into(), "K".into()];
         spec.env.insert("K".into(), "job's".into());
         spec.env.insert("CREW_SEED".into(), "the job cannot set this".into());
         let env = job_env(&spec, JobId(5), 2, 77, "local-3", agent);
@@ -2024,7 +2025,7 @@ mod tests {
         assert!(names.contains(&"PATH") && names.contains(&"CREW_JOB_ID"), "{names:?}");
         assert!(names.iter().all(|n| BASE_ENV.contains(n) || n.starts_with("CREW_")), "{names:?}");
         let mut spec = argv(&["/usr/bin/env"]);
-        spec.env_inherit.push(ambient.to_owned());
+        spec.opts.env_inherit.push(ambient.to_owned());
         let r = run(&ctx, &spec).await;
         let want = format!("{ambient}={}", std::env::var(ambient).unwrap());
         assert!(r.stdout.text.lines().any(|l| l == want), "{}", r.stdout.text);
@@ -2035,7 +2036,7 @@ mod tests {
         let (_d, ctx) = context();
         // The job's leader spins: killed by SIGXCPU after 1 s of CPU.
         let mut spin = JobSpec::shell("while :; do :; done");
-        spin.cpu = Some(Duration::from_millis(500));
+        spin.opts.cpu = Some(Duration::from_millis(500));
         let t = Instant::now();
         let r = run(&ctx, &spin).await;
         assert_eq!((r.status, r.signal), (Status::CpuLimit, Some(libc::SIGXCPU)), "{r:?}");
@@ -2045,18 +2046,18 @@ mod tests {
         assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
         // A child of the leader spins; the shell reports 128 + SIGXCPU.
         let mut child = JobSpec::shell("sh -c 'while :; do :; done'; exit $?");
-        child.cpu = Some(Duration::from_secs(1));
+        child.opts.cpu = Some(Duration::from_secs(1));
         let r = run(&ctx, &child).await;
         assert_eq!((r.status, r.exit_code), (Status::CpuLimit, Some(128 + libc::SIGXCPU)), "{r:?}");
         // SIGXCPU ignored: SIGKILL at the hard limit, 2 s of CPU later.
         let mut deaf = JobSpec::shell("trap '' XCPU; while :; do :; done");
-        deaf.cpu = Some(Duration::from_secs(1));
+        deaf.opts.cpu = Some(Duration::from_secs(1));
         let r = run(&ctx, &deaf).await;
         assert_eq!((r.status, r.signal), (Status::CpuLimit, Some(libc::SIGKILL)), "{r:?}");
         // An rlimit is per process: a shell that goes on after its child
         // was killed decides the job's status itself.
         let mut goes_on = JobSpec::shell("sh -c 'while :; do :; done'; echo after");
-        goes_on.cpu = Some(Duration::from_secs(1));
+        goes_on.opts.cpu = Some(Duration::from_secs(1));
         let r = run(&ctx, &goes_on).await;
         assert_eq!((r.status, r.stdout.text.as_str()), (Status::Succeeded, "after\n"), "{r:?}");
     }
@@ -2066,7 +2067,7 @@ mod tests {
         let (_d, ctx) = context();
         for line in ["python3 -c 'bytearray(512 * 1024 * 1024)'", "head -c 500M /dev/zero | tail"] {
             let mut spec = JobSpec::shell(line);
-            spec.memory = Some(64 << 20);
+            spec.opts.memory = Some(64 << 20);
             let r = run(&ctx, &spec).await;
             assert_eq!(r.status, Status::MemoryLimit, "{line}: {r:?}");
             let error = r.error.unwrap_or_default();
@@ -2075,7 +2076,7 @@ mod tests {
         }
         // Another failure names the limit, in case it was the cause.
         let mut spec = JobSpec::shell("exit 3");
-        spec.memory = Some(64 << 20);
+        spec.opts.memory = Some(64 << 20);
         let r = run(&ctx, &spec).await;
         assert_eq!(r.status, Status::Failed);
         assert_eq!(
@@ -2090,7 +2091,7 @@ mod tests {
     async fn a_job_stopped_by_a_limit_still_uploads_its_outputs() {
         let (d, ctx, store) = data_context();
         let mut spec = staged(d.path(), &store, "echo partial > log.txt; while :; do :; done", &["log.txt"]).await;
-        spec.cpu = Some(Duration::from_secs(1));
+        spec.opts.cpu = Some(Duration::from_secs(1));
         let r = run(&ctx, &spec).await;
         assert_eq!(r.status, Status::CpuLimit, "{r:?}");
         let names: Vec<&str> = r.objects.iter().map(|o| o.name.as_str()).collect();
@@ -2101,8 +2102,8 @@ mod tests {
     async fn a_job_within_its_limits_succeeds() {
         let (_d, ctx) = context();
         let mut spec = JobSpec::shell("python3 -c 'b = bytearray(16 * 1024 * 1024); print(len(b))'");
-        spec.memory = Some(256 << 20);
-        spec.cpu = Some(Duration::from_secs(30));
+        spec.opts.memory = Some(256 << 20);
+        spec.opts.cpu = Some(Duration::from_secs(30));
         let r = run(&ctx, &spec).await;
         assert_eq!((r.status, r.stdout.text.as_str(), r.error), (Status::Succeeded, "16777216\n", None));
     }

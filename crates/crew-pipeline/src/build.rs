@@ -624,14 +624,14 @@ impl Engine<'_> {
         spec.name = Some(label.clone());
         spec.tags = def.tags.clone();
         spec.env = job.env.clone();
-        spec.env_inherit = def.env_inherit.clone();
+        spec.opts.env_inherit = def.env_inherit.clone();
         spec.timeout = def.timeout;
         spec.retries = def.retries;
-        spec.cpu = def.cpu;
-        spec.memory = def.memory;
-        spec.inputs = inputs.into_values().map(|o| Input::object(o.name, o.key, o.size, o.sha256)).collect();
-        spec.outputs = job.outputs.clone();
-        spec.output_prefix = Some(format!("{OBJECTS_PREFIX}/{hash}/{}", self.run));
+        spec.opts.cpu = def.cpu;
+        spec.opts.memory = def.memory;
+        spec.opts.inputs = inputs.into_values().map(|o| Input::object(o.name, o.key, o.size, o.sha256)).collect();
+        spec.opts.outputs = job.outputs.clone();
+        spec.opts.output_prefix = Some(format!("{OBJECTS_PREFIX}/{hash}/{}", self.run));
         if let Err(e) = spec.validate() {
             let error = format!("cannot make a job of it: {e}");
             on_event(Event::Warning(format!("target {label}: {error}")));

@@ -139,14 +139,14 @@ fn one_job_body(
     spec.name = args.name.clone();
     spec.tags = tags;
     spec.env = env;
-    spec.env_inherit = args.env_inherit.clone();
-    spec.cwd = args.cwd.clone();
+    spec.opts.env_inherit = args.env_inherit.clone();
+    spec.opts.cwd = args.cwd.clone();
     spec.timeout = timeout;
-    spec.cpu = cpu;
-    spec.memory = memory;
+    spec.opts.cpu = cpu;
+    spec.opts.memory = memory;
     spec.retries = args.retries.unwrap_or(0);
-    spec.inputs = inputs;
-    spec.outputs = args.output.clone();
+    spec.opts.inputs = inputs;
+    spec.opts.outputs = args.output.clone();
     // Check it exactly as the daemon will, so that a bad job is reported
     // before any daemon is started.
     let value = serde_json::to_value(spec.as_line()).map_err(Failure::internal)?;
@@ -293,12 +293,13 @@ fn check_and_pipe(
         if !open {
             continue;
         }
-        if verbatim_ok && spec.inputs.is_empty() && t.starts_with('{') {
+        if verbatim_ok && spec.opts.inputs.is_empty() && t.starts_with('{') {
             piece.extend_from_slice(t.as_bytes());
         } else {
             // Relative input paths are from the sender's folder; the
             // daemon needs them absolute.
-            for input in &mut spec.inputs {
+            let inputs = if spec.opts.inputs.is_empty() { &mut [][..] } else { &mut spec.opts.inputs[..] };
+            for input in inputs {
                 if let Err(e) = super::absolute_input(input) {
                     check.errors.push((n, format!("{:#}", e.error)));
                     cut(&mut open);

@@ -1194,7 +1194,7 @@ fn specs_of(r: wire::SendRequest) -> Result<Vec<crew_core::JobSpec>, ApiError> {
 /// paths.
 fn checked_spec(spec: crew_core::JobSpec) -> Result<crew_core::JobSpec, ApiError> {
     spec.check_size().map_err(|e| ApiError::new(ErrorCode::JobTooLarge, e.to_string()))?;
-    for input in &spec.inputs {
+    for input in &spec.opts.inputs {
         if let InputSource::Path(p) = &input.source {
             if !p.is_absolute() {
                 return Err(ApiError::new(

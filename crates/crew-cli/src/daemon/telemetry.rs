@@ -337,7 +337,8 @@ impl Telemetry {
 
 /// The bytes of a job's staged inputs.
 pub(crate) fn input_bytes(spec: &JobSpec) -> u64 {
-    spec.inputs
+    spec.opts
+        .inputs
         .iter()
         .map(|i| match &i.source {
             crew_core::job::InputSource::Object { size, .. } => *size,

@@ -321,12 +321,12 @@ async fn send_refuses_unstaged_inputs_and_data_without_a_store() {
     let data = dir.path().join("data.txt");
     std::fs::write(&data, b"abc").expect("write");
     let mut job = JobSpec::shell("cat in.txt");
-    job.inputs.push(crew_core::job::Input::path("in.txt", &data));
+    job.opts.inputs.push(crew_core::job::Input::path("in.txt", &data));
 
     let bare = Controller::start(ControllerConfig::new(AgentCommand::crew(crew_bin()))).await.expect("start");
     bare.recruit(Recruit::new(Arc::new(LocalWorker::new()), 1)).expect("recruit");
     let mut outputs_only = JobSpec::shell("true");
-    outputs_only.outputs.push("x.txt".into());
+    outputs_only.opts.outputs.push("x.txt".into());
     let err = bare.send(outputs_only).expect_err("no store").to_string();
     assert!(err.contains("no store"), "{err}");
     bare.close().await;
@@ -364,7 +364,7 @@ async fn a_worker_without_the_store_says_why_in_the_record() {
     std::fs::remove_dir_all(&parent).expect("remove the store's folder");
     std::fs::write(&parent, b"not a folder").expect("a file in its place");
     let mut job = JobSpec::shell("echo x > x.txt");
-    job.outputs.push("x.txt".into());
+    job.opts.outputs.push("x.txt".into());
     controller.send(job).expect("send");
     let o = controller.receive_wait(Some(Duration::from_secs(20))).await.expect("an output");
     assert_eq!(o.status, Status::Failed, "{o:?}");

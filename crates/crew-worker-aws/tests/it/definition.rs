@@ -143,7 +143,7 @@ async fn workers_run_on_a_definition_registered_by_the_helper() {
             (0..4)
                 .map(|i| {
                     let mut job = JobSpec::shell(format!("echo {i} $AWS_BATCH_JOB_ID"));
-                    job.env_inherit.push("AWS_BATCH_JOB_ID".to_owned());
+                    job.opts.env_inherit.push("AWS_BATCH_JOB_ID".to_owned());
                     job
                 })
                 .collect(),

@@ -289,7 +289,7 @@ async fn a_batch_job_terminated_mid_job_has_its_crew_job_rerun() {
         m = marker.display()
     );
     let mut job = JobSpec::shell(line);
-    job.env_inherit.push("AWS_BATCH_JOB_ID".to_owned());
+    job.opts.env_inherit.push("AWS_BATCH_JOB_ID".to_owned());
     let id = controller.send(job).expect("send");
     let deadline = Instant::now() + Duration::from_secs(60);
     let batch_job = loop {

@@ -129,7 +129,7 @@ async fn twenty_jobs_on_four_slots_from_one_array_over_tls() {
         .map(|i| {
             // The script's preamble ran before the agent, on the node.
             let mut j = JobSpec::shell(format!("echo job {i} $PREAMBLE_MARK"));
-            j.env_inherit = vec!["PREAMBLE_MARK".into()];
+            j.opts.env_inherit = vec!["PREAMBLE_MARK".into()];
             j
         })
         .collect();
@@ -174,7 +174,7 @@ async fn a_worker_cancelled_mid_job_is_a_crash_and_the_job_runs_elsewhere() {
         marks.display()
     );
     let mut spec = JobSpec::shell(line);
-    spec.env_inherit = vec!["SLURM_ARRAY_JOB_ID".into(), "SLURM_ARRAY_TASK_ID".into()];
+    spec.opts.env_inherit = vec!["SLURM_ARRAY_JOB_ID".into(), "SLURM_ARRAY_TASK_ID".into()];
     let id = controller.send(spec).expect("send");
     let task_file = marks.join("task");
     until("the job runs", || task_file.exists()).await;
@@ -212,7 +212,7 @@ async fn a_worker_cancelled_mid_job_is_a_crash_and_the_job_runs_elsewhere() {
         marks.display()
     );
     let mut spec = JobSpec::shell(line);
-    spec.env_inherit = vec!["SLURM_ARRAY_JOB_ID".into(), "SLURM_ARRAY_TASK_ID".into()];
+    spec.opts.env_inherit = vec!["SLURM_ARRAY_JOB_ID".into(), "SLURM_ARRAY_TASK_ID".into()];
     spec.crashes_max = 1;
     let id = controller.send(spec).expect("send");
     let task_file = marks.join("task2");
