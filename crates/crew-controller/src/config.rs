@@ -67,7 +67,8 @@ pub struct ControllerConfig {
     /// Time an agent has to send its hello after connecting.
     pub hello_timeout: Duration,
     /// Connections that may wait for their hello (or TLS handshake) at
-    /// once; past it, the oldest waiting one is closed. Authenticated
+    /// once; past it, the listener takes no more until a place frees or
+    /// the oldest has waited a second, which is then closed. Authenticated
     /// connections are bounded by the slots (one per launch member), so
     /// the worker port holds at most slots + this many connections.
     pub max_handshakes: usize,

@@ -66,6 +66,10 @@ use crew_core::worker::{
 use crew_scheduler::{Action, Counts, Scheduler, SlotConfig, SlotFilter, SlotId, SlotLimits, SlotState, SubmitError};
 use crew_tls::ControllerTls;
 
+/// What [`Observer::connected_durably`] returns: a wait that ends once the
+/// observer has the connection on record.
+pub type Durable = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>;
+
 /// Hooks for a program that keeps its own record of the controller's work
 /// (the daemon's journal).
 pub trait Observer: Send + Sync + fmt::Debug {
@@ -83,6 +87,15 @@ pub trait Observer: Send + Sync + fmt::Debug {
     /// A worker connected (or came back) for the slot `slot`: a restarted
     /// controller expects it back ([`Controller::await_workers`]).
     fn connected(&self, _slot: &str) {}
+    /// [`Observer::connected`], for an observer that must have the
+    /// connection on record before the worker gets anything: the future it
+    /// returns ends once it is, and the controller holds every frame to the
+    /// worker (its welcome first) until then, without holding anything
+    /// else up meanwhile. By default, `connected` and no wait.
+    fn connected_durably(&self, slot: &str) -> Option<Durable> {
+        self.connected(slot);
+        None
+    }
     /// The slot's worker went away.
     fn disconnected(&self, _slot: &str) {}
     /// The worker of slot `slot` (class `class`) was lost while up and not

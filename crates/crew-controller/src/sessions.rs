@@ -19,6 +19,9 @@ pub(crate) struct Conn {
     /// The writer task owns the buffer's head until it drained it (the
     /// socket was full); direct writes wait meanwhile, to keep frame order.
     pub(crate) pending_write: AtomicBool,
+    /// Frames wait in `out` unwritten while set: until the observer has
+    /// the connection on record ([`Observer::connected_durably`]).
+    pub(crate) held: AtomicBool,
     /// Object lists of results in parts ([`AgentMsg::Objects`]), by job
     /// and attempt, until their `Done`; `true` when the list passed
     /// [`MAX_RESULT_OBJECTS`].
@@ -57,7 +60,7 @@ impl Conn {
     /// Writes what the socket takes now; the writer task gets the rest.
     pub(crate) fn flush(&self) {
         let mut out = lock(&self.out);
-        if out.is_empty() || self.pending_write.load(Ordering::Relaxed) {
+        if out.is_empty() || self.pending_write.load(Ordering::Relaxed) || self.held.load(Ordering::Relaxed) {
             return;
         }
         match self.stream.try_write(&out) {
@@ -352,14 +355,24 @@ pub const MAX_HELLO: usize = 64 * 1024;
 /// How much of what a rejected peer sent a log line may carry.
 pub(crate) const LOGGED_PREFIX: usize = 32;
 
-/// Connections waiting for their hello: the oldest is closed to make
-/// room past the cap, so that a flood of silent connections cannot keep
-/// a real agent out.
+/// Connections waiting for their hello. Past the cap, the listener takes
+/// no more from the kernel's queue until a place frees or the oldest has
+/// waited [`HANDSHAKE_GRACE`], which is then closed to make room: a burst
+/// of real agents (a hundred launched at once) waits its turn and loses
+/// none, while a flood of silent connections cannot keep a real agent
+/// out for long.
 #[derive(Default)]
 pub(crate) struct Handshakes {
     pub(crate) next: u64,
-    pub(crate) waiting: BTreeMap<u64, (SocketAddr, CancellationToken)>,
+    pub(crate) waiting: BTreeMap<u64, (SocketAddr, Instant, CancellationToken)>,
+    /// Told when a place frees.
+    pub(crate) freed: Arc<Notify>,
 }
+
+/// How long a connection holds its place at the cap before a newer one
+/// may take it (at most the hello timeout): long enough for an agent whose
+/// hello is on its way, short enough that silent connections give way.
+pub(crate) const HANDSHAKE_GRACE: Duration = Duration::from_secs(1);
 
 /// One connection's place in [`Handshakes`]; dropped once its hello was
 /// read (or it failed), which frees the place.
@@ -371,7 +384,10 @@ pub(crate) struct Waiting {
 
 impl Drop for Waiting {
     fn drop(&mut self) {
-        lock(&self.all).waiting.remove(&self.id);
+        let mut all = lock(&self.all);
+        if all.waiting.remove(&self.id).is_some() {
+            all.freed.notify_one();
+        }
     }
 }
 
@@ -387,8 +403,38 @@ pub(crate) fn short(text: &str, max: usize) -> String {
 
 pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     let handshakes = Arc::new(Mutex::new(Handshakes::default()));
+    let freed = lock(&handshakes).freed.clone();
     let cap = shared.config.max_handshakes.max(1);
+    let grace = HANDSHAKE_GRACE.min(shared.config.hello_timeout);
     loop {
+        // A place for one more connection first (see `Handshakes`).
+        loop {
+            let wait = {
+                let mut h = lock(&handshakes);
+                if h.waiting.len() < cap {
+                    break;
+                }
+                let Some((_, &(_, since, _))) = h.waiting.first_key_value() else { break };
+                let waited = since.elapsed();
+                if waited >= grace {
+                    if let Some((_, (oldest, _, token))) = h.waiting.pop_first() {
+                        token.cancel();
+                        warn!(
+                            peer = %oldest,
+                            "closed a worker connection: {cap} connections were waiting for their hello, \
+                             this one for {waited:.1?} (the oldest makes room)"
+                        );
+                    }
+                    continue;
+                }
+                grace - waited
+            };
+            tokio::select! {
+                _ = shared.stop.cancelled() => return,
+                () = freed.notified() => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
         let accepted = tokio::select! {
             _ = shared.stop.cancelled() => return,
             a = listener.accept() => a,
@@ -397,19 +443,10 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
             Ok((stream, peer)) => {
                 let waiting = {
                     let mut h = lock(&handshakes);
-                    while h.waiting.len() >= cap {
-                        let Some((_, (oldest, token))) = h.waiting.pop_first() else { break };
-                        token.cancel();
-                        warn!(
-                            peer = %oldest,
-                            "closed a worker connection: {cap} connections were waiting for their hello \
-                             (the oldest makes room)"
-                        );
-                    }
                     let id = h.next;
                     h.next += 1;
                     let cancelled = CancellationToken::new();
-                    h.waiting.insert(id, (peer, cancelled.clone()));
+                    h.waiting.insert(id, (peer, Instant::now(), cancelled.clone()));
                     Waiting { all: handshakes.clone(), id, cancelled }
                 };
                 let shared = shared.clone();
@@ -676,6 +713,7 @@ pub(crate) async fn serve_connection(shared: Arc<Shared>, stream: Link, peer: So
         }
     };
     let conn;
+    let mut durable = None;
     {
         let mut core = lock(&shared.core);
         let (launch, index) = match &hello {
@@ -723,6 +761,7 @@ pub(crate) async fn serve_connection(shared: Arc<Shared>, stream: Link, peer: So
             last_sent_ms: AtomicU64::new(now_ms),
             broken: AtomicBool::new(false),
             pending_write: AtomicBool::new(false),
+            held: AtomicBool::new(false),
             objects: Mutex::new(HashMap::new()),
         });
         let now = Instant::now();
@@ -732,7 +771,8 @@ pub(crate) async fn serve_connection(shared: Arc<Shared>, stream: Link, peer: So
             return;
         }
         if let Some(observer) = &shared.config.observer {
-            observer.connected(&core.sched.slot_config(slot).name);
+            durable = observer.connected_durably(&core.sched.slot_config(slot).name);
+            conn.held.store(durable.is_some(), Ordering::Relaxed);
         }
         if resuming {
             info!(slot = %core.sched.slot_config(slot).name, pid, host, "worker came back after a controller restart");
@@ -748,6 +788,15 @@ pub(crate) async fn serve_connection(shared: Arc<Shared>, stream: Link, peer: So
         shared.apply(&mut core);
     }
     tokio::spawn(writer_loop(conn.clone()));
+    // The welcome and the first jobs go once the observer has the
+    // connection on record (a restarted daemon then waits for this worker
+    // to come back with its jobs rather than run them again elsewhere);
+    // meanwhile the controller goes on with everything else.
+    if let Some(durable) = durable {
+        durable.await;
+        conn.held.store(false, Ordering::Relaxed);
+        conn.flush();
+    }
     // Frames that came with the hello.
     let reason = read_loop(&shared, &conn, buf).await;
     if !shared.stop.is_cancelled() {

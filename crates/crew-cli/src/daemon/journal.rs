@@ -36,8 +36,8 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use crew_controller::Observer;
 use crew_controller::journal::{Journal, Record};
+use crew_controller::{Durable, Observer};
 use crew_core::JobId;
 use tokio::sync::watch;
 
@@ -106,9 +106,9 @@ pub(crate) struct AssignedBuffer {
     jobs: Mutex<Vec<Noted>>,
     /// `Up` records buffered so far (counted after their push).
     ups: AtomicU64,
-    /// How many of them are durable; `connected` waits on it.
-    ups_durable: Mutex<u64>,
-    ups_synced: Condvar,
+    /// How many of them are durable; a connecting worker's welcome waits
+    /// on it ([`Observer::connected_durably`]).
+    ups_durable: watch::Sender<u64>,
     /// Work for the committer: something was appended or buffered.
     work: Mutex<bool>,
     wake: Condvar,
@@ -134,11 +134,22 @@ const UP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 impl AssignedBuffer {
     /// The committer made the first `ups` `Up` records durable.
     fn ups_done(&self, ups: u64) {
-        let mut done = lock(&self.ups_durable);
-        if ups > *done {
-            *done = ups;
-            self.ups_synced.notify_all();
-        }
+        self.ups_durable.send_if_modified(|done| {
+            let more = ups > *done;
+            if more {
+                *done = ups;
+            }
+            more
+        });
+    }
+
+    /// Buffers the `Up` record of `slot`; how many `Up` records must be
+    /// durable for it to be.
+    fn note_up(&self, slot: &str) -> u64 {
+        lock(&self.jobs).push(Noted::Record(Record::Up { slot: slot.to_owned() }));
+        let want = self.ups.fetch_add(1, Ordering::SeqCst) + 1;
+        self.poke();
+        want
     }
 
     fn poke(&self) {
@@ -157,26 +168,29 @@ impl Observer for AssignedBuffer {
         self.poke();
     }
 
-    /// Waits until the `Up` record is durable: the controller calls this
-    /// before it welcomes the worker, hence before any job reaches it, so
-    /// a daemon SIGKILLed after a job was sent knows the slot was up and,
-    /// restarted, waits for that worker to come back with the job instead
-    /// of running it a second time elsewhere. Connections are rare, so a
-    /// group commit each is cheap.
+    /// Buffers the `Up` record without waiting for it (the controller
+    /// calls [`Observer::connected_durably`]).
     fn connected(&self, slot: &str) {
-        lock(&self.jobs).push(Noted::Record(Record::Up { slot: slot.to_owned() }));
-        let want = self.ups.fetch_add(1, Ordering::SeqCst) + 1;
-        self.poke();
-        let deadline = std::time::Instant::now() + UP_WAIT;
-        let mut done = lock(&self.ups_durable);
-        while *done < want {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
+        self.note_up(slot);
+    }
+
+    /// Buffers the `Up` record; the wait returned ends once it is durable.
+    /// The controller sends the worker nothing (its welcome first) until
+    /// then, hence no job, so a daemon SIGKILLed after a job was sent
+    /// knows the slot was up and, restarted, waits for that worker to come
+    /// back with the job instead of running it a second time elsewhere.
+    /// Nothing else waits meanwhile (the controller's lock is not held);
+    /// a group commit a connection is cheap.
+    fn connected_durably(&self, slot: &str) -> Option<Durable> {
+        let want = self.note_up(slot);
+        let mut durable = self.ups_durable.subscribe();
+        let slot = slot.to_owned();
+        Some(Box::pin(async move {
+            let recorded = tokio::time::timeout(UP_WAIT, durable.wait_for(|done| *done >= want)).await;
+            if !matches!(recorded, Ok(Ok(_))) {
                 tracing::warn!(slot, "the journal did not record the worker's connection within {UP_WAIT:?}");
-                return;
             }
-            done = self.ups_synced.wait_timeout(done, left).unwrap_or_else(std::sync::PoisonError::into_inner).0;
-        }
+        }))
     }
 
     fn disconnected(&self, slot: &str) {

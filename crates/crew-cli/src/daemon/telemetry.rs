@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use crew_controller::{Observer, StatusReport};
+use crew_controller::{Durable, Observer, StatusReport};
 use crew_core::output::Timestamp;
 use crew_core::{JobId, JobSpec, Output};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -422,6 +422,18 @@ impl Observer for Observers {
 
     fn connected(&self, slot: &str) {
         self.0.iter().for_each(|o| o.connected(slot));
+    }
+
+    fn connected_durably(&self, slot: &str) -> Option<Durable> {
+        let waits: Vec<Durable> = self.0.iter().filter_map(|o| o.connected_durably(slot)).collect();
+        if waits.is_empty() {
+            return None;
+        }
+        Some(Box::pin(async move {
+            for wait in waits {
+                wait.await;
+            }
+        }))
     }
 
     fn disconnected(&self, slot: &str) {

@@ -306,6 +306,37 @@ fn silent_and_oversized_worker_connections_are_capped_and_logged_short() {
     }
 }
 
+/// A hundred local workers launched at once all come up: their hellos
+/// arrive faster than the daemon reads them, past the cap of connections
+/// waiting for one (64), and the listener leaves the rest in the kernel's
+/// queue rather than closing real agents to make room.
+#[test]
+fn a_hundred_workers_launched_at_once_all_connect() {
+    const N: usize = 100;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let mark = unique("storm-");
+    let _reaper = Reaper::new(&mark);
+    let _down = Down { dir: d, mark: &mark };
+    crew_ok(d, &mark, &["recruit", "--workers", &N.to_string(), "--class", "local"]);
+    crew_ok(d, &mark, &["launch"]);
+    let states = || {
+        let out = crew_ok(d, &mark, &["status", "--json"]);
+        let status: serde_json::Value = serde_json::from_str(&out.stdout).expect("status json");
+        let slots = status["slots"].as_array().expect("slots").clone();
+        let count = |state: &str| slots.iter().filter(|s| s["state"] == state).count();
+        (count("idle"), count("down"), slots.len())
+    };
+    let up = poll_until(Duration::from_secs(60), || states().0 == N);
+    let log = std::fs::read_to_string(d.join(".crew/daemon.log")).unwrap_or_default();
+    let (idle, down, slots) = states();
+    assert!(up, "all {N} workers connect: {idle} idle, {down} down of {slots}\n{log}");
+    assert!(
+        !log.contains("closed a worker connection") && !log.contains("rejected a worker connection"),
+        "no real agent was turned away\n{log}"
+    );
+}
+
 #[test]
 fn daemon_log_rotates_by_size_and_keeps_the_configured_files() {
     use std::io::Read;
