@@ -196,6 +196,18 @@ pub struct PendingJob<S = JobSpec> {
     pub slot: Option<String>,
 }
 
+/// What `replay` says besides jobs and outputs: its recruits, dismissals,
+/// workers up and next job id.
+fn meta_of<S, O>(replay: &Replay<S, O>) -> Replay<RawSpec, RawOutput> {
+    Replay {
+        recruits: replay.recruits.clone(),
+        dismissed: replay.dismissed.clone(),
+        up: replay.up.clone(),
+        next_job: replay.next_job,
+        ..Replay::default()
+    }
+}
+
 /// A job's spec as the JSON the journal holds (see [`Record`]).
 pub type RawSpec = Box<serde_json::value::RawValue>;
 
@@ -694,11 +706,27 @@ pub struct Journal {
     /// A compaction in progress on a thread of its own.
     compaction: Option<Compaction>,
     /// A compaction was asked for whatever the thresholds
-    /// ([`Journal::compact_soon`]).
+    /// ([`Journal::mark_idle`]).
     wanted: bool,
+    /// What the journal describes besides jobs and outputs (recruits,
+    /// dismissals, workers up, the next job id), kept from what was
+    /// appended: all a checkpoint writes.
+    meta: Replay<RawSpec, RawOutput>,
+    /// How many records about jobs or outputs were appended (anything but
+    /// what `meta` keeps); a checkpoint is void when one came after the
+    /// caller said the state was empty.
+    job_records: u64,
+    /// `job_records` when the caller said the state was empty
+    /// ([`Journal::mark_idle`]), and the mark's number.
+    idle: Option<(u64, u64)>,
+    /// Marks handed out by [`Journal::mark_idle`].
+    marks: u64,
+    /// The last mark that was settled: its checkpoint written, or found
+    /// void (a compaction is due instead).
+    settled: u64,
 }
 
-/// The size from which [`Journal::compact_soon`] compacts a journal (a
+/// The size from which [`Journal::mark_idle`] compacts a journal (a
 /// smaller one is left alone).
 pub const COMPACT_SOON_AFTER: u64 = 1024 * 1024;
 
@@ -710,6 +738,9 @@ pub const COMPACT_SOON_AFTER: u64 = 1024 * 1024;
 struct Compaction {
     offset: u64,
     done: std::sync::mpsc::Receiver<Result<File, JournalError>>,
+    /// A checkpoint replaced the journal meanwhile: the compaction's file
+    /// is removed once it is done, never installed.
+    abandoned: bool,
 }
 
 /// Where a compacted journal is written before it replaces the journal.
@@ -717,29 +748,38 @@ fn compacting_path(path: &Path) -> PathBuf {
     path.with_extension("compacting")
 }
 
-/// Writes the records of `replay` to the `.compacting` file next to `path`,
-/// durably; returns it, open for appending at its end.
-fn write_compacted<S: Serialize, O: Delivery>(path: &Path, replay: &Replay<S, O>) -> Result<File, JournalError> {
-    let written = write_compacted_file(path, replay);
+/// Where a checkpoint is written before it replaces the journal (not the
+/// compaction's file: one may still be writing that).
+fn checkpoint_path(path: &Path) -> PathBuf {
+    path.with_extension("checkpoint")
+}
+
+/// Writes the records of `replay` to `to` (the `.compacting` or
+/// `.checkpoint` file next to `path`), durably; returns it, open for
+/// appending at its end.
+fn write_compacted<S: Serialize, O: Delivery>(
+    path: &Path,
+    to: &Path,
+    replay: &Replay<S, O>,
+) -> Result<File, JournalError> {
+    let written = write_compacted_file(path, to, replay);
     if written.is_err() {
         // A part-written copy must not keep the space (a full disk).
-        let _ = std::fs::remove_file(compacting_path(path));
+        let _ = std::fs::remove_file(to);
     }
     written
 }
 
-fn write_compacted_file<S: Serialize, O: Delivery>(path: &Path, replay: &Replay<S, O>) -> Result<File, JournalError> {
+fn write_compacted_file<S: Serialize, O: Delivery>(
+    path: &Path,
+    to: &Path,
+    replay: &Replay<S, O>,
+) -> Result<File, JournalError> {
     let io = |source| JournalError::Io { path: path.to_path_buf(), source };
     // Private (0600): jobs' command lines and environments are in it. The
     // mode is set explicitly too, since a file left by an older version
     // keeps its own on open.
-    let file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(compacting_path(path))
-        .map_err(io)?;
+    let file = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(to).map_err(io)?;
     file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600)).map_err(io)?;
     let mut w = BufWriter::with_capacity(256 * 1024, file);
     replay.write_state(&mut w).map_err(io)?;
@@ -768,18 +808,23 @@ impl Journal {
     /// Writes `replay` as a fresh journal next to `path` and renames it over
     /// `path` (atomic), then opens it for appending.
     fn rewrite(path: &Path, replay: &Replay) -> Result<Self, JournalError> {
-        let file = write_compacted(path, replay)?;
-        Self::install(path, file)
+        let to = compacting_path(path);
+        let file = write_compacted(path, &to, replay)?;
+        let mut journal = Self::install(path, &to, file)?;
+        journal.meta = meta_of(replay);
+        Ok(journal)
     }
 
-    /// Renames the compacted file `file` (at [`compacting_path`]) over
-    /// `path` and appends to it from now on. The descriptor follows the
-    /// file, so nothing can fail between the rename and the switch (which
-    /// would leave appends going to the replaced file).
-    fn install(path: &Path, file: File) -> Result<Self, JournalError> {
+    /// Renames the compacted file `file` (at `from`: [`compacting_path`] or
+    /// [`checkpoint_path`]) over `path` and appends to it from now on. The
+    /// descriptor follows the file, so nothing can fail between the rename
+    /// and the switch (which would leave appends going to the replaced
+    /// file). What the journal describes besides jobs (`meta`) is the
+    /// caller's to carry over.
+    fn install(path: &Path, from: &Path, file: File) -> Result<Self, JournalError> {
         let io = |source| JournalError::Io { path: path.to_path_buf(), source };
         let base = file.metadata().map_err(io)?.len();
-        std::fs::rename(compacting_path(path), path).map_err(io)?;
+        std::fs::rename(from, path).map_err(io)?;
         if let Some(dir) = path.parent() {
             // Make the rename itself durable.
             if let Ok(d) = File::open(dir) {
@@ -802,7 +847,26 @@ impl Journal {
             compact_after: COMPACT_AFTER,
             compaction: None,
             wanted: false,
+            meta: Replay { next_job: 1, ..Replay::default() },
+            job_records: 0,
+            idle: None,
+            marks: 0,
+            settled: 0,
         })
+    }
+
+    /// A journal that replaced this one (a compaction or a checkpoint
+    /// installed): it goes on with this one's settings and with what it
+    /// knows besides jobs, which neither changes.
+    fn succeeded_by(&mut self, mut fresh: Self) {
+        fresh.compact_after = self.compact_after;
+        fresh.wanted = self.wanted;
+        fresh.meta = std::mem::take(&mut self.meta);
+        fresh.job_records = self.job_records;
+        fresh.idle = self.idle;
+        fresh.marks = self.marks;
+        fresh.settled = self.settled;
+        *self = fresh;
     }
 
     /// Sets the size below which [`Journal::compact_if_grown`] leaves the
@@ -823,6 +887,18 @@ impl Journal {
     /// doubled again.
     pub fn compact_if_grown(&mut self) -> Result<bool, JournalError> {
         self.commit()?;
+        if let Some((at, mark)) = self.idle.take() {
+            self.settled = mark;
+            if at == self.job_records && self.size >= COMPACT_SOON_AFTER {
+                // Nothing about jobs was appended since the caller found
+                // its state empty: what is left is `meta`. On a failure the
+                // compaction asked for with the mark (`wanted`) goes on.
+                match self.checkpoint() {
+                    Ok(()) => return Ok(true),
+                    Err(e) => tracing::warn!("cannot write the journal's checkpoint (it is compacted instead): {e}"),
+                }
+            }
+        }
         let io = |source| JournalError::Io { path: self.path.clone(), source };
         let size = self.file.metadata().map_err(io)?.len();
         if let Some(c) = &self.compaction {
@@ -831,16 +907,23 @@ impl Journal {
                 Err(std::sync::mpsc::TryRecvError::Disconnected) => {
                     Err(io(std::io::Error::other("the compaction thread ended without an answer")))
                 }
+                Ok(compacted) if c.abandoned => {
+                    // A checkpoint took its place: its file goes (a failed
+                    // one removed its own).
+                    if compacted.is_ok() {
+                        let _ = std::fs::remove_file(compacting_path(&self.path));
+                    }
+                    self.compaction = None;
+                    return Ok(false);
+                }
                 Ok(compacted) => compacted.and_then(|file| self.install_compacted(file, c.offset)),
             };
             self.compaction = None;
             return match result {
-                Ok(mut fresh) => {
-                    fresh.compact_after = self.compact_after;
+                Ok(fresh) => {
                     // Asked for while this one ran (it may not have seen
                     // the records that made the state empty): still due.
-                    fresh.wanted = self.wanted;
-                    *self = fresh;
+                    self.succeeded_by(fresh);
                     Ok(true)
                 }
                 Err(e) => {
@@ -866,13 +949,13 @@ impl Journal {
                 // Only what was committed when it started: whole lines.
                 let prefix = std::io::Read::take(File::open(&path).map_err(io)?, size);
                 read_into_limited(&path, prefix, &mut replay, MAX_RECORD, parse_raw_record)?;
-                write_compacted(&path, &replay)
+                write_compacted(&path, &compacting_path(&path), &replay)
             })();
             let _ = tx.send(compacted);
         });
         match spawned {
             Ok(_) => {
-                self.compaction = Some(Compaction { offset: size, done: rx });
+                self.compaction = Some(Compaction { offset: size, done: rx, abandoned: false });
                 Ok(false)
             }
             Err(e) => {
@@ -891,7 +974,24 @@ impl Journal {
         old.seek(SeekFrom::Start(offset)).map_err(io)?;
         std::io::copy(&mut old, &mut file).map_err(io)?;
         file.sync_data().map_err(io)?;
-        Self::install(&self.path, file)
+        Self::install(&self.path, &compacting_path(&self.path), file)
+    }
+
+    /// Replaces the journal with the records of `meta` alone (the caller's
+    /// state holds no job and no output: [`Journal::mark_idle`]), written
+    /// from memory: a few records, where a compaction would read the whole
+    /// file back. A compaction running meanwhile is abandoned.
+    fn checkpoint(&mut self) -> Result<(), JournalError> {
+        let to = checkpoint_path(&self.path);
+        let file = write_compacted(&self.path, &to, &self.meta)?;
+        let fresh = Self::install(&self.path, &to, file).inspect_err(|_| {
+            let _ = std::fs::remove_file(&to);
+        })?;
+        let running = self.compaction.take().map(|c| Compaction { abandoned: true, ..c });
+        self.succeeded_by(fresh);
+        self.compaction = running;
+        self.wanted = false;
+        Ok(())
     }
 
     /// Waits for a compaction in progress and installs it (tests, and a
@@ -905,8 +1005,8 @@ impl Journal {
             if let Ok(a) = answer {
                 let _ = tx.send(a);
             }
-            let offset = c.offset;
-            self.compaction = Some(Compaction { offset, done: rx });
+            let (offset, abandoned) = (c.offset, c.abandoned);
+            self.compaction = Some(Compaction { offset, done: rx, abandoned });
             return self.compact_if_grown();
         }
         Ok(false)
@@ -919,6 +1019,7 @@ impl Journal {
     pub fn append(&mut self, record: &Record) -> Result<(), JournalError> {
         self.line.clear();
         write_record(&mut self.line, record).map_err(|source| JournalError::Io { path: self.path.clone(), source })?;
+        self.note(record);
         self.dirty = true;
         self.size += self.line.len() as u64;
         self.pending.extend_from_slice(&self.line);
@@ -943,6 +1044,7 @@ impl Journal {
             }
             self.pending.push(b'\n');
         }
+        self.job_records += 1;
         self.dirty = true;
         self.size += (self.pending.len() - start) as u64;
         Ok(())
@@ -976,10 +1078,50 @@ impl Journal {
             }
             self.pending.push(b'\n');
         }
+        self.job_records += 1;
+        if let Some(last) = ids.iter().max() {
+            self.meta.next_job = self.meta.next_job.max(last.0.saturating_add(1));
+        }
         self.dirty = true;
         self.size += (self.pending.len() - start) as u64;
         self.accepted += (self.pending.len() - start) as u64;
         Ok(())
+    }
+
+    /// Keeps what `record` says besides jobs and outputs in `meta`, and
+    /// counts a record about jobs.
+    fn note(&mut self, record: &Record) {
+        let job = |meta: &mut Replay<RawSpec, RawOutput>, id: JobId| {
+            meta.next_job = meta.next_job.max(id.0.saturating_add(1));
+        };
+        let kept = match record {
+            Record::Recruit { class, count, tags, limits, options } => Record::Recruit {
+                class: class.clone(),
+                count: *count,
+                tags: tags.clone(),
+                limits: limits.clone(),
+                options: options.clone(),
+            },
+            Record::Dismiss { tags, slot } => Record::Dismiss { tags: tags.clone(), slot: slot.clone() },
+            Record::Up { slot } => Record::Up { slot: slot.clone() },
+            Record::Down { slot } => Record::Down { slot: slot.clone() },
+            Record::NextJob { next } => Record::NextJob { next: *next },
+            other => {
+                match other {
+                    Record::Accepted { jobs, .. } => {
+                        if let Some(id) = jobs.iter().map(|(id, _)| *id).max() {
+                            job(&mut self.meta, id);
+                        }
+                    }
+                    Record::Pending { id, .. } => job(&mut self.meta, *id),
+                    Record::Delivered { output } => job(&mut self.meta, output.id),
+                    _ => {}
+                }
+                self.job_records += 1;
+                return;
+            }
+        };
+        self.meta.apply(kept);
     }
 
     /// Appends a [`Record::Delivered`] whose output is already serialized
@@ -992,6 +1134,7 @@ impl Journal {
         self.pending.extend_from_slice(DELIVERED_HEAD);
         self.pending.extend_from_slice(output_json);
         self.pending.extend_from_slice(b"}\n");
+        self.job_records += 1;
         self.dirty = true;
         self.size += len as u64;
     }
@@ -1066,19 +1209,50 @@ impl Journal {
     /// install, or a file past its threshold. Cheap (no system call).
     pub fn compaction_due(&self) -> bool {
         self.compaction.is_some()
+            || self.idle.is_some()
             || self.size.saturating_sub(self.accepted) >= self.compact_after.max(self.base.saturating_mul(2))
             || (self.wanted && self.size >= COMPACT_SOON_AFTER)
     }
 
-    /// Asks [`Journal::compact_if_grown`] to compact at its next call
-    /// whatever the thresholds, provided the file is at least
-    /// [`COMPACT_SOON_AFTER`] long: for a daemon
-    /// whose live state just became empty (every job received), so that
-    /// the journal of a finished session of a million jobs shrinks to a
-    /// few records at once rather than waiting to double again, and a
-    /// restart reads next to nothing.
-    pub fn compact_soon(&mut self) {
+    /// Says that the records appended so far describe no job pending and
+    /// no output unreceived (a daemon whose clients received everything
+    /// they sent), so that the journal of a finished session of a million
+    /// jobs shrinks to a few records at once and a restart reads next to
+    /// nothing. Provided the file is at least [`COMPACT_SOON_AFTER`] long,
+    /// the next [`Journal::compact_if_grown`] writes a checkpoint: the
+    /// recruits, dismissals, workers up and next job id it kept from the
+    /// records appended, written from memory (no read of the file) and
+    /// renamed over it. Should a record about jobs be appended before that
+    /// (the state is not empty any more), it compacts instead, whatever
+    /// the thresholds. Returns the mark that [`Journal::settled`] reaches
+    /// once that call came, or `None` for a small file (left alone).
+    pub fn mark_idle(&mut self) -> Option<u64> {
+        if self.size < COMPACT_SOON_AFTER {
+            return None;
+        }
+        self.marks += 1;
+        self.idle = Some((self.job_records, self.marks));
         self.wanted = true;
+        Some(self.marks)
+    }
+
+    /// Settles the mark of [`Journal::mark_idle`] at once if it is void (a
+    /// record about jobs came after it), without the commit that
+    /// [`Journal::compact_if_grown`] begins with: for a caller that cannot
+    /// commit now and does not want a waiter held until it can.
+    pub fn settle_if_void(&mut self) {
+        if let Some((at, mark)) = self.idle {
+            if at != self.job_records {
+                self.idle = None;
+                self.settled = mark;
+            }
+        }
+    }
+
+    /// The last mark of [`Journal::mark_idle`] settled: its checkpoint
+    /// written (or found void) by [`Journal::compact_if_grown`].
+    pub fn settled(&self) -> u64 {
+        self.settled
     }
 
     /// A compaction runs on its own thread and waits to be installed by
@@ -1090,9 +1264,10 @@ impl Journal {
     /// Replaces the file with the records of `replay` (after committing).
     pub fn compact(&mut self, replay: &Replay) -> Result<(), JournalError> {
         self.commit()?;
-        let compact_after = self.compact_after;
-        *self = Self::rewrite(&self.path, replay)?;
-        self.compact_after = compact_after;
+        let mut fresh = Self::rewrite(&self.path, replay)?;
+        let meta = std::mem::take(&mut fresh.meta);
+        self.succeeded_by(fresh);
+        self.meta = meta;
         Ok(())
     }
 
@@ -1780,5 +1955,112 @@ mod tests {
         }
         let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).unwrap().permissions());
         assert_eq!(mode & 0o777, 0o600);
+    }
+
+    /// A journal over [`COMPACT_SOON_AFTER`] whose jobs (ids 1 to `n`)
+    /// were all delivered and received, with a recruit and one worker up
+    /// (another came and went).
+    fn finished_session(path: &Path, n: u64) -> Journal {
+        let (mut j, _) = Journal::open(path).unwrap();
+        j.append(&recruit()).unwrap();
+        j.append(&Record::Up { slot: "local-1".into() }).unwrap();
+        j.append(&Record::Up { slot: "local-2".into() }).unwrap();
+        let ids: Vec<JobId> = (1..=n).map(JobId).collect();
+        let specs: Vec<JobSpec> =
+            ids.iter().map(|id| JobSpec::shell(format!("echo {} {}", id.0, "x".repeat(300)))).collect();
+        j.append_accepted(&ids, &specs, 1000).unwrap();
+        j.append_assigned("local-1", &ids.iter().map(|id| (*id, 1)).collect::<Vec<_>>()).unwrap();
+        for id in &ids {
+            j.append_delivered(&serde_json::to_vec(&output(id.0)).unwrap());
+        }
+        j.append(&Record::Down { slot: Some("local-2".into()) }).unwrap();
+        j.append(&Record::Received { ids }).unwrap();
+        j.commit().unwrap();
+        assert!(j.size >= COMPACT_SOON_AFTER);
+        j
+    }
+
+    /// A journal whose state is empty is replaced by a checkpoint written
+    /// from what it kept besides jobs: a few records, read back as the
+    /// whole file was (recruits, workers up, next id), with no file left
+    /// beside it.
+    #[test]
+    fn an_idle_journal_is_replaced_by_a_checkpoint_of_what_is_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.jsonl");
+        let mut j = finished_session(&path, 3000);
+        let full = Replay::from_bytes(&std::fs::read(&path).unwrap());
+        let mark = j.mark_idle().expect("a large journal is marked");
+        assert!(j.compaction_due());
+        assert!(j.compact_if_grown().unwrap(), "the checkpoint is installed");
+        assert_eq!(j.settled(), mark);
+        assert!(!j.compaction_due());
+        let size = std::fs::metadata(&path).unwrap().len();
+        assert!(size < 1024, "the checkpoint is a few records, not {size} bytes");
+        assert!(!checkpoint_path(&path).exists() && !compacting_path(&path).exists());
+        // Appending goes on in the new file.
+        j.append(&Record::Up { slot: "local-3".into() }).unwrap();
+        j.commit().unwrap();
+        drop(j);
+        let (_j, r) = Journal::open(&path).unwrap();
+        assert!(r.pending.is_empty() && r.ready.is_empty() && r.skipped.is_empty());
+        assert_eq!(r.recruits, full.recruits);
+        assert_eq!(r.next_job, 3001);
+        assert_eq!(r.up.iter().map(String::as_str).collect::<Vec<_>>(), ["local-1", "local-3"]);
+        let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&path).unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    /// A record about jobs appended after the mark (a send came) voids
+    /// the checkpoint: the journal is compacted the long way instead and
+    /// keeps the new job; a small journal is not marked at all.
+    #[test]
+    fn a_job_after_the_idle_mark_voids_the_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.jsonl");
+        let mut j = finished_session(&path, 3000);
+        let mark = j.mark_idle().unwrap();
+        j.append_accepted(&[JobId(3001)], &[JobSpec::shell("echo late")], 10).unwrap();
+        j.settle_if_void();
+        assert_eq!(j.settled(), mark, "a void mark lets its waiter go at once");
+        assert!(j.compaction_due(), "the compaction asked for with the mark is still due");
+        assert!(!j.compact_if_grown().unwrap(), "a compaction starts on its thread");
+        assert!(j.finish_compaction().unwrap());
+        drop(j);
+        let (_j, r) = Journal::open(&path).unwrap();
+        assert_eq!(r.pending.keys().copied().collect::<Vec<_>>(), [JobId(3001)]);
+        assert!(r.ready.is_empty());
+
+        let (mut small, _) = Journal::open(dir.path().join("small")).unwrap();
+        small.append(&recruit()).unwrap();
+        assert_eq!(small.mark_idle(), None);
+        assert!(!small.compaction_due());
+    }
+
+    /// A checkpoint taken while a compaction runs abandons it: the
+    /// compaction's file is removed when it is done, never installed over
+    /// the checkpoint (nor are the records appended after it lost).
+    #[test]
+    fn a_checkpoint_abandons_a_compaction_in_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.jsonl");
+        let mut j = finished_session(&path, 3000);
+        j.set_compact_after(1);
+        assert!(!j.compact_if_grown().unwrap());
+        assert!(j.compacting());
+        j.mark_idle().unwrap();
+        assert!(j.compact_if_grown().unwrap(), "the checkpoint does not wait for the compaction");
+        assert!(j.compacting(), "the abandoned compaction is still waited for");
+        j.append(&Record::NextJob { next: 5000 }).unwrap();
+        j.commit().unwrap();
+        assert!(!j.finish_compaction().unwrap(), "an abandoned compaction is not installed");
+        assert!(!j.compacting());
+        assert!(!compacting_path(&path).exists());
+        assert!(std::fs::metadata(&path).unwrap().len() < 1024);
+        drop(j);
+        let (_j, r) = Journal::open(&path).unwrap();
+        assert!(r.pending.is_empty() && r.ready.is_empty());
+        assert_eq!(r.next_job, 5000);
+        assert_eq!(r.up.len(), 1);
     }
 }

@@ -1044,14 +1044,20 @@ async fn hand_out(d: &Daemon, outputs: Vec<Ready>) -> Result<Vec<Ready>, ApiErro
         return Err(e);
     }
     d.telemetry.received(outputs.iter().map(|o| o.id));
-    let mut inner = d.lock();
-    for o in &outputs {
-        inner.forget_unreceived(o.id);
-    }
-    if inner.unreceived.is_empty() {
+    let idle = {
+        let mut inner = d.lock();
+        for o in &outputs {
+            inner.forget_unreceived(o.id);
+        }
         // Everything sent was received: the journal describes next to
-        // nothing now; shrink it while the daemon is idle.
-        d.journal.compact_soon();
+        // nothing now; it shrinks to a checkpoint before the answer (a
+        // daemon killed right after a session's last receive restarts from
+        // a few records). Marked under the lock a send takes to add its
+        // jobs, so none is between the check and its journal write.
+        if inner.unreceived.is_empty() { d.journal.mark_idle() } else { None }
+    };
+    if let Some(mark) = idle {
+        d.journal.settled(mark).await;
     }
     Ok(outputs)
 }

@@ -56,10 +56,17 @@ struct Progress {
     failed: VecDeque<(Ticket, Ticket, CommitError)>,
     /// Set when a sync failed: nothing is durable from then on.
     poisoned: Option<String>,
+    /// The last mark of `Journal::mark_idle` that the committer settled.
+    settled: u64,
 }
 
 /// How often the committer looks whether a compaction is done.
 const COMPACTION_LOOK: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Longest the receive that emptied the daemon waits for the journal's
+/// checkpoint (a few records and one sync; past this, the disk is failing
+/// and the journal is compacted the long way).
+const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Failed writes remembered for their waiters.
 const FAILED_KEPT: usize = 4096;
@@ -328,11 +335,36 @@ impl JournalWriter {
         self.durable(ticket).await
     }
 
-    /// Compacts the journal soon, whatever its thresholds (the daemon's
-    /// state just became empty: see `Journal::compact_soon`).
-    pub(crate) fn compact_soon(&self) {
-        lock(&self.shared.journal).journal.compact_soon();
-        self.shared.assigned.poke();
+    /// The daemon's state just became empty: every job sent was received
+    /// (the caller holds the lock that adds jobs, so no send is between
+    /// its check and its journal write). The committer replaces the
+    /// journal with a checkpoint of the few records that describe what is
+    /// left (see `Journal::mark_idle`). Returns what [`JournalWriter::settled`]
+    /// waits for, or `None` when the journal is small and left alone.
+    pub(crate) fn mark_idle(&self) -> Option<u64> {
+        let mark = {
+            let mut a = lock(&self.shared.journal);
+            // What the controller reported before (workers up, the last
+            // assignments) is in what the mark covers.
+            self.shared.append_assigned(&mut a);
+            a.journal.mark_idle()
+        };
+        if mark.is_some() {
+            self.shared.assigned.poke();
+        }
+        mark
+    }
+
+    /// Waits until the committer settled `mark` (its checkpoint durable,
+    /// or found void), for at most [`SETTLE_WAIT`]: the last receive of a
+    /// session answers after the journal shrank, so that a daemon killed
+    /// right after it restarts from a few records.
+    pub(crate) async fn settled(&self, mark: u64) {
+        let mut rx = self.shared.progress.subscribe();
+        let settled = rx.wait_for(|p| p.settled >= mark || p.poisoned.is_some());
+        if tokio::time::timeout(SETTLE_WAIT, settled).await.is_err() {
+            tracing::warn!("the journal's checkpoint took more than {SETTLE_WAIT:?}; answering without it");
+        }
     }
 
     /// Makes everything appended so far durable and stops the committer.
@@ -459,10 +491,25 @@ impl Shared {
                 // never saw fail.
                 let started = std::time::Instant::now();
                 let mut a = lock(&self.journal);
-                if a.appended != ticket {
-                    continue;
-                }
-                match a.journal.compact_if_grown() {
+                let compacted = if a.appended == ticket {
+                    Some(a.journal.compact_if_grown())
+                } else {
+                    // Appended meanwhile (the next turn comes at once): a
+                    // receive waiting for a checkpoint those appends made
+                    // void is let go now.
+                    a.journal.settle_if_void();
+                    None
+                };
+                let settled = a.journal.settled();
+                drop(a);
+                self.progress.send_if_modified(|p| {
+                    let news = settled > p.settled;
+                    p.settled = p.settled.max(settled);
+                    news
+                });
+                let Some(compacted) = compacted else { continue };
+                let a = lock(&self.journal);
+                match compacted {
                     Ok(true) => {
                         tracing::info!(elapsed = ?started.elapsed(), "journal compacted");
                         if a.journal.compaction_due() {
