@@ -741,6 +741,24 @@ struct Compaction {
     /// A checkpoint replaced the journal meanwhile: the compaction's file
     /// is removed once it is done, never installed.
     abandoned: bool,
+    /// Set when abandoned: the thread stops reading (its answer is an
+    /// error) rather than read and write a large journal for nothing.
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// A reader that fails once `stop` is set (an abandoned compaction).
+struct Stoppable<R> {
+    inner: R,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<R: std::io::Read> std::io::Read for Stoppable<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.stop.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(std::io::Error::other("the compaction was abandoned for a checkpoint"));
+        }
+        self.inner.read(buf)
+    }
 }
 
 /// Where a compacted journal is written before it replaces the journal.
@@ -941,13 +959,16 @@ impl Journal {
         self.wanted = false;
         let (tx, rx) = std::sync::mpsc::channel();
         let path = self.path.clone();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
         let spawned = std::thread::Builder::new().name("crew-journal-compaction".into()).spawn(move || {
             let compacted = (|| {
                 let io = |source| JournalError::Io { path: path.clone(), source };
                 // Specs and outputs are only copied: kept as their JSON.
                 let mut replay = Replay::<RawSpec, RawOutput> { next_job: 1, ..Replay::default() };
                 // Only what was committed when it started: whole lines.
-                let prefix = std::io::Read::take(File::open(&path).map_err(io)?, size);
+                let prefix =
+                    Stoppable { inner: std::io::Read::take(File::open(&path).map_err(io)?, size), stop: stopped };
                 read_into_limited(&path, prefix, &mut replay, MAX_RECORD, parse_raw_record)?;
                 write_compacted(&path, &compacting_path(&path), &replay)
             })();
@@ -955,7 +976,7 @@ impl Journal {
         });
         match spawned {
             Ok(_) => {
-                self.compaction = Some(Compaction { offset: size, done: rx, abandoned: false });
+                self.compaction = Some(Compaction { offset: size, done: rx, abandoned: false, stop });
                 Ok(false)
             }
             Err(e) => {
@@ -987,7 +1008,10 @@ impl Journal {
         let fresh = Self::install(&self.path, &to, file).inspect_err(|_| {
             let _ = std::fs::remove_file(&to);
         })?;
-        let running = self.compaction.take().map(|c| Compaction { abandoned: true, ..c });
+        let running = self.compaction.take().map(|c| {
+            c.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            Compaction { abandoned: true, ..c }
+        });
         self.succeeded_by(fresh);
         self.compaction = running;
         self.wanted = false;
@@ -1005,8 +1029,8 @@ impl Journal {
             if let Ok(a) = answer {
                 let _ = tx.send(a);
             }
-            let (offset, abandoned) = (c.offset, c.abandoned);
-            self.compaction = Some(Compaction { offset, done: rx, abandoned });
+            let (offset, abandoned, stop) = (c.offset, c.abandoned, c.stop.clone());
+            self.compaction = Some(Compaction { offset, done: rx, abandoned, stop });
             return self.compact_if_grown();
         }
         Ok(false)

@@ -184,21 +184,46 @@ fn take_lock(dir: &Path) -> Result<File, Failure> {
         .open(&path)
         .with_context(|| format!("cannot open {}", path.display()))
         .map_err(Failure::internal)?;
-    // SAFETY: flock on a file descriptor we own and keep open.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            let pid = std::fs::read_to_string(dir.join(PID)).map(|s| s.trim().to_owned()).unwrap_or_default();
-            let pid = if pid.is_empty() { "unknown".to_owned() } else { pid };
-            return Err(Failure::usage(anyhow::anyhow!(
-                "a crew daemon (pid {pid}) is already running for {}; stop it first (crew down)",
-                dir.display()
-            )));
+    let begin = std::time::Instant::now();
+    loop {
+        // SAFETY: flock on a file descriptor we own and keep open.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(file);
         }
-        return Err(Failure::internal(anyhow::Error::new(err).context(format!("cannot lock {}", path.display()))));
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(Failure::internal(anyhow::Error::new(err).context(format!("cannot lock {}", path.display()))));
+        }
+        let pid = std::fs::read_to_string(dir.join(PID)).map(|s| s.trim().to_owned()).unwrap_or_default();
+        // A daemon killed a moment ago (a supervisor restarting it at once)
+        // holds the lock until its last thread exited and its memory is
+        // given back, after its pid already reads as a zombie: wait for it.
+        if pid.parse::<u32>().is_ok_and(exiting) && begin.elapsed() < LOCK_WAIT {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            continue;
+        }
+        let pid = if pid.is_empty() { "unknown".to_owned() } else { pid };
+        return Err(Failure::usage(anyhow::anyhow!(
+            "a crew daemon (pid {pid}) is already running for {}; stop it first (crew down)",
+            dir.display()
+        )));
     }
-    Ok(file)
+}
+
+/// Longest a starting daemon waits for the lock of one that is exiting.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether process `pid` is gone or exiting (a zombie, or dead): its
+/// state, the field after the command name in `/proc/PID/stat`.
+fn exiting(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|state| matches!(state, 'Z' | 'X' | 'x')),
+    }
 }
 
 /// Reads the folder's agent key, making it (random, 0600) on first use.
@@ -410,5 +435,27 @@ impl Drain {
     async fn stop(self) {
         let _ = self.stop.send(());
         let _ = self.stopped.await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A live process is not exiting; a zombie (a child exited and not
+    /// reaped) and a pid that does not exist are.
+    #[test]
+    fn a_zombie_or_missing_process_is_exiting_and_a_live_one_is_not() {
+        assert!(!exiting(std::process::id()));
+        let mut child = std::process::Command::new("true").spawn().expect("spawn true");
+        let pid = child.id();
+        let begin = std::time::Instant::now();
+        while !exiting(pid) {
+            assert!(begin.elapsed() < std::time::Duration::from_secs(10), "the child never exited");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap().contains(") Z "));
+        child.wait().unwrap();
+        assert!(exiting(pid));
     }
 }
