@@ -719,6 +719,10 @@ pub struct Journal {
     /// `job_records` when the caller said the state was empty
     /// ([`Journal::mark_idle`]), and the mark's number.
     idle: Option<(u64, u64)>,
+    /// A write failed and was cut back since the journal was opened: the
+    /// records it dropped (a recruit, a dismissal) may still be in `meta`,
+    /// so no checkpoint is written from it (compactions read the file).
+    meta_inexact: bool,
     /// Marks handed out by [`Journal::mark_idle`].
     marks: u64,
     /// The last mark that was settled: its checkpoint written, or found
@@ -819,6 +823,9 @@ impl Journal {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(io(e)),
         }
+        // A checkpoint a crash cut short, before its rename (a compaction's
+        // file is written over by `rewrite`).
+        let _ = std::fs::remove_file(checkpoint_path(&path));
         let journal = Self::rewrite(&path, &replay)?;
         Ok((journal, replay))
     }
@@ -842,6 +849,10 @@ impl Journal {
     fn install(path: &Path, from: &Path, file: File) -> Result<Self, JournalError> {
         let io = |source| JournalError::Io { path: path.to_path_buf(), source };
         let base = file.metadata().map_err(io)?.len();
+        // Everything that can fail comes before the rename: once the new
+        // file is in place, the caller must append to it (appends to the
+        // replaced file would be durable in a file no restart reads).
+        let sync = std::sync::Arc::new(file.try_clone().map_err(io)?);
         std::fs::rename(from, path).map_err(io)?;
         if let Some(dir) = path.parent() {
             // Make the rename itself durable.
@@ -849,7 +860,6 @@ impl Journal {
                 let _ = d.sync_all();
             }
         }
-        let sync = std::sync::Arc::new(file.try_clone().map_err(io)?);
         Ok(Self {
             path: path.to_path_buf(),
             file,
@@ -868,6 +878,7 @@ impl Journal {
             meta: Replay { next_job: 1, ..Replay::default() },
             job_records: 0,
             idle: None,
+            meta_inexact: false,
             marks: 0,
             settled: 0,
         })
@@ -882,6 +893,7 @@ impl Journal {
         fresh.meta = std::mem::take(&mut self.meta);
         fresh.job_records = self.job_records;
         fresh.idle = self.idle;
+        fresh.meta_inexact = self.meta_inexact;
         fresh.marks = self.marks;
         fresh.settled = self.settled;
         *self = fresh;
@@ -907,7 +919,7 @@ impl Journal {
         self.commit()?;
         if let Some((at, mark)) = self.idle.take() {
             self.settled = mark;
-            if at == self.job_records && self.size >= COMPACT_SOON_AFTER {
+            if at == self.job_records && self.size >= COMPACT_SOON_AFTER && !self.meta_inexact {
                 // Nothing about jobs was appended since the caller found
                 // its state empty: what is left is `meta`. On a failure the
                 // compaction asked for with the mark (`wanted`) goes on.
@@ -1194,6 +1206,7 @@ impl Journal {
                 self.pending.clear();
                 self.dirty = false;
                 self.size = self.written;
+                self.meta_inexact = true;
                 self.cut_back();
                 return Err(JournalError::Io { path: self.path.clone(), source });
             }
@@ -2026,7 +2039,10 @@ mod tests {
         j.append(&Record::Up { slot: "local-3".into() }).unwrap();
         j.commit().unwrap();
         drop(j);
+        // One cut short by a crash before its rename is removed at open.
+        std::fs::write(checkpoint_path(&path), b"{\"t\":\"next_job\",\"next\":9}\n").unwrap();
         let (_j, r) = Journal::open(&path).unwrap();
+        assert!(!checkpoint_path(&path).exists());
         assert!(r.pending.is_empty() && r.ready.is_empty() && r.skipped.is_empty());
         assert_eq!(r.recruits, full.recruits);
         assert_eq!(r.next_job, 3001);
@@ -2086,5 +2102,35 @@ mod tests {
         assert!(r.pending.is_empty() && r.ready.is_empty());
         assert_eq!(r.next_job, 5000);
         assert_eq!(r.up.len(), 1);
+    }
+
+    /// A write that failed and was cut back may have dropped records that
+    /// the checkpoint's `meta` kept: from then on the journal is compacted
+    /// from the file, so what a client was told was not done stays undone.
+    #[test]
+    fn after_a_failed_write_no_checkpoint_is_written_from_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal.jsonl");
+        let mut j = finished_session(&path, 3000);
+        // A descriptor that cannot write: the next flush fails.
+        let writable = std::mem::replace(&mut j.file, File::open(&path).unwrap());
+        j.append(&Record::Recruit {
+            class: "lost".into(),
+            count: 1,
+            tags: Tags::new(),
+            limits: SlotLimits::default(),
+            options: BTreeMap::new(),
+        })
+        .unwrap();
+        assert!(j.flush().is_err());
+        j.file = writable;
+        let mark = j.mark_idle().unwrap();
+        assert!(!j.compact_if_grown().unwrap(), "a compaction from the file, not a checkpoint");
+        assert_eq!(j.settled(), mark);
+        assert!(j.finish_compaction().unwrap());
+        drop(j);
+        let (_j, r) = Journal::open(&path).unwrap();
+        assert_eq!(r.recruits.iter().map(|r| r.class.as_str()).collect::<Vec<_>>(), ["local"]);
+        assert!(r.pending.is_empty() && r.ready.is_empty());
     }
 }

@@ -66,7 +66,7 @@ const COMPACTION_LOOK: std::time::Duration = std::time::Duration::from_millis(10
 /// Longest the receive that emptied the daemon waits for the journal's
 /// checkpoint (a few records and one sync; past this, the disk is failing
 /// and the journal is compacted the long way).
-const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+const SETTLE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Failed writes remembered for their waiters.
 const FAILED_KEPT: usize = 4096;
@@ -342,13 +342,13 @@ impl JournalWriter {
     /// left (see `Journal::mark_idle`). Returns what [`JournalWriter::settled`]
     /// waits for, or `None` when the journal is small and left alone.
     pub(crate) fn mark_idle(&self) -> Option<u64> {
-        let mark = {
-            let mut a = lock(&self.shared.journal);
-            // What the controller reported before (workers up, the last
-            // assignments) is in what the mark covers.
-            self.shared.append_assigned(&mut a);
-            a.journal.mark_idle()
-        };
+        // Records the controller reported and the committer has not
+        // appended yet are left to it (appended here they would have no
+        // ticket, and a failed write would drop them unseen): a worker's
+        // `Up` goes into the checkpoint's `meta` whenever it is appended;
+        // an assignment after the mark voids it, which only costs the
+        // compaction the long way.
+        let mark = lock(&self.shared.journal).journal.mark_idle();
         if mark.is_some() {
             self.shared.assigned.poke();
         }

@@ -199,7 +199,9 @@ fn take_lock(dir: &Path) -> Result<File, Failure> {
         // A daemon killed a moment ago (a supervisor restarting it at once)
         // holds the lock until its last thread exited and its memory is
         // given back, after its pid already reads as a zombie: wait for it.
-        if pid.parse::<u32>().is_ok_and(exiting) && begin.elapsed() < LOCK_WAIT {
+        // So does one stopping cleanly (it removed its pid file first),
+        // and one starting (it writes the file next: then it is alive).
+        if (pid.is_empty() || pid.parse::<u32>().is_ok_and(exiting)) && begin.elapsed() < LOCK_WAIT {
             std::thread::sleep(std::time::Duration::from_millis(10));
             continue;
         }
