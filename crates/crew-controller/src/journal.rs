@@ -162,6 +162,38 @@ pub enum Record<S = JobSpec, O = Output> {
     },
 }
 
+impl<S, O> Record<S, O> {
+    /// The same record with its specs (if any) made by `spec` and its
+    /// output (if any) by `output`; the first error of either stops it.
+    fn map<S2, O2, E>(
+        self,
+        mut spec: impl FnMut(S) -> Result<S2, E>,
+        mut output: impl FnMut(O) -> Result<O2, E>,
+    ) -> Result<Record<S2, O2>, E> {
+        Ok(match self {
+            Record::Accepted { jobs, more } => Record::Accepted {
+                jobs: jobs.into_iter().map(|(id, s)| Ok((id, spec(s)?))).collect::<Result<_, E>>()?,
+                more,
+            },
+            Record::Delivered { output: o } => Record::Delivered { output: Box::new(output(*o)?) },
+            Record::Pending { id, spec: s, attempts, crashes, failures, running, cancelled, slot } => {
+                Record::Pending { id, spec: Box::new(spec(*s)?), attempts, crashes, failures, running, cancelled, slot }
+            }
+            Record::Recruit { class, count, tags, limits, options } => {
+                Record::Recruit { class, count, tags, limits, options }
+            }
+            Record::Dismiss { tags, slot } => Record::Dismiss { tags, slot },
+            Record::Assigned { job, attempt, slot } => Record::Assigned { job, attempt, slot },
+            Record::Received { ids } => Record::Received { ids },
+            Record::Cancel { ids } => Record::Cancel { ids },
+            Record::Withdrawn { ids } => Record::Withdrawn { ids },
+            Record::Up { slot } => Record::Up { slot },
+            Record::Down { slot } => Record::Down { slot },
+            Record::NextJob { next } => Record::NextJob { next },
+        })
+    }
+}
+
 /// A recruit request as journaled.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Recruited {
@@ -1127,37 +1159,29 @@ impl Journal {
     /// Keeps what `record` says besides jobs and outputs in `meta`, and
     /// counts a record about jobs.
     fn note(&mut self, record: &Record) {
-        let job = |meta: &mut Replay<RawSpec, RawOutput>, id: JobId| {
-            meta.next_job = meta.next_job.max(id.0.saturating_add(1));
-        };
-        let kept = match record {
-            Record::Recruit { class, count, tags, limits, options } => Record::Recruit {
-                class: class.clone(),
-                count: *count,
-                tags: tags.clone(),
-                limits: limits.clone(),
-                options: options.clone(),
-            },
-            Record::Dismiss { tags, slot } => Record::Dismiss { tags: tags.clone(), slot: slot.clone() },
-            Record::Up { slot } => Record::Up { slot: slot.clone() },
-            Record::Down { slot } => Record::Down { slot: slot.clone() },
-            Record::NextJob { next } => Record::NextJob { next: *next },
-            other => {
-                match other {
-                    Record::Accepted { jobs, .. } => {
-                        if let Some(id) = jobs.iter().map(|(id, _)| *id).max() {
-                            job(&mut self.meta, id);
-                        }
-                    }
-                    Record::Pending { id, .. } => job(&mut self.meta, *id),
-                    Record::Delivered { output } => job(&mut self.meta, output.id),
-                    _ => {}
+        let last = match record {
+            Record::Recruit { .. }
+            | Record::Dismiss { .. }
+            | Record::Up { .. }
+            | Record::Down { .. }
+            | Record::NextJob { .. } => {
+                // Neither a spec nor an output in these: nothing to make.
+                if let Ok(kept) = record.clone().map(|_| Err(()), |_| Err(())) {
+                    self.meta.apply(kept);
                 }
-                self.job_records += 1;
                 return;
             }
+            Record::Accepted { jobs, .. } => jobs.iter().map(|(id, _)| *id).max(),
+            Record::Pending { id, .. } => Some(*id),
+            Record::Delivered { output } => Some(output.id),
+            Record::Assigned { .. } | Record::Received { .. } | Record::Cancel { .. } | Record::Withdrawn { .. } => {
+                None
+            }
         };
-        self.meta.apply(kept);
+        if let Some(id) = last {
+            self.meta.next_job = self.meta.next_job.max(id.0.saturating_add(1));
+        }
+        self.job_records += 1;
     }
 
     /// Appends a [`Record::Delivered`] whose output is already serialized
@@ -1350,38 +1374,10 @@ fn parse_raw_record(line: &[u8]) -> Result<Record<RawSpec, RawOutput>, serde_jso
     if held.is_ok() {
         return held;
     }
-    let raw_output = |o: &Output| serde_json::to_string(o).map(|json| RawOutput { id: o.id, json: json.into() });
-    Ok(match parse_record(line)? {
-        Record::Accepted { jobs, more } => Record::Accepted {
-            jobs: jobs
-                .iter()
-                .map(|(id, spec)| Ok((*id, to_raw_value(spec)?)))
-                .collect::<Result<_, serde_json::Error>>()?,
-            more,
-        },
-        Record::Delivered { output } => Record::Delivered { output: Box::new(raw_output(&output)?) },
-        Record::Pending { id, spec, attempts, crashes, failures, running, cancelled, slot } => Record::Pending {
-            id,
-            spec: Box::new(to_raw_value(&spec)?),
-            attempts,
-            crashes,
-            failures,
-            running,
-            cancelled,
-            slot,
-        },
-        Record::Recruit { class, count, tags, limits, options } => {
-            Record::Recruit { class, count, tags, limits, options }
-        }
-        Record::Dismiss { tags, slot } => Record::Dismiss { tags, slot },
-        Record::Assigned { job, attempt, slot } => Record::Assigned { job, attempt, slot },
-        Record::Received { ids } => Record::Received { ids },
-        Record::Cancel { ids } => Record::Cancel { ids },
-        Record::Withdrawn { ids } => Record::Withdrawn { ids },
-        Record::Up { slot } => Record::Up { slot },
-        Record::Down { slot } => Record::Down { slot },
-        Record::NextJob { next } => Record::NextJob { next },
-    })
+    parse_record(line)?.map(
+        |spec| to_raw_value(&spec),
+        |o| serde_json::to_string(&o).map(|json| RawOutput { id: o.id, json: json.into() }),
+    )
 }
 
 /// [`parse_record`] with specs held as `S` and outputs as `O`.

@@ -501,14 +501,12 @@ impl Shared {
                     None
                 };
                 let settled = a.journal.settled();
-                drop(a);
                 self.progress.send_if_modified(|p| {
                     let news = settled > p.settled;
                     p.settled = p.settled.max(settled);
                     news
                 });
                 let Some(compacted) = compacted else { continue };
-                let a = lock(&self.journal);
                 match compacted {
                     Ok(true) => {
                         tracing::info!(elapsed = ?started.elapsed(), "journal compacted");
